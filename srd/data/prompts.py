@@ -1,0 +1,80 @@
+"""Prompt formats: the Alpaca-style template of the KD literature, and chat templates.
+
+The Alpaca template is exactly the one in MiniLLM / DistiLLM / SRD data (the `prompt`
+field of ../shared/data/dolly/*.jsonl); a test checks it against every row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from srd.data.example import DataError, Example
+
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+PROMPT_FORMATS = ("alpaca", "chat")
+
+
+def render_prompt(instruction: str, input_text: str, fmt: str, tokenizer: Any = None) -> str:
+    """The prompt text for one example (no response)."""
+    if fmt == "alpaca":
+        if input_text:
+            return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+        return ALPACA_NO_INPUT.format(instruction=instruction)
+    if fmt == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("prompt_format 'chat' needs a tokenizer with a chat template; use data.prompt_format=alpaca")
+        content = f"{instruction}\n\n{input_text}" if input_text else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    raise DataError(f"unknown prompt format {fmt!r}; choose one of {PROMPT_FORMATS}")
+
+
+def _tokenize_prompt(tokenizer: Any, text: str, fmt: str) -> list[int]:
+    # A chat template already writes its special tokens; the Alpaca prompt gets the
+    # tokenizer's usual ones (a BOS for Llama-2-style tokenizers, nothing for GPT-2/SmolLM2).
+    return tokenizer(text, add_special_tokens=(fmt != "chat"))["input_ids"]
+
+
+def _shorten(tokenizer: Any, text: str, n_remove: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(ids) - n_remove)
+    return tokenizer.decode(ids[:keep], skip_special_tokens=True)
+
+
+def encode_prompt(tokenizer: Any, ex: Example, fmt: str, max_prompt_len: int) -> list[int]:
+    """Token ids of the prompt, at most `max_prompt_len` long.
+
+    Too-long prompts lose text from the end of the input (then of the instruction); the
+    template, and in particular its `### Response:` tail, is always kept whole (the
+    reference code cuts the tail off, so the model never sees where its answer starts).
+    """
+    instruction, input_text = ex.instruction, ex.input
+    ids = _tokenize_prompt(tokenizer, render_prompt(instruction, input_text, fmt, tokenizer), fmt)
+    for _ in range(16):  # re-tokenising can move a token boundary; a few rounds always converge
+        excess = len(ids) - max_prompt_len
+        if excess <= 0:
+            return ids
+        if input_text:
+            input_text = _shorten(tokenizer, input_text, excess + 1)
+        elif instruction:
+            instruction = _shorten(tokenizer, instruction, excess + 1)
+        else:
+            break
+        ids = _tokenize_prompt(tokenizer, render_prompt(instruction, input_text, fmt, tokenizer), fmt)
+    if len(ids) <= max_prompt_len:
+        return ids
+    raise DataError(
+        f"example {ex.id}: the prompt template alone needs {len(ids)} tokens, more than "
+        f"data.max_prompt_len={max_prompt_len}; raise data.max_prompt_len"
+    )

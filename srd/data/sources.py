@@ -1,0 +1,153 @@
+"""Where examples come from: named sets, local files, or the Hugging Face Hub.
+
+A data spec is one of
+  * a named set (`dolly`, `dolly-dev`, `dolly-eval`, `self-inst`, `gsm8k`, ...), looked up
+    in: the explicit `data_dir`, then `$SRD_DATA_DIR`, then `../shared/data` (next to the
+    working directory or to this checkout), then the Hub;
+  * a path to a .jsonl / .json file;
+  * `hf:<dataset id>[:<config>]:<split>` for any Hub dataset with instruction/input/output
+    columns (or a column mapping).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from srd.data.example import DataError, Example, example_from_row, read_examples
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    local: str  # path relative to a data directory
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    hub_rows: tuple[int | None, int | None] = (None, None)  # slice of the Hub split
+    mapping: dict[str, str] = field(default_factory=dict)  # Example field -> column
+    fixed_instruction: str | None = None  # for sets without an instruction column
+    description: str = ""
+
+
+_DOLLY_MAP = {"instruction": "instruction", "input": "context", "output": "response"}
+
+NAMED_SETS: dict[str, NamedSet] = {
+    # The KD split of the MiniLLM/DistiLLM/SRD papers: raw Dolly rows [1000:] (the local copy
+    # also drops prompts over 256 GPT-2 tokens; the Hub fallback keeps them).
+    "dolly": NamedSet("dolly/train.jsonl", "databricks/databricks-dolly-15k", None, "train", (1000, None),
+                      _DOLLY_MAP, description="Dolly-15k KD training split (11,435 rows)"),
+    "dolly-dev": NamedSet("dolly/dev.jsonl", "databricks/databricks-dolly-15k", None, "train", (0, 1000),
+                          _DOLLY_MAP, description="first 1,000 raw Dolly rows, for checkpoint selection"),
+    "dolly-eval": NamedSet("dolly/eval.jsonl", description="DollyEval, 500 held-out rows"),
+    "self-inst": NamedSet("self-inst/eval.jsonl", description="SelfInst user-oriented instructions (242)"),
+    "gsm8k": NamedSet("gsm8k/train.jsonl", "openai/gsm8k", "main", "train", mapping={"instruction": "question",
+                      "output": "answer"}, description="GSM8K train (7,473)"),
+    "gsm8k-test": NamedSet("gsm8k/test.jsonl", "openai/gsm8k", "main", "test", mapping={"instruction": "question",
+                           "output": "answer"}, description="GSM8K test (1,319)"),
+    "mbpp": NamedSet("mbpp/test.jsonl", "google-research-datasets/mbpp", "full", "test",
+                     mapping={"instruction": "text", "output": "code"}, description="MBPP test (500)"),
+    "samsum": NamedSet("samsum/validation.jsonl", mapping={"input": "context", "output": "response"},
+                       fixed_instruction="Summarize the following dialogue.", description="SAMSum validation"),
+    "samsum-test": NamedSet("samsum/test.jsonl", mapping={"input": "context", "output": "response"},
+                            fixed_instruction="Summarize the following dialogue.", description="SAMSum test"),
+    "xsum": NamedSet("xsum/test.jsonl", "EdinburghNLP/xsum", None, "test",
+                     mapping={"input": "document", "output": "summary"},
+                     fixed_instruction="Summarize the following article in one sentence.",
+                     description="XSum subset (1,000)"),
+    "iwslt17-en-de": NamedSet("iwslt17-en-de/test.json", mapping={"input": "en", "output": "de"},
+                              fixed_instruction="Translate the following text from English to German.",
+                              description="IWSLT17 en-de test"),
+}
+
+
+def data_dirs(explicit: str | None = None) -> list[Path]:
+    """Candidate folders for named sets, in lookup order."""
+    dirs = []
+    if explicit:
+        dirs.append(Path(explicit))
+    if os.environ.get("SRD_DATA_DIR"):
+        dirs.append(Path(os.environ["SRD_DATA_DIR"]))
+    dirs.append(Path.cwd().parent / "shared" / "data")
+    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    return dirs
+
+
+def _read_local_named(path: Path, name: str, ns: NamedSet, limit: int | None) -> list[Example]:
+    from srd.data.example import read_rows
+
+    out = []
+    for line, row in read_rows(path):
+        if ns.fixed_instruction:
+            row = {**row, "instruction": ns.fixed_instruction}
+        if "id" not in row and "task_id" not in row:
+            row = {**row, "id": f"{name}-{line}"}
+        out.append(example_from_row(row, source=str(path), line=line, mapping=ns.mapping or None))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def load_hub(dataset_id: str, *, config: str | None = None, split: str = "train",
+             rows: tuple[int | None, int | None] = (None, None), mapping: dict[str, str] | None = None,
+             limit: int | None = None, ns: NamedSet | None = None, **load_kwargs: Any) -> list[Example]:
+    """Load a Hugging Face dataset split and map its columns to Examples.
+
+    `dataset_id` may also be a builder name such as "json" with `data_files=...` in
+    `load_kwargs` (how the tests exercise this path offline).
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("reading from the Hugging Face Hub needs the `datasets` package: pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(dataset_id, config, split=split, **load_kwargs)
+    except Exception as e:  # network, missing split, auth...
+        raise DataError(f"could not load {dataset_id!r} (config {config!r}, split {split!r}) from the Hub: {e}") from e
+    start, stop = rows
+    if start is not None or stop is not None:
+        ds = ds.select(range(start or 0, min(stop if stop is not None else len(ds), len(ds))))
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    source = f"hf:{dataset_id}:{split}"
+    out = []
+    for i, row in enumerate(ds, start=1):
+        row = dict(row)
+        if ns and ns.fixed_instruction:
+            row["instruction"] = ns.fixed_instruction
+        row.setdefault("id", f"{dataset_id.split('/')[-1]}-{split}-{(start or 0) + i - 1}")
+        out.append(example_from_row(row, source=source, line=i, mapping=mapping or (ns.mapping if ns else None)))
+    if not out:
+        raise DataError(f"{source}: no examples")
+    return out
+
+
+def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+    """Resolve a data spec (named set, file path, or hf:id[:config]:split) to Examples."""
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if len(parts) == 1:
+            return load_hub(parts[0], limit=limit)
+        if len(parts) == 2:
+            return load_hub(parts[0], split=parts[1], limit=limit)
+        return load_hub(parts[0], config=parts[1], split=parts[2], limit=limit)
+    if spec in NAMED_SETS:
+        ns = NAMED_SETS[spec]
+        for d in data_dirs(data_dir):
+            if (d / ns.local).exists():
+                return _read_local_named(d / ns.local, spec, ns, limit)
+        if ns.hub_id is None:
+            tried = ", ".join(str(d / ns.local) for d in data_dirs(data_dir))
+            raise DataError(
+                f"named set {spec!r} has no local copy (looked in: {tried}) and no Hub source; "
+                "set data.data_dir or $SRD_DATA_DIR to a folder holding it (see README, 'Data')"
+            )
+        return load_hub(ns.hub_id, config=ns.hub_config, split=ns.hub_split, rows=ns.hub_rows, limit=limit, ns=ns)
+    path = Path(spec).expanduser()
+    if path.suffix in (".jsonl", ".json") or path.exists():
+        return read_examples(path, limit=limit)
+    raise DataError(
+        f"data spec {spec!r} is not a named set, a .jsonl/.json file, or hf:<id>[:config]:split; "
+        f"named sets: {', '.join(sorted(NAMED_SETS))}"
+    )

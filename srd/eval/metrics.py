@@ -1,0 +1,27 @@
+"""Text metrics. ROUGE-L is rouge-score's rougeL F-measure with Porter stemming, x100,
+maximised over references (the KD literature's protocol, SRD-NOTES sec. 4)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():  # type: ignore[no-untyped-def]
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
+    """ROUGE-L F x100 of one prediction against one or more references (max over them)."""
+    refs = [references] if isinstance(references, str) else list(references)
+    if not refs:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _rouge_scorer()
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

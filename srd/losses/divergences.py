@@ -1,0 +1,149 @@
+"""Token-level divergences between the teacher distribution p and the student q.
+
+Every function has the signature
+
+    fn(student_logits, teacher_logits, mask=None, *, tau=1.0, beta=None) -> per-token loss
+
+with logits of shape (..., V) and mask of shape (...) (True/1 = a response token that
+counts). p = softmax(teacher_logits / tau) and q = softmax(student_logits / tau) are
+computed in float32 (float64 inputs stay float64). The result has shape (...) and is
+exactly 0 wherever the mask is 0, so a fully masked batch never gives NaN.
+
+Definitions (SRD-NOTES sec. 1; SRD paper Eq. 7-9; DistiLLM for the skew variants):
+
+    fkl   KL(p || q) = sum_v p (log p - log q)               forward KL, "KLD"
+    rkl   KL(q || p)                                          reverse KL
+    jsd   beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+    tvd   0.5 sum_v |p - q|
+    skl   KL(p || beta p + (1 - beta) q)                      skew forward KL
+    srkl  KL(q || (1 - beta) p + beta q)                      skew reverse KL
+
+The true KL (with the teacher-entropy term) is returned: the reference code drops that
+term for fkl, which leaves the gradient unchanged but logs a wrong value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _log_probs(logits: Tensor, tau: float) -> Tensor:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return F.log_softmax(logits.to(dtype) / tau, dim=-1)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) over the last dim from log-probabilities; terms with a = 0 contribute 0."""
+    a = log_a.exp()
+    # where a == 0 the term is 0 even if log_a is -inf (e.g. a masked vocabulary entry)
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
+    return (a * diff).sum(-1)
+
+
+def _mix_log(log_a: Tensor, log_b: Tensor, w_a: float) -> Tensor:
+    """log(w_a * a + (1 - w_a) * b), computed stably in log space."""
+    return torch.logaddexp(log_a + math.log(w_a), log_b + math.log1p(-w_a))
+
+
+def _masked(loss: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return loss
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
+               beta: float | None = None) -> Tensor:
+    """Forward KL(p_teacher || q_student): mode-covering; the classic KD loss."""
+    lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+    return _masked(_kl(lp, lq), mask)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
+               beta: float | None = None) -> Tensor:
+    """Reverse KL(q_student || p_teacher): mode-seeking (MiniLLM)."""
+    lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+    return _masked(_kl(lq, lp), mask)
+
+
+def js_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
+                  beta: float | None = None) -> Tensor:
+    """Generalised JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+
+    beta = 0.5 (default) is the symmetric JSD. DistiLLM/SRD code mixes m = 0.1 p + 0.9 q
+    (beta = 0.1).
+    """
+    beta = 0.5 if beta is None else beta
+    lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+    lm = _mix_log(lp, lq, beta)
+    return _masked(beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm), mask)
+
+
+def total_variation(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
+                    beta: float | None = None) -> Tensor:
+    """Total variation distance 0.5 * sum |p - q|."""
+    lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+    return _masked(0.5 * (lp.exp() - lq.exp()).abs().sum(-1), mask)
+
+
+def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
+                    tau: float = 1.0, beta: float | None = None) -> Tensor:
+    """Skew forward KL(p || beta p + (1 - beta) q), beta = 0.1 by default (DistiLLM)."""
+    beta = 0.1 if beta is None else beta
+    lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+    return _masked(_kl(lp, _mix_log(lp, lq, beta)), mask)
+
+
+def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
+                    tau: float = 1.0, beta: float | None = None) -> Tensor:
+    """Skew reverse KL(q || (1 - beta) p + beta q), beta = 0.1 by default (DistiLLM)."""
+    beta = 0.1 if beta is None else beta
+    lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+    return _masked(_kl(lq, _mix_log(lq, lp, beta)), mask)
+
+
+DivergenceFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    fn: DivergenceFn
+    # Whether the reference implementation multiplies this divergence by tau^2
+    # (loss.tau_squared = "reference" reproduces that inconsistent choice).
+    reference_tau_squared: bool
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "fkl": Divergence(forward_kl, True),
+    "rkl": Divergence(reverse_kl, False),
+    "jsd": Divergence(js_divergence, True),
+    "tvd": Divergence(total_variation, False),
+    "skl": Divergence(skew_forward_kl, False),
+    "srkl": Divergence(skew_reverse_kl, True),
+}
+
+
+def register_divergence(name: str, fn: DivergenceFn, reference_tau_squared: bool = True) -> None:
+    """Add a divergence by name so configs can use `loss.divergence: <name>`."""
+    if name in DIVERGENCES:
+        raise ValueError(f"divergence {name!r} is already registered")
+    DIVERGENCES[name] = Divergence(fn, reference_tau_squared)
+
+
+def get_divergence(name: str) -> Divergence:
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise KeyError(f"unknown divergence {name!r}; registered: {sorted(DIVERGENCES)}") from None
+
+
+def tau_scale(name: str, tau: float, mode: str) -> float:
+    """The factor in front of D: tau^2 (paper Eq. 6), 1, or the reference code's per-loss choice."""
+    if mode == "all" or (mode == "reference" and get_divergence(name).reference_tau_squared):
+        return tau * tau
+    return 1.0

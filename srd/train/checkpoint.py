@@ -1,0 +1,95 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint folder `checkpoints/step-000050/` holds the student as a Hugging Face model
+(config + safetensors, loadable on its own), the optimizer and scheduler states, every
+process's RNG states, and `state.json` (step, best metric, elapsed time). It is written
+into a hidden temporary folder and renamed into place, so a crash never leaves a
+half-written checkpoint that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from srd.utils import atomic_write_json, replace_dir
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_model_dir(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out)
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load every *.safetensors shard in `folder` into `model`.
+
+    Keys may be missing only for tied weights (e.g. lm_head tied to the embeddings),
+    which share storage with a loaded parameter.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    bad_missing = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    if unexpected or bad_missing:
+        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {bad_missing[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with state.json), oldest first."""
+    if not ckpt_root.exists():
+        return []
+    found = []
+    for d in ckpt_root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / "state.json").exists():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1][1] if found else None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    for _, d in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def tmp_checkpoint_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f".step-{step:06d}.tmp"
+
+
+def finish_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write state.json last, then move the folder into place (main process only)."""
+    tmp = tmp_checkpoint_dir(ckpt_root, step)
+    atomic_write_json(tmp / "state.json", state)
+    final = ckpt_root / f"step-{step:06d}"
+    replace_dir(tmp, final)
+    return final

@@ -1,0 +1,342 @@
+"""The training loop: trains ONE stage of distillation and knows nothing about SRD.
+
+    loss = alpha * CE + (1 - alpha) * scale(tau) * D(p_tau || q_tau)      (SRD paper Eq. 6)
+
+A stage is (student, teacher, examples, tau, alpha, epochs). SRD's curriculum calls this
+once per stage; plain KD and SFT (alpha = 1) call it once. One accelerate code path
+serves 1 CPU, 1 GPU and many processes. Every `save_every` steps a resumable checkpoint
+is written; rerunning the same stage resumes exactly (same weights as an uninterrupted
+run on the same hardware), and a finished stage is skipped (`done.json`).
+
+Run-directory layout of a stage:
+    checkpoints/step-NNNNNN/   resumable state (model, optimizer, scheduler, RNG, state.json)
+    best/                      HF model with the best dev metric (dev ROUGE-L, else -dev loss)
+    final/                     HF model at the end of the stage
+    logs/train.jsonl, logs/eval.jsonl, tb/ (TensorBoard), done.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from srd.config import RunConfig
+from srd.data.example import Example
+from srd.data.prompts import encode_prompt
+from srd.data.tokenize import IGNORE_INDEX, Encoded, bucketed_batches, collate, encode_examples, pad_id
+from srd.eval.generate import generate_responses
+from srd.eval.metrics import mean, rouge_l
+from srd.losses.divergences import tau_scale
+from srd.losses.kd import LossSums, combine
+from srd.train import checkpoint as ckpt
+from srd.train.step import DistillModule, teacher_features
+from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
+
+
+def make_accelerator(precision: str = "auto") -> Any:
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    else:
+        mixed = "bf16" if precision == "bf16" else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+@dataclass
+class StagePlan:
+    """How many optimizer steps a stage takes, and which micro-batches each step uses."""
+
+    lengths: list[int]
+    batch_size: int
+    grad_accum: int
+    world: int
+    seed: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, lengths: list[int], *, batch_size: int, grad_accum: int, world: int, seed: int,
+             epochs: float, max_steps: int | None) -> StagePlan:
+        n_batches = math.ceil(len(lengths) / batch_size)
+        per_step = grad_accum * world
+        steps_per_epoch = max(1, math.ceil(n_batches / per_step))
+        total = max_steps if max_steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+        return cls(lengths, batch_size, grad_accum, world, seed, steps_per_epoch, total)
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        """All micro-batches (example indices) of optimizer step `step`, over all processes.
+
+        The order depends only on (seed, epoch), which is what makes resume exact. The last
+        step of an epoch is topped up from the epoch's start so every process gets work.
+        """
+        epoch, k = divmod(step, self.steps_per_epoch)
+        batches = bucketed_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch)
+        per_step = self.grad_accum * self.world
+        micro = batches[k * per_step:(k + 1) * per_step]
+        if len(micro) % self.world:
+            micro += batches[: self.world - len(micro) % self.world]
+        return micro
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> Any:
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps, min_lr=cfg.min_lr
+    )
+
+
+def _truncate_log(path: Path, max_step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r).get("step", 0) <= max_step]
+    if len(kept) != len(rows):
+        path.write_text("".join(r + "\n" for r in kept))
+
+
+@dataclass
+class _LossSpec:
+    divergence: str
+    tau: float
+    alpha: float
+    kd_scale: float
+
+
+def _micro_loss(module: Any, teacher: Any, batch: dict[str, torch.Tensor], spec: _LossSpec, accelerator: Any,
+                denominator: float) -> tuple[torch.Tensor, LossSums]:
+    with accelerator.autocast():
+        t_in, t_head = (None, None)
+        if spec.alpha < 1.0:
+            t_in, t_head = teacher_features(teacher, batch)
+        sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head)
+    # DDP averages gradients over processes; the loss is a sum over the step's tokens
+    # divided by their global count, so multiply back by the number of processes.
+    loss = combine(sums, alpha=spec.alpha, kd_scale=spec.kd_scale, denominator=denominator)
+    return loss * accelerator.num_processes, sums
+
+
+def evaluate_dev(module: Any, teacher: Any, tokenizer: Any, cfg: RunConfig, dev_encoded: Sequence[Encoded],
+                 dev_examples: Sequence[Example], spec: _LossSpec, accelerator: Any) -> dict[str, float]:
+    """Dev loss (same objective) and ROUGE-L of greedy answers on the first dev rows."""
+    from accelerate.utils import gather_object
+
+    student = accelerator.unwrap_model(module).student
+    device = accelerator.device
+    metrics: dict[str, float] = {}
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if dev_encoded:
+        module.eval()
+        ce = kd = 0.0
+        n = 0
+        local = list(dev_encoded)[rank::world]
+        with torch.no_grad():
+            for i in range(0, len(local), cfg.train.batch_size):
+                batch = {k: v.to(device) for k, v in collate(local[i:i + cfg.train.batch_size], pad_id(tokenizer)).items()}
+                _, sums = _micro_loss(module, teacher, batch, spec, accelerator, 1.0)
+                ce, kd, n = ce + sums.ce.item(), kd + sums.kd.item(), n + sums.n_tokens
+        totals = torch.tensor([ce, kd, float(n)], device=device)
+        totals = accelerator.reduce(totals, reduction="sum")
+        ce, kd, n = totals.tolist()
+        metrics["dev_ce"] = ce / max(n, 1)
+        metrics["dev_kd"] = kd / max(n, 1)
+        metrics["dev_loss"] = spec.alpha * metrics["dev_ce"] + (1 - spec.alpha) * spec.kd_scale * metrics["dev_kd"]
+        module.train()
+    n_gen = min(cfg.dev_eval.num_examples, len(dev_examples))
+    if n_gen:
+        rows = list(range(n_gen))[rank::world]
+        prompts = [encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len)
+                   for i in rows]
+        g = cfg.generation
+        answers = generate_responses(
+            student, tokenizer, prompts, max_new_tokens=cfg.dev_eval.max_new_tokens, batch_size=g.batch_size,
+            do_sample=False, no_repeat_ngram_size=g.no_repeat_ngram_size, stop_strings=g.stop_strings,
+        )
+        scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
+        metrics["dev_rougeL"] = mean(gather_object(scores))
+    return metrics
+
+
+def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, train_examples: Sequence[Example],
+                dev_examples: Sequence[Example] = (), out_dir: Path, tau: float | None = None,
+                alpha: float | None = None, epochs: float | None = None, accelerator: Any = None,
+                progress: bool = True, desc: str = "train") -> dict[str, Any]:
+    """Train one stage and return its summary (also written to out_dir/done.json)."""
+    out_dir = Path(out_dir)
+    done = out_dir / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    acc = accelerator or make_accelerator(cfg.train.precision)
+    tcfg, lcfg = cfg.train, cfg.loss
+    tau = lcfg.tau if tau is None else tau
+    alpha = lcfg.alpha if alpha is None else alpha
+    spec = _LossSpec(lcfg.divergence, tau, alpha, tau_scale(lcfg.divergence, tau, lcfg.tau_squared))
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    seed_everything(cfg.seed)
+
+    fmt = cfg.data.prompt_format
+    enc = encode_examples(tokenizer, train_examples, fmt=fmt, max_prompt_len=cfg.data.max_prompt_len,
+                          max_len=cfg.data.max_len)
+    dev_enc = encode_examples(tokenizer, list(dev_examples)[: cfg.data.dev_limit or None], fmt=fmt,
+                              max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len)
+    n_targets = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in enc]  # what the loss counts
+    plan = StagePlan.make([len(e.input_ids) for e in enc], batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+                          world=acc.num_processes, seed=cfg.seed, epochs=tcfg.epochs if epochs is None else epochs,
+                          max_steps=tcfg.max_steps)
+
+    vocab = len(tokenizer)
+    module = DistillModule(student, divergence=lcfg.divergence, tau=tau, beta=lcfg.beta,
+                           chunk_size=lcfg.chunk_size, vocab_size=vocab)
+    module.train()
+    optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
+    scheduler = _scheduler(optimizer, tcfg, plan.total_steps)
+    module, optimizer = acc.prepare(module, optimizer)
+    if teacher is not None and alpha < 1.0:
+        teacher_dtype = torch.bfloat16 if (acc.mixed_precision == "bf16" and cfg.model.teacher_dtype == "auto") \
+            else {"bfloat16": torch.bfloat16}.get(cfg.model.teacher_dtype, torch.float32)
+        teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
+
+    ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
+    state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is not None:
+        ckpt.load_weights(acc.unwrap_model(module).student, latest)
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=acc.device, weights_only=False))
+        scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(latest / f"rng_{acc.process_index}.pt", weights_only=False))
+        state = ckpt.read_state(latest)
+        if acc.is_main_process:
+            for name in ("train.jsonl", "eval.jsonl"):
+                _truncate_log(logs / name, state["step"])
+    writer = None
+    if acc.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+
+    def save(step: int) -> None:
+        tmp = ckpt.tmp_checkpoint_dir(ckpt_root, step)
+        if acc.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            acc.unwrap_model(module).student.save_pretrained(tmp, safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.finish_checkpoint(ckpt_root, step, {**state, "step": step})
+            ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
+        acc.wait_for_everyone()
+
+    def run_eval(step: int) -> None:
+        if not dev_enc and not (cfg.dev_eval.num_examples and dev_examples):
+            return
+        metrics = evaluate_dev(module, teacher, tokenizer, cfg, dev_enc, dev_examples, spec, acc)
+        key = metrics.get("dev_rougeL", -metrics.get("dev_loss", float("nan")))
+        improved = state["best_metric"] is None or key > state["best_metric"]
+        if improved:
+            state.update(best_metric=key, best_step=step)
+        if acc.is_main_process:
+            append_jsonl(logs / "eval.jsonl", [{"step": step, **metrics}])
+            for k, v in metrics.items():
+                writer.add_scalar(f"dev/{k}", v, step)
+            if improved:
+                ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "best")
+                atomic_write_json(out_dir / "best" / "metrics.json", {"step": step, **metrics})
+        msg = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        acc.print(f"[{desc}] step {step}: {msg}")
+
+    start = state["step"]
+    if start == 0 and cfg.dev_eval.num_examples and latest is None:
+        run_eval(0)  # the starting point, for before/after comparisons
+    stop_at = plan.total_steps if tcfg.stop_after_steps is None else min(plan.total_steps, start + tcfg.stop_after_steps)
+    bar = tqdm(total=plan.total_steps, initial=start, desc=desc, disable=not (progress and acc.is_main_process),
+               unit="step", dynamic_ncols=True)
+    t_run = time.perf_counter()
+    elapsed0 = state["elapsed_s"]
+    device = acc.device
+    for step in range(start, stop_at):
+        t0 = time.perf_counter()
+        micro = plan.step_batches(step)
+        denominator = float(sum(n_targets[i] for b in micro for i in b))
+        local = micro[acc.process_index::acc.num_processes]
+        ce_sum = kd_sum = 0.0
+        n_tokens = 0
+        for j, idx in enumerate(local):
+            batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], pad_id(tokenizer)).items()}
+            n_tokens += int(batch["attention_mask"].sum())
+            sync = j == len(local) - 1
+            ctx = acc.no_sync(module) if not sync else contextlib.nullcontext()
+            with ctx:
+                loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator)
+                acc.backward(loss)
+            ce_sum += sums.ce.item()
+            kd_sum += sums.kd.item()
+        grad_norm = acc.clip_grad_norm_(module.parameters(), tcfg.grad_clip) if tcfg.grad_clip else None
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals = acc.reduce(torch.tensor([ce_sum, kd_sum, float(n_tokens)], device=device), reduction="sum")
+        ce_sum, kd_sum, n_tokens = totals.tolist()
+        dt = time.perf_counter() - t0
+        state["tokens"] += int(n_tokens)
+        state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+        done_steps = step + 1
+        row = {
+            "step": done_steps, "epoch": round(done_steps / plan.steps_per_epoch, 4),
+            "loss": (alpha * ce_sum + (1 - alpha) * spec.kd_scale * kd_sum) / max(denominator, 1),
+            "ce": ce_sum / max(denominator, 1), "kd": kd_sum / max(denominator, 1), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": n_tokens / dt, "tau": tau, "alpha": alpha, "elapsed_s": round(state["elapsed_s"], 3),
+        }
+        if acc.is_main_process and (done_steps % tcfg.log_every == 0 or done_steps == plan.total_steps):
+            append_jsonl(logs / "train.jsonl", [row])
+            for k in ("loss", "ce", "kd", "lr", "tokens_per_s"):
+                writer.add_scalar(f"train/{k}", row[k], done_steps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        last = done_steps == plan.total_steps
+        if (tcfg.eval_every and done_steps % tcfg.eval_every == 0) or last:
+            run_eval(done_steps)
+        if (tcfg.save_every and done_steps % tcfg.save_every == 0) or last or done_steps == stop_at:
+            save(done_steps)
+    bar.close()
+    if writer is not None:
+        writer.flush()
+        writer.close()
+    final_step = max(start, stop_at)
+    summary = {
+        "complete": final_step >= plan.total_steps, "steps": final_step, "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch, "examples": len(enc), "tau": tau, "alpha": alpha,
+        "divergence": lcfg.divergence, "kd_scale": spec.kd_scale, "wall_time_s": round(state["elapsed_s"], 3),
+        "tokens": state["tokens"], "best_metric": state["best_metric"], "best_step": state["best_step"],
+    }
+    if summary["complete"] and acc.is_main_process:
+        ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final")
+        atomic_write_json(done, summary)
+    acc.wait_for_everyone()
+    return summary

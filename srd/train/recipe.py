@@ -1,0 +1,92 @@
+"""`srd train`: plain KD (or SFT with loss.alpha=1) on one data set, as one stage.
+
+Reads top to bottom: run directory -> models -> data -> train_stage -> summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from srd.config import ConfigError, RunConfig, dump_config, to_dict
+from srd.data.sources import load_examples
+from srd.models import check_tokenizers, load_model, load_tokenizer
+from srd.train.loop import make_accelerator, train_stage
+from srd.utils import atomic_write_text
+
+# Keys that may change between an interrupted run and its resumption.
+RESUME_SAFE_KEYS = {"train.stop_after_steps", "train.num_threads", "train.eval_every", "train.log_every"}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory, or check that an existing one belongs to this config."""
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = _flatten(yaml.safe_load(saved.read_text()) or {})
+        new = _flatten(to_dict(cfg))
+        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
+        if diffs:
+            raise ConfigError(
+                f"{run_dir} already holds a run with a different config ({'; '.join(diffs[:6])}). "
+                "Resume it with the same config, choose another name=..., or delete the folder to start over."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, dump_config(cfg))
+    return run_dir
+
+
+def load_models(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """(student, teacher or None, tokenizer); tokenizers checked before any compute."""
+    m = cfg.model
+    tokenizer = load_tokenizer(m.student, trust_remote_code=m.trust_remote_code)
+    teacher = None
+    if m.teacher is not None and cfg.loss.alpha < 1.0:
+        check_tokenizers(load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code), tokenizer)
+        teacher = load_model(m.teacher, trust_remote_code=m.trust_remote_code)
+    student = load_model(m.student, trust_remote_code=m.trust_remote_code)
+    return student, teacher, tokenizer
+
+
+def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    acc = make_accelerator(cfg.train.precision)
+    run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
+    acc.wait_for_everyone()
+    student, teacher, tokenizer = load_models(cfg)
+    train = load_examples(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
+    dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
+    acc.print(f"srd train: {len(train)} training examples from {cfg.data.train}; "
+              f"{len(dev)} dev examples; run directory {run_dir}")
+    summary = train_stage(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_examples=train,
+                          dev_examples=dev, out_dir=run_dir, accelerator=acc, progress=progress)
+    if acc.is_main_process:
+        _print_summary(run_dir, summary, acc)
+    return summary
+
+
+def _print_summary(run_dir: Path, summary: dict[str, Any], acc: Any) -> None:
+    evals = []
+    log = run_dir / "logs" / "eval.jsonl"
+    if log.exists():
+        evals = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    state = "finished" if summary["complete"] else f"paused at step {summary['steps']} (rerun to resume)"
+    acc.print(f"srd train {state}: {summary['steps']}/{summary['total_steps']} steps, "
+              f"{summary['wall_time_s']:.0f} s")
+    if evals and "dev_rougeL" in evals[0]:
+        acc.print(f"dev ROUGE-L: {evals[0]['dev_rougeL']:.2f} at step {evals[0]['step']} -> "
+                  f"{evals[-1]['dev_rougeL']:.2f} at step {evals[-1]['step']}")
+    if summary["complete"]:
+        acc.print(f"final model: {run_dir / 'final'}; best (by dev metric): {run_dir / 'best'}")
+    acc.print(f"logs: {run_dir / 'logs'} (JSONL), {run_dir / 'tb'} (TensorBoard)")

@@ -1,0 +1,88 @@
+"""One distillation forward: the student wrapped so the whole loss runs inside forward().
+
+Everything that touches student parameters (body, LM head, chunked loss) happens in
+`DistillModule.forward`, so DDP / FSDP wrappers from accelerate see a normal module.
+The frozen teacher's hidden states are computed outside and passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from srd.data.tokenize import IGNORE_INDEX
+from srd.losses.kd import LossSums, kd_loss_sums
+
+
+def _splittable(model: nn.Module) -> bool:
+    """Whether logits = head(last hidden state) exactly, so the head can run per chunk."""
+    cfg = model.config
+    head = model.get_output_embeddings()
+    return (
+        isinstance(head, nn.Linear)
+        and getattr(model, "base_model", model) is not model
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+    )
+
+
+def features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Any]:
+    """(B, T, H) last hidden states and the head mapping them to logits, or (B, T, V)
+    logits and the identity when the model's logits are not a plain linear map."""
+    if _splittable(model):
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, model.get_output_embeddings()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits, nn.Identity()
+
+
+def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask of positions whose next token is a target, and those targets.
+
+    Position t predicts labels[t + 1] (HF convention); returns a (B, T-1) bool mask and
+    the (N,) targets in row-major order.
+    """
+    nxt = labels[:, 1:]
+    mask = nxt != IGNORE_INDEX
+    return mask, nxt[mask]
+
+
+@torch.no_grad()
+def teacher_features(teacher: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
+    """The teacher's (N, H_t) features at the target positions, and its head."""
+    hidden, head = features(teacher, batch["input_ids"], batch["attention_mask"])
+    mask, _ = target_positions(batch["labels"])
+    return hidden[:, :-1][mask], head
+
+
+class DistillModule(nn.Module):
+    """Wraps the student; forward returns the CE and divergence sums of a micro-batch."""
+
+    def __init__(self, student: nn.Module, *, divergence: str, tau: float, beta: float | None,
+                 chunk_size: int, vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.divergence, self.tau, self.beta = divergence, tau, beta
+        self.chunk_size, self.vocab_size = chunk_size, vocab_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                teacher_in: Tensor | None = None, teacher_head: Any = None) -> LossSums:
+        hidden, head = features(self.student, input_ids, attention_mask)
+        mask, targets = target_positions(labels)
+        student_in = hidden[:, :-1][mask]
+        vocab = self.vocab_size
+
+        def s_head(x: Tensor) -> Tensor:
+            logits = head(x)
+            return logits[..., :vocab] if vocab else logits
+
+        def t_head(x: Tensor) -> Tensor:
+            logits = teacher_head(x) if teacher_head is not None else x
+            return logits[..., :vocab] if vocab else logits
+
+        return kd_loss_sums(
+            student_in, teacher_in, targets, divergence=self.divergence, tau=self.tau, beta=self.beta,
+            chunk_size=self.chunk_size, student_head=s_head, teacher_head=t_head,
+        )

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny offline tokenizer and tiny random-init Llama / GPT-2 models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "Below is an instruction that describes a task, paired with an input that provides further context.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "The moon is dark. The sun is bright. Paris is the capital of France. Water boils at 100 degrees.",
+    "What is the capital of France? Name three colors. Summarize the text. Translate to German.",
+    "red green blue one two three four five six seven eight nine ten answer question because",
+]
+
+ROWS = [
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital of France."},
+    {"instruction": "Name three colors.", "input": "", "output": "red, green and blue"},
+    {"instruction": "Summarize the text.", "input": "The moon is dark. The sun is bright.",
+     "output": "The moon is dark."},
+    {"instruction": "Count to five.", "input": "", "output": "one two three four five"},
+    {"instruction": "When does water boil?", "input": "", "output": "Water boils at 100 degrees."},
+    {"instruction": "Translate to German.", "input": "one two three", "output": "eins zwei drei"},
+    {"instruction": "Which is bright?", "input": "The moon is dark. The sun is bright.", "output": "The sun."},
+    {"instruction": "Name a number.", "input": "", "output": "seven"},
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_llama(vocab: int, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def make_gpt2(vocab: int, layers: int = 2, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
+                     eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Folders with tiny models + tokenizer: llama-teacher (4 layers), llama-student (2), gpt2 pair."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, model in {
+        "llama-teacher": make_llama(len(tokenizer), layers=4, seed=1),
+        "llama-student": make_llama(len(tokenizer), layers=2, seed=2),
+        "gpt2-teacher": make_gpt2(len(tokenizer), layers=3, seed=3),
+        "gpt2-student": make_gpt2(len(tokenizer), layers=2, seed=4),
+    }.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> dict[str, Path]:
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
+    return {"train": train, "dev": dev}
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate_state():
+    yield
+    try:
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+    except Exception:
+        pass
