@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train the student with loss = alpha*CE + (1-alpha)*tau^2*D(p_tau||q_tau) "
                                    "(alpha=1 is plain SFT). Writes runs/<name>/: config.yaml, checkpoints/, best/, "
                                    "final/, logs/, tb/. Rerunning the same command resumes an interrupted run.")
-    t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml ('-' for defaults + overrides only)")
     t.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
@@ -91,7 +91,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from srd.config import load_config
         from srd.train.recipe import run_train
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(None if args.config == "-" else args.config, args.overrides)
         summary = run_train(cfg, progress=not args.no_progress)
         return 0 if summary["complete"] or cfg.train.stop_after_steps else 1
     if args.command == "config":

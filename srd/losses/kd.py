@@ -62,7 +62,8 @@ def kd_loss_sums(
         LossSums with ce = sum -log q_1(y) (tau = 1) and kd = sum D(p_tau || q_tau).
     """
     n = targets.shape[0]
-    zero = student_in.new_zeros((), dtype=torch.float32)
+    acc_dtype = torch.float64 if student_in.dtype == torch.float64 else torch.float32
+    zero = student_in.new_zeros((), dtype=acc_dtype)
     if n == 0:
         # Keep the graph connected so every rank runs the same backward (DDP).
         return LossSums(ce=zero + 0.0 * student_in.sum(), kd=zero.clone(), n_tokens=0)
@@ -70,14 +71,14 @@ def kd_loss_sums(
 
     def chunk_sums(s: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = student_head(s)
-        ce = F.cross_entropy(logits.float(), y, reduction="sum")
+        ce = F.cross_entropy(logits.to(acc_dtype), y, reduction="sum")
         if div_fn is None or t is None:
             return ce, ce.new_zeros(())
         with torch.no_grad():
             t_logits = teacher_head(t)
         vocab = min(logits.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
         kd = div_fn(logits[..., :vocab], t_logits[..., :vocab], None, tau=tau, beta=beta).sum()
-        return ce, kd.float()
+        return ce, kd.to(acc_dtype)
 
     ce_total, kd_total = zero, zero
     for start in range(0, n, chunk_size):

@@ -1,0 +1,83 @@
+"""Config loading: every shipped YAML, overrides, unknown keys, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srd.config import ConfigError, RunConfig, dump_config, from_dict, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # the resolved config written to run directories loads back to the same config
+    assert from_dict(RunConfig, yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-4", "train.max_steps=7", "loss.divergence=rkl", "data.dev=null",
+                             "generation.stop_strings=[a, b]", "train.grad_clip=null", "loss.tau=2"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7
+    assert cfg.loss.divergence == "rkl" and cfg.loss.tau == 2.0
+    assert cfg.data.dev is None and cfg.train.grad_clip is None
+    assert cfg.generation.stop_strings == ["a", "b"]
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 5e-5\n")
+    assert load_config(p).train.lr == 5e-5
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*valid keys here: .*lr"):
+        load_config(None, ["train.lrr=1"])
+    p = tmp_path / "c.yaml"
+    p.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"'trian'.*valid keys.*train.*\(in .*c.yaml\)"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.divergence=kld", "not registered"),
+    ("loss.alpha=1.5", "alpha must be in"),
+    ("train.batch_size=abc", "must be an integer"),
+    ("data.prompt_format=vicuna", "is not one of"),
+    ("data.max_len=100", "must exceed"),
+    ("train.min_lr=1.0", "must not exceed"),
+    ("loss.tau=0", "tau must be > 0"),
+    ("model.teacher=null", "only works for plain SFT"),
+    ("train", "key=value"),
+])
+def test_bad_values_have_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_sft_without_teacher_is_valid():
+    cfg = load_config(None, ["model.teacher=null", "loss.alpha=1.0"])
+    assert cfg.model.teacher is None
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_parse_overrides_keeps_paths_as_strings():
+    assert parse_overrides(["model.student=runs/x/final"]) == [("model.student", "runs/x/final")]

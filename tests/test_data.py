@@ -1,0 +1,190 @@
+"""Data: readers and their errors, named sets, the Alpaca template, tokenisation, batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from srd.data import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    bucketed_batches,
+    collate,
+    encode_example,
+    encode_prompt,
+    load_examples,
+    load_hub,
+    read_examples,
+    render_prompt,
+)
+from srd.data.sources import data_dirs
+
+SHARED = next((d for d in data_dirs() if (d / "dolly" / "train.jsonl").exists()), None)
+needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data not present")
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_read_examples_with_list_outputs_and_aliases(tmp_path):
+    p = _write(tmp_path / "d.jsonl", [
+        {"instruction": "a", "input": "", "output": "x"},
+        {"instruction": "b", "context": "ctx", "response": "y"},
+        {"id": "z", "instruction": "c", "output": ["r1", "r2"]},
+    ])
+    exs = read_examples(p)
+    assert [e.input for e in exs] == ["", "ctx", ""]
+    assert exs[1].target == "y"
+    assert exs[2].references == ["r1", "r2"] and exs[2].target == "r1" and exs[2].id == "z"
+
+
+@pytest.mark.parametrize("row,message", [
+    ('{"instruction": "a", "output": "b"', r"line 2: not valid JSON"),
+    ({"input": "x", "output": "y"}, r"line 2: no instruction field"),
+    ({"instruction": "a"}, r"line 2: no output field"),
+    ({"instruction": "a", "output": 3}, r"line 2: field 'output' must be a string"),
+    ({"instruction": "a", "output": []}, r"line 2: field 'output' must be a string or a non-empty list"),
+    ({"instruction": "", "output": "y"}, r"line 2: field 'instruction' must be a non-empty string"),
+    ({"instruction": "a", "input": 5, "output": "y"}, r"line 2: field 'input' must be a string"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
+    p = _write(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "ok"}, row])
+    with pytest.raises(DataError, match=message) as e:
+        read_examples(p)
+    assert "bad.jsonl" in str(e.value)
+
+
+def test_duplicate_ids_and_empty_files(tmp_path):
+    p = _write(tmp_path / "dup.jsonl", [{"id": 1, "instruction": "a", "output": "b"},
+                                       {"id": 1, "instruction": "c", "output": "d"}])
+    with pytest.raises(DataError, match="line 2: id '1' repeats line 1"):
+        read_examples(p)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no examples"):
+        read_examples(empty)
+    with pytest.raises(DataError, match="does not exist"):
+        read_examples(tmp_path / "missing.jsonl")
+
+
+def test_json_list_files(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    assert read_examples(p)[0].target == "b"
+    p.write_text(json.dumps({"instruction": "a"}))
+    with pytest.raises(DataError, match="list of objects"):
+        read_examples(p)
+
+
+def test_unknown_spec_lists_named_sets():
+    with pytest.raises(DataError, match="named sets: .*dolly"):
+        load_examples("not-a-set")
+
+
+def test_hub_code_path_with_a_local_json_builder(tmp_path):
+    """The real `datasets.load_dataset` path, with a column mapping, on a local file."""
+    pytest.importorskip("datasets")
+    p = _write(tmp_path / "hub.jsonl", [{"question": f"q{i}", "ctx": "", "answer": f"a{i}"} for i in range(5)])
+    exs = load_hub("json", split="train", data_files=str(p), rows=(1, 4),
+                   mapping={"instruction": "question", "input": "ctx", "output": "answer"},
+                   cache_dir=str(tmp_path / "hf-cache"))
+    assert [e.instruction for e in exs] == ["q1", "q2", "q3"]
+    assert [e.target for e in exs] == ["a1", "a2", "a3"]
+    assert exs[0].id == "json-train-1"
+
+
+def test_named_set_missing_locally_without_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRD_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import srd.data.sources as sources
+
+    monkeypatch.setattr(sources, "data_dirs", lambda explicit=None: [tmp_path])
+    with pytest.raises(DataError, match="no local copy.*SRD_DATA_DIR"):
+        load_examples("self-inst")
+
+
+def test_named_set_from_explicit_data_dir(tmp_path):
+    _write((tmp_path / "gsm8k").mkdir() or tmp_path / "gsm8k" / "train.jsonl",
+           [{"question": "1+1?", "answer": "2\n#### 2"}])
+    exs = load_examples("gsm8k", data_dir=str(tmp_path))
+    assert exs[0].instruction == "1+1?" and exs[0].target.endswith("#### 2")
+
+
+@needs_shared
+@pytest.mark.parametrize("name,path", [("dolly", "dolly/train.jsonl"), ("dolly-dev", "dolly/dev.jsonl"),
+                                       ("dolly-eval", "dolly/eval.jsonl"), ("self-inst", "self-inst/eval.jsonl")])
+def test_alpaca_template_matches_every_shipped_prompt(name, path):
+    rows = [json.loads(line) for line in (SHARED / path).read_text().splitlines() if line.strip()]
+    exs = load_examples(name)
+    assert len(exs) == len(rows)
+    assert all(render_prompt(e.instruction, e.input, "alpaca") == r["prompt"] for e, r in zip(exs, rows))
+
+
+@needs_shared
+def test_named_sets_load_with_limit():
+    for name in ("gsm8k", "mbpp", "samsum", "xsum", "iwslt17-en-de"):
+        exs = load_examples(name, limit=3)
+        assert len(exs) == 3 and all(e.instruction and e.target for e in exs)
+
+
+def test_encoding_masks_prompt_and_keeps_eos(tokenizer):
+    ex = Example(id="1", instruction="What is the capital of France?", output="Paris is the capital.")
+    enc = encode_example(tokenizer, ex, fmt="alpaca", max_prompt_len=256, max_len=512)
+    prompt = encode_prompt(tokenizer, ex, "alpaca", 256)
+    assert enc.input_ids[: len(prompt)] == prompt
+    assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert enc.labels[len(prompt):] == enc.input_ids[len(prompt):]
+    assert enc.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(enc.input_ids[len(prompt):-1]) == "Paris is the capital."
+
+
+def test_long_prompts_keep_the_response_tail(tokenizer):
+    ex = Example(id="1", instruction="Summarize the text.", input="The moon is dark. " * 200, output="dark")
+    ids = encode_prompt(tokenizer, ex, "alpaca", 64)
+    assert len(ids) <= 64
+    text = tokenizer.decode(ids)
+    assert text.endswith("### Response:\n") and "### Instruction:\nSummarize the text." in text
+    ex2 = Example(id="2", instruction="The sun is bright. " * 200, output="x")
+    text2 = tokenizer.decode(encode_prompt(tokenizer, ex2, "alpaca", 64))
+    assert text2.endswith("### Response:\n")
+    with pytest.raises(DataError, match="template alone"):
+        encode_prompt(tokenizer, ex, "alpaca", 8)
+
+
+def test_response_truncated_to_max_len(tokenizer):
+    ex = Example(id="1", instruction="Count.", output="one two three " * 100)
+    enc = encode_example(tokenizer, ex, fmt="alpaca", max_prompt_len=64, max_len=80)
+    assert len(enc.input_ids) == 80
+
+
+def test_chat_format_needs_a_template(tokenizer):
+    ex = Example(id="1", instruction="hi", output="yo")
+    with pytest.raises(DataError, match="chat template"):
+        encode_prompt(tokenizer, ex, "chat", 64)
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    exs = [Example(id=str(i), instruction="Name a number.", output="seven " * i) for i in (1, 5)]
+    enc = [encode_example(tokenizer, e, fmt="alpaca", max_prompt_len=64, max_len=128) for e in exs]
+    b = collate(enc, pad_token_id=0, pad_to_multiple_of=8)
+    assert b["input_ids"].shape[1] % 8 == 0
+    n0 = len(enc[0].input_ids)
+    assert b["attention_mask"][0, :n0].all() and not b["attention_mask"][0, n0:].any()
+    assert (b["labels"][0, n0:] == IGNORE_INDEX).all()
+
+
+def test_bucketed_batches_cover_everything_once_and_are_deterministic():
+    lengths = [(i * 37) % 101 for i in range(103)]
+    a = bucketed_batches(lengths, 8, seed=1, epoch=0, bucket_size=4)
+    assert sorted(i for b in a for i in b) == list(range(103))
+    assert a == bucketed_batches(lengths, 8, seed=1, epoch=0, bucket_size=4)
+    assert a != bucketed_batches(lengths, 8, seed=1, epoch=1, bucket_size=4)
+    # padding inside a batch is far below what random batches give
+    def waste(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert waste(a) < 0.5 * waste(bucketed_batches(lengths, 8, seed=1, epoch=0, bucket_size=1))

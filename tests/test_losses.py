@@ -1,0 +1,198 @@
+"""Divergences vs independent float64 formulas, masking, chunking, gradients, bf16."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from srd.losses import DIVERGENCES, combine, get_divergence, kd_loss_sums, register_divergence, tau_scale
+
+NAMES = sorted(DIVERGENCES)
+
+
+def _softmax64(z: np.ndarray, tau: float) -> np.ndarray:
+    z = z.astype(np.float64) / tau
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _kl64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0), axis=-1)
+
+
+def reference(name: str, s: np.ndarray, t: np.ndarray, tau: float, beta: float | None) -> np.ndarray:
+    """Textbook definitions (SRD-NOTES sec. 1) in float64 numpy, independent of srd code."""
+    p, q = _softmax64(t, tau), _softmax64(s, tau)
+    if name == "fkl":
+        return _kl64(p, q)
+    if name == "rkl":
+        return _kl64(q, p)
+    if name == "jsd":
+        b = 0.5 if beta is None else beta
+        m = b * p + (1 - b) * q
+        return b * _kl64(p, m) + (1 - b) * _kl64(q, m)
+    if name == "tvd":
+        return 0.5 * np.abs(p - q).sum(-1)
+    if name == "skl":
+        b = 0.1 if beta is None else beta
+        return _kl64(p, b * p + (1 - b) * q)
+    if name == "srkl":
+        b = 0.1 if beta is None else beta
+        return _kl64(q, (1 - b) * p + b * q)
+    raise KeyError(name)
+
+
+def _logits(shape=(3, 5, 11), seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale, torch.randn(*shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [None, 0.3])
+def test_matches_float64_formula(name, tau, beta):
+    s, t = _logits()
+    got = get_divergence(name).fn(s.double(), t.double(), None, tau=tau, beta=beta).numpy()
+    want = reference(name, s.numpy(), t.numpy(), tau, beta)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # float32 inputs are computed in float32 and stay close
+    got32 = get_divergence(name).fn(s, t, None, tau=tau, beta=beta).numpy()
+    np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_for_identical_distributions(name):
+    s, _ = _logits()
+    out = get_divergence(name).fn(s.double(), s.double().clone(), None, tau=1.5)
+    assert torch.all(out.abs() < 1e-12)
+    # shifting logits by a constant does not change the distribution
+    out = get_divergence(name).fn(s.double(), s.double() + 7.0, None)
+    assert torch.all(out.abs() < 1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonnegative_and_mask_zeroes(name):
+    s, t = _logits()
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, :2] = True
+    out = get_divergence(name).fn(s, t, mask)
+    assert torch.all(out >= -1e-6)
+    assert torch.all(out[~mask] == 0)
+    assert torch.all(out[mask] > 0)
+    full_mask = get_divergence(name).fn(s, t, torch.zeros(3, 5))
+    assert torch.equal(full_mask, torch.zeros(3, 5))
+
+
+def test_direction_of_kl_is_pinned():
+    # p = teacher peaked on token 0; q = student uniform. KL(p||q) != KL(q||p), by hand:
+    t = torch.tensor([[math.log(0.9), math.log(0.05), math.log(0.05)]], dtype=torch.float64)
+    s = torch.zeros(1, 3, dtype=torch.float64)
+    kl_pq = 0.9 * math.log(0.9 / (1 / 3)) + 2 * 0.05 * math.log(0.05 / (1 / 3))
+    kl_qp = (1 / 3) * (math.log((1 / 3) / 0.9) + 2 * math.log((1 / 3) / 0.05))
+    assert get_divergence("fkl").fn(s, t).item() == pytest.approx(kl_pq, rel=1e-12)
+    assert get_divergence("rkl").fn(s, t).item() == pytest.approx(kl_qp, rel=1e-12)
+    assert abs(kl_pq - kl_qp) > 0.1
+
+
+def test_masked_vocabulary_entries_do_not_give_nan():
+    s, t = _logits((2, 7))
+    t[:, 3] = float("-inf")  # teacher puts exactly zero mass here
+    s.requires_grad_(True)
+    # KL(q || p) is truly infinite when p has a zero the student does not share
+    assert torch.isinf(get_divergence("rkl").fn(s, t).sum())
+    for name in [n for n in NAMES if n != "rkl"]:
+        out = get_divergence(name).fn(s, t).sum()
+        (g,) = torch.autograd.grad(out, s)
+        assert torch.isfinite(out) and torch.all(torch.isfinite(g)), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck(name):
+    s, t = _logits((2, 6), seed=3, scale=1.0)
+    s = s.double().requires_grad_(True)
+    t = t.double()
+    fn = get_divergence(name).fn
+    assert torch.autograd.gradcheck(lambda x: fn(x, t, None, tau=1.7, beta=0.3), (s,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_inputs_close_to_float32(name):
+    s, t = _logits((4, 9, 64), seed=5, scale=2.0)
+    ref = get_divergence(name).fn(s, t).sum()
+    low = get_divergence(name).fn(s.bfloat16(), t.bfloat16()).sum()
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(ref.item(), rel=3e-2, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_equals_unchunked_with_heads(name):
+    torch.manual_seed(0)
+    n, h, v = 37, 8, 19
+    hs = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(n, h, dtype=torch.float64)
+    ws = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(v, h, dtype=torch.float64)
+    y = torch.randint(0, v, (n,))
+    results = []
+    for chunk in (n, 5, 1):
+        sums = kd_loss_sums(hs, ht, y, divergence=name, tau=2.0, chunk_size=chunk,
+                            student_head=lambda x: x @ ws.T, teacher_head=lambda x: x @ wt.T)
+        loss = combine(sums, alpha=0.3, kd_scale=4.0, denominator=n)
+        g_h, g_w = torch.autograd.grad(loss, (hs, ws))
+        results.append((loss.detach(), g_h, g_w, sums.ce.detach(), sums.kd.detach()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # and against the plain formula on full logits
+    s_logits, t_logits = (hs @ ws.T).detach(), ht @ wt.T
+    want_kd = reference(name, s_logits.numpy(), t_logits.numpy(), 2.0, None).sum()
+    want_ce = torch.nn.functional.cross_entropy(s_logits, y, reduction="sum").item()
+    assert results[0][4].item() == pytest.approx(want_kd, rel=1e-9)
+    assert results[0][3].item() == pytest.approx(want_ce, rel=1e-9)
+
+
+def test_empty_batch_gives_zero_not_nan():
+    hs = torch.randn(0, 4, requires_grad=True)
+    sums = kd_loss_sums(hs, torch.randn(0, 4), torch.zeros(0, dtype=torch.long), student_head=lambda x: x,
+                        teacher_head=lambda x: x)
+    loss = combine(sums, alpha=0.5, kd_scale=1.0, denominator=0)
+    assert loss.item() == 0.0 and sums.n_tokens == 0
+    loss.backward()
+    assert torch.equal(hs.grad, torch.zeros(0, 4))
+
+
+def test_gradient_accumulation_reduction_is_per_step():
+    """Two micro-batches divided by the step's token count == one batch of all tokens."""
+    torch.manual_seed(1)
+    s, t = torch.randn(10, 7, dtype=torch.float64, requires_grad=True), torch.randn(10, 7, dtype=torch.float64)
+    y = torch.randint(0, 7, (10,))
+    whole = combine(kd_loss_sums(s, t, y), alpha=0.5, kd_scale=1.0, denominator=10)
+    (g_whole,) = torch.autograd.grad(whole, s)
+    parts = [combine(kd_loss_sums(s[sl], t[sl], y[sl]), alpha=0.5, kd_scale=1.0, denominator=10)
+             for sl in (slice(0, 3), slice(3, 10))]
+    (g_parts,) = torch.autograd.grad(parts[0] + parts[1], s)
+    torch.testing.assert_close(whole, parts[0] + parts[1])
+    torch.testing.assert_close(g_whole, g_parts)
+
+
+def test_tau_scaling_modes():
+    assert tau_scale("rkl", 2.0, "all") == 4.0
+    assert tau_scale("rkl", 2.0, "none") == 1.0
+    assert tau_scale("rkl", 2.0, "reference") == 1.0  # the reference code skips rkl, tvd, skl
+    assert tau_scale("fkl", 2.0, "reference") == 4.0
+    assert tau_scale("srkl", 2.0, "reference") == 4.0
+
+
+def test_registry_add_and_errors():
+    with pytest.raises(KeyError, match="registered"):
+        get_divergence("nope")
+    with pytest.raises(ValueError):
+        register_divergence("fkl", lambda *a, **k: None)
+    register_divergence("_test_zero", lambda s, t, mask=None, **hp: torch.zeros(s.shape[:-1]))
+    try:
+        assert "_test_zero" in DIVERGENCES
+    finally:
+        DIVERGENCES.pop("_test_zero")

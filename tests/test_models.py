@@ -1,0 +1,98 @@
+"""Models: depth pruning, layer skipping, tokenizer checks, vocab alignment, resolution errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from srd.models import (
+    ModelError,
+    aligned_vocab_size,
+    build_pruned,
+    check_tokenizers,
+    choose_layers,
+    decoder_layers,
+    load_model,
+    perplexity,
+    resolve_model_path,
+    skip_layers,
+)
+from tests.conftest import make_gpt2, make_llama
+
+
+def _batch(tok):
+    ids = torch.tensor([tok("The moon is dark. The sun is bright. Paris is the capital.")["input_ids"]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.mark.parametrize("maker", [make_llama, make_gpt2])
+def test_pruned_model_equals_layer_skipping(tokenizer, maker):
+    model = maker(len(tokenizer), layers=4, seed=0).eval()
+    batch = _batch(tokenizer)
+    keep = [0, 2, 3]
+    student = build_pruned(model, keep).eval()
+    assert len(decoder_layers(student)[1]) == 3 and student.config.num_hidden_layers == 3
+    with torch.no_grad(), skip_layers(model, keep):
+        want = model(input_ids=batch["input_ids"], use_cache=False).logits
+    got = student(input_ids=batch["input_ids"], use_cache=False).logits
+    torch.testing.assert_close(got, want)
+    # the teacher is restored after skipping
+    assert len(decoder_layers(model)[1]) == 4 and model.config.num_hidden_layers == 4
+    # the student still generates with its KV cache (layer indices renumbered)
+    out = student.generate(input_ids=batch["input_ids"][:, :5], max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)
+    assert out.shape[1] == 8
+
+
+def test_build_pruned_rejects_bad_layers(tokenizer):
+    model = make_llama(len(tokenizer), layers=3)
+    for keep in ([], [0, 3], [1, 1]):
+        with pytest.raises(ValueError, match="distinct indices"):
+            build_pruned(model, keep)
+
+
+@pytest.mark.parametrize("method", ["greedy", "oneshot"])
+def test_choose_layers_measures_perplexity(tokenizer, method):
+    model = make_llama(len(tokenizer), layers=4, seed=0)
+    batches = [_batch(tokenizer)]
+    res = choose_layers(model, batches, 2, method=method, candidates=2, progress=False)
+    assert len(res.keep) == 2 and res.keep == sorted(res.keep)
+    with skip_layers(model, res.keep):
+        assert perplexity(model, batches) == pytest.approx(res.perplexity, rel=1e-5)
+    assert set(res.single_layer) == {0, 1, 2, 3}
+    if method == "greedy":
+        assert [t["layers"] for t in res.trace] == [3, 2]
+
+
+def test_tokenizer_check(tokenizer):
+    check_tokenizers(tokenizer, tokenizer)
+    from tests.conftest import CORPUS
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        check_tokenizers(tokenizer, other)
+
+
+def test_aligned_vocab_slices_padded_rows(tokenizer):
+    padded = make_llama(len(tokenizer) + 11)  # like Qwen's padded embedding matrices
+    exact = make_llama(len(tokenizer))
+    assert aligned_vocab_size(tokenizer, padded, exact) == len(tokenizer)
+    with pytest.raises(ModelError, match="do not belong together"):
+        aligned_vocab_size(tokenizer, make_llama(len(tokenizer) - 5))
+
+
+def test_resolve_model_paths(tmp_path, tiny_models):
+    assert resolve_model_path(str(tiny_models["llama-student"])) == str(tiny_models["llama-student"])
+    assert resolve_model_path("someorg/some-model") == "someorg/some-model"
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_path("./nope")
+    assert load_model(str(tiny_models["gpt2-student"])).config.n_layer == 2

@@ -1,0 +1,115 @@
+"""The training loop through the CLI: KD steps, SFT, exact resume, run-directory safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from srd.cli import main
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _args(tiny_models, tiny_data, out: Path, pair: str = "llama", *extra: str) -> list[str]:
+    return [
+        "train", "--no-progress", "-",  # "-" = no YAML file, defaults + overrides
+        f"model.teacher={tiny_models[pair + '-teacher']}", f"model.student={tiny_models[pair + '-student']}",
+        f"data.train={tiny_data['train']}", f"data.dev={tiny_data['dev']}", f"output_dir={out}", "name=t",
+        "data.max_prompt_len=64", "data.max_len=96", "loss.chunk_size=16", "train.batch_size=2",
+        "train.grad_accum=2", "train.lr=1e-3", "train.max_steps=4", "train.save_every=2",
+        "dev_eval.num_examples=2", "dev_eval.max_new_tokens=4", "seed=0", *extra,
+    ]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("pair,divergence", [("llama", "fkl"), ("gpt2", "srkl"), ("llama", "jsd")])
+def test_kd_run_changes_student_not_teacher(tmp_path, tiny_models, tiny_data, pair, divergence):
+    teacher_before = _weights(tiny_models[f"{pair}-teacher"])
+    assert main(_args(tiny_models, tiny_data, tmp_path, pair, f"loss.divergence={divergence}")) == 0
+    run = tmp_path / "t"
+    rows = _rows(run / "logs" / "train.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["ce"], r["kd"]])).all() for r in rows)
+    assert all(r["kd"] > 0 for r in rows)
+    student_before = _weights(tiny_models[f"{pair}-student"])
+    after = _weights(run / "final")
+    changed = [k for k in student_before if not torch.equal(student_before[k], after[k])]
+    assert len(changed) == len(student_before)
+    assert all(torch.equal(v, _weights(tiny_models[f"{pair}-teacher"])[k]) for k, v in teacher_before.items())
+    done = json.loads((run / "done.json").read_text())
+    assert done["complete"] and done["steps"] == 4 and done["divergence"] == divergence
+    evals = _rows(run / "logs" / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 4] and "dev_rougeL" in evals[0]
+    assert (run / "best" / "metrics.json").exists() and (run / "config.yaml").exists()
+    assert list((run / "tb").iterdir())
+    # a finished run is not retrained
+    assert main(_args(tiny_models, tiny_data, tmp_path, pair, f"loss.divergence={divergence}")) == 0
+    assert len(_rows(run / "logs" / "train.jsonl")) == 4
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_models, tiny_data):
+    extra = ("train.max_steps=5", "train.save_every=1", "dev_eval.num_examples=0")
+    assert main(_args(tiny_models, tiny_data, tmp_path / "a", "llama", *extra)) == 0
+    # the same run, stopped after 2 steps, then after 2 more, then finished
+    b = tmp_path / "b"
+    assert main(_args(tiny_models, tiny_data, b, "llama", *extra, "train.stop_after_steps=2")) == 0
+    assert not (b / "t" / "done.json").exists()
+    assert main(_args(tiny_models, tiny_data, b, "llama", *extra, "train.stop_after_steps=2")) == 0
+    assert main(_args(tiny_models, tiny_data, b, "llama", *extra)) == 0
+    wa, wb = _weights(tmp_path / "a" / "t" / "final"), _weights(b / "t" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la, lb = _rows(tmp_path / "a" / "t" / "logs" / "train.jsonl"), _rows(b / "t" / "logs" / "train.jsonl")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_resume_after_a_crash_drops_stale_log_rows(tmp_path, tiny_models, tiny_data):
+    extra = ("train.max_steps=4", "train.save_every=2", "dev_eval.num_examples=0")
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra, "train.stop_after_steps=3")) == 0
+    run = tmp_path / "t"
+    # simulate a crash after step 3 was logged but before its checkpoint was written
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    assert [r["step"] for r in _rows(run / "logs" / "train.jsonl")] == [1, 2, 3]
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra)) == 0
+    assert [r["step"] for r in _rows(run / "logs" / "train.jsonl")] == [1, 2, 3, 4]
+
+
+def test_sft_needs_no_teacher(tmp_path, tiny_models, tiny_data):
+    args = _args(tiny_models, tiny_data, tmp_path, "llama", "loss.alpha=1.0", "model.teacher=null")
+    assert main(args) == 0
+    rows = _rows(tmp_path / "t" / "logs" / "train.jsonl")
+    assert all(r["kd"] == 0 and r["loss"] == pytest.approx(r["ce"]) for r in rows)
+
+
+def test_changed_config_in_existing_run_dir_is_an_error(tmp_path, tiny_models, tiny_data, capsys):
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", "train.stop_after_steps=1")) == 0
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", "train.lr=0.5")) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "train.lr: 0.001 -> 0.5" in err
+
+
+def test_bad_data_is_reported_with_file_and_line(tmp_path, tiny_models, tiny_data, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", f"data.train={bad}")) == 2
+    assert "bad.jsonl, line 2: no output field" in capsys.readouterr().err
+
+
+def test_cli_help_and_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "resumes" in capsys.readouterr().out
+    assert main(["config", "configs/quickstart.yaml", "train.lr=3e-4"]) == 0
+    assert "lr: 0.0003" in capsys.readouterr().out
+    assert main(["divergences"]) == 0
+    assert "srkl" in capsys.readouterr().out
