@@ -1,9 +1,9 @@
 """The `srd` command.
 
-    srd train CONFIG [key=value ...]     KD (any registered divergence) or SFT, one stage
-    srd prune --teacher M --layers N --out DIR
-    srd config CONFIG [key=value ...]    print the resolved config (defaults filled in)
-    srd divergences                      list the registered divergences
+srd train CONFIG [key=value ...]     KD (any registered divergence) or SFT, one stage
+srd prune --teacher M --layers N --out DIR
+srd config CONFIG [key=value ...]    print the resolved config (defaults filled in)
+srd divergences                      list the registered divergences
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 OVERRIDE_HELP = (
     "dotted overrides applied after the YAML file, e.g. train.lr=1e-4 loss.divergence=rkl data.train_limit=200 "
@@ -28,37 +28,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="distil (or fine-tune) a student for one stage",
-                       description="Train the student with loss = alpha*CE + (1-alpha)*tau^2*D(p_tau||q_tau) "
-                                   "(alpha=1 is plain SFT). Writes runs/<name>/: config.yaml, checkpoints/, best/, "
-                                   "final/, logs/, tb/. Rerunning the same command resumes an interrupted run.")
+    t = sub.add_parser(
+        "train",
+        help="distil (or fine-tune) a student for one stage",
+        description="Train the student with loss = alpha*CE + (1-alpha)*tau^2*D(p_tau||q_tau) "
+        "(alpha=1 is plain SFT). Writes runs/<name>/: config.yaml, checkpoints/, best/, "
+        "final/, logs/, tb/. Rerunning the same command resumes an interrupted run.",
+    )
     t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml ('-' for defaults + overrides only)")
     t.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
-    c = sub.add_parser("config", help="print the resolved config of a recipe",
-                       description="Load a YAML recipe, apply overrides, validate, and print every option.")
+    c = sub.add_parser(
+        "config",
+        help="print the resolved config of a recipe",
+        description="Load a YAML recipe, apply overrides, validate, and print every option.",
+    )
     c.add_argument("config", nargs="?", help="YAML recipe (omit for the defaults)")
     c.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
-    pr = sub.add_parser("prune", help="build a depth-pruned student from a teacher",
-                        description="Keep N of the teacher's decoder layers, chosen by measured perplexity on "
-                                    "real text, and save the student (HF folder + tokenizer + prune.json with "
-                                    "the kept layers and perplexities). Reuses DIR if it was built the same way.")
-    pr.add_argument("--teacher", required=True,
-                    help="Hub id, model folder, .gguf file, or smollm2-135m-instruct (the bundled model)")
+    pr = sub.add_parser(
+        "prune",
+        help="build a depth-pruned student from a teacher",
+        description="Keep N of the teacher's decoder layers, chosen by measured perplexity on "
+        "real text, and save the student (HF folder + tokenizer + prune.json with "
+        "the kept layers and perplexities). Reuses DIR if it was built the same way.",
+    )
+    pr.add_argument(
+        "--teacher",
+        required=True,
+        help="Hub id, model folder, .gguf file, or smollm2-135m-instruct (the bundled model)",
+    )
     pr.add_argument("--layers", type=int, required=True, help="number of decoder layers the student keeps")
     pr.add_argument("--out", required=True, help="folder to write the student to")
     pr.add_argument("--data", default="dolly-dev", help="text to measure perplexity on (data spec; default dolly-dev)")
-    pr.add_argument("--num-texts", type=int, default=16, help="rows of --data used (default 16)")
+    pr.add_argument("--num-texts", type=int, default=8, help="rows of --data used (default 8)")
     pr.add_argument("--max-len", type=int, default=256, help="tokens per row (default 256)")
-    pr.add_argument("--method", choices=["greedy", "oneshot"], default="greedy",
-                    help="greedy: remove one layer at a time, re-measuring (better); "
-                         "oneshot: rank layers once by single-layer removal (faster)")
-    pr.add_argument("--candidates", type=int, default=8,
-                    help="greedy: layers re-measured at each removal (default 8)")
-    pr.add_argument("--keep", default=None,
-                    help="comma-separated layer indices to keep instead of searching, e.g. 0,1,2,8,29")
+    pr.add_argument(
+        "--method",
+        choices=["greedy", "oneshot"],
+        default="greedy",
+        help="greedy: remove one layer at a time, re-measuring (better); "
+        "oneshot: rank layers once by single-layer removal (faster)",
+    )
+    pr.add_argument("--candidates", type=int, default=4, help="greedy: layers re-measured at each removal (default 4)")
+    pr.add_argument(
+        "--keep", default=None, help="comma-separated layer indices to keep instead of searching, e.g. 0,1,2,8,29"
+    )
     pr.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
 
     sub.add_parser("divergences", help="list the registered divergences")
@@ -67,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from srd.config import ConfigError
     from srd.data.example import DataError
     from srd.models.load import ModelError
@@ -103,13 +120,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         from srd.models.prune import prune_model
 
         keep = [int(x) for x in args.keep.split(",")] if args.keep else None
-        report = prune_model(args.teacher, args.layers, args.out, data=args.data, num_texts=args.num_texts,
-                             max_len=args.max_len, method=args.method, candidates=args.candidates, keep=keep,
-                             data_dir=args.data_dir)
-        print(f"student with layers {report['kept_layers']} ({report['student_parameters'] / 1e6:.1f}M parameters) "
-              f"saved to {args.out}")
-        print(f"perplexity on {report['measured_on']}: teacher {report['teacher_perplexity']:.2f}, "
-              f"student {report['student_perplexity']:.2f}")
+        report = prune_model(
+            args.teacher,
+            args.layers,
+            args.out,
+            data=args.data,
+            num_texts=args.num_texts,
+            max_len=args.max_len,
+            method=args.method,
+            candidates=args.candidates,
+            keep=keep,
+            data_dir=args.data_dir,
+        )
+        print(
+            f"student with layers {report['kept_layers']} ({report['student_parameters'] / 1e6:.1f}M parameters) "
+            f"saved to {args.out}"
+        )
+        print(
+            f"perplexity on {report['measured_on']}: teacher {report['teacher_perplexity']:.2f}, "
+            f"student {report['student_perplexity']:.2f}"
+        )
         return 0
     if args.command == "divergences":
         from srd.losses import DIVERGENCES

@@ -23,8 +23,11 @@ CORPUS = [
 ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital of France."},
     {"instruction": "Name three colors.", "input": "", "output": "red, green and blue"},
-    {"instruction": "Summarize the text.", "input": "The moon is dark. The sun is bright.",
-     "output": "The moon is dark."},
+    {
+        "instruction": "Summarize the text.",
+        "input": "The moon is dark. The sun is bright.",
+        "output": "The moon is dark.",
+    },
     {"instruction": "Count to five.", "input": "", "output": "one two three four five"},
     {"instruction": "When does water boil?", "input": "", "output": "Water boils at 100 degrees."},
     {"instruction": "Translate to German.", "input": "one two three", "output": "eins zwei drei"},
@@ -40,8 +43,9 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -50,9 +54,19 @@ def make_llama(vocab: int, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -60,8 +74,16 @@ def make_gpt2(vocab: int, layers: int = 2, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
-                     eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=64,
+        n_layer=layers,
+        n_head=4,
+        n_positions=512,
+        eos_token_id=0,
+        bos_token_id=0,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 

@@ -25,8 +25,18 @@ def test_every_shipped_yaml_loads(path):
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-4", "train.max_steps=7", "loss.divergence=rkl", "data.dev=null",
-                             "generation.stop_strings=[a, b]", "train.grad_clip=null", "loss.tau=2"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "train.max_steps=7",
+            "loss.divergence=rkl",
+            "data.dev=null",
+            "generation.stop_strings=[a, b]",
+            "train.grad_clip=null",
+            "loss.tau=2",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 7
     assert cfg.loss.divergence == "rkl" and cfg.loss.tau == 2.0
@@ -49,17 +59,20 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("loss.divergence=kld", "not registered"),
-    ("loss.alpha=1.5", "alpha must be in"),
-    ("train.batch_size=abc", "must be an integer"),
-    ("data.prompt_format=vicuna", "is not one of"),
-    ("data.max_len=100", "must exceed"),
-    ("train.min_lr=1.0", "must not exceed"),
-    ("loss.tau=0", "tau must be > 0"),
-    ("model.teacher=null", "only works for plain SFT"),
-    ("train", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.divergence=kld", "not registered"),
+        ("loss.alpha=1.5", "alpha must be in"),
+        ("train.batch_size=abc", "must be an integer"),
+        ("data.prompt_format=vicuna", "is not one of"),
+        ("data.max_len=100", "must exceed"),
+        ("train.min_lr=1.0", "must not exceed"),
+        ("loss.tau=0", "tau must be > 0"),
+        ("model.teacher=null", "only works for plain SFT"),
+        ("train", "key=value"),
+    ],
+)
 def test_bad_values_have_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

@@ -32,26 +32,32 @@ def _write(path: Path, rows) -> Path:
 
 
 def test_read_examples_with_list_outputs_and_aliases(tmp_path):
-    p = _write(tmp_path / "d.jsonl", [
-        {"instruction": "a", "input": "", "output": "x"},
-        {"instruction": "b", "context": "ctx", "response": "y"},
-        {"id": "z", "instruction": "c", "output": ["r1", "r2"]},
-    ])
+    p = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "a", "input": "", "output": "x"},
+            {"instruction": "b", "context": "ctx", "response": "y"},
+            {"id": "z", "instruction": "c", "output": ["r1", "r2"]},
+        ],
+    )
     exs = read_examples(p)
     assert [e.input for e in exs] == ["", "ctx", ""]
     assert exs[1].target == "y"
     assert exs[2].references == ["r1", "r2"] and exs[2].target == "r1" and exs[2].id == "z"
 
 
-@pytest.mark.parametrize("row,message", [
-    ('{"instruction": "a", "output": "b"', r"line 2: not valid JSON"),
-    ({"input": "x", "output": "y"}, r"line 2: no instruction field"),
-    ({"instruction": "a"}, r"line 2: no output field"),
-    ({"instruction": "a", "output": 3}, r"line 2: field 'output' must be a string"),
-    ({"instruction": "a", "output": []}, r"line 2: field 'output' must be a string or a non-empty list"),
-    ({"instruction": "", "output": "y"}, r"line 2: field 'instruction' must be a non-empty string"),
-    ({"instruction": "a", "input": 5, "output": "y"}, r"line 2: field 'input' must be a string"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ('{"instruction": "a", "output": "b"', r"line 2: not valid JSON"),
+        ({"input": "x", "output": "y"}, r"line 2: no instruction field"),
+        ({"instruction": "a"}, r"line 2: no output field"),
+        ({"instruction": "a", "output": 3}, r"line 2: field 'output' must be a string"),
+        ({"instruction": "a", "output": []}, r"line 2: field 'output' must be a string or a non-empty list"),
+        ({"instruction": "", "output": "y"}, r"line 2: field 'instruction' must be a non-empty string"),
+        ({"instruction": "a", "input": 5, "output": "y"}, r"line 2: field 'input' must be a string"),
+    ],
+)
 def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
     p = _write(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "ok"}, row])
     with pytest.raises(DataError, match=message) as e:
@@ -60,8 +66,10 @@ def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
 
 
 def test_duplicate_ids_and_empty_files(tmp_path):
-    p = _write(tmp_path / "dup.jsonl", [{"id": 1, "instruction": "a", "output": "b"},
-                                       {"id": 1, "instruction": "c", "output": "d"}])
+    p = _write(
+        tmp_path / "dup.jsonl",
+        [{"id": 1, "instruction": "a", "output": "b"}, {"id": 1, "instruction": "c", "output": "d"}],
+    )
     with pytest.raises(DataError, match="line 2: id '1' repeats line 1"):
         read_examples(p)
     empty = tmp_path / "empty.jsonl"
@@ -90,9 +98,14 @@ def test_hub_code_path_with_a_local_json_builder(tmp_path):
     """The real `datasets.load_dataset` path, with a column mapping, on a local file."""
     pytest.importorskip("datasets")
     p = _write(tmp_path / "hub.jsonl", [{"question": f"q{i}", "ctx": "", "answer": f"a{i}"} for i in range(5)])
-    exs = load_hub("json", split="train", data_files=str(p), rows=(1, 4),
-                   mapping={"instruction": "question", "input": "ctx", "output": "answer"},
-                   cache_dir=str(tmp_path / "hf-cache"))
+    exs = load_hub(
+        "json",
+        split="train",
+        data_files=str(p),
+        rows=(1, 4),
+        mapping={"instruction": "question", "input": "ctx", "output": "answer"},
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
     assert [e.instruction for e in exs] == ["q1", "q2", "q3"]
     assert [e.target for e in exs] == ["a1", "a2", "a3"]
     assert exs[0].id == "json-train-1"
@@ -109,15 +122,24 @@ def test_named_set_missing_locally_without_hub(tmp_path, monkeypatch):
 
 
 def test_named_set_from_explicit_data_dir(tmp_path):
-    _write((tmp_path / "gsm8k").mkdir() or tmp_path / "gsm8k" / "train.jsonl",
-           [{"question": "1+1?", "answer": "2\n#### 2"}])
+    _write(
+        (tmp_path / "gsm8k").mkdir() or tmp_path / "gsm8k" / "train.jsonl",
+        [{"question": "1+1?", "answer": "2\n#### 2"}],
+    )
     exs = load_examples("gsm8k", data_dir=str(tmp_path))
     assert exs[0].instruction == "1+1?" and exs[0].target.endswith("#### 2")
 
 
 @needs_shared
-@pytest.mark.parametrize("name,path", [("dolly", "dolly/train.jsonl"), ("dolly-dev", "dolly/dev.jsonl"),
-                                       ("dolly-eval", "dolly/eval.jsonl"), ("self-inst", "self-inst/eval.jsonl")])
+@pytest.mark.parametrize(
+    "name,path",
+    [
+        ("dolly", "dolly/train.jsonl"),
+        ("dolly-dev", "dolly/dev.jsonl"),
+        ("dolly-eval", "dolly/eval.jsonl"),
+        ("self-inst", "self-inst/eval.jsonl"),
+    ],
+)
 def test_alpaca_template_matches_every_shipped_prompt(name, path):
     rows = [json.loads(line) for line in (SHARED / path).read_text().splitlines() if line.strip()]
     exs = load_examples(name)
@@ -138,9 +160,9 @@ def test_encoding_masks_prompt_and_keeps_eos(tokenizer):
     prompt = encode_prompt(tokenizer, ex, "alpaca", 256)
     assert enc.input_ids[: len(prompt)] == prompt
     assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert enc.labels[len(prompt):] == enc.input_ids[len(prompt):]
+    assert enc.labels[len(prompt) :] == enc.input_ids[len(prompt) :]
     assert enc.input_ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(enc.input_ids[len(prompt):-1]) == "Paris is the capital."
+    assert tokenizer.decode(enc.input_ids[len(prompt) : -1]) == "Paris is the capital."
 
 
 def test_long_prompts_keep_the_response_tail(tokenizer):
@@ -184,7 +206,9 @@ def test_bucketed_batches_cover_everything_once_and_are_deterministic():
     assert sorted(i for b in a for i in b) == list(range(103))
     assert a == bucketed_batches(lengths, 8, seed=1, epoch=0, bucket_size=4)
     assert a != bucketed_batches(lengths, 8, seed=1, epoch=1, bucket_size=4)
+
     # padding inside a batch is far below what random batches give
     def waste(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
     assert waste(a) < 0.5 * waste(bucketed_batches(lengths, 8, seed=1, epoch=0, bucket_size=1))

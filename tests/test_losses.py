@@ -138,8 +138,16 @@ def test_chunked_equals_unchunked_with_heads(name):
     y = torch.randint(0, v, (n,))
     results = []
     for chunk in (n, 5, 1):
-        sums = kd_loss_sums(hs, ht, y, divergence=name, tau=2.0, chunk_size=chunk,
-                            student_head=lambda x: x @ ws.T, teacher_head=lambda x: x @ wt.T)
+        sums = kd_loss_sums(
+            hs,
+            ht,
+            y,
+            divergence=name,
+            tau=2.0,
+            chunk_size=chunk,
+            student_head=lambda x: x @ ws.T,
+            teacher_head=lambda x: x @ wt.T,
+        )
         loss = combine(sums, alpha=0.3, kd_scale=4.0, denominator=n)
         g_h, g_w = torch.autograd.grad(loss, (hs, ws))
         results.append((loss.detach(), g_h, g_w, sums.ce.detach(), sums.kd.detach()))
@@ -156,8 +164,9 @@ def test_chunked_equals_unchunked_with_heads(name):
 
 def test_empty_batch_gives_zero_not_nan():
     hs = torch.randn(0, 4, requires_grad=True)
-    sums = kd_loss_sums(hs, torch.randn(0, 4), torch.zeros(0, dtype=torch.long), student_head=lambda x: x,
-                        teacher_head=lambda x: x)
+    sums = kd_loss_sums(
+        hs, torch.randn(0, 4), torch.zeros(0, dtype=torch.long), student_head=lambda x: x, teacher_head=lambda x: x
+    )
     loss = combine(sums, alpha=0.5, kd_scale=1.0, denominator=0)
     assert loss.item() == 0.0 and sums.n_tokens == 0
     loss.backward()
@@ -171,8 +180,10 @@ def test_gradient_accumulation_reduction_is_per_step():
     y = torch.randint(0, 7, (10,))
     whole = combine(kd_loss_sums(s, t, y), alpha=0.5, kd_scale=1.0, denominator=10)
     (g_whole,) = torch.autograd.grad(whole, s)
-    parts = [combine(kd_loss_sums(s[sl], t[sl], y[sl]), alpha=0.5, kd_scale=1.0, denominator=10)
-             for sl in (slice(0, 3), slice(3, 10))]
+    parts = [
+        combine(kd_loss_sums(s[sl], t[sl], y[sl]), alpha=0.5, kd_scale=1.0, denominator=10)
+        for sl in (slice(0, 3), slice(3, 10))
+    ]
     (g_parts,) = torch.autograd.grad(parts[0] + parts[1], s)
     torch.testing.assert_close(whole, parts[0] + parts[1])
     torch.testing.assert_close(g_whole, g_parts)

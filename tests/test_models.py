@@ -39,8 +39,7 @@ def test_pruned_model_equals_layer_skipping(tokenizer, maker):
     # the teacher is restored after skipping
     assert len(decoder_layers(model)[1]) == 4 and model.config.num_hidden_layers == 4
     # the student still generates with its KV cache (layer indices renumbered)
-    out = student.generate(input_ids=batch["input_ids"][:, :5], max_new_tokens=3, do_sample=False,
-                           pad_token_id=0)
+    out = student.generate(input_ids=batch["input_ids"][:, :5], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 8
 
 
@@ -66,9 +65,10 @@ def test_choose_layers_measures_perplexity(tokenizer, method):
 
 def test_tokenizer_check(tokenizer):
     check_tokenizers(tokenizer, tokenizer)
-    from tests.conftest import CORPUS
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import CORPUS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

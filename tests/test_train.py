@@ -18,12 +18,27 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _args(tiny_models, tiny_data, out: Path, pair: str = "llama", *extra: str) -> list[str]:
     return [
-        "train", "--no-progress", "-",  # "-" = no YAML file, defaults + overrides
-        f"model.teacher={tiny_models[pair + '-teacher']}", f"model.student={tiny_models[pair + '-student']}",
-        f"data.train={tiny_data['train']}", f"data.dev={tiny_data['dev']}", f"output_dir={out}", "name=t",
-        "data.max_prompt_len=64", "data.max_len=96", "loss.chunk_size=16", "train.batch_size=2",
-        "train.grad_accum=2", "train.lr=1e-3", "train.max_steps=4", "train.save_every=2",
-        "dev_eval.num_examples=2", "dev_eval.max_new_tokens=4", "seed=0", *extra,
+        "train",
+        "--no-progress",
+        "-",  # "-" = no YAML file, defaults + overrides
+        f"model.teacher={tiny_models[pair + '-teacher']}",
+        f"model.student={tiny_models[pair + '-student']}",
+        f"data.train={tiny_data['train']}",
+        f"data.dev={tiny_data['dev']}",
+        f"output_dir={out}",
+        "name=t",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "loss.chunk_size=16",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.lr=1e-3",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "dev_eval.num_examples=2",
+        "dev_eval.max_new_tokens=4",
+        "seed=0",
+        *extra,
     ]
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 class DataError(ValueError):
@@ -45,8 +46,9 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def example_from_row(row: dict[str, Any], *, source: str, line: int, mapping: dict[str, str] | None = None,
-                     require_output: bool = True) -> Example:
+def example_from_row(
+    row: dict[str, Any], *, source: str, line: int, mapping: dict[str, str] | None = None, require_output: bool = True
+) -> Example:
     """Validate one raw row and turn it into an Example.
 
     `mapping` maps Example fields to column names (e.g. {"input": "context"}); without
@@ -54,7 +56,9 @@ def example_from_row(row: dict[str, Any], *, source: str, line: int, mapping: di
     """
     where = f"{source}, line {line}"
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with instruction/input/output fields, got {type(row).__name__}")
+        raise DataError(
+            f"{where}: expected a JSON object with instruction/input/output fields, got {type(row).__name__}"
+        )
     values: dict[str, Any] = {}
     for fld, aliases in FIELD_ALIASES.items():
         cols = ((mapping[fld],) + aliases) if mapping and fld in mapping else aliases
@@ -114,8 +118,9 @@ def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
                 raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
 
 
-def read_examples(path: str | Path, *, mapping: dict[str, str] | None = None, require_output: bool = True,
-                  limit: int | None = None) -> list[Example]:
+def read_examples(
+    path: str | Path, *, mapping: dict[str, str] | None = None, require_output: bool = True, limit: int | None = None
+) -> list[Example]:
     """Read and validate a JSONL/JSON file of examples; ids must be unique."""
     examples: list[Example] = []
     seen: dict[str, int] = {}

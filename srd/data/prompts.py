@@ -32,7 +32,9 @@ def render_prompt(instruction: str, input_text: str, fmt: str, tokenizer: Any = 
         return ALPACA_NO_INPUT.format(instruction=instruction)
     if fmt == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise DataError("prompt_format 'chat' needs a tokenizer with a chat template; use data.prompt_format=alpaca")
+            raise DataError(
+                "prompt_format 'chat' needs a tokenizer with a chat template; use data.prompt_format=alpaca"
+            )
         content = f"{instruction}\n\n{input_text}" if input_text else instruction
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

@@ -36,29 +36,77 @@ _DOLLY_MAP = {"instruction": "instruction", "input": "context", "output": "respo
 NAMED_SETS: dict[str, NamedSet] = {
     # The KD split of the MiniLLM/DistiLLM/SRD papers: raw Dolly rows [1000:] (the local copy
     # also drops prompts over 256 GPT-2 tokens; the Hub fallback keeps them).
-    "dolly": NamedSet("dolly/train.jsonl", "databricks/databricks-dolly-15k", None, "train", (1000, None),
-                      _DOLLY_MAP, description="Dolly-15k KD training split (11,435 rows)"),
-    "dolly-dev": NamedSet("dolly/dev.jsonl", "databricks/databricks-dolly-15k", None, "train", (0, 1000),
-                          _DOLLY_MAP, description="first 1,000 raw Dolly rows, for checkpoint selection"),
+    "dolly": NamedSet(
+        "dolly/train.jsonl",
+        "databricks/databricks-dolly-15k",
+        None,
+        "train",
+        (1000, None),
+        _DOLLY_MAP,
+        description="Dolly-15k KD training split (11,435 rows)",
+    ),
+    "dolly-dev": NamedSet(
+        "dolly/dev.jsonl",
+        "databricks/databricks-dolly-15k",
+        None,
+        "train",
+        (0, 1000),
+        _DOLLY_MAP,
+        description="first 1,000 raw Dolly rows, for checkpoint selection",
+    ),
     "dolly-eval": NamedSet("dolly/eval.jsonl", description="DollyEval, 500 held-out rows"),
     "self-inst": NamedSet("self-inst/eval.jsonl", description="SelfInst user-oriented instructions (242)"),
-    "gsm8k": NamedSet("gsm8k/train.jsonl", "openai/gsm8k", "main", "train", mapping={"instruction": "question",
-                      "output": "answer"}, description="GSM8K train (7,473)"),
-    "gsm8k-test": NamedSet("gsm8k/test.jsonl", "openai/gsm8k", "main", "test", mapping={"instruction": "question",
-                           "output": "answer"}, description="GSM8K test (1,319)"),
-    "mbpp": NamedSet("mbpp/test.jsonl", "google-research-datasets/mbpp", "full", "test",
-                     mapping={"instruction": "text", "output": "code"}, description="MBPP test (500)"),
-    "samsum": NamedSet("samsum/validation.jsonl", mapping={"input": "context", "output": "response"},
-                       fixed_instruction="Summarize the following dialogue.", description="SAMSum validation"),
-    "samsum-test": NamedSet("samsum/test.jsonl", mapping={"input": "context", "output": "response"},
-                            fixed_instruction="Summarize the following dialogue.", description="SAMSum test"),
-    "xsum": NamedSet("xsum/test.jsonl", "EdinburghNLP/xsum", None, "test",
-                     mapping={"input": "document", "output": "summary"},
-                     fixed_instruction="Summarize the following article in one sentence.",
-                     description="XSum subset (1,000)"),
-    "iwslt17-en-de": NamedSet("iwslt17-en-de/test.json", mapping={"input": "en", "output": "de"},
-                              fixed_instruction="Translate the following text from English to German.",
-                              description="IWSLT17 en-de test"),
+    "gsm8k": NamedSet(
+        "gsm8k/train.jsonl",
+        "openai/gsm8k",
+        "main",
+        "train",
+        mapping={"instruction": "question", "output": "answer"},
+        description="GSM8K train (7,473)",
+    ),
+    "gsm8k-test": NamedSet(
+        "gsm8k/test.jsonl",
+        "openai/gsm8k",
+        "main",
+        "test",
+        mapping={"instruction": "question", "output": "answer"},
+        description="GSM8K test (1,319)",
+    ),
+    "mbpp": NamedSet(
+        "mbpp/test.jsonl",
+        "google-research-datasets/mbpp",
+        "full",
+        "test",
+        mapping={"instruction": "text", "output": "code"},
+        description="MBPP test (500)",
+    ),
+    "samsum": NamedSet(
+        "samsum/validation.jsonl",
+        mapping={"input": "context", "output": "response"},
+        fixed_instruction="Summarize the following dialogue.",
+        description="SAMSum validation",
+    ),
+    "samsum-test": NamedSet(
+        "samsum/test.jsonl",
+        mapping={"input": "context", "output": "response"},
+        fixed_instruction="Summarize the following dialogue.",
+        description="SAMSum test",
+    ),
+    "xsum": NamedSet(
+        "xsum/test.jsonl",
+        "EdinburghNLP/xsum",
+        None,
+        "test",
+        mapping={"input": "document", "output": "summary"},
+        fixed_instruction="Summarize the following article in one sentence.",
+        description="XSum subset (1,000)",
+    ),
+    "iwslt17-en-de": NamedSet(
+        "iwslt17-en-de/test.json",
+        mapping={"input": "en", "output": "de"},
+        fixed_instruction="Translate the following text from English to German.",
+        description="IWSLT17 en-de test",
+    ),
 }
 
 
@@ -89,9 +137,17 @@ def _read_local_named(path: Path, name: str, ns: NamedSet, limit: int | None) ->
     return out
 
 
-def load_hub(dataset_id: str, *, config: str | None = None, split: str = "train",
-             rows: tuple[int | None, int | None] = (None, None), mapping: dict[str, str] | None = None,
-             limit: int | None = None, ns: NamedSet | None = None, **load_kwargs: Any) -> list[Example]:
+def load_hub(
+    dataset_id: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    rows: tuple[int | None, int | None] = (None, None),
+    mapping: dict[str, str] | None = None,
+    limit: int | None = None,
+    ns: NamedSet | None = None,
+    **load_kwargs: Any,
+) -> list[Example]:
     """Load a Hugging Face dataset split and map its columns to Examples.
 
     `dataset_id` may also be a builder name such as "json" with `data_files=...` in

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +51,10 @@ def encode_example(tokenizer: Any, ex: Example, *, fmt: str, max_prompt_len: int
     )
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[Example], *, fmt: str, max_prompt_len: int,
-                    max_len: int) -> list[Encoded]:
-    return [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=max_prompt_len, max_len=max_len)
-            for ex in examples]
+def encode_examples(
+    tokenizer: Any, examples: Sequence[Example], *, fmt: str, max_prompt_len: int, max_len: int
+) -> list[Encoded]:
+    return [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=max_prompt_len, max_len=max_len) for ex in examples]
 
 
 def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
@@ -72,8 +73,9 @@ def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_multiple_of: int
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def bucketed_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,
-                     bucket_size: int = 64) -> list[list[int]]:
+def bucketed_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, bucket_size: int = 64
+) -> list[list[int]]:
     """Shuffled batches of similar-length examples, so padding stays small.
 
     Indices are shuffled (deterministically from seed and epoch), cut into groups of

@@ -7,7 +7,8 @@ models continue from the right edge), and stopped at EOS and at template stop st
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -30,16 +31,29 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, no_repeat_ngram_size: int = 0, stop_strings: Sequence[str] = (),
-                       seed: int | None = None, progress: bool = False, desc: str = "generating") -> list[str]:
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
     """Responses (decoded, cut at stop strings) for token-id prompts, in input order."""
     if not prompts:
         return []
@@ -63,11 +77,11 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
         kwargs.update(temperature=None, top_k=None, top_p=None)
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         ids, mask = _left_pad([prompts[i] for i in idx], pad_id(tokenizer))
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new = gen[:, ids.shape[1]:]
+        new = gen[:, ids.shape[1] :]
         for row, i in enumerate(idx):
             text = tokenizer.decode(new[row], skip_special_tokens=True)
             out[i] = cut_at_stop(text, stop_strings)

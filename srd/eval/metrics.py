@@ -3,8 +3,8 @@ maximised over references (the KD literature's protocol, SRD-NOTES sec. 4)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 
 @lru_cache(maxsize=1)

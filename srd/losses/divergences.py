@@ -25,8 +25,8 @@ term for fkl, which leaves the gradient unchanged but logs a wrong value.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,22 +57,40 @@ def _masked(loss: Tensor, mask: Tensor | None) -> Tensor:
     return torch.where(mask.bool(), loss, torch.zeros_like(loss))
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
-               beta: float | None = None) -> Tensor:
+def forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    beta: float | None = None,
+) -> Tensor:
     """Forward KL(p_teacher || q_student): mode-covering; the classic KD loss."""
     lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
     return _masked(_kl(lp, lq), mask)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
-               beta: float | None = None) -> Tensor:
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    beta: float | None = None,
+) -> Tensor:
     """Reverse KL(q_student || p_teacher): mode-seeking (MiniLLM)."""
     lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
     return _masked(_kl(lq, lp), mask)
 
 
-def js_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
-                  beta: float | None = None) -> Tensor:
+def js_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    beta: float | None = None,
+) -> Tensor:
     """Generalised JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
 
     beta = 0.5 (default) is the symmetric JSD. DistiLLM/SRD code mixes m = 0.1 p + 0.9 q
@@ -84,23 +102,41 @@ def js_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor |
     return _masked(beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm), mask)
 
 
-def total_variation(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0,
-                    beta: float | None = None) -> Tensor:
+def total_variation(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    beta: float | None = None,
+) -> Tensor:
     """Total variation distance 0.5 * sum |p - q|."""
     lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
     return _masked(0.5 * (lp.exp() - lq.exp()).abs().sum(-1), mask)
 
 
-def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-                    tau: float = 1.0, beta: float | None = None) -> Tensor:
+def skew_forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    beta: float | None = None,
+) -> Tensor:
     """Skew forward KL(p || beta p + (1 - beta) q), beta = 0.1 by default (DistiLLM)."""
     beta = 0.1 if beta is None else beta
     lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
     return _masked(_kl(lp, _mix_log(lp, lq, beta)), mask)
 
 
-def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-                    tau: float = 1.0, beta: float | None = None) -> Tensor:
+def skew_reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    beta: float | None = None,
+) -> Tensor:
     """Skew reverse KL(q || (1 - beta) p + beta q), beta = 0.1 by default (DistiLLM)."""
     beta = 0.1 if beta is None else beta
     lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)

@@ -13,8 +13,8 @@ tokens in the whole optimizer step, which keeps gradient accumulation exact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -113,5 +113,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
 
 
 def dtype_from_name(name: str, *, default: torch.dtype = torch.float32) -> torch.dtype:
-    return {"auto": default, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16}[name]
+    return {
+        "auto": default,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }[name]

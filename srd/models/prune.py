@@ -19,8 +19,9 @@ import copy
 import logging
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,9 +91,7 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         targets = batch["labels"][:, 1:]
         mask = targets != -100
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1][mask].float(), targets[mask], reduction="sum"
-        )
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
         total += nll.item()
         count += int(mask.sum())
     return math.exp(min(total / max(count, 1), 700.0))
@@ -107,8 +106,15 @@ class PruneResult:
     trace: list[dict[str, Any]] = field(default_factory=list)  # greedy removals in order
 
 
-def choose_layers(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], n_keep: int, *,
-                  method: str = "greedy", candidates: int = 8, progress: bool = True) -> PruneResult:
+def choose_layers(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    n_keep: int,
+    *,
+    method: str = "greedy",
+    candidates: int = 8,
+    progress: bool = True,
+) -> PruneResult:
     """Choose `n_keep` layers to keep by measured perplexity on `batches`."""
     _, layers = decoder_layers(model)
     n_layers = len(layers)
@@ -147,9 +153,21 @@ def choose_layers(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], 
     return PruneResult(keep, ppl, full, single, trace)
 
 
-def prune_model(teacher_spec: str, n_layers: int, out: str, *, data: str = "dolly-dev", num_texts: int = 16,
-                max_len: int = 256, method: str = "greedy", candidates: int = 8, keep: Sequence[int] | None = None,
-                data_dir: str | None = None, batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+def prune_model(
+    teacher_spec: str,
+    n_layers: int,
+    out: str,
+    *,
+    data: str = "dolly-dev",
+    num_texts: int = 8,
+    max_len: int = 256,
+    method: str = "greedy",
+    candidates: int = 4,
+    keep: Sequence[int] | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
     """`srd prune`: choose layers by measured perplexity, save the student, report.
 
     The result is cached: a folder whose prune.json records the same request is reused.
@@ -164,22 +182,31 @@ def prune_model(teacher_spec: str, n_layers: int, out: str, *, data: str = "doll
     from srd.utils import atomic_write_json
 
     out_dir = Path(out)
-    request = {"teacher": teacher_spec, "layers": n_layers, "data": data, "num_texts": num_texts,
-               "max_len": max_len, "method": method, "candidates": candidates,
-               "keep": sorted(keep) if keep else None}
+    request = {
+        "teacher": teacher_spec,
+        "layers": n_layers,
+        "data": data,
+        "num_texts": num_texts,
+        "max_len": max_len,
+        "method": method,
+        "candidates": candidates,
+        "keep": sorted(keep) if keep else None,
+    }
     report_path = out_dir / "prune.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
         if report.get("request") == request:
             log.info("reusing the pruned student in %s", out_dir)
             return report
-        raise ValueError(f"{out_dir} holds a student pruned with other settings ({report.get('request')}); "
-                         "choose another --out or delete it")
+        raise ValueError(
+            f"{out_dir} holds a student pruned with other settings ({report.get('request')}); "
+            "choose another --out or delete it"
+        )
     tokenizer = load_tokenizer(teacher_spec)
     model = load_model(teacher_spec)
     examples = load_examples(data, data_dir=data_dir, limit=num_texts)
     enc = encode_examples(tokenizer, examples, fmt="alpaca", max_prompt_len=max_len // 2, max_len=max_len)
-    batches = [collate(enc[i:i + batch_size], pad_id(tokenizer)) for i in range(0, len(enc), batch_size)]
+    batches = [collate(enc[i : i + batch_size], pad_id(tokenizer)) for i in range(0, len(enc), batch_size)]
     if keep:
         with skip_layers(model, sorted(keep)):
             ppl = perplexity(model, batches)
@@ -190,9 +217,14 @@ def prune_model(teacher_spec: str, n_layers: int, out: str, *, data: str = "doll
     n_params = sum(p.numel() for p in student.parameters())
     save_model_dir(student, tokenizer, out_dir)
     report = {
-        "request": request, "kept_layers": result.keep, "teacher_layers": len(decoder_layers(model)[1]),
-        "teacher_perplexity": result.full_perplexity, "student_perplexity": result.perplexity,
-        "student_parameters": n_params, "single_layer_perplexity": result.single_layer, "greedy_trace": result.trace,
+        "request": request,
+        "kept_layers": result.keep,
+        "teacher_layers": len(decoder_layers(model)[1]),
+        "teacher_perplexity": result.full_perplexity,
+        "student_perplexity": result.perplexity,
+        "student_parameters": n_params,
+        "single_layer_perplexity": result.single_layer,
+        "greedy_trace": result.trace,
         "measured_on": f"{len(enc)} rows of {data}, response tokens, max {max_len} tokens",
     }
     atomic_write_json(report_path, report)

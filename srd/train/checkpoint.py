@@ -52,8 +52,10 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
     bad_missing = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
     if unexpected or bad_missing:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {bad_missing[:5]}, "
-                           f"unexpected {list(unexpected)[:5]}")
+        raise RuntimeError(
+            f"checkpoint {folder} does not match the model: missing {bad_missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:

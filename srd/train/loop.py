@@ -21,9 +21,10 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -65,8 +66,17 @@ class StagePlan:
     total_steps: int
 
     @classmethod
-    def make(cls, lengths: list[int], *, batch_size: int, grad_accum: int, world: int, seed: int,
-             epochs: float, max_steps: int | None) -> StagePlan:
+    def make(
+        cls,
+        lengths: list[int],
+        *,
+        batch_size: int,
+        grad_accum: int,
+        world: int,
+        seed: int,
+        epochs: float,
+        max_steps: int | None,
+    ) -> StagePlan:
         n_batches = math.ceil(len(lengths) / batch_size)
         per_step = grad_accum * world
         steps_per_epoch = max(1, math.ceil(n_batches / per_step))
@@ -82,7 +92,7 @@ class StagePlan:
         epoch, k = divmod(step, self.steps_per_epoch)
         batches = bucketed_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch)
         per_step = self.grad_accum * self.world
-        micro = batches[k * per_step:(k + 1) * per_step]
+        micro = batches[k * per_step : (k + 1) * per_step]
         if len(micro) % self.world:
             micro += batches[: self.world - len(micro) % self.world]
         return micro
@@ -124,8 +134,9 @@ class _LossSpec:
     kd_scale: float
 
 
-def _micro_loss(module: Any, teacher: Any, batch: dict[str, torch.Tensor], spec: _LossSpec, accelerator: Any,
-                denominator: float) -> tuple[torch.Tensor, LossSums]:
+def _micro_loss(
+    module: Any, teacher: Any, batch: dict[str, torch.Tensor], spec: _LossSpec, accelerator: Any, denominator: float
+) -> tuple[torch.Tensor, LossSums]:
     with accelerator.autocast():
         t_in, t_head = (None, None)
         if spec.alpha < 1.0:
@@ -137,8 +148,16 @@ def _micro_loss(module: Any, teacher: Any, batch: dict[str, torch.Tensor], spec:
     return loss * accelerator.num_processes, sums
 
 
-def evaluate_dev(module: Any, teacher: Any, tokenizer: Any, cfg: RunConfig, dev_encoded: Sequence[Encoded],
-                 dev_examples: Sequence[Example], spec: _LossSpec, accelerator: Any) -> dict[str, float]:
+def evaluate_dev(
+    module: Any,
+    teacher: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    dev_encoded: Sequence[Encoded],
+    dev_examples: Sequence[Example],
+    spec: _LossSpec,
+    accelerator: Any,
+) -> dict[str, float]:
     """Dev loss (same objective) and ROUGE-L of greedy answers on the first dev rows."""
     from accelerate.utils import gather_object
 
@@ -153,7 +172,9 @@ def evaluate_dev(module: Any, teacher: Any, tokenizer: Any, cfg: RunConfig, dev_
         local = list(dev_encoded)[rank::world]
         with torch.no_grad():
             for i in range(0, len(local), cfg.train.batch_size):
-                batch = {k: v.to(device) for k, v in collate(local[i:i + cfg.train.batch_size], pad_id(tokenizer)).items()}
+                batch = {
+                    k: v.to(device) for k, v in collate(local[i : i + cfg.train.batch_size], pad_id(tokenizer)).items()
+                }
                 _, sums = _micro_loss(module, teacher, batch, spec, accelerator, 1.0)
                 ce, kd, n = ce + sums.ce.item(), kd + sums.kd.item(), n + sums.n_tokens
         totals = torch.tensor([ce, kd, float(n)], device=device)
@@ -166,22 +187,41 @@ def evaluate_dev(module: Any, teacher: Any, tokenizer: Any, cfg: RunConfig, dev_
     n_gen = min(cfg.dev_eval.num_examples, len(dev_examples))
     if n_gen:
         rows = list(range(n_gen))[rank::world]
-        prompts = [encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len)
-                   for i in rows]
+        prompts = [
+            encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len) for i in rows
+        ]
         g = cfg.generation
         answers = generate_responses(
-            student, tokenizer, prompts, max_new_tokens=cfg.dev_eval.max_new_tokens, batch_size=g.batch_size,
-            do_sample=False, no_repeat_ngram_size=g.no_repeat_ngram_size, stop_strings=g.stop_strings,
+            student,
+            tokenizer,
+            prompts,
+            max_new_tokens=cfg.dev_eval.max_new_tokens,
+            batch_size=g.batch_size,
+            do_sample=False,
+            no_repeat_ngram_size=g.no_repeat_ngram_size,
+            stop_strings=g.stop_strings,
         )
         scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
     return metrics
 
 
-def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, train_examples: Sequence[Example],
-                dev_examples: Sequence[Example] = (), out_dir: Path, tau: float | None = None,
-                alpha: float | None = None, epochs: float | None = None, accelerator: Any = None,
-                progress: bool = True, desc: str = "train") -> dict[str, Any]:
+def train_stage(
+    cfg: RunConfig,
+    *,
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    train_examples: Sequence[Example],
+    dev_examples: Sequence[Example] = (),
+    out_dir: Path,
+    tau: float | None = None,
+    alpha: float | None = None,
+    epochs: float | None = None,
+    accelerator: Any = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, Any]:
     """Train one stage and return its summary (also written to out_dir/done.json)."""
     out_dir = Path(out_dir)
     done = out_dir / "done.json"
@@ -197,25 +237,41 @@ def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, t
     seed_everything(cfg.seed)
 
     fmt = cfg.data.prompt_format
-    enc = encode_examples(tokenizer, train_examples, fmt=fmt, max_prompt_len=cfg.data.max_prompt_len,
-                          max_len=cfg.data.max_len)
-    dev_enc = encode_examples(tokenizer, list(dev_examples)[: cfg.data.dev_limit or None], fmt=fmt,
-                              max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len)
+    enc = encode_examples(
+        tokenizer, train_examples, fmt=fmt, max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len
+    )
+    dev_enc = encode_examples(
+        tokenizer,
+        list(dev_examples)[: cfg.data.dev_limit or None],
+        fmt=fmt,
+        max_prompt_len=cfg.data.max_prompt_len,
+        max_len=cfg.data.max_len,
+    )
     n_targets = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in enc]  # what the loss counts
-    plan = StagePlan.make([len(e.input_ids) for e in enc], batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
-                          world=acc.num_processes, seed=cfg.seed, epochs=tcfg.epochs if epochs is None else epochs,
-                          max_steps=tcfg.max_steps)
+    plan = StagePlan.make(
+        [len(e.input_ids) for e in enc],
+        batch_size=tcfg.batch_size,
+        grad_accum=tcfg.grad_accum,
+        world=acc.num_processes,
+        seed=cfg.seed,
+        epochs=tcfg.epochs if epochs is None else epochs,
+        max_steps=tcfg.max_steps,
+    )
 
     vocab = len(tokenizer)
-    module = DistillModule(student, divergence=lcfg.divergence, tau=tau, beta=lcfg.beta,
-                           chunk_size=lcfg.chunk_size, vocab_size=vocab)
+    module = DistillModule(
+        student, divergence=lcfg.divergence, tau=tau, beta=lcfg.beta, chunk_size=lcfg.chunk_size, vocab_size=vocab
+    )
     module.train()
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
     scheduler = _scheduler(optimizer, tcfg, plan.total_steps)
     module, optimizer = acc.prepare(module, optimizer)
     if teacher is not None and alpha < 1.0:
-        teacher_dtype = torch.bfloat16 if (acc.mixed_precision == "bf16" and cfg.model.teacher_dtype == "auto") \
+        teacher_dtype = (
+            torch.bfloat16
+            if (acc.mixed_precision == "bf16" and cfg.model.teacher_dtype == "auto")
             else {"bfloat16": torch.bfloat16}.get(cfg.model.teacher_dtype, torch.float32)
+        )
         teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
 
     ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
@@ -272,9 +328,17 @@ def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, t
     start = state["step"]
     if start == 0 and cfg.dev_eval.num_examples and latest is None:
         run_eval(0)  # the starting point, for before/after comparisons
-    stop_at = plan.total_steps if tcfg.stop_after_steps is None else min(plan.total_steps, start + tcfg.stop_after_steps)
-    bar = tqdm(total=plan.total_steps, initial=start, desc=desc, disable=not (progress and acc.is_main_process),
-               unit="step", dynamic_ncols=True)
+    stop_at = (
+        plan.total_steps if tcfg.stop_after_steps is None else min(plan.total_steps, start + tcfg.stop_after_steps)
+    )
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=start,
+        desc=desc,
+        disable=not (progress and acc.is_main_process),
+        unit="step",
+        dynamic_ncols=True,
+    )
     t_run = time.perf_counter()
     elapsed0 = state["elapsed_s"]
     device = acc.device
@@ -282,7 +346,7 @@ def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, t
         t0 = time.perf_counter()
         micro = plan.step_batches(step)
         denominator = float(sum(n_targets[i] for b in micro for i in b))
-        local = micro[acc.process_index::acc.num_processes]
+        local = micro[acc.process_index :: acc.num_processes]
         ce_sum = kd_sum = 0.0
         n_tokens = 0
         for j, idx in enumerate(local):
@@ -307,11 +371,17 @@ def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, t
         state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
         done_steps = step + 1
         row = {
-            "step": done_steps, "epoch": round(done_steps / plan.steps_per_epoch, 4),
+            "step": done_steps,
+            "epoch": round(done_steps / plan.steps_per_epoch, 4),
             "loss": (alpha * ce_sum + (1 - alpha) * spec.kd_scale * kd_sum) / max(denominator, 1),
-            "ce": ce_sum / max(denominator, 1), "kd": kd_sum / max(denominator, 1), "lr": lr,
+            "ce": ce_sum / max(denominator, 1),
+            "kd": kd_sum / max(denominator, 1),
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": n_tokens / dt, "tau": tau, "alpha": alpha, "elapsed_s": round(state["elapsed_s"], 3),
+            "tokens_per_s": n_tokens / dt,
+            "tau": tau,
+            "alpha": alpha,
+            "elapsed_s": round(state["elapsed_s"], 3),
         }
         if acc.is_main_process and (done_steps % tcfg.log_every == 0 or done_steps == plan.total_steps):
             append_jsonl(logs / "train.jsonl", [row])
@@ -330,10 +400,19 @@ def train_stage(cfg: RunConfig, *, student: Any, teacher: Any, tokenizer: Any, t
         writer.close()
     final_step = max(start, stop_at)
     summary = {
-        "complete": final_step >= plan.total_steps, "steps": final_step, "total_steps": plan.total_steps,
-        "steps_per_epoch": plan.steps_per_epoch, "examples": len(enc), "tau": tau, "alpha": alpha,
-        "divergence": lcfg.divergence, "kd_scale": spec.kd_scale, "wall_time_s": round(state["elapsed_s"], 3),
-        "tokens": state["tokens"], "best_metric": state["best_metric"], "best_step": state["best_step"],
+        "complete": final_step >= plan.total_steps,
+        "steps": final_step,
+        "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "examples": len(enc),
+        "tau": tau,
+        "alpha": alpha,
+        "divergence": lcfg.divergence,
+        "kd_scale": spec.kd_scale,
+        "wall_time_s": round(state["elapsed_s"], 3),
+        "tokens": state["tokens"],
+        "best_metric": state["best_metric"],
+        "best_step": state["best_step"],
     }
     if summary["complete"] and acc.is_main_process:
         ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final")

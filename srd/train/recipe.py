@@ -36,8 +36,11 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if saved.exists():
         old = _flatten(yaml.safe_load(saved.read_text()) or {})
         new = _flatten(to_dict(cfg))
-        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
+        diffs = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
+        ]
         if diffs:
             raise ConfigError(
                 f"{run_dir} already holds a run with a different config ({'; '.join(diffs[:6])}). "
@@ -67,10 +70,21 @@ def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     student, teacher, tokenizer = load_models(cfg)
     train = load_examples(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
-    acc.print(f"srd train: {len(train)} training examples from {cfg.data.train}; "
-              f"{len(dev)} dev examples; run directory {run_dir}")
-    summary = train_stage(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_examples=train,
-                          dev_examples=dev, out_dir=run_dir, accelerator=acc, progress=progress)
+    acc.print(
+        f"srd train: {len(train)} training examples from {cfg.data.train}; "
+        f"{len(dev)} dev examples; run directory {run_dir}"
+    )
+    summary = train_stage(
+        cfg,
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        train_examples=train,
+        dev_examples=dev,
+        out_dir=run_dir,
+        accelerator=acc,
+        progress=progress,
+    )
     if acc.is_main_process:
         _print_summary(run_dir, summary, acc)
     return summary
@@ -82,11 +96,12 @@ def _print_summary(run_dir: Path, summary: dict[str, Any], acc: Any) -> None:
     if log.exists():
         evals = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     state = "finished" if summary["complete"] else f"paused at step {summary['steps']} (rerun to resume)"
-    acc.print(f"srd train {state}: {summary['steps']}/{summary['total_steps']} steps, "
-              f"{summary['wall_time_s']:.0f} s")
+    acc.print(f"srd train {state}: {summary['steps']}/{summary['total_steps']} steps, {summary['wall_time_s']:.0f} s")
     if evals and "dev_rougeL" in evals[0]:
-        acc.print(f"dev ROUGE-L: {evals[0]['dev_rougeL']:.2f} at step {evals[0]['step']} -> "
-                  f"{evals[-1]['dev_rougeL']:.2f} at step {evals[-1]['step']}")
+        acc.print(
+            f"dev ROUGE-L: {evals[0]['dev_rougeL']:.2f} at step {evals[0]['step']} -> "
+            f"{evals[-1]['dev_rougeL']:.2f} at step {evals[-1]['step']}"
+        )
     if summary["complete"]:
         acc.print(f"final model: {run_dir / 'final'}; best (by dev metric): {run_dir / 'best'}")
     acc.print(f"logs: {run_dir / 'logs'} (JSONL), {run_dir / 'tb'} (TensorBoard)")

@@ -60,15 +60,29 @@ def teacher_features(teacher: nn.Module, batch: dict[str, Tensor]) -> tuple[Tens
 class DistillModule(nn.Module):
     """Wraps the student; forward returns the CE and divergence sums of a micro-batch."""
 
-    def __init__(self, student: nn.Module, *, divergence: str, tau: float, beta: float | None,
-                 chunk_size: int, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        *,
+        divergence: str,
+        tau: float,
+        beta: float | None,
+        chunk_size: int,
+        vocab_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.divergence, self.tau, self.beta = divergence, tau, beta
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                teacher_in: Tensor | None = None, teacher_head: Any = None) -> LossSums:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        teacher_in: Tensor | None = None,
+        teacher_head: Any = None,
+    ) -> LossSums:
         hidden, head = features(self.student, input_ids, attention_mask)
         mask, targets = target_positions(labels)
         student_in = hidden[:, :-1][mask]
@@ -83,6 +97,13 @@ class DistillModule(nn.Module):
             return logits[..., :vocab] if vocab else logits
 
         return kd_loss_sums(
-            student_in, teacher_in, targets, divergence=self.divergence, tau=self.tau, beta=self.beta,
-            chunk_size=self.chunk_size, student_head=s_head, teacher_head=t_head,
+            student_in,
+            teacher_in,
+            targets,
+            divergence=self.divergence,
+            tau=self.tau,
+            beta=self.beta,
+            chunk_size=self.chunk_size,
+            student_head=s_head,
+            teacher_head=t_head,
         )
