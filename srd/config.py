@@ -159,16 +159,75 @@ class DevEvalConfig:
 
 
 @dataclass(kw_only=True)
+class ReflectConfig:
+    """Selective reflection (SRD paper Sec. 3.2; SRD-NOTES sec. 2).
+
+    The student answers every training prompt (decoding: the `generation` section);
+    scorers compare its answer with the reference; reciprocal rank fusion (k = rrf_k)
+    ranks examples easy -> hard; the easiest `keep_ratio` are kept.
+    """
+
+    scorers: list[str] = field(default_factory=lambda: ["rouge_l", "ce"])
+    ce_target: Literal["reference", "student_output"] = "reference"  # what the `ce` scorer measures
+    rrf_k: float = 60.0
+    keep_ratio: float = 0.75  # lambda: fraction kept, floor(lambda * N) (at least 1)
+    batch_size: int = 8  # sequences per forward pass for the cross-entropy statistics
+
+    def __post_init__(self) -> None:
+        from srd.reflect.scorers import SCORERS
+
+        _check(len(self.scorers) > 0, "reflect.scorers must name at least one scorer")
+        for name in self.scorers:
+            _check(name in SCORERS, f"reflect.scorers: {name!r} is not registered; choose from {sorted(SCORERS)}")
+        _check(len(set(self.scorers)) == len(self.scorers), "reflect.scorers must not repeat a scorer")
+        _check(self.rrf_k >= 0, "reflect.rrf_k must be >= 0")
+        _check(0.0 < self.keep_ratio <= 1.0, f"reflect.keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        _check(self.batch_size > 0, "reflect.batch_size must be > 0")
+
+
+@dataclass(kw_only=True)
+class CurriculumConfig:
+    """Baby Step curriculum (SRD paper Sec. 3.3): stage i trains on the i easiest slices,
+    from the previous stage's weights, with tau and alpha moving linearly across stages."""
+
+    num_stages: int = 3
+    epochs_per_stage: float = 8.0  # paper: 8 per stage vs 20 baseline epochs -> 60% of the steps
+    order: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
+    tau_start: float = 1.0
+    tau_end: float = 2.0
+    tau_schedule: Literal["rising", "fixed", "falling"] = "rising"  # rising: start -> end; falling: end -> start
+    alpha_start: float = 0.3
+    alpha_end: float = 0.1
+    alpha_schedule: Literal["falling", "fixed", "rising"] = "falling"  # falling: start -> end; rising: end -> start
+    # per_stage: fresh AdamW + cosine schedule in every stage (reference code);
+    # global: one cosine schedule across all stages (fresh optimizer moments per stage)
+    lr_schedule: Literal["per_stage", "global"] = "per_stage"
+    re_reflect: bool = False  # re-rank with the current student before every stage (beyond the paper)
+
+    def __post_init__(self) -> None:
+        _check(self.num_stages >= 1, "curriculum.num_stages must be >= 1")
+        _check(self.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0")
+        _check(self.tau_start > 0 and self.tau_end > 0, "curriculum.tau_start/tau_end must be > 0")
+        for key in ("alpha_start", "alpha_end"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"curriculum.{key} must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 42
+    # srd run: "srd" = reflection + curriculum; "baseline" = plain KD on all data (train.epochs,
+    # loss.tau, loss.alpha); "traditional" = curriculum by length + token entropy, no filtering.
+    method: Literal["srd", "baseline", "traditional"] = "srd"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     dev_eval: DevEvalConfig = field(default_factory=DevEvalConfig)
+    reflect: ReflectConfig = field(default_factory=ReflectConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")

@@ -108,12 +108,25 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> Any:
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+def _scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int, window: tuple[int, int] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to min_lr.
 
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps, min_lr=cfg.min_lr
-    )
+    `window = (offset, total)` places this stage inside one longer schedule (SRD with
+    curriculum.lr_schedule=global): step s of the stage uses the LR of step offset + s.
+    """
+    offset, total = window if window is not None else (0, total_steps)
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        g = offset + step
+        if g < cfg.warmup_steps:
+            return (g + 1) / (cfg.warmup_steps + 1)
+        progress = min(1.0, (g - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _truncate_log(path: Path, max_step: int) -> None:
@@ -218,11 +231,17 @@ def train_stage(
     tau: float | None = None,
     alpha: float | None = None,
     epochs: float | None = None,
+    max_steps: int | None = -1,
+    lr_window: tuple[int, int] | None = None,
     accelerator: Any = None,
     progress: bool = True,
     desc: str = "train",
 ) -> dict[str, Any]:
-    """Train one stage and return its summary (also written to out_dir/done.json)."""
+    """Train one stage and return its summary (also written to out_dir/done.json).
+
+    tau / alpha / epochs default to the config's loss.tau, loss.alpha, train.epochs;
+    max_steps defaults (-1) to train.max_steps, and None means "use epochs".
+    """
     out_dir = Path(out_dir)
     done = out_dir / "done.json"
     if done.exists():
@@ -255,7 +274,7 @@ def train_stage(
         world=acc.num_processes,
         seed=cfg.seed,
         epochs=tcfg.epochs if epochs is None else epochs,
-        max_steps=tcfg.max_steps,
+        max_steps=tcfg.max_steps if max_steps == -1 else max_steps,
     )
 
     vocab = len(tokenizer)
@@ -264,7 +283,7 @@ def train_stage(
     )
     module.train()
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
-    scheduler = _scheduler(optimizer, tcfg, plan.total_steps)
+    scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
     module, optimizer = acc.prepare(module, optimizer)
     if teacher is not None and alpha < 1.0:
         teacher_dtype = (

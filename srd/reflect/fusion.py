@@ -1,0 +1,85 @@
+"""Rank fusion, selection and stage partition: pure functions on arrays.
+
+SRD paper Sec. 3.2: rank examples by each difficulty signal, fuse the ranks with
+reciprocal rank fusion f_i = sum_s 1 / (k + rank_s(i)) (k = 60; higher f = easier),
+keep the easiest lambda fraction, and split it into n consecutive stages, easy -> hard.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def ordinal_ranks(scores: Sequence[float], ids: Sequence[str], *, higher_is_easier: bool) -> np.ndarray:
+    """Ranks 1..N, 1 = easiest. Ties are broken by id (ascending), so the result is
+    deterministic; NaN scores rank as the hardest."""
+    values = np.asarray(scores, dtype=np.float64)
+    if len(values) != len(ids):
+        raise ValueError(f"{len(values)} scores for {len(ids)} ids")
+    key = -values if higher_is_easier else values
+    key = np.where(np.isnan(key), np.inf, key)
+    order = sorted(range(len(values)), key=lambda i: (key[i], str(ids[i])))
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    return ranks
+
+
+def reciprocal_rank_fusion(rank_lists: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
+    """f_i = sum over rankings of 1 / (k + rank_i); higher = easier."""
+    if not rank_lists:
+        raise ValueError("fusion needs at least one ranking")
+    return np.sum([1.0 / (k + np.asarray(r, dtype=np.float64)) for r in rank_lists], axis=0)
+
+
+def easy_to_hard(fused: Sequence[float], ids: Sequence[str]) -> list[int]:
+    """Indices sorted by fused score, highest (easiest) first; ties by id."""
+    return sorted(range(len(fused)), key=lambda i: (-float(fused[i]), str(ids[i])))
+
+
+def n_kept(n: int, keep_ratio: float) -> int:
+    """floor(lambda * N), at least 1 when N > 0 (a tiny data set still trains)."""
+    if n == 0:
+        return 0
+    return max(1, math.floor(keep_ratio * n + 1e-9))
+
+
+def partition_sizes(n: int, n_stages: int) -> list[int]:
+    """Near-equal consecutive slice sizes; the first slices take the remainder."""
+    base, extra = divmod(n, n_stages)
+    return [base + (1 if i < extra else 0) for i in range(n_stages)]
+
+
+def select_and_partition(
+    fused: Sequence[float],
+    ids: Sequence[str],
+    *,
+    keep_ratio: float,
+    n_stages: int,
+    order: str = "easy_to_hard",
+    seed: int = 0,
+) -> tuple[list[int], list[int | None]]:
+    """Choose the kept examples and the stage of each.
+
+    Returns (ranking, stage): `ranking` is every index easy -> hard by fused score;
+    `stage[i]` is the 1-based stage of index i, or None if it was filtered out. The
+    easiest floor(lambda N) are kept whatever the order; `order` decides which kept
+    examples come first in the curriculum (easy_to_hard, hard_to_easy, or random).
+    """
+    ranking = easy_to_hard(fused, ids)
+    kept = ranking[: n_kept(len(ranking), keep_ratio)]
+    if order == "hard_to_easy":
+        kept = kept[::-1]
+    elif order == "random":
+        kept = [kept[i] for i in np.random.default_rng(seed).permutation(len(kept))]
+    elif order != "easy_to_hard":
+        raise ValueError(f"unknown curriculum order {order!r}")
+    stage: list[int | None] = [None] * len(ranking)
+    start = 0
+    for s, size in enumerate(partition_sizes(len(kept), n_stages), start=1):
+        for i in kept[start : start + size]:
+            stage[i] = s
+        start += size
+    return ranking, stage

@@ -1,0 +1,337 @@
+"""Selective reflection: the student answers every training prompt, and each example is
+scored, ranked, fused, filtered and assigned a curriculum stage (SRD paper Sec. 3.2).
+
+Resumable and multi-process:
+  * each process appends finished rows (student output + statistics) to its own
+    `outputs.rank<R>.jsonl`, flushed per batch; a rerun skips ids already in any of
+    these files and shards only what is left, so an interrupted reflection continues
+    without regenerating finished rows, with any number of processes;
+  * `meta.json` holds fingerprints of the data, the student and the settings; a
+    changed data set or student is an error, never a silent reuse of stale rows;
+  * once every row exists, the main process fuses the scores and writes `manifest.jsonl`
+    (one row per example: id, scores, ranks, fused score, position, kept, stage, output)
+    and `summary.json`, atomically. (Multi-node runs need a shared run directory.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from srd.config import RunConfig
+from srd.data.example import Example
+from srd.data.prompts import encode_prompt
+from srd.data.tokenize import Encoded, collate, encode_example, pad_id
+from srd.eval.generate import generate_responses
+from srd.reflect.fusion import ordinal_ranks, reciprocal_rank_fusion, select_and_partition
+from srd.reflect.scorers import get_scorer
+from srd.train.step import features, target_positions
+from srd.utils import atomic_write_json, atomic_write_text
+
+CHUNK = 64  # examples between flushes to disk
+
+
+class ReflectionError(ValueError):
+    """Stale or inconsistent reflection state; the message says how to fix it."""
+
+
+@torch.no_grad()
+def sequence_stats(
+    model: Any, tokenizer: Any, encoded: Sequence[Encoded], *, batch_size: int, chunk_size: int = 1024
+) -> list[dict[str, float]]:
+    """Per example: mean cross-entropy and mean predictive entropy of the student over the
+    target tokens (labels != -100, EOS included), and their count."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[dict[str, float]] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], pad_id(tokenizer))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden, head = features(model, batch["input_ids"], batch["attention_mask"])
+        mask, targets = target_positions(batch["labels"])
+        rows = torch.arange(mask.shape[0], device=device)[:, None].expand_as(mask)[mask]
+        h = hidden[:, :-1][mask]
+        nll = torch.zeros(mask.shape[0], dtype=torch.float64, device=device)
+        ent = torch.zeros_like(nll)
+        for c in range(0, h.shape[0], chunk_size):
+            logp = torch.log_softmax(head(h[c : c + chunk_size]).float()[..., : len(tokenizer)], dim=-1)
+            tok_nll = -logp.gather(-1, targets[c : c + chunk_size, None]).squeeze(-1)
+            tok_ent = -(logp.exp() * logp).sum(-1)
+            nll.index_add_(0, rows[c : c + chunk_size], tok_nll.double())
+            ent.index_add_(0, rows[c : c + chunk_size], tok_ent.double())
+        counts = mask.sum(1).clamp_min(1).double()
+        for i in range(mask.shape[0]):
+            out.append(
+                {
+                    "ce": (nll[i] / counts[i]).item(),
+                    "entropy": (ent[i] / counts[i]).item(),
+                    "ref_tokens": int(mask[i].sum()),
+                }
+            )
+    return out
+
+
+def data_fingerprint(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.instruction, ex.input, ex.output]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def model_fingerprint(model: Any) -> str:
+    """Identity of the weights: shapes and float64 sums of every tensor (cheap, change-sensitive)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t64 = t.detach().double()
+        h.update(f"{name}{tuple(t.shape)}{t64.sum().item():.10e}{t64.abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _settings(cfg: RunConfig, scorers: Sequence[str]) -> dict[str, Any]:
+    g = cfg.generation
+    return {
+        "scorers_need_generation": any(get_scorer(s).needs_generation for s in scorers),
+        "ce_target": cfg.reflect.ce_target,
+        "prompt_format": cfg.data.prompt_format,
+        "max_prompt_len": cfg.data.max_prompt_len,
+        "max_len": cfg.data.max_len,
+        "generation": {
+            k: getattr(g, k)
+            for k in (
+                "max_new_tokens",
+                "do_sample",
+                "temperature",
+                "top_k",
+                "top_p",
+                "no_repeat_ngram_size",
+                "stop_strings",
+            )
+        },
+        "seed": cfg.seed,
+    }
+
+
+def _read_rows(folder: Path) -> dict[str, dict[str, Any]]:
+    """Finished rows from every process's file; a torn last line (crash mid-write) is ignored."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("outputs.rank*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["id"]] = row
+    return rows
+
+
+def _check_meta(folder: Path, meta: dict[str, Any]) -> None:
+    path = folder / "meta.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    changed = [k for k in meta if old.get(k) != meta[k]]
+    if changed:
+        raise ReflectionError(
+            f"{folder} holds reflection results for a different {', '.join(changed)}; they cannot be reused. "
+            f"Delete {folder} to reflect again, or use another run name."
+        )
+
+
+def _reflect_rows(
+    cfg: RunConfig,
+    student: Any,
+    tokenizer: Any,
+    todo: Sequence[Example],
+    out_file: Path,
+    *,
+    generate: bool,
+    progress: bool,
+) -> None:
+    """Generate + measure `todo`, appending rows to `out_file` every CHUNK examples."""
+    g, r = cfg.generation, cfg.reflect
+    fmt, mp, ml = cfg.data.prompt_format, cfg.data.max_prompt_len, cfg.data.max_len
+    bar = tqdm(total=len(todo), desc="reflection", unit="ex", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(todo), CHUNK):
+        chunk = list(todo[start : start + CHUNK])
+        outputs = [""] * len(chunk)
+        if generate:
+            prompts = [encode_prompt(tokenizer, ex, fmt, mp) for ex in chunk]
+            outputs = generate_responses(
+                student,
+                tokenizer,
+                prompts,
+                max_new_tokens=g.max_new_tokens,
+                batch_size=g.batch_size,
+                do_sample=g.do_sample,
+                temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                no_repeat_ngram_size=g.no_repeat_ngram_size,
+                stop_strings=g.stop_strings,
+                seed=cfg.seed + start if g.do_sample else None,
+            )
+        enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml) for ex in chunk]
+        stats = sequence_stats(student, tokenizer, enc, batch_size=r.batch_size)
+        if r.ce_target == "student_output":
+            own = [
+                Example(id=ex.id, instruction=ex.instruction, input=ex.input, output=o) for ex, o in zip(chunk, outputs)
+            ]
+            own_enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml) for ex in own]
+            for s, o in zip(stats, sequence_stats(student, tokenizer, own_enc, batch_size=r.batch_size)):
+                s["ce_reference"], s["ce"] = s["ce"], o["ce"]
+        lines = [
+            json.dumps({"id": ex.id, "student_output": o, "stats": s}) + "\n" for ex, o, s in zip(chunk, outputs, stats)
+        ]
+        with open(out_file, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+        bar.update(len(chunk))
+    bar.close()
+
+
+def build_manifest(
+    examples: Sequence[Example],
+    rows: dict[str, dict[str, Any]],
+    scorers: Sequence[str],
+    *,
+    rrf_k: float,
+    keep_ratio: float,
+    n_stages: int,
+    order: str,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Score, rank, fuse, select and partition. One manifest row per example, input order."""
+    ids = [ex.id for ex in examples]
+    scores = {
+        s: [get_scorer(s).fn(ex, rows[ex.id]["student_output"], rows[ex.id]["stats"]) for ex in examples]
+        for s in scorers
+    }
+    ranks = {s: ordinal_ranks(scores[s], ids, higher_is_easier=get_scorer(s).higher_is_easier) for s in scorers}
+    fused = reciprocal_rank_fusion([ranks[s] for s in scorers], k=rrf_k)
+    ranking, stage = select_and_partition(fused, ids, keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed)
+    position = np.empty(len(ids), dtype=np.int64)
+    position[ranking] = np.arange(1, len(ids) + 1)
+    return [
+        {
+            "id": ex.id,
+            "scores": {s: scores[s][i] for s in scorers},
+            "ranks": {s: int(ranks[s][i]) for s in scorers},
+            "fused": float(fused[i]),
+            "position": int(position[i]),
+            "kept": stage[i] is not None,
+            "stage": stage[i],
+            "student_output": rows[ex.id]["student_output"],
+            "stats": rows[ex.id]["stats"],
+        }
+        for i, ex in enumerate(examples)
+    ]
+
+
+def summarize(manifest: Sequence[dict[str, Any]], scorers: Sequence[str]) -> dict[str, Any]:
+    """Distributions of each score, rank correlation between scorers, stage sizes."""
+    from scipy.stats import spearmanr
+
+    out: dict[str, Any] = {"examples": len(manifest), "kept": sum(r["kept"] for r in manifest)}
+    for s in scorers:
+        v = np.array([r["scores"][s] for r in manifest], dtype=np.float64)
+        out[s] = {
+            "min": float(np.nanmin(v)),
+            "median": float(np.nanmedian(v)),
+            "mean": float(np.nanmean(v)),
+            "max": float(np.nanmax(v)),
+        }
+    if len(scorers) >= 2 and len(manifest) > 2:
+        a = [r["ranks"][scorers[0]] for r in manifest]
+        b = [r["ranks"][scorers[1]] for r in manifest]
+        out["spearman_rank_correlation"] = {f"{scorers[0]}~{scorers[1]}": float(spearmanr(a, b).statistic)}
+    stages = sorted({r["stage"] for r in manifest if r["stage"] is not None})
+    out["stage_sizes"] = {str(s): sum(r["stage"] == s for r in manifest) for s in stages}
+    return out
+
+
+def reflect(
+    cfg: RunConfig,
+    *,
+    student: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    out_dir: Path,
+    accelerator: Any,
+    scorers: Sequence[str] | None = None,
+    keep_ratio: float | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or resume) reflection into `out_dir` and return the manifest rows."""
+    from accelerate.utils import gather_object
+
+    acc, out_dir = accelerator, Path(out_dir)
+    scorers = list(scorers or cfg.reflect.scorers)
+    keep_ratio = cfg.reflect.keep_ratio if keep_ratio is None else keep_ratio
+    manifest_path = out_dir / "manifest.jsonl"
+    ids = [ex.id for ex in examples]
+    if len(set(ids)) != len(ids):
+        raise ReflectionError("training example ids must be unique for reflection")
+    meta = {
+        "data": data_fingerprint(examples),
+        "student": model_fingerprint(student),
+        "settings": _settings(cfg, scorers),
+    }
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _check_meta(out_dir, meta)
+        atomic_write_json(out_dir / "meta.json", meta)
+    acc.wait_for_everyone()
+    _check_meta(out_dir, meta)
+    t0 = time.perf_counter()
+    done = _read_rows(out_dir)
+    todo = [ex for ex in examples if ex.id not in done]
+    mine = todo[acc.process_index :: acc.num_processes]
+    if mine:
+        device_model = student.to(acc.device)
+        _reflect_rows(
+            cfg,
+            device_model,
+            tokenizer,
+            mine,
+            out_dir / f"outputs.rank{acc.process_index}.jsonl",
+            generate=meta["settings"]["scorers_need_generation"],
+            progress=progress and acc.is_main_process,
+        )
+    elapsed = max(gather_object([time.perf_counter() - t0]))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        rows = _read_rows(out_dir)
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise ReflectionError(f"reflection rows missing for {len(missing)} examples (e.g. {missing[:3]})")
+        c = cfg.curriculum
+        manifest = build_manifest(
+            examples,
+            rows,
+            scorers,
+            rrf_k=cfg.reflect.rrf_k,
+            keep_ratio=keep_ratio,
+            n_stages=c.num_stages,
+            order=c.order,
+            seed=cfg.seed,
+        )
+        atomic_write_text(manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
+        prev = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
+        summary = {
+            **summarize(manifest, scorers),
+            "scorers": scorers,
+            "keep_ratio": keep_ratio,
+            "wall_time_s": round(prev.get("wall_time_s", 0.0) + elapsed, 3),
+            "processes": acc.num_processes,
+        }
+        atomic_write_json(out_dir / "summary.json", summary)
+    acc.wait_for_everyone()
+    return [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
