@@ -39,6 +39,31 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
+    r = sub.add_parser(
+        "run",
+        help="SRD end to end (reflection + curriculum), or the KD baseline",
+        description="method=srd: the student answers every training prompt, examples are ranked by ROUGE-L and "
+        "cross-entropy (reciprocal rank fusion), the easiest reflect.keep_ratio are kept and taught in "
+        "curriculum.num_stages cumulative stages with rising tau and falling alpha. method=baseline: plain KD on "
+        "all data with the same code. method=traditional: length + entropy curriculum, no filtering. Writes "
+        "runs/<name>/ (reflection/, stages/, results.json) and resumes when rerun.",
+    )
+    r.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml ('-' for defaults + overrides only)")
+    r.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    r.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+
+    rf = sub.add_parser(
+        "reflect",
+        help="only the reflection step: score, rank and stage the training data",
+        description="The student answers every training prompt (decoding: the generation section); "
+        "reflect.scorers score each example; reciprocal rank fusion ranks them; writes "
+        "runs/<name>/reflection/manifest.jsonl and summary.json. An interrupted reflection resumes without "
+        "redoing finished rows.",
+    )
+    rf.add_argument("config", help="YAML recipe ('-' for defaults + overrides only)")
+    rf.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    rf.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     c = sub.add_parser(
         "config",
         help="print the resolved config of a recipe",
@@ -89,13 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from srd.config import ConfigError
     from srd.data.example import DataError
     from srd.models.load import ModelError
+    from srd.reflect.reflect import ReflectionError
 
     if args.command is None:
         _parser().print_help()
         return 2
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ModelError) as e:
+    except (ConfigError, DataError, ModelError, ReflectionError) as e:
         print(f"srd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -111,6 +137,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(None if args.config == "-" else args.config, args.overrides)
         summary = run_train(cfg, progress=not args.no_progress)
         return 0 if summary["complete"] or cfg.train.stop_after_steps else 1
+    if args.command in ("run", "reflect"):
+        from srd.config import load_config
+        from srd.pipeline import run_pipeline, run_reflect
+
+        cfg = load_config(None if args.config == "-" else args.config, args.overrides)
+        if args.command == "reflect":
+            run_reflect(cfg, progress=not args.no_progress)
+            return 0
+        results = run_pipeline(cfg, progress=not args.no_progress)
+        return 0 if results["complete"] or cfg.train.stop_after_steps else 1
     if args.command == "config":
         from srd.config import dump_config, load_config
 
