@@ -12,8 +12,9 @@ With 8 epochs per stage over 1/4, 2/4, 3/4 of the data, SRD makes 8 (0.25 + 0.5 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from srd.config import CurriculumConfig
 

@@ -46,12 +46,22 @@ def _reflection_args(cfg: RunConfig) -> dict[str, Any]:
 def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
     acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg)
-    manifest = reflect(cfg, student=student, tokenizer=tokenizer, examples=train, out_dir=run_dir / "reflection",
-                       accelerator=acc, progress=progress, **_reflection_args(cfg))
+    manifest = reflect(
+        cfg,
+        student=student,
+        tokenizer=tokenizer,
+        examples=train,
+        out_dir=run_dir / "reflection",
+        accelerator=acc,
+        progress=progress,
+        **_reflection_args(cfg),
+    )
     if acc.is_main_process:
         summary = json.loads((run_dir / "reflection" / "summary.json").read_text())
-        acc.print(f"reflection: {summary['examples']} examples, {summary['kept']} kept, "
-                  f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s")
+        acc.print(
+            f"reflection: {summary['examples']} examples, {summary['kept']} kept, "
+            f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s"
+        )
         acc.print(f"manifest: {run_dir / 'reflection' / 'manifest.jsonl'}")
     return manifest
 
@@ -64,25 +74,47 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     common = dict(teacher=teacher, tokenizer=tokenizer, dev_examples=dev, accelerator=acc, progress=progress)
 
     if cfg.method == "baseline":
-        summary = train_stage(cfg, student=student, train_examples=train, out_dir=run_dir / "stages" / "baseline",
-                              desc="baseline", **common)
+        summary = train_stage(
+            cfg,
+            student=student,
+            train_examples=train,
+            out_dir=run_dir / "stages" / "baseline",
+            desc="baseline",
+            **common,
+        )
         results["stages"] = [_stage_result("baseline", summary, len(train))]
         results["reflection_s"] = 0.0
         final = run_dir / "stages" / "baseline" / "final"
     else:
-        manifest = reflect(cfg, student=student, tokenizer=tokenizer, examples=train,
-                           out_dir=run_dir / "reflection", accelerator=acc, progress=progress,
-                           **_reflection_args(cfg))
+        manifest = reflect(
+            cfg,
+            student=student,
+            tokenizer=tokenizer,
+            examples=train,
+            out_dir=run_dir / "reflection",
+            accelerator=acc,
+            progress=progress,
+            **_reflection_args(cfg),
+        )
         results["reflection_s"] = json.loads((run_dir / "reflection" / "summary.json").read_text())["wall_time_s"]
         stages = plan_stages(manifest, cfg.curriculum)
         c = cfg.curriculum
         sizes = [len(s.example_ids) for s in stages]
-        steps = [StagePlan.make([0] * n, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                                world=acc.num_processes, seed=0, epochs=c.epochs_per_stage, max_steps=None).total_steps
-                 for n in sizes]
+        steps = [
+            StagePlan.make(
+                [0] * n,
+                batch_size=cfg.train.batch_size,
+                grad_accum=cfg.train.grad_accum,
+                world=acc.num_processes,
+                seed=0,
+                epochs=c.epochs_per_stage,
+                max_steps=None,
+            ).total_steps
+            for n in sizes
+        ]
         results["stages"] = []
         prev_final: Path | None = None
-        for stage, n_steps in zip(stages, steps):
+        for stage in stages:
             stage_dir = run_dir / "stages" / f"stage-{stage.index}"
             if prev_final is not None:
                 load_weights(student, prev_final)  # Baby Step: continue from the previous stage
@@ -90,12 +122,24 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             if c.re_reflect and stage.index > 1:
                 ids = _re_reflect(cfg, student, tokenizer, train, run_dir, stage.index, acc, progress)
             if acc.is_main_process:
-                atomic_write_json(stage_dir / "examples.json", {"stage": stage.index, "tau": stage.tau,
-                                                                "alpha": stage.alpha, "ids": ids})
+                atomic_write_json(
+                    stage_dir / "examples.json",
+                    {"stage": stage.index, "tau": stage.tau, "alpha": stage.alpha, "ids": ids},
+                )
             window = (sum(steps[: stage.index - 1]), sum(steps)) if c.lr_schedule == "global" else None
-            summary = train_stage(cfg, student=student, train_examples=[by_id[i] for i in ids], out_dir=stage_dir,
-                                  tau=stage.tau, alpha=stage.alpha, epochs=stage.epochs, max_steps=None,
-                                  lr_window=window, desc=f"stage {stage.index}/{len(stages)}", **common)
+            summary = train_stage(
+                cfg,
+                student=student,
+                train_examples=[by_id[i] for i in ids],
+                out_dir=stage_dir,
+                tau=stage.tau,
+                alpha=stage.alpha,
+                epochs=stage.epochs,
+                max_steps=None,
+                lr_window=window,
+                desc=f"stage {stage.index}/{len(stages)}",
+                **common,
+            )
             results["stages"].append(_stage_result(f"stage-{stage.index}", summary, len(ids)))
             if not summary["complete"]:  # paused on purpose (train.stop_after_steps): resume later
                 acc.print(f"paused in stage {stage.index} at step {summary['steps']}; rerun the command to resume")
@@ -115,28 +159,45 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     return results
 
 
-def _re_reflect(cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, index: int, acc: Any,
-                progress: bool) -> list[str]:
+def _re_reflect(
+    cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, index: int, acc: Any, progress: bool
+) -> list[str]:
     """Re-rank all data with the current student; stage `index` takes slices 1..index of the new ranking."""
-    manifest = reflect(cfg, student=student, tokenizer=tokenizer, examples=train,
-                       out_dir=run_dir / f"reflection-stage-{index}", accelerator=acc, progress=progress,
-                       **_reflection_args(cfg))
+    manifest = reflect(
+        cfg,
+        student=student,
+        tokenizer=tokenizer,
+        examples=train,
+        out_dir=run_dir / f"reflection-stage-{index}",
+        accelerator=acc,
+        progress=progress,
+        **_reflection_args(cfg),
+    )
     return list(next(s for s in plan_stages(manifest, cfg.curriculum) if s.index == index).example_ids)
 
 
 def _stage_result(name: str, summary: dict[str, Any], n_examples: int) -> dict[str, Any]:
     return {
-        "stage": name, "examples": n_examples, "steps": summary["steps"], "tau": summary["tau"],
-        "alpha": summary["alpha"], "epochs": summary["steps"] / max(summary["steps_per_epoch"], 1),
-        "wall_time_s": summary["wall_time_s"], "best_metric": summary["best_metric"],
+        "stage": name,
+        "examples": n_examples,
+        "steps": summary["steps"],
+        "tau": summary["tau"],
+        "alpha": summary["alpha"],
+        "epochs": summary["steps"] / max(summary["steps_per_epoch"], 1),
+        "wall_time_s": summary["wall_time_s"],
+        "best_metric": summary["best_metric"],
         "complete": summary["complete"],
     }
 
 
 def _print_results(run_dir: Path, results: dict[str, Any], acc: Any) -> None:
-    acc.print(f"srd run ({results['method']}, {results['divergence']}) finished: total {results['total_s']:.0f} s "
-              f"(reflection {results['reflection_s']:.0f} s, training {results['train_s']:.0f} s)")
+    acc.print(
+        f"srd run ({results['method']}, {results['divergence']}) finished: total {results['total_s']:.0f} s "
+        f"(reflection {results['reflection_s']:.0f} s, training {results['train_s']:.0f} s)"
+    )
     for s in results["stages"]:
-        acc.print(f"  {s['stage']}: {s['examples']} examples, {s['steps']} steps, tau {s['tau']:.2f}, "
-                  f"alpha {s['alpha']:.2f}, {s['wall_time_s']:.0f} s")
+        acc.print(
+            f"  {s['stage']}: {s['examples']} examples, {s['steps']} steps, tau {s['tau']:.2f}, "
+            f"alpha {s['alpha']:.2f}, {s['wall_time_s']:.0f} s"
+        )
     acc.print(f"final model: {results['final_model']}; results: {run_dir / 'results.json'}")

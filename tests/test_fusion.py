@@ -95,8 +95,10 @@ def test_schedules():
 
 
 def test_plan_stages_is_cumulative_in_position_order():
-    manifest = [{"id": f"x{i}", "stage": s, "position": p}
-                for i, (s, p) in enumerate([(2, 3), (1, 2), (None, 5), (3, 4), (1, 1)])]
+    manifest = [
+        {"id": f"x{i}", "stage": s, "position": p}
+        for i, (s, p) in enumerate([(2, 3), (1, 2), (None, 5), (3, 4), (1, 1)])
+    ]
     stages = plan_stages(manifest, CurriculumConfig())
     assert [s.example_ids for s in stages] == [("x4", "x1"), ("x4", "x1", "x0"), ("x4", "x1", "x0", "x3")]
     assert [s.tau for s in stages] == [1.0, 1.5, 2.0]

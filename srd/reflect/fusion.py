@@ -8,7 +8,7 @@ keep the easiest lambda fraction, and split it into n consecutive stages, easy -
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

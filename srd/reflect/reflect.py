@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,16 @@ def _read_rows(folder: Path) -> dict[str, dict[str, Any]]:
                 continue
             rows[row["id"]] = row
     return rows
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a crash mid-write) so new rows start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _check_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -295,13 +306,14 @@ def reflect(
     todo = [ex for ex in examples if ex.id not in done]
     mine = todo[acc.process_index :: acc.num_processes]
     if mine:
-        device_model = student.to(acc.device)
+        own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
+        _drop_torn_tail(own_file)
         _reflect_rows(
             cfg,
-            device_model,
+            student.to(acc.device),
             tokenizer,
             mine,
-            out_dir / f"outputs.rank{acc.process_index}.jsonl",
+            own_file,
             generate=meta["settings"]["scorers_need_generation"],
             progress=progress and acc.is_main_process,
         )

@@ -15,8 +15,9 @@ fusion without any change to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from srd.data.example import Example
 from srd.eval.metrics import rouge_l

@@ -1,0 +1,202 @@
+"""SRD end to end on tiny models: manifest, cumulative stages, schedules, resume, 1 vs 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import srd.reflect.reflect as reflect_mod
+from srd.cli import main
+from tests.conftest import ROWS
+
+
+@pytest.fixture
+def srd_data(tmp_path) -> dict[str, Path]:
+    rows = [dict(r, id=f"r{i:02d}") for i, r in enumerate(ROWS + ROWS[::-1] + ROWS[:4])]  # 20 rows
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    return {"train": train, "dev": dev}
+
+
+def _args(cmd, tiny_models, data, out, *extra):
+    return [
+        cmd,
+        "--no-progress",
+        "-",
+        f"model.teacher={tiny_models['llama-teacher']}",
+        f"model.student={tiny_models['llama-student']}",
+        f"data.train={data['train']}",
+        f"data.dev={data['dev']}",
+        f"output_dir={out}",
+        "name=x",
+        "seed=0",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "train.batch_size=2",
+        "train.lr=1e-3",
+        "curriculum.epochs_per_stage=1",
+        "generation.max_new_tokens=6",
+        "generation.batch_size=1",
+        "reflect.batch_size=1",
+        "dev_eval.num_examples=0",
+        *extra,
+    ]
+
+
+def _manifest(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "reflection" / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_srd_run_end_to_end(tmp_path, tiny_models, srd_data):
+    assert main(_args("run", tiny_models, srd_data, tmp_path)) == 0
+    run = tmp_path / "x"
+    manifest = _manifest(run)
+    assert len(manifest) == 20
+    for row in manifest:
+        assert set(row) >= {"id", "scores", "ranks", "fused", "kept", "stage", "student_output", "position"}
+        assert set(row["scores"]) == {"rouge_l", "ce"}
+        assert row["fused"] == pytest.approx(sum(1 / (60 + r) for r in row["ranks"].values()))
+    kept = [r for r in manifest if r["kept"]]
+    assert len(kept) == 15  # floor(0.75 * 20)
+    # kept = the 15 best fused scores; stages are consecutive slices of 5 in easy -> hard order
+    by_pos = sorted(manifest, key=lambda r: r["position"])
+    assert [r["kept"] for r in by_pos] == [True] * 15 + [False] * 5
+    assert [r["stage"] for r in by_pos[:15]] == [1] * 5 + [2] * 5 + [3] * 5
+    assert all(a["fused"] >= b["fused"] for a, b in zip(by_pos, by_pos[1:]))
+    # stage i trains on exactly the union of the i easiest slices, with the scheduled tau/alpha
+    results = json.loads((run / "results.json").read_text())
+    for i, (tau, alpha) in enumerate([(1.0, 0.3), (1.5, 0.2), (2.0, 0.1)], start=1):
+        stage = json.loads((run / "stages" / f"stage-{i}" / "examples.json").read_text())
+        assert set(stage["ids"]) == {r["id"] for r in manifest if r["stage"] is not None and r["stage"] <= i}
+        logged = [
+            json.loads(x) for x in (run / "stages" / f"stage-{i}" / "logs" / "train.jsonl").read_text().splitlines()
+        ]
+        assert {r["tau"] for r in logged} == {tau}
+        assert all(r["alpha"] == pytest.approx(alpha) for r in logged)
+        assert results["stages"][i - 1]["examples"] == 5 * i
+    assert results["complete"] and results["reflection_s"] > 0 and results["total_s"] >= results["train_s"]
+    # 1 epoch over 5, 10, 15 examples at batch 2: 3 + 5 + 8 steps
+    assert [s["steps"] for s in results["stages"]] == [3, 5, 8]
+
+
+def test_baseline_and_traditional_methods(tmp_path, tiny_models, srd_data):
+    assert main(_args("run", tiny_models, srd_data, tmp_path / "b", "method=baseline", "train.epochs=1")) == 0
+    res = json.loads((tmp_path / "b" / "x" / "results.json").read_text())
+    assert res["method"] == "baseline" and res["stages"][0]["examples"] == 20 and res["reflection_s"] == 0
+    assert main(_args("run", tiny_models, srd_data, tmp_path / "t", "method=traditional")) == 0
+    manifest = _manifest(tmp_path / "t" / "x")
+    assert all(r["kept"] for r in manifest) and set(manifest[0]["scores"]) == {"length", "entropy"}
+    assert all(r["student_output"] == "" for r in manifest)  # no generation needed
+
+
+def test_ablation_switches_reach_the_stages(tmp_path, tiny_models, srd_data):
+    extra = (
+        "curriculum.order=hard_to_easy",
+        "curriculum.tau_schedule=falling",
+        "curriculum.alpha_schedule=fixed",
+        "reflect.scorers=[ce]",
+        "curriculum.num_stages=2",
+        "reflect.keep_ratio=0.5",
+    )
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    run = tmp_path / "x"
+    manifest = _manifest(run)
+    by_pos = sorted(manifest, key=lambda r: r["position"])
+    # hard_to_easy: the harder half of the kept data comes first
+    assert [r["stage"] for r in by_pos[:10]] == [2] * 5 + [1] * 5
+    assert all(a["scores"]["ce"] <= b["scores"]["ce"] for a, b in zip(by_pos, by_pos[1:]))
+    res = json.loads((run / "results.json").read_text())
+    assert [s["tau"] for s in res["stages"]] == [2.0, 1.0]
+    assert [s["alpha"] for s in res["stages"]] == pytest.approx([0.3, 0.3])
+
+
+def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data, monkeypatch):
+    calls = []
+    real = reflect_mod.generate_responses
+
+    def flaky(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reflect_mod, "CHUNK", 4)
+    monkeypatch.setattr(reflect_mod, "generate_responses", flaky)
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 130
+    out = tmp_path / "x" / "reflection" / "outputs.rank0.jsonl"
+    assert len(out.read_text().splitlines()) == 8
+    with open(out, "a") as f:
+        f.write('{"id": "r99", "student_out')  # a torn line from a crash mid-write
+    calls.clear()
+    monkeypatch.setattr(reflect_mod, "generate_responses", real)
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    assert len(_manifest(tmp_path / "x")) == 20
+    # a fresh run in another folder gives the same manifest
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fresh")) == 0
+    a, b = _manifest(tmp_path / "x"), _manifest(tmp_path / "fresh" / "x")
+    assert [(r["id"], r["stage"], r["student_output"]) for r in a] == [
+        (r["id"], r["stage"], r["student_output"]) for r in b
+    ]
+
+
+def test_changed_data_is_detected(tmp_path, tiny_models, srd_data, capsys):
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    rows = srd_data["train"].read_text().splitlines()
+    srd_data["train"].write_text("\n".join(rows[:-1]).replace("Paris", "Lyon") + "\n")
+    # same config, different data behind the same path
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 2
+    assert "different data" in capsys.readouterr().err
+
+
+def test_srd_run_resumes_inside_a_stage(tmp_path, tiny_models, srd_data):
+    full = tmp_path / "full"
+    assert main(_args("run", tiny_models, srd_data, full, "train.save_every=1")) == 0
+    part = tmp_path / "part"
+    assert main(_args("run", tiny_models, srd_data, part, "train.save_every=1", "train.stop_after_steps=4")) == 0
+    assert not (part / "x" / "results.json").exists() or not json.loads((part / "x" / "results.json").read_text()).get(
+        "complete"
+    )
+    assert (part / "x" / "stages" / "stage-2").exists()  # stage 1 (3 steps) done, paused in stage 2
+    assert main(_args("run", tiny_models, srd_data, part, "train.save_every=1")) == 0
+    from safetensors.torch import load_file
+
+    wa = load_file(full / "x" / "stages" / "stage-3" / "final" / "model.safetensors")
+    wb = load_file(part / "x" / "stages" / "stage-3" / "final" / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_manifest(tmp_path, tiny_models, srd_data):
+    """Prompts are sharded over 2 CPU processes (gloo) and gathered: same manifest as 1 process."""
+    args = _args("reflect", tiny_models, srd_data, tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "srd.cli",
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two" / "x" / "reflection"
+    assert len(list(two.glob("outputs.rank*.jsonl"))) == 2
+    assert json.loads((two / "summary.json").read_text())["processes"] == 2
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "one")) == 0
+    a, b = _manifest(tmp_path / "one" / "x"), _manifest(tmp_path / "two" / "x")
+    assert [(r["id"], r["kept"], r["stage"], r["position"], r["student_output"]) for r in a] == [
+        (r["id"], r["kept"], r["stage"], r["position"], r["student_output"]) for r in b
+    ]
+    for ra, rb in zip(a, b):
+        assert ra["scores"]["ce"] == pytest.approx(rb["scores"]["ce"], rel=1e-5)
