@@ -29,8 +29,8 @@ format: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
-# The best real pipeline that exists today: prune the bundled SmolLM2-135M-Instruct to a
-# 20-layer student (cached), then distil it on a Dolly slice with forward KL.
+# The SRD pipeline on the bundled model: prune SmolLM2-135M-Instruct to a
+# 24-layer student (cached), then reflection + 3-stage curriculum on a Dolly slice (forward KL).
 demo: setup
-	$(BIN)/srd prune --teacher smollm2-135m-instruct --layers 20 --out runs/students/smollm2-20l
-	$(BIN)/srd train configs/quickstart.yaml
+	$(BIN)/srd prune --teacher smollm2-135m-instruct --layers 24 --out runs/students/smollm2-24l
+	$(BIN)/srd run configs/quickstart.yaml

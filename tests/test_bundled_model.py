@@ -71,3 +71,13 @@ def test_one_kd_step_with_a_pruned_student(smol):
         batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head
     )
     assert t_sums.kd.item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_chat_prompt_format_uses_the_models_template(smol):
+    tok, _ = smol
+    ex = Example(id="0", instruction="Say hi.", input="to Bob", output="Hi Bob!")
+    ids = encode_prompt(tok, ex, "chat", 256)
+    text = tok.decode(ids)
+    assert "Say hi.\n\nto Bob" in text and text.rstrip().endswith("assistant")
+    enc = encode_example(tok, ex, fmt="chat", max_prompt_len=256, max_len=300)
+    assert enc.input_ids[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -41,11 +42,19 @@ from srd.train import checkpoint as ckpt
 from srd.train.step import DistillModule, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
+log = logging.getLogger(__name__)
+
 
 def make_accelerator(precision: str = "auto") -> Any:
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
+    if precision == "bf16" and not cuda and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        log.warning(
+            "train.precision=bf16 on a CPU without native bf16 (%s): matmuls fall back to a slow path; "
+            "fp32 (precision=auto) is several times faster here",
+            torch.backends.cpu.get_cpu_capability(),
+        )
     if precision == "auto":
         mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     else:
