@@ -200,3 +200,26 @@ def test_two_processes_give_the_same_manifest(tmp_path, tiny_models, srd_data):
     ]
     for ra, rb in zip(a, b):
         assert ra["scores"]["ce"] == pytest.approx(rb["scores"]["ce"], rel=1e-5)
+
+
+def test_global_lr_schedule_and_re_reflection(tmp_path, tiny_models, srd_data):
+    extra = ("curriculum.lr_schedule=global", "curriculum.re_reflect=true", "train.min_lr=0.0")
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    run = tmp_path / "x"
+    lrs = [
+        [json.loads(x)["lr"] for x in (run / "stages" / f"stage-{i}" / "logs" / "train.jsonl").read_text().splitlines()]
+        for i in (1, 2, 3)
+    ]
+    flat = [lr for stage in lrs for lr in stage]
+    # one cosine over all 16 steps: strictly decreasing across stage boundaries, from the peak
+    assert flat[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(flat, flat[1:]))
+    # stages 2 and 3 were re-ranked by the student as it was then, in their own folders
+    for i in (2, 3):
+        manifest = [json.loads(x) for x in (run / f"reflection-stage-{i}" / "manifest.jsonl").read_text().splitlines()]
+        ids = json.loads((run / "stages" / f"stage-{i}" / "examples.json").read_text())["ids"]
+        assert set(ids) == {r["id"] for r in manifest if r["stage"] is not None and r["stage"] <= i}
+    meta = [
+        json.loads((run / d / "meta.json").read_text())["student"]
+        for d in ("reflection", "reflection-stage-2", "reflection-stage-3")
+    ]
+    assert len(set(meta)) == 3  # three different students did the reflecting
