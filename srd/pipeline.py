@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import RunConfig
-from srd.curriculum import plan_stages
+from srd.curriculum import plan_stages, stage_alphas
 from srd.data.sources import load_examples
 from srd.reflect.reflect import reflect
 from srd.train.checkpoint import load_weights
@@ -27,11 +27,17 @@ from srd.train.recipe import load_models, prepare_run_dir
 from srd.utils import atomic_write_json
 
 
-def _setup(cfg: RunConfig) -> tuple[Any, Path, Any, Any, Any, list, list]:
+def _needs_teacher(cfg: RunConfig) -> bool:
+    if cfg.method == "baseline":
+        return cfg.loss.alpha < 1.0
+    return min(stage_alphas(cfg.curriculum)) < 1.0
+
+
+def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
     acc = make_accelerator(cfg.train.precision)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
-    student, teacher, tokenizer = load_models(cfg)
+    student, teacher, tokenizer = load_models(cfg, need_teacher=need_teacher)
     train = load_examples(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
     return acc, run_dir, student, teacher, tokenizer, train, dev
@@ -43,10 +49,11 @@ def _reflection_args(cfg: RunConfig) -> dict[str, Any]:
     return {}
 
 
-def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
-    acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg)
-    manifest = reflect(
+def _reflect_initial(
+    cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, acc: Any, progress: bool
+) -> list[dict[str, Any]]:
+    """Reflection by the initial student into runs/<name>/reflection/."""
+    return reflect(
         cfg,
         student=student,
         tokenizer=tokenizer,
@@ -56,6 +63,12 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
         progress=progress,
         **_reflection_args(cfg),
     )
+
+
+def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
+    acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg, need_teacher=False)
+    manifest = _reflect_initial(cfg, student, tokenizer, train, run_dir, acc, progress)
     if acc.is_main_process:
         summary = json.loads((run_dir / "reflection" / "summary.json").read_text())
         acc.print(
@@ -68,7 +81,7 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the whole method (or the baseline) from one config, resumable."""
-    acc, run_dir, student, teacher, tokenizer, train, dev = _setup(cfg)
+    acc, run_dir, student, teacher, tokenizer, train, dev = _setup(cfg, need_teacher=_needs_teacher(cfg))
     by_id = {ex.id: ex for ex in train}
     results: dict[str, Any] = {"method": cfg.method, "divergence": cfg.loss.divergence, "examples": len(train)}
     common = dict(teacher=teacher, tokenizer=tokenizer, dev_examples=dev, accelerator=acc, progress=progress)
@@ -86,16 +99,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         results["reflection_s"] = 0.0
         final = run_dir / "stages" / "baseline" / "final"
     else:
-        manifest = reflect(
-            cfg,
-            student=student,
-            tokenizer=tokenizer,
-            examples=train,
-            out_dir=run_dir / "reflection",
-            accelerator=acc,
-            progress=progress,
-            **_reflection_args(cfg),
-        )
+        manifest = _reflect_initial(cfg, student, tokenizer, train, run_dir, acc, progress)
         results["reflection_s"] = json.loads((run_dir / "reflection" / "summary.json").read_text())["wall_time_s"]
         stages = plan_stages(manifest, cfg.curriculum)
         c = cfg.curriculum
@@ -137,6 +141,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                 epochs=stage.epochs,
                 max_steps=None,
                 lr_window=window,
+                eval_at_start=stage.index == 1,  # later stages start where the previous one was evaluated
                 desc=f"stage {stage.index}/{len(stages)}",
                 **common,
             )
@@ -187,6 +192,8 @@ def _stage_result(name: str, summary: dict[str, Any], n_examples: int) -> dict[s
         "wall_time_s": summary["wall_time_s"],
         "best_metric": summary["best_metric"],
         "complete": summary["complete"],
+        "first_eval": summary.get("first_eval"),
+        "last_eval": summary.get("last_eval"),
     }
 
 
@@ -196,8 +203,14 @@ def _print_results(run_dir: Path, results: dict[str, Any], acc: Any) -> None:
         f"(reflection {results['reflection_s']:.0f} s, training {results['train_s']:.0f} s)"
     )
     for s in results["stages"]:
+        dev = s.get("last_eval") or {}
+        rouge = f", dev ROUGE-L {dev['dev_rougeL']:.2f}" if "dev_rougeL" in dev else ""
         acc.print(
             f"  {s['stage']}: {s['examples']} examples, {s['steps']} steps, tau {s['tau']:.2f}, "
-            f"alpha {s['alpha']:.2f}, {s['wall_time_s']:.0f} s"
+            f"alpha {s['alpha']:.2f}, {s['wall_time_s']:.0f} s{rouge}"
         )
+    first = (results["stages"][0].get("first_eval") or {}) if results["stages"] else {}
+    last = (results["stages"][-1].get("last_eval") or {}) if results["stages"] else {}
+    if "dev_rougeL" in first and "dev_rougeL" in last:
+        acc.print(f"dev ROUGE-L: {first['dev_rougeL']:.2f} before training -> {last['dev_rougeL']:.2f} after")
     acc.print(f"final model: {results['final_model']}; results: {run_dir / 'results.json'}")

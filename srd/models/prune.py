@@ -204,16 +204,21 @@ def prune_model(
         )
     tokenizer = load_tokenizer(teacher_spec)
     model = load_model(teacher_spec)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
     examples = load_examples(data, data_dir=data_dir, limit=num_texts)
     enc = encode_examples(tokenizer, examples, fmt="alpaca", max_prompt_len=max_len // 2, max_len=max_len)
-    batches = [collate(enc[i : i + batch_size], pad_id(tokenizer)) for i in range(0, len(enc), batch_size)]
+    batches = [
+        {k: v.to(device) for k, v in collate(enc[i : i + batch_size], pad_id(tokenizer)).items()}
+        for i in range(0, len(enc), batch_size)
+    ]
     if keep:
         with skip_layers(model, sorted(keep)):
             ppl = perplexity(model, batches)
         result = PruneResult(sorted(keep), ppl, perplexity(model, batches))
     else:
         result = choose_layers(model, batches, n_layers, method=method, candidates=candidates, progress=progress)
-    student = build_pruned(model, result.keep)
+    student = build_pruned(model.cpu(), result.keep)
     n_params = sum(p.numel() for p in student.parameters())
     save_model_dir(student, tokenizer, out_dir)
     report = {

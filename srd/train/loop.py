@@ -242,6 +242,7 @@ def train_stage(
     epochs: float | None = None,
     max_steps: int | None = -1,
     lr_window: tuple[int, int] | None = None,
+    eval_at_start: bool = True,
     accelerator: Any = None,
     progress: bool = True,
     desc: str = "train",
@@ -341,6 +342,8 @@ def train_stage(
         metrics = evaluate_dev(module, teacher, tokenizer, cfg, dev_enc, dev_examples, spec, acc)
         key = metrics.get("dev_rougeL", -metrics.get("dev_loss", float("nan")))
         improved = state["best_metric"] is None or key > state["best_metric"]
+        state["last_eval"] = {"step": step, **metrics}
+        state.setdefault("first_eval", state["last_eval"])
         if improved:
             state.update(best_metric=key, best_step=step)
         if acc.is_main_process:
@@ -354,7 +357,7 @@ def train_stage(
         acc.print(f"[{desc}] step {step}: {msg}")
 
     start = state["step"]
-    if start == 0 and cfg.dev_eval.num_examples and latest is None:
+    if start == 0 and eval_at_start and latest is None:
         run_eval(0)  # the starting point, for before/after comparisons
     stop_at = (
         plan.total_steps if tcfg.stop_after_steps is None else min(plan.total_steps, start + tcfg.stop_after_steps)
@@ -440,6 +443,8 @@ def train_stage(
         "wall_time_s": round(state["elapsed_s"], 3),
         "tokens": state["tokens"],
         "best_metric": state["best_metric"],
+        "first_eval": state.get("first_eval"),
+        "last_eval": state.get("last_eval"),
         "best_step": state["best_step"],
     }
     if summary["complete"] and acc.is_main_process:

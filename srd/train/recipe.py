@@ -51,12 +51,19 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def load_models(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """(student, teacher or None, tokenizer); tokenizers checked before any compute."""
+def load_models(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[Any, Any, Any]:
+    """(student, teacher or None, tokenizer); tokenizers checked before any compute.
+
+    The teacher is loaded when `need_teacher` (default: loss.alpha < 1, i.e. some KD term).
+    """
     m = cfg.model
     tokenizer = load_tokenizer(m.student, trust_remote_code=m.trust_remote_code)
     teacher = None
-    if m.teacher is not None and cfg.loss.alpha < 1.0:
+    if need_teacher is None:
+        need_teacher = cfg.loss.alpha < 1.0
+    if need_teacher:
+        if m.teacher is None:
+            raise ConfigError("this run has a KD term (alpha < 1) but model.teacher is null; name a teacher")
         check_tokenizers(load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code), tokenizer)
         teacher = load_model(m.teacher, trust_remote_code=m.trust_remote_code)
     student = load_model(m.student, trust_remote_code=m.trust_remote_code)
