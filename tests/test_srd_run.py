@@ -223,3 +223,11 @@ def test_global_lr_schedule_and_re_reflection(tmp_path, tiny_models, srd_data):
         for d in ("reflection", "reflection-stage-2", "reflection-stage-3")
     ]
     assert len(set(meta)) == 3  # three different students did the reflecting
+
+
+def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data):
+    args = _args("reflect", tiny_models, srd_data, tmp_path)
+    args = [a if not a.startswith("model.teacher=") else f"model.teacher={tmp_path / 'no-such-teacher'}" for a in args]
+    assert main(args) == 0  # reflection only needs the student
+    args[0] = "run"
+    assert main(args) == 2  # the curriculum's KD stages do need it
