@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 OVERRIDE_HELP = (
     "dotted overrides applied after the YAML file, e.g. train.lr=1e-4 loss.divergence=rkl data.train_limit=200 "
@@ -64,6 +65,58 @@ def _parser() -> argparse.ArgumentParser:
     rf.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     rf.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a model or a run on benchmarks (ROUGE-L, BLEU, GSM8K accuracy, MBPP pass@1)",
+        description="Generate answers on each benchmark and score them. Instruction-following sets sample at "
+        "temperature 1 over --seeds (the paper: 10 20 30 40 50) unless --greedy; summarisation, translation, "
+        "math and code are greedy. Writes per-example JSONL and summary.json/summary.md to --out (default: "
+        "RUN/eval/<sampled|greedy>/ for a run directory). Finished benchmarks are reused when rerun.",
+    )
+    ev.add_argument("target", help="run directory (its final model), model folder, .gguf, Hub id or bundled alias")
+    ev.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=["dolly-eval", "self-inst"],
+        help="named benchmarks (dolly-eval self-inst xsum samsum iwslt17-en-de gsm8k mbpp) or data "
+        "files/sets scored with ROUGE-L (default: dolly-eval self-inst)",
+    )
+    ev.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[10, 20, 30, 40, 50],
+        help="sampling seeds for instruction-following sets (default: 10 20 30 40 50)",
+    )
+    ev.add_argument("--greedy", action="store_true", help="greedy decoding everywhere (no seeds)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
+    ev.add_argument("--out", default=None, help="output folder")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="override each benchmark's token budget")
+    ev.add_argument("--prompt-format", choices=["alpaca", "chat"], default="alpaca", help="prompt template")
+    ev.add_argument("--no-repeat-ngram-size", type=int, default=0, help="(default 0: off, as the paper's eval)")
+    ev.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare evaluated runs: scores, average, relative gain, wall time, Wilcoxon p-values",
+        description="A table like the SRD paper's Table 1 for runs evaluated with `srd eval`: per-benchmark "
+        "scores, their average, the gain relative to the first run, wall-clock training time and its reduction, "
+        "and a Wilcoxon signed-rank test on per-example scores against the first run.",
+    )
+    cmp.add_argument("runs", nargs="+", help="run directories (the first is the reference, e.g. the KD baseline)")
+    cmp.add_argument("--eval", default="sampled", help="which eval folder of each run: sampled or greedy")
+    cmp.add_argument("--out", default=None, help="also write the table to this markdown file")
+
+    rep = sub.add_parser(
+        "report",
+        help="write RUN/report.md with plots of reflection, curriculum, training and evaluation",
+        description="Markdown report with PNG plots: reflection score distributions and the selection cut, "
+        "stage sizes, the tau/alpha schedule, training loss and dev ROUGE-L across stages, evaluation results.",
+    )
+    rep.add_argument("run", help="run directory")
+
     c = sub.add_parser(
         "config",
         help="print the resolved config of a recipe",
@@ -115,13 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from srd.data.example import DataError
     from srd.models.load import ModelError
     from srd.reflect.reflect import ReflectionError
+    from srd.report import ReportError
 
     if args.command is None:
         _parser().print_help()
         return 2
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ModelError, ReflectionError) as e:
+    except (ConfigError, DataError, ModelError, ReflectionError, ReportError) as e:
         print(f"srd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -147,6 +201,24 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         results = run_pipeline(cfg, progress=not args.no_progress)
         return 0 if results["complete"] or cfg.train.stop_after_steps else 1
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "compare":
+        from srd.report import compare_runs
+
+        table = compare_runs([Path(r) for r in args.runs], eval_name=args.eval)
+        print(table, end="")
+        if args.out:
+            from srd.utils import atomic_write_text
+
+            atomic_write_text(args.out, table)
+        return 0
+    if args.command == "report":
+        from srd.report import write_report
+
+        path = write_report(Path(args.run))
+        print(f"report: {path}")
+        return 0
     if args.command == "config":
         from srd.config import dump_config, load_config
 
@@ -185,6 +257,43 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:6s} {doc}")
         return 0
     raise AssertionError(args.command)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from srd.eval.evaluate import evaluate, resolve_eval_target, summary_markdown
+    from srd.models import load_model, load_tokenizer
+    from srd.train.loop import make_accelerator
+
+    acc = make_accelerator("auto")
+    model_spec, run_dir = resolve_eval_target(args.target)
+    mode = "greedy" if args.greedy else "sampled"
+    if args.out:
+        out = Path(args.out)
+    elif run_dir is not None:
+        out = run_dir / "eval" / mode
+    else:
+        out = Path("runs") / "eval" / f"{Path(model_spec).name or model_spec}-{mode}"
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec).eval()
+    summary = evaluate(
+        model,
+        tokenizer,
+        args.benchmarks,
+        out,
+        seeds=None if args.greedy else args.seeds,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        fmt=args.prompt_format,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        accelerator=acc,
+        progress=not args.no_progress,
+    )
+    if acc.is_main_process:
+        print(summary_markdown(summary), end="")
+        print(f"results: {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def example_from_row(
     elif not isinstance(out, str):
         raise DataError(f"{where}: field 'output' must be a string or a list of strings, got {type(out).__name__}")
     ex_id = str(row.get("id", row.get("task_id", f"{Path(source).stem}-{line}")))
-    meta = {k: v for k, v in row.items() if k in ("topic", "category", "task_id", "test_list")}
+    meta = {k: v for k, v in row.items() if k in ("topic", "category", "task_id", "test_list", "test_setup_code")}
     return Example(id=ex_id, instruction=values["instruction"], input=inp, output=out, meta=meta)
 
 

@@ -23,5 +23,20 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
 
 
+def corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing).
+
+    `references[i]` holds the references of prediction i (any number per prediction).
+    """
+    import sacrebleu
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
+    n_refs = max(len(r) for r in references)
+    # sacrebleu wants one stream per reference position; pad short lists with their first item
+    streams = [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(n_refs)]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")

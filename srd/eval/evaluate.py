@@ -1,0 +1,182 @@
+"""`srd eval`: generate on benchmarks, score, and save per-example and summary results.
+
+Layout under the output folder (a run's `eval/` by default):
+    <benchmark>/seed-<S>.jsonl | greedy.jsonl   one row per example: id, prediction, score
+    summary.json, summary.md                    mean per seed, mean and std over seeds, wall time
+
+Finished (benchmark, seed) files are reused when the command is rerun, so an interrupted
+evaluation continues. Prompts are sharded over accelerate processes and gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from srd.data.prompts import encode_prompt
+from srd.data.sources import load_examples
+from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
+from srd.eval.generate import generate_responses
+from srd.utils import atomic_write_json, atomic_write_text
+
+PAPER_SEEDS = (10, 20, 30, 40, 50)
+
+
+def resolve_eval_target(target: str) -> tuple[str, Path | None]:
+    """(model spec, run directory or None). A run directory evaluates its final model."""
+    path = Path(target)
+    if (path / "results.json").exists():
+        return json.loads((path / "results.json").read_text())["final_model"], path
+    if (path / "done.json").exists() and (path / "final").exists():
+        return str(path / "final"), path
+    return target, None
+
+
+def _run_one(
+    model: Any,
+    tokenizer: Any,
+    bench: Benchmark,
+    examples: Sequence[Any],
+    seed: int | None,
+    *,
+    fmt: str,
+    max_prompt_len: int,
+    batch_size: int,
+    max_new_tokens: int | None,
+    no_repeat_ngram_size: int,
+    accelerator: Any,
+    progress: bool,
+) -> tuple[list[str], float]:
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(examples)))[rank::world]
+    prompts = [encode_prompt(tokenizer, examples[i], fmt, max_prompt_len) for i in mine]
+    t0 = time.perf_counter()
+    outs = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens or bench.max_new_tokens,
+        batch_size=batch_size,
+        do_sample=seed is not None,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        stop_strings=bench.stop_strings,
+        seed=None if seed is None else seed + rank,
+        progress=progress and accelerator.is_main_process,
+        desc=f"{bench.name} {'greedy' if seed is None else seed}",
+    )
+    pairs = gather_object(list(zip(mine, outs)))
+    elapsed = max(gather_object([time.perf_counter() - t0]))
+    predictions = [""] * len(examples)
+    for i, text in pairs:
+        predictions[i] = text
+    return predictions, elapsed
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    benchmarks: Sequence[str],
+    out_dir: Path,
+    *,
+    seeds: Sequence[int] | None,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    fmt: str = "alpaca",
+    max_prompt_len: int = 256,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    no_repeat_ngram_size: int = 0,
+    accelerator: Any,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on every benchmark; `seeds=None` forces greedy decoding everywhere."""
+    out_dir = Path(out_dir)
+    model.to(accelerator.device)
+    summary_path = out_dir / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.setdefault("benchmarks", {})
+    for spec in benchmarks:
+        bench = resolve_benchmark(spec)
+        examples = [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
+        runs = list(seeds) if (seeds is not None and bench.sampling) else [None]
+        entry = summary["benchmarks"].get(bench.name, {})
+        if entry.get("n") != len(examples):
+            entry = {}
+        entry.update(
+            describe(bench),
+            n=len(examples),
+            per_seed=entry.get("per_seed", {}),
+            wall_time_s=entry.get("wall_time_s", {}),
+        )
+        for seed in runs:
+            key = "greedy" if seed is None else f"seed-{seed}"
+            rows_path = out_dir / bench.name / f"{key}.jsonl"
+            if rows_path.exists() and key in entry["per_seed"]:
+                continue  # finished earlier
+            preds, elapsed = _run_one(
+                model,
+                tokenizer,
+                bench,
+                examples,
+                seed,
+                fmt=fmt,
+                max_prompt_len=max_prompt_len,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                accelerator=accelerator,
+                progress=progress,
+            )
+            if accelerator.is_main_process:
+                scores = score_examples(bench, examples, preds)
+                atomic_write_text(
+                    rows_path,
+                    "".join(
+                        json.dumps({"id": ex.id, "prediction": p, "score": s}) + "\n"
+                        for ex, p, s in zip(examples, preds, scores)
+                    ),
+                )
+                entry["per_seed"][key] = aggregate(bench, examples, preds, scores)
+                entry["wall_time_s"][key] = round(elapsed, 3)
+        values = list(entry["per_seed"].values())
+        entry["mean"] = statistics.fmean(values) if values else float("nan")
+        entry["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary["benchmarks"][bench.name] = entry
+        if accelerator.is_main_process:
+            atomic_write_json(summary_path, summary)
+            atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
+        accelerator.wait_for_everyone()
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| benchmark | metric | n | decoding | score | std over seeds | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in summary["benchmarks"].items():
+        decoding = ", ".join(e["per_seed"]) or "-"
+        wall = sum(e["wall_time_s"].values())
+        lines.append(
+            f"| {name} | {e['metric']} | {e['n']} | {decoding} | {e['mean']:.2f} | {e['std']:.2f} | {wall:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_example_scores(eval_dir: Path, bench: str) -> dict[str, float]:
+    """Per-example score averaged over the seeds (or greedy) of one benchmark."""
+    totals: dict[str, list[float]] = {}
+    for path in sorted((eval_dir / bench).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            totals.setdefault(row["id"], []).append(float(row["score"]))
+    return {k: statistics.fmean(v) for k, v in totals.items()}

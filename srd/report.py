@@ -1,0 +1,283 @@
+"""`srd compare` (a Table-1-style comparison of runs) and `srd report` (markdown + plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from srd.eval.evaluate import load_example_scores
+from srd.utils import atomic_write_text
+
+
+class ReportError(ValueError):
+    """A run directory lacks what a comparison or report needs; the message says what to run."""
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_wall_time(run: Path) -> float | None:
+    """Wall-clock seconds of a run's training (reflection included for srd run)."""
+    if (run / "results.json").exists():
+        return float(_read_json(run / "results.json")["total_s"])
+    if (run / "done.json").exists():
+        return float(_read_json(run / "done.json")["wall_time_s"])
+    return None
+
+
+def _eval_summary(run: Path, eval_name: str) -> dict[str, Any]:
+    path = run / "eval" / eval_name / "summary.json"
+    if not path.exists():
+        raise ReportError(f"{path} does not exist: evaluate the run first (srd eval {run})")
+    return _read_json(path)
+
+
+def wilcoxon_p(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
+    """Two-sided Wilcoxon signed-rank p-value on paired per-example scores (ids in both)."""
+    from scipy.stats import wilcoxon
+
+    ids = sorted(set(a) & set(b))
+    diffs = [b[i] - a[i] for i in ids]
+    if not ids or all(d == 0 for d in diffs):
+        return 1.0, len(ids)
+    return float(wilcoxon(diffs).pvalue), len(ids)
+
+
+def compare_runs(runs: list[Path], *, eval_name: str = "sampled") -> str:
+    """Markdown: scores per benchmark, average, gain and time reduction vs the first run, p-values."""
+    summaries = [_eval_summary(r, eval_name) for r in runs]
+    benches = list(dict.fromkeys(b for s in summaries for b in s["benchmarks"]))
+    ref = runs[0]
+    ref_avg: float | None = None
+    ref_time = train_wall_time(ref)
+    head = ["run", *benches, "average", "gain vs " + ref.name, "train time (s)", "time vs " + ref.name]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, s in zip(runs, summaries):
+        scores = [s["benchmarks"].get(b, {}).get("mean") for b in benches]
+        valid = [x for x in scores if x is not None and not math.isnan(x)]
+        avg = sum(valid) / len(valid) if len(valid) == len(benches) and valid else float("nan")
+        if ref_avg is None:
+            ref_avg = avg
+        gain = "-" if run == ref else f"{100 * (avg - ref_avg) / ref_avg:+.1f}%" if ref_avg else "n/a"
+        t = train_wall_time(run)
+        reduction = "-" if run == ref or not (t and ref_time) else f"{100 * (t - ref_time) / ref_time:+.1f}%"
+        cells = [
+            run.name,
+            *[("-" if x is None else f"{x:.2f}") for x in scores],
+            f"{avg:.2f}",
+            gain,
+            "-" if t is None else f"{t:.0f}",
+            reduction,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Wilcoxon signed-rank test vs {ref.name} on per-example scores (mean over seeds):",
+        "",
+        "| run | " + " | ".join(benches) + " |",
+        "|" + "---|" * (len(benches) + 1),
+    ]
+    ref_eval = ref / "eval" / eval_name
+    for run in runs[1:]:
+        cells = []
+        for b in benches:
+            a, c = load_example_scores(ref_eval, b), load_example_scores(run / "eval" / eval_name, b)
+            p, n = wilcoxon_p(a, c)
+            cells.append(f"p = {p:.3g} (n = {n})" if n else "-")
+        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# report
+
+
+def _stage_dirs(run: Path) -> list[Path]:
+    stages = run / "stages"
+    if stages.exists():
+        found = sorted((d for d in stages.iterdir() if d.is_dir()), key=lambda d: (d.name != "baseline", d.name))
+        return [d for d in found if (d / "logs").exists()]
+    return [run] if (run / "logs").exists() else []
+
+
+def _plot_reflection(run: Path, plots: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    manifest = _read_jsonl(run / "reflection" / "manifest.jsonl")
+    if not manifest:
+        return []
+    scorers = list(manifest[0]["scores"])
+    kept = [r for r in manifest if r["kept"]]
+    cut = min(r["fused"] for r in kept) if kept else None
+    fig, axes = plt.subplots(1, len(scorers) + 1, figsize=(4.5 * (len(scorers) + 1), 3.6))
+    for ax, s in zip(axes, scorers):
+        ax.hist(
+            [[r["scores"][s] for r in manifest if r["kept"]], [r["scores"][s] for r in manifest if not r["kept"]]],
+            bins=20,
+            stacked=True,
+            label=["kept", "dropped"],
+            color=["tab:blue", "tab:gray"],
+        )
+        ax.set_title(f"reflection score: {s}")
+        ax.set_xlabel(s + (" (x100)" if s == "rouge_l" else " (nats/token)" if s == "ce" else ""))
+        ax.set_ylabel("examples")
+        ax.legend()
+    ax = axes[-1]
+    ax.hist([r["fused"] for r in manifest], bins=20, color="tab:green")
+    if cut is not None:
+        ax.axvline(cut, color="red", linestyle="--", label=f"selection cut ({len(kept)}/{len(manifest)} kept)")
+        ax.legend()
+    ax.set_title("fused score (reciprocal rank fusion)")
+    ax.set_xlabel("sum 1/(k + rank); higher = easier")
+    ax.set_ylabel("examples")
+    fig.tight_layout()
+    fig.savefig(plots / "reflection_scores.png", dpi=110)
+    plt.close(fig)
+    stages = sorted({r["stage"] for r in kept})
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.bar([str(s) for s in stages], [sum(r["stage"] == s for r in kept) for s in stages], color="tab:blue")
+    ax.set_title("curriculum slice sizes")
+    ax.set_xlabel("stage (easy -> hard)")
+    ax.set_ylabel("examples in the slice")
+    fig.tight_layout()
+    fig.savefig(plots / "stage_sizes.png", dpi=110)
+    plt.close(fig)
+    return ["reflection_scores.png", "stage_sizes.png"]
+
+
+def _plot_training(run: Path, plots: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    dirs = _stage_dirs(run)
+    if not dirs:
+        return []
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    offset, boundaries, dev_x, dev_y, taus, alphas = 0, [], [], [], [], []
+    for d in dirs:
+        rows = _read_jsonl(d / "logs" / "train.jsonl")
+        ax1.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=d.name, linewidth=1)
+        for e in _read_jsonl(d / "logs" / "eval.jsonl"):
+            if "dev_rougeL" in e:
+                dev_x.append(offset + e["step"])
+                dev_y.append(e["dev_rougeL"])
+        if rows:
+            taus.append(rows[0]["tau"])
+            alphas.append(rows[0]["alpha"])
+            offset += rows[-1]["step"]
+            boundaries.append(offset)
+    for b in boundaries[:-1]:
+        ax1.axvline(b, color="gray", linestyle=":")
+        ax2.axvline(b, color="gray", linestyle=":")
+    ax1.set_title("training loss")
+    ax1.set_xlabel("optimizer step (all stages)")
+    ax1.set_ylabel("alpha CE + (1-alpha) tau^2 D")
+    ax1.legend(fontsize=8)
+    ax2.plot(dev_x, dev_y, marker="o")
+    ax2.set_title("dev ROUGE-L (greedy)")
+    ax2.set_xlabel("optimizer step (all stages)")
+    ax2.set_ylabel("ROUGE-L F x100")
+    fig.tight_layout()
+    fig.savefig(plots / "training.png", dpi=110)
+    plt.close(fig)
+    names = ["training.png"]
+    if len(taus) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        xs = list(range(1, len(taus) + 1))
+        ax.plot(xs, taus, marker="o", label="tau (temperature)")
+        ax.plot(xs, alphas, marker="s", label="alpha (CE weight)")
+        ax.set_xticks(xs)
+        ax.set_title("per-stage schedule")
+        ax.set_xlabel("stage")
+        ax.set_ylabel("value")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plots / "schedule.png", dpi=110)
+        plt.close(fig)
+        names.append("schedule.png")
+    return names
+
+
+def _plot_eval(run: Path, plots: Path) -> tuple[list[str], list[str]]:
+    import matplotlib.pyplot as plt
+
+    tables, names = [], []
+    for folder in sorted((run / "eval").glob("*/summary.json")) if (run / "eval").exists() else []:
+        summary = _read_json(folder)
+        benches = list(summary["benchmarks"])
+        tables.append(f"**{folder.parent.name}**\n\n" + (folder.parent / "summary.md").read_text())
+        fig, ax = plt.subplots(figsize=(1.6 * len(benches) + 2, 3.4))
+        means = [summary["benchmarks"][b]["mean"] for b in benches]
+        stds = [summary["benchmarks"][b]["std"] for b in benches]
+        ax.bar(benches, means, yerr=stds, capsize=4, color="tab:purple")
+        ax.set_title(f"evaluation ({folder.parent.name})")
+        ax.set_ylabel("score (ROUGE-L / BLEU / accuracy / pass@1, x100)")
+        fig.tight_layout()
+        name = f"eval_{folder.parent.name}.png"
+        fig.savefig(plots / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names, tables
+
+
+def write_report(run: Path) -> Path:
+    """Write run/report.md and run/report/*.png; returns the markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if not (run / "config.yaml").exists():
+        raise ReportError(f"{run} is not a run directory (no config.yaml)")
+    plots = run / "report"
+    plots.mkdir(parents=True, exist_ok=True)
+    md = [f"# Report: {run.name}", ""]
+    if (run / "results.json").exists():
+        res = _read_json(run / "results.json")
+        md += [
+            f"Method **{res['method']}**, divergence **{res['divergence']}**, {res['examples']} training examples.",
+            "",
+            f"Wall time: total {res['total_s']:.0f} s = reflection {res['reflection_s']:.0f} s + "
+            f"training {res['train_s']:.0f} s; {res['sample_passes']:.0f} sample passes.",
+            "",
+            "| stage | examples | steps | tau | alpha | wall time (s) | dev ROUGE-L after |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in res["stages"]:
+            dev = (s.get("last_eval") or {}).get("dev_rougeL")
+            md.append(
+                f"| {s['stage']} | {s['examples']} | {s['steps']} | {s['tau']:.2f} | {s['alpha']:.2f} | "
+                f"{s['wall_time_s']:.0f} | {'-' if dev is None else f'{dev:.2f}'} |"
+            )
+        md.append("")
+    if (run / "reflection" / "summary.json").exists():
+        rs = _read_json(run / "reflection" / "summary.json")
+        md += [
+            "## Reflection",
+            "",
+            f"{rs['kept']} of {rs['examples']} examples kept; slice sizes "
+            f"{rs['stage_sizes']}; {rs['wall_time_s']:.0f} s.",
+            "",
+            "| score | min | median | mean | max |",
+            "|---|---|---|---|---|",
+        ]
+        for s in rs["scorers"]:
+            d = rs[s]
+            md.append(f"| {s} | {d['min']:.2f} | {d['median']:.2f} | {d['mean']:.2f} | {d['max']:.2f} |")
+        for pair, rho in rs.get("spearman_rank_correlation", {}).items():
+            md += ["", f"Spearman rank correlation {pair}: {rho:.3f}."]
+        md.append("")
+    images = _plot_reflection(run, plots) + _plot_training(run, plots)
+    eval_images, eval_tables = _plot_eval(run, plots)
+    if eval_tables:
+        md += ["## Evaluation", "", *eval_tables]
+    md += ["## Plots", ""] + [f"![{name}](report/{name})" for name in images + eval_images] + [""]
+    path = run / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path

@@ -1,0 +1,84 @@
+"""`srd eval`, `srd compare` and `srd report` end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from srd.cli import main
+from srd.report import wilcoxon_p
+from tests.test_srd_run import _args, srd_data  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def two_runs(tmp_path, tiny_models, srd_data):  # noqa: F811
+    assert main(_args("run", tiny_models, srd_data, tmp_path / "kd", "method=baseline", "train.epochs=1")) == 0
+    assert main(_args("run", tiny_models, srd_data, tmp_path / "srd")) == 0
+    return tmp_path / "kd" / "x", tmp_path / "srd" / "x"
+
+
+def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F811
+    kd, srd = two_runs
+    for run in (kd, srd):
+        args = [
+            "eval",
+            str(run),
+            "--benchmarks",
+            str(srd_data["dev"]),
+            "gsm8k",
+            "--limit",
+            "3",
+            "--seeds",
+            "10",
+            "20",
+            "--max-new-tokens",
+            "5",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+        (tmp_path / "data" / "gsm8k").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "gsm8k" / "test.jsonl").write_text(
+            "".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(3))
+        )
+        assert main(args) == 0
+        out = run / "eval" / "sampled"
+        summary = json.loads((out / "summary.json").read_text())
+        assert set(summary["benchmarks"]) == {"dev", "gsm8k"}
+        dev = summary["benchmarks"]["dev"]
+        assert set(dev["per_seed"]) == {"seed-10", "seed-20"} and dev["n"] == 3
+        assert summary["benchmarks"]["gsm8k"]["per_seed"].keys() == {"greedy"}  # math is greedy
+        rows = [json.loads(x) for x in (out / "dev" / "seed-10.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all({"id", "prediction", "score"} <= set(r) for r in rows)
+        assert (out / "summary.md").read_text().startswith("| benchmark |")
+    # rerunning reuses the finished files
+    mtime = (srd / "eval" / "sampled" / "dev" / "seed-10.jsonl").stat().st_mtime
+    assert main(args) == 0
+    assert (srd / "eval" / "sampled" / "dev" / "seed-10.jsonl").stat().st_mtime == mtime
+    capsys.readouterr()
+    assert main(["compare", str(kd), str(srd), "--out", str(tmp_path / "table.md")]) == 0
+    table = capsys.readouterr().out
+    assert "| run | dev | gsm8k | average |" in table and "Wilcoxon" in table and "p = " in table
+    assert (tmp_path / "table.md").read_text() == table
+    assert main(["report", str(srd)]) == 0
+    report = (srd / "report.md").read_text()
+    for png in ("reflection_scores.png", "stage_sizes.png", "training.png", "schedule.png", "eval_sampled.png"):
+        assert (srd / "report" / png).stat().st_size > 5000 and png in report
+    assert "## Reflection" in report and "## Evaluation" in report
+
+
+def test_compare_without_eval_is_a_clear_error(tmp_path, two_runs, capsys):
+    kd, srd = two_runs
+    assert main(["compare", str(kd), str(srd)]) == 2
+    assert "srd eval" in capsys.readouterr().err
+
+
+def test_wilcoxon_p():
+    a = {str(i): float(i) for i in range(20)}
+    assert wilcoxon_p(a, dict(a)) == (1.0, 20)
+    better = {k: v + 1 + (int(k) % 3) for k, v in a.items()}
+    p, n = wilcoxon_p(a, better)
+    assert n == 20 and p < 0.001
