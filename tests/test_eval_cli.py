@@ -82,3 +82,53 @@ def test_wilcoxon_p():
     better = {k: v + 1 + (int(k) % 3) for k, v in a.items()}
     p, n = wilcoxon_p(a, better)
     assert n == 20 and p < 0.001
+
+
+@pytest.mark.slow
+def test_eval_sharded_over_two_processes_matches_one(tmp_path, tiny_models, srd_data):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def args(out):
+        return [
+            "eval",
+            str(tiny_models["llama-student"]),
+            "--benchmarks",
+            str(srd_data["train"]),
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29519",
+        "-m",
+        "srd.cli",
+        *args(tmp_path / "two"),
+    ]
+    proc = subprocess.run(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "one")) == 0
+    one = (tmp_path / "one" / "train" / "greedy.jsonl").read_text()
+    two = (tmp_path / "two" / "train" / "greedy.jsonl").read_text()
+    assert one == two and len(one.splitlines()) == 20
