@@ -127,3 +127,33 @@ def _reset_accelerate_state():
         PartialState._reset_state()
     except Exception:
         pass
+
+
+def run_cli_in_processes(args: list[str], n: int = 2, port: int = 29517):
+    """Run `srd ARGS` in n CPU processes (gloo) with torchrun; returns the CompletedProcess.
+
+    `accelerate launch --cpu` starts a single process on this toolchain, so tests use torchrun.
+    """
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_port",
+        str(port),
+        "-m",
+        "srd.cli",
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+    )

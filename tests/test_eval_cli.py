@@ -8,6 +8,7 @@ import pytest
 
 from srd.cli import main
 from srd.report import wilcoxon_p
+from tests.conftest import run_cli_in_processes
 from tests.test_srd_run import _args, srd_data  # noqa: F401  (fixture)
 
 
@@ -86,10 +87,6 @@ def test_wilcoxon_p():
 
 @pytest.mark.slow
 def test_eval_sharded_over_two_processes_matches_one(tmp_path, tiny_models, srd_data):  # noqa: F811
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     def args(out):
         return [
@@ -107,26 +104,7 @@ def test_eval_sharded_over_two_processes_matches_one(tmp_path, tiny_models, srd_
             str(out),
         ]
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29519",
-        "-m",
-        "srd.cli",
-        *args(tmp_path / "two"),
-    ]
-    proc = subprocess.run(
-        cmd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).parents[1],
-    )
+    proc = run_cli_in_processes(args(tmp_path / "two"), port=29519)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(args(tmp_path / "one")) == 0
     one = (tmp_path / "one" / "train" / "greedy.jsonl").read_text()

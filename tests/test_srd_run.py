@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import srd.reflect.reflect as reflect_mod
 from srd.cli import main
-from tests.conftest import ROWS
+from tests.conftest import ROWS, run_cli_in_processes
 
 
 @pytest.fixture
@@ -175,20 +172,7 @@ def test_srd_run_resumes_inside_a_stage(tmp_path, tiny_models, srd_data):
 def test_two_processes_give_the_same_manifest(tmp_path, tiny_models, srd_data):
     """Prompts are sharded over 2 CPU processes (gloo) and gathered: same manifest as 1 process."""
     args = _args("reflect", tiny_models, srd_data, tmp_path / "two")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "srd.cli",
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    proc = run_cli_in_processes(args, port=29517)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two" / "x" / "reflection"
     assert len(list(two.glob("outputs.rank*.jsonl"))) == 2
