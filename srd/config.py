@@ -47,7 +47,9 @@ class DataConfig:
     """Training and dev data: a named set (`dolly`, `dolly-dev`, `gsm8k`, ...), a local
     .jsonl/.json file, or `hf:<hub id>[:split]`. See `srd.data.sources`."""
 
-    train: str = "dolly"
+    # one data spec, or a list of them mixed together (ids get a "<spec>:" prefix;
+    # train_limit then applies to each) -- e.g. [gsm8k, samsum, xsum] for healing data
+    train: str | list[str] = "dolly"
     dev: str | None = "dolly-dev"
     train_limit: int | None = None  # keep only the first N training rows
     dev_limit: int | None = 200  # rows of dev used for the dev loss
@@ -57,6 +59,7 @@ class DataConfig:
     max_len: int = 512  # prompt + response tokens
 
     def __post_init__(self) -> None:
+        _check(bool(self.train), "data.train must name at least one data set")
         _check(self.max_prompt_len > 0, "data.max_prompt_len must be > 0")
         _check(
             self.max_len > self.max_prompt_len,

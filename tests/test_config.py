@@ -94,3 +94,11 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_parse_overrides_keeps_paths_as_strings():
     assert parse_overrides(["model.student=runs/x/final"]) == [("model.student", "runs/x/final")]
+
+
+def test_train_data_may_be_a_list():
+    cfg = load_config(None, ["data.train=[gsm8k, samsum, xsum]"])
+    assert cfg.data.train == ["gsm8k", "samsum", "xsum"]
+    assert load_config(None, ["data.train=dolly"]).data.train == "dolly"
+    with pytest.raises(ConfigError, match="at least one"):
+        load_config(None, ["data.train=[]"])

@@ -212,3 +212,16 @@ def test_bucketed_batches_cover_everything_once_and_are_deterministic():
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
     assert waste(a) < 0.5 * waste(bucketed_batches(lengths, 8, seed=1, epoch=0, bucket_size=1))
+
+
+def test_load_mixture_prefixes_ids_and_limits_each_set(tmp_path):
+    from srd.data import load_mixture
+
+    a = _write(tmp_path / "a.jsonl", [{"id": i, "instruction": f"a{i}", "output": "x"} for i in range(3)])
+    b = _write(tmp_path / "b.jsonl", [{"id": i, "instruction": f"b{i}", "output": "y"} for i in range(3)])
+    mixed = load_mixture([str(a), str(b)], limit=2)
+    assert [e.id for e in mixed] == ["a:0", "a:1", "b:0", "b:1"]
+    assert [e.instruction for e in mixed] == ["a0", "a1", "b0", "b1"]
+    assert [e.id for e in load_mixture(str(a))] == ["0", "1", "2"]  # a single spec keeps its ids
+    with pytest.raises(DataError, match="repeated ids"):
+        load_mixture([str(a), str(a)])

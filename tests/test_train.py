@@ -128,3 +128,12 @@ def test_cli_help_and_config(capsys):
     assert "lr: 0.0003" in capsys.readouterr().out
     assert main(["divergences"]) == 0
     assert "srkl" in capsys.readouterr().out
+
+
+def test_training_on_a_mixture_of_sets(tmp_path, tiny_models, tiny_data):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"instruction": "Say yes.", "output": "yes"}\n{"instruction": "Say no.", "output": "no"}\n')
+    args = _args(tiny_models, tiny_data, tmp_path, "llama", f"data.train=[{tiny_data['train']}, {other}]")
+    assert main(args) == 0
+    done = json.loads((tmp_path / "t" / "done.json").read_text())
+    assert done["examples"] == 8 + 2

@@ -2,7 +2,7 @@
 
 from srd.data.example import DataError, Example, read_examples
 from srd.data.prompts import encode_prompt, render_prompt
-from srd.data.sources import NAMED_SETS, load_examples, load_hub
+from srd.data.sources import NAMED_SETS, load_examples, load_hub, load_mixture
 from srd.data.tokenize import IGNORE_INDEX, Encoded, bucketed_batches, collate, encode_example, encode_examples
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "encode_prompt",
     "load_examples",
     "load_hub",
+    "load_mixture",
     "read_examples",
     "render_prompt",
 ]

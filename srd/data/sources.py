@@ -207,3 +207,23 @@ def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None =
         f"data spec {spec!r} is not a named set, a .jsonl/.json file, or hf:<id>[:config]:split; "
         f"named sets: {', '.join(sorted(NAMED_SETS))}"
     )
+
+
+def load_mixture(specs: str | list[str], *, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+    """One data spec, or several concatenated; with several, ids become "<spec>:<id>" so
+    they stay unique, and `limit` applies to each set."""
+    if isinstance(specs, str):
+        return load_examples(specs, data_dir=data_dir, limit=limit)
+    out: list[Example] = []
+    for spec in specs:
+        name = Path(spec).stem if spec.endswith((".jsonl", ".json")) else spec
+        for ex in load_examples(spec, data_dir=data_dir, limit=limit):
+            out.append(
+                Example(
+                    id=f"{name}:{ex.id}", instruction=ex.instruction, input=ex.input, output=ex.output, meta=ex.meta
+                )
+            )
+    ids = [ex.id for ex in out]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"data sets {specs} give repeated ids after prefixing; give each set a distinct name")
+    return out

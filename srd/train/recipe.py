@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
-from srd.data.sources import load_examples
+from srd.data.sources import load_examples, load_mixture
 from srd.models import check_tokenizers, load_model, load_tokenizer
 from srd.train.loop import make_accelerator, train_stage
 from srd.utils import atomic_write_text
@@ -75,7 +75,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
     student, teacher, tokenizer = load_models(cfg)
-    train = load_examples(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
+    train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
     acc.print(
         f"srd train: {len(train)} training examples from {cfg.data.train}; "
