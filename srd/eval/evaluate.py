@@ -30,7 +30,9 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
     """(model spec, run directory or None). A run directory evaluates its final model."""
     path = Path(target)
     if (path / "results.json").exists():
-        return json.loads((path / "results.json").read_text())["final_model"], path
+        # relative to the run directory, so it works from any working directory
+        last_stage = json.loads((path / "results.json").read_text())["stages"][-1]["stage"]
+        return str(path / "stages" / last_stage / "final"), path
     if (path / "done.json").exists() and (path / "final").exists():
         return str(path / "final"), path
     return target, None
