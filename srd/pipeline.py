@@ -49,16 +49,16 @@ def _reflection_args(cfg: RunConfig) -> dict[str, Any]:
     return {}
 
 
-def _reflect_initial(
-    cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, acc: Any, progress: bool
+def _reflect(
+    cfg: RunConfig, student: Any, tokenizer: Any, train: list, out_dir: Path, acc: Any, progress: bool
 ) -> list[dict[str, Any]]:
-    """Reflection by the initial student into runs/<name>/reflection/."""
+    """Reflection by `student` (as it is now) into `out_dir`."""
     return reflect(
         cfg,
         student=student,
         tokenizer=tokenizer,
         examples=train,
-        out_dir=run_dir / "reflection",
+        out_dir=out_dir,
         accelerator=acc,
         progress=progress,
         **_reflection_args(cfg),
@@ -68,7 +68,7 @@ def _reflect_initial(
 def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
     acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg, need_teacher=False)
-    manifest = _reflect_initial(cfg, student, tokenizer, train, run_dir, acc, progress)
+    manifest = _reflect(cfg, student, tokenizer, train, run_dir / "reflection", acc, progress)
     if acc.is_main_process:
         summary = json.loads((run_dir / "reflection" / "summary.json").read_text())
         acc.print(
@@ -99,7 +99,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         results["reflection_s"] = 0.0
         final = run_dir / "stages" / "baseline" / "final"
     else:
-        manifest = _reflect_initial(cfg, student, tokenizer, train, run_dir, acc, progress)
+        manifest = _reflect(cfg, student, tokenizer, train, run_dir / "reflection", acc, progress)
         results["reflection_s"] = json.loads((run_dir / "reflection" / "summary.json").read_text())["wall_time_s"]
         stages = plan_stages(manifest, cfg.curriculum)
         c = cfg.curriculum
@@ -168,16 +168,7 @@ def _re_reflect(
     cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, index: int, acc: Any, progress: bool
 ) -> list[str]:
     """Re-rank all data with the current student; stage `index` takes slices 1..index of the new ranking."""
-    manifest = reflect(
-        cfg,
-        student=student,
-        tokenizer=tokenizer,
-        examples=train,
-        out_dir=run_dir / f"reflection-stage-{index}",
-        accelerator=acc,
-        progress=progress,
-        **_reflection_args(cfg),
-    )
+    manifest = _reflect(cfg, student, tokenizer, train, run_dir / f"reflection-stage-{index}", acc, progress)
     return list(next(s for s in plan_stages(manifest, cfg.curriculum) if s.index == index).example_ids)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.eval.evaluate import load_example_scores
-from srd.utils import atomic_write_text
+from srd.utils import atomic_write_text, read_jsonl
 
 
 class ReportError(ValueError):
@@ -17,12 +17,6 @@ class ReportError(ValueError):
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def train_wall_time(run: Path) -> float | None:
@@ -112,7 +106,7 @@ def _stage_dirs(run: Path) -> list[Path]:
 def _plot_reflection(run: Path, plots: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    manifest = _read_jsonl(run / "reflection" / "manifest.jsonl")
+    manifest = read_jsonl(run / "reflection" / "manifest.jsonl", missing_ok=True)
     if not manifest:
         return []
     scorers = list(manifest[0]["scores"])
@@ -163,9 +157,9 @@ def _plot_training(run: Path, plots: Path) -> list[str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     offset, boundaries, dev_x, dev_y, taus, alphas = 0, [], [], [], [], []
     for d in dirs:
-        rows = _read_jsonl(d / "logs" / "train.jsonl")
+        rows = read_jsonl(d / "logs" / "train.jsonl", missing_ok=True)
         ax1.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=d.name, linewidth=1)
-        for e in _read_jsonl(d / "logs" / "eval.jsonl"):
+        for e in read_jsonl(d / "logs" / "eval.jsonl", missing_ok=True):
             if "dev_rougeL" in e:
                 dev_x.append(offset + e["step"])
                 dev_y.append(e["dev_rougeL"])

@@ -41,13 +41,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written directory into place, replacing any old one.
 
@@ -113,7 +106,10 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
         f.flush()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped); [] for a missing file when `missing_ok`."""
+    if missing_ok and not os.path.exists(path):
+        return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

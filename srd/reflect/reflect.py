@@ -34,7 +34,7 @@ from srd.eval.generate import generate_responses
 from srd.reflect.fusion import ordinal_ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
 from srd.train.step import features, target_positions
-from srd.utils import atomic_write_json, atomic_write_text
+from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 CHUNK = 64  # examples between flushes to disk
 
@@ -346,4 +346,4 @@ def reflect(
         }
         atomic_write_json(out_dir / "summary.json", summary)
     acc.wait_for_everyone()
-    return [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
+    return read_jsonl(manifest_path)

@@ -38,6 +38,7 @@ from srd.eval.generate import generate_responses
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
+from srd.models.load import dtype_from_name
 from srd.train import checkpoint as ckpt
 from srd.train.step import DistillModule, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
@@ -296,11 +297,8 @@ def train_stage(
     scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
     module, optimizer = acc.prepare(module, optimizer)
     if teacher is not None and alpha < 1.0:
-        teacher_dtype = (
-            torch.bfloat16
-            if (acc.mixed_precision == "bf16" and cfg.model.teacher_dtype == "auto")
-            else {"bfloat16": torch.bfloat16}.get(cfg.model.teacher_dtype, torch.float32)
-        )
+        auto = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+        teacher_dtype = dtype_from_name(cfg.model.teacher_dtype, default=auto)
         teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
 
     ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"

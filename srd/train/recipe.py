@@ -5,7 +5,6 @@ Reads top to bottom: run directory -> models -> data -> train_stage -> summary.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture
-from srd.models import check_tokenizers, load_model, load_tokenizer
+from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.train.loop import make_accelerator, train_stage
 from srd.utils import atomic_write_text
 
@@ -67,6 +66,7 @@ def load_models(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[An
         check_tokenizers(load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code), tokenizer)
         teacher = load_model(m.teacher, trust_remote_code=m.trust_remote_code)
     student = load_model(m.student, trust_remote_code=m.trust_remote_code)
+    aligned_vocab_size(tokenizer, student, *([teacher] if teacher is not None else []))
     return student, teacher, tokenizer
 
 
@@ -98,16 +98,13 @@ def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any], acc: Any) -> None:
-    evals = []
-    log = run_dir / "logs" / "eval.jsonl"
-    if log.exists():
-        evals = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
     state = "finished" if summary["complete"] else f"paused at step {summary['steps']} (rerun to resume)"
     acc.print(f"srd train {state}: {summary['steps']}/{summary['total_steps']} steps, {summary['wall_time_s']:.0f} s")
-    if evals and "dev_rougeL" in evals[0]:
+    if "dev_rougeL" in first and "dev_rougeL" in last:
         acc.print(
-            f"dev ROUGE-L: {evals[0]['dev_rougeL']:.2f} at step {evals[0]['step']} -> "
-            f"{evals[-1]['dev_rougeL']:.2f} at step {evals[-1]['step']}"
+            f"dev ROUGE-L: {first['dev_rougeL']:.2f} at step {first['step']} -> "
+            f"{last['dev_rougeL']:.2f} at step {last['step']}"
         )
     if summary["complete"]:
         acc.print(f"final model: {run_dir / 'final'}; best (by dev metric): {run_dir / 'best'}")
