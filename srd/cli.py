@@ -46,8 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         description="method=srd: the student answers every training prompt, examples are ranked by ROUGE-L and "
         "cross-entropy (reciprocal rank fusion), the easiest reflect.keep_ratio are kept and taught in "
         "curriculum.num_stages cumulative stages with rising tau and falling alpha. method=baseline: plain KD on "
-        "all data with the same code. method=traditional: length + entropy curriculum, no filtering. Writes "
-        "runs/<name>/ (reflection/, stages/, results.json) and resumes when rerun.",
+        "all data with the same code. method=traditional: length + entropy curriculum, no filtering. With "
+        "compare.baseline=true it also trains the plain-KD baseline at 1/compare.step_ratio of SRD's sample "
+        "passes; with eval.benchmarks it evaluates eval.models (teacher, initial, baseline, final) and writes "
+        "comparison.md (Wilcoxon p-values) and report.md. Writes runs/<name>/ (reflection/, stages/, "
+        "results.json, experiment.json) and resumes when rerun.",
     )
     r.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml ('-' for defaults + overrides only)")
     r.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
@@ -154,6 +157,20 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", default=None, help="comma-separated layer indices to keep instead of searching, e.g. 0,1,2,8,29"
     )
     pr.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
+    pr.add_argument(
+        "--heal-steps",
+        type=int,
+        default=0,
+        help="then heal the student with N KD steps (forward KL + CE) on --heal-data (default 0: no healing)",
+    )
+    pr.add_argument(
+        "--heal-data",
+        nargs="+",
+        default=None,
+        help="data sets for healing, disjoint from the distillation set (default: gsm8k samsum xsum)",
+    )
+    pr.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (default 1e-4)")
+    pr.add_argument("--heal-batch-size", type=int, default=8, help="healing sequences per step (default 8)")
 
     sub.add_parser("divergences", help="list the registered divergences")
     return p
@@ -193,13 +210,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if summary["complete"] or cfg.train.stop_after_steps else 1
     if args.command in ("run", "reflect"):
         from srd.config import load_config
-        from srd.pipeline import run_pipeline, run_reflect
+        from srd.experiment import run_experiment
+        from srd.pipeline import run_reflect
 
         cfg = load_config(None if args.config == "-" else args.config, args.overrides)
         if args.command == "reflect":
             run_reflect(cfg, progress=not args.no_progress)
             return 0
-        results = run_pipeline(cfg, progress=not args.no_progress)
+        results = run_experiment(cfg, progress=not args.no_progress)
         return 0 if results["complete"] or cfg.train.stop_after_steps else 1
     if args.command == "eval":
         return _eval(args)
@@ -239,14 +257,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             candidates=args.candidates,
             keep=keep,
             data_dir=args.data_dir,
+            heal_steps=args.heal_steps,
+            heal_data=args.heal_data,
+            heal_lr=args.heal_lr,
+            heal_batch_size=args.heal_batch_size,
         )
+        healed = "healed " if "heal" in report else ""
         print(
-            f"student with layers {report['kept_layers']} ({report['student_parameters'] / 1e6:.1f}M parameters) "
-            f"saved to {args.out}"
+            f"{healed}student with layers {report['kept_layers']} "
+            f"({report['student_parameters'] / 1e6:.1f}M parameters) saved to {args.out}"
         )
+        pruned = f", pruned {report['pruned_perplexity']:.2f} before healing" if "heal" in report else ""
         print(
             f"perplexity on {report['measured_on']}: teacher {report['teacher_perplexity']:.2f}, "
-            f"student {report['student_perplexity']:.2f}"
+            f"student {report['student_perplexity']:.2f}{pruned}"
         )
         return 0
     if args.command == "divergences":

@@ -216,6 +216,50 @@ class CurriculumConfig:
 
 
 @dataclass(kw_only=True)
+class CompareConfig:
+    """`srd run` as a self-contained experiment: also train the plain-KD baseline (same
+    divergence, all the data, loss.tau / loss.alpha) into `<run>/baseline/`."""
+
+    baseline: bool = False
+    # SRD's sample passes / the baseline's; the paper: 8 epochs x (0.25 + 0.5 + 0.75) N = 12 N
+    # vs 20 N, i.e. 0.6. The baseline's epochs are derived from this unless baseline_epochs is set.
+    step_ratio: float = 0.6
+    baseline_epochs: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 < self.step_ratio <= 10, f"compare.step_ratio must be in (0, 10], got {self.step_ratio}")
+        _check(self.baseline_epochs is None or self.baseline_epochs > 0, "compare.baseline_epochs must be > 0")
+
+
+EVAL_MODELS = ("teacher", "initial", "baseline", "final")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation at the end of `srd run` (the same code as `srd eval`). Empty benchmarks = none.
+
+    models: teacher, initial (the student before training), baseline (compare.baseline's
+    KD model) and final (this run's model); results go to each one's `eval/<greedy|sampled>/`."""
+
+    benchmarks: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["final"])
+    limit: int | None = None  # first N rows of each benchmark
+    greedy: bool = False  # True: greedy everywhere; False: the paper's 5 sampled seeds where it samples
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_new_tokens: int | None = None  # default: each benchmark's budget (256 for instruction following)
+    batch_size: int = 16
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        for m in self.models:
+            _check(m in EVAL_MODELS, f"eval.models: {m!r} is not one of {list(EVAL_MODELS)}")
+        _check(self.limit is None or self.limit > 0, "eval.limit must be a positive integer or null")
+        _check(len(self.seeds) > 0, "eval.seeds must list at least one seed")
+        _check(self.max_new_tokens is None or self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")
+        _check(self.batch_size > 0, "eval.batch_size must be > 0")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
@@ -231,9 +275,19 @@ class RunConfig:
     dev_eval: DevEvalConfig = field(default_factory=DevEvalConfig)
     reflect: ReflectConfig = field(default_factory=ReflectConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        _check(
+            not (self.compare.baseline and self.method == "baseline"),
+            "compare.baseline=true trains a KD baseline next to this run, but method is already baseline",
+        )
+        _check(
+            "baseline" not in self.eval.models or self.compare.baseline,
+            "eval.models lists baseline but compare.baseline is false: set compare.baseline=true",
+        )
         _check(
             self.model.teacher is not None or self.loss.alpha == 1.0,
             "model.teacher is null, which only works for plain SFT: set loss.alpha=1.0 or name a teacher",

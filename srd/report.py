@@ -46,16 +46,17 @@ def wilcoxon_p(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
     return float(wilcoxon(diffs).pvalue), len(ids)
 
 
-def compare_runs(runs: list[Path], *, eval_name: str = "sampled") -> str:
+def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[str] | None = None) -> str:
     """Markdown: scores per benchmark, average, gain and time reduction vs the first run, p-values."""
     summaries = [_eval_summary(r, eval_name) for r in runs]
     benches = list(dict.fromkeys(b for s in summaries for b in s["benchmarks"]))
+    names = labels or [r.name for r in runs]
     ref = runs[0]
     ref_avg: float | None = None
     ref_time = train_wall_time(ref)
-    head = ["run", *benches, "average", "gain vs " + ref.name, "train time (s)", "time vs " + ref.name]
+    head = ["run", *benches, "average", "gain vs " + names[0], "train time (s)", "time vs " + names[0]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run, s in zip(runs, summaries):
+    for run, name, s in zip(runs, names, summaries):
         scores = [s["benchmarks"].get(b, {}).get("mean") for b in benches]
         valid = [x for x in scores if x is not None and not math.isnan(x)]
         avg = sum(valid) / len(valid) if len(valid) == len(benches) and valid else float("nan")
@@ -65,7 +66,7 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled") -> str:
         t = train_wall_time(run)
         reduction = "-" if run == ref or not (t and ref_time) else f"{100 * (t - ref_time) / ref_time:+.1f}%"
         cells = [
-            run.name,
+            name,
             *[("-" if x is None else f"{x:.2f}") for x in scores],
             f"{avg:.2f}",
             gain,
@@ -75,19 +76,19 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Wilcoxon signed-rank test vs {ref.name} on per-example scores (mean over seeds):",
+        f"Wilcoxon signed-rank test vs {names[0]} on per-example scores (mean over seeds):",
         "",
         "| run | " + " | ".join(benches) + " |",
         "|" + "---|" * (len(benches) + 1),
     ]
     ref_eval = ref / "eval" / eval_name
-    for run in runs[1:]:
+    for run, name in zip(runs[1:], names[1:]):
         cells = []
         for b in benches:
             a, c = load_example_scores(ref_eval, b), load_example_scores(run / "eval" / eval_name, b)
             p, n = wilcoxon_p(a, c)
             cells.append(f"p = {p:.3g} (n = {n})" if n else "-")
-        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +223,71 @@ def _plot_eval(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     return names, tables
 
 
+def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
+    """SRD vs KD (and teacher / initial student) when `srd run` trained a baseline and evaluated."""
+    import matplotlib.pyplot as plt
+
+    if not (run / "experiment.json").exists():
+        return [], []
+    timing = _read_json(run / "experiment.json")["timing"]
+    md = ["## Comparison", ""]
+    if (run / "comparison.md").exists():
+        md += [(run / "comparison.md").read_text(), ""]
+    names = []
+    phases = [("reflection", timing.get("reflection_s", 0.0)), ("SRD training", timing.get("train_s", 0.0))]
+    if "baseline_train_s" in timing:
+        phases.append(("KD baseline training", timing["baseline_train_s"]))
+    phases += [(f"eval: {m}", s) for m, s in timing.get("eval_s", {}).items()]
+    md += ["| phase | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in phases] + [""]
+    if timing.get("srd_time_fraction"):
+        md += [
+            f"SRD (reflection included) took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's "
+            f"training time ({timing['srd_sample_passes']:.0f} vs {timing['baseline_sample_passes']:.0f} "
+            "sample passes).",
+            "",
+        ]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(phases) + 1.2))
+    ax.barh([k for k, _ in phases][::-1], [v for _, v in phases][::-1], color="tab:orange")
+    ax.set_xlabel("wall time (s)")
+    ax.set_title("where the time went")
+    fig.tight_layout()
+    fig.savefig(plots / "timing.png", dpi=110)
+    plt.close(fig)
+    names.append("timing.png")
+    models = [
+        (label, folder / "eval")
+        for label, folder in [
+            ("teacher", run / "references" / "teacher"),
+            ("student before KD", run / "references" / "initial"),
+            ("KD", run / "baseline"),
+            ("this run", run),
+        ]
+        if (folder / "eval").exists()
+    ]
+    series = []
+    for label, eval_root in models:
+        summaries = sorted(eval_root.glob("*/summary.json"))
+        if summaries:
+            series.append((label, _read_json(summaries[0])["benchmarks"]))
+    if series:
+        benches = list(dict.fromkeys(b for _, s in series for b in s))
+        width = 0.8 / len(series)
+        fig, ax = plt.subplots(figsize=(2.2 * len(benches) + 2.5, 3.6))
+        for i, (label, s) in enumerate(series):
+            xs = [j + i * width for j in range(len(benches))]
+            ax.bar(xs, [s.get(b, {}).get("mean", 0.0) for b in benches], width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))])
+        ax.set_xticklabels(benches)
+        ax.set_ylabel("score (x100)")
+        ax.set_title("evaluation: teacher, student before KD, KD, this run")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plots / "comparison.png", dpi=110)
+        plt.close(fig)
+        names.append("comparison.png")
+    return md, names
+
+
 def write_report(run: Path) -> Path:
     """Write run/report.md and run/report/*.png; returns the markdown path."""
     import matplotlib
@@ -267,10 +333,12 @@ def write_report(run: Path) -> Path:
         for pair, rho in rs.get("spearman_rank_correlation", {}).items():
             md += ["", f"Spearman rank correlation {pair}: {rho:.3f}."]
         md.append("")
-    images = _plot_reflection(run, plots) + _plot_training(run, plots)
+    exp_md, exp_images = _experiment_section(run, plots)
+    md += exp_md
+    images = exp_images + _plot_reflection(run, plots) + _plot_training(run, plots)
     eval_images, eval_tables = _plot_eval(run, plots)
     if eval_tables:
-        md += ["## Evaluation", "", *eval_tables]
+        md += ["## Evaluation of this run's model", "", *eval_tables]
     md += ["## Plots", ""] + [f"![{name}](report/{name})" for name in images + eval_images] + [""]
     path = run / "report.md"
     atomic_write_text(path, "\n".join(md))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -96,3 +98,74 @@ def test_resolve_model_paths(tmp_path, tiny_models):
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_path("./nope")
     assert load_model(str(tiny_models["gpt2-student"])).config.n_layer == 2
+
+
+def test_random_init_shapes(tokenizer):
+    """random:<shape> builds the real architecture (GPT-2 1.5B / 124M for timing runs), seeded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from srd.models.load import RANDOM_SHAPES, ModelError, random_model
+
+    a = random_model("random:gpt2", tokenizer, seed=3)
+    b = random_model("random:gpt2", tokenizer, seed=3)
+    assert a.config.n_layer == 12 and a.config.n_embd == 768 and a.config.vocab_size == len(tokenizer)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    model_type, kwargs = RANDOM_SHAPES["gpt2-xl"]
+    with torch.device("meta"):
+        xl = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=50257, **kwargs))
+    assert round(sum(p.numel() for p in xl.parameters()) / 1e9, 2) == 1.56  # GPT-2 XL
+    with pytest.raises(ModelError, match="gpt2-xl"):
+        random_model("random:gpt5", tokenizer)
+
+
+def test_prune_then_heal_cli(tmp_path, tiny_models, tiny_data, monkeypatch, capsys):
+    """srd prune --heal-steps: pruned student kept in <out>/pruned, healed by KD on other data into
+    <out>, perplexity before/after recorded, cached on rerun, other settings refused."""
+    from safetensors.torch import load_file
+
+    from srd.cli import main
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(tiny_data["dev"].read_text().replace('"instruction": "', '"instruction": "Other: '))
+    out = tmp_path / "student"
+    args = [
+        "prune",
+        "--teacher",
+        str(tiny_models["llama-teacher"]),
+        "--layers",
+        "2",
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_data["train"]),
+        "--num-texts",
+        "4",
+        "--max-len",
+        "128",
+        "--heal-steps",
+        "3",
+        "--heal-data",
+        str(tiny_data["train"]),
+        str(other),
+        "--heal-batch-size",
+        "2",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "prune.json").read_text())
+    assert report["heal"]["steps"] == 3 and report["request"]["heal_steps"] == 3
+    assert report["pruned_perplexity"] == json.loads((out / "pruned" / "prune.json").read_text())["student_perplexity"]
+    assert report["student_perplexity"] != report["pruned_perplexity"]
+    healed, pruned = load_file(out / "model.safetensors"), load_file(out / "pruned" / "model.safetensors")
+    assert set(healed) == set(pruned) and any(not torch.equal(healed[k], pruned[k]) for k in healed)
+    assert load_model(str(out)).config.num_hidden_layers == 2
+    assert "healed student" in capsys.readouterr().out
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached healed student was retrained")
+
+    monkeypatch.setattr("srd.train.loop.train_stage", no_training)
+    assert main(args) == 0  # cached
+    args[args.index("--heal-steps") + 1] = "4"
+    assert main(args) == 2
+    assert "other settings" in capsys.readouterr().err

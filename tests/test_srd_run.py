@@ -215,3 +215,55 @@ def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data):
     assert main(args) == 0  # reflection only needs the student
     args[0] = "run"
     assert main(args) == 2  # the curriculum's KD stages do need it
+
+
+def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data, monkeypatch, capsys):
+    """compare.baseline + eval: SRD, the KD baseline at 1/0.6 of SRD's sample passes, four evaluated
+    models, comparison table with p-values, report with plots; a rerun recomputes nothing."""
+    extra = [
+        "compare.baseline=true",
+        f"eval.benchmarks=[{srd_data['dev']}]",
+        "eval.models=[teacher, initial, baseline, final]",
+        "eval.greedy=true",
+        "eval.limit=3",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+    ]
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    run = tmp_path / "x"
+    srd_res = json.loads((run / "results.json").read_text())
+    base_res = json.loads((run / "baseline" / "results.json").read_text())
+    assert base_res["method"] == "baseline" and base_res["examples"] == 20
+    assert srd_res["sample_passes"] == 30  # 1 epoch over 5 + 10 + 15 examples
+    assert base_res["sample_passes"] == pytest.approx(30 / 0.6)  # 2.5 epochs over all 20
+    assert base_res["stages"][0]["alpha"] == 0.5 and base_res["stages"][0]["tau"] == 1.0  # loss.alpha / loss.tau
+    for folder in [run / "references" / "teacher", run / "references" / "initial", run / "baseline", run]:
+        summary = json.loads((folder / "eval" / "greedy" / "summary.json").read_text())
+        assert summary["benchmarks"]["dev"]["n"] == 3
+    models = json.loads((run / "experiment.json").read_text())["models"]
+    assert models["teacher"] == str(tiny_models["llama-teacher"]) and models["initial"] == str(
+        tiny_models["llama-student"]
+    )
+    timing = json.loads((run / "experiment.json").read_text())["timing"]
+    assert set(timing["eval_s"]) == {"teacher", "initial", "baseline", "final"}
+    assert timing["srd_time_fraction"] == pytest.approx(srd_res["total_s"] / base_res["train_s"], rel=1e-3)
+    comparison = (run / "comparison.md").read_text()
+    for label in ["| KD |", "| KD+SRD (x) |", "| teacher |", "| student before KD |", "p = "]:
+        assert label in comparison
+    report = (run / "report.md").read_text()
+    assert "## Comparison" in report and "timing.png" in report and "comparison.png" in report
+    assert (run / "report" / "comparison.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "report: " in out and "of the KD baseline's training time" in out
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished evaluation was recomputed")
+
+    monkeypatch.setattr("srd.eval.evaluate.generate_responses", no_generation)
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+
+
+def test_eval_of_baseline_needs_compare_baseline(tmp_path, tiny_models, srd_data, capsys):
+    args = _args("run", tiny_models, srd_data, tmp_path, "eval.benchmarks=[dolly-eval]", "eval.models=[baseline]")
+    assert main(args) == 2
+    assert "compare.baseline=true" in capsys.readouterr().err

@@ -27,6 +27,29 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+# random:<shape> -> (model_type, config kwargs): random-init models of real shapes, for timing
+# runs where the weights cannot travel (a GPU box without the Hub). The tokenizer is the bundled
+# SmolLM2 one (vocabulary 49,152) unless named: random:<shape>:<tokenizer model spec>.
+RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}),
+    "gpt2-medium": ("gpt2", {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024}),
+    "gpt2-large": ("gpt2", {"n_layer": 36, "n_embd": 1280, "n_head": 20, "n_positions": 1024}),
+    "gpt2-xl": ("gpt2", {"n_layer": 48, "n_embd": 1600, "n_head": 25, "n_positions": 1024}),
+    "smollm2-135m": (
+        "llama",
+        {
+            "num_hidden_layers": 30,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+        },
+    ),
+}
+
+
 class ModelError(ValueError):
     """A model could not be resolved or is incompatible; the message says how to fix it."""
 
@@ -74,8 +97,38 @@ def gguf_to_hf(gguf_path: str | Path) -> Path:
     return out
 
 
+def _random_spec(spec: str) -> tuple[str, str]:
+    """`random:<shape>[:<tokenizer spec>]` -> (shape, tokenizer spec)."""
+    shape, _, tok = spec.removeprefix("random:").partition(":")
+    if shape not in RANDOM_SHAPES:
+        raise ModelError(f"unknown random-init shape {shape!r} in {spec!r}; choose one of {sorted(RANDOM_SHAPES)}")
+    return shape, tok or "smollm2-135m-instruct"
+
+
+def random_model(spec: str, tokenizer: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A random-init causal LM of a real shape, its vocabulary sized to `tokenizer`
+    (same weights for the same seed, so every process of a run builds the same model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape, _ = _random_spec(spec)
+    model_type, kwargs = RANDOM_SHAPES[shape]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+    fork = torch.random.fork_rng(devices=[])
+    with fork:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def resolve_model_path(spec: str) -> str:
     """Turn a model spec into something `from_pretrained` loads: a folder or a Hub id."""
+    if spec.startswith("random:"):
+        raise ModelError(f"{spec!r} is a random-init shape, not a checkpoint; load it with load_model")
     if spec in BUNDLED_MODELS:
         return str(gguf_to_hf(bundled_gguf_path(spec)))
     path = Path(spec).expanduser()
@@ -95,6 +148,8 @@ def resolve_model_path(spec: str) -> str:
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    if spec.startswith("random:"):
+        return load_tokenizer(_random_spec(spec)[1], trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -102,9 +157,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Any:
-    """A causal LM in `dtype`, on the CPU (the trainer moves it)."""
+    """A causal LM in `dtype`, on the CPU (the trainer moves it). `random:<shape>` builds a
+    random-init model of a real shape (RANDOM_SHAPES), for timing without weights."""
     from transformers import AutoModelForCausalLM
 
+    if spec.startswith("random:"):
+        return random_model(spec, load_tokenizer(spec, trust_remote_code=trust_remote_code), dtype=dtype)
     path = resolve_model_path(spec)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -18,6 +18,8 @@ from srd.utils import atomic_write_text
 
 # Keys that may change between an interrupted run and its resumption.
 RESUME_SAFE_KEYS = {"train.stop_after_steps", "train.num_threads", "train.eval_every", "train.log_every"}
+# Sections that only add work after training (evaluation, the comparison baseline's own run).
+RESUME_SAFE_PREFIXES = ("eval.", "compare.")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,7 +40,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         diffs = [
             f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
+            if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)
         ]
         if diffs:
             raise ConfigError(

@@ -1,0 +1,308 @@
+"""Quality benchmark: KD+SRD against plain KD with the same divergence, teacher and data.
+
+    python benchmarks/quality.py --preset cpu                 # ~2 h+ on 2 CPU cores, resumable
+    python benchmarks/quality.py --preset gpu                 # the paper's protocol on one GPU
+    python benchmarks/quality.py --preset gpu --random-init   # GPT-2 1.5B -> 124M shapes, timing only
+    python benchmarks/quality.py --preset cpu --report-only   # rewrite the record from finished runs
+
+Each (divergence, seed) is one `srd run` experiment (srd.experiment): reflection, the
+3-stage curriculum, the plain-KD baseline at 1/0.6 of SRD's sample passes, and evaluation
+of the teacher, the student before KD, KD and KD+SRD on DollyEval and SelfInst. Every
+piece is resumable: rerun the same command after an interruption and finished reflection
+rows, stages, runs and benchmark files are reused. The record (config, machine, wall
+times, scores, Wilcoxon p-values) is written to benchmarks/results/ when all runs finish.
+
+Presets:
+  cpu  the bundled SmolLM2-135M-Instruct teacher -> the healed 20-layer student
+       (`srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80
+       --out runs/students/smollm2-20l-healed`); the first 1,000 Dolly training rows;
+       forward KL; 1 epoch per SRD stage (1,500 sample passes) vs 2.5 baseline epochs
+       (2,500); batch 8; lr 1e-4; reflection with greedy 128 new tokens; full DollyEval
+       (500) and SelfInst (242), greedy, 128 new tokens.
+  gpu  all 11,435 Dolly rows, 8 epochs per stage vs 20 baseline epochs, batch 16 x 512
+       tokens, training seed 42, sampled evaluation with seeds 10..50 (256 new tokens);
+       teacher/student from --teacher/--student (default: the bundled teacher and the
+       healed 20-layer student), or random-init GPT-2 1.5B -> 124M shapes (--random-init),
+       whose scores mean nothing but whose times are the paper's setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEALED_STUDENT = "runs/students/smollm2-20l-healed"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "seeds": [42],
+        "divergences": ["fkl"],
+        "overrides": {
+            "model.teacher": "smollm2-135m-instruct",
+            "model.student": HEALED_STUDENT,
+            "data.train": "dolly",
+            "data.train_limit": 1000,
+            "data.dev": "dolly-dev",
+            "data.dev_limit": 32,
+            "data.max_prompt_len": 256,
+            "data.max_len": 384,
+            "loss.alpha": 0.2,
+            "curriculum.epochs_per_stage": 1,
+            "compare.baseline": True,
+            "train.batch_size": 4,
+            "train.grad_accum": 2,
+            "train.lr": 1e-4,
+            "train.save_every": 20,
+            "generation.max_new_tokens": 128,
+            "generation.batch_size": 16,
+            "dev_eval.num_examples": 0,
+            "eval.benchmarks": ["dolly-eval", "self-inst"],
+            "eval.greedy": True,
+            "eval.max_new_tokens": 128,
+            "eval.batch_size": 16,
+        },
+    },
+    "gpu": {
+        "seeds": [42],
+        "divergences": ["fkl"],
+        "overrides": {
+            "model.teacher": "smollm2-135m-instruct",
+            "model.student": HEALED_STUDENT,
+            "data.train": "dolly",
+            "data.dev": "dolly-dev",
+            "data.dev_limit": 500,
+            "data.max_prompt_len": 256,
+            "data.max_len": 512,
+            "loss.alpha": 0.2,
+            "curriculum.epochs_per_stage": 8,
+            "compare.baseline": True,
+            "train.batch_size": 16,
+            "train.lr": 5e-5,
+            "train.save_every": 500,
+            "generation.max_new_tokens": 256,
+            "generation.batch_size": 128,
+            "dev_eval.num_examples": 0,
+            "eval.benchmarks": ["dolly-eval", "self-inst"],
+            "eval.greedy": False,
+            "eval.batch_size": 128,
+        },
+    },
+}
+RANDOM_INIT = {"model.teacher": "random:gpt2-xl", "model.student": "random:gpt2"}
+
+
+def run_names(preset: str, divergences: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    return [(f"{preset}-{div}-s{seed}", div, seed) for div in divergences for seed in seeds]
+
+
+def overrides_for(
+    preset: dict[str, Any], div: str, seed: int, name: str, out: Path, first: bool, extra: list[str]
+) -> list[str]:
+    o = dict(preset["overrides"])
+    o.update({"name": name, "output_dir": str(out), "seed": seed, "loss.divergence": div})
+    # the teacher and the initial student are the same in every run: evaluate them once
+    o["eval.models"] = ["teacher", "initial", "baseline", "final"] if first else ["baseline", "final"]
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in o.items()] + extra
+
+
+def machine() -> dict[str, Any]:
+    import accelerate
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _scores(folder: Path, mode: str) -> dict[str, Any]:
+    path = folder / "eval" / mode / "summary.json"
+    return json.loads(path.read_text())["benchmarks"] if path.exists() else {}
+
+
+def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out: Path, wall: float | None) -> str:
+    """The markdown record of every finished run: scores, p-values, times."""
+    from srd.eval.evaluate import load_example_scores
+    from srd.report import wilcoxon_p
+
+    preset = PRESETS[args.preset]
+    mode = "greedy" if preset["overrides"].get("eval.greedy") else "sampled"
+    lines = [
+        f"# Quality benchmark, preset `{args.preset}`{' (random-init shapes)' if args.random_init else ''}",
+        "",
+        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
+        "",
+    ]
+    first = out / runs[0][0]
+    cfg_path = first / "config.yaml"
+    if cfg_path.exists():
+        lines += ["Resolved config of the first run:", "", "```yaml", cfg_path.read_text().rstrip(), "```", ""]
+    benches: list[str] = []
+    rows: list[tuple[str, dict[str, Any]]] = []
+    teacher, initial = _scores(first / "references" / "teacher", mode), _scores(first / "references" / "initial", mode)
+    if teacher:
+        rows.append(("teacher", teacher))
+    if initial:
+        rows.append(("student before KD", initial))
+    pvals, times, diffs = [], [], []
+    for name, div, seed in runs:
+        run = out / name
+        kd, srd = _scores(run / "baseline", mode), _scores(run, mode)
+        if not (kd and srd):
+            lines.append(f"Run `{name}` is not finished (rerun the command to resume it).")
+            continue
+        rows += [(f"KD ({div}, seed {seed})", kd), (f"KD+SRD ({div}, seed {seed})", srd)]
+        cells = []
+        for b in srd:
+            a = load_example_scores(run / "baseline" / "eval" / mode, b)
+            c = load_example_scores(run / "eval" / mode, b)
+            p, n = wilcoxon_p(a, c)
+            cells.append(f"{srd[b]['mean'] - kd[b]['mean']:+.2f} (p = {p:.3g}, n = {n})")
+            diffs.append(srd[b]["mean"] - kd[b]["mean"])
+        pvals.append(f"| {div}, seed {seed} | " + " | ".join(cells) + " |")
+        t = json.loads((run / "experiment.json").read_text())["timing"]
+        times.append(
+            f"| {div}, seed {seed} | {t['reflection_s']:.0f} | {t['train_s']:.0f} | "
+            f"{t['reflection_s'] + t['train_s']:.0f} | {t['baseline_train_s']:.0f} | "
+            f"{100 * t['srd_time_fraction']:.0f}% | {t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
+            + ", ".join(f"{m} {s:.0f}" for m, s in t["eval_s"].items())
+            + " |"
+        )
+    for _, s in rows:
+        benches += [b for b in s if b not in benches]
+    if rows:
+        lines += [
+            f"## Scores ({'greedy' if mode == 'greedy' else 'sampled'}, x100; n = rows per benchmark)",
+            "",
+            "| model | "
+            + " | ".join(f"{b} (n = {rows[0][1].get(b, {}).get('n', '?')})" for b in benches)
+            + " | average |",
+            "|---|" + "---|" * (len(benches) + 1),
+        ]
+        for label, s in rows:
+            vals = [s.get(b, {}).get("mean") for b in benches]
+            avg = statistics.fmean(vals) if all(v is not None for v in vals) else float("nan")
+            lines.append(
+                f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + f" | {avg:.2f} |"
+            )
+        lines.append("")
+    if pvals:
+        lines += [
+            "## KD+SRD minus KD (two-sided Wilcoxon signed-rank test on per-example scores)",
+            "",
+            "| run | " + " | ".join(benches) + " |",
+            "|---|" + "---|" * len(benches),
+            *pvals,
+            "",
+            "## Wall time (s)",
+            "",
+            "| run | reflection | SRD training | SRD total | KD training | SRD total / KD | sample passes SRD / KD "
+            "| evaluation |",
+            "|---|---|---|---|---|---|---|---|",
+            *times,
+            "",
+        ]
+    if wall is not None:
+        lines += [
+            f"This invocation ran for {wall / 60:.1f} min (finished parts of earlier invocations were reused).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the preset's)")
+    p.add_argument("--divergences", nargs="+", default=None, help="e.g. fkl rkl (default: the preset's)")
+    p.add_argument("--random-init", action="store_true", help="random-init GPT-2 1.5B -> 124M shapes (timing)")
+    p.add_argument("--out", default=None, help="folder for the runs (default runs/quality-<preset>)")
+    p.add_argument(
+        "--record", default=None, help="markdown record (default benchmarks/results/DATE-<preset>-quality.md)"
+    )
+    p.add_argument("--report-only", action="store_true", help="only (re)write the record from finished runs")
+    p.add_argument("--dry-run", action="store_true", help="print each run's `srd run` command and stop")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.train_limit=200)")
+    args = p.parse_args(argv)
+
+    preset = dict(PRESETS[args.preset])
+    if args.random_init:
+        preset["overrides"] = {**preset["overrides"], **RANDOM_INIT}
+    seeds = args.seeds or preset["seeds"]
+    divergences = args.divergences or preset["divergences"]
+    suffix = "-random" if args.random_init else ""
+    out = Path(args.out or f"runs/quality-{args.preset}{suffix}")
+    runs = run_names(args.preset + suffix, divergences, seeds)
+    record = Path(
+        args.record
+        or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}{suffix}-quality.md"
+    )
+    commands = [
+        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides))
+        for i, (name, div, seed) in enumerate(runs)
+    ]
+    if args.dry_run:
+        for _, o in commands:
+            print("srd run - " + " ".join(f"'{x}'" for x in o))
+        return 0
+    student = [x.split("=", 1)[1] for x in commands[0][1] if x.startswith("model.student=")][-1]
+    if not args.report_only and student == HEALED_STUDENT and not Path(student).exists():
+        print(
+            f"error: the student {student} does not exist; make it first (one time, cached):\n"
+            f"  srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --out {student}",
+            file=sys.stderr,
+        )
+        return 2
+    t0 = time.perf_counter()
+    if not args.report_only:
+        from srd.config import load_config
+        from srd.experiment import run_experiment
+
+        for name, o in commands:
+            print(f"== {name} ==", flush=True)
+            result = run_experiment(load_config(None, o), progress=not args.no_progress)
+            if not result.get("complete"):
+                print(f"{name} paused; rerun the same command to resume", file=sys.stderr)
+                return 1
+    text = write_record(args, runs, out, None if args.report_only else time.perf_counter() - t0)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    from srd.utils import atomic_write_text
+
+    atomic_write_text(record, text)
+    print(text)
+    print(f"record: {record}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

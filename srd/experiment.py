@@ -1,0 +1,165 @@
+"""`srd run` as a whole experiment: the method, the plain-KD baseline, evaluation, report.
+
+    1. run_pipeline(cfg)                the method (SRD: reflection -> curriculum)
+    2. compare.baseline                 plain KD with the same divergence on all the data, into
+                                        <run>/baseline/, for step_ratio^-1 of SRD's sample passes
+                                        (the paper: 20 baseline epochs vs 8 per SRD stage)
+    3. eval.benchmarks x eval.models    teacher, initial student, baseline, final model; each into
+                                        its own eval/<greedy|sampled>/ (the layout of `srd eval`)
+    4. comparison.md + report.md        Table-1-style table with Wilcoxon p-values, plots, timings
+
+Every step is resumable: finished stages, runs and (benchmark, seed) files are reused.
+`experiment.json` holds the wall time of every phase.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from srd.config import RunConfig, from_dict, to_dict
+from srd.pipeline import run_pipeline
+from srd.utils import atomic_write_json, atomic_write_text
+
+LABELS = {"teacher": "teacher", "initial": "student before KD", "baseline": "KD", "final": None}
+
+
+def baseline_config(cfg: RunConfig, srd_results: dict[str, Any]) -> RunConfig:
+    """The plain-KD baseline next to `cfg`: same models, data, divergence and optimizer,
+    all the data, `train.epochs` chosen so that SRD's sample passes are `compare.step_ratio`
+    of the baseline's (unless compare.baseline_epochs is set)."""
+    epochs = cfg.compare.baseline_epochs
+    if epochs is None:
+        epochs = round(srd_results["sample_passes"] / (srd_results["examples"] * cfg.compare.step_ratio), 4)
+    d = to_dict(cfg)
+    d.update(name="baseline", output_dir=str(cfg.run_dir), method="baseline", compare={}, eval={})
+    d["train"].update(epochs=epochs, max_steps=None)
+    return from_dict(RunConfig, d)
+
+
+def eval_dirs(cfg: RunConfig) -> dict[str, Path]:
+    """Where each evaluated model's run-like folder is (its results go to <folder>/eval/<mode>/)."""
+    run = cfg.run_dir
+    return {
+        "teacher": run / "references" / "teacher",
+        "initial": run / "references" / "initial",
+        "baseline": run / "baseline",
+        "final": run,
+    }
+
+
+def eval_mode(cfg: RunConfig) -> str:
+    return "greedy" if cfg.eval.greedy else "sampled"
+
+
+def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress: bool) -> float:
+    from srd.eval.evaluate import evaluate
+    from srd.models import load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    e = cfg.eval
+    tokenizer = load_tokenizer(spec, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(spec, trust_remote_code=cfg.model.trust_remote_code).eval()
+    if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "model.json", {"model": spec})
+    evaluate(
+        model,
+        tokenizer,
+        e.benchmarks,
+        folder / "eval" / eval_mode(cfg),
+        seeds=None if e.greedy else e.seeds,
+        limit=e.limit,
+        data_dir=cfg.data.data_dir,
+        fmt=cfg.data.prompt_format,
+        max_prompt_len=cfg.data.max_prompt_len,
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+        accelerator=acc,
+        progress=progress,
+    )
+    del model
+    return time.perf_counter() - t0
+
+
+def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """`srd run`: the method, then (when configured) the baseline, evaluation and report."""
+    from srd.train.loop import make_accelerator
+
+    results = run_pipeline(cfg, progress=progress)
+    if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
+        return results
+    acc = make_accelerator(cfg.train.precision)
+    run_dir = cfg.run_dir
+    timing: dict[str, Any] = {"reflection_s": results["reflection_s"], "train_s": results["train_s"]}
+    models = {"teacher": cfg.model.teacher, "initial": cfg.model.student, "final": results["final_model"]}
+    if cfg.compare.baseline:
+        bcfg = baseline_config(cfg, results)
+        acc.print(f"KD baseline: {bcfg.train.epochs:g} epochs over all {results['examples']} examples")
+        base = run_pipeline(bcfg, progress=progress)
+        if not base["complete"]:
+            return {**results, "complete": False}
+        timing["baseline_train_s"] = base["train_s"]
+        timing["srd_time_fraction"] = round(results["total_s"] / base["train_s"], 4) if base["train_s"] else None
+        timing["srd_sample_passes"] = results["sample_passes"]
+        timing["baseline_sample_passes"] = base["sample_passes"]
+        models["baseline"] = base["final_model"]
+    timing["eval_s"] = {}
+    folders = eval_dirs(cfg)
+    for name in cfg.eval.models if cfg.eval.benchmarks else []:
+        if models.get(name) is None:
+            continue
+        acc.print(f"evaluating {name}: {models[name]}")
+        timing["eval_s"][name] = round(_evaluate_model(cfg, models[name], folders[name], acc, progress), 3)
+    if acc.is_main_process:
+        atomic_write_json(run_dir / "experiment.json", {"models": models, "timing": timing})
+        if cfg.eval.benchmarks:
+            _write_comparison(cfg)
+        from srd.report import write_report
+
+        report = write_report(run_dir)
+        _print_headline(cfg, timing, report)
+    acc.wait_for_everyone()
+    return {**results, "experiment": timing}
+
+
+def compared_runs(cfg: RunConfig) -> list[tuple[Path, str]]:
+    """(folder, label) of every evaluated model, the reference (KD baseline if any) first."""
+    folders = eval_dirs(cfg)
+    order = ["baseline", "final", "teacher", "initial"] if "baseline" in cfg.eval.models else ["final"]
+    order += [m for m in ["teacher", "initial"] if m not in order]
+    method = {"srd": "KD+SRD", "traditional": "KD+curriculum", "baseline": "KD"}[cfg.method]
+    labels = {**LABELS, "final": f"{method} ({cfg.name})"}
+    return [(folders[m], labels[m]) for m in order if m in cfg.eval.models]
+
+
+def _write_comparison(cfg: RunConfig) -> None:
+    from srd.report import compare_runs
+
+    pairs = compared_runs(cfg)
+    table = compare_runs([p for p, _ in pairs], eval_name=eval_mode(cfg), labels=[label for _, label in pairs])
+    e = cfg.eval
+    decoding = "greedy" if e.greedy else f"sampling, seeds {e.seeds}"
+    head = (
+        f"Benchmarks {', '.join(e.benchmarks)}"
+        + (f" (first {e.limit} rows each)" if e.limit else "")
+        + f"; {decoding}; divergence {cfg.loss.divergence}. Train time includes reflection for SRD.\n\n"
+    )
+    atomic_write_text(cfg.run_dir / "comparison.md", head + table)
+
+
+def _print_headline(cfg: RunConfig, timing: dict[str, Any], report: Path) -> None:
+    comparison = cfg.run_dir / "comparison.md"
+    print()
+    if comparison.exists():
+        print(comparison.read_text(), end="")
+    if timing.get("srd_time_fraction"):
+        print(
+            f"\n{cfg.method} took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's training time "
+            f"({timing['reflection_s'] + timing['train_s']:.0f} s incl. reflection {timing['reflection_s']:.0f} s, "
+            f"vs {timing['baseline_train_s']:.0f} s), with {timing['srd_sample_passes']:.0f} vs "
+            f"{timing['baseline_sample_passes']:.0f} sample passes"
+        )
+    print(f"report: {report}")
