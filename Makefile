@@ -29,8 +29,10 @@ format: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
-# The SRD pipeline on the bundled model: prune SmolLM2-135M-Instruct to a
-# 24-layer student (cached), then reflection + 3-stage curriculum on a Dolly slice (forward KL).
+# The whole SRD experiment on the bundled model: prune SmolLM2-135M-Instruct to a 20-layer
+# student and heal it with 80 KD steps on GSM8K/SAMSum/XSum (one time, cached in
+# runs/students/), then reflection + 3-stage curriculum vs the plain KD baseline on a Dolly
+# slice, evaluation on DollyEval/SelfInst slices, and runs/quickstart/report.md.
 demo: setup
-	$(BIN)/srd prune --teacher smollm2-135m-instruct --layers 24 --out runs/students/smollm2-24l
+	$(BIN)/srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --out runs/students/smollm2-20l-healed
 	$(BIN)/srd run configs/quickstart.yaml

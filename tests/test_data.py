@@ -118,7 +118,21 @@ def test_named_set_missing_locally_without_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources, "data_dirs", lambda explicit=None: [tmp_path])
     with pytest.raises(DataError, match="no local copy.*SRD_DATA_DIR"):
-        load_examples("self-inst")
+        load_examples("samsum")
+
+
+def test_evaluation_sets_fall_back_to_minillm_hub_files(tmp_path, monkeypatch):
+    """Without a local copy, DollyEval / SelfInst come from MiniLLM's Hub repos (valid.jsonl)."""
+    import srd.data.sources as sources
+
+    calls = []
+    monkeypatch.setattr(sources, "data_dirs", lambda explicit=None: [tmp_path])
+    monkeypatch.setattr(sources, "load_hub", lambda dataset_id, **kw: calls.append((dataset_id, kw)) or [])
+    load_examples("dolly-eval")
+    load_examples("self-inst", limit=3)
+    assert [c[0] for c in calls] == ["MiniLLM/dolly", "MiniLLM/self-inst"]
+    assert all(c[1]["data_files"] == "valid.jsonl" and c[1]["split"] == "train" for c in calls)
+    assert calls[1][1]["limit"] == 3
 
 
 def test_named_set_from_explicit_data_dir(tmp_path):

@@ -29,6 +29,7 @@ class NamedSet:
     mapping: dict[str, str] = field(default_factory=dict)  # Example field -> column
     fixed_instruction: str | None = None  # for sets without an instruction column
     description: str = ""
+    hub_data_files: str | None = None  # a file inside the Hub repo (MiniLLM's evaluation sets)
 
 
 _DOLLY_MAP = {"instruction": "instruction", "input": "context", "output": "response"}
@@ -54,8 +55,16 @@ NAMED_SETS: dict[str, NamedSet] = {
         _DOLLY_MAP,
         description="first 1,000 raw Dolly rows, for checkpoint selection",
     ),
-    "dolly-eval": NamedSet("dolly/eval.jsonl", description="DollyEval, 500 held-out rows"),
-    "self-inst": NamedSet("self-inst/eval.jsonl", description="SelfInst user-oriented instructions (242)"),
+    # MiniLLM's evaluation sets on the Hub: valid.jsonl with instruction/input/output/prompt
+    "dolly-eval": NamedSet(
+        "dolly/eval.jsonl", "MiniLLM/dolly", description="DollyEval, 500 held-out rows", hub_data_files="valid.jsonl"
+    ),
+    "self-inst": NamedSet(
+        "self-inst/eval.jsonl",
+        "MiniLLM/self-inst",
+        description="SelfInst user-oriented instructions (242)",
+        hub_data_files="valid.jsonl",
+    ),
     "gsm8k": NamedSet(
         "gsm8k/train.jsonl",
         "openai/gsm8k",
@@ -199,7 +208,10 @@ def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None =
                 f"named set {spec!r} has no local copy (looked in: {tried}) and no Hub source; "
                 "set data.data_dir or $SRD_DATA_DIR to a folder holding it (see README, 'Data')"
             )
-        return load_hub(ns.hub_id, config=ns.hub_config, split=ns.hub_split, rows=ns.hub_rows, limit=limit, ns=ns)
+        extra = {"data_files": ns.hub_data_files} if ns.hub_data_files else {}
+        return load_hub(
+            ns.hub_id, config=ns.hub_config, split=ns.hub_split, rows=ns.hub_rows, limit=limit, ns=ns, **extra
+        )
     path = Path(spec).expanduser()
     if path.suffix in (".jsonl", ".json") or path.exists():
         return read_examples(path, limit=limit)
