@@ -1,8 +1,16 @@
-"""Batched generation for dev evaluation (and later reflection and benchmarks).
+"""Batched generation for reflection, dev evaluation and benchmarks.
 
 Prompts are sorted by length so each batch pads little, left-padded (decoder-only
 models continue from the right edge), and stopped at EOS and at template stop strings
 (an Alpaca-prompted instruct model otherwise writes a new "### Instruction:").
+
+Two backends with the same decoding rules:
+  * `loop` (default): a KV-cached decode loop that drops a sequence from the batch (and
+    its rows from the cache) as soon as it finishes, so a batch costs what its live rows
+    cost, not what its longest row costs; only the last position's logits are computed.
+    Logits processing (no-repeat n-grams, temperature, top-k, top-p) is transformers' own.
+  * `hf`: plain `model.generate` (the reference point of benchmarks/generation.py).
+Greedy decoding gives the same text with both (tested).
 """
 
 from __future__ import annotations
@@ -54,6 +62,94 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def _processors(do_sample: bool, temperature: float, top_k: int, top_p: float, no_repeat_ngram_size: int) -> Any:
+    from transformers import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    if do_sample:
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            procs.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+    return procs
+
+
+@torch.no_grad()
+def decode_batch(
+    model: Any,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    processors: Any,
+    stop_strings: Sequence[str],
+    generator: torch.Generator | None,
+    window: int = 12,
+) -> list[list[int]]:
+    """New token ids of each left-padded row; finished rows leave the batch and the KV cache."""
+    from transformers import DynamicCache
+
+    n = ids.shape[0]
+    eos = tokenizer.eos_token_id
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    )
+    live = list(range(n))  # original row of each live batch row
+    new: list[list[int]] = [[] for _ in range(n)]
+    seqs = ids  # prompt + generated ids of live rows (for the no-repeat n-gram processor)
+    logits = out.logits[:, -1, :].float()
+    for _ in range(max_new_tokens):
+        scores = processors(seqs, logits)
+        if do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(dim=-1)
+        keep = []
+        for r, tok in enumerate(nxt.tolist()):
+            row = live[r]
+            if tok == eos:
+                continue
+            new[row].append(tok)
+            if stop_strings:
+                tail = tokenizer.decode(new[row][-window:], skip_special_tokens=True)
+                if any(s in tail for s in stop_strings):
+                    continue
+            keep.append(r)
+        if not keep or len(new[live[keep[0]]]) >= max_new_tokens:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(index)
+            mask, seqs, nxt = mask[index], seqs[index], nxt[index]
+            live = [live[r] for r in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=(mask.sum(-1, keepdim=True) - 1),
+            cache=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1, :].float()
+    return new
+
+
 @torch.no_grad()
 def generate_responses(
     model: Any,
@@ -71,15 +167,42 @@ def generate_responses(
     seed: int | None = None,
     progress: bool = False,
     desc: str = "generating",
+    backend: str = "loop",
 ) -> list[str]:
     """Responses (decoded, cut at stop strings) for token-id prompts, in input order."""
     if not prompts:
         return []
+    if backend not in ("loop", "hf"):
+        raise ValueError(f"unknown generation backend {backend!r}; use loop or hf")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    if backend == "loop":
+        processors = _processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size)
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0 if seed is None else seed)
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+            ids, mask = _left_pad([prompts[i] for i in idx], pad_id(tokenizer))
+            new = decode_batch(
+                model,
+                tokenizer,
+                ids.to(device),
+                mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                processors=processors,
+                stop_strings=stop_strings,
+                generator=generator,
+            )
+            for row, i in enumerate(idx):
+                out[i] = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
+        model.train(was_training)
+        return out
     if seed is not None:
         torch.manual_seed(seed)
     kwargs: dict[str, Any] = dict(
