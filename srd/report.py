@@ -223,6 +223,11 @@ def _plot_eval(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     return names, tables
 
 
+def _method_label(run: Path) -> str:
+    method = _read_json(run / "results.json")["method"] if (run / "results.json").exists() else "srd"
+    return {"srd": "KD+SRD", "traditional": "KD+curriculum", "baseline": "KD"}.get(method, method)
+
+
 def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     """SRD vs KD (and teacher / initial student) when `srd run` trained a baseline and evaluated."""
     import matplotlib.pyplot as plt
@@ -238,7 +243,7 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     if "baseline_train_s" in timing:
         phases.append(("KD baseline training", timing["baseline_train_s"]))
     phases += [(f"eval: {m}", s) for m, s in timing.get("eval_s", {}).items()]
-    md += ["| phase | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in phases] + [""]
+    md += ["### Wall time", "", "| phase | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in phases] + [""]
     if timing.get("srd_time_fraction"):
         md += [
             f"SRD (reflection included) took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's "
@@ -260,7 +265,7 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
             ("teacher", run / "references" / "teacher"),
             ("student before KD", run / "references" / "initial"),
             ("KD", run / "baseline"),
-            ("this run", run),
+            (_method_label(run), run),
         ]
         if (folder / "eval").exists()
     ]
@@ -279,7 +284,7 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))])
         ax.set_xticklabels(benches)
         ax.set_ylabel("score (x100)")
-        ax.set_title("evaluation: teacher, student before KD, KD, this run")
+        ax.set_title("evaluation (" + ", ".join(label for label, _ in series) + ")")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(plots / "comparison.png", dpi=110)
