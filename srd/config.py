@@ -175,6 +175,9 @@ class ReflectConfig:
     rrf_k: float = 60.0
     keep_ratio: float = 0.75  # lambda: fraction kept, floor(lambda * N) (at least 1)
     batch_size: int = 8  # sequences per forward pass for the cross-entropy statistics
+    # rows whose reference fails a scorer's own check (answer_match: no final answer;
+    # tests_pass: the reference code fails its asserts) are reported, and dropped when true
+    drop_invalid_references: bool = True
 
     def __post_init__(self) -> None:
         from srd.reflect.scorers import SCORERS
@@ -285,7 +288,7 @@ class RunConfig:
             "compare.baseline=true trains a KD baseline next to this run, but method is already baseline",
         )
         _check(
-            "baseline" not in self.eval.models or self.compare.baseline,
+            not self.eval.benchmarks or "baseline" not in self.eval.models or self.compare.baseline,
             "eval.models lists baseline but compare.baseline is false: set compare.baseline=true",
         )
         _check(

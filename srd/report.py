@@ -243,7 +243,11 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     if "baseline_train_s" in timing:
         phases.append(("KD baseline training", timing["baseline_train_s"]))
     phases += [(f"eval: {m}", s) for m, s in timing.get("eval_s", {}).items()]
-    md += ["### Wall time", "", "| phase | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in phases] + [""]
+    md += (
+        ["### Wall time", "", "| phase | wall time (s) |", "|---|---|"]
+        + [f"| {k} | {v:.0f} |" for k, v in phases]
+        + [""]
+    )
     if timing.get("srd_time_fraction"):
         md += [
             f"SRD (reflection included) took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's "

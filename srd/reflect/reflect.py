@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ from srd.reflect.fusion import ordinal_ranks, reciprocal_rank_fusion, select_and
 from srd.reflect.scorers import get_scorer
 from srd.train.step import features, target_positions
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64  # examples between flushes to disk
 
@@ -218,16 +221,31 @@ def build_manifest(
     n_stages: int,
     order: str,
     seed: int,
+    drop_invalid_references: bool = True,
 ) -> list[dict[str, Any]]:
-    """Score, rank, fuse, select and partition. One manifest row per example, input order."""
+    """Score, rank, fuse, select and partition. One manifest row per example, input order.
+
+    Rows whose reference fails a scorer's own check get `reference_ok: false`; with
+    `drop_invalid_references` they are ranked (for the record) but never kept, and lambda
+    applies to the valid rows."""
     ids = [ex.id for ex in examples]
     scores = {
         s: [get_scorer(s).fn(ex, rows[ex.id]["student_output"], rows[ex.id]["stats"]) for ex in examples]
         for s in scorers
     }
+    checks = [get_scorer(s).reference_ok for s in scorers if get_scorer(s).reference_ok is not None]
+    ref_ok = [all(check(ex) for check in checks) for ex in examples]
     ranks = {s: ordinal_ranks(scores[s], ids, higher_is_easier=get_scorer(s).higher_is_easier) for s in scorers}
     fused = reciprocal_rank_fusion([ranks[s] for s in scorers], k=rrf_k)
-    ranking, stage = select_and_partition(fused, ids, keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed)
+    valid = [i for i in range(len(ids)) if ref_ok[i] or not drop_invalid_references]
+    sub_ranking, sub_stage = select_and_partition(
+        fused[valid], [ids[i] for i in valid], keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed
+    )
+    stage: list[int | None] = [None] * len(ids)
+    for j, i in enumerate(valid):
+        stage[i] = sub_stage[j]
+    invalid = sorted(set(range(len(ids))) - set(valid), key=lambda i: (-float(fused[i]), ids[i]))
+    ranking = [valid[j] for j in sub_ranking] + invalid  # valid rows easy -> hard, then the dropped invalid ones
     position = np.empty(len(ids), dtype=np.int64)
     position[ranking] = np.arange(1, len(ids) + 1)
     return [
@@ -239,6 +257,7 @@ def build_manifest(
             "position": int(position[i]),
             "kept": stage[i] is not None,
             "stage": stage[i],
+            "reference_ok": ref_ok[i],
             "student_output": rows[ex.id]["student_output"],
             "stats": rows[ex.id]["stats"],
         }
@@ -251,6 +270,8 @@ def summarize(manifest: Sequence[dict[str, Any]], scorers: Sequence[str]) -> dic
     from scipy.stats import spearmanr
 
     out: dict[str, Any] = {"examples": len(manifest), "kept": sum(r["kept"] for r in manifest)}
+    bad = [r["id"] for r in manifest if not r.get("reference_ok", True)]
+    out["invalid_references"] = {"count": len(bad), "ids": bad[:50]}
     for s in scorers:
         v = np.array([r["scores"][s] for r in manifest], dtype=np.float64)
         out[s] = {
@@ -334,7 +355,17 @@ def reflect(
             n_stages=c.num_stages,
             order=c.order,
             seed=cfg.seed,
+            drop_invalid_references=cfg.reflect.drop_invalid_references,
         )
+        n_bad = sum(not r["reference_ok"] for r in manifest)
+        if n_bad:
+            log.warning(
+                "%d of %d training rows have a reference that fails its own check (%s); %s",
+                n_bad,
+                len(manifest),
+                ", ".join(r["id"] for r in manifest if not r["reference_ok"])[:200],
+                "dropped" if cfg.reflect.drop_invalid_references else "kept (reflect.drop_invalid_references=false)",
+            )
         atomic_write_text(manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
         prev = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
         summary = {

@@ -9,8 +9,18 @@ measured with the student (see `srd.reflect.reflect.sequence_stats`):
     entropy     mean predictive entropy of the student over the reference tokens
     ref_tokens  number of reference tokens (+ EOS)
 
-New scorers (code execution, math answer checks) register here by name and plug into
-fusion without any change to it.
+Verifiable scorers (beyond the paper, which names this as its limitation: ROUGE-L and CE
+cannot tell a functionally wrong answer from a right one):
+
+    answer_match  100 if the student's final answer equals the reference's (GSM8K-style
+                  extraction: \boxed{}, then `####`, then the last number), else 0
+    tests_pass    100 x the fraction of the task's asserts (meta.test_list) that the
+                  student's code passes, run in the evaluation sandbox
+
+A scorer may also check the reference itself (`reference_ok`): a GSM8K row without an
+extractable answer, an MBPP row whose reference code fails its own asserts. Reflection
+reports such rows and, with reflect.drop_invalid_references (default), never keeps them.
+New scorers register here by name and plug into fusion without any change to it.
 """
 
 from __future__ import annotations
@@ -23,6 +33,10 @@ from srd.data.example import Example
 from srd.eval.metrics import rouge_l
 
 ScoreFn = Callable[[Example, str, dict[str, Any]], float]
+RefCheck = Callable[[Example], bool]
+
+# wall-clock limit per program for tests_pass (a hanging answer scores 0, it never stalls reflection)
+TESTS_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,17 +46,24 @@ class Scorer:
     higher_is_easier: bool
     needs_generation: bool  # whether the student must answer the prompt first
     description: str = ""
+    reference_ok: RefCheck | None = None  # does the reference itself pass this scorer's check?
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
 def register_scorer(
-    name: str, fn: ScoreFn, *, higher_is_easier: bool, needs_generation: bool, description: str = ""
+    name: str,
+    fn: ScoreFn,
+    *,
+    higher_is_easier: bool,
+    needs_generation: bool,
+    description: str = "",
+    reference_ok: RefCheck | None = None,
 ) -> None:
     if name in SCORERS:
         raise ValueError(f"scorer {name!r} is already registered")
-    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description)
+    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok)
 
 
 def get_scorer(name: str) -> Scorer:
@@ -79,4 +100,58 @@ register_scorer(
     higher_is_easier=False,
     needs_generation=False,
     description="the student's mean predictive entropy over the reference (traditional curriculum)",
+)
+
+
+# --- verifiable scorers ---------------------------------------------------------------
+
+
+def _answer_match(ex: Example, out: str, stats: dict[str, Any]) -> float:
+    from srd.eval.answers import answers_match
+
+    return 100.0 * answers_match(out, ex.target)
+
+
+def _answer_reference_ok(ex: Example) -> bool:
+    from srd.eval.answers import extract_answer
+
+    return extract_answer(ex.target) is not None
+
+
+def _tests(ex: Example) -> tuple[list[str], str]:
+    return list(ex.meta.get("test_list") or []), str(ex.meta.get("test_setup_code") or "")
+
+
+def _tests_pass(ex: Example, out: str, stats: dict[str, Any]) -> float:
+    from srd.eval.sandbox import extract_code, run_tests
+
+    tests, setup = _tests(ex)
+    if not tests:
+        return float("nan")  # nothing to check: ranks as the hardest
+    result = run_tests(extract_code(out), tests, setup=setup, timeout_s=TESTS_TIMEOUT_S)
+    return 100.0 * result.passed / result.total
+
+
+def _tests_reference_ok(ex: Example) -> bool:
+    from srd.eval.sandbox import extract_code, run_tests
+
+    tests, setup = _tests(ex)
+    return bool(tests) and run_tests(extract_code(ex.target), tests, setup=setup, timeout_s=TESTS_TIMEOUT_S).all_passed
+
+
+register_scorer(
+    "answer_match",
+    _answer_match,
+    higher_is_easier=True,
+    needs_generation=True,
+    description="100 if the student's final answer equals the reference's (\\boxed{}, ####, last number), else 0",
+    reference_ok=_answer_reference_ok,
+)
+register_scorer(
+    "tests_pass",
+    _tests_pass,
+    higher_is_easier=True,
+    needs_generation=True,
+    description="100 x the fraction of the task's asserts the student's code passes (sandboxed)",
+    reference_ok=_tests_reference_ok,
 )
