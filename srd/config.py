@@ -36,6 +36,8 @@ class ModelConfig:
     # Precision of the trainable student's weights; "auto" = float32 (bf16 autocast is
     # chosen by train.precision). The frozen teacher runs in `teacher_dtype`.
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # a PEFT adapter folder for the teacher (e.g. a LoRA-tuned teacher): merged into it at load
+    teacher_adapter: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -219,6 +221,27 @@ class CurriculumConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """Train the student through LoRA adapters (peft) instead of all its weights.
+
+    Checkpoints hold the adapter only; every exported model (final/, best/) is the merged
+    full model, with the adapter itself in its adapter/ subfolder."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # module names to adapt (e.g. [q_proj, v_proj]), or ["all-linear"] (every linear layer but the head)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, f"lora.r must be > 0, got {self.r}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "lora.target_modules must name at least one module (or all-linear)")
+
+
+@dataclass(kw_only=True)
 class CompareConfig:
     """`srd run` as a self-contained experiment: also train the plain-KD baseline (same
     divergence, all the data, loss.tau / loss.alpha) into `<run>/baseline/`."""
@@ -278,6 +301,7 @@ class RunConfig:
     dev_eval: DevEvalConfig = field(default_factory=DevEvalConfig)
     reflect: ReflectConfig = field(default_factory=ReflectConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

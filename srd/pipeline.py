@@ -83,7 +83,13 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the whole method (or the baseline) from one config, resumable."""
     acc, run_dir, student, teacher, tokenizer, train, dev = _setup(cfg, need_teacher=_needs_teacher(cfg))
     by_id = {ex.id: ex for ex in train}
-    results: dict[str, Any] = {"method": cfg.method, "divergence": cfg.loss.divergence, "examples": len(train)}
+    results: dict[str, Any] = {
+        "method": cfg.method,
+        "divergence": cfg.loss.divergence,
+        "examples": len(train),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+    }
     common = dict(teacher=teacher, tokenizer=tokenizer, dev_examples=dev, accelerator=acc, progress=progress)
 
     if cfg.method == "baseline":

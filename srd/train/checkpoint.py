@@ -24,24 +24,55 @@ from srd.utils import atomic_write_json, replace_dir
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def save_model_dir(model: nn.Module, tokenizer: Any, out: Path) -> None:
-    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically."""
+    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically.
+
+    A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
+    alone in `out/adapter/` (what the next curriculum stage continues from)."""
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if is_peft(model):
+        import copy
+
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, out)
+
+
+def _load_adapter(model: nn.Module, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    for candidate in (folder / "adapter_model.safetensors", folder / "adapter" / "adapter_model.safetensors"):
+        if candidate.exists():
+            result = set_peft_model_state_dict(model, load_file(candidate))
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise RuntimeError(f"adapter {candidate} does not match the model: unexpected {unexpected[:5]}")
+            return
+    raise FileNotFoundError(
+        f"no LoRA adapter in {folder} (adapter_model.safetensors or adapter/): was it trained without lora.enabled?"
+    )
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
     """Load every *.safetensors shard in `folder` into `model`.
 
     Keys may be missing only for tied weights (e.g. lm_head tied to the embeddings),
-    which share storage with a loaded parameter.
+    which share storage with a loaded parameter. A peft model loads its adapter only.
     """
+    if is_peft(model):
+        _load_adapter(model, folder)
+        return
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))

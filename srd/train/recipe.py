@@ -67,9 +67,58 @@ def load_models(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[An
             raise ConfigError("this run has a KD term (alpha < 1) but model.teacher is null; name a teacher")
         check_tokenizers(load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code), tokenizer)
         teacher = load_model(m.teacher, trust_remote_code=m.trust_remote_code)
+        if m.teacher_adapter:
+            teacher = merge_adapter(teacher, m.teacher_adapter)
     student = load_model(m.student, trust_remote_code=m.trust_remote_code)
     aligned_vocab_size(tokenizer, student, *([teacher] if teacher is not None else []))
+    if cfg.lora.enabled:
+        student = add_lora(student, cfg.lora, seed=cfg.seed)
     return student, teacher, tokenizer
+
+
+def add_lora(model: Any, lora: Any, *, seed: int = 0) -> Any:
+    """Wrap `model` with trainable LoRA adapters (everything else frozen), initialised from
+    `seed` (so every process, and a resumed run, starts from the same adapter)."""
+    import logging
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(model, config)
+    except ValueError as e:  # a target module that does not exist
+        raise ConfigError(f"lora.target_modules={targets}: {e}") from e
+    trainable, total = model.get_nb_trainable_parameters()
+    logging.getLogger(__name__).info(
+        "LoRA r=%d on %s: %d trainable parameters of %d (%.2f%%)",
+        lora.r,
+        targets,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return model
+
+
+def merge_adapter(model: Any, adapter: str) -> Any:
+    """Load a PEFT adapter onto `model` and merge it into the weights (a plain model again)."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ConfigError(f"model.teacher_adapter={adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
 def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -31,6 +31,8 @@ def _splittable(model: nn.Module) -> bool:
 def features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Any]:
     """(B, T, H) last hidden states and the head mapping them to logits, or (B, T, V)
     logits and the identity when the model's logits are not a plain linear map."""
+    if hasattr(model, "peft_config"):  # a peft model: its LoRA layers live inside the base model
+        model = model.get_base_model()
     if _splittable(model):
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state, model.get_output_embeddings()
