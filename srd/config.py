@@ -221,6 +221,26 @@ class CurriculumConfig:
 
 
 @dataclass(kw_only=True)
+class OnPolicyConfig:
+    """On-policy KD (GKD): for `ratio` of the micro-batches the student samples its own
+    responses to the batch's prompts and the KD loss is computed on them (no CE term on
+    self-generated text). SRD-NOTES sec. 3: ratio 0.5, sampling at temperature 1, top-k 0,
+    top-p 1, 256 new tokens, alpha = 0. Default ratio: 0.5 for method=gkd, else 0 (off-policy)."""
+
+    ratio: float | None = None
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.ratio is None or 0.0 <= self.ratio <= 1.0, f"on_policy.ratio must be in [0, 1], got {self.ratio}")
+        _check(self.max_new_tokens > 0, "on_policy.max_new_tokens must be > 0")
+        _check(self.temperature > 0, "on_policy.temperature must be > 0")
+        _check(0 < self.top_p <= 1, "on_policy.top_p must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
 class LoraConfig:
     """Train the student through LoRA adapters (peft) instead of all its weights.
 
@@ -292,7 +312,9 @@ class RunConfig:
     seed: int = 42
     # srd run: "srd" = reflection + curriculum; "baseline" = plain KD on all data (train.epochs,
     # loss.tau, loss.alpha); "traditional" = curriculum by length + token entropy, no filtering.
-    method: Literal["srd", "baseline", "traditional"] = "srd"
+    # "gkd" = "baseline" with on-policy batches (on_policy.ratio 0.5 unless set); SRD over GKD
+    # is method=srd with on_policy.ratio=0.5.
+    method: Literal["srd", "baseline", "traditional", "gkd"] = "srd"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -302,11 +324,22 @@ class RunConfig:
     reflect: ReflectConfig = field(default_factory=ReflectConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        if self.on_policy.ratio is None:
+            self.on_policy.ratio = 0.5 if self.method == "gkd" else 0.0
+        _check(
+            self.method != "gkd" or self.on_policy.ratio > 0,
+            "method=gkd needs on_policy.ratio > 0 (GKD: 0.5); for off-policy KD use method=baseline",
+        )
+        _check(
+            not (self.compare.baseline and self.method == "gkd"),
+            "compare.baseline=true trains a KD baseline next to this run, but method is already gkd",
+        )
         _check(
             not (self.compare.baseline and self.method == "baseline"),
             "compare.baseline=true trains a KD baseline next to this run, but method is already baseline",

@@ -33,7 +33,9 @@ def baseline_config(cfg: RunConfig, srd_results: dict[str, Any]) -> RunConfig:
     if epochs is None:
         epochs = round(srd_results["sample_passes"] / (srd_results["examples"] * cfg.compare.step_ratio), 4)
     d = to_dict(cfg)
-    d.update(name="baseline", output_dir=str(cfg.run_dir), method="baseline", compare={}, eval={})
+    # the same KD method without SRD: GKD when this run samples on-policy, plain KD otherwise
+    method = "gkd" if (cfg.on_policy.ratio or 0) > 0 else "baseline"
+    d.update(name="baseline", output_dir=str(cfg.run_dir), method=method, compare={}, eval={})
     d["train"].update(epochs=epochs, max_steps=None)
     return from_dict(RunConfig, d)
 
@@ -130,8 +132,9 @@ def compared_runs(cfg: RunConfig) -> list[tuple[Path, str]]:
     folders = eval_dirs(cfg)
     order = ["baseline", "final", "teacher", "initial"] if "baseline" in cfg.eval.models else ["final"]
     order += [m for m in ["teacher", "initial"] if m not in order]
-    method = {"srd": "KD+SRD", "traditional": "KD+curriculum", "baseline": "KD"}[cfg.method]
-    labels = {**LABELS, "final": f"{method} ({cfg.name})"}
+    kd = "GKD" if (cfg.on_policy.ratio or 0) > 0 else "KD"
+    method = {"srd": f"{kd}+SRD", "traditional": f"{kd}+curriculum", "baseline": "KD", "gkd": "GKD"}[cfg.method]
+    labels = {**LABELS, "baseline": kd, "final": f"{method} ({cfg.name})"}
     return [(folders[m], labels[m]) for m in order if m in cfg.eval.models]
 
 

@@ -28,8 +28,8 @@ from srd.utils import atomic_write_json
 
 
 def _needs_teacher(cfg: RunConfig) -> bool:
-    if cfg.method == "baseline":
-        return cfg.loss.alpha < 1.0
+    if cfg.method in ("baseline", "gkd"):
+        return cfg.loss.alpha < 1.0 or cfg.method == "gkd"
     return min(stage_alphas(cfg.curriculum)) < 1.0
 
 
@@ -92,7 +92,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     }
     common = dict(teacher=teacher, tokenizer=tokenizer, dev_examples=dev, accelerator=acc, progress=progress)
 
-    if cfg.method == "baseline":
+    if cfg.method in ("baseline", "gkd"):
         summary = train_stage(
             cfg,
             student=student,
@@ -101,7 +101,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             desc="baseline",
             **common,
         )
-        results["stages"] = [_stage_result("baseline", summary, len(train))]
+        results["stages"] = [_stage_result("baseline", summary, len(train))]  # gkd: the same, on-policy batches
         results["reflection_s"] = 0.0
         final = run_dir / "stages" / "baseline" / "final"
     else:
@@ -163,6 +163,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     results["train_s"] = round(sum(s["wall_time_s"] for s in results["stages"]), 3)
     results["total_s"] = round(results["train_s"] + results["reflection_s"], 3)
     results["sample_passes"] = round(sum(s["examples"] * s["epochs"] for s in results["stages"]), 3)
+    results["generation_s"] = round(sum(s.get("generation_s", 0.0) for s in results["stages"]), 3)
+    results["on_policy_ratio"] = cfg.on_policy.ratio
     results["final_model"] = str(final)
     if acc.is_main_process:
         atomic_write_json(run_dir / "results.json", results)
@@ -187,6 +189,7 @@ def _stage_result(name: str, summary: dict[str, Any], n_examples: int) -> dict[s
         "alpha": summary["alpha"],
         "epochs": summary["steps"] / max(summary["steps_per_epoch"], 1),
         "wall_time_s": summary["wall_time_s"],
+        "generation_s": summary.get("generation_s", 0.0),
         "best_metric": summary["best_metric"],
         "complete": summary["complete"],
         "first_eval": summary.get("first_eval"),

@@ -97,8 +97,11 @@ def decode_batch(
     stop_strings: Sequence[str],
     generator: torch.Generator | None,
     window: int = 12,
+    keep_eos: bool = False,
 ) -> list[list[int]]:
-    """New token ids of each left-padded row; finished rows leave the batch and the KV cache."""
+    """New token ids of each left-padded row; finished rows leave the batch and the KV cache.
+
+    With `keep_eos` a generated EOS ends its row's ids (on-policy training keeps it as a target)."""
     from transformers import DynamicCache
 
     n = ids.shape[0]
@@ -123,6 +126,8 @@ def decode_batch(
         for r, tok in enumerate(nxt.tolist()):
             row = live[r]
             if tok == eos:
+                if keep_eos:
+                    new[row].append(tok)
                 continue
             new[row].append(tok)
             if stop_strings:

@@ -40,6 +40,7 @@ from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.models.load import dtype_from_name
 from srd.train import checkpoint as ckpt
+from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
@@ -158,13 +159,21 @@ class _LossSpec:
 
 
 def _micro_loss(
-    module: Any, teacher: Any, batch: dict[str, torch.Tensor], spec: _LossSpec, accelerator: Any, denominator: float
+    module: Any,
+    teacher: Any,
+    batch: dict[str, torch.Tensor],
+    spec: _LossSpec,
+    accelerator: Any,
+    denominator: float,
+    on_policy: bool = False,
 ) -> tuple[torch.Tensor, LossSums]:
     with accelerator.autocast():
         t_in, t_head = (None, None)
         if spec.alpha < 1.0:
             t_in, t_head = teacher_features(teacher, batch)
         sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head)
+    if on_policy:  # no CE on the student's own samples: only the divergence teaches
+        sums = LossSums(ce=sums.ce * 0.0, kd=sums.kd, n_tokens=sums.n_tokens)
     # DDP averages gradients over processes; the loss is a sum over the step's tokens
     # divided by their global count, so multiply back by the number of processes.
     loss = combine(sums, alpha=spec.alpha, kd_scale=spec.kd_scale, denominator=denominator)
@@ -371,20 +380,46 @@ def train_stage(
     t_run = time.perf_counter()
     elapsed0 = state["elapsed_s"]
     device = acc.device
+    ratio = float(cfg.on_policy.ratio or 0.0)
+    state.setdefault("generation_s", 0.0)
     for step in range(start, stop_at):
         t0 = time.perf_counter()
         micro = plan.step_batches(step)
-        denominator = float(sum(n_targets[i] for b in micro for i in b))
-        local = micro[acc.process_index :: acc.num_processes]
+        flags = on_policy_flags(cfg.seed, step, len(micro), ratio)
+        mine = list(range(len(micro)))[acc.process_index :: acc.num_processes]
+        local, gen_s = [], 0.0
+        for g in mine:
+            encs = [enc[i] for i in micro[g]]
+            if flags[g]:  # GKD: the student answers these prompts itself
+                tg = time.perf_counter()
+                op = cfg.on_policy
+                encs = sample_responses(
+                    acc.unwrap_model(module).student,
+                    tokenizer,
+                    encs,
+                    max_new_tokens=op.max_new_tokens,
+                    temperature=op.temperature,
+                    top_k=op.top_k,
+                    top_p=op.top_p,
+                    seed=(cfg.seed * 1_000_003 + step * 1_009 + g) % (2**63),
+                    max_len=cfg.data.max_len,
+                )
+                gen_s += time.perf_counter() - tg
+            local.append((encs, flags[g]))
+        if ratio > 0:  # sampled answers change the step's target count: count it over all processes
+            mine_targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for encs, _ in local for e in encs)
+            denominator = float(acc.reduce(torch.tensor([float(mine_targets)], device=device), reduction="sum").item())
+        else:
+            denominator = float(sum(n_targets[i] for b in micro for i in b))
         ce_sum = kd_sum = 0.0
         n_tokens = 0
-        for j, idx in enumerate(local):
-            batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], pad_id(tokenizer)).items()}
+        for j, (encs, on_policy) in enumerate(local):
+            batch = {k: v.to(device) for k, v in collate(encs, pad_id(tokenizer)).items()}
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
             ctx = acc.no_sync(module) if not sync else contextlib.nullcontext()
             with ctx:
-                loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator)
+                loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator, on_policy)
                 acc.backward(loss)
             ce_sum += sums.ce.item()
             kd_sum += sums.kd.item()
@@ -397,6 +432,7 @@ def train_stage(
         ce_sum, kd_sum, n_tokens = totals.tolist()
         dt = time.perf_counter() - t0
         state["tokens"] += int(n_tokens)
+        state["generation_s"] += gen_s
         state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
         done_steps = step + 1
         row = {
@@ -412,6 +448,9 @@ def train_stage(
             "alpha": alpha,
             "elapsed_s": round(state["elapsed_s"], 3),
         }
+        if ratio > 0:
+            row["on_policy_batches"] = sum(flags)
+            row["generation_s"] = round(gen_s, 3)
         if acc.is_main_process and (done_steps % tcfg.log_every == 0 or done_steps == plan.total_steps):
             append_jsonl(logs / "train.jsonl", [row])
             for k in ("loss", "ce", "kd", "lr", "tokens_per_s"):
@@ -439,6 +478,8 @@ def train_stage(
         "divergence": lcfg.divergence,
         "kd_scale": spec.kd_scale,
         "wall_time_s": round(state["elapsed_s"], 3),
+        "generation_s": round(state.get("generation_s", 0.0), 3),
+        "on_policy_ratio": ratio,
         "tokens": state["tokens"],
         "best_metric": state["best_metric"],
         "first_eval": state.get("first_eval"),
