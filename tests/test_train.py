@@ -137,3 +137,66 @@ def test_training_on_a_mixture_of_sets(tmp_path, tiny_models, tiny_data):
     assert main(args) == 0
     done = json.loads((tmp_path / "t" / "done.json").read_text())
     assert done["examples"] == 8 + 2
+
+
+def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_models, tiny_data):
+    """torchrun 2 CPU processes (gloo, batch 2 each) vs 1 process (batch 2 x 2 accumulation):
+    the same micro-batches per step, so the same losses and weights within float tolerance;
+    a 2-process checkpoint resumes in 1 process and vice versa."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from srd.cli import main
+    from tests.conftest import run_cli_in_processes
+
+    def args(out, *extra):
+        return [
+            "train",
+            "--no-progress",
+            "-",
+            f"model.teacher={tiny_models['llama-teacher']}",
+            f"model.student={tiny_models['llama-student']}",
+            f"data.train={tiny_data['train']}",
+            f"data.dev={tiny_data['dev']}",
+            f"output_dir={out}",
+            "name=x",
+            "seed=0",
+            "data.max_prompt_len=64",
+            "data.max_len=96",
+            "train.batch_size=2",
+            "train.lr=1e-3",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "dev_eval.num_examples=0",
+            *extra,
+        ]
+
+    def weights(out):
+        return load_file(out / "x" / "final" / "model.safetensors")
+
+    def losses(out):
+        return [json.loads(r)["loss"] for r in (out / "x" / "logs" / "train.jsonl").read_text().splitlines()]
+
+    proc = run_cli_in_processes(args(tmp_path / "two", "train.grad_accum=1"), port=29531)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "one", "train.grad_accum=2")) == 0
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    # 2 processes -> pause at step 2 -> resume in 1 process (grad_accum 2): same result
+    proc = run_cli_in_processes(args(tmp_path / "mixed", "train.grad_accum=1", "train.stop_after_steps=2"), port=29532)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "mixed", "train.grad_accum=2")) == 0
+    c = weights(tmp_path / "mixed")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6, rtol=1e-5) for k in a)
+    # 1 process -> pause -> resume in 2 processes
+    assert main(args(tmp_path / "back", "train.grad_accum=2", "train.stop_after_steps=2")) == 0
+    proc = run_cli_in_processes(args(tmp_path / "back", "train.grad_accum=1"), port=29533)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = weights(tmp_path / "back")
+    assert all(torch.allclose(a[k], d[k], atol=1e-6, rtol=1e-5) for k in a)
+    # a different number of micro-batches per step is refused with the fix in the message
+    assert main(args(tmp_path / "mixed2", "train.grad_accum=1", "train.stop_after_steps=2")) == 0
+    assert main(args(tmp_path / "mixed2", "train.grad_accum=2")) == 2

@@ -312,13 +312,29 @@ def train_stage(
 
     ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
     state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
+    micro_per_step = tcfg.grad_accum * acc.num_processes
     latest = ckpt.latest_checkpoint(ckpt_root)
     if latest is not None:
+        saved = ckpt.read_state(latest)
+        if saved.get("micro_per_step", micro_per_step) != micro_per_step:
+            from srd.config import ConfigError
+
+            raise ConfigError(
+                f"{latest} was written with {saved['micro_per_step']} micro-batches per step (processes x "
+                f"train.grad_accum) but this run has {acc.num_processes} x {tcfg.grad_accum}; resume with the same "
+                f"product (e.g. train.grad_accum={saved['micro_per_step'] // acc.num_processes} on "
+                f"{acc.num_processes} process(es)) so the remaining steps see the same batches"
+            )
         ckpt.load_weights(acc.unwrap_model(module).student, latest)
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=acc.device, weights_only=False))
+        where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=where, weights_only=False))
         scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(latest / f"rng_{acc.process_index}.pt", weights_only=False))
-        state = ckpt.read_state(latest)
+        rng_file = latest / f"rng_{acc.process_index}.pt"
+        if not rng_file.exists():  # resumed on more processes than wrote the checkpoint
+            log.warning("%s missing: process %d continues from rank 0's RNG state", rng_file.name, acc.process_index)
+            rng_file = latest / "rng_0.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        state = saved
         if acc.is_main_process:
             for name in ("train.jsonl", "eval.jsonl"):
                 _truncate_log(logs / name, state["step"])
@@ -339,7 +355,7 @@ def train_stage(
             acc.unwrap_model(module).student.save_pretrained(tmp, safe_serialization=True)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            ckpt.finish_checkpoint(ckpt_root, step, {**state, "step": step})
+            ckpt.finish_checkpoint(ckpt_root, step, {**state, "step": step, "micro_per_step": micro_per_step})
             ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
         acc.wait_for_everyone()
 

@@ -17,7 +17,15 @@ from srd.train.loop import make_accelerator, train_stage
 from srd.utils import atomic_write_text
 
 # Keys that may change between an interrupted run and its resumption.
-RESUME_SAFE_KEYS = {"train.stop_after_steps", "train.num_threads", "train.eval_every", "train.log_every"}
+# train.grad_accum may change with the number of processes (the checkpoint checks that
+# processes x grad_accum, the micro-batches per step, stays the same).
+RESUME_SAFE_KEYS = {
+    "train.stop_after_steps",
+    "train.num_threads",
+    "train.eval_every",
+    "train.log_every",
+    "train.grad_accum",
+}
 # Sections that only add work after training (evaluation, the comparison baseline's own run).
 RESUME_SAFE_PREFIXES = ("eval.", "compare.")
 
