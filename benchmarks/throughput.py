@@ -1,0 +1,215 @@
+"""KD step throughput: srd's step against a hand-written Hugging Face KD step, same models and batch.
+
+    python benchmarks/throughput.py --preset cpu    # bundled SmolLM2-135M teacher -> healed 20-layer student, 8 x 256
+    python benchmarks/throughput.py --preset gpu    # random-init GPT-2 1.5B -> 124M shapes, 16 x 512, bf16
+
+Each implementation runs in its own subprocess (clean peak memory), on the same batch of
+real Dolly text packed to the full length with the first quarter of every row masked as the
+prompt, forward KL (tau 1, no CE term), AdamW:
+
+  naive  the hand-written loop: full teacher and student logits, float32 log-softmax over the
+         whole vocabulary for every position, masked mean of KL(p || q)
+  srd    srd's step: response positions only, LM heads + log-softmax + divergence in chunks
+         inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
+
+Reported: median step time after warm-up, tokens/s (all B x T tokens), peak memory (GPU
+allocator peak, or the process's peak RSS on a CPU) and the ratios. The record goes to
+benchmarks/results/DATE-<preset>-throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    "cpu": {
+        "teacher": "smollm2-135m-instruct",
+        "student": "runs/students/smollm2-20l-healed",
+        "batch": 8,
+        "seq": 256,
+        "steps": 4,
+        "dtype": "float32",
+    },
+    "gpu": {
+        "teacher": "random:gpt2-xl",
+        "student": "random:gpt2",
+        "batch": 16,
+        "seq": 512,
+        "steps": 10,
+        "dtype": "bf16",
+    },
+}
+
+
+def _batch(tokenizer, batch: int, seq: int):
+    """B rows of exactly `seq` tokens of real Dolly text; the first quarter of each is the masked prompt."""
+    import torch
+
+    from srd.data.sources import load_examples
+    from srd.data.tokenize import IGNORE_INDEX
+
+    text = " ".join(f"{ex.instruction} {ex.input} {ex.target}" for ex in load_examples("dolly", limit=400))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = [ids[i * seq : (i + 1) * seq] for i in range(batch)]
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    labels = input_ids.clone()
+    labels[:, : seq // 4] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def _peak_memory_gib(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def run_impl(impl: str, cfg: dict) -> dict:
+    """One implementation, in this process: returns step times and peak memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from srd.losses.kd import combine
+    from srd.models import load_model, load_tokenizer
+    from srd.train.step import DistillModule, teacher_features
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = cfg["dtype"] == "bf16" and device == "cuda"
+    tokenizer = load_tokenizer(cfg["student"])
+    teacher = load_model(cfg["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
+    teacher.requires_grad_(False)
+    student = load_model(cfg["student"]).to(device).train()
+    batch = {k: v.to(device) for k, v in _batch(tokenizer, cfg["batch"], cfg["seq"]).items()}
+    vocab = len(tokenizer)
+    fused = device == "cuda"
+    if impl == "srd":
+        module = DistillModule(student, divergence="fkl", tau=1.0, beta=None, chunk_size=1024, vocab_size=vocab)
+        params = module.parameters()
+    else:
+        params = student.parameters()
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+    def step() -> None:
+        with autocast:
+            if impl == "naive":
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                t_logp = F.log_softmax(t_logits[:, :-1, :vocab].float(), dim=-1)
+                s_logp = F.log_softmax(s_logits[:, :-1, :vocab].float(), dim=-1)
+                kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+                mask = batch["labels"][:, 1:] != -100
+                loss = kl[mask].mean()
+            else:
+                t_in, t_head = teacher_features(teacher, batch)
+                sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head)
+                loss = combine(sums, alpha=0.0, kd_scale=1.0, denominator=float(sums.n_tokens))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"impl": impl, "step_s": times, "peak_gib": _peak_memory_gib(device), "device": device}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--impls", nargs="+", default=["naive", "srd"], choices=["naive", "srd"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps per implementation (after 1 warm-up)")
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--student", default=None)
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--record", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one impl, print JSON
+    args = p.parse_args(argv)
+    cfg = dict(PRESETS[args.preset])
+    for key in ("steps", "teacher", "student", "batch", "seq"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.child:
+        print("RESULT " + json.dumps(run_impl(args.child, cfg)))
+        return 0
+    if not cfg["student"].startswith("random:") and not Path(cfg["student"]).exists():
+        print(
+            f"error: {cfg['student']} does not exist; make it with\n  srd prune --teacher smollm2-135m-instruct "
+            f"--layers 20 --heal-steps 80 --out {cfg['student']}",
+            file=sys.stderr,
+        )
+        return 2
+    results = []
+    for impl in args.impls:
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl]
+        for key in ("steps", "teacher", "student", "batch", "seq"):
+            cmd += [f"--{key}", str(cfg[key])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        r = json.loads(line[len("RESULT ") :])
+        r["median_s"] = statistics.median(r["step_s"])
+        r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
+        results.append(r)
+        print(f"{impl}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
+    from benchmarks.quality import machine
+    from srd.utils import atomic_write_text
+
+    base = next((r for r in results if r["impl"] == "naive"), results[0])
+    mem = "GPU allocator peak" if results[0]["device"] == "cuda" else "peak RSS of the process"
+    lines = [
+        f"# KD step throughput, preset `{args.preset}`",
+        "",
+        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
+        "",
+        f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`, batch {cfg['batch']} x {cfg['seq']} tokens "
+        f"(3/4 of them targets), {cfg['dtype']}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up; "
+        f"memory = {mem}.",
+        "",
+        "| implementation | s/step (median) | tokens/s | vs naive | peak memory (GiB) | vs naive |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['impl']} | {r['median_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
+            f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x |"
+        )
+    text = "\n".join(lines) + "\n"
+    record = Path(
+        args.record or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}-throughput.md"
+    )
+    atomic_write_text(record, text)
+    print(text)
+    print(f"record: {record}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""benchmarks/throughput.py and benchmarks/generation.py run end to end on tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from tests.test_data import needs_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_shared
+def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
+    record = tmp_path / "throughput.md"
+    args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
+    args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
+    assert _module("throughput").main(args) == 0
+    text = record.read_text()
+    assert "| naive |" in text and "| srd |" in text and "1.00x" in text
+
+
+@needs_shared
+def test_generation_script_compares_backends(tmp_path, tiny_models):
+    record = tmp_path / "generation.md"
+    args = ["--preset", "cpu", "--model", str(tiny_models["llama-student"]), "--limit", "4", "--batch-sizes", "2"]
+    args += ["--max-new-tokens", "4", "--record", str(record)]
+    assert _module("generation").main(args) == 0
+    text = record.read_text()
+    assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
