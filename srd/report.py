@@ -313,7 +313,13 @@ def write_report(run: Path) -> Path:
             f"Method **{res['method']}**, divergence **{res['divergence']}**, {res['examples']} training examples.",
             "",
             f"Wall time: total {res['total_s']:.0f} s = reflection {res['reflection_s']:.0f} s + "
-            f"training {res['train_s']:.0f} s; {res['sample_passes']:.0f} sample passes.",
+            f"training {res['train_s']:.0f} s; {res['sample_passes']:.0f} sample passes."
+            + (
+                f" On-policy batches (ratio {res['on_policy_ratio']:g}): {res['generation_s']:.0f} s of the training "
+                "time went to the student's sampling."
+                if res.get("generation_s")
+                else ""
+            ),
             "",
             "| stage | examples | steps | tau | alpha | wall time (s) | dev ROUGE-L after |",
             "|---|---|---|---|---|---|---|",

@@ -108,3 +108,6 @@ def test_srd_over_gkd_trains_a_gkd_baseline(tmp_path, tiny_models, srd_data):  #
     base = json.loads((tmp_path / "x" / "baseline" / "results.json").read_text())
     assert res["on_policy_ratio"] == 0.5 and res["generation_s"] > 0
     assert base["method"] == "gkd" and base["generation_s"] > 0
+    from srd.report import write_report
+
+    assert "went to the student's sampling" in write_report(tmp_path / "x").read_text()
