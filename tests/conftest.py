@@ -87,6 +87,48 @@ def make_gpt2(vocab: int, layers: int = 2, seed: int = 0):
     return GPT2LMHeadModel(cfg)
 
 
+def make_t5(vocab: int, layers: int = 2, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def make_bart(vocab: int, layers: int = 2, seed: int = 0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(
+        vocab_size=vocab,
+        d_model=32,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(cfg)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
@@ -102,6 +144,10 @@ def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
         "llama-student": make_llama(len(tokenizer), layers=2, seed=2),
         "gpt2-teacher": make_gpt2(len(tokenizer), layers=3, seed=3),
         "gpt2-student": make_gpt2(len(tokenizer), layers=2, seed=4),
+        "t5-teacher": make_t5(len(tokenizer), layers=3, seed=5),
+        "t5-student": make_t5(len(tokenizer), layers=1, seed=6),
+        "bart-teacher": make_bart(len(tokenizer), layers=2, seed=7),
+        "bart-student": make_bart(len(tokenizer), layers=1, seed=8),
     }.items():
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

@@ -184,6 +184,9 @@ def generate_responses(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq:
+        backend = "hf"  # the decode loop is for decoder-only models
     if backend == "loop":
         processors = _processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size)
         generator = None
@@ -228,11 +231,13 @@ def generate_responses(
         if stop_strings:
             from transformers import StoppingCriteriaList
 
-            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, ids.shape[1])])
+            # an encoder-decoder's generated ids start with its decoder start token, not the prompt
+            start = 1 if seq2seq else ids.shape[1]
+            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, start)])
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
         )
-        new = gen[:, ids.shape[1] :]
+        new = gen[:, 1:] if seq2seq else gen[:, ids.shape[1] :]
         for row, i in enumerate(idx):
             text = tokenizer.decode(new[row], skip_special_tokens=True)
             out[i] = cut_at_stop(text, stop_strings)

@@ -165,7 +165,11 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
         return random_model(spec, load_tokenizer(spec, trust_remote_code=trust_remote_code), dtype=dtype)
     path = resolve_model_path(spec)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"could not load model {spec!r} from {path}: {e}") from e
 

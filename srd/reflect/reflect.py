@@ -34,7 +34,7 @@ from srd.data.tokenize import Encoded, collate, encode_example, pad_id
 from srd.eval.generate import generate_responses
 from srd.reflect.fusion import ordinal_ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
-from srd.train.step import features, target_positions
+from srd.train.step import is_seq2seq, target_features
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,8 @@ def sequence_stats(
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], pad_id(tokenizer))
         batch = {k: v.to(device) for k, v in batch.items()}
-        hidden, head = features(model, batch["input_ids"], batch["attention_mask"])
-        mask, targets = target_positions(batch["labels"])
+        h, targets, mask, head = target_features(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         rows = torch.arange(mask.shape[0], device=device)[:, None].expand_as(mask)[mask]
-        h = hidden[:, :-1][mask]
         nll = torch.zeros(mask.shape[0], dtype=torch.float64, device=device)
         ent = torch.zeros_like(nll)
         for c in range(0, h.shape[0], chunk_size):
@@ -192,13 +190,14 @@ def _reflect_rows(
                 stop_strings=g.stop_strings,
                 seed=cfg.seed + start if g.do_sample else None,
             )
-        enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml) for ex in chunk]
+        s2s = is_seq2seq(student)
+        enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in chunk]
         stats = sequence_stats(student, tokenizer, enc, batch_size=r.batch_size)
         if r.ce_target == "student_output":
             own = [
                 Example(id=ex.id, instruction=ex.instruction, input=ex.input, output=o) for ex, o in zip(chunk, outputs)
             ]
-            own_enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml) for ex in own]
+            own_enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in own]
             for s, o in zip(stats, sequence_stats(student, tokenizer, own_enc, batch_size=r.batch_size)):
                 s["ce_reference"], s["ce"] = s["ce"], o["ce"]
         lines = [

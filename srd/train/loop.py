@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
-from srd.data.tokenize import IGNORE_INDEX, Encoded, bucketed_batches, collate, encode_examples, pad_id
+from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
 from srd.eval.generate import generate_responses
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
@@ -41,7 +41,7 @@ from srd.losses.kd import LossSums, combine
 from srd.models.load import dtype_from_name
 from srd.train import checkpoint as ckpt
 from srd.train.onpolicy import on_policy_flags, sample_responses
-from srd.train.step import DistillModule, teacher_features
+from srd.train.step import DistillModule, is_seq2seq, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,18 @@ def train_stage(
     seed_everything(cfg.seed)
 
     fmt = cfg.data.prompt_format
+    s2s = is_seq2seq(student)
+    if s2s and (cfg.on_policy.ratio or 0) > 0:
+        from srd.config import ConfigError
+
+        raise ConfigError("on-policy sampling (on_policy.ratio > 0) supports decoder-only students only")
     enc = encode_examples(
-        tokenizer, train_examples, fmt=fmt, max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len
+        tokenizer,
+        train_examples,
+        fmt=fmt,
+        max_prompt_len=cfg.data.max_prompt_len,
+        max_len=cfg.data.max_len,
+        seq2seq=s2s,
     )
     dev_enc = encode_examples(
         tokenizer,
@@ -285,8 +295,9 @@ def train_stage(
         fmt=fmt,
         max_prompt_len=cfg.data.max_prompt_len,
         max_len=cfg.data.max_len,
+        seq2seq=s2s,
     )
-    n_targets = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in enc]  # what the loss counts
+    n_targets = [e.n_loss_targets for e in enc]  # what the loss counts
     plan = StagePlan.make(
         [len(e.input_ids) for e in enc],
         batch_size=tcfg.batch_size,
@@ -423,7 +434,7 @@ def train_stage(
                 gen_s += time.perf_counter() - tg
             local.append((encs, flags[g]))
         if ratio > 0:  # sampled answers change the step's target count: count it over all processes
-            mine_targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for encs, _ in local for e in encs)
+            mine_targets = sum(e.n_loss_targets for encs, _ in local for e in encs)
             denominator = float(acc.reduce(torch.tensor([float(mine_targets)], device=device), reduction="sum").item())
         else:
             denominator = float(sum(n_targets[i] for b in micro for i in b))

@@ -40,6 +40,32 @@ def features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tup
     return out.logits, nn.Identity()
 
 
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def target_features(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Any]:
+    """(N, H) features at the target positions (or (N, V) logits), the (N,) targets, the
+    (B, T') bool mask of those positions, and the head mapping features to logits.
+
+    Causal LMs: position t predicts labels[t + 1]. Encoder-decoder models: the decoder reads
+    the labels shifted right (the model's own decoder start token) and position t predicts
+    labels[t]; their logits are taken whole (T5 rescales before its head)."""
+    if is_seq2seq(model):
+        base = model.get_base_model() if hasattr(model, "peft_config") else model
+        decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False
+        )
+        mask = labels != IGNORE_INDEX
+        return out.logits[mask], labels[mask], mask, nn.Identity()
+    hidden, head = features(model, input_ids, attention_mask)
+    mask, targets = target_positions(labels)
+    return hidden[:, :-1][mask], targets, mask, head
+
+
 def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     """Mask of positions whose next token is a target, and those targets.
 
@@ -54,9 +80,8 @@ def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def teacher_features(teacher: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
     """The teacher's (N, H_t) features at the target positions, and its head."""
-    hidden, head = features(teacher, batch["input_ids"], batch["attention_mask"])
-    mask, _ = target_positions(batch["labels"])
-    return hidden[:, :-1][mask], head
+    selected, _, _, head = target_features(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return selected, head
 
 
 class DistillModule(nn.Module):
@@ -85,9 +110,7 @@ class DistillModule(nn.Module):
         teacher_in: Tensor | None = None,
         teacher_head: Any = None,
     ) -> LossSums:
-        hidden, head = features(self.student, input_ids, attention_mask)
-        mask, targets = target_positions(labels)
-        student_in = hidden[:, :-1][mask]
+        student_in, targets, _, head = target_features(self.student, input_ids, attention_mask, labels)
         vocab = self.vocab_size
 
         def s_head(x: Tensor) -> Tensor:
