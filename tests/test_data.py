@@ -239,3 +239,16 @@ def test_load_mixture_prefixes_ids_and_limits_each_set(tmp_path):
     assert [e.id for e in load_mixture(str(a))] == ["0", "1", "2"]  # a single spec keeps its ids
     with pytest.raises(DataError, match="repeated ids"):
         load_mixture([str(a), str(a)])
+
+
+def test_hub_rows_with_a_nested_translation_column(tmp_path):
+    """IWSLT on the Hub keeps {en, de} inside a `translation` column: flattened, then mapped."""
+    pytest.importorskip("datasets")
+    from srd.data.sources import NAMED_SETS
+
+    p = _write(tmp_path / "iwslt.jsonl", [{"translation": {"en": f"Hello {i}", "de": f"Hallo {i}"}} for i in range(3)])
+    exs = load_hub(
+        "json", split="train", data_files=str(p), ns=NAMED_SETS["iwslt17-en-de-train"], cache_dir=str(tmp_path / "c")
+    )
+    assert [(e.input, e.target) for e in exs] == [(f"Hello {i}", f"Hallo {i}") for i in range(3)]
+    assert exs[0].instruction == "Translate the following text from English to German."

@@ -30,6 +30,7 @@ class NamedSet:
     fixed_instruction: str | None = None  # for sets without an instruction column
     description: str = ""
     hub_data_files: str | None = None  # a file inside the Hub repo (MiniLLM's evaluation sets)
+    hub_nested: str | None = None  # a column holding a dict of fields (IWSLT's "translation")
 
 
 _DOLLY_MAP = {"instruction": "instruction", "input": "context", "output": "response"}
@@ -110,6 +111,44 @@ NAMED_SETS: dict[str, NamedSet] = {
         fixed_instruction="Summarize the following article in one sentence.",
         description="XSum subset (1,000)",
     ),
+    "xsum-train": NamedSet(
+        "xsum/train.jsonl",
+        "EdinburghNLP/xsum",
+        None,
+        "train",
+        mapping={"input": "document", "output": "summary"},
+        fixed_instruction="Summarize the following article in one sentence.",
+        description="XSum train (Hub)",
+    ),
+    "xsum-validation": NamedSet(
+        "xsum/validation.jsonl",
+        "EdinburghNLP/xsum",
+        None,
+        "validation",
+        mapping={"input": "document", "output": "summary"},
+        fixed_instruction="Summarize the following article in one sentence.",
+        description="XSum validation (Hub)",
+    ),
+    "iwslt17-en-de-train": NamedSet(
+        "iwslt17-en-de/train.json",
+        "IWSLT/iwslt2017",
+        "iwslt2017-en-de",
+        "train",
+        mapping={"input": "en", "output": "de"},
+        fixed_instruction="Translate the following text from English to German.",
+        description="IWSLT17 en-de train (Hub)",
+        hub_nested="translation",
+    ),
+    "iwslt17-en-de-validation": NamedSet(
+        "iwslt17-en-de/validation.json",
+        "IWSLT/iwslt2017",
+        "iwslt2017-en-de",
+        "validation",
+        mapping={"input": "en", "output": "de"},
+        fixed_instruction="Translate the following text from English to German.",
+        description="IWSLT17 en-de validation",
+        hub_nested="translation",
+    ),
     "iwslt17-en-de": NamedSet(
         "iwslt17-en-de/test.json",
         mapping={"input": "en", "output": "de"},
@@ -179,6 +218,8 @@ def load_hub(
     out = []
     for i, row in enumerate(ds, start=1):
         row = dict(row)
+        if ns and ns.hub_nested and isinstance(row.get(ns.hub_nested), dict):
+            row.update(row.pop(ns.hub_nested))
         if ns and ns.fixed_instruction:
             row["instruction"] = ns.fixed_instruction
         row.setdefault("id", f"{dataset_id.split('/')[-1]}-{split}-{(start or 0) + i - 1}")
