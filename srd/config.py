@@ -57,6 +57,9 @@ class DataConfig:
     dev_limit: int | None = 200  # rows of dev used for the dev loss
     data_dir: str | None = None  # where named sets live (default: $SRD_DATA_DIR, then ../shared/data)
     prompt_format: Literal["alpaca", "chat"] = "alpaca"
+    # appended to every instruction (training, dev, reflection), e.g. the chain-of-thought
+    # request "Please reason step by step, and put your final answer within \boxed{}."
+    instruction_suffix: str | None = None
     max_prompt_len: int = 256  # prompt tokens; longer prompts lose instruction/input text, never the template tail
     max_len: int = 512  # prompt + response tokens
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
-from srd.data.sources import load_examples, load_mixture
+from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.reflect.reflect import reflect
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, make_accelerator, train_stage
@@ -40,6 +40,8 @@ def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, 
     student, teacher, tokenizer = load_models(cfg, need_teacher=need_teacher)
     train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
+    train = with_instruction_suffix(train, cfg.data.instruction_suffix)
+    dev = with_instruction_suffix(dev, cfg.data.instruction_suffix)
     return acc, run_dir, student, teacher, tokenizer, train, dev
 
 

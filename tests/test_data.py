@@ -252,3 +252,12 @@ def test_hub_rows_with_a_nested_translation_column(tmp_path):
     )
     assert [(e.input, e.target) for e in exs] == [(f"Hello {i}", f"Hallo {i}") for i in range(3)]
     assert exs[0].instruction == "Translate the following text from English to German."
+
+
+def test_instruction_suffix_is_appended_on_a_new_line():
+    from srd.data.sources import with_instruction_suffix
+
+    ex = Example(id="q", instruction="What is 2 + 3?", input="", output="5\n#### 5", meta={"k": 1})
+    (out,) = with_instruction_suffix([ex], "Please reason step by step.")
+    assert out.instruction == "What is 2 + 3?\nPlease reason step by step." and out.meta == {"k": 1}
+    assert with_instruction_suffix([ex], None) == [ex]

@@ -90,6 +90,14 @@ NAMED_SETS: dict[str, NamedSet] = {
         mapping={"instruction": "text", "output": "code"},
         description="MBPP test (500)",
     ),
+    "mbpp-train": NamedSet(
+        "mbpp/train.jsonl",
+        "google-research-datasets/mbpp",
+        "full",
+        "train",
+        mapping={"instruction": "text", "output": "code"},
+        description="MBPP train (Hub)",
+    ),
     "samsum": NamedSet(
         "samsum/validation.jsonl",
         mapping={"input": "context", "output": "response"},
@@ -280,3 +288,13 @@ def load_mixture(specs: str | list[str], *, data_dir: str | None = None, limit: 
     if len(set(ids)) != len(ids):
         raise DataError(f"data sets {specs} give repeated ids after prefixing; give each set a distinct name")
     return out
+
+
+def with_instruction_suffix(examples: list[Example], suffix: str | None) -> list[Example]:
+    """Examples with `suffix` on a new line after each instruction (unchanged when None)."""
+    if not suffix:
+        return examples
+    return [
+        Example(id=ex.id, instruction=f"{ex.instruction}\n{suffix}", input=ex.input, output=ex.output, meta=ex.meta)
+        for ex in examples
+    ]

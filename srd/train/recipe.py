@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
-from srd.data.sources import load_examples, load_mixture
+from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.train.loop import make_accelerator, train_stage
 from srd.utils import atomic_write_text
@@ -136,6 +136,8 @@ def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     student, teacher, tokenizer = load_models(cfg)
     train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
+    train = with_instruction_suffix(train, cfg.data.instruction_suffix)
+    dev = with_instruction_suffix(dev, cfg.data.instruction_suffix)
     acc.print(
         f"srd train: {len(train)} training examples from {cfg.data.train}; "
         f"{len(dev)} dev examples; run directory {run_dir}"
