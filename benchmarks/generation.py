@@ -13,7 +13,6 @@ The record goes to benchmarks/results/DATE-<preset>-generation.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -56,12 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.quality import machine
+    from benchmarks.common import header, save_record
     from srd.data.prompts import encode_prompt
     from srd.data.sources import load_examples
     from srd.eval.generate import generate_responses
     from srd.models import load_model, load_tokenizer
-    from srd.utils import atomic_write_text
 
     cfg = dict(PRESETS[args.preset])
     for key in ("model", "limit", "batch_sizes", "max_new_tokens"):
@@ -102,14 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             answers[(bs, backend)] = texts
             rows.append((bs, backend, wall, n_tokens))
             print(f"batch {bs} {backend}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")
-    lines = [
-        f"# Generation benchmark, preset `{args.preset}`",
-        "",
-        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + f"; {dtype}.",
-        "",
-        f"Model `{cfg['model']}`; {len(prompts)} prompts from `{cfg['data']}` (Alpaca template); "
+    lines = header(f"Generation benchmark, preset `{args.preset}`") + [
+        f"Precision {dtype}. Model `{cfg['model']}`; {len(prompts)} prompts from `{cfg['data']}` (Alpaca template); "
         f"{'sampling (T = 1, seed 10)' if cfg['do_sample'] else 'greedy'}, max {cfg['max_new_tokens']} new tokens, "
         f"no_repeat_ngram_size {cfg['no_repeat_ngram_size']}, stop at EOS and `###`. Tokens = the answers' tokens "
         "after cutting at the stop string (what both backends keep).",
@@ -127,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if a and b:
                 same = sum(x == y for x, y in zip(a, b))
                 lines += ["", f"Batch {bs}: {same}/{len(a)} greedy answers identical between the backends."]
-    text = "\n".join(lines) + "\n"
-    record = Path(
-        args.record or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}-generation.md"
-    )
-    atomic_write_text(record, text)
-    print(text)
-    print(f"record: {record}")
+    save_record("\n".join(lines) + "\n", args.record, args.preset, "generation")
     return 0
 
 

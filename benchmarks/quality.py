@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import header, save_record  # noqa: E402
 
 HEALED_STUDENT = "runs/students/smollm2-20l-healed"
 
@@ -116,32 +116,6 @@ def overrides_for(
     return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in o.items()] + extra
 
 
-def machine() -> dict[str, Any]:
-    import accelerate
-    import torch
-    import transformers
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def _scores(folder: Path, mode: str) -> dict[str, Any]:
     path = folder / "eval" / mode / "summary.json"
     return json.loads(path.read_text())["benchmarks"] if path.exists() else {}
@@ -154,14 +128,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
 
     preset = PRESETS[args.preset]
     mode = "greedy" if preset["overrides"].get("eval.greedy") else "sampled"
-    lines = [
-        f"# Quality benchmark, preset `{args.preset}`{' (random-init shapes)' if args.random_init else ''}",
-        "",
-        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
-        "",
-    ]
+    lines = header(f"Quality benchmark, preset `{args.preset}`{' (random-init shapes)' if args.random_init else ''}")
     first = out / runs[0][0]
     cfg_path = first / "config.yaml"
     if cfg_path.exists():
@@ -295,12 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} paused; rerun the same command to resume", file=sys.stderr)
                 return 1
     text = write_record(args, runs, out, None if args.report_only else time.perf_counter() - t0)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    from srd.utils import atomic_write_text
-
-    atomic_write_text(record, text)
-    print(text)
-    print(f"record: {record}")
+    save_record(text, str(record), args.preset, "quality")
     return 0
 
 

@@ -20,7 +20,6 @@ benchmarks/results/DATE-<preset>-throughput.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import subprocess
@@ -177,18 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
         results.append(r)
         print(f"{impl}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
-    from benchmarks.quality import machine
-    from srd.utils import atomic_write_text
+    from benchmarks.common import header, save_record
 
     base = next((r for r in results if r["impl"] == "naive"), results[0])
     mem = "GPU allocator peak" if results[0]["device"] == "cuda" else "peak RSS of the process"
-    lines = [
-        f"# KD step throughput, preset `{args.preset}`",
-        "",
-        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
-        "",
+    lines = header(f"KD step throughput, preset `{args.preset}`") + [
         f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`, batch {cfg['batch']} x {cfg['seq']} tokens "
         f"(3/4 of them targets), {cfg['dtype']}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up; "
         f"memory = {mem}.",
@@ -201,13 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['impl']} | {r['median_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
             f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    record = Path(
-        args.record or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}-throughput.md"
-    )
-    atomic_write_text(record, text)
-    print(text)
-    print(f"record: {record}")
+    save_record("\n".join(lines) + "\n", args.record, args.preset, "throughput")
     return 0
 
 

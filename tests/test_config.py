@@ -102,3 +102,22 @@ def test_train_data_may_be_a_list():
     assert load_config(None, ["data.train=dolly"]).data.train == "dolly"
     with pytest.raises(ConfigError, match="at least one"):
         load_config(None, ["data.train=[]"])
+
+
+def test_run_dir_from_an_older_version_resumes(tmp_path):
+    """A config.yaml written before an option existed still matches a config using its default."""
+    import yaml
+
+    from srd.config import ConfigError, load_config
+    from srd.train.recipe import prepare_run_dir
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=old"])
+    prepare_run_dir(cfg)
+    saved = tmp_path / "old" / "config.yaml"
+    data = yaml.safe_load(saved.read_text())
+    del data["lora"], data["on_policy"], data["data"]["instruction_suffix"]  # options added later
+    saved.write_text(yaml.safe_dump(data))
+    prepare_run_dir(cfg)  # accepted: the missing options are at their defaults
+    saved.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="lora.enabled"):
+        prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=old", "lora.enabled=true"]))

@@ -45,6 +45,9 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if saved.exists():
         old = _flatten(yaml.safe_load(saved.read_text()) or {})
         new = _flatten(to_dict(cfg))
+        # a run written by an older srd lacks options added since: they count as their defaults
+        defaults = _flatten(to_dict(RunConfig(method=cfg.method)))
+        old.update({k: defaults[k] for k in new if k not in old and k in defaults})
         diffs = [
             f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(set(old) | set(new))

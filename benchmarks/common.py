@@ -1,0 +1,63 @@
+"""Shared by the benchmark scripts: the machine description and the markdown record they write."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    """CPU / GPU, core count, library versions: what a recorded number depends on."""
+    import accelerate
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def header(title: str) -> list[str]:
+    """The first lines of a record: title, when and by which command, on which machine."""
+    return [
+        f"# {title}",
+        "",
+        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
+        "",
+    ]
+
+
+def save_record(text: str, path: str | None, preset: str, kind: str) -> Path:
+    """Write the record (default benchmarks/results/<date>-<preset>-<kind>.md) and print it."""
+    from srd.utils import atomic_write_text
+
+    record = Path(path or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{preset}-{kind}.md")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, text)
+    print(text)
+    print(f"record: {record}")
+    return record
