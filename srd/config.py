@@ -87,6 +87,10 @@ class LossConfig:
     # (only fkl, jsd and srkl, as the reference code does).
     tau_squared: Literal["all", "none", "reference"] = "all"
     chunk_size: int = 1024  # tokens whose full-vocabulary logits exist at once
+    # > 0: compute the teacher's top-k logits once per training example, cache them on disk
+    # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the
+    # rest, without a teacher forward in training steps (exact at tau 1 but for the bucketing)
+    teacher_top_k: int = 0
 
     def __post_init__(self) -> None:
         from srd.losses import DIVERGENCES
@@ -99,6 +103,7 @@ class LossConfig:
         _check(0.0 <= self.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {self.alpha}")
         _check(self.beta is None or 0.0 < self.beta < 1.0, f"loss.beta must be in (0, 1), got {self.beta}")
         _check(self.chunk_size > 0, "loss.chunk_size must be > 0")
+        _check(self.teacher_top_k >= 0, "loss.teacher_top_k must be >= 0 (0 = the dense teacher)")
 
 
 @dataclass(kw_only=True)

@@ -31,6 +31,27 @@ def _identity(x: Tensor) -> Tensor:
 
 
 @dataclass
+class SparseTeacher:
+    """A cached teacher: per target position its top-k token ids and k + 1 bucket logits (the
+    top-k logits and one logit standing for all other tokens; see srd.train.teacher_cache)."""
+
+    ids: Tensor  # (N, k) int64
+    buckets: Tensor  # (N, k + 1) float32
+
+    def __getitem__(self, sl: slice) -> SparseTeacher:
+        return SparseTeacher(self.ids[sl], self.buckets[sl])
+
+
+def sparse_student_buckets(logits: Tensor, ids: Tensor, tau: float) -> Tensor:
+    """The student's distribution at temperature tau over the teacher's top-k tokens and one
+    bucket for the rest, as logits whose log-softmax at tau is exactly those log-probs."""
+    logq = torch.log_softmax(logits.float() / tau, dim=-1)
+    top = logq.gather(-1, ids)
+    rest = logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-80.0)
+    return torch.cat([top, rest], dim=-1) * tau
+
+
+@dataclass
 class LossSums:
     """Sums over the valid tokens of one micro-batch (0-dim tensors) and their count."""
 
@@ -55,7 +76,8 @@ def kd_loss_sums(
 
     Args:
         student_in: (N, H) student hidden states (or (N, V) logits with the identity head).
-        teacher_in: (N, H_t) teacher hidden states / logits, or None for CE only.
+        teacher_in: (N, H_t) teacher hidden states / logits, a SparseTeacher (cached top-k:
+            the divergence is taken over its k tokens + one bucket for the rest), or None for CE only.
         targets: (N,) next-token ids (already filtered to valid positions).
         student_head / teacher_head: map a chunk of hidden states to (n, V) logits.
     Returns:
@@ -74,6 +96,10 @@ def kd_loss_sums(
         ce = F.cross_entropy(logits.to(acc_dtype), y, reduction="sum")
         if div_fn is None or t is None:
             return ce, ce.new_zeros(())
+        if isinstance(t, SparseTeacher):
+            student_buckets = sparse_student_buckets(logits, t.ids, tau)
+            kd = div_fn(student_buckets, t.buckets, None, tau=tau, beta=beta).sum()
+            return ce, kd.to(acc_dtype)
         with torch.no_grad():
             t_logits = teacher_head(t)
         vocab = min(logits.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off

@@ -166,10 +166,13 @@ def _micro_loss(
     accelerator: Any,
     denominator: float,
     on_policy: bool = False,
+    cached: Any = None,
 ) -> tuple[torch.Tensor, LossSums]:
     with accelerator.autocast():
         t_in, t_head = (None, None)
-        if spec.alpha < 1.0:
+        if cached is not None:  # the teacher cache: no teacher forward
+            t_in = cached
+        elif spec.alpha < 1.0:
             t_in, t_head = teacher_features(teacher, batch)
         sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head)
     if on_policy:  # no CE on the student's own samples: only the divergence teaches
@@ -236,6 +239,28 @@ def evaluate_dev(
         scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
     return metrics
+
+
+def _teacher_cache(cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[Encoded], acc: Any, s2s: bool) -> Any:
+    """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
+    from srd.reflect.reflect import model_fingerprint
+    from srd.train.teacher_cache import TeacherCache
+
+    d = cfg.data
+    meta = {
+        "teacher": model_fingerprint(teacher),
+        "top_k": cfg.loss.teacher_top_k,
+        "vocab": len(tokenizer),
+        "tokenisation": [d.prompt_format, d.max_prompt_len, d.max_len, d.instruction_suffix, s2s],
+    }
+    folder = cfg.run_dir / "teacher-cache"
+    t0 = time.perf_counter()
+    if acc.is_main_process:
+        n = TeacherCache(folder, meta).build(teacher, tokenizer, enc, batch_size=cfg.train.batch_size)
+        if n:
+            log.info("teacher cache: %d examples added in %.0f s (%s)", n, time.perf_counter() - t0, folder)
+    acc.wait_for_everyone()
+    return TeacherCache(folder, meta), time.perf_counter() - t0
 
 
 def train_stage(
@@ -321,6 +346,9 @@ def train_stage(
         teacher_dtype = dtype_from_name(cfg.model.teacher_dtype, default=auto)
         teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
 
+    cache, cache_s = None, 0.0
+    if lcfg.teacher_top_k and teacher is not None and alpha < 1.0:
+        cache, cache_s = _teacher_cache(cfg, teacher, tokenizer, enc, acc, s2s)
     ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
     state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
     micro_per_step = tcfg.grad_accum * acc.num_processes
@@ -445,8 +473,9 @@ def train_stage(
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
             ctx = acc.no_sync(module) if not sync else contextlib.nullcontext()
+            cached = cache.rows([e.id for e in encs], device) if cache is not None and not on_policy else None
             with ctx:
-                loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator, on_policy)
+                loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator, on_policy, cached)
                 acc.backward(loss)
             ce_sum += sums.ce.item()
             kd_sum += sums.kd.item()
@@ -506,6 +535,7 @@ def train_stage(
         "kd_scale": spec.kd_scale,
         "wall_time_s": round(state["elapsed_s"], 3),
         "generation_s": round(state.get("generation_s", 0.0), 3),
+        "teacher_cache_s": round(cache_s, 3),
         "on_policy_ratio": ratio,
         "tokens": state["tokens"],
         "best_metric": state["best_metric"],
