@@ -166,6 +166,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     results["total_s"] = round(results["train_s"] + results["reflection_s"], 3)
     results["sample_passes"] = round(sum(s["examples"] * s["epochs"] for s in results["stages"]), 3)
     results["generation_s"] = round(sum(s.get("generation_s", 0.0) for s in results["stages"]), 3)
+    results["teacher_cache_s"] = round(sum(s.get("teacher_cache_s", 0.0) for s in results["stages"]), 3)
     results["on_policy_ratio"] = cfg.on_policy.ratio
     results["final_model"] = str(final)
     if acc.is_main_process:
@@ -192,6 +193,7 @@ def _stage_result(name: str, summary: dict[str, Any], n_examples: int) -> dict[s
         "epochs": summary["steps"] / max(summary["steps_per_epoch"], 1),
         "wall_time_s": summary["wall_time_s"],
         "generation_s": summary.get("generation_s", 0.0),
+        "teacher_cache_s": summary.get("teacher_cache_s", 0.0),
         "best_metric": summary["best_metric"],
         "complete": summary["complete"],
         "first_eval": summary.get("first_eval"),

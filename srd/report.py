@@ -319,6 +319,11 @@ def write_report(run: Path) -> Path:
                 "time went to the student's sampling."
                 if res.get("generation_s")
                 else ""
+            )
+            + (
+                f" Building the teacher cache took {res['teacher_cache_s']:.0f} s of it."
+                if res.get("teacher_cache_s")
+                else ""
             ),
             "",
             "| stage | examples | steps | tau | alpha | wall time (s) | dev ROUGE-L after |",
