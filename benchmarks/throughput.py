@@ -9,8 +9,9 @@ prompt, forward KL (tau 1, no CE term), AdamW:
 
   naive  the hand-written loop: full teacher and student logits, float32 log-softmax over the
          whole vocabulary for every position, masked mean of KL(p || q)
-  srd    srd's step: response positions only, LM heads + log-softmax + divergence in chunks
-         inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
+  srd       srd's step: response positions only, LM heads + log-softmax + divergence in chunks
+            inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
+  srd-keep  the same without recomputing the chunks in backward (loss.recompute_chunks=false)
 
 Reported: median step time after warm-up, tokens/s (all B x T tokens), peak memory (GPU
 allocator peak, or the process's peak RSS on a CPU) and the ratios. The record goes to
@@ -94,8 +95,16 @@ def run_impl(impl: str, cfg: dict) -> dict:
     batch = {k: v.to(device) for k, v in _batch(tokenizer, cfg["batch"], cfg["seq"]).items()}
     vocab = len(tokenizer)
     fused = device == "cuda"
-    if impl == "srd":
-        module = DistillModule(student, divergence="fkl", tau=1.0, beta=None, chunk_size=1024, vocab_size=vocab)
+    if impl.startswith("srd"):
+        module = DistillModule(
+            student,
+            divergence="fkl",
+            tau=1.0,
+            beta=None,
+            chunk_size=1024,
+            vocab_size=vocab,
+            recompute=impl == "srd",  # srd-keep: loss.recompute_chunks=false
+        )
         params = module.parameters()
     else:
         params = student.parameters()
@@ -138,7 +147,7 @@ def run_impl(impl: str, cfg: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--impls", nargs="+", default=["naive", "srd"], choices=["naive", "srd"])
+    p.add_argument("--impls", nargs="+", default=["naive", "srd", "srd-keep"], choices=["naive", "srd", "srd-keep"])
     p.add_argument("--steps", type=int, default=None, help="timed steps per implementation (after 1 warm-up)")
     p.add_argument("--teacher", default=None)
     p.add_argument("--student", default=None)

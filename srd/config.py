@@ -87,6 +87,9 @@ class LossConfig:
     # (only fkl, jsd and srkl, as the reference code does).
     tau_squared: Literal["all", "none", "reference"] = "all"
     chunk_size: int = 1024  # tokens whose full-vocabulary logits exist at once
+    # recompute each chunk's logits in backward (activation checkpoints: least memory); false
+    # keeps them (faster when they fit: on the 2-core CPU here recomputation made the step slower)
+    recompute_chunks: bool = True
     # > 0: compute the teacher's top-k logits once per training example, cache them on disk
     # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the
     # rest, without a teacher forward in training steps (exact at tau 1 but for the bucketing)

@@ -137,7 +137,7 @@ def test_chunked_equals_unchunked_with_heads(name):
     wt = torch.randn(v, h, dtype=torch.float64)
     y = torch.randint(0, v, (n,))
     results = []
-    for chunk in (n, 5, 1):
+    for chunk, recompute in ((n, True), (5, True), (1, True), (5, False)):
         sums = kd_loss_sums(
             hs,
             ht,
@@ -147,6 +147,7 @@ def test_chunked_equals_unchunked_with_heads(name):
             chunk_size=chunk,
             student_head=lambda x: x @ ws.T,
             teacher_head=lambda x: x @ wt.T,
+            recompute=recompute,
         )
         loss = combine(sums, alpha=0.3, kd_scale=4.0, denominator=n)
         g_h, g_w = torch.autograd.grad(loss, (hs, ws))

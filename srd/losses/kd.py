@@ -71,6 +71,7 @@ def kd_loss_sums(
     chunk_size: int = 1024,
     student_head: Head = _identity,
     teacher_head: Head = _identity,
+    recompute: bool = True,
 ) -> LossSums:
     """Cross-entropy and divergence summed over N valid tokens, in chunks.
 
@@ -80,6 +81,9 @@ def kd_loss_sums(
             the divergence is taken over its k tokens + one bucket for the rest), or None for CE only.
         targets: (N,) next-token ids (already filtered to valid positions).
         student_head / teacher_head: map a chunk of hidden states to (n, V) logits.
+        recompute: run each chunk inside an activation checkpoint (its logits are recomputed
+            in backward: least memory); False keeps every chunk's activations (faster when
+            the logits fit, e.g. on a compute-bound CPU).
     Returns:
         LossSums with ce = sum -log q_1(y) (tau = 1) and kd = sum D(p_tau || q_tau).
     """
@@ -110,7 +114,7 @@ def kd_loss_sums(
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
         t_chunk = teacher_in[sl] if teacher_in is not None else None
-        if torch.is_grad_enabled() and student_in.requires_grad:
+        if recompute and torch.is_grad_enabled() and student_in.requires_grad:
             ce, kd = checkpoint(chunk_sums, student_in[sl], t_chunk, targets[sl], use_reentrant=False)
         else:
             ce, kd = chunk_sums(student_in[sl], t_chunk, targets[sl])

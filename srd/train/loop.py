@@ -335,7 +335,13 @@ def train_stage(
 
     vocab = len(tokenizer)
     module = DistillModule(
-        student, divergence=lcfg.divergence, tau=tau, beta=lcfg.beta, chunk_size=lcfg.chunk_size, vocab_size=vocab
+        student,
+        divergence=lcfg.divergence,
+        tau=tau,
+        beta=lcfg.beta,
+        chunk_size=lcfg.chunk_size,
+        vocab_size=vocab,
+        recompute=lcfg.recompute_chunks,
     )
     module.train()
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)

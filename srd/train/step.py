@@ -96,11 +96,12 @@ class DistillModule(nn.Module):
         beta: float | None,
         chunk_size: int,
         vocab_size: int | None = None,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         self.student = student
         self.divergence, self.tau, self.beta = divergence, tau, beta
-        self.chunk_size, self.vocab_size = chunk_size, vocab_size
+        self.chunk_size, self.vocab_size, self.recompute = chunk_size, vocab_size, recompute
 
     def forward(
         self,
@@ -131,4 +132,5 @@ class DistillModule(nn.Module):
             chunk_size=self.chunk_size,
             student_head=s_head,
             teacher_head=t_head,
+            recompute=self.recompute,
         )
