@@ -22,7 +22,7 @@ from srd.config import RunConfig, from_dict, to_dict
 from srd.pipeline import run_pipeline
 from srd.utils import atomic_write_json, atomic_write_text
 
-LABELS = {"teacher": "teacher", "initial": "student before KD", "baseline": "KD", "final": None}
+LABELS = {"teacher": "teacher", "initial": "student before KD"}
 
 
 def baseline_config(cfg: RunConfig, srd_results: dict[str, Any]) -> RunConfig:
@@ -132,9 +132,14 @@ def compared_runs(cfg: RunConfig) -> list[tuple[Path, str]]:
     folders = eval_dirs(cfg)
     order = ["baseline", "final", "teacher", "initial"] if "baseline" in cfg.eval.models else ["final"]
     order += [m for m in ["teacher", "initial"] if m not in order]
-    kd = "GKD" if (cfg.on_policy.ratio or 0) > 0 else "KD"
-    method = {"srd": f"{kd}+SRD", "traditional": f"{kd}+curriculum", "baseline": "KD", "gkd": "GKD"}[cfg.method]
-    labels = {**LABELS, "baseline": kd, "final": f"{method} ({cfg.name})"}
+    from srd.report import method_label
+
+    ratio = cfg.on_policy.ratio or 0.0
+    labels = {
+        **LABELS,
+        "baseline": method_label("baseline", ratio),
+        "final": f"{method_label(cfg.method, ratio)} ({cfg.name})",
+    }
     return [(folders[m], labels[m]) for m in order if m in cfg.eval.models]
 
 

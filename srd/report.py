@@ -223,9 +223,15 @@ def _plot_eval(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     return names, tables
 
 
+def method_label(method: str, on_policy_ratio: float = 0.0) -> str:
+    """How a trained model is named in tables and plots: KD, GKD, KD+SRD, GKD+SRD, ..."""
+    kd = "GKD" if on_policy_ratio > 0 or method == "gkd" else "KD"
+    return {"srd": f"{kd}+SRD", "traditional": f"{kd}+curriculum", "baseline": kd, "gkd": kd}.get(method, method)
+
+
 def _method_label(run: Path) -> str:
-    method = _read_json(run / "results.json")["method"] if (run / "results.json").exists() else "srd"
-    return {"srd": "KD+SRD", "traditional": "KD+curriculum", "baseline": "KD"}.get(method, method)
+    res = _read_json(run / "results.json") if (run / "results.json").exists() else {}
+    return method_label(res.get("method", "srd"), res.get("on_policy_ratio") or 0.0)
 
 
 def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
@@ -268,7 +274,7 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
         for label, folder in [
             ("teacher", run / "references" / "teacher"),
             ("student before KD", run / "references" / "initial"),
-            ("KD", run / "baseline"),
+            (_method_label(run / "baseline"), run / "baseline"),
             (_method_label(run), run),
         ]
         if (folder / "eval").exists()

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from srd.data.tokenize import pad_id
+from srd.models.load import is_seq2seq
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -62,7 +63,7 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def _processors(do_sample: bool, temperature: float, top_k: int, top_p: float, no_repeat_ngram_size: int) -> Any:
+def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float, no_repeat_ngram_size: int) -> Any:
     from transformers import (
         LogitsProcessorList,
         NoRepeatNGramLogitsProcessor,
@@ -88,8 +89,7 @@ def _processors(do_sample: bool, temperature: float, top_k: int, top_p: float, n
 def decode_batch(
     model: Any,
     tokenizer: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
     do_sample: bool,
@@ -99,11 +99,15 @@ def decode_batch(
     window: int = 12,
     keep_eos: bool = False,
 ) -> list[list[int]]:
-    """New token ids of each left-padded row; finished rows leave the batch and the KV cache.
+    """New token ids for each prompt (left-padded into one batch on the model's device);
+    finished rows leave the batch and the KV cache.
 
     With `keep_eos` a generated EOS ends its row's ids (on-policy training keeps it as a target)."""
     from transformers import DynamicCache
 
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id(tokenizer))
+    ids, mask = ids.to(device), mask.to(device)
     n = ids.shape[0]
     eos = tokenizer.eos_token_id
     cache = DynamicCache(config=model.config)
@@ -115,7 +119,7 @@ def decode_batch(
     new: list[list[int]] = [[] for _ in range(n)]
     seqs = ids  # prompt + generated ids of live rows (for the no-repeat n-gram processor)
     logits = out.logits[:, -1, :].float()
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         scores = processors(seqs, logits)
         if do_sample:
             probs = torch.softmax(scores, dim=-1)
@@ -135,7 +139,7 @@ def decode_batch(
                 if any(s in tail for s in stop_strings):
                     continue
             keep.append(r)
-        if not keep or len(new[live[keep[0]]]) >= max_new_tokens:
+        if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(live):
             index = torch.tensor(keep, device=ids.device)
@@ -184,23 +188,21 @@ def generate_responses(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = is_seq2seq(model)
     if seq2seq:
         backend = "hf"  # the decode loop is for decoder-only models
     if backend == "loop":
-        processors = _processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size)
+        processors = logits_processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size)
         generator = None
         if do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            ids, mask = _left_pad([prompts[i] for i in idx], pad_id(tokenizer))
             new = decode_batch(
                 model,
                 tokenizer,
-                ids.to(device),
-                mask.to(device),
+                [prompts[i] for i in idx],
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 processors=processors,

@@ -174,6 +174,11 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
         raise ModelError(f"could not load model {spec!r} from {path}: {e}") from e
 
 
+def is_seq2seq(model: Any) -> bool:
+    """Whether a model is an encoder-decoder (T5, mT5, BART...)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def dtype_from_name(name: str, *, default: torch.dtype = torch.float32) -> torch.dtype:
     return {
         "auto": default,

@@ -32,9 +32,10 @@ from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
 from srd.eval.generate import generate_responses
+from srd.models.load import is_seq2seq
 from srd.reflect.fusion import ordinal_ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
-from srd.train.step import is_seq2seq, target_features
+from srd.train.step import target_features
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)

@@ -38,10 +38,10 @@ from srd.eval.generate import generate_responses
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
-from srd.models.load import dtype_from_name
+from srd.models.load import dtype_from_name, is_seq2seq
 from srd.train import checkpoint as ckpt
 from srd.train.onpolicy import on_policy_flags, sample_responses
-from srd.train.step import DistillModule, is_seq2seq, teacher_features
+from srd.train.step import DistillModule, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from srd.data.tokenize import IGNORE_INDEX, Encoded, pad_id
+from srd.data.tokenize import IGNORE_INDEX, Encoded
 
 
 def on_policy_flags(seed: int, step: int, n_micro: int, ratio: float) -> list[bool]:
@@ -59,23 +59,19 @@ def sample_responses(
     max_len: int,
 ) -> list[Encoded]:
     """The batch with each reference response replaced by one the student samples."""
-    from srd.eval.generate import _left_pad, _processors, decode_batch
+    from srd.eval.generate import decode_batch, logits_processors
 
-    device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    prompts = [prompt_ids(e) for e in encoded]
-    ids, mask = _left_pad(prompts, pad_id(tokenizer))
-    generator = torch.Generator(device=device)
+    generator = torch.Generator(device=next(student.parameters()).device)
     generator.manual_seed(seed)
     new = decode_batch(
         student,
         tokenizer,
-        ids.to(device),
-        mask.to(device),
+        [prompt_ids(e) for e in encoded],
         max_new_tokens=max_new_tokens,
         do_sample=True,
-        processors=_processors(True, temperature, top_k, top_p, 0),
+        processors=logits_processors(True, temperature, top_k, top_p, 0),
         stop_strings=(),
         generator=generator,
         keep_eos=True,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from srd.data.tokenize import IGNORE_INDEX
 from srd.losses.kd import LossSums, kd_loss_sums
+from srd.models.load import is_seq2seq
 
 
 def _splittable(model: nn.Module) -> bool:
@@ -38,10 +39,6 @@ def features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tup
         return out.last_hidden_state, model.get_output_embeddings()
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.logits, nn.Identity()
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def target_features(
