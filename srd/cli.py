@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "run",
-        help="SRD end to end (reflection + curriculum), or the KD baseline",
+        help="SRD end to end (reflection + curriculum), KD or GKD; + KD baseline, evaluation, report",
         description="method=srd: the student answers every training prompt, examples are ranked by ROUGE-L and "
         "cross-entropy (reciprocal rank fusion), the easiest reflect.keep_ratio are kept and taught in "
         "curriculum.num_stages cumulative stages with rising tau and falling alpha. method=baseline: plain KD on "
@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "prune",
-        help="build a depth-pruned student from a teacher",
+        help="build a depth-pruned student from a teacher (optionally healed by KD: --heal-steps)",
         description="Keep N of the teacher's decoder layers, chosen by measured perplexity on "
         "real text, and save the student (HF folder + tokenizer + prune.json with "
         "the kept layers and perplexities). Reuses DIR if it was built the same way.",
