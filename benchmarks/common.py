@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import os
 import platform
 import sys
@@ -27,6 +28,11 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
+    for optional in ("peft", "trl"):  # named in a record only where installed
+        try:
+            info[optional] = importlib.metadata.version(optional)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -12,6 +12,10 @@ prompt, forward KL (tau 1, no CE term), AdamW:
   srd       srd's step: response positions only, LM heads + log-softmax + divergence in chunks
             inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
   srd-keep  the same without recomputing the chunks in backward (loss.recompute_chunks=false)
+  trl       TRL's GKDTrainer (trl.experimental.gkd) run through its own `train()` loop, off-policy
+            (lmbda=0) forward KL (beta=0), temperature 1, AdamW, no gradient clipping, fed the same
+            batch by a collator; timed per optimizer step by a callback. Needs `pip install trl`
+            (pinned in requirements.lock; skipped with a note when it is not installed)
 
 Reported: median step time after warm-up, tokens/s (all B x T tokens), peak memory (GPU
 allocator peak, or the process's peak RSS on a CPU) and the ratios. The record goes to
@@ -21,6 +25,7 @@ benchmarks/results/DATE-<preset>-throughput.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -49,6 +54,9 @@ PRESETS = {
         "dtype": "bf16",
     },
 }
+
+
+IMPLS = ["naive", "srd", "srd-keep", "trl"]
 
 
 def _batch(tokenizer, batch: int, seq: int):
@@ -108,6 +116,8 @@ def run_impl(impl: str, cfg: dict) -> dict:
         params = module.parameters()
     else:
         params = student.parameters()
+    if impl == "trl":
+        return _run_trl(cfg, teacher, student, batch, device, bf16)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
@@ -144,10 +154,76 @@ def run_impl(impl: str, cfg: dict) -> dict:
     return {"impl": impl, "step_s": times, "peak_gib": _peak_memory_gib(device), "device": device}
 
 
+def _run_trl(cfg: dict, teacher, student, batch: dict, device: str, bf16: bool) -> dict:
+    """TRL's GKDTrainer at the same settings: its own train() loop over `steps + 1` copies of the batch."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from srd.models import load_tokenizer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if len(self.times) == 1:  # the first step is the warm-up
+                self.times.clear()
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    rows = cfg["batch"]
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GKDConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=rows,
+            max_steps=cfg["steps"] + 1,
+            learning_rate=1e-5,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=0.0,  # the other implementations do not clip either
+            lmbda=0.0,  # off-policy: train on the batch's own responses
+            beta=0.0,  # generalized JSD with beta 0 = KL(teacher || student), forward KL
+            temperature=1.0,
+            bf16=bf16,
+            use_cpu=device == "cpu",
+            optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_dict({"row": list(range(rows * (cfg["steps"] + 1)))}),
+            data_collator=lambda features: {k: v.clone() for k, v in batch.items()},
+            processing_class=load_tokenizer(cfg["student"]),
+            callbacks=[timer],
+        )
+        trainer.train()
+    return {"impl": "trl", "step_s": timer.times, "peak_gib": _peak_memory_gib(device), "device": device}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--impls", nargs="+", default=["naive", "srd", "srd-keep"], choices=["naive", "srd", "srd-keep"])
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     p.add_argument("--steps", type=int, default=None, help="timed steps per implementation (after 1 warm-up)")
     p.add_argument("--teacher", default=None)
     p.add_argument("--student", default=None)
@@ -170,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    results = []
+    results, skipped = [], []
     for impl in args.impls:
+        if impl == "trl" and importlib.util.find_spec("trl") is None:
+            print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
+            skipped.append(impl)
+            continue
         cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl]
         for key in ("steps", "teacher", "student", "batch", "seq"):
             cmd += [f"--{key}", str(cfg[key])]
@@ -202,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['impl']} | {r['median_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
             f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x |"
         )
+    if skipped:
+        lines += ["", f"Not run (not installed here): {', '.join(skipped)}."]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "throughput")
     return 0
 

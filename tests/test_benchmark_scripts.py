@@ -24,7 +24,9 @@ def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
     args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
     assert _module("throughput").main(args) == 0
     text = record.read_text()
-    assert "| naive |" in text and "| srd |" in text and "1.00x" in text
+    assert "| naive |" in text and "| srd |" in text and "| trl |" in text and "1.00x" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert all(float(rows[impl].split("|")[3]) > 0 for impl in ("naive", "srd", "srd-keep", "trl"))
 
 
 @needs_shared
