@@ -121,6 +121,21 @@ def _scores(folder: Path, mode: str) -> dict[str, Any]:
     return json.loads(path.read_text())["benchmarks"] if path.exists() else {}
 
 
+def step_seconds(stage_dirs: list[Path]) -> list[float]:
+    """Seconds of every optimizer step of these stages, from their train.jsonl (elapsed_s)."""
+    out = []
+    for d in stage_dirs:
+        log = d / "logs" / "train.jsonl"
+        if not log.exists():
+            continue
+        prev = 0.0
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            out.append(row["elapsed_s"] - prev)
+            prev = row["elapsed_s"]
+    return out
+
+
 def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out: Path, wall: float | None) -> str:
     """The markdown record of every finished run: scores, p-values, times."""
     from srd.eval.evaluate import load_example_scores
@@ -140,7 +155,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         rows.append(("teacher", teacher))
     if initial:
         rows.append(("student before KD", initial))
-    pvals, times, diffs = [], [], []
+    pvals, times, diffs, steps = [], [], [], []
     for name, div, seed in runs:
         run = out / name
         kd, srd = _scores(run / "baseline", mode), _scores(run, mode)
@@ -157,6 +172,15 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             diffs.append(srd[b]["mean"] - kd[b]["mean"])
         pvals.append(f"| {div}, seed {seed} | " + " | ".join(cells) + " |")
         t = json.loads((run / "experiment.json").read_text())["timing"]
+        srd_steps = step_seconds(sorted((run / "stages").glob("stage-*")))
+        kd_steps = step_seconds([run / "baseline" / "stages" / "baseline"])
+        if srd_steps and kd_steps:
+            m_srd, m_kd = statistics.median(srd_steps), statistics.median(kd_steps)
+            steps.append(
+                f"| {div}, seed {seed} | {len(srd_steps)} x {m_srd:.2f} = {len(srd_steps) * m_srd:.0f} | "
+                f"{len(kd_steps)} x {m_kd:.2f} = {len(kd_steps) * m_kd:.0f} | "
+                f"{100 * len(srd_steps) * m_srd / (len(kd_steps) * m_kd):.0f}% |"
+            )
         times.append(
             f"| {div}, seed {seed} | {t['reflection_s']:.0f} | {t['train_s']:.0f} | "
             f"{t['reflection_s'] + t['train_s']:.0f} | {t['baseline_train_s']:.0f} | "
@@ -198,6 +222,17 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             *times,
             "",
         ]
+    if steps:
+        lines += [
+            "Training time from the median step (robust to a machine shared with other work for part of a run):",
+            "",
+            "| run | SRD steps x median s/step | KD steps x median s/step | SRD / KD |",
+            "|---|---|---|---|",
+            *steps,
+            "",
+        ]
+    if getattr(args, "note", None):
+        lines += ["## Notes", "", *args.note, ""]
     if wall is not None:
         lines += [
             f"This invocation ran for {wall / 60:.1f} min (finished parts of earlier invocations were reused).",
@@ -219,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only (re)write the record from finished runs")
     p.add_argument("--dry-run", action="store_true", help="print each run's `srd run` command and stop")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--note", action="append", default=[], help="a paragraph for the record's Notes section")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.train_limit=200)")
     args = p.parse_args(argv)
 

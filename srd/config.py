@@ -127,6 +127,9 @@ class TrainConfig:
     keep_last: int = 2  # resumable checkpoints kept on disk
     stop_after_steps: int | None = None  # stop this invocation after N steps (resumable); for time-boxed sessions
     num_threads: int | None = None  # CPU threads for torch (default: torch's choice)
+    # fsdp: shard the student's weights, gradients and optimizer state over the processes
+    # (torch FSDP2, one unit per transformer block); none: DDP (a full copy per process)
+    sharding: Literal["none", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")

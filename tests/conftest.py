@@ -175,7 +175,7 @@ def _reset_accelerate_state():
         pass
 
 
-def run_cli_in_processes(args: list[str], n: int = 2, port: int = 29517):
+def run_cli_in_processes(args: list[str], n: int = 2, port: int = 29517, timeout: float = 300):
     """Run `srd ARGS` in n CPU processes (gloo) with torchrun; returns the CompletedProcess.
 
     `accelerate launch --cpu` starts a single process on this toolchain, so tests use torchrun.
@@ -195,11 +195,31 @@ def run_cli_in_processes(args: list[str], n: int = 2, port: int = 29517):
         "srd.cli",
         *args,
     ]
-    return subprocess.run(
+    import contextlib
+    import signal
+
+    proc = subprocess.Popen(
         cmd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         cwd=Path(__file__).parents[1],
+        start_new_session=True,  # a hung collective is killed with all its workers
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil  # an accelerate dependency
+
+        workers = psutil.Process(proc.pid).children(recursive=True)  # torchrun puts them in their own groups
+        for p in workers:
+            p.send_signal(signal.SIGABRT)  # faulthandler: each worker prints where it hangs
+        psutil.wait_procs(workers, timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"srd {' '.join(args[:1])} in {n} processes did not finish in {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -200,3 +200,104 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_
     # a different number of micro-batches per step is refused with the fix in the message
     assert main(args(tmp_path / "mixed2", "train.grad_accum=1", "train.stop_after_steps=2")) == 0
     assert main(args(tmp_path / "mixed2", "train.grad_accum=2")) == 2
+
+
+def test_fsdp_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_models, tiny_data):
+    """train.sharding=fsdp in 2 CPU processes (FSDP2 over gloo) trains like 1 unsharded
+    process; its dev generation runs on gathered weights; its checkpoints (stored unsharded)
+    resume in 1 unsharded process; on-policy (GKD) batches sample the same answers as DDP."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from srd.cli import main
+    from tests.conftest import run_cli_in_processes
+
+    def args(out, *extra):
+        return [
+            "train",
+            "--no-progress",
+            "-",
+            f"model.teacher={tiny_models['llama-teacher']}",
+            f"model.student={tiny_models['llama-student']}",
+            f"data.train={tiny_data['train']}",
+            f"data.dev={tiny_data['dev']}",
+            f"output_dir={out}",
+            "name=x",
+            "seed=0",
+            "data.max_prompt_len=64",
+            "data.max_len=96",
+            "train.batch_size=2",
+            "train.lr=1e-3",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "train.eval_every=2",
+            "dev_eval.num_examples=3",
+            "dev_eval.max_new_tokens=6",
+            *extra,
+        ]
+
+    def weights(out, folder="final"):
+        return load_file(out / "x" / folder / "model.safetensors")
+
+    def log(out, name="train.jsonl"):
+        return [json.loads(r) for r in (out / "x" / "logs" / name).read_text().splitlines()]
+
+    proc = run_cli_in_processes(args(tmp_path / "fsdp", "train.grad_accum=1", "train.sharding=fsdp"), port=29541)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "one", "train.grad_accum=2")) == 0
+    one, two = log(tmp_path / "one"), log(tmp_path / "fsdp")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    assert set(b) <= set(a) and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in b)
+    assert [r["dev_rougeL"] for r in log(tmp_path / "fsdp", "eval.jsonl")] == pytest.approx(
+        [r["dev_rougeL"] for r in log(tmp_path / "one", "eval.jsonl")]
+    )
+    assert (tmp_path / "fsdp" / "x" / "best" / "model.safetensors").exists()
+    # FSDP pause at step 2 -> resume in one unsharded process: the uninterrupted result
+    paused = args(tmp_path / "mixed", "train.grad_accum=1", "train.sharding=fsdp", "train.stop_after_steps=2")
+    proc = run_cli_in_processes(paused, port=29542)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "mixed", "train.grad_accum=2")) == 0
+    c = weights(tmp_path / "mixed")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6, rtol=1e-5) for k in b)
+    # on-policy batches: answers sampled on gathered weights, processes finishing at different lengths
+    gkd = ("train.grad_accum=1", "on_policy.ratio=0.5", "on_policy.max_new_tokens=8", "loss.alpha=0.0")
+    proc = run_cli_in_processes(args(tmp_path / "gkd-fsdp", *gkd, "train.sharding=fsdp"), port=29543)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli_in_processes(args(tmp_path / "gkd-ddp", *gkd), port=29544)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f, d = log(tmp_path / "gkd-fsdp"), log(tmp_path / "gkd-ddp")
+    assert sum(r["on_policy_batches"] for r in d) > 0
+    assert [r["loss"] for r in f] == pytest.approx([r["loss"] for r in d], rel=1e-5)
+
+
+def test_sharding_choice_and_refusals(tiny_models):
+    """FSDP only with several processes; DeepSpeed and FSDP + LoRA are refused with advice."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from srd.config import ConfigError, load_config
+    from srd.train import sharding
+    from srd.train.loop import use_sharding
+
+    def acc(kind, n):
+        return SimpleNamespace(distributed_type=kind, num_processes=n)
+
+    fsdp, plain = load_config(None, ["train.sharding=fsdp"]), load_config(None, ["lora.enabled=true"])
+    assert use_sharding(fsdp, acc(DistributedType.MULTI_CPU, 2))
+    assert not use_sharding(fsdp, acc(DistributedType.NO, 1))
+    assert not use_sharding(plain, acc(DistributedType.MULTI_GPU, 4))
+    assert use_sharding(plain, acc(DistributedType.FSDP, 4))  # an accelerate FSDP config
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        use_sharding(plain, acc(DistributedType.DEEPSPEED, 4))
+    from srd.models import load_model
+    from srd.train.recipe import add_lora
+    from srd.train.step import DistillModule
+
+    student = add_lora(load_model(str(tiny_models["llama-student"])), plain.lora, seed=0)
+    with pytest.raises(ConfigError, match="LoRA"):
+        sharding.shard_student(DistillModule(student, divergence="fkl", tau=1.0, beta=None, chunk_size=16))

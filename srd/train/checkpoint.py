@@ -28,11 +28,14 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model_dir(model: nn.Module, tokenizer: Any, out: Path) -> None:
+def save_model_dir(
+    model: nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """Save a loadable HF model folder (config, safetensors, tokenizer) atomically.
 
     A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
-    alone in `out/adapter/` (what the next curriculum stage continues from)."""
+    alone in `out/adapter/` (what the next curriculum stage continues from). `state_dict`:
+    the full weights of a sharded (FSDP) model, gathered by srd.train.sharding."""
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -43,7 +46,7 @@ def save_model_dir(model: nn.Module, tokenizer: Any, out: Path) -> None:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, out)
@@ -64,6 +67,16 @@ def _load_adapter(model: nn.Module, folder: Path) -> None:
     )
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every *.safetensors shard in `folder`, as one state dict."""
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(shard))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    return state
+
+
 def load_weights(model: nn.Module, folder: Path) -> None:
     """Load every *.safetensors shard in `folder` into `model`.
 
@@ -73,11 +86,7 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     if is_peft(model):
         _load_adapter(model, folder)
         return
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
-    if not state:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    state = read_weights(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded_ptrs = {params[k].data_ptr() for k in state if k in params}

@@ -18,6 +18,7 @@ Run-directory layout of a stage:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.models.load import dtype_from_name, is_seq2seq
 from srd.train import checkpoint as ckpt
+from srd.train import sharding
 from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
@@ -62,6 +64,24 @@ def make_accelerator(precision: str = "auto") -> Any:
     else:
         mixed = "bf16" if precision == "bf16" else "no"
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+def use_sharding(cfg: RunConfig, acc: Any) -> bool:
+    """Whether this stage shards the student with FSDP: train.sharding=fsdp (or an accelerate
+    config with distributed_type FSDP) on more than one process."""
+    from accelerate.utils import DistributedType
+
+    from srd.config import ConfigError
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported: launch with DDP (configs/accelerate/ddp.yaml) or shard the student with "
+            "FSDP (configs/accelerate/fsdp.yaml, or train.sharding=fsdp with torchrun)"
+        )
+    wanted = cfg.train.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
+    if wanted and acc.num_processes == 1:
+        log.warning("train.sharding=fsdp on a single process: nothing to shard, training unsharded")
+    return wanted and acc.num_processes > 1
 
 
 @dataclass
@@ -192,11 +212,13 @@ def evaluate_dev(
     dev_examples: Sequence[Example],
     spec: _LossSpec,
     accelerator: Any,
+    student: Any = None,
 ) -> dict[str, float]:
-    """Dev loss (same objective) and ROUGE-L of greedy answers on the first dev rows."""
+    """Dev loss (same objective) and ROUGE-L of greedy answers on the first dev rows.
+    `student`: the unsharded model to generate with (default: the module's own student)."""
     from accelerate.utils import gather_object
 
-    student = accelerator.unwrap_model(module).student
+    student = accelerator.unwrap_model(module).student if student is None else student
     device = accelerator.device
     metrics: dict[str, float] = {}
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -205,13 +227,17 @@ def evaluate_dev(
         ce = kd = 0.0
         n = 0
         local = list(dev_encoded)[rank::world]
+        bs = cfg.train.batch_size
+        n_batches = math.ceil(len(local) / bs)
+        if sharding.is_sharded(module):  # FSDP: every process runs as many forwards (collectives)
+            n_batches = math.ceil(math.ceil(len(dev_encoded) / world) / bs)
         with torch.no_grad():
-            for i in range(0, len(local), cfg.train.batch_size):
-                batch = {
-                    k: v.to(device) for k, v in collate(local[i : i + cfg.train.batch_size], pad_id(tokenizer)).items()
-                }
+            for i in range(0, n_batches * bs, bs):
+                rows = local[i : i + bs]
+                batch = {k: v.to(device) for k, v in collate(rows or dev_encoded[:1], pad_id(tokenizer)).items()}
                 _, sums = _micro_loss(module, teacher, batch, spec, accelerator, 1.0)
-                ce, kd, n = ce + sums.ce.item(), kd + sums.kd.item(), n + sums.n_tokens
+                if rows:  # a process short of rows ran a padding forward: not counted
+                    ce, kd, n = ce + sums.ce.item(), kd + sums.kd.item(), n + sums.n_tokens
         totals = torch.tensor([ce, kd, float(n)], device=device)
         totals = accelerator.reduce(totals, reduction="sum")
         ce, kd, n = totals.tolist()
@@ -226,16 +252,17 @@ def evaluate_dev(
             encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len) for i in rows
         ]
         g = cfg.generation
-        answers = generate_responses(
-            student,
-            tokenizer,
-            prompts,
-            max_new_tokens=cfg.dev_eval.max_new_tokens,
-            batch_size=g.batch_size,
-            do_sample=False,
-            no_repeat_ngram_size=g.no_repeat_ngram_size,
-            stop_strings=g.stop_strings,
-        )
+        with sharding.generation_model(module, student, device) as model:
+            answers = generate_responses(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=cfg.dev_eval.max_new_tokens,
+                batch_size=g.batch_size,
+                do_sample=False,
+                no_repeat_ngram_size=g.no_repeat_ngram_size,
+                stop_strings=g.stop_strings,
+            )
         scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
     return metrics
@@ -344,9 +371,14 @@ def train_stage(
         recompute=lcfg.recompute_chunks,
     )
     module.train()
+    sharded = use_sharding(cfg, acc)
+    if sharded:  # FSDP: a sharded copy trains; `student` gets its weights back at the end
+        module.student = copy.deepcopy(student).to(acc.device)
+        sharding.shard_student(module)
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
     scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
-    module, optimizer = acc.prepare(module, optimizer)
+    if not sharded:
+        module, optimizer = acc.prepare(module, optimizer)
     if teacher is not None and alpha < 1.0:
         auto = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
         teacher_dtype = dtype_from_name(cfg.model.teacher_dtype, default=auto)
@@ -370,9 +402,14 @@ def train_stage(
                 f"product (e.g. train.grad_accum={saved['micro_per_step'] // acc.num_processes} on "
                 f"{acc.num_processes} process(es)) so the remaining steps see the same batches"
             )
-        ckpt.load_weights(acc.unwrap_model(module).student, latest)
         where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=where, weights_only=False))
+        saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
+        if sharded:
+            sharding.load_full_state_dict(module, ckpt.read_weights(latest))
+            sharding.load_full_optimizer_state(module, optimizer, saved_opt)
+        else:
+            ckpt.load_weights(acc.unwrap_model(module).student, latest)
+            optimizer.load_state_dict(saved_opt)
         scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
         rng_file = latest / f"rng_{acc.process_index}.pt"
         if not rng_file.exists():  # resumed on more processes than wrote the checkpoint
@@ -396,9 +433,11 @@ def train_stage(
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
+        weights = sharding.full_state_dict(module) if sharded else None  # collective
+        opt_state = sharding.full_optimizer_state(module, optimizer) if sharded else optimizer.state_dict()
         if acc.is_main_process:
-            acc.unwrap_model(module).student.save_pretrained(tmp, safe_serialization=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            acc.unwrap_model(module).student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            torch.save(opt_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.finish_checkpoint(ckpt_root, step, {**state, "step": step, "micro_per_step": micro_per_step})
             ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
@@ -407,19 +446,20 @@ def train_stage(
     def run_eval(step: int) -> None:
         if not dev_enc and not (cfg.dev_eval.num_examples and dev_examples):
             return
-        metrics = evaluate_dev(module, teacher, tokenizer, cfg, dev_enc, dev_examples, spec, acc)
+        metrics = evaluate_dev(module, teacher, tokenizer, cfg, dev_enc, dev_examples, spec, acc, student)
         key = metrics.get("dev_rougeL", -metrics.get("dev_loss", float("nan")))
         improved = state["best_metric"] is None or key > state["best_metric"]
         state["last_eval"] = {"step": step, **metrics}
         state.setdefault("first_eval", state["last_eval"])
         if improved:
             state.update(best_metric=key, best_step=step)
+        weights = sharding.full_state_dict(module) if sharded and improved else None  # collective
         if acc.is_main_process:
             append_jsonl(logs / "eval.jsonl", [{"step": step, **metrics}])
             for k, v in metrics.items():
                 writer.add_scalar(f"dev/{k}", v, step)
             if improved:
-                ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "best")
+                ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "best", weights)
                 atomic_write_json(out_dir / "best" / "metrics.json", {"step": step, **metrics})
         msg = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         acc.print(f"[{desc}] step {step}: {msg}")
@@ -449,24 +489,27 @@ def train_stage(
         flags = on_policy_flags(cfg.seed, step, len(micro), ratio)
         mine = list(range(len(micro)))[acc.process_index :: acc.num_processes]
         local, gen_s = [], 0.0
-        for g in mine:
-            encs = [enc[i] for i in micro[g]]
-            if flags[g]:  # GKD: the student answers these prompts itself
-                tg = time.perf_counter()
-                op = cfg.on_policy
-                encs = sample_responses(
-                    acc.unwrap_model(module).student,
-                    tokenizer,
-                    encs,
-                    max_new_tokens=op.max_new_tokens,
-                    temperature=op.temperature,
-                    top_k=op.top_k,
-                    top_p=op.top_p,
-                    seed=(cfg.seed * 1_000_003 + step * 1_009 + g) % (2**63),
-                    max_len=cfg.data.max_len,
-                )
-                gen_s += time.perf_counter() - tg
-            local.append((encs, flags[g]))
+        # FSDP: gathering is collective, so every process gathers when any micro-batch of the step samples
+        gen_ctx = sharding.generation_model(module, student, device) if any(flags) else contextlib.nullcontext()
+        with gen_ctx as gen_model:
+            for g in mine:
+                encs = [enc[i] for i in micro[g]]
+                if flags[g]:  # GKD: the student answers these prompts itself
+                    tg = time.perf_counter()
+                    op = cfg.on_policy
+                    encs = sample_responses(
+                        gen_model,
+                        tokenizer,
+                        encs,
+                        max_new_tokens=op.max_new_tokens,
+                        temperature=op.temperature,
+                        top_k=op.top_k,
+                        top_p=op.top_p,
+                        seed=(cfg.seed * 1_000_003 + step * 1_009 + g) % (2**63),
+                        max_len=cfg.data.max_len,
+                    )
+                    gen_s += time.perf_counter() - tg
+                local.append((encs, flags[g]))
         if ratio > 0:  # sampled answers change the step's target count: count it over all processes
             mine_targets = sum(e.n_loss_targets for encs, _ in local for e in encs)
             denominator = float(acc.reduce(torch.tensor([float(mine_targets)], device=device), reduction="sum").item())
@@ -478,14 +521,18 @@ def train_stage(
             batch = {k: v.to(device) for k, v in collate(encs, pad_id(tokenizer)).items()}
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
-            ctx = acc.no_sync(module) if not sync else contextlib.nullcontext()
+            ctx = acc.no_sync(module) if not (sync or sharded) else contextlib.nullcontext()
             cached = cache.rows([e.id for e in encs], device) if cache is not None and not on_policy else None
             with ctx:
                 loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator, on_policy, cached)
                 acc.backward(loss)
             ce_sum += sums.ce.item()
             kd_sum += sums.kd.item()
-        grad_norm = acc.clip_grad_norm_(module.parameters(), tcfg.grad_clip) if tcfg.grad_clip else None
+        grad_norm = None
+        if tcfg.grad_clip:
+            clip = torch.nn.utils.clip_grad_norm_ if sharded else acc.clip_grad_norm_
+            grad_norm = clip(module.parameters(), tcfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -549,8 +596,12 @@ def train_stage(
         "last_eval": state.get("last_eval"),
         "best_step": state["best_step"],
     }
-    if summary["complete"] and acc.is_main_process:
-        ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final")
-        atomic_write_json(done, summary)
+    if summary["complete"]:
+        weights = sharding.full_state_dict(module) if sharded else None  # collective
+        if acc.is_main_process:
+            ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final", weights)
+            atomic_write_json(done, summary)
     acc.wait_for_everyone()
+    if sharded:  # the caller's student continues from the trained weights, as under DDP
+        ckpt.load_weights(student, out_dir / "final" if summary["complete"] else ckpt.latest_checkpoint(ckpt_root))
     return summary

@@ -25,6 +25,7 @@ RESUME_SAFE_KEYS = {
     "train.eval_every",
     "train.log_every",
     "train.grad_accum",
+    "train.sharding",  # checkpoints are stored unsharded: they resume with or without FSDP
 }
 # Sections that only add work after training (evaluation, the comparison baseline's own run).
 RESUME_SAFE_PREFIXES = ("eval.", "compare.")
