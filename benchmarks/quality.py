@@ -4,6 +4,7 @@
     python benchmarks/quality.py --preset gpu                 # the paper's protocol on one GPU
     python benchmarks/quality.py --preset gpu --random-init   # GPT-2 1.5B -> 124M shapes, timing only
     python benchmarks/quality.py --preset cpu --report-only   # rewrite the record from finished runs
+    python benchmarks/quality.py --preset gsm8k               # SRD + answer_match vs SRD vs KD on GSM8K
 
 Each (divergence, seed) is one `srd run` experiment (srd.experiment): reflection, the
 3-stage curriculum, the plain-KD baseline at 1/0.6 of SRD's sample passes, and evaluation
@@ -24,6 +25,13 @@ Presets:
        teacher/student from --teacher/--student (default: the bundled teacher and the
        healed 20-layer student), or random-init GPT-2 1.5B -> 124M shapes (--random-init),
        whose scores mean nothing but whose times are the paper's setting.
+  gsm8k  verifiable reflection (the paper's stated limitation): the bundled teacher -> a
+       20-layer student healed on SAMSum/XSum only, so that GSM8K stays unseen
+       (`srd prune ... --heal-data samsum xsum --out runs/students/smollm2-20l-healed-nogsm8k`);
+       the first 600 GSM8K training problems with the chain-of-thought instruction; SRD with
+       ROUGE-L + CE, SRD with answer_match added to the fusion (the same reflection answers,
+       copied, not regenerated), and plain KD at the 60% step ratio; final-answer accuracy on
+       the first 200 GSM8K test problems, greedy, 192 new tokens.
 """
 
 from __future__ import annotations
@@ -99,26 +107,97 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+GSM8K_STUDENT = "runs/students/smollm2-20l-healed-nogsm8k"
+COT = "Please reason step by step, and put your final answer within \\boxed{}."
+PRESETS["gsm8k"] = {
+    "seeds": [42],
+    "divergences": ["fkl"],
+    # SRD with ROUGE-L + CE (and its KD baseline), then SRD with answer_match added to the
+    # fusion: same reflection rows (copied, not regenerated), same steps, no second baseline
+    "variants": {
+        "": {"reflect.scorers": ["rouge_l", "ce"]},
+        "answer": {"reflect.scorers": ["rouge_l", "ce", "answer_match"]},
+    },
+    "prepare": (
+        f"srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --heal-data samsum xsum "
+        f"--out {GSM8K_STUDENT}"
+    ),
+    "overrides": {
+        "model.teacher": "smollm2-135m-instruct",
+        "model.student": GSM8K_STUDENT,
+        "data.train": "gsm8k",
+        "data.train_limit": 600,
+        "data.dev": "gsm8k-test",
+        "data.dev_limit": 32,
+        "data.instruction_suffix": COT,
+        "data.max_prompt_len": 256,
+        "data.max_len": 512,
+        "loss.alpha": 0.2,
+        "curriculum.epochs_per_stage": 1,
+        "compare.baseline": True,
+        "train.batch_size": 4,
+        "train.grad_accum": 2,
+        "train.lr": 1e-4,
+        "train.save_every": 20,
+        "generation.max_new_tokens": 192,
+        "generation.batch_size": 16,
+        "generation.stop_strings": ["###"],
+        "dev_eval.num_examples": 0,
+        "eval.benchmarks": ["gsm8k"],
+        "eval.limit": 200,
+        "eval.greedy": True,
+        "eval.max_new_tokens": 192,
+        "eval.batch_size": 16,
+    },
+}
 RANDOM_INIT = {"model.teacher": "random:gpt2-xl", "model.student": "random:gpt2"}
 
 
-def run_names(preset: str, divergences: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
-    return [(f"{preset}-{div}-s{seed}", div, seed) for div in divergences for seed in seeds]
+def run_names(
+    preset: str, divergences: list[str], seeds: list[int], variants: list[str] | None = None
+) -> list[tuple[str, str, int, str]]:
+    """(run name, divergence, seed, variant) of every run; variant "" is the one with the KD baseline."""
+    return [
+        (f"{preset}-{div}-s{seed}" + (f"-{v}" if v else ""), div, seed, v)
+        for div in divergences
+        for seed in seeds
+        for v in variants or [""]
+    ]
 
 
 def overrides_for(
-    preset: dict[str, Any], div: str, seed: int, name: str, out: Path, first: bool, extra: list[str]
+    preset: dict[str, Any], div: str, seed: int, name: str, out: Path, first: bool, extra: list[str], variant: str = ""
 ) -> list[str]:
     o = dict(preset["overrides"])
+    o.update(preset.get("variants", {}).get(variant, {}))
     o.update({"name": name, "output_dir": str(out), "seed": seed, "loss.divergence": div})
-    # the teacher and the initial student are the same in every run: evaluate them once
+    # the teacher and the initial student are the same in every run: evaluate them once;
+    # a variant compares against its base run's KD baseline instead of training another
     o["eval.models"] = ["teacher", "initial", "baseline", "final"] if first else ["baseline", "final"]
+    if variant:
+        o.update({"compare.baseline": False, "eval.models": ["final"]})
     return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in o.items()] + extra
 
 
 def _scores(folder: Path, mode: str) -> dict[str, Any]:
     path = folder / "eval" / mode / "summary.json"
     return json.loads(path.read_text())["benchmarks"] if path.exists() else {}
+
+
+def share_reflection(base: Path, run: Path) -> None:
+    """Copy the base run's reflection rows (student answers and statistics, no scores) into a
+    variant run, so it fuses other scorers over the same answers without generating them again."""
+    import shutil
+
+    src, dst = base / "reflection", run / "reflection"
+    if dst.exists() or not (src / "meta.json").exists():
+        return
+    tmp = run / ".reflection.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in [src / "meta.json", *sorted(src.glob("outputs.rank*.jsonl"))]:
+        shutil.copy2(f, tmp / f.name)
+    tmp.rename(dst)
 
 
 def step_seconds(stage_dirs: list[Path]) -> list[float]:
@@ -156,33 +235,45 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
     if initial:
         rows.append(("student before KD", initial))
     pvals, times, diffs, steps = [], [], [], []
-    for name, div, seed in runs:
+    for name, div, seed, variant in runs:
         run = out / name
-        kd, srd = _scores(run / "baseline", mode), _scores(run, mode)
+        base = out / name.removesuffix(f"-{variant}") if variant else run  # where the KD baseline is
+        kd, srd = _scores(base / "baseline", mode), _scores(run, mode)
         if not (kd and srd):
             lines.append(f"Run `{name}` is not finished (rerun the command to resume it).")
             continue
-        rows += [(f"KD ({div}, seed {seed})", kd), (f"KD+SRD ({div}, seed {seed})", srd)]
+        scorers = "+".join(json.loads((run / "reflection" / "summary.json").read_text()).get("scorers", []))
+        if not variant:
+            rows.append((f"KD ({div}, seed {seed})", kd))
+        label = f"KD+SRD ({div}, seed {seed}" + (f", {scorers})" if "variants" in preset else ")")
+        rows.append((label, srd))
+        run_label = label.removeprefix("KD+SRD (").rstrip(")")
         cells = []
         for b in srd:
-            a = load_example_scores(run / "baseline" / "eval" / mode, b)
+            a = load_example_scores(base / "baseline" / "eval" / mode, b)
             c = load_example_scores(run / "eval" / mode, b)
             p, n = wilcoxon_p(a, c)
             cells.append(f"{srd[b]['mean'] - kd[b]['mean']:+.2f} (p = {p:.3g}, n = {n})")
             diffs.append(srd[b]["mean"] - kd[b]["mean"])
-        pvals.append(f"| {div}, seed {seed} | " + " | ".join(cells) + " |")
-        t = json.loads((run / "experiment.json").read_text())["timing"]
+        pvals.append(f"| {run_label} | " + " | ".join(cells) + " |")
+        t = {**json.loads((base / "experiment.json").read_text())["timing"]}
+        t.update(
+            {k: v for k, v in json.loads((run / "experiment.json").read_text())["timing"].items() if v is not None}
+        )
+        if variant:  # the reflection rows were the base run's: count its generation time
+            t["reflection_s"] = json.loads((base / "experiment.json").read_text())["timing"]["reflection_s"]
+            t["srd_time_fraction"] = (t["reflection_s"] + t["train_s"]) / t["baseline_train_s"]
         srd_steps = step_seconds(sorted((run / "stages").glob("stage-*")))
-        kd_steps = step_seconds([run / "baseline" / "stages" / "baseline"])
+        kd_steps = step_seconds([base / "baseline" / "stages" / "baseline"])
         if srd_steps and kd_steps:
             m_srd, m_kd = statistics.median(srd_steps), statistics.median(kd_steps)
             steps.append(
-                f"| {div}, seed {seed} | {len(srd_steps)} x {m_srd:.2f} = {len(srd_steps) * m_srd:.0f} | "
+                f"| {run_label} | {len(srd_steps)} x {m_srd:.2f} = {len(srd_steps) * m_srd:.0f} | "
                 f"{len(kd_steps)} x {m_kd:.2f} = {len(kd_steps) * m_kd:.0f} | "
                 f"{100 * len(srd_steps) * m_srd / (len(kd_steps) * m_kd):.0f}% |"
             )
         times.append(
-            f"| {div}, seed {seed} | {t['reflection_s']:.0f} | {t['train_s']:.0f} | "
+            f"| {run_label} | {t['reflection_s']:.0f} | {t['train_s']:.0f} | "
             f"{t['reflection_s'] + t['train_s']:.0f} | {t['baseline_train_s']:.0f} | "
             f"{100 * t['srd_time_fraction']:.0f}% | {t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
             + ", ".join(f"{m} {s:.0f}" for m, s in t["eval_s"].items())
@@ -265,24 +356,26 @@ def main(argv: list[str] | None = None) -> int:
     divergences = args.divergences or preset["divergences"]
     suffix = "-random" if args.random_init else ""
     out = Path(args.out or f"runs/quality-{args.preset}{suffix}")
-    runs = run_names(args.preset + suffix, divergences, seeds)
+    runs = run_names(args.preset + suffix, divergences, seeds, list(preset.get("variants", {})) or None)
     record = Path(
         args.record
         or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}{suffix}-quality.md"
     )
     commands = [
-        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides))
-        for i, (name, div, seed) in enumerate(runs)
+        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides, variant))
+        for i, (name, div, seed, variant) in enumerate(runs)
     ]
     if args.dry_run:
         for _, o in commands:
             print("srd run - " + " ".join(f"'{x}'" for x in o))
         return 0
     student = [x.split("=", 1)[1] for x in commands[0][1] if x.startswith("model.student=")][-1]
-    if not args.report_only and student == HEALED_STUDENT and not Path(student).exists():
+    prepare = preset.get(
+        "prepare", f"srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --out {HEALED_STUDENT}"
+    )
+    if not args.report_only and student in (HEALED_STUDENT, GSM8K_STUDENT) and not Path(student).exists():
         print(
-            f"error: the student {student} does not exist; make it first (one time, cached):\n"
-            f"  srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --out {student}",
+            f"error: the student {student} does not exist; make it first (one time, cached):\n  {prepare}",
             file=sys.stderr,
         )
         return 2
@@ -291,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         from srd.config import load_config
         from srd.experiment import run_experiment
 
-        for name, o in commands:
+        for (name, o), (_, _, _, variant) in zip(commands, runs):
             print(f"== {name} ==", flush=True)
+            if variant:
+                share_reflection(out / name.removesuffix(f"-{variant}"), out / name)
             result = run_experiment(load_config(None, o), progress=not args.no_progress)
             if not result.get("complete"):
                 print(f"{name} paused; rerun the same command to resume", file=sys.stderr)

@@ -74,3 +74,58 @@ def test_quality_dry_run_prints_commands(capsys):
     assert quality.main(["--preset", "gpu", "--random-init", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "model.teacher=random:gpt2-xl" in out and "curriculum.epochs_per_stage=8" in out
+
+
+def test_quality_variants_share_reflection_and_the_baseline(tmp_path, tiny_models):
+    """The gsm8k preset's variant (answer_match added to the fusion) reuses the base run's
+    reflection answers and KD baseline: one KD row, two KD+SRD rows named by their scorers."""
+    rows = [
+        {
+            "id": f"m{i}",
+            "instruction": f"What is {i} + {i + 1}?",
+            "output": f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}",
+        }
+        for i in range(12)
+    ]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quality = _quality_module()
+    record = tmp_path / "record.md"
+    args = [
+        "--preset",
+        "gsm8k",
+        "--out",
+        str(tmp_path / "runs"),
+        "--record",
+        str(record),
+        "--no-progress",
+        f"model.teacher={tiny_models['llama-teacher']}",
+        f"model.student={tiny_models['llama-student']}",
+        f"data.train={train}",
+        f"data.dev={train}",
+        "data.dev_limit=4",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "generation.max_new_tokens=4",
+        "generation.batch_size=2",
+        f"eval.benchmarks=[{train}]",
+        "eval.limit=4",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+    ]
+    assert quality.main(args) == 0
+    runs = tmp_path / "runs"
+    base, variant = runs / "gsm8k-fkl-s42", runs / "gsm8k-fkl-s42-answer"
+    assert (base / "baseline").exists() and not (variant / "baseline").exists()
+    same = base / "reflection" / "outputs.rank0.jsonl", variant / "reflection" / "outputs.rank0.jsonl"
+    assert same[0].read_text() == same[1].read_text()
+    summary = json.loads((variant / "reflection" / "summary.json").read_text())
+    assert summary["scorers"] == ["rouge_l", "ce", "answer_match"] and summary["wall_time_s"] < 5
+    text = record.read_text()
+    assert text.count("| KD (fkl, seed 42) |") == 1
+    assert (
+        "| KD+SRD (fkl, seed 42, rouge_l+ce) |" in text and "| KD+SRD (fkl, seed 42, rouge_l+ce+answer_match) |" in text
+    )
+    assert "Run `" not in text
