@@ -5,7 +5,9 @@ Layout under the output folder (a run's `eval/` by default):
     summary.json, summary.md                    mean per seed, mean and std over seeds, wall time
 
 Finished (benchmark, seed) files are reused when the command is rerun, so an interrupted
-evaluation continues. Prompts are sharded over accelerate processes and gathered.
+evaluation continues; within a greedy benchmark, every finished batch is kept in
+`<benchmark>/greedy.rank<R>.partial` and skipped on the rerun (same batches, same
+predictions). Prompts are sharded over accelerate processes and gathered.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
     return target, None
 
 
+def partial_path(rows_path: Path, rank: int) -> Path:
+    """Where process `rank` appends finished greedy batches of `rows_path` (not *.jsonl, so
+    score readers never mistake it for a finished file)."""
+    return rows_path.with_name(f"{rows_path.stem}.rank{rank}.partial")
+
+
+def _read_partial(path: Path) -> dict[int, tuple[str, float]]:
+    """Finished rows of an interrupted run: position -> (prediction, seconds); a torn last line is ignored."""
+    done: dict[int, tuple[str, float]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                done[int(row["i"])] = (row["prediction"], float(row["s"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
 def _run_one(
     model: Any,
     tokenizer: Any,
@@ -52,31 +73,70 @@ def _run_one(
     no_repeat_ngram_size: int,
     accelerator: Any,
     progress: bool,
+    partial: Path | None = None,
 ) -> tuple[list[str], float]:
+    """Predictions for every example (sharded over processes) and the wall time.
+
+    Greedy runs with `partial` set append each finished batch to that process's partial
+    file and skip finished batches when rerun; the batches are the same as in one
+    uninterrupted call, so the predictions are too."""
     from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(len(examples)))[rank::world]
     prompts = [encode_prompt(tokenizer, examples[i], fmt, max_prompt_len) for i in mine]
     t0 = time.perf_counter()
-    outs = generate_responses(
-        model,
-        tokenizer,
-        prompts,
+    gen = dict(
         max_new_tokens=max_new_tokens or bench.max_new_tokens,
-        batch_size=batch_size,
-        do_sample=seed is not None,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
         no_repeat_ngram_size=no_repeat_ngram_size,
         stop_strings=bench.stop_strings,
-        seed=None if seed is None else seed + rank,
-        progress=progress and accelerator.is_main_process,
-        desc=f"{bench.name} {'greedy' if seed is None else seed}",
     )
+    desc = f"{bench.name} {'greedy' if seed is None else seed}"
+    spent = 0.0
+    if seed is None and partial is not None:
+        own = partial_path(partial, rank)
+        done = _read_partial(own)
+        outs = [done[i][0] if i in done else "" for i in range(len(prompts))]
+        spent = sum(secs for _, secs in done.values())
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # as generate_responses batches
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        todo = [b for b in batches if not all(i in done for i in b)]
+        bar = tqdm(
+            total=len(batches),
+            initial=len(batches) - len(todo),
+            desc=desc,
+            unit="batch",
+            disable=not (progress and accelerator.is_main_process),
+        )
+        own.parent.mkdir(parents=True, exist_ok=True)
+        for b in todo:
+            tb = time.perf_counter()
+            texts = generate_responses(model, tokenizer, [prompts[i] for i in b], batch_size=len(b), **gen)
+            secs = (time.perf_counter() - tb) / len(b)
+            for i, text in zip(b, texts):
+                outs[i] = text
+            with open(own, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps({"i": i, "prediction": t, "s": secs}) + "\n" for i, t in zip(b, texts)))
+            bar.update(1)
+        bar.close()
+    else:
+        outs = generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            do_sample=seed is not None,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            seed=None if seed is None else seed + rank,
+            progress=progress and accelerator.is_main_process,
+            desc=desc,
+            **gen,
+        )
     pairs = gather_object(list(zip(mine, outs)))
-    elapsed = max(gather_object([time.perf_counter() - t0]))
+    elapsed = max(gather_object([spent + time.perf_counter() - t0]))
     predictions = [""] * len(examples)
     for i, text in pairs:
         predictions[i] = text
@@ -137,6 +197,7 @@ def evaluate(
                 no_repeat_ngram_size=no_repeat_ngram_size,
                 accelerator=accelerator,
                 progress=progress,
+                partial=rows_path,
             )
             if accelerator.is_main_process:
                 scores = score_examples(bench, examples, preds)
@@ -157,6 +218,8 @@ def evaluate(
             atomic_write_json(summary_path, summary)
             atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
         accelerator.wait_for_everyone()
+        for key in entry["per_seed"]:  # finished and saved: the partial batches are not needed
+            partial_path(out_dir / bench.name / f"{key}.jsonl", accelerator.process_index).unlink(missing_ok=True)
     return summary
 
 
