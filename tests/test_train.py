@@ -139,6 +139,29 @@ def test_training_on_a_mixture_of_sets(tmp_path, tiny_models, tiny_data):
     assert done["examples"] == 8 + 2
 
 
+def _four_steps(tiny_models, tiny_data, out, *extra) -> list[str]:
+    """`srd train` of 4 steps (batch 2 per process, checkpoint every 2) on the tiny Llamas."""
+    return [
+        "train",
+        "--no-progress",
+        "-",
+        f"model.teacher={tiny_models['llama-teacher']}",
+        f"model.student={tiny_models['llama-student']}",
+        f"data.train={tiny_data['train']}",
+        f"data.dev={tiny_data['dev']}",
+        f"output_dir={out}",
+        "name=x",
+        "seed=0",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "train.batch_size=2",
+        "train.lr=1e-3",
+        "train.max_steps=4",
+        "train.save_every=2",
+        *extra,
+    ]
+
+
 def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_models, tiny_data):
     """torchrun 2 CPU processes (gloo, batch 2 each) vs 1 process (batch 2 x 2 accumulation):
     the same micro-batches per step, so the same losses and weights within float tolerance;
@@ -152,26 +175,7 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_
     from tests.conftest import run_cli_in_processes
 
     def args(out, *extra):
-        return [
-            "train",
-            "--no-progress",
-            "-",
-            f"model.teacher={tiny_models['llama-teacher']}",
-            f"model.student={tiny_models['llama-student']}",
-            f"data.train={tiny_data['train']}",
-            f"data.dev={tiny_data['dev']}",
-            f"output_dir={out}",
-            "name=x",
-            "seed=0",
-            "data.max_prompt_len=64",
-            "data.max_len=96",
-            "train.batch_size=2",
-            "train.lr=1e-3",
-            "train.max_steps=4",
-            "train.save_every=2",
-            "dev_eval.num_examples=0",
-            *extra,
-        ]
+        return _four_steps(tiny_models, tiny_data, out, "dev_eval.num_examples=0", *extra)
 
     def weights(out):
         return load_file(out / "x" / "final" / "model.safetensors")
@@ -215,28 +219,8 @@ def test_fsdp_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, 
     from tests.conftest import run_cli_in_processes
 
     def args(out, *extra):
-        return [
-            "train",
-            "--no-progress",
-            "-",
-            f"model.teacher={tiny_models['llama-teacher']}",
-            f"model.student={tiny_models['llama-student']}",
-            f"data.train={tiny_data['train']}",
-            f"data.dev={tiny_data['dev']}",
-            f"output_dir={out}",
-            "name=x",
-            "seed=0",
-            "data.max_prompt_len=64",
-            "data.max_len=96",
-            "train.batch_size=2",
-            "train.lr=1e-3",
-            "train.max_steps=4",
-            "train.save_every=2",
-            "train.eval_every=2",
-            "dev_eval.num_examples=3",
-            "dev_eval.max_new_tokens=6",
-            *extra,
-        ]
+        dev = ("train.eval_every=2", "dev_eval.num_examples=3", "dev_eval.max_new_tokens=6")
+        return _four_steps(tiny_models, tiny_data, out, *dev, *extra)
 
     def weights(out, folder="final"):
         return load_file(out / "x" / folder / "model.safetensors")
