@@ -117,7 +117,7 @@ def run_impl(impl: str, cfg: dict) -> dict:
     else:
         params = student.parameters()
     if impl == "trl":
-        return _run_trl(cfg, teacher, student, batch, device, bf16)
+        return _run_trl(cfg, teacher, student, tokenizer, batch, device, bf16)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
@@ -154,7 +154,7 @@ def run_impl(impl: str, cfg: dict) -> dict:
     return {"impl": impl, "step_s": times, "peak_gib": _peak_memory_gib(device), "device": device}
 
 
-def _run_trl(cfg: dict, teacher, student, batch: dict, device: str, bf16: bool) -> dict:
+def _run_trl(cfg: dict, teacher, student, tokenizer, batch: dict, device: str, bf16: bool) -> dict:
     """TRL's GKDTrainer at the same settings: its own train() loop over `steps + 1` copies of the batch."""
     import tempfile
 
@@ -162,8 +162,6 @@ def _run_trl(cfg: dict, teacher, student, batch: dict, device: str, bf16: bool) 
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from srd.models import load_tokenizer
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -213,7 +211,7 @@ def _run_trl(cfg: dict, teacher, student, batch: dict, device: str, bf16: bool) 
             args=args,
             train_dataset=Dataset.from_dict({"row": list(range(rows * (cfg["steps"] + 1)))}),
             data_collator=lambda features: {k: v.clone() for k, v in batch.items()},
-            processing_class=load_tokenizer(cfg["student"]),
+            processing_class=tokenizer,
             callbacks=[timer],
         )
         trainer.train()
