@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = load_tokenizer(cfg["model"])
-    model = load_model(cfg["model"], dtype=dtype).to(device).eval()
+    with torch.device(device):  # random-init weights are drawn on the GPU
+        model = load_model(cfg["model"], dtype=dtype).to(device).eval()
     examples = load_examples(cfg["data"], limit=cfg["limit"])
     prompts = [encode_prompt(tokenizer, ex, "alpaca", 256) for ex in examples]
     rows, answers = [], {}

@@ -12,6 +12,9 @@ prompt, forward KL (tau 1, no CE term), AdamW:
   srd       srd's step: response positions only, LM heads + log-softmax + divergence in chunks
             inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
   srd-keep  the same without recomputing the chunks in backward (loss.recompute_chunks=false)
+  srd-compile       srd with every transformer block of both models compiled (`nn.Module.compile`,
+                    torch.compile's default mode): does compiling pay on this machine?
+  srd-keep-compile  srd-keep, compiled the same way
   trl       TRL's GKDTrainer (trl.experimental.gkd) run through its own `train()` loop, off-policy
             (lmbda=0) forward KL (beta=0), temperature 1, AdamW, no gradient clipping, fed the same
             batch by a collator; timed per optimizer step by a callback. Needs `pip install trl`
@@ -56,7 +59,7 @@ PRESETS = {
 }
 
 
-IMPLS = ["naive", "srd", "srd-keep", "trl"]
+IMPLS = ["naive", "srd", "srd-keep", "srd-compile", "srd-keep-compile", "trl"]
 
 
 def _batch(tokenizer, batch: int, seq: int):
@@ -85,6 +88,16 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _compile_blocks(model) -> None:
+    """Compile each transformer block (the model's `_no_split_modules` classes) in place."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
+    for block in blocks:
+        block.compile()
+
+
 def run_impl(impl: str, cfg: dict) -> dict:
     """One implementation, in this process: returns step times and peak memory."""
     import torch
@@ -97,9 +110,10 @@ def run_impl(impl: str, cfg: dict) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = cfg["dtype"] == "bf16" and device == "cuda"
     tokenizer = load_tokenizer(cfg["student"])
-    teacher = load_model(cfg["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
+    with torch.device(device):  # random-init weights are drawn on the GPU: seconds, not a minute
+        teacher = load_model(cfg["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
+        student = load_model(cfg["student"]).to(device).train()
     teacher.requires_grad_(False)
-    student = load_model(cfg["student"]).to(device).train()
     batch = {k: v.to(device) for k, v in _batch(tokenizer, cfg["batch"], cfg["seq"]).items()}
     vocab = len(tokenizer)
     fused = device == "cuda"
@@ -111,8 +125,11 @@ def run_impl(impl: str, cfg: dict) -> dict:
             beta=None,
             chunk_size=1024,
             vocab_size=vocab,
-            recompute=impl == "srd",  # srd-keep: loss.recompute_chunks=false
+            recompute="keep" not in impl,  # srd-keep: loss.recompute_chunks=false
         )
+        if impl.endswith("-compile"):
+            _compile_blocks(teacher)
+            _compile_blocks(student)
         params = module.parameters()
     else:
         params = student.parameters()
@@ -203,6 +220,7 @@ def _run_trl(cfg: dict, teacher, student, tokenizer, batch: dict, device: str, b
             logging_strategy="no",
             report_to=[],
             dataloader_num_workers=0,
+            dataloader_pin_memory=False,  # the collator hands over the batch already on the device
             disable_tqdm=True,
         )
         trainer = GKDTrainer(
@@ -218,6 +236,10 @@ def _run_trl(cfg: dict, teacher, student, tokenizer, batch: dict, device: str, b
     return {"impl": "trl", "step_s": timer.times, "peak_gib": _peak_memory_gib(device), "device": device}
 
 
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -228,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--record", default=None)
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each implementation")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one impl, print JSON
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
@@ -244,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    results, skipped = [], []
+    results, skipped, failed = [], [], []
     for impl in args.impls:
         if impl == "trl" and importlib.util.find_spec("trl") is None:
             print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
@@ -253,11 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl]
         for key in ("steps", "teacher", "student", "batch", "seq"):
             cmd += [f"--{key}", str(cfg[key])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            out, err, rc = _text(e.stdout), _text(e.stderr) + f"\ntimed out after {args.timeout} s", -1
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+        if rc != 0 or line is None:
+            # one failing implementation must not cost the others' measurements: record why
+            print(f"{impl}: failed\n{err[-3000:]}", file=sys.stderr)
+            last = [x for x in err.strip().splitlines() if x.strip()]
+            failed.append(f"{impl} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
+            continue
         r = json.loads(line[len("RESULT ") :])
         r["median_s"] = statistics.median(r["step_s"])
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
@@ -265,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{impl}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
     from benchmarks.common import header, save_record
 
+    if not results:
+        print("error: no implementation ran: " + "; ".join(failed), file=sys.stderr)
+        return 1
     base = next((r for r in results if r["impl"] == "naive"), results[0])
     mem = "GPU allocator peak" if results[0]["device"] == "cuda" else "peak RSS of the process"
     lines = header(f"KD step throughput, preset `{args.preset}`") + [
@@ -282,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if skipped:
         lines += ["", f"Not run (not installed here): {', '.join(skipped)}."]
+    if failed:
+        lines += ["", f"Failed: {'; '.join(failed)}."]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "throughput")
     return 0
 

@@ -21,6 +21,7 @@ def _module(name: str):
 def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
     record = tmp_path / "throughput.md"
     args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
+    args += ["--impls", "naive", "srd", "srd-keep", "trl"]  # srd-compile: minutes of compiling on a CPU
     args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
     assert _module("throughput").main(args) == 0
     text = record.read_text()

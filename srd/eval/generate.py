@@ -15,6 +15,7 @@ Greedy decoding gives the same text with both (tested).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,22 @@ class StopOnStrings:
         new = input_ids[:, self.prompt_len :]
         tails = self.tokenizer.batch_decode(new[:, -self.window :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop_strings) for t in tails], device=input_ids.device)
+
+
+_STOP_CANDIDATES: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], frozenset[int]]] = weakref.WeakKeyDictionary()
+
+
+def stop_candidates(tokenizer: Any, stop_strings: Sequence[str]) -> frozenset[int]:
+    """Ids of the tokens that can complete a stop string: their text holds a stop string's last
+    character, or is not plain text on its own (an empty or partial-UTF-8 piece). A row whose new
+    token is not one of them cannot have just written a stop string, so it is not decoded."""
+    cached = _STOP_CANDIDATES.setdefault(tokenizer, {})
+    key = tuple(stop_strings)
+    if key not in cached:
+        lasts = {s[-1] for s in stop_strings if s}
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        cached[key] = frozenset(i for i, t in enumerate(texts) if not t or "\ufffd" in t or any(c in t for c in lasts))
+    return cached[key]
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +128,7 @@ def decode_batch(
     n = ids.shape[0]
     eos = tokenizer.eos_token_id
     cache = DynamicCache(config=model.config)
+    candidates = stop_candidates(tokenizer, stop_strings) if stop_strings else frozenset()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
@@ -134,7 +152,7 @@ def decode_batch(
                     new[row].append(tok)
                 continue
             new[row].append(tok)
-            if stop_strings:
+            if tok in candidates:
                 tail = tokenizer.decode(new[row][-window:], skip_special_tokens=True)
                 if any(s in tail for s in stop_strings):
                     continue

@@ -31,6 +31,7 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
 # runs where the weights cannot travel (a GPU box without the Hub). The tokenizer is the bundled
 # SmolLM2 one (vocabulary 49,152) unless named: random:<shape>:<tokenizer model spec>.
 RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2-tiny": ("gpt2", {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 1024}),  # smoke checks
     "gpt2": ("gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}),
     "gpt2-medium": ("gpt2", {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024}),
     "gpt2-large": ("gpt2", {"n_layer": 36, "n_embd": 1280, "n_head": 20, "n_positions": 1024}),

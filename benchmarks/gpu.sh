@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one short run (about 8 minutes on one H100/H200),
+# for a machine with no network where only a small working tree travels:
+#
+#   bash benchmarks/gpu.sh --prepare        # here: the SmolLM2 tokenizer + Dolly into .gpu/ (gitignored)
+#   bash benchmarks/gpu.sh OUT_DIR          # there: writes OUT_DIR/*.md and OUT_DIR/gpu.log
+#
+# Models are random-init of the paper's shapes (GPT-2 1.5B teacher, GPT-2 124M student) with
+# the SmolLM2 tokenizer (vocabulary 49,152), so no weights travel. What it runs, each step with
+# its own time limit so that one failure or overrun cannot cost the others:
+#   1. benchmarks/throughput.py --preset gpu: KD step, 16 x 512, bf16 (hand-written, srd, compiled, TRL)
+#   2. benchmarks/generation.py --preset gpu: decode loop vs `generate`, sampling 256 new tokens
+#   3. srd reflect with the 124M student over the first $REFLECT_ROWS Dolly training prompts
+#      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
+# Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU).
+set -u
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    mkdir -p .gpu/data/dolly
+    cp ../shared/data/dolly/*.jsonl .gpu/data/dolly/  # train, dev (reflection reads it), eval
+    python - <<'EOF'
+from srd.models import load_tokenizer
+from srd.models.load import resolve_model_path
+from transformers import AutoConfig
+
+tok = load_tokenizer("smollm2-135m-instruct")
+tok.save_pretrained(".gpu/tok")
+# a config.json marks the folder as a model folder for srd's loader; no weights travel
+AutoConfig.from_pretrained(resolve_model_path("smollm2-135m-instruct")).save_pretrained(".gpu/tok")
+EOF
+    du -sh .gpu
+    exit 0
+fi
+
+OUT=${1:-benchmarks/results/gpu-$(date +%F)}
+mkdir -p "$OUT"
+export SRD_DATA_DIR=${SRD_DATA_DIR:-$PWD/.gpu/data} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TOK=${SRD_GPU_TOKENIZER:-.gpu/tok}
+PY=${PYTHON:-python3}
+if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
+    T="random:gpt2-tiny:$TOK" S="random:gpt2-tiny:$TOK"
+    TP_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
+    GEN_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4)
+    REFLECT_ROWS=4 GEN_BS=2 NEW=4
+else
+    T="random:gpt2-xl:$TOK" S="random:gpt2:$TOK"
+    TP_ARGS=(--timeout 80)
+    GEN_ARGS=(--limit 512 --batch-sizes 256)
+    REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
+fi
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+echo "== $(date -u) gpu.sh into $OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
+
+echo "== 1. throughput"
+timeout 270 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
+    --record "$OUT/throughput.md" || echo "throughput: exit $?"
+
+echo "== 2. generation"
+timeout 100 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
+    --record "$OUT/generation.md" || echo "generation: exit $?"
+
+echo "== 3. reflection over $REFLECT_ROWS Dolly prompts"
+RUN=${TMPDIR:-/tmp}/srd-gpu-reflect
+rm -rf "$RUN"
+CMD=(-m srd.cli reflect --no-progress configs/gpt2-dolly-srd.yaml "model.teacher=$T" "model.student=$S"
+     "data.train_limit=$REFLECT_ROWS" "generation.batch_size=$GEN_BS" "generation.max_new_tokens=$NEW"
+     "output_dir=$RUN" name=reflect)
+t0=$(date +%s.%N)
+timeout 120 $PY "${CMD[@]}" || echo "reflect: exit $?"
+t1=$(date +%s.%N)
+$PY - "$RUN" "$OUT/reflection.md" "$t0" "$t1" "$REFLECT_ROWS" "${CMD[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+
+sys.path.insert(0, ".")
+from benchmarks.common import header, save_record
+
+run, record, t0, t1, rows = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+sys.argv = sys.argv[6:]  # the record names the reflect command
+outs = sorted(run.rglob("outputs.rank*.jsonl"))
+done = sum(len(p.read_text().splitlines()) for p in outs)
+summary = next(iter(run.rglob("reflection/summary.json")), None)
+meta = json.loads(summary.read_text()) if summary else {}
+wall = t1 - t0
+own = meta.get("wall_time_s")
+rate = done / (own or wall)
+lines = header("Reflection on one GPU, random-init GPT-2 124M student") + [
+    f"`srd reflect configs/gpt2-dolly-srd.yaml` over the first {rows} Dolly training prompts (greedy, at most "
+    "256 new tokens, no-repeat 6-grams, ROUGE-L + cross-entropy, rank fusion); a random-init student never "
+    "stops early, so every answer is 256 tokens long (an upper bound on a trained student's cost).",
+    "",
+    f"- rows answered and scored: {done} of {rows}{'' if summary else ' (did not finish inside its time limit)'}",
+    f"- wall time of the command (model build, generation, scoring, ranking): {wall:.1f} s",
+    f"- reflection's own wall time (summary.json): {meta.get('wall_time_s', 'n/a')} s",
+    f"- rows per second: {rate:.1f} (over {'reflection' if own else 'the command'}'s wall time); the 11,435-row "
+    f"Dolly split at this rate: {11435 / max(rate, 1e-9):.0f} s",
+]
+save_record("\n".join(lines) + "\n", record, "gpu", "reflection")
+EOF
+echo "== $(date -u) done"
