@@ -12,8 +12,8 @@ prompt, forward KL (tau 1, no CE term), AdamW:
   srd       srd's step: response positions only, LM heads + log-softmax + divergence in chunks
             inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
   srd-keep  the same without recomputing the chunks in backward (loss.recompute_chunks=false)
-  srd-compile       srd with every transformer block of both models compiled (`nn.Module.compile`,
-                    torch.compile's default mode): does compiling pay on this machine?
+  srd-compile       srd with every transformer block of both models compiled (train.compile=true:
+                    `nn.Module.compile`, torch.compile's default mode): does compiling pay here?
   srd-keep-compile  srd-keep, compiled the same way
   trl       TRL's GKDTrainer (trl.experimental.gkd) run through its own `train()` loop, off-policy
             (lmbda=0) forward KL (beta=0), temperature 1, AdamW, no gradient clipping, fed the same
@@ -88,16 +88,6 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def _compile_blocks(model) -> None:
-    """Compile each transformer block (the model's `_no_split_modules` classes) in place."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
-    for block in blocks:
-        block.compile()
-
-
 def run_impl(impl: str, cfg: dict) -> dict:
     """One implementation, in this process: returns step times and peak memory."""
     import torch
@@ -105,7 +95,7 @@ def run_impl(impl: str, cfg: dict) -> dict:
 
     from srd.losses.kd import combine
     from srd.models import load_model, load_tokenizer
-    from srd.train.step import DistillModule, teacher_features
+    from srd.train.step import DistillModule, compile_blocks, teacher_features
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = cfg["dtype"] == "bf16" and device == "cuda"
@@ -127,9 +117,9 @@ def run_impl(impl: str, cfg: dict) -> dict:
             vocab_size=vocab,
             recompute="keep" not in impl,  # srd-keep: loss.recompute_chunks=false
         )
-        if impl.endswith("-compile"):
-            _compile_blocks(teacher)
-            _compile_blocks(student)
+        if impl.endswith("-compile"):  # train.compile=true
+            compile_blocks(teacher)
+            compile_blocks(student)
         params = module.parameters()
     else:
         params = student.parameters()

@@ -130,8 +130,16 @@ class TrainConfig:
     # fsdp: shard the student's weights, gradients and optimizer state over the processes
     # (torch FSDP2, one unit per transformer block); none: DDP (a full copy per process)
     sharding: Literal["none", "fsdp"] = "none"
+    # compile every transformer block of the student and the teacher (torch.compile) for the
+    # training step; generation inside training runs them eagerly. Pays on a GPU (1.42x the
+    # hand-written step on an H200, benchmarks/results/2026-11-28-gpu-throughput.md); on a
+    # CPU the compiling costs minutes
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        _check(
+            not (self.compile and self.sharding == "fsdp"), "train.compile is not supported with train.sharding=fsdp"
+        )
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 or null")
         _check(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")

@@ -14,7 +14,6 @@ Every step is resumable: finished stages, runs and (benchmark, seed) files are r
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +55,17 @@ def eval_mode(cfg: RunConfig) -> str:
 
 
 def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress: bool) -> float:
+    from srd.eval.benchmarks import resolve_benchmark
     from srd.eval.evaluate import evaluate
     from srd.models import load_model, load_tokenizer
 
-    t0 = time.perf_counter()
     e = cfg.eval
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(spec, trust_remote_code=cfg.model.trust_remote_code).eval()
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "model.json", {"model": spec})
-    evaluate(
+    summary = evaluate(
         model,
         tokenizer,
         e.benchmarks,
@@ -83,7 +82,9 @@ def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress:
         progress=progress,
     )
     del model
-    return time.perf_counter() - t0
+    # generation time of this config's benchmarks, earlier (resumed) invocations included
+    names = {resolve_benchmark(b).name for b in e.benchmarks}
+    return sum(sum(v.get("wall_time_s", {}).values()) for k, v in summary["benchmarks"].items() if k in names)
 
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -237,15 +237,21 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     assert srd_res["sample_passes"] == 30  # 1 epoch over 5 + 10 + 15 examples
     assert base_res["sample_passes"] == pytest.approx(30 / 0.6)  # 2.5 epochs over all 20
     assert base_res["stages"][0]["alpha"] == 0.5 and base_res["stages"][0]["tau"] == 1.0  # loss.alpha / loss.tau
-    for folder in [run / "references" / "teacher", run / "references" / "initial", run / "baseline", run]:
+    eval_seconds = {}
+    for name, folder in zip(
+        ["teacher", "initial", "baseline", "final"],
+        [run / "references" / "teacher", run / "references" / "initial", run / "baseline", run],
+    ):
         summary = json.loads((folder / "eval" / "greedy" / "summary.json").read_text())
-        assert summary["benchmarks"]["dev"]["n"] == 3
+        dev = summary["benchmarks"]["dev"]
+        assert dev["n"] == 3 and dev["max_new_tokens"] == 4 and dev["sampling"] is False  # as decoded
+        eval_seconds[name] = sum(dev["wall_time_s"].values())
     models = json.loads((run / "experiment.json").read_text())["models"]
     assert models["teacher"] == str(tiny_models["llama-teacher"]) and models["initial"] == str(
         tiny_models["llama-student"]
     )
     timing = json.loads((run / "experiment.json").read_text())["timing"]
-    assert set(timing["eval_s"]) == {"teacher", "initial", "baseline", "final"}
+    assert timing["eval_s"] == pytest.approx(eval_seconds, abs=1e-3)
     assert timing["srd_time_fraction"] == pytest.approx(srd_res["total_s"] / base_res["train_s"], rel=1e-3)
     comparison = (run / "comparison.md").read_text()
     for label in ["| KD |", "| KD+SRD (x) |", "| teacher |", "| student before KD |", "p = "]:
@@ -261,6 +267,9 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
 
     monkeypatch.setattr("srd.eval.evaluate.generate_responses", no_generation)
     assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    # a rerun reuses the evaluations and still reports the time they took
+    timing = json.loads((run / "experiment.json").read_text())["timing"]
+    assert timing["eval_s"] == pytest.approx(eval_seconds, abs=1e-3) and min(eval_seconds.values()) > 0
 
 
 def test_eval_of_baseline_needs_compare_baseline(tmp_path, tiny_models, srd_data, capsys):

@@ -175,6 +175,9 @@ def evaluate(
             entry = {}
         entry.update(
             describe(bench),
+            # what this evaluation decoded with, not only the benchmark's defaults
+            sampling=bool(bench.sampling and seeds is not None),
+            max_new_tokens=max_new_tokens or bench.max_new_tokens,
             n=len(examples),
             per_seed=entry.get("per_seed", {}),
             wall_time_s=entry.get("wall_time_s", {}),

@@ -43,7 +43,7 @@ from srd.models.load import dtype_from_name, is_seq2seq
 from srd.train import checkpoint as ckpt
 from srd.train import sharding
 from srd.train.onpolicy import on_policy_flags, sample_responses
-from srd.train.step import DistillModule, teacher_features
+from srd.train.step import DistillModule, compile_blocks, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -375,6 +375,10 @@ def train_stage(
     if sharded:  # FSDP: a sharded copy trains; `student` gets its weights back at the end
         module.student = copy.deepcopy(student).to(acc.device)
         sharding.shard_student(module)
+    if tcfg.compile:
+        compile_blocks(student)
+        if teacher is not None and alpha < 1.0:
+            compile_blocks(teacher)
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
     scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
     if not sharded:

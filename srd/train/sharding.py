@@ -137,9 +137,12 @@ def generation_model(module: nn.Module, replica: nn.Module, device: Any) -> Iter
     `replica` (the caller's unsharded student) loaded with the current gathered weights and
     moved to `device` for the duration. Generating through the FSDP module instead would
     record extra forwards on the processes that sample, and FSDP's backward prefetching would
-    then issue mismatched collectives. Collective when sharded: every process must enter."""
+    then issue mismatched collectives. Collective when sharded: every process must enter.
+    Compiled blocks (train.compile) run eagerly while generating: a decode step's shapes
+    change every token, and recompiling for them costs more than it saves."""
     if not is_sharded(module):
-        yield replica
+        with torch.compiler.set_stance("force_eager"):
+            yield replica
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
