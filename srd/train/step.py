@@ -16,7 +16,6 @@ from srd.data.tokenize import IGNORE_INDEX
 from srd.losses.kd import LossSums, kd_loss_sums
 from srd.models.load import is_seq2seq
 
-
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use a lighter one
 
 
