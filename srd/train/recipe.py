@@ -26,6 +26,7 @@ RESUME_SAFE_KEYS = {
     "train.log_every",
     "train.grad_accum",
     "train.sharding",  # checkpoints are stored unsharded: they resume with or without FSDP
+    "train.compile",  # the same weights and losses, compiled or not
 }
 # Sections that only add work after training (evaluation, the comparison baseline's own run).
 RESUME_SAFE_PREFIXES = ("eval.", "compare.")
