@@ -44,16 +44,9 @@ def shard_student(module: nn.Module) -> None:
         from srd.config import ConfigError
 
         raise ConfigError("train.sharding=fsdp does not support LoRA students yet: use DDP (train.sharding=none)")
-    block_names = set(getattr(student, "_no_split_modules", None) or [])
-    blocks = [m for m in student.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        from srd.config import ConfigError
+    from srd.train.step import transformer_blocks
 
-        raise ConfigError(
-            f"train.sharding=fsdp: {type(student).__name__} names no transformer block classes "
-            "(_no_split_modules), so there is nothing to shard per block; use train.sharding=none"
-        )
-    for block in blocks:
+    for block in transformer_blocks(student, "train.sharding=fsdp"):
         fully_shard(block)
     fully_shard(module)
 

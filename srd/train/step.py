@@ -19,18 +19,27 @@ from srd.models.load import is_seq2seq
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use a lighter one
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile each transformer block of `model` in place (the classes its `_no_split_modules`
-    names; nn.Module.compile, so weights, state dicts and checkpoints are unchanged) and return
-    how many. Blocks rather than the whole model: HF's forward (masks, caches, output classes)
-    breaks graphs, and the blocks are where the time goes."""
+def transformer_blocks(model: nn.Module, option: str) -> list[nn.Module]:
+    """The transformer blocks of `model`: modules of the classes its `_no_split_modules` names.
+    `option` (the setting that needs them) goes into the error when there are none."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ValueError(
-            f"{type(model).__name__} names no transformer block class (_no_split_modules); train.compile "
-            "needs one: set train.compile=false"
+        from srd.config import ConfigError
+
+        raise ConfigError(
+            f"{option}: {type(model).__name__} names no transformer block classes (_no_split_modules), "
+            f"and {option} works per block; turn it off"
         )
+    return blocks
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Compile each transformer block of `model` in place (nn.Module.compile, so weights, state
+    dicts and checkpoints are unchanged) and return how many. Blocks rather than the whole
+    model: HF's forward (masks, caches, output classes) breaks graphs, and the blocks are where
+    the time goes."""
+    blocks = transformer_blocks(model, "train.compile")
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(backend=COMPILE_BACKEND)
