@@ -45,12 +45,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def command_line(argv: list[str], elide: tuple[str, ...] = ("--note",)) -> str:
+    """The command as typed, with the values of `elide` options (long prose) shown as '...'."""
+    out, skip = [], False
+    for a in argv:
+        out.append("'...'" if skip else a)
+        skip = a in elide
+    return " ".join(["python", *out])
+
+
 def header(title: str) -> list[str]:
     """The first lines of a record: title, when and by which command, on which machine."""
     return [
         f"# {title}",
         "",
-        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{' '.join(['python', *sys.argv])}`.",
+        f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{command_line(sys.argv)}`.",
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
         "",

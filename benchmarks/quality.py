@@ -310,7 +310,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             "",
         ]
     if getattr(args, "note", None):
-        lines += ["## Notes", "", *args.note, ""]
+        lines += ["## Notes", ""] + [line for note in args.note for line in (note, "")]
     if wall is not None:
         lines += [
             f"This invocation ran for {wall / 60:.1f} min (finished parts of earlier invocations were reused).",

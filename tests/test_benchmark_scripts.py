@@ -38,3 +38,10 @@ def test_generation_script_compares_backends(tmp_path, tiny_models):
     assert _module("generation").main(args) == 0
     text = record.read_text()
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
+
+
+def test_record_header_elides_note_paragraphs():
+    from benchmarks.common import command_line
+
+    argv = ["benchmarks/quality.py", "--preset", "cpu", "--note", "A long paragraph.", "--note", "More."]
+    assert command_line(argv) == "python benchmarks/quality.py --preset cpu --note '...' --note '...'"

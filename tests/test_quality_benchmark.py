@@ -62,9 +62,9 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     assert "epochs_per_stage: 1.0" in cfg and "divergence: fkl" in cfg
     # the record can be rewritten from the finished runs without training
     record.unlink()
-    assert quality.main([*args, "--report-only", "--note", "A note."]) == 0
+    assert quality.main([*args, "--report-only", "--note", "A note.", "--note", "Another."]) == 0
     text = record.read_text()
-    assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note." in text
+    assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note.\n\nAnother.\n" in text
     step_rows = [line for line in text.splitlines() if line.startswith("| fkl, seed") and " x " in line]
     assert len(step_rows) == 2  # SRD and KD steps x their median step time, per run
 
