@@ -22,7 +22,7 @@ from typing import Any
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.eval.generate import generate_responses
+from srd.eval.generate import generate_responses, length_batches
 from srd.utils import atomic_write_json, atomic_write_text
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
@@ -99,8 +99,7 @@ def _run_one(
         done = _read_partial(own)
         outs = [done[i][0] if i in done else "" for i in range(len(prompts))]
         spent = sum(secs for _, secs in done.values())
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # as generate_responses batches
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = length_batches(prompts, batch_size)  # as generate_responses batches
         todo = [b for b in batches if not all(i in done for i in b)]
         bar = tqdm(
             total=len(batches),

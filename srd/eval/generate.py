@@ -70,6 +70,14 @@ def stop_candidates(tokenizer: Any, stop_strings: Sequence[str]) -> frozenset[in
     return cached[key]
 
 
+def length_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt positions grouped into batches, longest prompts first (little padding per batch).
+    generate_responses decodes in exactly these batches, so a caller resuming per batch can
+    rebuild them."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -204,7 +212,7 @@ def generate_responses(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = length_batches(prompts, batch_size)
     out: list[str] = [""] * len(prompts)
     seq2seq = is_seq2seq(model)
     if seq2seq:
@@ -215,7 +223,6 @@ def generate_responses(
         if do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             new = decode_batch(
                 model,
@@ -244,7 +251,6 @@ def generate_responses(
         kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
     else:  # keep the model's generation_config sampling defaults from warning/overriding
         kwargs.update(temperature=None, top_k=None, top_p=None)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         ids, mask = _left_pad([prompts[i] for i in idx], pad_id(tokenizer))
         criteria = []
