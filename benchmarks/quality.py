@@ -28,7 +28,7 @@ Presets:
   gsm8k  verifiable reflection (the paper's stated limitation): the bundled teacher -> a
        20-layer student healed on SAMSum/XSum only, so that GSM8K stays unseen
        (`srd prune ... --heal-data samsum xsum --out runs/students/smollm2-20l-healed-nogsm8k`);
-       the first 600 GSM8K training problems with the chain-of-thought instruction; SRD with
+       the first 400 GSM8K training problems with the chain-of-thought instruction; SRD with
        ROUGE-L + CE, SRD with answer_match added to the fusion (the same reflection answers,
        copied, not regenerated), and plain KD at the 60% step ratio; final-answer accuracy on
        the first 200 GSM8K test problems, greedy, 192 new tokens.
@@ -126,7 +126,7 @@ PRESETS["gsm8k"] = {
         **PRESETS["cpu"]["overrides"],
         "model.student": GSM8K_STUDENT,
         "data.train": "gsm8k",
-        "data.train_limit": 600,
+        "data.train_limit": 400,
         "data.dev": "gsm8k-test",
         "data.instruction_suffix": COT,
         "data.max_len": 512,

@@ -45,3 +45,22 @@ def test_record_header_elides_note_paragraphs():
 
     argv = ["benchmarks/quality.py", "--preset", "cpu", "--note", "A long paragraph.", "--note", "More."]
     assert command_line(argv) == "python benchmarks/quality.py --preset cpu --note '...' --note '...'"
+
+
+def test_pad_fraction_counts_padding_to_a_multiple_of_8():
+    pad_fraction = _module("padding").pad_fraction
+    lengths = [8, 8, 3, 16]
+    assert pad_fraction(lengths, [[0, 1]]) == 0.0  # two full rows of 8
+    assert pad_fraction(lengths, [[2]]) == 1 - 3 / 8  # 3 tokens padded to 8
+    assert pad_fraction(lengths, [[0, 3]]) == 1 - 24 / 32  # 8 + 16 tokens in 2 x 16
+    assert abs(pad_fraction(lengths, [[0, 3], [1, 2]]) - (1 - 35 / 48)) < 1e-12
+
+
+def test_padding_script_shows_bucketing_pads_less(tmp_path, tiny_data, tiny_models):
+    record = tmp_path / "padding.md"
+    args = ["--data", str(tiny_data["train"]), "--tokenizer", str(tiny_models["llama-student"])]
+    args += ["--batch-sizes", "2", "--record", str(record)]
+    assert _module("padding").main(args) == 0
+    row = next(line for line in record.read_text().splitlines() if line.startswith("| 2 |"))
+    random_pad, bucketed_pad = (float(c.strip().rstrip("%")) for c in row.split("|")[2:4])
+    assert 0 <= bucketed_pad <= random_pad < 100
