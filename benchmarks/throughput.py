@@ -23,6 +23,12 @@ prompt, forward KL (tau 1, no CE term), AdamW:
 Reported: median step time after warm-up, tokens/s (all B x T tokens), peak memory (GPU
 allocator peak, or the process's peak RSS on a CPU) and the ratios. The record goes to
 benchmarks/results/DATE-<preset>-throughput.md.
+
+    python benchmarks/throughput.py --preset cpu --profile --impls srd-keep naive
+
+profiles the same steps with torch.profiler instead: time per step in each phase (teacher
+forward, student forward + loss, backward, optimizer) and the operators that take it, per
+implementation, recorded in benchmarks/results/DATE-<preset>-profile.md.
 """
 
 from __future__ import annotations
@@ -88,10 +94,15 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def run_impl(impl: str, cfg: dict) -> dict:
-    """One implementation, in this process: returns step times and peak memory."""
+PHASES = ["teacher forward", "student forward + loss", "backward", "optimizer"]
+
+
+def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
+    """One implementation, in this process: returns step times and peak memory (or, with
+    `profile`, where a step's time goes)."""
     import torch
     import torch.nn.functional as F
+    from torch.profiler import record_function
 
     from srd.losses.kd import combine
     from srd.models import load_model, load_tokenizer
@@ -131,23 +142,30 @@ def run_impl(impl: str, cfg: dict) -> dict:
     def step() -> None:
         with autocast:
             if impl == "naive":
-                with torch.no_grad():
+                with record_function(PHASES[0]), torch.no_grad():
                     t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                t_logp = F.log_softmax(t_logits[:, :-1, :vocab].float(), dim=-1)
-                s_logp = F.log_softmax(s_logits[:, :-1, :vocab].float(), dim=-1)
-                kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-                mask = batch["labels"][:, 1:] != -100
-                loss = kl[mask].mean()
+                with record_function(PHASES[1]):
+                    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    t_logp = F.log_softmax(t_logits[:, :-1, :vocab].float(), dim=-1)
+                    s_logp = F.log_softmax(s_logits[:, :-1, :vocab].float(), dim=-1)
+                    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+                    mask = batch["labels"][:, 1:] != -100
+                    loss = kl[mask].mean()
             else:
-                t_in, t_head = teacher_features(teacher, batch)
-                sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head)
-                loss = combine(sums, alpha=0.0, kd_scale=1.0, denominator=float(sums.n_tokens))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+                with record_function(PHASES[0]):
+                    t_in, t_head = teacher_features(teacher, batch)
+                with record_function(PHASES[1]):
+                    sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"], t_in, t_head)
+                    loss = combine(sums, alpha=0.0, kd_scale=1.0, denominator=float(sums.n_tokens))
+        with record_function(PHASES[2]):
+            loss.backward()
+        with record_function(PHASES[3]):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     step()  # warm-up
+    if profile:
+        return {"impl": impl, "device": device, **_profile(step, cfg["steps"], device)}
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -159,6 +177,60 @@ def run_impl(impl: str, cfg: dict) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"impl": impl, "step_s": times, "peak_gib": _peak_memory_gib(device), "device": device}
+
+
+def _profile(step, steps: int, device: str, top: int = 12) -> dict:
+    """Per step: wall time, each phase's time, and the operators with the most self time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    # on a GPU the time that counts is the kernels' (device) time; on a CPU the thread's time
+    total = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    phases = {e.key: total(e) / 1e6 / steps for e in events if e.key in PHASES}
+    ops = sorted((e for e in events if e.key not in PHASES and own(e) > 0), key=own, reverse=True)[:top]
+    return {
+        "wall_s": wall,
+        "clock": "GPU kernel time" if cuda else "CPU time",
+        "phases": [[name, phases.get(name, 0.0)] for name in PHASES],
+        "ops": [[e.key, own(e) / 1e6 / steps, e.count / steps] for e in ops],
+    }
+
+
+def profile_record(args: argparse.Namespace, cfg: dict, results: list[dict]) -> str:
+    from benchmarks.common import header
+
+    lines = header(f"KD step profile, preset `{args.preset}`") + [
+        f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`, batch {cfg['batch']} x {cfg['seq']} tokens, "
+        f"{cfg['dtype']}, forward KL, AdamW; torch.profiler over {cfg['steps']} steps after 1 warm-up "
+        "(the profiler itself adds a little time). Times are per step.",
+        "",
+    ]
+    for r in results:
+        wall = r["wall_s"]
+        lines += [
+            f"## {r['impl']}: {wall:.3f} s per step under the profiler ({r['clock']})",
+            "",
+            "| phase | s/step | share of the step |",
+            "|---|---|---|",
+            *(f"| {name} | {sec:.3f} | {100 * sec / wall:.0f}% |" for name, sec in r["phases"]),
+            "",
+            "| operator (self time) | s/step | share of the step | calls/step |",
+            "|---|---|---|---|",
+            *(f"| `{name}` | {sec:.3f} | {100 * sec / wall:.1f}% | {calls:.0f} |" for name, sec, calls in r["ops"]),
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def _run_trl(cfg: dict, teacher, student, tokenizer, batch: dict, device: str, bf16: bool) -> dict:
@@ -241,14 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--record", default=None)
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each implementation")
+    p.add_argument("--profile", action="store_true", help="profile the steps (phases, operators) instead")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one impl, print JSON
     args = p.parse_args(argv)
+    if args.profile and not args.child and "trl" in args.impls:
+        p.error("--profile covers naive and the srd implementations, not trl (pass --impls)")
     cfg = dict(PRESETS[args.preset])
     for key in ("steps", "teacher", "student", "batch", "seq"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.child:
-        print("RESULT " + json.dumps(run_impl(args.child, cfg)))
+        print("RESULT " + json.dumps(run_impl(args.child, cfg, profile=args.profile)))
         return 0
     if not cfg["student"].startswith("random:") and not Path(cfg["student"]).exists():
         print(
@@ -263,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
             skipped.append(impl)
             continue
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl]
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl] + ["--profile"] * args.profile
         for key in ("steps", "teacher", "student", "batch", "seq"):
             cmd += [f"--{key}", str(cfg[key])]
         try:
@@ -279,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{impl} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
             continue
         r = json.loads(line[len("RESULT ") :])
+        if args.profile:
+            results.append(r)
+            print(f"{impl}: {r['wall_s']:.2f} s/step profiled: " + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"]))
+            continue
         r["median_s"] = statistics.median(r["step_s"])
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
         results.append(r)
@@ -288,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("error: no implementation ran: " + "; ".join(failed), file=sys.stderr)
         return 1
+    if args.profile:
+        text = profile_record(args, cfg, results)
+        if failed:
+            text += f"\nFailed: {'; '.join(failed)}.\n"
+        save_record(text, args.record, args.preset, "profile")
+        return 0
     base = next((r for r in results if r["impl"] == "naive"), results[0])
     mem = "GPU allocator peak" if results[0]["device"] == "cuda" else "peak RSS of the process"
     lines = header(f"KD step throughput, preset `{args.preset}`") + [

@@ -30,6 +30,25 @@ def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
     assert all(float(rows[impl].split("|")[3]) > 0 for impl in ("naive", "srd", "srd-keep", "trl"))
 
 
+_PHASES = ("teacher forward", "student forward + loss", "backward", "optimizer")
+
+
+@needs_shared
+def test_throughput_profile_splits_the_step_into_phases(tmp_path, tiny_models):
+    record = tmp_path / "profile.md"
+    args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record), "--profile"]
+    args += ["--impls", "naive", "srd-keep"]
+    args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
+    assert _module("throughput").main(args) == 0
+    text = record.read_text()
+    for impl in ("naive", "srd-keep"):
+        section = text.split(f"## {impl}:")[1].split("## ")[0]
+        cells = [r.split("|") for r in section.splitlines() if r.startswith("| ")]
+        phases = {c[1].strip(): float(c[2]) for c in cells if c[1].strip() in _PHASES}
+        assert sorted(phases) == sorted(_PHASES) and all(t > 0 for t in phases.values())
+        assert "`aten::" in section  # the operators taking the time
+
+
 @needs_shared
 def test_generation_script_compares_backends(tmp_path, tiny_models):
     record = tmp_path / "generation.md"
