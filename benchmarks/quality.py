@@ -153,14 +153,22 @@ def run_names(
 
 
 def overrides_for(
-    preset: dict[str, Any], div: str, seed: int, name: str, out: Path, first: bool, extra: list[str], variant: str = ""
+    preset: dict[str, Any],
+    div: str,
+    seed: int,
+    name: str,
+    out: Path,
+    first: bool,
+    extra: list[str],
+    variant: str = "",
+    references: tuple[str, ...] = ("teacher", "initial"),
 ) -> list[str]:
     o = dict(preset["overrides"])
     o.update(preset.get("variants", {}).get(variant, {}))
     o.update({"name": name, "output_dir": str(out), "seed": seed, "loss.divergence": div})
     # the teacher and the initial student are the same in every run: evaluate them once;
     # a variant compares against its base run's KD baseline instead of training another
-    o["eval.models"] = ["teacher", "initial", "baseline", "final"] if first else ["baseline", "final"]
+    o["eval.models"] = [*references, "baseline", "final"] if first else ["baseline", "final"]
     if variant:
         o.update({"compare.baseline": False, "eval.models": ["final"]})
     return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in o.items()] + extra
@@ -332,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only (re)write the record from finished runs")
     p.add_argument("--dry-run", action="store_true", help="print each run's `srd run` command and stop")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--references",
+        nargs="*",
+        default=["teacher", "initial"],
+        choices=["teacher", "initial"],
+        help="reference models evaluated once, in the first run (default: the teacher and the student before KD)",
+    )
     p.add_argument("--note", action="append", default=[], help="a paragraph for the record's Notes section")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.train_limit=200)")
     args = p.parse_args(argv)
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}{suffix}-quality.md"
     )
     commands = [
-        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides, variant))
+        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides, variant, tuple(args.references)))
         for i, (name, div, seed, variant) in enumerate(runs)
     ]
     if args.dry_run:

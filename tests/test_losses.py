@@ -118,6 +118,34 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(lambda x: fn(x, t, None, tau=1.7, beta=0.3), (s,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_forward_kl_hand_written_backward_gradcheck_both_inputs(tau):
+    s, t = _logits((3, 6), seed=4, scale=1.5)
+    s, t = s.double().requires_grad_(True), t.double().requires_grad_(True)
+    fn = get_divergence("fkl").fn
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, None, tau=tau), (s, t), eps=1e-6, atol=1e-6)
+
+
+def test_forward_kl_equals_autograd_formula_with_zero_mass_tokens():
+    """The fused forward KL gives autograd's values and gradients, where the teacher puts
+    exactly zero mass on some tokens (log p = -inf) too."""
+    from srd.losses.divergences import _kl, _log_probs
+
+    s, t = _logits((4, 5, 33), seed=6, scale=3.0)
+    t[..., 7] = float("-inf")
+    for tau in (1.0, 2.0):
+        a, b = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        ours = get_divergence("fkl").fn(a, b, tau=tau)
+        ga_ours, gb_ours = torch.autograd.grad(ours.sum(), (a, b))
+        a2, b2 = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        ref = _kl(_log_probs(b2, tau), _log_probs(a2, tau))
+        ga_ref, gb_ref = torch.autograd.grad(ref.sum(), (a2, b2))
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ga_ours, ga_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gb_ours, gb_ref, rtol=1e-5, atol=1e-6)
+        assert torch.all(gb_ours[..., 7] == 0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_inputs_close_to_float32(name):
     s, t = _logits((4, 9, 64), seed=5, scale=2.0)

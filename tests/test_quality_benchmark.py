@@ -76,6 +76,16 @@ def test_quality_dry_run_prints_commands(capsys):
     assert "model.teacher=random:gpt2-xl" in out and "curriculum.epochs_per_stage=8" in out
 
 
+def test_quality_references_choose_the_models_evaluated_once(capsys):
+    quality = _quality_module()
+    assert quality.main(["--preset", "gsm8k", "--dry-run", "--references", "teacher"]) == 0
+    first, variant = capsys.readouterr().out.strip().splitlines()
+    assert """'eval.models=["teacher", "baseline", "final"]'""" in first
+    assert """'eval.models=["final"]'""" in variant  # the variant compares against the base run's KD
+    assert quality.main(["--preset", "gsm8k", "--dry-run"]) == 0
+    assert """'eval.models=["teacher", "initial", "baseline", "final"]'""" in capsys.readouterr().out
+
+
 def test_quality_variants_share_reflection_and_the_baseline(tmp_path, tiny_models):
     """The gsm8k preset's variant (answer_match added to the fusion) reuses the base run's
     reflection answers and KD baseline: one KD row, two KD+SRD rows named by their scorers."""
