@@ -49,6 +49,16 @@ def test_throughput_profile_splits_the_step_into_phases(tmp_path, tiny_models):
         assert "`aten::" in section  # the operators taking the time
 
 
+def test_loss_only_times_hand_written_and_autograd_forward_kl(tmp_path):
+    import argparse
+
+    record = tmp_path / "loss.md"
+    args = argparse.Namespace(preset="cpu", record=str(record))
+    assert _module("throughput").loss_benchmark(args, chunk=16, vocab=50, repeats=1) == 0
+    rows = [r.split("|") for r in record.read_text().splitlines() if r.startswith("| 1 |") or r.startswith("| 2 |")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[5]) < 1e-5 for r in rows)
+
+
 @needs_shared
 def test_generation_script_compares_backends(tmp_path, tiny_models):
     record = tmp_path / "generation.md"
