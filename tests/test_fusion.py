@@ -12,6 +12,7 @@ from srd.reflect import (
     n_kept,
     ordinal_ranks,
     partition_sizes,
+    ranks,
     reciprocal_rank_fusion,
     register_scorer,
     select_and_partition,
@@ -26,6 +27,40 @@ def test_ordinal_ranks_directions_and_ties():
     assert ordinal_ranks([1.0, 1.0, 1.0], ["z", "x", "y"], higher_is_easier=True).tolist() == [3, 1, 2]
     # NaN ranks last
     assert ordinal_ranks([float("nan"), 2.0, 1.0], ["a", "b", "c"], higher_is_easier=True).tolist() == [3, 1, 2]
+
+
+def test_average_ranks_share_a_rank_within_ties():
+    ids = ["a", "b", "c", "d", "e"]
+    # pass/fail: the two passes share ranks 1-2, the three fails ranks 3-5
+    assert ranks([100, 0, 0, 100, 0], ids, higher_is_easier=True, ties="average").tolist() == [1.5, 4, 4, 1.5, 4]
+    assert ranks([float("nan"), 1, 1, 2, float("nan")], ids, higher_is_easier=False, ties="average").tolist() == [
+        4.5,
+        1.5,
+        1.5,
+        3,
+        4.5,
+    ]
+    assert ranks([3, 1, 2], ["a", "b", "c"], higher_is_easier=True).tolist() == [1, 3, 2]  # ordinal by default
+    with pytest.raises(ValueError, match="ties"):
+        ranks([1], ["a"], higher_is_easier=True, ties="dense")
+
+
+def test_a_pass_fail_scorer_only_moves_what_it_can_tell_apart():
+    """Three scorers fused: answer_match (mostly 0) lifts its one correct example and leaves the
+    order of the others to ROUGE-L and CE, instead of ranking its ties by id."""
+    ids = [f"gsm8k-{i}" for i in (1, 2, 10, 11, 3)]
+    rouge = [10.0, 30.0, 20.0, 40.0, 0.0]
+    ce = [2.0, 1.5, 1.8, 1.0, 3.0]
+    answer = [0.0, 0.0, 0.0, 0.0, 100.0]
+    two = reciprocal_rank_fusion([ranks(rouge, ids, higher_is_easier=True), ranks(ce, ids, higher_is_easier=False)])
+    a = ranks(answer, ids, higher_is_easier=True, ties=SCORERS["answer_match"].ties)
+    three = reciprocal_rank_fusion(
+        [ranks(rouge, ids, higher_is_easier=True), ranks(ce, ids, higher_is_easier=False), a]
+    )
+    others = [0, 1, 2, 3]
+    assert np.argsort(-three[others]).tolist() == np.argsort(-two[others]).tolist()
+    assert three[4] - two[4] > three[0] - two[0]  # the correct answer gained the most
+    assert SCORERS["tests_pass"].ties == "average" and SCORERS["rouge_l"].ties == "ordinal"
 
 
 def test_rrf_exact_values():

@@ -5,6 +5,7 @@ from srd.reflect.fusion import (
     n_kept,
     ordinal_ranks,
     partition_sizes,
+    ranks,
     reciprocal_rank_fusion,
     select_and_partition,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "n_kept",
     "ordinal_ranks",
     "partition_sizes",
+    "ranks",
     "reciprocal_rank_fusion",
     "register_scorer",
     "select_and_partition",

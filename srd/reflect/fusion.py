@@ -27,6 +27,22 @@ def ordinal_ranks(scores: Sequence[float], ids: Sequence[str], *, higher_is_easi
     return ranks
 
 
+def ranks(scores: Sequence[float], ids: Sequence[str], *, higher_is_easier: bool, ties: str = "ordinal") -> np.ndarray:
+    """Ranks, 1 = easiest: `ordinal_ranks`, or with ties="average" the mean rank of each group
+    of equal scores (1, 2.5, 2.5, 4 ...; NaN scores tie as the hardest group)."""
+    if ties == "ordinal":
+        return ordinal_ranks(scores, ids, higher_is_easier=higher_is_easier)
+    if ties != "average":
+        raise ValueError(f"ties must be 'ordinal' or 'average', got {ties!r}")
+    from scipy.stats import rankdata
+
+    values = np.asarray(scores, dtype=np.float64)
+    if len(values) != len(ids):
+        raise ValueError(f"{len(values)} scores for {len(ids)} ids")
+    key = -values if higher_is_easier else values
+    return rankdata(np.where(np.isnan(key), np.inf, key), method="average")
+
+
 def reciprocal_rank_fusion(rank_lists: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
     """f_i = sum over rankings of 1 / (k + rank_i); higher = easier."""
     if not rank_lists:

@@ -33,7 +33,7 @@ from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
 from srd.eval.generate import generate_responses
 from srd.models.load import is_seq2seq
-from srd.reflect.fusion import ordinal_ranks, reciprocal_rank_fusion, select_and_partition
+from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
 from srd.train.step import target_features
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
@@ -235,8 +235,11 @@ def build_manifest(
     }
     checks = [get_scorer(s).reference_ok for s in scorers if get_scorer(s).reference_ok is not None]
     ref_ok = [all(check(ex) for check in checks) for ex in examples]
-    ranks = {s: ordinal_ranks(scores[s], ids, higher_is_easier=get_scorer(s).higher_is_easier) for s in scorers}
-    fused = reciprocal_rank_fusion([ranks[s] for s in scorers], k=rrf_k)
+    by_scorer = {
+        s: ranks(scores[s], ids, higher_is_easier=get_scorer(s).higher_is_easier, ties=get_scorer(s).ties)
+        for s in scorers
+    }
+    fused = reciprocal_rank_fusion([by_scorer[s] for s in scorers], k=rrf_k)
     valid = [i for i in range(len(ids)) if ref_ok[i] or not drop_invalid_references]
     sub_ranking, sub_stage = select_and_partition(
         fused[valid], [ids[i] for i in valid], keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed
@@ -252,7 +255,8 @@ def build_manifest(
         {
             "id": ex.id,
             "scores": {s: scores[s][i] for s in scorers},
-            "ranks": {s: int(ranks[s][i]) for s in scorers},
+            # average ranks of tied groups can be halves (x.5)
+            "ranks": {s: int(r) if float(r).is_integer() else float(r) for s in scorers for r in [by_scorer[s][i]]},
             "fused": float(fused[i]),
             "position": int(position[i]),
             "kept": stage[i] is not None,

@@ -47,6 +47,10 @@ class Scorer:
     needs_generation: bool  # whether the student must answer the prompt first
     description: str = ""
     reference_ok: RefCheck | None = None  # does the reference itself pass this scorer's check?
+    # "ordinal": ties broken by id (the reference code's stable sort; right for continuous
+    # scores); "average": tied examples share their mean rank, so a pass/fail scorer adds
+    # nothing between two examples it cannot tell apart (srd.reflect.fusion.ranks)
+    ties: str = "ordinal"
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -60,10 +64,13 @@ def register_scorer(
     needs_generation: bool,
     description: str = "",
     reference_ok: RefCheck | None = None,
+    ties: str = "ordinal",
 ) -> None:
     if name in SCORERS:
         raise ValueError(f"scorer {name!r} is already registered")
-    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok)
+    if ties not in ("ordinal", "average"):
+        raise ValueError(f"ties must be 'ordinal' or 'average', got {ties!r}")
+    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok, ties)
 
 
 def get_scorer(name: str) -> Scorer:
@@ -146,6 +153,7 @@ register_scorer(
     needs_generation=True,
     description="100 if the student's final answer equals the reference's (\\boxed{}, ####, last number), else 0",
     reference_ok=_answer_reference_ok,
+    ties="average",
 )
 register_scorer(
     "tests_pass",
@@ -154,4 +162,5 @@ register_scorer(
     needs_generation=True,
     description="100 x the fraction of the task's asserts the student's code passes (sandboxed)",
     reference_ok=_tests_reference_ok,
+    ties="average",
 )
