@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one short run (about 8 minutes on one H100/H200),
+# Every GPU measurement of the project in one short run (about 10 minutes on one H100/H200),
 # for a machine with no network where only a small working tree travels:
 #
 #   bash benchmarks/gpu.sh --prepare        # here: the SmolLM2 tokenizer + Dolly into .gpu/ (gitignored)
@@ -12,6 +12,8 @@
 #   2. benchmarks/generation.py --preset gpu: decode loop vs `generate`, sampling 256 new tokens
 #   3. srd reflect with the 124M student over the first $REFLECT_ROWS Dolly training prompts
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
+#   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
+#      --loss-only (forward KL, hand-written backward vs autograd)
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU).
 set -u
 cd "$(dirname "$0")/.."
@@ -42,11 +44,13 @@ PY=${PYTHON:-python3}
 if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
     T="random:gpt2-tiny:$TOK" S="random:gpt2-tiny:$TOK"
     TP_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
+    PROF_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
     GEN_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4)
     REFLECT_ROWS=4 GEN_BS=2 NEW=4
 else
     T="random:gpt2-xl:$TOK" S="random:gpt2:$TOK"
     TP_ARGS=(--timeout 80)
+    PROF_ARGS=(--steps 3 --timeout 60 --impls naive srd-keep srd-keep-compile)
     GEN_ARGS=(--limit 512 --batch-sizes 256)
     REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
 fi
@@ -101,4 +105,8 @@ lines = header("Reflection on one GPU, random-init GPT-2 124M student") + [
 ]
 save_record("\n".join(lines) + "\n", record, "gpu", "reflection")
 EOF
+echo "== 4. profile and loss"
+timeout 200 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
+    --record "$OUT/profile.md" || echo "profile: exit $?"
+timeout 60 $PY benchmarks/throughput.py --preset gpu --loss-only --record "$OUT/loss.md" || echo "loss: exit $?"
 echo "== $(date -u) done"
