@@ -56,7 +56,8 @@ def test_loss_only_times_hand_written_and_autograd_forward_kl(tmp_path):
     args = argparse.Namespace(preset="cpu", record=str(record))
     assert _module("throughput").loss_benchmark(args, chunk=16, vocab=50, repeats=1) == 0
     rows = [r.split("|") for r in record.read_text().splitlines() if r.startswith("| 1 |") or r.startswith("| 2 |")]
-    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[5]) < 1e-5 for r in rows)
+    # times round to 0.000 s at this size; the speed-up is a ratio of the unrounded times
+    assert len(rows) == 2 and all(float(r[4].strip().rstrip("x")) > 0 and float(r[5]) < 1e-5 for r in rows)
 
 
 @needs_shared
