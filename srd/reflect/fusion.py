@@ -16,15 +16,20 @@ import numpy as np
 def ordinal_ranks(scores: Sequence[float], ids: Sequence[str], *, higher_is_easier: bool) -> np.ndarray:
     """Ranks 1..N, 1 = easiest. Ties are broken by id (ascending), so the result is
     deterministic; NaN scores rank as the hardest."""
+    key = _easy_first_key(scores, ids, higher_is_easier)
+    order = sorted(range(len(key)), key=lambda i: (key[i], str(ids[i])))
+    ranks = np.empty(len(key), dtype=np.int64)
+    ranks[order] = np.arange(1, len(key) + 1)
+    return ranks
+
+
+def _easy_first_key(scores: Sequence[float], ids: Sequence[str], higher_is_easier: bool) -> np.ndarray:
+    """Sort key, smaller = easier; NaN scores become the hardest (+inf)."""
     values = np.asarray(scores, dtype=np.float64)
     if len(values) != len(ids):
         raise ValueError(f"{len(values)} scores for {len(ids)} ids")
     key = -values if higher_is_easier else values
-    key = np.where(np.isnan(key), np.inf, key)
-    order = sorted(range(len(values)), key=lambda i: (key[i], str(ids[i])))
-    ranks = np.empty(len(values), dtype=np.int64)
-    ranks[order] = np.arange(1, len(values) + 1)
-    return ranks
+    return np.where(np.isnan(key), np.inf, key)
 
 
 def ranks(scores: Sequence[float], ids: Sequence[str], *, higher_is_easier: bool, ties: str = "ordinal") -> np.ndarray:
@@ -36,11 +41,7 @@ def ranks(scores: Sequence[float], ids: Sequence[str], *, higher_is_easier: bool
         raise ValueError(f"ties must be 'ordinal' or 'average', got {ties!r}")
     from scipy.stats import rankdata
 
-    values = np.asarray(scores, dtype=np.float64)
-    if len(values) != len(ids):
-        raise ValueError(f"{len(values)} scores for {len(ids)} ids")
-    key = -values if higher_is_easier else values
-    return rankdata(np.where(np.isnan(key), np.inf, key), method="average")
+    return rankdata(_easy_first_key(scores, ids, higher_is_easier), method="average")
 
 
 def reciprocal_rank_fusion(rank_lists: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
