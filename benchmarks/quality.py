@@ -80,6 +80,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.max_new_tokens": 128,
             "eval.batch_size": 16,
         },
+        # the same SRD run with the teacher's top-64 log-probabilities cached once (issue 6's
+        # quality check of the cache): same reflection answers (copied), same KD baseline
+        "variants": {"": {}, "top64": {"loss.teacher_top_k": 64}},
+        "labels": {"": "dense teacher", "top64": "teacher top-64 cache"},
     },
     "gpu": {
         "seeds": [42],
@@ -118,6 +122,7 @@ PRESETS["gsm8k"] = {
         "": {"reflect.scorers": ["rouge_l", "ce"]},
         "answer": {"reflect.scorers": ["rouge_l", "ce", "answer_match"]},
     },
+    "labels": {"": "rouge_l+ce", "answer": "rouge_l+ce+answer_match"},
     "prepare": (
         f"srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --heal-data samsum xsum "
         f"--out {GSM8K_STUDENT}"
@@ -237,10 +242,10 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         if not (kd and srd):
             lines.append(f"Run `{name}` is not finished (rerun the command to resume it).")
             continue
-        scorers = "+".join(json.loads((run / "reflection" / "summary.json").read_text()).get("scorers", []))
         if not variant:
             rows.append((f"KD ({div}, seed {seed})", kd))
-        label = f"KD+SRD ({div}, seed {seed}" + (f", {scorers})" if "variants" in preset else ")")
+        what = preset.get("labels", {}).get(variant)
+        label = f"KD+SRD ({div}, seed {seed}" + (f", {what})" if what and any(r[3] for r in runs) else ")")
         rows.append((label, srd))
         run_label = label.removeprefix("KD+SRD (").rstrip(")")
         cells = []
@@ -255,9 +260,10 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         t.update(
             {k: v for k, v in json.loads((run / "experiment.json").read_text())["timing"].items() if v is not None}
         )
+        t.setdefault("teacher_cache_s", 0.0)
         if variant:  # the reflection rows were the base run's: count its generation time
             t["reflection_s"] = json.loads((base / "experiment.json").read_text())["timing"]["reflection_s"]
-            t["srd_time_fraction"] = (t["reflection_s"] + t["train_s"]) / t["baseline_train_s"]
+            t["srd_time_fraction"] = (t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]) / t["baseline_train_s"]
         srd_steps = step_seconds(sorted((run / "stages").glob("stage-*")))
         kd_steps = step_seconds([base / "baseline" / "stages" / "baseline"])
         if srd_steps and kd_steps:
@@ -267,9 +273,10 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
                 f"{len(kd_steps)} x {m_kd:.2f} = {len(kd_steps) * m_kd:.0f} | "
                 f"{100 * len(srd_steps) * m_srd / (len(kd_steps) * m_kd):.0f}% |"
             )
+        srd_total = t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]
         times.append(
-            f"| {run_label} | {t['reflection_s']:.0f} | {t['train_s']:.0f} | "
-            f"{t['reflection_s'] + t['train_s']:.0f} | {t['baseline_train_s']:.0f} | "
+            f"| {run_label} | {t['reflection_s']:.0f} | {t['teacher_cache_s']:.0f} | {t['train_s']:.0f} | "
+            f"{srd_total:.0f} | {t['baseline_train_s']:.0f} | "
             f"{100 * t['srd_time_fraction']:.0f}% | {t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
             + ", ".join(f"{m} {s:.0f}" for m, s in t["eval_s"].items())
             + " |"
@@ -302,9 +309,9 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             "",
             "## Wall time (s)",
             "",
-            "| run | reflection | SRD training | SRD total | KD training | SRD total / KD | sample passes SRD / KD "
-            "| evaluation |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | reflection | teacher cache | SRD training | SRD total | KD training | SRD total / KD "
+            "| sample passes SRD / KD | evaluation |",
+            "|---|---|---|---|---|---|---|---|---|",
             *times,
             "",
         ]
@@ -347,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["teacher", "initial"],
         help="reference models evaluated once, in the first run (default: the teacher and the student before KD)",
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        type=lambda v: [x for x in v.split(",") if x],
+        help="comma-separated variant runs to add to the preset's base run (default: all; `none`: the base only)",
+    )
     p.add_argument("--note", action="append", default=[], help="a paragraph for the record's Notes section")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.train_limit=200)")
     args = p.parse_args(argv)
@@ -358,7 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     divergences = args.divergences or preset["divergences"]
     suffix = "-random" if args.random_init else ""
     out = Path(args.out or f"runs/quality-{args.preset}{suffix}")
-    runs = run_names(args.preset + suffix, divergences, seeds, list(preset.get("variants", {})) or None)
+    variants = list(preset.get("variants", {}))
+    if args.variants is not None:
+        unknown = sorted(set(args.variants) - set(variants) - {"none"})
+        if unknown:
+            p.error(f"--variants {' '.join(unknown)}: preset {args.preset} has {[v for v in variants if v] or 'none'}")
+        variants = [v for v in variants if not v or v in args.variants]
+    runs = run_names(args.preset + suffix, divergences, seeds, variants if len(variants) > 1 else None)
     record = Path(
         args.record
         or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}{suffix}-quality.md"

@@ -96,7 +96,11 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         return results
     acc = make_accelerator(cfg.train.precision)
     run_dir = cfg.run_dir
-    timing: dict[str, Any] = {"reflection_s": results["reflection_s"], "train_s": results["train_s"]}
+    timing: dict[str, Any] = {
+        "reflection_s": results["reflection_s"],
+        "train_s": results["train_s"],
+        "teacher_cache_s": results.get("teacher_cache_s", 0.0),
+    }
     models = {"teacher": cfg.model.teacher, "initial": cfg.model.student, "final": results["final_model"]}
     if cfg.compare.baseline:
         bcfg = baseline_config(cfg, results)
@@ -105,7 +109,9 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         if not base["complete"]:
             return {**results, "complete": False}
         timing["baseline_train_s"] = base["train_s"]
-        timing["srd_time_fraction"] = round(results["total_s"] / base["train_s"], 4) if base["train_s"] else None
+        timing["baseline_teacher_cache_s"] = base.get("teacher_cache_s", 0.0)
+        base_total = base.get("total_s", base["train_s"])
+        timing["srd_time_fraction"] = round(results["total_s"] / base_total, 4) if base_total else None
         timing["srd_sample_passes"] = results["sample_passes"]
         timing["baseline_sample_passes"] = base["sample_passes"]
         models["baseline"] = base["final_model"]

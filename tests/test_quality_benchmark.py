@@ -36,6 +36,8 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
         "--record",
         str(record),
         "--no-progress",
+        "--variants",
+        "none",  # the base runs only (the cpu preset's teacher-cache variant: see the dry-run test)
         f"model.teacher={tiny_models['llama-teacher']}",
         f"model.student={tiny_models['llama-student']}",
         f"data.train={train}",
@@ -56,6 +58,7 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     for label in ["| teacher |", "| student before KD |", "KD (fkl, seed 1)", "KD+SRD (fkl, seed 2)", "p = "]:
         assert label in text
     assert not (tmp_path / "runs" / "cpu-fkl-s2" / "references").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-fkl-s1", "cpu-fkl-s2"]
     assert "SRD total / KD" in text and "Run `" not in text  # every run finished
     # the runs used the preset's settings where not overridden
     cfg = (tmp_path / "runs" / "cpu-fkl-s1" / "config.yaml").read_text()
@@ -74,6 +77,21 @@ def test_quality_dry_run_prints_commands(capsys):
     assert quality.main(["--preset", "gpu", "--random-init", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "model.teacher=random:gpt2-xl" in out and "curriculum.epochs_per_stage=8" in out
+
+
+def test_quality_cpu_preset_adds_a_teacher_cache_run(capsys):
+    """The cpu preset's variant trains the same SRD run from the teacher's top-64 cache and is
+    evaluated against the base run's KD baseline; --variants picks which variants run."""
+    quality = _quality_module()
+    assert quality.main(["--preset", "cpu", "--dry-run"]) == 0
+    base, cached = capsys.readouterr().out.strip().splitlines()
+    assert "'name=cpu-fkl-s42'" in base and "teacher_top_k" not in base
+    assert "'name=cpu-fkl-s42-top64'" in cached and "'loss.teacher_top_k=64'" in cached
+    assert "'compare.baseline=false'" in cached and """'eval.models=["final"]'""" in cached
+    assert quality.main(["--preset", "cpu", "--dry-run", "--variants", "none"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    assert quality.main(["--preset", "cpu", "--dry-run", "--variants", "top64"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
 def test_quality_references_choose_the_models_evaluated_once(capsys):

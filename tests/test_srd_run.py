@@ -252,7 +252,7 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     )
     timing = json.loads((run / "experiment.json").read_text())["timing"]
     assert timing["eval_s"] == pytest.approx(eval_seconds, abs=1e-3)
-    assert timing["srd_time_fraction"] == pytest.approx(srd_res["total_s"] / base_res["train_s"], rel=1e-3)
+    assert timing["srd_time_fraction"] == pytest.approx(srd_res["total_s"] / base_res["total_s"], rel=1e-3)
     comparison = (run / "comparison.md").read_text()
     for label in ["| KD |", "| KD+SRD (x) |", "| teacher |", "| student before KD |", "p = "]:
         assert label in comparison

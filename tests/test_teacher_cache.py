@@ -62,3 +62,48 @@ def test_training_from_the_cache_never_runs_the_teacher(tmp_path, tiny_models, s
     assert done["teacher_cache_s"] > 0 and done["steps"] == 20  # 2 epochs x 10 batches of 2
     rows = [json.loads(x) for x in (run / "logs" / "train.jsonl").read_text().splitlines()]
     assert all(r["kd"] > 0 for r in rows)
+
+
+def test_an_interrupted_cache_build_keeps_its_finished_shards(tmp_path, tiny_models, tokenizer, monkeypatch):
+    """Shards are written as they fill; a build that dies keeps them, the next computes only the rest,
+    and the rows are the same as one uninterrupted build's."""
+    from transformers import AutoModelForCausalLM
+
+    import srd.train.step as step
+    from srd.data.tokenize import Encoded
+    from srd.train.teacher_cache import TeacherCache
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["llama-teacher"]).eval()
+    g = torch.Generator().manual_seed(0)
+    enc = []
+    for i in range(10):
+        n_prompt, n_resp = 3 + i % 4, 2 + i % 5
+        toks = torch.randint(5, len(tokenizer), (n_prompt + n_resp,), generator=g).tolist()
+        enc.append(Encoded(id=f"e{i}", input_ids=toks, labels=[-100] * n_prompt + toks[n_prompt:]))
+    meta = {"teacher": "tiny", "top_k": 4, "vocab": len(tokenizer), "tokenisation": []}
+
+    whole = TeacherCache(tmp_path / "whole", meta)
+    assert whole.build(teacher, tokenizer, enc, batch_size=2) == 10
+    assert len({v[0] for v in whole.index.values()}) == 1  # one shard
+
+    real, calls = step.target_features, {"n": 0}
+
+    def dies_on_the_fourth_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(step, "target_features", dies_on_the_fourth_batch)
+    parts = TeacherCache(tmp_path / "parts", meta)
+    with pytest.raises(KeyboardInterrupt):
+        parts.build(teacher, tokenizer, enc, batch_size=2, shard_rows=1)  # a shard per batch
+    kept = json.loads((tmp_path / "parts" / "index.json").read_text())
+    assert sorted(kept) == ["e0", "e1", "e2", "e3", "e4", "e5"]  # the three batches before the failure
+    monkeypatch.setattr(step, "target_features", real)
+    parts = TeacherCache(tmp_path / "parts", meta)  # a new process
+    assert parts.build(teacher, tokenizer, enc, batch_size=2, shard_rows=1) == 4
+    assert len({v[0] for v in parts.index.values()}) == 5
+    ids = [e.id for e in enc]
+    a, b = whole.rows(ids, "cpu"), parts.rows(ids, "cpu")
+    assert torch.equal(a.ids, b.ids) and torch.allclose(a.buckets, b.buckets, atol=1e-5)

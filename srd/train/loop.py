@@ -421,6 +421,7 @@ def train_stage(
             rng_file = latest / "rng_0.pt"
         set_rng_state(torch.load(rng_file, weights_only=False))
         state = saved
+        cache_s += float(saved.get("teacher_cache_s", 0.0))  # built before the interruption
         if acc.is_main_process:
             for name in ("train.jsonl", "eval.jsonl"):
                 _truncate_log(logs / name, state["step"])
@@ -487,6 +488,7 @@ def train_stage(
     device = acc.device
     ratio = float(cfg.on_policy.ratio or 0.0)
     state.setdefault("generation_s", 0.0)
+    state["teacher_cache_s"] = cache_s
     for step in range(start, stop_at):
         t0 = time.perf_counter()
         micro = plan.step_batches(step)

@@ -66,9 +66,20 @@ class TeacherCache:
 
     @torch.no_grad()
     def build(
-        self, teacher: Any, tokenizer: Any, encoded: Sequence[Encoded], *, batch_size: int, chunk: int = 1024
+        self,
+        teacher: Any,
+        tokenizer: Any,
+        encoded: Sequence[Encoded],
+        *,
+        batch_size: int,
+        chunk: int = 1024,
+        shard_rows: int = 1 << 18,
     ) -> int:
-        """Compute and store the rows of every example in `encoded` not cached yet; returns how many."""
+        """Compute and store the rows of every example in `encoded` not cached yet; returns how many.
+
+        A shard (and the index naming its examples) is written whenever `shard_rows` target
+        positions have accumulated, so an interrupted build keeps what it finished and the next
+        call computes only the rest."""
         from srd.train.step import target_features
 
         todo = [e for e in encoded if e.id not in self.index]
@@ -77,8 +88,8 @@ class TeacherCache:
         k = int(self.meta["top_k"])
         vocab = int(self.meta["vocab"])
         device = next(teacher.parameters()).device
-        shard = 1 + max((v[0] for v in self.index.values()), default=-1)
-        all_ids, all_buckets, new_index, row = [], [], {}, 0
+        pending: tuple[list[np.ndarray], list[np.ndarray], dict[str, list[int]]] = ([], [], {})
+        rows = 0
         for start in range(0, len(todo), batch_size):
             part = todo[start : start + batch_size]
             batch = {kk: v.to(device) for kk, v in collate(part, pad_id(tokenizer)).items()}
@@ -87,20 +98,28 @@ class TeacherCache:
             )
             for c in range(0, feats.shape[0], chunk):
                 ids, buckets = sparse_buckets(head(feats[c : c + chunk]).float()[..., :vocab], k)
-                all_ids.append(ids.to(torch.int32).cpu().numpy())
-                all_buckets.append(buckets.cpu().numpy())
+                pending[0].append(ids.to(torch.int32).cpu().numpy())
+                pending[1].append(buckets.cpu().numpy())
             for e, n in zip(part, mask.sum(1).tolist()):
-                new_index[e.id] = [shard, row, int(n)]
-                row += int(n)
-        ids_arr = np.concatenate(all_ids) if all_ids else np.zeros((0, k), np.int32)
-        buckets_arr = np.concatenate(all_buckets) if all_buckets else np.zeros((0, k + 1), np.float32)
-        for name, arr in (("ids", ids_arr), ("buckets", buckets_arr)):
-            tmp = self.folder / f".shard-{shard:05d}.{name}.npy"
-            np.save(tmp, arr)
-            tmp.replace(self.folder / f"shard-{shard:05d}.{name}.npy")
-        atomic_write_json(self.folder / "index.json", {**self.index, **new_index})
-        self._load_index()
+                pending[2][e.id] = [rows, int(n)]
+                rows += int(n)
+            if rows >= shard_rows:
+                self._write_shard(*pending)
+                pending, rows = ([], [], {}), 0
+        if pending[2]:
+            self._write_shard(*pending)
         return len(todo)
+
+    def _write_shard(self, ids: list[np.ndarray], buckets: list[np.ndarray], where: dict[str, list[int]]) -> None:
+        """Write one shard (arrays first, then the index that points into them: atomic)."""
+        shard = 1 + max((v[0] for v in self.index.values()), default=-1)
+        for name, parts in (("ids", ids), ("buckets", buckets)):
+            tmp = self.folder / f".shard-{shard:05d}.{name}.npy"
+            np.save(tmp, np.concatenate(parts))
+            tmp.replace(self.folder / f"shard-{shard:05d}.{name}.npy")
+        added = {i: [shard, row, n] for i, (row, n) in where.items()}
+        atomic_write_json(self.folder / "index.json", {**self.index, **added})
+        self._load_index()
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
