@@ -94,7 +94,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
         return results
-    acc = make_accelerator(cfg.train.precision)
+    acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = cfg.run_dir
     timing: dict[str, Any] = {
         "reflection_s": results["reflection_s"],

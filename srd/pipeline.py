@@ -34,7 +34,7 @@ def _needs_teacher(cfg: RunConfig) -> bool:
 
 
 def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
-    acc = make_accelerator(cfg.train.precision)
+    acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
     student, teacher, tokenizer = load_models(cfg, need_teacher=need_teacher)

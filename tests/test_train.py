@@ -206,6 +206,52 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_
     assert main(args(tmp_path / "mixed2", "train.grad_accum=2")) == 2
 
 
+def test_deepspeed_zero2_two_processes_train_like_one_and_resume(tmp_path, tiny_models, tiny_data):
+    """train.sharding=zero2 in 2 CPU processes (DeepSpeed ZeRO-2 over gloo: optimizer state and
+    gradients partitioned) trains like 1 plain process with the same micro-batches per step; its
+    checkpoint (one optimizer partition per process) resumes exactly on 2 processes, and a
+    1-process run refuses it with the fix in the message."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from srd.cli import main
+    from tests.conftest import run_cli_in_processes
+
+    def args(out, *extra):
+        return _four_steps(tiny_models, tiny_data, out, "dev_eval.num_examples=0", *extra)
+
+    def weights(out):
+        return load_file(out / "x" / "final" / "model.safetensors")
+
+    def log(out):
+        return [json.loads(r) for r in (out / "x" / "logs" / "train.jsonl").read_text().splitlines()]
+
+    zero = ("train.sharding=zero2", "train.grad_accum=1")
+    proc = run_cli_in_processes(args(tmp_path / "zero", *zero), port=29541, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DeepSpeed" in proc.stdout + proc.stderr  # the engine did train
+    assert main(args(tmp_path / "one", "train.grad_accum=2")) == 0
+    z, o = log(tmp_path / "zero"), log(tmp_path / "one")
+    assert [r["loss"] for r in z] == pytest.approx([r["loss"] for r in o], rel=1e-5)
+    assert [r["grad_norm"] for r in z] == pytest.approx([r["grad_norm"] for r in o], rel=1e-4)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "zero")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    ckpt = sorted((tmp_path / "zero" / "x" / "checkpoints").iterdir())[-1]
+    assert sorted(f.name for f in ckpt.glob("optimizer*")) == ["optimizer.zero2.rank0.pt", "optimizer.zero2.rank1.pt"]
+    # pause at step 2, resume on 2 processes: the same weights as the uninterrupted run
+    paused = args(tmp_path / "paused", *zero, "train.stop_after_steps=2")
+    proc = run_cli_in_processes(paused, port=29542, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "paused", "train.grad_accum=2")) == 2  # 1 plain process: refused
+    proc = run_cli_in_processes(args(tmp_path / "paused", *zero), port=29543, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = weights(tmp_path / "paused")
+    assert all(torch.allclose(b[k], c[k], atol=1e-6, rtol=1e-5) for k in b)
+
+
 def test_fsdp_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_models, tiny_data):
     """train.sharding=fsdp in 2 CPU processes (FSDP2 over gloo) trains like 1 unsharded
     process; its dev generation runs on gathered weights; its checkpoints (stored unsharded)
@@ -259,14 +305,14 @@ def test_fsdp_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, 
 
 
 def test_sharding_choice_and_refusals(tiny_models):
-    """FSDP only with several processes; DeepSpeed and FSDP + LoRA are refused with advice."""
+    """FSDP only with several processes; DeepSpeed ZeRO-1/2 taken, ZeRO-3 and FSDP + LoRA refused with advice."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from srd.config import ConfigError, load_config
     from srd.train import sharding
-    from srd.train.loop import use_sharding
+    from srd.train.loop import use_deepspeed, use_sharding
 
     def acc(kind, n):
         return SimpleNamespace(distributed_type=kind, num_processes=n)
@@ -276,8 +322,14 @@ def test_sharding_choice_and_refusals(tiny_models):
     assert not use_sharding(fsdp, acc(DistributedType.NO, 1))
     assert not use_sharding(plain, acc(DistributedType.MULTI_GPU, 4))
     assert use_sharding(plain, acc(DistributedType.FSDP, 4))  # an accelerate FSDP config
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
-        use_sharding(plain, acc(DistributedType.DEEPSPEED, 4))
+    assert not use_sharding(plain, acc(DistributedType.DEEPSPEED, 4))
+    ds = SimpleNamespace(**vars(acc(DistributedType.DEEPSPEED, 4)))
+    ds.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    assert use_deepspeed(plain, ds)
+    ds.state.deepspeed_plugin.zero_stage = 3
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported.*fsdp"):
+        use_deepspeed(plain, ds)
+    assert not use_deepspeed(load_config(None, ["train.sharding=zero2"]), acc(DistributedType.NO, 1))
     from srd.models import load_model
     from srd.train.recipe import add_lora
     from srd.train.step import DistillModule

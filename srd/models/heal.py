@@ -109,7 +109,7 @@ def heal_student(
         data_dir=data_dir,
         seed=seed,
     )
-    acc = make_accelerator(cfg.train.precision)
+    acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg)
     student, teacher_model, tokenizer = load_models(cfg, need_teacher=True)
     train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)

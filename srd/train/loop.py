@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from srd.config import RunConfig
+from srd.config import ConfigError, RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
@@ -49,7 +50,10 @@ from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everythin
 log = logging.getLogger(__name__)
 
 
-def make_accelerator(precision: str = "auto") -> Any:
+def make_accelerator(precision: str = "auto", sharding: str = "none") -> Any:
+    """The run's accelerate Accelerator. `sharding` zero1 / zero2 under a multi-process launcher
+    (torchrun) sets up DeepSpeed itself; `accelerate launch` with a DeepSpeed config does that
+    through its environment."""
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
@@ -63,7 +67,51 @@ def make_accelerator(precision: str = "auto") -> Any:
         mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = "bf16" if precision == "bf16" else "no"
+    if sharding in ZERO_STAGES and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _deepspeed_accelerator(ZERO_STAGES[sharding], mixed, cuda)
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2}
+
+
+def _deepspeed_accelerator(stage: int, mixed: str, cuda: bool) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, is_deepspeed_available
+
+    if not is_deepspeed_available():
+        raise ConfigError(
+            f"train.sharding=zero{stage} needs DeepSpeed: pip install deepspeed (or use train.sharding=fsdp)"
+        )
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch` sets for a DeepSpeed config
+    # batch size, accumulation and clipping are filled in per stage from train.* (_deepspeed_config)
+    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=1)
+    backend = "nccl" if cuda else "gloo"
+    return Accelerator(
+        mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)]
+    )
+
+
+def use_deepspeed(cfg: RunConfig, acc: Any) -> bool:
+    """Whether this stage trains through a DeepSpeed engine (ZeRO stage 1 or 2): an accelerate
+    DeepSpeed config, or train.sharding=zero1/zero2 under torchrun. ZeRO-3 is refused: it
+    partitions the weights themselves, which srd does with FSDP (train.sharding=fsdp)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        if cfg.train.sharding in ZERO_STAGES and acc.num_processes == 1:
+            log.warning(
+                "train.sharding=%s on a single process: nothing to partition, training unsharded", cfg.train.sharding
+            )
+        return False
+    stage = int(acc.state.deepspeed_plugin.zero_stage)
+    if stage not in (1, 2):
+        raise ConfigError(
+            f"DeepSpeed ZeRO stage {stage} is not supported: use ZeRO-1/2 (configs/accelerate/deepspeed-zero2.yaml, "
+            "or train.sharding=zero2 with torchrun), or FSDP to partition the weights themselves "
+            "(configs/accelerate/fsdp.yaml, or train.sharding=fsdp with torchrun)"
+        )
+    return True
 
 
 def use_sharding(cfg: RunConfig, acc: Any) -> bool:
@@ -71,17 +119,50 @@ def use_sharding(cfg: RunConfig, acc: Any) -> bool:
     config with distributed_type FSDP) on more than one process."""
     from accelerate.utils import DistributedType
 
-    from srd.config import ConfigError
-
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            "DeepSpeed is not supported: launch with DDP (configs/accelerate/ddp.yaml) or shard the student with "
-            "FSDP (configs/accelerate/fsdp.yaml, or train.sharding=fsdp with torchrun)"
-        )
     wanted = cfg.train.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
     if wanted and acc.num_processes == 1:
         log.warning("train.sharding=fsdp on a single process: nothing to shard, training unsharded")
     return wanted and acc.num_processes > 1
+
+
+def _deepspeed_config(acc: Any, tcfg: Any) -> None:
+    """Fill the DeepSpeed config from train.*: srd's optimizer, lr schedule, batch, accumulation
+    and clipping are the run's; the config file contributes the ZeRO stage and precision."""
+    c = acc.state.deepspeed_plugin.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in c:
+            raise ConfigError(
+                f"the DeepSpeed config has an {key!r} section: srd builds the optimizer and lr schedule from train.*; "
+                "remove it"
+            )
+    offload = c.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None):
+        raise ConfigError(
+            f"DeepSpeed optimizer offload ({offload}) is not supported: set offload_optimizer_device: none"
+        )
+    c["train_micro_batch_size_per_gpu"] = tcfg.batch_size
+    c["gradient_accumulation_steps"] = tcfg.grad_accum
+    c["train_batch_size"] = tcfg.batch_size * tcfg.grad_accum * acc.num_processes
+    c["gradient_clipping"] = float(tcfg.grad_clip or 0.0)
+
+
+def _zero_layout(acc: Any) -> dict[str, int]:
+    return {"stage": int(acc.state.deepspeed_plugin.zero_stage), "processes": int(acc.num_processes)}
+
+
+def _zero_files(folder: Path, zero: dict[str, int]) -> list[Path]:
+    return [folder / f"optimizer.zero{zero['stage']}.rank{r}.pt" for r in range(zero["processes"])]
+
+
+def _zero_mismatch(latest: Path, saved: dict[str, int] | None, now: dict[str, int] | None) -> str:
+    def name(z: dict[str, int] | None) -> str:
+        return "without DeepSpeed" if z is None else f"with DeepSpeed ZeRO-{z['stage']} on {z['processes']} processes"
+
+    return (
+        f"{latest} was written {name(saved)} but this run is {name(now)}. ZeRO partitions the optimizer state, so "
+        f"resume it {name(saved)}; or start the stage afresh from weights (delete {latest.parent} to retrain it, "
+        "or use a finished stage's final/ folder as model.student)"
+    )
 
 
 @dataclass
@@ -318,7 +399,7 @@ def train_stage(
     done = out_dir / "done.json"
     if done.exists():
         return json.loads(done.read_text())
-    acc = accelerator or make_accelerator(cfg.train.precision)
+    acc = accelerator or make_accelerator(cfg.train.precision, cfg.train.sharding)
     tcfg, lcfg = cfg.train, cfg.loss
     tau = lcfg.tau if tau is None else tau
     alpha = lcfg.alpha if alpha is None else alpha
@@ -330,8 +411,6 @@ def train_stage(
     fmt = cfg.data.prompt_format
     s2s = is_seq2seq(student)
     if s2s and (cfg.on_policy.ratio or 0) > 0:
-        from srd.config import ConfigError
-
         raise ConfigError("on-policy sampling (on_policy.ratio > 0) supports decoder-only students only")
     enc = encode_examples(
         tokenizer,
@@ -372,6 +451,7 @@ def train_stage(
     )
     module.train()
     sharded = use_sharding(cfg, acc)
+    deepspeed = use_deepspeed(cfg, acc)
     if sharded:  # FSDP: a sharded copy trains; `student` gets its weights back at the end
         module.student = copy.deepcopy(student).to(acc.device)
         sharding.shard_student(module)
@@ -381,7 +461,9 @@ def train_stage(
             compile_blocks(teacher)
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
     scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
-    if not sharded:
+    if deepspeed:
+        _deepspeed_config(acc, tcfg)
+    if not sharded:  # DeepSpeed: `module` becomes its engine (ZeRO partitions the optimizer state)
         module, optimizer = acc.prepare(module, optimizer)
     if teacher is not None and alpha < 1.0:
         auto = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
@@ -398,8 +480,6 @@ def train_stage(
     if latest is not None:
         saved = ckpt.read_state(latest)
         if saved.get("micro_per_step", micro_per_step) != micro_per_step:
-            from srd.config import ConfigError
-
             raise ConfigError(
                 f"{latest} was written with {saved['micro_per_step']} micro-batches per step (processes x "
                 f"train.grad_accum) but this run has {acc.num_processes} x {tcfg.grad_accum}; resume with the same "
@@ -407,11 +487,19 @@ def train_stage(
                 f"{acc.num_processes} process(es)) so the remaining steps see the same batches"
             )
         where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
-        saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
-        if sharded:
+        zero = _zero_layout(acc) if deepspeed else None
+        if saved.get("zero") != zero:
+            raise ConfigError(_zero_mismatch(latest, saved.get("zero"), zero))
+        if deepspeed:  # every process reads every partition's file (ZeRO picks its own)
+            ckpt.load_weights(acc.unwrap_model(module).student, latest)
+            parts = [torch.load(f, map_location=where, weights_only=False) for f in _zero_files(latest, zero)]
+            optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+        elif sharded:
+            saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
             sharding.load_full_state_dict(module, ckpt.read_weights(latest))
             sharding.load_full_optimizer_state(module, optimizer, saved_opt)
         else:
+            saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
             ckpt.load_weights(acc.unwrap_model(module).student, latest)
             optimizer.load_state_dict(saved_opt)
         scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
@@ -439,12 +527,18 @@ def train_stage(
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         weights = sharding.full_state_dict(module) if sharded else None  # collective
-        opt_state = sharding.full_optimizer_state(module, optimizer) if sharded else optimizer.state_dict()
+        zero = _zero_layout(acc) if deepspeed else None
+        if deepspeed:  # each process writes its own partition of the optimizer state
+            torch.save(optimizer.optimizer.state_dict(), _zero_files(tmp, zero)[acc.process_index])
+            acc.wait_for_everyone()
+        opt_state = sharding.full_optimizer_state(module, optimizer) if sharded else None
         if acc.is_main_process:
             acc.unwrap_model(module).student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            torch.save(opt_state, tmp / "optimizer.pt")
+            if not deepspeed:
+                torch.save(opt_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            ckpt.finish_checkpoint(ckpt_root, step, {**state, "step": step, "micro_per_step": micro_per_step})
+            meta = {**state, "step": step, "micro_per_step": micro_per_step}
+            ckpt.finish_checkpoint(ckpt_root, step, {**meta, "zero": zero} if zero else meta)
             ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
         acc.wait_for_everyone()
 
@@ -527,22 +621,31 @@ def train_stage(
             batch = {k: v.to(device) for k, v in collate(encs, pad_id(tokenizer)).items()}
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
-            ctx = acc.no_sync(module) if not (sync or sharded) else contextlib.nullcontext()
+            ctx = acc.no_sync(module) if not (sync or sharded or deepspeed) else contextlib.nullcontext()
             cached = cache.rows([e.id for e in encs], device) if cache is not None and not on_policy else None
+            if deepspeed:  # the step's last micro-batch reduces the gradients and steps (clipping included)
+                module.set_gradient_accumulation_boundary(sync)
             with ctx:
                 loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator, on_policy, cached)
-                acc.backward(loss)
+                if deepspeed:
+                    module.backward(loss, scale_wrt_gas=False)  # the loss is already divided by the step's tokens
+                    module.step()
+                else:
+                    acc.backward(loss)
             ce_sum += sums.ce.item()
             kd_sum += sums.kd.item()
         grad_norm = None
-        if tcfg.grad_clip:
-            clip = torch.nn.utils.clip_grad_norm_ if sharded else acc.clip_grad_norm_
-            grad_norm = clip(module.parameters(), tcfg.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if deepspeed:  # the engine stepped, clipped and zeroed above
+            grad_norm = module.get_global_grad_norm() if tcfg.grad_clip else None
+        else:
+            if tcfg.grad_clip:
+                clip = torch.nn.utils.clip_grad_norm_ if sharded else acc.clip_grad_norm_
+                grad_norm = clip(module.parameters(), tcfg.grad_clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         totals = acc.reduce(torch.tensor([ce_sum, kd_sum, float(n_tokens)], device=device), reduction="sum")
         ce_sum, kd_sum, n_tokens = totals.tolist()
         dt = time.perf_counter() - t0

@@ -135,7 +135,7 @@ def merge_adapter(model: Any, adapter: str) -> Any:
 
 
 def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    acc = make_accelerator(cfg.train.precision)
+    acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
     student, teacher, tokenizer = load_models(cfg)
