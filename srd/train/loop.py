@@ -67,25 +67,28 @@ def make_accelerator(precision: str = "auto", sharding: str = "none") -> Any:
         mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = "bf16" if precision == "bf16" else "no"
-    if sharding in ZERO_STAGES and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _deepspeed_accelerator(ZERO_STAGES[sharding], mixed, cuda)
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # accelerate launch + DS config
+    if (sharding in ZERO_STAGES or launched) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _deepspeed_accelerator(ZERO_STAGES.get(sharding), mixed, cuda)
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
 
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2}
 
 
-def _deepspeed_accelerator(stage: int, mixed: str, cuda: bool) -> Any:
+def _deepspeed_accelerator(stage: int | None, mixed: str, cuda: bool) -> Any:
+    """An Accelerator with a DeepSpeed plugin: ZeRO `stage` (train.sharding), or the one
+    `accelerate launch` put in the environment (stage None). On CPUs too (gloo), which
+    accelerate's cpu=True would silently turn into plain DDP."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, is_deepspeed_available
 
     if not is_deepspeed_available():
-        raise ConfigError(
-            f"train.sharding=zero{stage} needs DeepSpeed: pip install deepspeed (or use train.sharding=fsdp)"
-        )
+        what = f"train.sharding=zero{stage}" if stage else "an accelerate DeepSpeed config"
+        raise ConfigError(f"{what} needs DeepSpeed: pip install deepspeed (or shard with FSDP: train.sharding=fsdp)")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch` sets for a DeepSpeed config
     # batch size, accumulation and clipping are filled in per stage from train.* (_deepspeed_config)
-    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=1)
+    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=1) if stage else None
     backend = "nccl" if cuda else "gloo"
     return Accelerator(
         mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)]
@@ -713,4 +716,6 @@ def train_stage(
     acc.wait_for_everyone()
     if sharded:  # the caller's student continues from the trained weights, as under DDP
         ckpt.load_weights(student, out_dir / "final" if summary["complete"] else ckpt.latest_checkpoint(ckpt_root))
+    if deepspeed:  # drop the engine: its gradient hooks on the student's parameters and its optimizer partitions
+        acc.free_memory()
     return summary
