@@ -21,13 +21,14 @@ def _module(name: str):
 def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
     record = tmp_path / "throughput.md"
     args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
-    args += ["--impls", "naive", "srd", "srd-keep", "trl"]  # srd-compile: minutes of compiling on a CPU
+    args += ["--impls", "naive", "srd", "srd-keep", "srd-keep-cache", "trl"]  # -compile: minutes on a CPU
     args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
     assert _module("throughput").main(args) == 0
     text = record.read_text()
     assert "| naive |" in text and "| srd |" in text and "| trl |" in text and "1.00x" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert all(float(rows[impl].split("|")[3]) > 0 for impl in ("naive", "srd", "srd-keep", "trl"))
+    assert all(float(rows[impl].split("|")[3]) > 0 for impl in ("naive", "srd", "srd-keep", "srd-keep-cache", "trl"))
+    assert "Teacher top-64 cache of the batch, built once" in text and "srd-keep-cache" in text
 
 
 _PHASES = ("teacher forward", "student forward + loss", "backward", "optimizer")
