@@ -8,8 +8,10 @@
 # Models are random-init of the paper's shapes (GPT-2 1.5B teacher, GPT-2 124M student) with
 # the SmolLM2 tokenizer (vocabulary 49,152), so no weights travel. What it runs, each step with
 # its own time limit so that one failure or overrun cannot cost the others:
-#   1. benchmarks/throughput.py --preset gpu: KD step, 16 x 512, bf16 (hand-written, srd, compiled, TRL)
-#   2. benchmarks/generation.py --preset gpu: decode loop vs `generate`, sampling 256 new tokens
+#   1. benchmarks/throughput.py --preset gpu: KD step, 16 x 512, bf16 (hand-written, srd, compiled,
+#      teacher-cached, TRL)
+#   2. benchmarks/generation.py --preset gpu: decode loop and static-cache `generate` (compiled,
+#      CUDA graphs) vs plain `generate`, sampling 256 new tokens
 #   3. srd reflect with the 124M student over the first $REFLECT_ROWS Dolly training prompts
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
 #   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
@@ -43,15 +45,15 @@ TOK=${SRD_GPU_TOKENIZER:-.gpu/tok}
 PY=${PYTHON:-python3}
 if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
     T="random:gpt2-tiny:$TOK" S="random:gpt2-tiny:$TOK"
-    TP_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
+    TP_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep srd-keep-cache)
     PROF_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
-    GEN_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4)
+    GEN_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4 --backends hf loop static)
     REFLECT_ROWS=4 GEN_BS=2 NEW=4
 else
     T="random:gpt2-xl:$TOK" S="random:gpt2:$TOK"
-    TP_ARGS=(--timeout 80)
+    TP_ARGS=(--timeout 80 --impls naive srd srd-keep srd-compile srd-keep-cache trl)
     PROF_ARGS=(--steps 3 --timeout 60 --impls naive srd-keep srd-keep-compile)
-    GEN_ARGS=(--limit 512 --batch-sizes 256)
+    GEN_ARGS=(--limit 512 --batch-sizes 256 --backends hf loop static)
     REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
 fi
 exec > >(tee -a "$OUT/gpu.log") 2>&1
@@ -60,11 +62,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 
 echo "== 1. throughput"
-timeout 270 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
+timeout 300 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
     --record "$OUT/throughput.md" || echo "throughput: exit $?"
 
 echo "== 2. generation"
-timeout 100 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
+timeout 160 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
     --record "$OUT/generation.md" || echo "generation: exit $?"
 
 echo "== 3. reflection over $REFLECT_ROWS Dolly prompts"

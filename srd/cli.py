@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=None, help="override each benchmark's token budget")
     ev.add_argument("--prompt-format", choices=["alpaca", "chat"], default="alpaca", help="prompt template")
     ev.add_argument("--no-repeat-ngram-size", type=int, default=0, help="(default 0: off, as the paper's eval)")
+    ev.add_argument(
+        "--backend",
+        choices=["loop", "hf", "static"],
+        default="loop",
+        help="decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.eval.generate)",
+    )
     ev.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -311,6 +317,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
+        backend=args.backend,
         accelerator=acc,
         progress=not args.no_progress,
     )

@@ -168,6 +168,10 @@ class GenerationConfig:
     batch_size: int = 16
     # Alpaca-prompted instruct models go on to write a new "### Instruction:"; cut there.
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
+    # decoding implementation for reflection and evaluation (srd.eval.generate): loop (finished
+    # rows leave the batch; the default), hf (plain generate), static (generate with one static
+    # KV cache shape, compiled with CUDA graphs by transformers on a GPU)
+    backend: Literal["loop", "hf", "static"] = "loop"
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")

@@ -78,6 +78,7 @@ def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress:
         batch_size=e.batch_size,
         max_new_tokens=e.max_new_tokens,
         no_repeat_ngram_size=e.no_repeat_ngram_size,
+        backend=cfg.generation.backend,
         accelerator=acc,
         progress=progress,
     )

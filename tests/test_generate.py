@@ -30,6 +30,9 @@ def test_greedy_loop_equals_hf_generate(tokenizer, maker, no_repeat):
     hf = generate_responses(model, tokenizer, prompts, backend="hf", **kwargs)
     assert loop == hf
     assert any(loop)  # something was generated
+    # the static-cache path: one cache size, the last batch (2 prompts) filled to 3 and cut back
+    static = generate_responses(model, tokenizer, prompts, backend="static", **kwargs)
+    assert static == loop
 
 
 def test_finished_rows_leave_the_batch(tokenizer):

@@ -142,6 +142,18 @@ def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data
     ]
 
 
+def test_reflection_with_the_static_cache_backend_gives_the_same_manifest(tmp_path, tiny_models, srd_data):
+    """generation.backend=static (one KV-cache shape, compiled on a GPU) decodes what the loop does."""
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "loop", "generation.batch_size=4")) == 0
+    static = _args("reflect", tiny_models, srd_data, tmp_path / "static", "generation.batch_size=4")
+    assert main([*static, "generation.backend=static"]) == 0
+    a, b = _manifest(tmp_path / "loop" / "x"), _manifest(tmp_path / "static" / "x")
+    assert [(r["id"], r["stage"], r["student_output"]) for r in a] == [
+        (r["id"], r["stage"], r["student_output"]) for r in b
+    ]
+    assert any(r["student_output"] for r in a)
+
+
 def test_changed_data_is_detected(tmp_path, tiny_models, srd_data, capsys):
     assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
     rows = srd_data["train"].read_text().splitlines()

@@ -74,6 +74,7 @@ def _run_one(
     accelerator: Any,
     progress: bool,
     partial: Path | None = None,
+    backend: str = "loop",
 ) -> tuple[list[str], float]:
     """Predictions for every example (sharded over processes) and the wall time.
 
@@ -91,6 +92,8 @@ def _run_one(
         max_new_tokens=max_new_tokens or bench.max_new_tokens,
         no_repeat_ngram_size=no_repeat_ngram_size,
         stop_strings=bench.stop_strings,
+        backend=backend,
+        static_cache_len=max_prompt_len + (max_new_tokens or bench.max_new_tokens),
     )
     desc = f"{bench.name} {'greedy' if seed is None else seed}"
     spent = 0.0
@@ -158,6 +161,7 @@ def evaluate(
     no_repeat_ngram_size: int = 0,
     accelerator: Any,
     progress: bool = True,
+    backend: str = "loop",
 ) -> dict[str, Any]:
     """Evaluate on every benchmark; `seeds=None` forces greedy decoding everywhere."""
     out_dir = Path(out_dir)
@@ -197,6 +201,7 @@ def evaluate(
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 no_repeat_ngram_size=no_repeat_ngram_size,
+                backend=backend,
                 accelerator=accelerator,
                 progress=progress,
                 partial=rows_path,

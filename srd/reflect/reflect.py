@@ -172,8 +172,9 @@ def _reflect_rows(
     g, r = cfg.generation, cfg.reflect
     fmt, mp, ml = cfg.data.prompt_format, cfg.data.max_prompt_len, cfg.data.max_len
     bar = tqdm(total=len(todo), desc="reflection", unit="ex", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), CHUNK):
-        chunk = list(todo[start : start + CHUNK])
+    step = max(CHUNK, g.batch_size)  # a chunk never holds fewer prompts than one generation batch
+    for start in range(0, len(todo), step):
+        chunk = list(todo[start : start + step])
         outputs = [""] * len(chunk)
         if generate:
             prompts = [encode_prompt(tokenizer, ex, fmt, mp) for ex in chunk]
@@ -190,6 +191,8 @@ def _reflect_rows(
                 no_repeat_ngram_size=g.no_repeat_ngram_size,
                 stop_strings=g.stop_strings,
                 seed=cfg.seed + start if g.do_sample else None,
+                backend=g.backend,
+                static_cache_len=mp + g.max_new_tokens,
             )
         s2s = is_seq2seq(student)
         enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in chunk]
