@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="number of prompts (default: the preset's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static"])
+    p.add_argument("--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static", "vllm"])
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
     args = p.parse_args(argv)
 

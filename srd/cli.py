@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-repeat-ngram-size", type=int, default=0, help="(default 0: off, as the paper's eval)")
     ev.add_argument(
         "--backend",
-        choices=["loop", "hf", "static"],
+        choices=["loop", "hf", "static", "vllm"],
         default="loop",
         help="decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.eval.generate)",
     )

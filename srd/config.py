@@ -170,8 +170,9 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
     # decoding implementation for reflection and evaluation (srd.eval.generate): loop (finished
     # rows leave the batch; the default), hf (plain generate), static (generate with one static
-    # KV cache shape, compiled with CUDA graphs by transformers on a GPU)
-    backend: Literal["loop", "hf", "static"] = "loop"
+    # KV cache shape, compiled with CUDA graphs by transformers on a GPU), vllm (vLLM's engine;
+    # `pip install vllm` on a GPU machine; no no-repeat n-grams)
+    backend: Literal["loop", "hf", "static", "vllm"] = "loop"
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")

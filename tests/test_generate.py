@@ -67,3 +67,86 @@ def test_sampling_is_seeded(tokenizer):
     b = generate_responses(model, tokenizer, prompts, seed=10, **kw)
     c = generate_responses(model, tokenizer, prompts, seed=20, **kw)
     assert a == b and a != c
+
+
+class _FakeVLLM:
+    """Stands in for the `vllm` package: an engine that loads the saved folder with transformers
+    and decodes greedily with srd's loop, recording what it was given."""
+
+    def __init__(self):
+        import types
+
+        self.engines, self.calls = [], []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                self.kw = kw
+
+        class LLM:
+            def __init__(self, model, tokenizer, **kw):
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                fake.engines.append({"model": model, **kw})
+                self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+                self.tok = AutoTokenizer.from_pretrained(tokenizer)
+
+            def generate(self, requests, params, use_tqdm=False):
+                fake.calls.append([p.kw for p in params])
+                out = []
+                for r, p in zip(requests, params):
+                    text = generate_responses(
+                        self.model, self.tok, [r["prompt_token_ids"]], max_new_tokens=p.kw["max_tokens"]
+                    )[0]
+                    out.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text + " ### more")]))
+                return out
+
+        self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams)
+
+
+def test_vllm_backend_maps_settings_and_reuses_its_engine(tokenizer, tmp_path, monkeypatch):
+    """generation.backend=vllm: prompts go in as token ids in order, greedy/sampling settings map
+    onto SamplingParams, answers are cut at the stop strings, one engine serves calls while the
+    weights are unchanged and a new one starts when they change; no-repeat n-grams are refused,
+    and a missing vLLM names the fix. (vLLM needs CUDA: a stand-in engine here.)"""
+    import sys
+
+    from srd.eval import vllm_backend
+
+    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    prompts = _prompts(tokenizer)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    with pytest.raises(vllm_backend.VLLMUnavailable, match="pip install vllm"):
+        generate_responses(model, tokenizer, prompts, max_new_tokens=8, backend="vllm")
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    kw = dict(max_new_tokens=8, stop_strings=["###"])
+    loop = generate_responses(model, tokenizer, prompts, backend="loop", **kw)
+    assert generate_responses(model, tokenizer, prompts, backend="vllm", **kw) == loop
+    assert fake.calls[-1][0] == {
+        "n": 1,
+        "temperature": 0.0,
+        "top_k": -1,
+        "top_p": 1.0,
+        "max_tokens": 8,
+        "stop": ["###"],
+        "seed": None,
+        "skip_special_tokens": True,
+    }
+    sampled = generate_responses(
+        model, tokenizer, prompts, backend="vllm", do_sample=True, top_k=5, top_p=0.9, temperature=0.7, seed=3, **kw
+    )
+    assert len(sampled) == len(prompts) and all("###" not in s for s in sampled)
+    assert [(p["temperature"], p["top_k"], p["top_p"], p["seed"]) for p in fake.calls[-1]] == [
+        (0.7, 5, 0.9, 3 + i) for i in range(len(prompts))
+    ]
+    assert len(fake.engines) == 1 and fake.engines[0]["dtype"] == "float32"  # reused while the weights hold
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    generate_responses(model, tokenizer, prompts[:1], backend="vllm", **kw)
+    assert len(fake.engines) == 2  # new weights: a new engine on a new saved copy
+    with pytest.raises(vllm_backend.VLLMUnavailable, match="no_repeat_ngram_size"):
+        generate_responses(model, tokenizer, prompts, backend="vllm", no_repeat_ngram_size=3, **kw)
+    folder = vllm_backend._ENGINES[model][2].name
+    vllm_backend.release(model)
+    assert model not in vllm_backend._ENGINES and not __import__("os").path.exists(folder)

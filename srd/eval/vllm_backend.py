@@ -1,0 +1,128 @@
+"""Generation through vLLM (`generation.backend=vllm`), for reflection and evaluation on GPUs.
+
+vLLM (PagedAttention, continuous batching, CUDA graphs) serves a model from a folder, not from
+a torch module, so the model in memory is saved once to a temporary folder and an engine is
+started on it; the engine is kept for later calls while the weights stay the same (reflection
+calls once per chunk of prompts) and replaced when they change. Prompts go in as token ids, so
+vLLM sees exactly the tokens the other backends see; answers are cut at the stop strings like
+theirs. vLLM has no no-repeat-n-gram rule: a non-zero `no_repeat_ngram_size` is refused rather
+than silently ignored. Sampling is seeded per prompt (seed + position), so a call's answers do
+not depend on how vLLM schedules them.
+
+vLLM is not a dependency (it needs CUDA); `pip install vllm` on the GPU machine. Its engine
+takes `SRD_VLLM_GPU_MEMORY` (default 0.5) of the GPU's memory for weights and KV cache, leaving
+the rest to the training process that shares the GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from srd.config import ConfigError
+
+_ENGINES: weakref.WeakKeyDictionary[Any, tuple[str, Any, Any]] = weakref.WeakKeyDictionary()
+
+
+class VLLMUnavailable(ConfigError):
+    """generation.backend=vllm without vLLM installed, or with settings vLLM cannot honour."""
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise VLLMUnavailable(
+            "generation.backend=vllm needs vLLM: `pip install vllm` on a CUDA machine "
+            "(or use generation.backend=loop / static)"
+        ) from e
+    return vllm
+
+
+def _engine(vllm: Any, model: Any, tokenizer: Any) -> Any:
+    """A vLLM engine serving `model`'s current weights (reused while they are unchanged)."""
+    from srd.reflect.reflect import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    cached = _ENGINES.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    release(model)
+    folder = tempfile.TemporaryDirectory(prefix="srd-vllm-")
+    model.save_pretrained(folder.name, safe_serialization=True)
+    tokenizer.save_pretrained(folder.name)
+    dtype = next(model.parameters()).dtype
+    llm = vllm.LLM(
+        model=folder.name,
+        tokenizer=folder.name,
+        dtype=str(dtype).removeprefix("torch."),
+        gpu_memory_utilization=float(os.environ.get("SRD_VLLM_GPU_MEMORY", "0.5")),
+    )
+    _ENGINES[model] = (fingerprint, llm, folder)  # the folder lives as long as the engine
+    return llm
+
+
+def release(model: Any) -> None:
+    """Drop the engine kept for `model` (its GPU memory returns when vLLM lets it go)."""
+    cached = _ENGINES.pop(model, None)
+    if cached is None:
+        return
+    _, llm, folder = cached
+    del llm
+    gc.collect()
+    folder.cleanup()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def vllm_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    no_repeat_ngram_size: int,
+    stop_strings: Sequence[str],
+    seed: int | None,
+    progress: bool = False,
+) -> list[str]:
+    """Answers (cut at the stop strings) for token-id prompts, in input order."""
+    from srd.eval.generate import cut_at_stop
+
+    if no_repeat_ngram_size:
+        raise VLLMUnavailable(
+            f"vLLM has no no-repeat-n-gram rule (no_repeat_ngram_size={no_repeat_ngram_size}): set "
+            "generation.no_repeat_ngram_size=0 (eval.no_repeat_ngram_size for evaluation) or use another backend"
+        )
+    vllm = _import_vllm()
+    llm = _engine(vllm, model, tokenizer)
+    base = 0 if seed is None else seed
+
+    def params(i: int) -> Any:
+        return vllm.SamplingParams(
+            n=1,
+            temperature=temperature if do_sample else 0.0,  # 0: greedy
+            top_k=top_k if (do_sample and top_k) else -1,  # -1: no top-k
+            top_p=top_p if do_sample else 1.0,
+            max_tokens=max_new_tokens,
+            stop=list(stop_strings) or None,
+            seed=base + i if do_sample else None,
+            skip_special_tokens=True,
+        )
+
+    requests = [{"prompt_token_ids": list(p)} for p in prompts]
+    outputs = llm.generate(requests, [params(i) for i in range(len(prompts))], use_tqdm=progress)
+    return [cut_at_stop(o.outputs[0].text, stop_strings) for o in outputs]
