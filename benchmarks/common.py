@@ -28,7 +28,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
-    for optional in ("peft", "trl"):  # named in a record only where installed
+    for optional in ("peft", "trl", "deepspeed"):  # named in a record only where installed
         try:
             info[optional] = importlib.metadata.version(optional)
         except importlib.metadata.PackageNotFoundError:
