@@ -15,9 +15,9 @@ from srd.train.teacher_cache import sparse_buckets
 from tests.test_srd_run import _args, srd_data  # noqa: F401
 
 
-def _buckets(t_logits: torch.Tensor, k: int) -> SparseTeacher:
-    """What the cache stores for these teacher logits."""
-    return SparseTeacher(*sparse_buckets(t_logits, k))
+def _buckets(t_logits: torch.Tensor, k: int, tau: float = 1.0) -> SparseTeacher:
+    """What the cache serves for these teacher logits at temperature tau."""
+    return SparseTeacher(*sparse_buckets(t_logits, k, (tau,)))
 
 
 @pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
@@ -29,7 +29,7 @@ def test_sparse_teacher_with_all_but_one_token_is_exact(divergence, tau):
     t = torch.randn(n, v, dtype=torch.float64) * 2
     y = torch.randint(0, v, (n,))
     dense = kd_loss_sums(s, t, y, divergence=divergence, tau=tau, chunk_size=3)
-    sparse = kd_loss_sums(s, _buckets(t, v - 1), y, divergence=divergence, tau=tau, chunk_size=3)
+    sparse = kd_loss_sums(s, _buckets(t, v - 1, tau), y, divergence=divergence, tau=tau, chunk_size=3)
     assert sparse.kd.item() == pytest.approx(dense.kd.item(), rel=1e-6)
     assert sparse.ce.item() == pytest.approx(dense.ce.item(), rel=1e-12)
 
@@ -44,6 +44,44 @@ def test_sparse_forward_kl_is_a_lower_bound_at_tau_1():
         sparse = kd_loss_sums(s, _buckets(t, k), y, divergence="fkl", tau=1.0).kd.item()
         assert 0.0 <= sparse <= dense + 1e-9
     assert kd_loss_sums(s, _buckets(t, 20), y, divergence="fkl", tau=1.0).kd.item() > 0.5 * dense
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5, 2.0])
+def test_cached_buckets_are_exact_at_every_cached_temperature(tau):
+    """At each cached tau the buckets give exactly the teacher's top-k probabilities at tau and its
+    tail mass at tau, so forward KL over buckets is a lower bound of the dense one at that tau too.
+    (A single tail logit fitted at tau 1 and reused at tau 2 fails both: the SRD curriculum's
+    later stages train at tau 1.5-2.)"""
+    from srd.train.teacher_cache import at_temperature
+
+    torch.manual_seed(2)
+    s, t = torch.randn(30, 64, dtype=torch.float64), torch.randn(30, 64, dtype=torch.float64) * 3
+    y = torch.randint(0, 64, (30,))
+    ids, buckets = sparse_buckets(t, 8, (1.0, 1.5, 2.0))
+    assert buckets.shape == (30, 8 + 3)
+    cached = at_temperature(ids, buckets, (1.0, 1.5, 2.0), tau)
+    p = torch.softmax(t / tau, -1)
+    p_buckets = torch.softmax(cached.buckets / tau, -1)
+    assert torch.allclose(p_buckets[:, :8], p.gather(-1, ids), atol=1e-12)
+    assert torch.allclose(p_buckets[:, 8], 1 - p.gather(-1, ids).sum(-1), atol=1e-12)
+    dense = kd_loss_sums(s, t, y, divergence="fkl", tau=tau).kd.item()
+    sparse = kd_loss_sums(s, cached, y, divergence="fkl", tau=tau).kd.item()
+    assert 0.0 <= sparse <= dense + 1e-9 and sparse > 0.3 * dense
+    with pytest.raises(ValueError, match="not 3.0"):
+        at_temperature(ids, buckets, (1.0, 1.5, 2.0), 3.0)
+
+
+def test_an_srd_run_caches_every_stage_temperature(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """`srd run` with the cache: one build serves stages at tau 1, 1.5 and 2 (no rebuild)."""
+    args = _args("run", tiny_models, srd_data, tmp_path, "loss.teacher_top_k=8", "data.dev=null")
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "x" / "teacher-cache" / "meta.json").read_text())
+    assert meta["taus"] == [1.0, 1.5, 2.0]
+    shards = sorted(p.name for p in (tmp_path / "x" / "teacher-cache").glob("shard-*.buckets.npy"))
+    assert len(shards) == 3  # stage 1 built its rows, stages 2 and 3 added theirs, nothing rebuilt
+    import numpy as np
+
+    assert np.load(tmp_path / "x" / "teacher-cache" / shards[0]).shape[1] == 8 + 3
 
 
 def test_training_from_the_cache_never_runs_the_teacher(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811

@@ -352,7 +352,18 @@ def evaluate_dev(
     return metrics
 
 
-def _teacher_cache(cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[Encoded], acc: Any, s2s: bool) -> Any:
+def run_temperatures(cfg: RunConfig) -> list[float]:
+    """Every temperature a run's stages train at (SRD's curriculum, else loss.tau): what its
+    teacher cache must serve."""
+    from srd.curriculum import stage_taus
+
+    taus = [*stage_taus(cfg.curriculum), cfg.loss.tau] if cfg.method == "srd" else [cfg.loss.tau]
+    return sorted({round(float(t), 9) for t in taus})
+
+
+def _teacher_cache(
+    cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[Encoded], acc: Any, s2s: bool, tau: float
+) -> Any:
     """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
     from srd.reflect.reflect import model_fingerprint
     from srd.train.teacher_cache import TeacherCache
@@ -361,6 +372,7 @@ def _teacher_cache(cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[E
     meta = {
         "teacher": model_fingerprint(teacher),
         "top_k": cfg.loss.teacher_top_k,
+        "taus": sorted({*run_temperatures(cfg), round(float(tau), 9)}),
         "vocab": len(tokenizer),
         "tokenisation": [d.prompt_format, d.max_prompt_len, d.max_len, d.instruction_suffix, s2s],
     }
@@ -475,7 +487,7 @@ def train_stage(
 
     cache, cache_s = None, 0.0
     if lcfg.teacher_top_k and teacher is not None and alpha < 1.0:
-        cache, cache_s = _teacher_cache(cfg, teacher, tokenizer, enc, acc, s2s)
+        cache, cache_s = _teacher_cache(cfg, teacher, tokenizer, enc, acc, s2s, tau)
     ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
     state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
     micro_per_step = tcfg.grad_accum * acc.num_processes
@@ -625,7 +637,7 @@ def train_stage(
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
             ctx = acc.no_sync(module) if not (sync or sharded or deepspeed) else contextlib.nullcontext()
-            cached = cache.rows([e.id for e in encs], device) if cache is not None and not on_policy else None
+            cached = cache.rows([e.id for e in encs], device, tau) if cache is not None and not on_policy else None
             if deepspeed:  # the step's last micro-batch reduces the gradients and steps (clipping included)
                 module.set_gradient_accumulation_boundary(sync)
             with ctx:

@@ -2,17 +2,20 @@
 
 The teacher is frozen and SRD trains many epochs over the same examples, so its forward
 pass can be paid once. For each training example the cache keeps, per target position, the
-ids of the teacher's k largest logits and k + 1 "bucket" logits: the k logits themselves and
-one logit standing for every other token, chosen so that at tau = 1 the bucket holds exactly
-the remaining probability mass (log of 1 - sum of the top-k probabilities, plus the log-partition).
-Divergences are then taken over k + 1 buckets (the student's probabilities gathered at the
-same ids, the rest summed; srd.losses.kd.sparse_student_buckets). At tau = 1 the teacher side
-is exact; at another temperature the other tokens are treated as one token, an approximation
-(`loss.teacher_top_k=0`, the default, keeps the dense teacher).
+ids of the teacher's k largest logits, those k logits, and for every temperature tau the run
+trains at (SRD's stages raise it 1 -> 2) one logit r_tau standing for all other tokens,
+r_tau = tau * logsumexp over the other tokens of z / tau, so that at temperature tau the bucket
+holds exactly their probability mass. Divergences are then taken over k + 1 buckets (the
+student's probabilities gathered at the same ids, the rest summed; srd.losses.kd.
+sparse_student_buckets): both sides are the exact distributions over those buckets at every
+cached temperature, so a bucketed forward KL is a lower bound of the dense one (data
+processing). A temperature that was not cached cannot be served (the cache is rebuilt;
+`loss.teacher_top_k=0`, the default, keeps the dense teacher).
 
-Layout of <run>/teacher-cache/: meta.json (teacher fingerprint, k, tokenisation), shards
-`shard-NNNNN.ids.npy` (n, k) int32 and `shard-NNNNN.buckets.npy` (n, k + 1) float32, loaded
-with mmap, and index.json (example id -> shard, first row, rows), written last and atomically.
+Layout of <run>/teacher-cache/: meta.json (teacher fingerprint, k, temperatures, tokenisation),
+shards `shard-NNNNN.ids.npy` (n, k) int32 and `shard-NNNNN.buckets.npy` (n, k + T) float32 (the
+top-k logits, then one tail logit per cached temperature), loaded with mmap, and index.json
+(example id -> shard, first row, rows), written last and atomically.
 """
 
 from __future__ import annotations
@@ -34,14 +37,27 @@ from srd.utils import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def sparse_buckets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids of the k largest logits, k + 1 bucket logits): the top-k logits and one logit for
-    all other tokens that carries exactly their probability mass at tau = 1."""
-    lse = logits.logsumexp(-1, keepdim=True)
+def sparse_buckets(logits: torch.Tensor, k: int, taus: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids of the k largest logits, k + len(taus) bucket logits): the top-k logits, then for each
+    tau one logit r_tau for all other tokens, carrying exactly their probability mass at tau."""
     top, ids = logits.topk(k, dim=-1)
-    mass = (top - lse).exp().sum(-1, keepdim=True).clamp(max=1.0)
-    rest = (lse + torch.log1p(-mass).clamp_min(-50.0)).clamp_min(top[:, -1:] - 50.0)
-    return ids, torch.cat([top, rest], dim=-1)
+    rest = logits.scatter(-1, ids, float("-inf"))  # the other tokens (k < vocabulary: never empty)
+    tails = [(rest / t).logsumexp(-1, keepdim=True) * t for t in taus]
+    return ids, torch.cat([top, *tails], dim=-1)
+
+
+def at_temperature(ids: torch.Tensor, buckets: torch.Tensor, taus: Sequence[float], tau: float) -> SparseTeacher:
+    """The k + 1 buckets for temperature `tau` out of rows cached for `taus`."""
+    j = _tau_index(taus, tau)
+    k = ids.shape[-1]
+    return SparseTeacher(ids, torch.cat([buckets[:, :k], buckets[:, k + j : k + j + 1]], dim=-1))
+
+
+def _tau_index(taus: Sequence[float], tau: float) -> int:
+    for j, t in enumerate(taus):
+        if abs(t - tau) < 1e-9:
+            return j
+    raise ValueError(f"the teacher cache holds temperatures {list(taus)}, not {tau}")
 
 
 class TeacherCache:
@@ -97,7 +113,7 @@ class TeacherCache:
                 teacher, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
             for c in range(0, feats.shape[0], chunk):
-                ids, buckets = sparse_buckets(head(feats[c : c + chunk]).float()[..., :vocab], k)
+                ids, buckets = sparse_buckets(head(feats[c : c + chunk]).float()[..., :vocab], k, self.taus)
                 pending[0].append(ids.to(torch.int32).cpu().numpy())
                 pending[1].append(buckets.cpu().numpy())
             for e, n in zip(part, mask.sum(1).tolist()):
@@ -129,15 +145,22 @@ class TeacherCache:
             )
         return self._shards[shard]
 
-    def rows(self, ids: Sequence[str], device: Any) -> SparseTeacher:
-        """The cached rows of these examples, concatenated in this order (the loss's target order)."""
+    @property
+    def taus(self) -> tuple[float, ...]:
+        return tuple(float(t) for t in self.meta.get("taus", [1.0]))
+
+    def rows(self, ids: Sequence[str], device: Any, tau: float = 1.0) -> SparseTeacher:
+        """The cached rows of these examples at temperature `tau`, concatenated in this order
+        (the loss's target order)."""
         id_parts, bucket_parts = [], []
         for i in ids:
             shard, start, n = self.index[i]
             a, b = self._shard(shard)
             id_parts.append(np.asarray(a[start : start + n]))
             bucket_parts.append(np.asarray(b[start : start + n]))
-        return SparseTeacher(
+        return at_temperature(
             torch.from_numpy(np.concatenate(id_parts)).long().to(device),
             torch.from_numpy(np.concatenate(bucket_parts)).float().to(device),
+            self.taus,
+            tau,
         )
