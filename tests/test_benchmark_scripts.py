@@ -99,13 +99,13 @@ def test_padding_script_shows_bucketing_pads_less(tmp_path, tiny_data, tiny_mode
 
 
 def test_multiprocess_script_compares_one_and_two_processes(tmp_path, tiny_models, tiny_data):
-    """benchmarks/multiprocess.py: a 2-process DDP run against the 1-process reference, on tiny models."""
+    """benchmarks/process_count.py: a 2-process DDP run against the 1-process reference, on tiny models."""
     record = tmp_path / "multiprocess.md"
     args = ["--preset", "cpu", "--runs", "ddp", "--out", str(tmp_path / "runs"), "--record", str(record)]
     args += ["--port", "29571", f"model.teacher={tiny_models['llama-teacher']}"]
     args += [f"model.student={tiny_models['llama-student']}", f"data.train={tiny_data['train']}"]
     args += [f"data.dev={tiny_data['dev']}", "data.max_len=96", "data.max_prompt_len=64", "train.batch_size=2"]
-    assert _module("multiprocess").main(args) == 0
+    assert _module("process_count").main(args) == 0
     lines = record.read_text().splitlines()
     rows = [line.split("|") for line in lines if line.startswith(("| 1 process", "| 2 processes"))]
     assert [r[1].strip() for r in rows] == ["1 process (reference)", "2 processes, DDP"]

@@ -1,6 +1,8 @@
 """One process against two: the same `srd train` steps under DDP, FSDP and DeepSpeed ZeRO-2.
+(Not named multiprocess.py: a script's folder comes first on sys.path, and `datasets` imports
+the `multiprocess` package.)
 
-    python benchmarks/multiprocess.py --preset cpu     # bundled teacher -> healed 20-layer student, 2 CPU processes
+    python benchmarks/process_count.py --preset cpu     # bundled teacher -> healed 20-layer student, 2 CPU processes
 
 Every run trains the same optimizer steps on the same micro-batches: one process with
 `train.grad_accum=2` (the reference), then two processes (torchrun, gloo on a CPU) with
@@ -8,7 +10,7 @@ Every run trains the same optimizer steps on the same micro-batches: one process
 skipped when DeepSpeed is not installed). Reported per run: median seconds per optimizer step
 (after the first), the largest relative difference of the logged losses and gradient norms from
 the reference's, the largest absolute difference of the final weights, and the peak resident
-memory of the largest process. The record goes to benchmarks/results/DATE-<preset>-multiprocess.md.
+memory of the largest process. The record goes to benchmarks/results/DATE-<preset>-process-count.md.
 On a 2-core CPU, two processes of one thread each share the cores that one process uses with
 two threads: this measures correctness and memory, not a speed-up (that needs a GPU per process).
 """
@@ -68,7 +70,7 @@ def _rel(a: list[float], b: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--out", default="runs/multiprocess", help="folder for the runs (replaced)")
+    p.add_argument("--out", default="runs/process-count", help="folder for the runs (replaced)")
     p.add_argument("--record", default=None)
     p.add_argument("--port", type=int, default=29561)
     p.add_argument(
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    save_record("\n".join(lines) + "\n", args.record, args.preset, "multiprocess")
+    save_record("\n".join(lines) + "\n", args.record, args.preset, "process-count")
     return 0
 
 
