@@ -152,20 +152,16 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
     cached, cache_s = None, None
     if impl.endswith("-cache"):  # what srd.train.teacher_cache stores for this batch, built once
         from srd.losses.kd import SparseTeacher
-        from srd.train.teacher_cache import sparse_buckets
+        from srd.train.teacher_cache import feature_buckets
 
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
             feats, head = teacher_features(teacher, batch)
-            parts = [
-                sparse_buckets(head(feats[c : c + 1024]).float()[..., :vocab], CACHE_TOP_K)
-                for c in range(0, len(feats), 1024)
-            ]
-        cached = SparseTeacher(torch.cat([i for i, _ in parts]).long(), torch.cat([b for _, b in parts]))
+            cached = SparseTeacher(*feature_buckets(feats, head, vocab, CACHE_TOP_K))
         if device == "cuda":
             torch.cuda.synchronize()
         cache_s = time.perf_counter() - t0
-        del feats, parts
+        del feats
 
     def step() -> None:
         with autocast:

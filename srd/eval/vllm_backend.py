@@ -23,6 +23,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from srd.config import ConfigError
 
 _ENGINES: weakref.WeakKeyDictionary[Any, tuple[str, Any, Any]] = weakref.WeakKeyDictionary()
@@ -75,13 +77,8 @@ def release(model: Any) -> None:
     del llm
     gc.collect()
     folder.cleanup()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def vllm_generate(

@@ -352,12 +352,12 @@ def evaluate_dev(
     return metrics
 
 
-def run_temperatures(cfg: RunConfig) -> list[float]:
-    """Every temperature a run's stages train at (SRD's curriculum, else loss.tau): what its
-    teacher cache must serve."""
+def run_temperatures(cfg: RunConfig, tau: float) -> list[float]:
+    """Every temperature a run's stages train at (SRD's curriculum, else loss.tau), and this
+    stage's `tau`: what its teacher cache must serve."""
     from srd.curriculum import stage_taus
 
-    taus = [*stage_taus(cfg.curriculum), cfg.loss.tau] if cfg.method == "srd" else [cfg.loss.tau]
+    taus = [*stage_taus(cfg.curriculum), cfg.loss.tau, tau] if cfg.method == "srd" else [cfg.loss.tau, tau]
     return sorted({round(float(t), 9) for t in taus})
 
 
@@ -372,7 +372,7 @@ def _teacher_cache(
     meta = {
         "teacher": model_fingerprint(teacher),
         "top_k": cfg.loss.teacher_top_k,
-        "taus": sorted({*run_temperatures(cfg), round(float(tau), 9)}),
+        "taus": run_temperatures(cfg, tau),
         "vocab": len(tokenizer),
         "tokenisation": [d.prompt_format, d.max_prompt_len, d.max_len, d.instruction_suffix, s2s],
     }
@@ -476,6 +476,7 @@ def train_stage(
             compile_blocks(teacher)
     optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
     scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
+    zero = _zero_layout(acc) if deepspeed else None  # what a checkpoint's optimizer files are split by
     if deepspeed:
         _deepspeed_config(acc, tcfg)
     if not sharded:  # DeepSpeed: `module` becomes its engine (ZeRO partitions the optimizer state)
@@ -502,21 +503,20 @@ def train_stage(
                 f"{acc.num_processes} process(es)) so the remaining steps see the same batches"
             )
         where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
-        zero = _zero_layout(acc) if deepspeed else None
         if saved.get("zero") != zero:
             raise ConfigError(_zero_mismatch(latest, saved.get("zero"), zero))
         if deepspeed:  # every process reads every partition's file (ZeRO picks its own)
             ckpt.load_weights(acc.unwrap_model(module).student, latest)
             parts = [torch.load(f, map_location=where, weights_only=False) for f in _zero_files(latest, zero)]
             optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
-        elif sharded:
-            saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
-            sharding.load_full_state_dict(module, ckpt.read_weights(latest))
-            sharding.load_full_optimizer_state(module, optimizer, saved_opt)
         else:
             saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
-            ckpt.load_weights(acc.unwrap_model(module).student, latest)
-            optimizer.load_state_dict(saved_opt)
+            if sharded:
+                sharding.load_full_state_dict(module, ckpt.read_weights(latest))
+                sharding.load_full_optimizer_state(module, optimizer, saved_opt)
+            else:
+                ckpt.load_weights(acc.unwrap_model(module).student, latest)
+                optimizer.load_state_dict(saved_opt)
         scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
         rng_file = latest / f"rng_{acc.process_index}.pt"
         if not rng_file.exists():  # resumed on more processes than wrote the checkpoint
@@ -542,7 +542,6 @@ def train_stage(
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         weights = sharding.full_state_dict(module) if sharded else None  # collective
-        zero = _zero_layout(acc) if deepspeed else None
         if deepspeed:  # each process writes its own partition of the optimizer state
             torch.save(optimizer.optimizer.state_dict(), _zero_files(tmp, zero)[acc.process_index])
             acc.wait_for_everyone()

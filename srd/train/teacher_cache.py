@@ -46,6 +46,19 @@ def sparse_buckets(logits: torch.Tensor, k: int, taus: tuple[float, ...] = (1.0,
     return ids, torch.cat([top, *tails], dim=-1)
 
 
+def feature_buckets(
+    feats: torch.Tensor, head: Any, vocab: int, k: int, taus: tuple[float, ...] = (1.0,), chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_buckets of the logits head(feats) of N target positions, `chunk` positions at a
+    time (never all N x V logits at once): (N, k) ids and (N, k + len(taus)) bucket logits."""
+    parts = [
+        sparse_buckets(head(feats[c : c + chunk]).float()[..., :vocab], k, taus) for c in range(0, len(feats), chunk)
+    ]
+    if not parts:
+        return torch.empty(0, k, dtype=torch.long), torch.empty(0, k + len(taus))
+    return torch.cat([i for i, _ in parts]), torch.cat([b for _, b in parts])
+
+
 def at_temperature(ids: torch.Tensor, buckets: torch.Tensor, taus: Sequence[float], tau: float) -> SparseTeacher:
     """The k + 1 buckets for temperature `tau` out of rows cached for `taus`."""
     j = _tau_index(taus, tau)
@@ -112,10 +125,9 @@ class TeacherCache:
             feats, _, mask, head = target_features(
                 teacher, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
-            for c in range(0, feats.shape[0], chunk):
-                ids, buckets = sparse_buckets(head(feats[c : c + chunk]).float()[..., :vocab], k, self.taus)
-                pending[0].append(ids.to(torch.int32).cpu().numpy())
-                pending[1].append(buckets.cpu().numpy())
+            ids, buckets = feature_buckets(feats, head, vocab, k, self.taus, chunk)
+            pending[0].append(ids.to(torch.int32).cpu().numpy())
+            pending[1].append(buckets.cpu().numpy())
             for e, n in zip(part, mask.sum(1).tolist()):
                 pending[2][e.id] = [rows, int(n)]
                 rows += int(n)
