@@ -3,11 +3,12 @@
     python benchmarks/generation.py --preset cpu     # bundled SmolLM2-135M, 64 DollyEval prompts
     python benchmarks/generation.py --preset gpu     # random-init GPT-2 124M shapes, 1,024 Dolly prompts
 
-Backends: `hf` (plain `generate`), `loop` (srd's decode loop, finished rows leave the batch),
-`static` (`generate` with one static KV cache size and batch size for the whole call, compiled
-by transformers on a GPU; pass --backends hf loop static). All decode the same length-sorted,
-left-padded batches with the same rules (stop
-at EOS and `###`, no-repeat n-grams, greedy or sampling). Reported: wall time, generated
+Backends: `hf` (plain `generate`), `loop` (srd's decode loop with continuous batching:
+finished rows leave the batch and waiting prompts join it), `static` (`generate` with one
+static KV cache size and batch size for the whole call, compiled by transformers on a GPU;
+pass --backends hf loop static). All take the same length-sorted, left-padded prompts (at most
+`batch` decoding together) and the same rules (stop at EOS and `###`, no-repeat n-grams,
+greedy or sampling). Reported: wall time, generated
 tokens per second, the speed-up, and for greedy decoding how many answers are identical
 (finished rows leaving the batch changes matmul shapes, so a near-tie can rarely flip).
 The record goes to benchmarks/results/DATE-<preset>-generation.md.

@@ -112,9 +112,9 @@ def test_eval_sharded_over_two_processes_matches_one(tmp_path, tiny_models, srd_
     assert one == two and len(one.splitlines()) == 20
 
 
-def test_interrupted_greedy_evaluation_resumes_per_batch(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
-    """A greedy benchmark killed after 2 batches keeps them (partial file); the rerun
-    generates only the other batches and ends with the uninterrupted predictions."""
+def test_interrupted_greedy_evaluation_resumes_per_answer(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """A greedy benchmark killed after 2 answers keeps them (partial file); the rerun
+    generates only the others and ends with the uninterrupted predictions."""
     from accelerate import Accelerator
 
     import srd.eval.evaluate as ev
@@ -123,31 +123,32 @@ def test_interrupted_greedy_evaluation_resumes_per_batch(tmp_path, tiny_models, 
     model = load_model(str(tiny_models["llama-student"])).eval()
     tok = load_tokenizer(str(tiny_models["llama-student"]))
     acc = Accelerator(cpu=True)
-    kw = dict(seeds=None, limit=None, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=1)
+    kw = dict(seeds=None, limit=None, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=3)
     kw.update(max_new_tokens=6, no_repeat_ngram_size=0, accelerator=acc, progress=False)
     bench = str(srd_data["dev"])
     ev.evaluate(model, tok, [bench], tmp_path / "whole", **kw)
     name = next(p for p in (tmp_path / "whole").iterdir() if p.is_dir()).name
     whole = (tmp_path / "whole" / name / "greedy.jsonl").read_text()
-    n_batches = len(whole.splitlines())  # one row per batch
-    assert n_batches >= 3
+    n = len(whole.splitlines())
+    assert n >= 3
 
-    real, calls = ev.generate_responses, []
+    real, given = ev.iter_responses, []
 
-    def dies_after_two(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
+    def dies_after_two(*args, **kwargs):  # interrupted after two answers were kept
+        for k, pair in enumerate(real(*args, **kwargs)):
+            if k == 2:
+                raise KeyboardInterrupt
+            yield pair
 
-    monkeypatch.setattr(ev, "generate_responses", dies_after_two)
+    monkeypatch.setattr(ev, "iter_responses", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(model, tok, [bench], tmp_path / "cut", **kw)
     partial = tmp_path / "cut" / name / "greedy.rank0.partial"
     assert len(partial.read_text().splitlines()) == 2 and not (tmp_path / "cut" / name / "greedy.jsonl").exists()
-    counted = []
-    monkeypatch.setattr(ev, "generate_responses", lambda *a, **k: counted.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        ev, "iter_responses", lambda m, t, prompts, **k: given.append(len(prompts)) or real(m, t, prompts, **k)
+    )
     ev.evaluate(model, tok, [bench], tmp_path / "cut", **kw)
-    assert len(counted) == n_batches - 2
+    assert given == [n - 2]  # only the missing answers are generated
     assert (tmp_path / "cut" / name / "greedy.jsonl").read_text() == whole
     assert not partial.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import srd.eval.generate as gen
 from srd.eval.generate import generate_responses
 from tests.conftest import make_gpt2, make_llama
 
@@ -35,7 +36,7 @@ def test_greedy_loop_equals_hf_generate(tokenizer, maker, no_repeat):
     assert static == loop
 
 
-def test_finished_rows_leave_the_batch(tokenizer):
+def test_finished_rows_leave_the_batch(tokenizer, monkeypatch):
     """A row that hits EOS at once stops costing forward passes; the others go on."""
     model = make_llama(len(tokenizer), layers=2, seed=5).eval()
     eos = tokenizer.eos_token_id
@@ -43,17 +44,17 @@ def test_finished_rows_leave_the_batch(tokenizer):
         model.lm_head.weight[eos] *= 0  # EOS never wins by itself ...
     prompts = _prompts(tokenizer)[:3]
     widths = []
-    real_forward = model.forward
+    real = gen.step_logits
 
-    def forward(*args, **kwargs):
-        widths.append(kwargs["input_ids"].shape[0])
-        out = real_forward(*args, **kwargs)
+    def step_logits(model, **inputs):
+        widths.append(inputs["input_ids"].shape[0])
+        logits = real(model, **inputs)
         if len(widths) == 1:  # ... except for row 0 of the first step (the longest prompt, sorted first)
-            out.logits[0, -1, :] = -1e9
-            out.logits[0, -1, eos] = 0.0
-        return out
+            logits[0, :] = -1e9
+            logits[0, eos] = 0.0
+        return logits
 
-    model.forward = forward
+    monkeypatch.setattr(gen, "step_logits", step_logits)
     texts = generate_responses(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
     assert widths == [3, 2, 2, 2, 2]  # prefill with 3 rows, then 2 live rows for 4 more tokens
     assert sum(t == "" for t in texts) == 1
@@ -150,3 +151,39 @@ def test_vllm_backend_maps_settings_and_reuses_its_engine(tokenizer, tmp_path, m
     folder = vllm_backend._ENGINES[model][2].name
     vllm_backend.release(model)
     assert model not in vllm_backend._ENGINES and not __import__("os").path.exists(folder)
+
+
+def test_waiting_prompts_join_the_running_batch(tokenizer, monkeypatch):
+    """Continuous batching: when a row finishes, the next prompt is prefilled and joins the
+    batch still decoding; padding columns no row needs are dropped; greedy text is what each
+    prompt gives alone."""
+    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] *= 0
+    prompts = _prompts(tokenizer)[:3]
+    alone = [generate_responses(model, tokenizer, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
+    calls = []
+    real = gen.step_logits
+
+    def step_logits(model, **inputs):
+        calls.append((inputs["input_ids"].shape[0], inputs["input_ids"].shape[1], inputs["attention_mask"].shape[1]))
+        logits = real(model, **inputs)
+        if len(calls) == 1:  # the longest prompt (row 0 of the first batch) ends at once
+            logits[0, :] = -1e9
+            logits[0, eos] = 0.0
+        return logits
+
+    monkeypatch.setattr(gen, "step_logits", step_logits)
+    texts = generate_responses(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    lens = sorted((len(p) for p in prompts), reverse=True)
+    rows = [c[0] for c in calls]
+    # prefill 2, the survivor decodes alone once, the third prompt is prefilled (1 row), then 2 rows decode
+    assert rows[:4] == [2, 1, 1, 2] and calls[2][1] == lens[2]
+    # after the longest prompt left, the survivor's cache needs only its own prompt + 1 token
+    assert calls[1][2] == lens[1] + 1
+    first = max(range(3), key=lambda i: len(prompts[i]))
+    assert texts[first] == "" and [t for i, t in enumerate(texts) if i != first] == [
+        t for i, t in enumerate(alone) if i != first
+    ]
+    assert all(alone)

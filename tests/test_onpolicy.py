@@ -28,21 +28,23 @@ def test_sampled_response_labels_are_aligned_and_keep_eos():
     assert with_response(ref, [11, 12, 13, 14], max_len=5).input_ids == [5, 6, 7, 11, 12]  # max_len
 
 
-def test_student_samples_keep_the_generated_eos(tokenizer):
+def test_student_samples_keep_the_generated_eos(tokenizer, monkeypatch):
+    import srd.eval.generate as gen
+
     model = make_llama(len(tokenizer), layers=2, seed=3).eval()
     eos = tokenizer.eos_token_id
     calls = []
-    real = model.forward
+    real = gen.step_logits
 
-    def forward(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def step_logits(model, **inputs):
+        logits = real(model, **inputs)
         calls.append(1)
         if len(calls) == 3:  # the third token of every row is EOS
-            out.logits[:, -1, :] = -1e9
-            out.logits[:, -1, eos] = 0.0
-        return out
+            logits[:, :] = -1e9
+            logits[:, eos] = 0.0
+        return logits
 
-    model.forward = forward
+    monkeypatch.setattr(gen, "step_logits", step_logits)
     prompt = tokenizer("Name a colour.")["input_ids"]
     encs = [Encoded(id=str(i), input_ids=prompt + [eos], labels=[IGNORE_INDEX] * len(prompt) + [eos]) for i in range(2)]
     out = sample_responses(

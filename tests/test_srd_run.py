@@ -114,25 +114,25 @@ def test_ablation_switches_reach_the_stages(tmp_path, tiny_models, srd_data):
 
 
 def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data, monkeypatch):
-    calls = []
-    real = reflect_mod.generate_responses
+    real, given = reflect_mod.iter_responses, []
 
-    def flaky(*args, **kwargs):
-        calls.append(len(args[2]))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def flaky(*args, **kwargs):  # interrupted at the 11th answer: 2 groups of 4 were saved
+        given.append(len(args[2]))
+        for k, pair in enumerate(real(*args, **kwargs)):
+            if k == 10:
+                raise KeyboardInterrupt
+            yield pair
 
     monkeypatch.setattr(reflect_mod, "CHUNK", 4)
-    monkeypatch.setattr(reflect_mod, "generate_responses", flaky)
+    monkeypatch.setattr(reflect_mod, "iter_responses", flaky)
     assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 130
     out = tmp_path / "x" / "reflection" / "outputs.rank0.jsonl"
     assert len(out.read_text().splitlines()) == 8
     with open(out, "a") as f:
         f.write('{"id": "r99", "student_out')  # a torn line from a crash mid-write
-    calls.clear()
-    monkeypatch.setattr(reflect_mod, "generate_responses", real)
+    monkeypatch.setattr(reflect_mod, "iter_responses", lambda *a, **k: given.append(len(a[2])) or real(*a, **k))
     assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    assert given == [20, 12]  # the rerun generated only the 12 unsaved examples
     assert len(_manifest(tmp_path / "x")) == 20
     # a fresh run in another folder gives the same manifest
     assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fresh")) == 0

@@ -5,9 +5,9 @@ Layout under the output folder (a run's `eval/` by default):
     summary.json, summary.md                    mean per seed, mean and std over seeds, wall time
 
 Finished (benchmark, seed) files are reused when the command is rerun, so an interrupted
-evaluation continues; within a greedy benchmark, every finished batch is kept in
-`<benchmark>/greedy.rank<R>.partial` and skipped on the rerun (same batches, same
-predictions). Prompts are sharded over accelerate processes and gathered.
+evaluation continues; within a greedy benchmark, every answer is kept in
+`<benchmark>/greedy.rank<R>.partial` as it finishes and only the missing ones are generated
+on the rerun. Prompts are sharded over accelerate processes and gathered.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.eval.generate import generate_responses, length_batches
+from srd.eval.generate import generate_responses, iter_responses
 from srd.utils import atomic_write_json, atomic_write_text
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
@@ -78,9 +78,8 @@ def _run_one(
 ) -> tuple[list[str], float]:
     """Predictions for every example (sharded over processes) and the wall time.
 
-    Greedy runs with `partial` set append each finished batch to that process's partial
-    file and skip finished batches when rerun; the batches are the same as in one
-    uninterrupted call, so the predictions are too."""
+    Greedy runs with `partial` set append each answer to that process's partial file as it
+    finishes and generate only the missing ones when rerun."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -102,25 +101,25 @@ def _run_one(
         done = _read_partial(own)
         outs = [done[i][0] if i in done else "" for i in range(len(prompts))]
         spent = sum(secs for _, secs in done.values())
-        batches = length_batches(prompts, batch_size)  # as generate_responses batches
-        todo = [b for b in batches if not all(i in done for i in b)]
+        todo = [i for i in range(len(prompts)) if i not in done]
         bar = tqdm(
-            total=len(batches),
-            initial=len(batches) - len(todo),
+            total=len(prompts),
+            initial=len(prompts) - len(todo),
             desc=desc,
-            unit="batch",
+            unit="prompt",
             disable=not (progress and accelerator.is_main_process),
         )
         own.parent.mkdir(parents=True, exist_ok=True)
-        for b in todo:
-            tb = time.perf_counter()
-            texts = generate_responses(model, tokenizer, [prompts[i] for i in b], batch_size=len(b), **gen)
-            secs = (time.perf_counter() - tb) / len(b)
-            for i, text in zip(b, texts):
-                outs[i] = text
-            with open(own, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps({"i": i, "prediction": t, "s": secs}) + "\n" for i, t in zip(b, texts)))
-            bar.update(1)
+        last = time.perf_counter()
+        with open(own, "a", encoding="utf-8") as f:
+            for j, text in iter_responses(model, tokenizer, [prompts[i] for i in todo], batch_size=batch_size, **gen):
+                now = time.perf_counter()
+                outs[todo[j]] = text
+                # each answer is kept as it finishes, with the time since the previous one
+                f.write(json.dumps({"i": todo[j], "prediction": text, "s": now - last}) + "\n")
+                f.flush()
+                last = now
+                bar.update(1)
         bar.close()
     else:
         outs = generate_responses(

@@ -188,3 +188,15 @@ def dtype_from_name(name: str, *, default: torch.dtype = torch.float32) -> torch
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
     }[name]
+
+
+def splittable(model: Any) -> bool:
+    """Whether logits = head(last hidden state) exactly, so the head can run per chunk."""
+    cfg = model.config
+    head = model.get_output_embeddings()
+    return (
+        isinstance(head, torch.nn.Linear)
+        and getattr(model, "base_model", model) is not model
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+    )

@@ -31,7 +31,7 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.eval.generate import generate_responses
+from srd.eval.generate import iter_responses
 from srd.models.load import is_seq2seq
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
@@ -168,49 +168,60 @@ def _reflect_rows(
     generate: bool,
     progress: bool,
 ) -> None:
-    """Generate + measure `todo`, appending rows to `out_file` every CHUNK examples."""
+    """Generate + measure `todo`, appending rows to `out_file` every CHUNK finished examples.
+
+    Generation streams over all of `todo` (continuous batching keeps the batch full); answers
+    are measured and saved in groups as they finish, so an interruption loses at most one group."""
     g, r = cfg.generation, cfg.reflect
     fmt, mp, ml = cfg.data.prompt_format, cfg.data.max_prompt_len, cfg.data.max_len
+    s2s = is_seq2seq(student)
     bar = tqdm(total=len(todo), desc="reflection", unit="ex", disable=not progress, dynamic_ncols=True)
-    step = max(CHUNK, g.batch_size)  # a chunk never holds fewer prompts than one generation batch
-    for start in range(0, len(todo), step):
-        chunk = list(todo[start : start + step])
-        outputs = [""] * len(chunk)
-        if generate:
-            prompts = [encode_prompt(tokenizer, ex, fmt, mp) for ex in chunk]
-            outputs = generate_responses(
-                student,
-                tokenizer,
-                prompts,
-                max_new_tokens=g.max_new_tokens,
-                batch_size=g.batch_size,
-                do_sample=g.do_sample,
-                temperature=g.temperature,
-                top_k=g.top_k,
-                top_p=g.top_p,
-                no_repeat_ngram_size=g.no_repeat_ngram_size,
-                stop_strings=g.stop_strings,
-                seed=cfg.seed + start if g.do_sample else None,
-                backend=g.backend,
-                static_cache_len=mp + g.max_new_tokens,
-            )
-        s2s = is_seq2seq(student)
+
+    def save(group: list[tuple[Example, str]]) -> None:
+        chunk = [ex for ex, _ in group]
         enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in chunk]
         stats = sequence_stats(student, tokenizer, enc, batch_size=r.batch_size)
         if r.ce_target == "student_output":
-            own = [
-                Example(id=ex.id, instruction=ex.instruction, input=ex.input, output=o) for ex, o in zip(chunk, outputs)
-            ]
+            own = [Example(id=ex.id, instruction=ex.instruction, input=ex.input, output=o) for ex, o in group]
             own_enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in own]
             for s, o in zip(stats, sequence_stats(student, tokenizer, own_enc, batch_size=r.batch_size)):
                 s["ce_reference"], s["ce"] = s["ce"], o["ce"]
-        lines = [
-            json.dumps({"id": ex.id, "student_output": o, "stats": s}) + "\n" for ex, o, s in zip(chunk, outputs, stats)
-        ]
+        lines = [json.dumps({"id": ex.id, "student_output": o, "stats": s}) + "\n" for (ex, o), s in zip(group, stats)]
         with open(out_file, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()
-        bar.update(len(chunk))
+        bar.update(len(group))
+
+    group_size = max(CHUNK, g.batch_size)
+    if not generate:
+        for start in range(0, len(todo), group_size):
+            save([(ex, "") for ex in todo[start : start + group_size]])
+        bar.close()
+        return
+    group: list[tuple[Example, str]] = []
+    answers = iter_responses(
+        student,
+        tokenizer,
+        [encode_prompt(tokenizer, ex, fmt, mp) for ex in todo],
+        max_new_tokens=g.max_new_tokens,
+        batch_size=g.batch_size,
+        do_sample=g.do_sample,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        no_repeat_ngram_size=g.no_repeat_ngram_size,
+        stop_strings=g.stop_strings,
+        seed=cfg.seed if g.do_sample else None,
+        backend=g.backend,
+        static_cache_len=mp + g.max_new_tokens,
+    )
+    for i, text in answers:
+        group.append((todo[i], text))
+        if len(group) >= group_size:
+            save(group)
+            group = []
+    if group:
+        save(group)
     bar.close()
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from srd.data.tokenize import IGNORE_INDEX
 from srd.losses.kd import LossSums, kd_loss_sums
-from srd.models.load import is_seq2seq
+from srd.models.load import is_seq2seq, splittable
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use a lighter one
 
@@ -46,24 +46,12 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
-def _splittable(model: nn.Module) -> bool:
-    """Whether logits = head(last hidden state) exactly, so the head can run per chunk."""
-    cfg = model.config
-    head = model.get_output_embeddings()
-    return (
-        isinstance(head, nn.Linear)
-        and getattr(model, "base_model", model) is not model
-        and getattr(cfg, "final_logit_softcapping", None) is None
-        and getattr(cfg, "logit_scale", None) is None
-    )
-
-
 def features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Any]:
     """(B, T, H) last hidden states and the head mapping them to logits, or (B, T, V)
     logits and the identity when the model's logits are not a plain linear map."""
     if hasattr(model, "peft_config"):  # a peft model: its LoRA layers live inside the base model
         model = model.get_base_model()
-    if _splittable(model):
+    if splittable(model):
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state, model.get_output_embeddings()
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
