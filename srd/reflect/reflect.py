@@ -55,9 +55,10 @@ def sequence_stats(
     target tokens (labels != -100, EOS included), and their count."""
     model.eval()
     device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # batches of similar length
     out: list[dict[str, float]] = []
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], pad_id(tokenizer))
+        batch = collate([encoded[i] for i in order[start : start + batch_size]], pad_id(tokenizer))
         batch = {k: v.to(device) for k, v in batch.items()}
         h, targets, mask, head = target_features(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         rows = torch.arange(mask.shape[0], device=device)[:, None].expand_as(mask)[mask]
@@ -78,7 +79,10 @@ def sequence_stats(
                     "ref_tokens": int(mask[i].sum()),
                 }
             )
-    return out
+    result: list[dict[str, float]] = [{} for _ in encoded]
+    for i, row in zip(order, out):
+        result[i] = row
+    return result
 
 
 def data_fingerprint(examples: Sequence[Example]) -> str:

@@ -310,7 +310,7 @@ def evaluate_dev(
         module.eval()
         ce = kd = 0.0
         n = 0
-        local = list(dev_encoded)[rank::world]
+        local = sorted(list(dev_encoded)[rank::world], key=lambda e: -len(e.input_ids))  # little padding
         bs = cfg.train.batch_size
         n_batches = math.ceil(len(local) / bs)
         if sharding.is_sharded(module):  # FSDP: every process runs as many forwards (collectives)
