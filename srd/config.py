@@ -168,8 +168,8 @@ class GenerationConfig:
     batch_size: int = 16
     # Alpaca-prompted instruct models go on to write a new "### Instruction:"; cut there.
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
-    # decoding implementation for reflection and evaluation (srd.eval.generate): loop (finished
-    # rows leave the batch; the default), hf (plain generate), static (generate with one static
+    # decoding implementation for reflection and evaluation (srd.eval.generate): loop (continuous
+    # batching: finished rows leave the batch, waiting prompts join it; the default), hf (plain generate), static (generate with one static
     # KV cache shape, compiled with CUDA graphs by transformers on a GPU), vllm (vLLM's engine;
     # `pip install vllm` on a GPU machine; no no-repeat n-grams)
     backend: Literal["loop", "hf", "static", "vllm"] = "loop"

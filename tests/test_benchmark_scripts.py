@@ -72,6 +72,17 @@ def test_generation_script_compares_backends(tmp_path, tiny_models):
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
 
 
+@needs_shared
+def test_onpolicy_script_compares_per_micro_batch_and_one_stream(tmp_path, tiny_models):
+    record = tmp_path / "onpolicy.md"
+    args = ["--preset", "cpu", "--model", str(tiny_models["llama-student"]), "--micro-batches", "2", "--batch", "2"]
+    args += ["--max-new-tokens", "4", "--repeats", "1", "--record", str(record)]
+    assert _module("onpolicy").main(args) == 0
+    text = record.read_text()
+    assert "| per micro-batch |" in text and "| one stream per step |" in text and "1.00x" in text
+    assert "4/4 sampled answers identical" in text
+
+
 def test_record_header_elides_note_paragraphs():
     from benchmarks.common import command_line
 

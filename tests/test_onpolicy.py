@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from srd.cli import main
 from srd.data.tokenize import IGNORE_INDEX, Encoded
-from srd.train.onpolicy import on_policy_flags, sample_responses, with_response
+from srd.train.onpolicy import on_policy_flags, row_seeds, sample_responses, with_response
 from srd.train.step import target_positions
 from tests.conftest import make_llama
 from tests.test_srd_run import _args, srd_data  # noqa: F401
@@ -48,12 +49,33 @@ def test_student_samples_keep_the_generated_eos(tokenizer, monkeypatch):
     prompt = tokenizer("Name a colour.")["input_ids"]
     encs = [Encoded(id=str(i), input_ids=prompt + [eos], labels=[IGNORE_INDEX] * len(prompt) + [eos]) for i in range(2)]
     out = sample_responses(
-        model, tokenizer, encs, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, seed=0, max_len=64
+        model, tokenizer, encs, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, seeds=[0, 1], max_len=64
     )
     for e in out:
         response = e.input_ids[len(prompt) :]
         assert len(response) == 3 and response[-1] == eos
         assert e.labels == [IGNORE_INDEX] * len(prompt) + response
+
+
+def test_a_sample_does_not_depend_on_the_rows_decoded_with_it(tokenizer):
+    """Each row draws from its own seeded generator, so the micro-batches of a step can share
+    one continuous-batching stream: together or alone, a row samples the same answer."""
+    model = make_llama(len(tokenizer), layers=2, seed=3).eval()
+    eos = tokenizer.eos_token_id
+    texts = ["Name a colour.", "Write a long story about a dragon", "2 + 2 =", "Hello"]
+    encs = []
+    for i, t in enumerate(texts):
+        prompt = tokenizer(t)["input_ids"]
+        encs.append(Encoded(id=str(i), input_ids=prompt + [eos], labels=[IGNORE_INDEX] * len(prompt) + [eos]))
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, max_len=64)
+    seeds = row_seeds(7, len(encs))
+    together = sample_responses(model, tokenizer, encs, seeds=seeds, batch_size=2, **kw)
+    alone = [sample_responses(model, tokenizer, [e], seeds=[s], **kw)[0] for e, s in zip(encs, seeds)]
+    assert [e.input_ids for e in together] == [e.input_ids for e in alone]
+    other = sample_responses(model, tokenizer, encs, seeds=row_seeds(8, len(encs)), **kw)
+    assert [e.input_ids for e in other] != [e.input_ids for e in together]
+    with pytest.raises(ValueError, match="2 seeds for 4 rows"):
+        sample_responses(model, tokenizer, encs, seeds=seeds[:2], **kw)
 
 
 def test_on_policy_flags_are_seeded():

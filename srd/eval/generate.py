@@ -194,6 +194,7 @@ def decode_stream(
     window: int = 12,
     keep_eos: bool = False,
     refill_at: int | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """(prompt position, new token ids) for every prompt, in the order they finish.
 
@@ -202,7 +203,8 @@ def decode_stream(
     quarter of the batch), the next prompts are prefilled and join the running batch, so the
     batch stays full until the prompts run out (continuous batching). On a CPU a decode step
     costs about the same for 1 row as for 16 (it is bound by reading the weights), so a full
-    batch is what makes it fast. With `keep_eos` a generated EOS ends its row's ids (on-policy
+    batch is what makes it fast. `generators` (sampling; one per prompt) make each row's draws
+    independent of the rows it is decoded with. With `keep_eos` a generated EOS ends its row's ids (on-policy
     training keeps it as a target)."""
     from transformers import DynamicCache
 
@@ -240,7 +242,10 @@ def decode_stream(
         if not live:
             return
         scores = processors(seqs, logits)
-        if do_sample:
+        if do_sample and generators is not None:
+            probs = torch.softmax(scores, dim=-1)
+            nxt = torch.cat([torch.multinomial(probs[r], 1, generator=generators[i]) for r, i in enumerate(live)])
+        elif do_sample:
             nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             nxt = scores.argmax(dim=-1)

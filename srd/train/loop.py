@@ -43,7 +43,7 @@ from srd.losses.kd import LossSums, combine
 from srd.models.load import dtype_from_name, is_seq2seq
 from srd.train import checkpoint as ckpt
 from srd.train import sharding
-from srd.train.onpolicy import on_policy_flags, sample_responses
+from srd.train.onpolicy import on_policy_flags, row_seeds, sample_responses
 from srd.train.step import DistillModule, compile_blocks, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
@@ -606,24 +606,31 @@ def train_stage(
         # FSDP: gathering is collective, so every process gathers when any micro-batch of the step samples
         gen_ctx = sharding.generation_model(module, student, device) if any(flags) else contextlib.nullcontext()
         with gen_ctx as gen_model:
-            for g in mine:
-                encs = [enc[i] for i in micro[g]]
-                if flags[g]:  # GKD: the student answers these prompts itself
-                    tg = time.perf_counter()
-                    op = cfg.on_policy
-                    encs = sample_responses(
+            groups = {g: [enc[i] for i in micro[g]] for g in mine}
+            sampled = [g for g in mine if flags[g]]
+            if sampled:  # GKD: the student answers these prompts itself, all in one decoding stream
+                tg = time.perf_counter()
+                op = cfg.on_policy
+                rows = [e for g in sampled for e in groups[g]]
+                seeds = [s for g in sampled for s in row_seeds(cfg.seed * 1_000_003 + step * 1_009 + g, len(groups[g]))]
+                answers = iter(
+                    sample_responses(
                         gen_model,
                         tokenizer,
-                        encs,
+                        rows,
                         max_new_tokens=op.max_new_tokens,
                         temperature=op.temperature,
                         top_k=op.top_k,
                         top_p=op.top_p,
-                        seed=(cfg.seed * 1_000_003 + step * 1_009 + g) % (2**63),
+                        seeds=seeds,
                         max_len=cfg.data.max_len,
+                        batch_size=max(cfg.generation.batch_size, cfg.train.batch_size),
                     )
-                    gen_s += time.perf_counter() - tg
-                local.append((encs, flags[g]))
+                )
+                for g in sampled:
+                    groups[g] = [next(answers) for _ in groups[g]]
+                gen_s += time.perf_counter() - tg
+            local = [(groups[g], flags[g]) for g in mine]
         if ratio > 0:  # sampled answers change the step's target count: count it over all processes
             mine_targets = sum(e.n_loss_targets for encs, _ in local for e in encs)
             denominator = float(acc.reduce(torch.tensor([float(mine_targets)], device=device), reduction="sum").item())

@@ -45,6 +45,11 @@ def with_response(e: Encoded, response: Sequence[int], max_len: int) -> Encoded:
     return Encoded(id=e.id, input_ids=prompt + response, labels=[IGNORE_INDEX] * len(prompt) + response)
 
 
+def row_seeds(seed: int, n: int) -> list[int]:
+    """One sampling seed per row of a micro-batch drawn with `seed`."""
+    return [int(x) for x in np.random.default_rng([seed, 0x5EED]).integers(0, 2**63 - 1, size=n)]
+
+
 @torch.no_grad()
 def sample_responses(
     student: Any,
@@ -55,26 +60,37 @@ def sample_responses(
     temperature: float,
     top_k: int,
     top_p: float,
-    seed: int,
+    seeds: Sequence[int],
     max_len: int,
+    batch_size: int | None = None,
 ) -> list[Encoded]:
-    """The batch with each reference response replaced by one the student samples."""
-    from srd.eval.generate import decode_batch, logits_processors
+    """Each example with its reference response replaced by one the student samples.
 
+    Every row draws from its own generator (`seeds`, one per row), so a row's sample does not
+    depend on which rows it is decoded with: the micro-batches of a step go through one
+    continuous-batching stream of at most `batch_size` rows (default: all of them)."""
+    from srd.eval.generate import decode_stream, logits_processors
+
+    if len(seeds) != len(encoded):
+        raise ValueError(f"sample_responses: {len(seeds)} seeds for {len(encoded)} rows")
     was_training = student.training
     student.eval()
-    generator = torch.Generator(device=next(student.parameters()).device)
-    generator.manual_seed(seed)
-    new = decode_batch(
+    device = next(student.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    new: list[list[int]] = [[] for _ in encoded]
+    for i, ids in decode_stream(
         student,
         tokenizer,
         [prompt_ids(e) for e in encoded],
+        batch_size=max(1, batch_size or len(encoded)),
         max_new_tokens=max_new_tokens,
         do_sample=True,
         processors=logits_processors(True, temperature, top_k, top_p, 0),
         stop_strings=(),
-        generator=generator,
+        generator=None,
+        generators=generators,
         keep_eos=True,
-    )
+    ):
+        new[i] = ids
     student.train(was_training)
     return [with_response(e, r, max_len) for e, r in zip(encoded, new)]
