@@ -10,8 +10,10 @@ prompt, forward KL (tau 1, no CE term), AdamW:
   naive  the hand-written loop: full teacher and student logits, float32 log-softmax over the
          whole vocabulary for every position, masked mean of KL(p || q)
   srd       srd's step: response positions only, LM heads + log-softmax + divergence in chunks
-            inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd)
-  srd-keep  the same without recomputing the chunks in backward (loss.recompute_chunks=false)
+            inside activation checkpoints (srd.train.step.DistillModule, srd.losses.kd;
+            loss.recompute_chunks=true, what `auto` picks on a GPU)
+  srd-keep  the same without recomputing the chunks in backward (loss.recompute_chunks=false,
+            what `auto` picks on a CPU)
   srd-compile       srd with every transformer block of both models compiled (train.compile=true:
                     `nn.Module.compile`, torch.compile's default mode): does compiling pay here?
   srd-keep-compile  srd-keep, compiled the same way

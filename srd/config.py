@@ -87,9 +87,11 @@ class LossConfig:
     # (only fkl, jsd and srkl, as the reference code does).
     tau_squared: Literal["all", "none", "reference"] = "all"
     chunk_size: int = 1024  # tokens whose full-vocabulary logits exist at once
-    # recompute each chunk's logits in backward (activation checkpoints: least memory); false
-    # keeps them (faster when they fit: on the 2-core CPU here recomputation made the step slower)
-    recompute_chunks: bool = True
+    # true: recompute each chunk's logits in backward (activation checkpoints: least memory);
+    # false: keep them (faster when they fit); auto: recompute on GPUs, where memory is the
+    # constraint, keep on CPUs (benchmarks/results/2026-11-28-cpu-throughput-cache.md: keeping
+    # was both faster, 1.48x vs 1.27x the hand-written step, and smaller in peak RSS there)
+    recompute_chunks: bool | Literal["auto"] = "auto"
     # > 0: compute the teacher's top-k logits once per training example, cache them on disk
     # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the
     # rest, without a teacher forward in training steps (exact at tau 1 but for the bucketing)
@@ -169,9 +171,10 @@ class GenerationConfig:
     # Alpaca-prompted instruct models go on to write a new "### Instruction:"; cut there.
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
     # decoding implementation for reflection and evaluation (srd.eval.generate): loop (continuous
-    # batching: finished rows leave the batch, waiting prompts join it; the default), hf (plain generate), static (generate with one static
-    # KV cache shape, compiled with CUDA graphs by transformers on a GPU), vllm (vLLM's engine;
-    # `pip install vllm` on a GPU machine; no no-repeat n-grams)
+    # batching: finished rows leave the batch, waiting prompts join it; the default), hf (plain
+    # generate), static (generate with one static KV cache shape, compiled with CUDA graphs by
+    # transformers on a GPU), vllm (vLLM's engine; `pip install vllm` on a GPU machine; no
+    # no-repeat n-grams)
     backend: Literal["loop", "hf", "static", "vllm"] = "loop"
 
     def __post_init__(self) -> None:

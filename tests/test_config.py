@@ -121,3 +121,14 @@ def test_run_dir_from_an_older_version_resumes(tmp_path):
     saved.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="lora.enabled"):
         prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=old", "lora.enabled=true"]))
+
+
+def test_recompute_chunks_auto_depends_on_the_device():
+    from srd.train.loop import recompute_chunks
+
+    assert load_config(None, []).loss.recompute_chunks == "auto"
+    assert load_config(None, ["loss.recompute_chunks=false"]).loss.recompute_chunks is False
+    with pytest.raises(ConfigError, match="recompute_chunks"):
+        load_config(None, ["loss.recompute_chunks=sometimes"])
+    assert recompute_chunks("auto", "cpu") is False and recompute_chunks("auto", "cuda") is True
+    assert recompute_chunks(True, "cpu") is True and recompute_chunks(False, "cuda") is False

@@ -352,6 +352,13 @@ def evaluate_dev(
     return metrics
 
 
+def recompute_chunks(setting: bool | str, device: Any) -> bool:
+    """loss.recompute_chunks: `auto` recomputes on accelerators and keeps the logits on CPUs."""
+    if isinstance(setting, bool):
+        return setting
+    return torch.device(device).type != "cpu"
+
+
 def run_temperatures(cfg: RunConfig, tau: float) -> list[float]:
     """Every temperature a run's stages train at (SRD's curriculum, else loss.tau), and this
     stage's `tau`: what its teacher cache must serve."""
@@ -462,7 +469,7 @@ def train_stage(
         beta=lcfg.beta,
         chunk_size=lcfg.chunk_size,
         vocab_size=vocab,
-        recompute=lcfg.recompute_chunks,
+        recompute=recompute_chunks(lcfg.recompute_chunks, acc.device),
     )
     module.train()
     sharded = use_sharding(cfg, acc)
