@@ -204,6 +204,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"srd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        from srd.utils import disk_full
+
+        if not disk_full(e):
+            raise
+        print(
+            f"srd {args.command}: error: no space left on device ({e}). Finished work is kept (files are "
+            "written to temporary names and renamed when complete). Free some space (finished runs' "
+            "checkpoints/ folders and optimizer*.pt files can go; train.keep_last=1 keeps fewer "
+            "checkpoints) and rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -132,3 +132,27 @@ def test_recompute_chunks_auto_depends_on_the_device():
         load_config(None, ["loss.recompute_chunks=sometimes"])
     assert recompute_chunks("auto", "cpu") is False and recompute_chunks("auto", "cuda") is True
     assert recompute_chunks(True, "cpu") is True and recompute_chunks(False, "cuda") is False
+
+
+def test_a_full_disk_gets_advice_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    import srd.cli as cli
+
+    def fails(args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:  # as safetensors reports it: only in its own error's message
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)") from e
+
+    monkeypatch.setattr(cli, "_dispatch", fails)
+    assert cli.main(["train", "-"]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "rerun the same command to resume" in err
+
+    def other(args):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(cli, "_dispatch", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.main(["train", "-"])

@@ -368,124 +368,85 @@ def iter_responses(
     was_training = model.training
     model.eval()
     try:
-        yield from _responses(
-            model,
-            tokenizer,
-            prompts,
+        device = next(model.parameters()).device
+        seq2seq = is_seq2seq(model)
+        if seq2seq:
+            backend = "hf"  # the decode loop is for decoder-only models
+        if backend == "vllm":
+            from srd.eval.vllm_backend import vllm_generate
+
+            out = vllm_generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                stop_strings=stop_strings,
+                seed=seed,
+                progress=progress,
+            )
+            yield from enumerate(out)
+            return
+        if backend == "loop":
+            generator = None
+            if do_sample:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(0 if seed is None else seed)
+            stream = decode_stream(
+                model,
+                tokenizer,
+                prompts,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                processors=logits_processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size),
+                stop_strings=stop_strings,
+                generator=generator,
+            )
+            with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
+                for i, ids in stream:
+                    bar.update(1)
+                    yield i, cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
+            return
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
             do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            stop_strings=stop_strings,
-            seed=seed,
-            progress=progress,
-            desc=desc,
-            backend=backend,
-            static_cache_len=static_cache_len,
+            pad_token_id=pad_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            no_repeat_ngram_size=no_repeat_ngram_size or None,
         )
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+        else:  # keep the model's generation_config sampling defaults from warning/overriding
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        batches = length_batches(prompts, batch_size)
+        full = len(batches[0])
+        if backend == "static":  # one cache size and one batch size for every batch: one compiled graph
+            need = max(max(len(p) for p in prompts) + max_new_tokens, static_cache_len or 0)
+            kwargs.update(cache_implementation="static", max_cache_len=-(-need // 64) * 64)
+        for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+            rows = [prompts[i] for i in idx]
+            if backend == "static" and len(rows) < full:  # the last batch: filled with copies, dropped below
+                rows += [rows[-1]] * (full - len(rows))
+            ids, mask = _left_pad(rows, pad_id(tokenizer))
+            criteria = []
+            if stop_strings:
+                from transformers import StoppingCriteriaList
+
+                # an encoder-decoder's generated ids start with its decoder start token, not the prompt
+                start = 1 if seq2seq else ids.shape[1]
+                criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, start)])
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
+            )
+            new = gen[:, 1:] if seq2seq else gen[:, ids.shape[1] :]
+            for row, i in enumerate(idx):
+                yield i, cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
     finally:
         model.train(was_training)
-
-
-def _responses(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    no_repeat_ngram_size: int,
-    stop_strings: Sequence[str],
-    seed: int | None,
-    progress: bool,
-    desc: str,
-    backend: str,
-    static_cache_len: int | None,
-) -> Iterator[tuple[int, str]]:
-    device = next(model.parameters()).device
-    seq2seq = is_seq2seq(model)
-    if seq2seq:
-        backend = "hf"  # the decode loop is for decoder-only models
-    if backend == "vllm":
-        from srd.eval.vllm_backend import vllm_generate
-
-        out = vllm_generate(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            stop_strings=stop_strings,
-            seed=seed,
-            progress=progress,
-        )
-        yield from enumerate(out)
-        return
-    if backend == "loop":
-        generator = None
-        if do_sample:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(0 if seed is None else seed)
-        stream = decode_stream(
-            model,
-            tokenizer,
-            prompts,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            processors=logits_processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size),
-            stop_strings=stop_strings,
-            generator=generator,
-        )
-        with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
-            for i, ids in stream:
-                bar.update(1)
-                yield i, cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
-        return
-    if seed is not None:
-        torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        pad_token_id=pad_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        no_repeat_ngram_size=no_repeat_ngram_size or None,
-    )
-    if do_sample:
-        kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-    else:  # keep the model's generation_config sampling defaults from warning/overriding
-        kwargs.update(temperature=None, top_k=None, top_p=None)
-    batches = length_batches(prompts, batch_size)
-    full = len(batches[0])
-    if backend == "static":  # one cache size and one batch size for every batch: one compiled graph
-        need = max(max(len(p) for p in prompts) + max_new_tokens, static_cache_len or 0)
-        kwargs.update(cache_implementation="static", max_cache_len=-(-need // 64) * 64)
-    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        rows = [prompts[i] for i in idx]
-        if backend == "static" and len(rows) < full:  # the last batch: filled with copies, dropped below
-            rows += [rows[-1]] * (full - len(rows))
-        ids, mask = _left_pad(rows, pad_id(tokenizer))
-        criteria = []
-        if stop_strings:
-            from transformers import StoppingCriteriaList
-
-            # an encoder-decoder's generated ids start with its decoder start token, not the prompt
-            start = 1 if seq2seq else ids.shape[1]
-            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, start)])
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
-        )
-        new = gen[:, 1:] if seq2seq else gen[:, ids.shape[1] :]
-        for row, i in enumerate(idx):
-            yield i, cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
