@@ -201,11 +201,12 @@ def decode_stream(
     At most `batch_size` rows decode together, longest prompts first. A row that finishes
     leaves the batch and its KV cache at once; once `refill_at` slots are free (default a
     quarter of the batch), the next prompts are prefilled and join the running batch, so the
-    batch stays full until the prompts run out (continuous batching). On a CPU a decode step
-    costs about the same for 1 row as for 16 (it is bound by reading the weights), so a full
-    batch is what makes it fast. `generators` (sampling; one per prompt) make each row's draws
-    independent of the rows it is decoded with. With `keep_eos` a generated EOS ends its row's ids (on-policy
-    training keeps it as a target)."""
+    batch stays full until the prompts run out (continuous batching). A step of 16 rows costs
+    far less than 16 steps of 1 row (on the 2-core CPU here a 576 x 1536 layer takes 0.11 ms
+    for 1 row and 0.38 ms for 16), so a full batch is what makes decoding fast. `generators`
+    (sampling; one per prompt) make each row's draws independent of the rows it is decoded
+    with. With `keep_eos` a generated EOS ends its row's ids (on-policy training keeps it as a
+    target)."""
     from transformers import DynamicCache
 
     if max_new_tokens <= 0:
