@@ -16,7 +16,9 @@
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
 #   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
 #      --loss-only (forward KL, hand-written backward vs autograd)
-# Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU).
+# Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 840 s, more than one
+# 600-second device call: split the run over two calls, e.g. "1 2" then "3 4").
 set -u
 cd "$(dirname "$0")/.."
 
@@ -56,19 +58,26 @@ else
     GEN_ARGS=(--limit 512 --batch-sizes 256 --backends hf loop static)
     REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
 fi
+STEPS=" ${SRD_GPU_STEPS:-1 2 3 4} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 echo "== $(date -u) gpu.sh into $OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 
+if want 1; then
 echo "== 1. throughput"
 timeout 300 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
     --record "$OUT/throughput.md" || echo "throughput: exit $?"
+fi
 
+if want 2; then
 echo "== 2. generation"
 timeout 160 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
     --record "$OUT/generation.md" || echo "generation: exit $?"
+fi
 
+if want 3; then
 echo "== 3. reflection over $REFLECT_ROWS Dolly prompts"
 RUN=${TMPDIR:-/tmp}/srd-gpu-reflect
 rm -rf "$RUN"
@@ -107,8 +116,12 @@ lines = header("Reflection on one GPU, random-init GPT-2 124M student") + [
 ]
 save_record("\n".join(lines) + "\n", record, "gpu", "reflection")
 EOF
+fi
+
+if want 4; then
 echo "== 4. profile and loss"
 timeout 200 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
     --record "$OUT/profile.md" || echo "profile: exit $?"
 timeout 60 $PY benchmarks/throughput.py --preset gpu --loss-only --record "$OUT/loss.md" || echo "loss: exit $?"
+fi
 echo "== $(date -u) done"
