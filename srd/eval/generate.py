@@ -81,9 +81,9 @@ def stop_candidates(tokenizer: Any, stop_strings: Sequence[str]) -> frozenset[in
 
 
 def length_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Prompt positions grouped into batches, longest prompts first (little padding per batch).
-    generate_responses decodes in exactly these batches, so a caller resuming per batch can
-    rebuild them."""
+    """Prompt positions grouped into batches, longest prompts first (little padding per batch):
+    the batches of the `hf` and `static` backends, and (as one batch) the queue order of the
+    decode loop."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

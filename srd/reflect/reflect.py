@@ -3,7 +3,7 @@ scored, ranked, fused, filtered and assigned a curriculum stage (SRD paper Sec. 
 
 Resumable and multi-process:
   * each process appends finished rows (student output + statistics) to its own
-    `outputs.rank<R>.jsonl`, flushed per batch; a rerun skips ids already in any of
+    `outputs.rank<R>.jsonl`, flushed every CHUNK finished answers; a rerun skips ids already in any of
     these files and shards only what is left, so an interrupted reflection continues
     without regenerating finished rows, with any number of processes;
   * `meta.json` holds fingerprints of the data, the student and the settings; a
