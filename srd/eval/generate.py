@@ -292,38 +292,6 @@ def decode_stream(
         )
 
 
-def decode_batch(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    do_sample: bool,
-    processors: Any,
-    stop_strings: Sequence[str],
-    generator: torch.Generator | None,
-    window: int = 12,
-    keep_eos: bool = False,
-) -> list[list[int]]:
-    """New token ids for each prompt, all decoded as one batch (finished rows leave it)."""
-    new: list[list[int]] = [[] for _ in prompts]
-    for i, ids in decode_stream(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=max(1, len(prompts)),
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        processors=processors,
-        stop_strings=stop_strings,
-        generator=generator,
-        window=window,
-        keep_eos=keep_eos,
-    ):
-        new[i] = ids
-    return new
-
-
 BACKENDS = ("loop", "hf", "static", "vllm")
 
 
