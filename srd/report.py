@@ -139,7 +139,11 @@ def _plot_reflection(run: Path, plots: Path) -> list[str]:
     plt.close(fig)
     stages = sorted({r["stage"] for r in kept})
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.bar([str(s) for s in stages], [sum(r["stage"] == s for r in kept) for s in stages], color="tab:blue")
+    xs = list(
+        range(len(stages))
+    )  # positions + tick labels: string categories that look like numbers make matplotlib log
+    ax.bar(xs, [sum(r["stage"] == s for r in kept) for s in stages], color="tab:blue")
+    ax.set_xticks(xs, [str(s) for s in stages])
     ax.set_title("curriculum slice sizes")
     ax.set_xlabel("stage (easy -> hard)")
     ax.set_ylabel("examples in the slice")
