@@ -182,11 +182,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_library_logs() -> None:
+    """Drop two library messages every run printed that tell a user nothing: rouge-score's
+    'Using default tokenizer.' (absl, INFO) and DeepSpeed's 'Setting accelerator to CPU'
+    (a warning at import, which accelerate triggers whenever DeepSpeed is installed)."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_library_logs()
     from srd.config import ConfigError
     from srd.data.example import DataError
     from srd.models.load import ModelError

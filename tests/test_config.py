@@ -156,3 +156,19 @@ def test_a_full_disk_gets_advice_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_dispatch", other)
     with pytest.raises(RuntimeError, match="something else"):
         cli.main(["train", "-"])
+
+
+def test_library_noise_is_dropped_and_nothing_else():
+    import logging
+
+    from srd.cli import quiet_library_logs
+
+    quiet_library_logs()
+    ds = logging.getLogger("DeepSpeed")
+
+    def record(msg):
+        return logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not ds.filter(record("Setting accelerator to CPU. If you have GPU or other accelerator, ..."))
+    assert ds.filter(record("ZeRO stage 2 optimizer"))
+    assert not logging.getLogger("absl").isEnabledFor(logging.INFO)

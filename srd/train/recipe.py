@@ -145,7 +145,8 @@ def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     dev = with_instruction_suffix(dev, cfg.data.instruction_suffix)
     acc.print(
         f"srd train: {len(train)} training examples from {cfg.data.train}; "
-        f"{len(dev)} dev examples; run directory {run_dir}"
+        f"{len(dev)} dev examples (dev loss on the first {min(cfg.data.dev_limit or len(dev), len(dev))}, "
+        f"dev ROUGE-L on the first {min(cfg.dev_eval.num_examples, len(dev))}); run directory {run_dir}"
     )
     summary = train_stage(
         cfg,
