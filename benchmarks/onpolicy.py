@@ -1,6 +1,7 @@
 """On-policy (GKD) sampling: one decoding stream per micro-batch against one per optimizer step.
 
     python benchmarks/onpolicy.py --preset cpu     # bundled SmolLM2-135M, 4 micro-batches of 4 Dolly prompts
+    python benchmarks/onpolicy.py --preset gpu     # random-init GPT-2 124M shapes, 4 micro-batches of 16 (gpu.sh)
 
 GKD draws, per optimizer step, which micro-batches the student answers itself. srd samples all
 of a step's on-policy micro-batches (on this process) in one continuous-batching stream
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 PRESETS = {
     "cpu": {"model": "smollm2-135m-instruct", "micro_batches": 4, "batch": 4, "max_new_tokens": 96, "repeats": 2},
+    "gpu": {"model": "random:gpt2", "micro_batches": 4, "batch": 16, "max_new_tokens": 256, "repeats": 2},
 }
 
 
