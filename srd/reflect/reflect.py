@@ -31,7 +31,7 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.eval.generate import iter_responses
+from srd.eval.generate import iter_responses, length_batches
 from srd.models.load import is_seq2seq
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
@@ -55,10 +55,10 @@ def sequence_stats(
     target tokens (labels != -100, EOS included), and their count."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # batches of similar length
-    out: list[dict[str, float]] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = collate([encoded[i] for i in order[start : start + batch_size]], pad_id(tokenizer))
+    out: list[dict[str, float]] = [{} for _ in encoded]
+    # longest first, so each batch pads little
+    for idx in length_batches([e.input_ids for e in encoded], batch_size):
+        batch = collate([encoded[i] for i in idx], pad_id(tokenizer))
         batch = {k: v.to(device) for k, v in batch.items()}
         h, targets, mask, head = target_features(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         rows = torch.arange(mask.shape[0], device=device)[:, None].expand_as(mask)[mask]
@@ -71,18 +71,13 @@ def sequence_stats(
             nll.index_add_(0, rows[c : c + chunk_size], tok_nll.double())
             ent.index_add_(0, rows[c : c + chunk_size], tok_ent.double())
         counts = mask.sum(1).clamp_min(1).double()
-        for i in range(mask.shape[0]):
-            out.append(
-                {
-                    "ce": (nll[i] / counts[i]).item(),
-                    "entropy": (ent[i] / counts[i]).item(),
-                    "ref_tokens": int(mask[i].sum()),
-                }
-            )
-    result: list[dict[str, float]] = [{} for _ in encoded]
-    for i, row in zip(order, out):
-        result[i] = row
-    return result
+        for i, pos in enumerate(idx):
+            out[pos] = {
+                "ce": (nll[i] / counts[i]).item(),
+                "entropy": (ent[i] / counts[i]).item(),
+                "ref_tokens": int(mask[i].sum()),
+            }
+    return out
 
 
 def data_fingerprint(examples: Sequence[Example]) -> str:
