@@ -83,6 +83,15 @@ def test_onpolicy_script_compares_per_micro_batch_and_one_stream(tmp_path, tiny_
     assert "4/4 sampled answers identical" in text
 
 
+def test_gemm_script_records_decode_rows_head_and_step_shapes(tmp_path):
+    record = tmp_path / "gemm.md"
+    assert _module("gemm").main(["--repeats", "1", "--record", str(record)]) == 0
+    text = record.read_text()
+    rows = [r.split("|") for r in text.splitlines() if r.startswith("| 576 x 1536 |")]
+    assert [int(r[2]) for r in rows] == [1, 4, 16, 64] and all(float(r[3]) > 0 for r in rows)
+    assert "LM head 49152 x 576, 16 rows: F.linear" in text and "| 1536 x 576 x 49152 |" in text
+
+
 def test_record_header_elides_note_paragraphs():
     from benchmarks.common import command_line
 

@@ -1,0 +1,91 @@
+"""Float32 matrix-multiply rates of the shapes srd's CPU numbers depend on, each timed alone.
+
+    python benchmarks/gemm.py
+
+Two questions it answers with measurements:
+  * decoding: how a layer's time grows with the rows in a decode step (why the decode loop
+    keeps its batch full), and the LM head of a 16-row step as F.linear against
+    weight @ hidden.T (what srd.eval.generate.step_logits uses);
+  * training: the rate of the KD step's GEMM shapes (SmolLM2 20/30-layer bodies over 8 x 256
+    tokens, the 49,152 x 576 head at 1,536 target positions), to compare with the step's
+    measured time.
+CPU tensors only. The record goes to benchmarks/results/DATE-cpu-gemm.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DECODE_LAYERS = [(576, 1536), (1536, 576)]  # SmolLM2 MLP up / down projections (in, out)
+DECODE_ROWS = [1, 4, 16, 64]
+HEAD = (576, 49152)  # hidden, vocabulary
+STEP_SHAPES = [(2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (1536, 576, 49152)]  # m, k, n
+
+
+def _time(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--record", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.common import header, save_record
+
+    torch.manual_seed(0)
+    lines = header("Float32 GEMM rates of srd's shapes") + [
+        f"Float32, {torch.get_num_threads()} threads, each shape timed alone: mean of {args.repeats} calls "
+        "after 2 warm-up calls.",
+        "",
+        "## Decode-step layers: time against rows",
+        "",
+        "| layer (in x out) | rows | ms | GFLOP/s |",
+        "|---|---|---|---|",
+    ]
+    for i, o in DECODE_LAYERS:
+        w = torch.randn(o, i)
+        for m in DECODE_ROWS:
+            x = torch.randn(m, i)
+            secs = _time(lambda x=x, w=w: F.linear(x, w), args.repeats)
+            lines.append(f"| {i} x {o} | {m} | {secs * 1e3:.3f} | {2 * m * i * o / secs / 1e9:.1f} |")
+    h, v = HEAD
+    w = torch.randn(v, h)
+    x = torch.randn(16, h)
+    lin = _time(lambda: F.linear(x, w), max(3, args.repeats // 4))
+    wt = _time(lambda: (w @ x.T).T, max(3, args.repeats // 4))
+    lines += [
+        "",
+        f"LM head {v} x {h}, 16 rows: F.linear {lin * 1e3:.1f} ms, weight @ hidden.T {wt * 1e3:.1f} ms "
+        f"({lin / wt:.2f}x).",
+        "",
+        "## KD-step shapes",
+        "",
+        "| m x k x n | ms | GFLOP/s |",
+        "|---|---|---|",
+    ]
+    for m, k, n in STEP_SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        secs = _time(lambda a=a, b=b: a @ b, max(3, args.repeats // 4))
+        lines.append(f"| {m} x {k} x {n} | {secs * 1e3:.1f} | {2 * m * k * n / secs / 1e9:.0f} |")
+    save_record("\n".join(lines) + "\n", args.record, "cpu", "gemm")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
