@@ -55,10 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static", "vllm"])
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
+    p.add_argument(
+        "--phases",
+        action="store_true",
+        help="time the decode loop's forward passes by kind (prefill of joining prompts, decode steps); "
+        "the timing itself synchronises the device after every forward",
+    )
     args = p.parse_args(argv)
 
     import torch
 
+    import srd.eval.generate as gen_mod
     from benchmarks.common import header, save_record
     from srd.data.prompts import encode_prompt
     from srd.data.sources import load_examples
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(cfg["model"], dtype=dtype).to(device).eval()
     examples = load_examples(cfg["data"], limit=cfg["limit"])
     prompts = [encode_prompt(tokenizer, ex, "alpaca", 256) for ex in examples]
-    rows, answers = [], {}
+    rows, answers, phase_lines = [], {}, []
     for bs in cfg["batch_sizes"]:
         for backend in args.backends:
             # warm-up (allocator, kernels) on one small batch; static: on the longest prompts with the full
@@ -90,6 +97,25 @@ def main(argv: list[str] | None = None) -> int:
                 generate_responses(model, tokenizer, prompts[:bs], max_new_tokens=8, batch_size=bs, backend=backend)
             if device == "cuda":
                 torch.cuda.synchronize()
+            phases = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # calls, seconds, rows (or tokens)
+            real_step = gen_mod.step_logits
+
+            def timed_step(model_, real_step=real_step, phases=phases, **inputs):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = real_step(model_, **inputs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                ids = inputs["input_ids"]
+                kind = phases["decode" if ids.shape[1] == 1 else "prefill"]
+                kind[0] += 1
+                kind[1] += time.perf_counter() - t
+                kind[2] += ids.shape[0] if ids.shape[1] == 1 else int(inputs["attention_mask"].sum())
+                return out
+
+            if args.phases and backend == "loop":
+                gen_mod.step_logits = timed_step
             t0 = time.perf_counter()
             texts = generate_responses(
                 model,
@@ -108,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+            gen_mod.step_logits = real_step
+            if args.phases and backend == "loop":
+                (pn, ps, pt), (dn, ds, dr) = phases["prefill"], phases["decode"]
+                phase_lines.append(
+                    f"Batch {bs}, loop, forward passes by kind: prefill {ps:.1f} s in {pn} calls ({pt} prompt "
+                    f"tokens); decode {ds:.1f} s in {dn} steps (mean {dr / max(dn, 1):.1f} live rows); the rest of "
+                    f"the {wall:.1f} s wall time (sampling, stop checks, cache joins) {wall - ps - ds:.1f} s."
+                )
             n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
             answers[(bs, backend)] = texts
             rows.append((bs, backend, wall, n_tokens))
@@ -133,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 if a and b:
                     same = sum(x == y for x, y in zip(a, b))
                     lines += ["", f"Batch {bs}: {same}/{len(a)} greedy answers identical between hf and {other}."]
+    if phase_lines:
+        lines += ["", *phase_lines]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "generation")
     return 0
 

@@ -65,9 +65,10 @@ def test_loss_only_times_hand_written_and_autograd_forward_kl(tmp_path):
 def test_generation_script_compares_backends(tmp_path, tiny_models):
     record = tmp_path / "generation.md"
     args = ["--preset", "cpu", "--model", str(tiny_models["llama-student"]), "--limit", "4", "--batch-sizes", "2"]
-    args += ["--max-new-tokens", "4", "--record", str(record), "--backends", "hf", "loop", "static"]
+    args += ["--max-new-tokens", "4", "--record", str(record), "--backends", "hf", "loop", "static", "--phases"]
     assert _module("generation").main(args) == 0
     text = record.read_text()
+    assert "Batch 2, loop, forward passes by kind: prefill" in text and " steps (mean " in text
     assert "| static |" in text and "identical between hf and static" in text
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
 
