@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import header, save_record
     from srd.data.sources import load_examples
     from srd.data.tokenize import encode_example
+    from srd.eval.generate import row_seeds
     from srd.models import load_model, load_tokenizer
-    from srd.train.onpolicy import row_seeds, sample_responses
+    from srd.train.onpolicy import sample_responses
 
     cfg = dict(PRESETS[args.preset])
     for key in ("model", "micro_batches", "batch", "max_new_tokens", "repeats"):

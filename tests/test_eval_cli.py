@@ -87,34 +87,38 @@ def test_wilcoxon_p():
 
 @pytest.mark.slow
 def test_eval_sharded_over_two_processes_matches_one(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """Sampled answers are seeded per example: two processes give the one-process file."""
 
-    def args(out):
+    def args(out, batch):
         return [
             "eval",
             str(tiny_models["llama-student"]),
             "--benchmarks",
             str(srd_data["train"]),
-            "--greedy",
+            "--seeds",
+            "10",
             "--max-new-tokens",
             "4",
             "--batch-size",
-            "1",
+            str(batch),
             "--no-progress",
             "--out",
             str(out),
         ]
 
-    proc = run_cli_in_processes(args(tmp_path / "two"), port=29519)
+    proc = run_cli_in_processes(args(tmp_path / "two", 1), port=29519)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(args(tmp_path / "one")) == 0
-    one = (tmp_path / "one" / "train" / "greedy.jsonl").read_text()
-    two = (tmp_path / "two" / "train" / "greedy.jsonl").read_text()
+    assert main(args(tmp_path / "one", 4)) == 0
+    one = (tmp_path / "one" / "train" / "seed-10.jsonl").read_text()
+    two = (tmp_path / "two" / "train" / "seed-10.jsonl").read_text()
     assert one == two and len(one.splitlines()) == 20
 
 
-def test_interrupted_greedy_evaluation_resumes_per_answer(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
-    """A greedy benchmark killed after 2 answers keeps them (partial file); the rerun
-    generates only the others and ends with the uninterrupted predictions."""
+@pytest.mark.parametrize("seeds", [None, [10]], ids=["greedy", "sampled"])
+def test_interrupted_evaluation_resumes_per_answer(tmp_path, tiny_models, srd_data, monkeypatch, seeds):  # noqa: F811
+    """A benchmark killed after 2 answers keeps them (partial file); the rerun generates only
+    the others, with another batch size, and ends with the uninterrupted predictions (sampled
+    answers too: each example has its own seed)."""
     from accelerate import Accelerator
 
     import srd.eval.evaluate as ev
@@ -123,12 +127,13 @@ def test_interrupted_greedy_evaluation_resumes_per_answer(tmp_path, tiny_models,
     model = load_model(str(tiny_models["llama-student"])).eval()
     tok = load_tokenizer(str(tiny_models["llama-student"]))
     acc = Accelerator(cpu=True)
-    kw = dict(seeds=None, limit=None, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=3)
+    kw = dict(seeds=seeds, limit=None, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=3)
+    key = "greedy" if seeds is None else "seed-10"
     kw.update(max_new_tokens=6, no_repeat_ngram_size=0, accelerator=acc, progress=False)
     bench = str(srd_data["dev"])
     ev.evaluate(model, tok, [bench], tmp_path / "whole", **kw)
     name = next(p for p in (tmp_path / "whole").iterdir() if p.is_dir()).name
-    whole = (tmp_path / "whole" / name / "greedy.jsonl").read_text()
+    whole = (tmp_path / "whole" / name / f"{key}.jsonl").read_text()
     n = len(whole.splitlines())
     assert n >= 3
 
@@ -143,12 +148,49 @@ def test_interrupted_greedy_evaluation_resumes_per_answer(tmp_path, tiny_models,
     monkeypatch.setattr(ev, "iter_responses", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(model, tok, [bench], tmp_path / "cut", **kw)
-    partial = tmp_path / "cut" / name / "greedy.rank0.partial"
-    assert len(partial.read_text().splitlines()) == 2 and not (tmp_path / "cut" / name / "greedy.jsonl").exists()
+    partial = tmp_path / "cut" / name / f"{key}.rank0.partial"
+    assert len(partial.read_text().splitlines()) == 2 and not (tmp_path / "cut" / name / f"{key}.jsonl").exists()
     monkeypatch.setattr(
         ev, "iter_responses", lambda m, t, prompts, **k: given.append(len(prompts)) or real(m, t, prompts, **k)
     )
-    ev.evaluate(model, tok, [bench], tmp_path / "cut", **kw)
+    ev.evaluate(model, tok, [bench], tmp_path / "cut", **{**kw, "batch_size": 2})
     assert given == [n - 2]  # only the missing answers are generated
-    assert (tmp_path / "cut" / name / "greedy.jsonl").read_text() == whole
+    assert (tmp_path / "cut" / name / f"{key}.jsonl").read_text() == whole
     assert not partial.exists()
+
+
+def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """Resuming with fewer processes: every process's partial file counts (rows are numbered in
+    the dataset, not per process); lines of the older per-process numbering are ignored (those
+    answers are generated again); all partial files go once the results are saved."""
+    from accelerate import Accelerator
+
+    import srd.eval.evaluate as ev
+    from srd.models import load_model, load_tokenizer
+
+    model = load_model(str(tiny_models["llama-student"])).eval()
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    kw = dict(seeds=None, limit=4, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=3)
+    kw.update(max_new_tokens=3, no_repeat_ngram_size=0, accelerator=Accelerator(cpu=True), progress=False)
+    bench = str(srd_data["dev"])
+    name = ev.resolve_benchmark(bench).name
+    folder = tmp_path / "out" / name
+    folder.mkdir(parents=True)
+    (folder / "greedy.rank1.partial").write_text(
+        json.dumps({"row": 1, "prediction": "kept by process 1", "s": 0.5})
+        + "\n"
+        + json.dumps({"i": 0, "prediction": "old numbering", "s": 0.5})
+        + "\n"
+    )
+    real, given = ev.iter_responses, []
+    monkeypatch.setattr(
+        ev, "iter_responses", lambda m, t, prompts, **k: given.append(len(prompts)) or real(m, t, prompts, **k)
+    )
+    ev.evaluate(model, tok, [bench], tmp_path / "out", **kw)
+    rows = [json.loads(x) for x in (folder / "greedy.jsonl").read_text().splitlines()]
+    assert (
+        given == [len(rows) - 1]
+        and rows[1]["prediction"] == "kept by process 1"
+        and rows[0]["prediction"] != "old numbering"
+    )
+    assert not list(folder.glob("*.partial"))

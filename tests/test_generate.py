@@ -70,6 +70,51 @@ def test_sampling_is_seeded(tokenizer):
     assert a == b and a != c
 
 
+def test_a_sampled_answer_depends_on_its_seed_alone(tokenizer):
+    """Sampling with the loop: a prompt's answer is the same whatever the batch size and
+    whatever other prompts share the call, given the same per-prompt seed."""
+    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    prompts = _prompts(tokenizer)
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=0, top_p=1.0)
+    seeds = gen.row_seeds(10, len(prompts))
+    together = generate_responses(model, tokenizer, prompts, seeds=seeds, batch_size=3, **kw)
+    assert together == generate_responses(model, tokenizer, prompts, seed=10, batch_size=3, **kw)
+    assert together == generate_responses(model, tokenizer, prompts, seeds=seeds, batch_size=1, **kw)
+    subset = [4, 1]
+    alone = generate_responses(model, tokenizer, [prompts[i] for i in subset], seeds=[seeds[i] for i in subset], **kw)
+    assert alone == [together[i] for i in subset]
+    with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+        generate_responses(model, tokenizer, prompts, seeds=seeds[:2], **kw)
+
+
+def test_sample_rows_draws_from_the_softmax():
+    """Counter-based inverse-transform sampling: frequencies match softmax(scores) (a
+    chi-square test with fixed keys, so it is deterministic), excluded tokens (-inf) are never
+    drawn, and a draw is a function of (key, counter) alone."""
+    from scipy.stats import chisquare
+
+    scores = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf"), 0.5])
+    probs = torch.softmax(scores.double(), -1)
+    n = 60_000
+    keys = gen.seed_keys(gen.row_seeds(1, 300)).repeat_interleave(n // 300)
+    counters = torch.arange(n // 300).repeat(300)
+    drawn = gen.sample_rows(scores.expand(n, -1), keys, counters)
+    counts = torch.bincount(drawn, minlength=6).double()
+    assert counts[4] == 0
+    live = [0, 1, 2, 3, 5]
+    expected = probs[live] / probs[live].sum() * n
+    assert chisquare(counts[live].numpy(), expected.numpy()).pvalue > 1e-3
+    again = gen.sample_rows(scores.expand(n, -1), keys, counters)
+    assert torch.equal(drawn, again)
+    half = gen.sample_rows(scores.expand(n // 2, -1), keys[n // 2 :], counters[n // 2 :])
+    assert torch.equal(half, drawn[n // 2 :])  # rows do not see each other
+    u = gen.row_uniforms(keys, counters)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and len(torch.unique(u)) == n
+    # the last token excluded and a uniform at the top of the range: still a live token
+    top = torch.tensor([[0.0, 0.0, float("-inf")]])
+    assert gen.sample_rows(top, torch.tensor([0]), torch.tensor([0])).item() in (0, 1)
+
+
 class _FakeVLLM:
     """Stands in for the `vllm` package: an engine that loads the saved folder with transformers
     and decodes greedily with srd's loop, recording what it was given."""
@@ -139,7 +184,7 @@ def test_vllm_backend_maps_settings_and_reuses_its_engine(tokenizer, tmp_path, m
     )
     assert len(sampled) == len(prompts) and all("###" not in s for s in sampled)
     assert [(p["temperature"], p["top_k"], p["top_p"], p["seed"]) for p in fake.calls[-1]] == [
-        (0.7, 5, 0.9, 3 + i) for i in range(len(prompts))
+        (0.7, 5, 0.9, s) for s in gen.row_seeds(3, len(prompts))
     ]
     assert len(fake.engines) == 1 and fake.engines[0]["dtype"] == "float32"  # reused while the weights hold
     with torch.no_grad():

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from srd.cli import main
 from srd.data.tokenize import IGNORE_INDEX, Encoded
-from srd.train.onpolicy import on_policy_flags, row_seeds, sample_responses, with_response
+from srd.eval.generate import row_seeds
+from srd.train.onpolicy import on_policy_flags, sample_responses, with_response
 from srd.train.step import target_positions
 from tests.conftest import make_llama
 from tests.test_srd_run import _args, srd_data  # noqa: F401

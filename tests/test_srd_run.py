@@ -113,7 +113,10 @@ def test_ablation_switches_reach_the_stages(tmp_path, tiny_models, srd_data):
     assert [s["alpha"] for s in res["stages"]] == pytest.approx([0.3, 0.3])
 
 
-def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data, monkeypatch):
+@pytest.mark.parametrize("sampling", [[], ["generation.do_sample=true"]], ids=["greedy", "sampled"])
+def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data, monkeypatch, sampling):
+    """An interrupted reflection keeps its saved groups, generates only the rest, and ends with
+    the uninterrupted manifest (sampled answers too: each training row has its own seed)."""
     real, given = reflect_mod.iter_responses, []
 
     def flaky(*args, **kwargs):  # interrupted at the 11th answer: 2 groups of 4 were saved
@@ -125,21 +128,22 @@ def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data
 
     monkeypatch.setattr(reflect_mod, "CHUNK", 4)
     monkeypatch.setattr(reflect_mod, "iter_responses", flaky)
-    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 130
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path, *sampling)) == 130
     out = tmp_path / "x" / "reflection" / "outputs.rank0.jsonl"
     assert len(out.read_text().splitlines()) == 8
     with open(out, "a") as f:
         f.write('{"id": "r99", "student_out')  # a torn line from a crash mid-write
     monkeypatch.setattr(reflect_mod, "iter_responses", lambda *a, **k: given.append(len(a[2])) or real(*a, **k))
-    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path, *sampling)) == 0
     assert given == [20, 12]  # the rerun generated only the 12 unsaved examples
     assert len(_manifest(tmp_path / "x")) == 20
     # a fresh run in another folder gives the same manifest
-    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fresh")) == 0
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fresh", *sampling)) == 0
     a, b = _manifest(tmp_path / "x"), _manifest(tmp_path / "fresh" / "x")
     assert [(r["id"], r["stage"], r["student_output"]) for r in a] == [
         (r["id"], r["stage"], r["student_output"]) for r in b
     ]
+    assert not sampling or len({r["student_output"] for r in a}) > 1  # sampled: the rows differ
 
 
 def test_reflection_with_the_static_cache_backend_gives_the_same_manifest(tmp_path, tiny_models, srd_data):

@@ -5,9 +5,11 @@ Layout under the output folder (a run's `eval/` by default):
     summary.json, summary.md                    mean per seed, mean and std over seeds, wall time
 
 Finished (benchmark, seed) files are reused when the command is rerun, so an interrupted
-evaluation continues; within a greedy benchmark, every answer is kept in
-`<benchmark>/greedy.rank<R>.partial` as it finishes and only the missing ones are generated
-on the rerun. Prompts are sharded over accelerate processes and gathered.
+evaluation continues; within a (benchmark, seed), every answer is kept in
+`<benchmark>/<greedy|seed-S>.rank<R>.partial` as it finishes and only the missing ones are
+generated on the rerun (with any number of processes). Prompts are sharded over accelerate
+processes and gathered. Sampled answers are seeded per example (`row_seeds`), so the same
+seed gives the same answers in one process or eight, in one go or resumed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.eval.generate import generate_responses, iter_responses
+from srd.eval.generate import iter_responses, row_seeds
 from srd.utils import atomic_write_json, atomic_write_text
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
@@ -41,19 +43,25 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
 
 
 def partial_path(rows_path: Path, rank: int) -> Path:
-    """Where process `rank` appends finished greedy batches of `rows_path` (not *.jsonl, so
+    """Where process `rank` appends the finished answers of `rows_path` (not *.jsonl, so
     score readers never mistake it for a finished file)."""
     return rows_path.with_name(f"{rows_path.stem}.rank{rank}.partial")
 
 
-def _read_partial(path: Path) -> dict[int, tuple[str, float]]:
-    """Finished rows of an interrupted run: position -> (prediction, seconds); a torn last line is ignored."""
+def _partials(rows_path: Path) -> list[Path]:
+    return sorted(rows_path.parent.glob(f"{rows_path.stem}.rank*.partial"))
+
+
+def _read_partials(rows_path: Path) -> dict[int, tuple[str, float]]:
+    """Finished answers of an interrupted run, from every process's file: example row ->
+    (prediction, seconds). A torn last line, and lines of older versions (which numbered rows
+    per process), are ignored: those answers are generated again."""
     done: dict[int, tuple[str, float]] = {}
-    if path.exists():
+    for path in _partials(rows_path):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
-                done[int(row["i"])] = (row["prediction"], float(row["s"]))
+                done[int(row["row"])] = (row["prediction"], float(row["s"]))
             except (ValueError, KeyError, TypeError):
                 continue
     return done
@@ -73,70 +81,64 @@ def _run_one(
     no_repeat_ngram_size: int,
     accelerator: Any,
     progress: bool,
-    partial: Path | None = None,
+    partial: Path,
     backend: str = "loop",
 ) -> tuple[list[str], float]:
     """Predictions for every example (sharded over processes) and the wall time.
 
-    Greedy runs with `partial` set append each answer to that process's partial file as it
-    finishes and generate only the missing ones when rerun."""
+    Each answer is appended to the process's partial file (next to `partial`) as it finishes;
+    a rerun, with any number of processes, generates only the missing ones. A sampled run
+    gives example i the seed `row_seeds(seed, n)[i]`, so (with the `loop` and `vllm` backends)
+    its answer is the same whatever the batch, the process count or the point of resumption."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(len(examples)))[rank::world]
-    prompts = [encode_prompt(tokenizer, examples[i], fmt, max_prompt_len) for i in mine]
+    done = _read_partials(partial)
+    todo = [i for i in mine if i not in done]
+    prompts = [encode_prompt(tokenizer, examples[i], fmt, max_prompt_len) for i in todo]
+    every_seed = None if seed is None else row_seeds(seed, len(examples))
+    outs = {i: done[i][0] for i in mine if i in done}
+    spent = sum(done[i][1] for i in outs)
     t0 = time.perf_counter()
-    gen = dict(
-        max_new_tokens=max_new_tokens or bench.max_new_tokens,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        stop_strings=bench.stop_strings,
-        backend=backend,
-        static_cache_len=max_prompt_len + (max_new_tokens or bench.max_new_tokens),
+    bar = tqdm(
+        total=len(mine),
+        initial=len(outs),
+        desc=f"{bench.name} {'greedy' if seed is None else seed}",
+        unit="prompt",
+        disable=not (progress and accelerator.is_main_process),
     )
-    desc = f"{bench.name} {'greedy' if seed is None else seed}"
-    spent = 0.0
-    if seed is None and partial is not None:
-        own = partial_path(partial, rank)
-        done = _read_partial(own)
-        outs = [done[i][0] if i in done else "" for i in range(len(prompts))]
-        spent = sum(secs for _, secs in done.values())
-        todo = [i for i in range(len(prompts)) if i not in done]
-        bar = tqdm(
-            total=len(prompts),
-            initial=len(prompts) - len(todo),
-            desc=desc,
-            unit="prompt",
-            disable=not (progress and accelerator.is_main_process),
-        )
-        own.parent.mkdir(parents=True, exist_ok=True)
-        last = time.perf_counter()
-        with open(own, "a", encoding="utf-8") as f:
-            for j, text in iter_responses(model, tokenizer, [prompts[i] for i in todo], batch_size=batch_size, **gen):
-                now = time.perf_counter()
-                outs[todo[j]] = text
-                # each answer is kept as it finishes, with the time since the previous one
-                f.write(json.dumps({"i": todo[j], "prediction": text, "s": now - last}) + "\n")
-                f.flush()
-                last = now
-                bar.update(1)
-        bar.close()
-    else:
-        outs = generate_responses(
+    own = partial_path(partial, rank)
+    own.parent.mkdir(parents=True, exist_ok=True)
+    last = time.perf_counter()
+    with open(own, "a", encoding="utf-8") as f:
+        for j, text in iter_responses(
             model,
             tokenizer,
             prompts,
             batch_size=batch_size,
+            max_new_tokens=max_new_tokens or bench.max_new_tokens,
             do_sample=seed is not None,
             temperature=1.0,
             top_k=0,
             top_p=1.0,
-            seed=None if seed is None else seed + rank,
-            progress=progress and accelerator.is_main_process,
-            desc=desc,
-            **gen,
-        )
-    pairs = gather_object(list(zip(mine, outs)))
+            seed=seed,
+            seeds=None if every_seed is None else [every_seed[i] for i in todo],
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            stop_strings=bench.stop_strings,
+            backend=backend,
+            static_cache_len=max_prompt_len + (max_new_tokens or bench.max_new_tokens),
+        ):
+            now = time.perf_counter()
+            outs[todo[j]] = text
+            # each answer is kept as it finishes, with the time since the previous one
+            f.write(json.dumps({"row": todo[j], "prediction": text, "s": now - last}) + "\n")
+            f.flush()
+            last = now
+            bar.update(1)
+    bar.close()
+    pairs = gather_object(list(outs.items()))
     elapsed = max(gather_object([spent + time.perf_counter() - t0]))
     predictions = [""] * len(examples)
     for i, text in pairs:
@@ -224,8 +226,11 @@ def evaluate(
             atomic_write_json(summary_path, summary)
             atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
         accelerator.wait_for_everyone()
-        for key in entry["per_seed"]:  # finished and saved: the partial batches are not needed
-            partial_path(out_dir / bench.name / f"{key}.jsonl", accelerator.process_index).unlink(missing_ok=True)
+        if accelerator.is_main_process:  # finished and saved: the partial answers are not needed
+            for key in entry["per_seed"]:
+                for path in _partials(out_dir / bench.name / f"{key}.jsonl"):
+                    path.unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
     return summary
 
 

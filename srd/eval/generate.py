@@ -20,6 +20,13 @@ Backends with the same decoding rules:
   * `vllm`: vLLM's engine on a saved copy of the model (srd.eval.vllm_backend; GPU, optional).
 Greedy decoding gives the same text with loop, hf and static (tested; batch composition
 changes matmul shapes, so a near-tie between two tokens can rarely flip).
+
+Sampling with the loop draws each prompt's tokens from its own counter-based stream
+(`sample_rows`: a hash of the prompt's seed and the token's position), so a sampled answer
+depends on the seed and the prompt alone: not on batch size, on the other prompts of the call,
+on the number of processes, or on where an interrupted run resumed. vLLM gets the same
+per-prompt seeds (its own sampler). `hf` and `static` draw from torch's global generator, so
+their samples depend on how prompts were batched.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -180,6 +188,53 @@ def step_logits(model: Any, **inputs: Any) -> torch.Tensor:
     return logits.float()
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) of an int64 tensor of values below
+    2**32. Both multipliers are below 2**31, so no product overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def row_seeds(seed: int, n: int) -> list[int]:
+    """n sampling seeds derived from `seed`: one per prompt (position i gets the i-th)."""
+    rng = np.random.default_rng([seed & (2**64 - 1), 0x5EED])
+    return [int(x) for x in rng.integers(0, 2**63 - 1, size=n)]
+
+
+def seed_keys(seeds: Sequence[int]) -> torch.Tensor:
+    """The 32-bit stream key (int64 tensor) of each 64-bit seed."""
+    s = [int(v) & (2**64 - 1) for v in seeds]
+    lo = torch.tensor([v & _M32 for v in s], dtype=torch.int64)
+    hi = torch.tensor([v >> 32 for v in s], dtype=torch.int64)
+    return _mix32(lo ^ _mix32(hi ^ 0x243F6A88))
+
+
+def row_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One float64 number in (0, 1) per row, a function of (key, counter) alone: 52 bits from
+    two hashes of the pair."""
+    x = _mix32(keys ^ _mix32((counters * 0x9E3779B9 + 0x7F4A7C15) & _M32))
+    hi, lo = _mix32(x ^ 0x3C6EF372), _mix32(x ^ 0xA54FF53A)
+    return (((hi << 20) + (lo >> 12)).double() + 0.5) / 2.0**52
+
+
+def sample_rows(scores: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One token per row of (B, V) `scores` (processed logits; -inf = excluded), drawn from
+    their softmax by inverse transform: row r's uniform is `row_uniforms(keys[r], counters[r])`.
+    One vectorised draw for the batch (no per-row generator calls), and what row r draws
+    depends on its own scores, key and counter alone."""
+    cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(-1)
+    total = cdf[:, -1:]
+    # below the total: an excluded last token (zero width) can never be picked
+    u = torch.minimum(row_uniforms(keys, counters)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
 @torch.no_grad()
 def decode_stream(
     model: Any,
@@ -191,11 +246,10 @@ def decode_stream(
     do_sample: bool,
     processors: Any,
     stop_strings: Sequence[str],
-    generator: torch.Generator | None,
+    seeds: Sequence[int] | None = None,
     window: int = 12,
     keep_eos: bool = False,
     refill_at: int | None = None,
-    generators: Sequence[torch.Generator] | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """(prompt position, new token ids) for every prompt, in the order they finish.
 
@@ -205,15 +259,24 @@ def decode_stream(
     batch stays full until the prompts run out (continuous batching). A step of 16 rows costs
     far less than 16 steps of 1 row (on the 2-core CPU here a 576 x 1536 layer takes 0.13 ms
     for 1 row and 0.48 ms for 16; benchmarks/results/2026-11-28-cpu-gemm.md), so a full batch
-    is what makes decoding fast. `generators` (sampling; one per prompt) make each row's draws
-    independent of the rows it is decoded with. With `keep_eos` a generated EOS ends its row's
-    ids (on-policy training keeps it as a target)."""
+    is what makes decoding fast. Sampling needs `seeds`, one per prompt: a prompt's draws come
+    from its seed and the token's position alone (`sample_rows`), whatever rows it is decoded
+    with. With `keep_eos` a generated EOS ends its row's ids (on-policy training keeps it as a
+    target)."""
     from transformers import DynamicCache
 
     if max_new_tokens <= 0:
         yield from ((i, []) for i in range(len(prompts)))
         return
     device = next(model.parameters()).device
+    keys = None
+    if do_sample:
+        if seeds is None or len(seeds) != len(prompts):
+            raise ValueError(
+                f"sampling needs one seed per prompt: got {'no' if seeds is None else len(seeds)} seeds "
+                f"for {len(prompts)} prompts"
+            )
+        keys = seed_keys(seeds).to(device)
     pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     candidates = stop_candidates(tokenizer, stop_strings) if stop_strings else frozenset()
     refill_at = max(1, batch_size // 4) if refill_at is None else max(1, refill_at)
@@ -244,11 +307,10 @@ def decode_stream(
         if not live:
             return
         scores = processors(seqs, logits)
-        if do_sample and generators is not None:
-            probs = torch.softmax(scores, dim=-1)
-            nxt = torch.cat([torch.multinomial(probs[r], 1, generator=generators[i]) for r, i in enumerate(live)])
-        elif do_sample:
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        if keys is not None:
+            rows = torch.tensor(live, device=device)
+            counters = torch.tensor([len(new[i]) for i in live], device=device)
+            nxt = sample_rows(scores, keys[rows], counters)
         else:
             nxt = scores.argmax(dim=-1)
         keep, finished = [], []
@@ -323,6 +385,7 @@ def iter_responses(
     desc: str = "generating",
     backend: str = "loop",
     static_cache_len: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """(prompt position, response) pairs as responses finish: one at a time with the decode
     loop (continuous batching), a batch at a time with `hf` / `static`, all at the end with
@@ -330,13 +393,21 @@ def iter_responses(
 
     `static_cache_len` (static backend): the KV cache length to use in every call (e.g. the
     prompt limit + max_new_tokens), so that calls on different prompts reuse one compiled graph;
-    grown when a call needs more."""
+    grown when a call needs more.
+
+    Sampling with `loop` or `vllm`: prompt i draws from `seeds[i]` (default
+    `row_seeds(seed, len(prompts))[i]`); a caller that passes each prompt's own seed (e.g.
+    derived from its row in the dataset) gets the same answer in any batch, process or rerun."""
     if not prompts:
         return
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}")
     was_training = model.training
     model.eval()
+    if do_sample and seeds is None:
+        seeds = row_seeds(0 if seed is None else seed, len(prompts))
+    elif do_sample and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt")
     try:
         device = next(model.parameters()).device
         seq2seq = is_seq2seq(model)
@@ -356,16 +427,12 @@ def iter_responses(
                 top_p=top_p,
                 no_repeat_ngram_size=no_repeat_ngram_size,
                 stop_strings=stop_strings,
-                seed=seed,
+                seeds=seeds,
                 progress=progress,
             )
             yield from enumerate(out)
             return
         if backend == "loop":
-            generator = None
-            if do_sample:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(0 if seed is None else seed)
             stream = decode_stream(
                 model,
                 tokenizer,
@@ -375,7 +442,7 @@ def iter_responses(
                 do_sample=do_sample,
                 processors=logits_processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size),
                 stop_strings=stop_strings,
-                generator=generator,
+                seeds=seeds,
             )
             with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
                 for i, ids in stream:

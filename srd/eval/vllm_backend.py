@@ -6,7 +6,7 @@ started on it; the engine is kept for later calls while the weights stay the sam
 calls once per chunk of prompts) and replaced when they change. Prompts go in as token ids, so
 vLLM sees exactly the tokens the other backends see; answers are cut at the stop strings like
 theirs. vLLM has no no-repeat-n-gram rule: a non-zero `no_repeat_ngram_size` is refused rather
-than silently ignored. Sampling is seeded per prompt (seed + position), so a call's answers do
+than silently ignored. Sampling is seeded per prompt (`seeds`, one each), so an answer does
 not depend on how vLLM schedules them.
 
 vLLM is not a dependency (it needs CUDA); `pip install vllm` on the GPU machine. Its engine
@@ -93,10 +93,11 @@ def vllm_generate(
     top_p: float,
     no_repeat_ngram_size: int,
     stop_strings: Sequence[str],
-    seed: int | None,
+    seeds: Sequence[int] | None,
     progress: bool = False,
 ) -> list[str]:
-    """Answers (cut at the stop strings) for token-id prompts, in input order."""
+    """Answers (cut at the stop strings) for token-id prompts, in input order; sampling
+    gives prompt i the seed `seeds[i]`."""
     from srd.eval.generate import cut_at_stop
 
     if no_repeat_ngram_size:
@@ -106,7 +107,6 @@ def vllm_generate(
         )
     vllm = _import_vllm()
     llm = _engine(vllm, model, tokenizer)
-    base = 0 if seed is None else seed
 
     def params(i: int) -> Any:
         return vllm.SamplingParams(
@@ -116,7 +116,7 @@ def vllm_generate(
             top_p=top_p if do_sample else 1.0,
             max_tokens=max_new_tokens,
             stop=list(stop_strings) or None,
-            seed=base + i if do_sample else None,
+            seed=int(seeds[i]) if (do_sample and seeds is not None) else None,
             skip_special_tokens=True,
         )
 

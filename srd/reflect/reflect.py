@@ -31,7 +31,7 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.eval.generate import iter_responses, length_batches
+from srd.eval.generate import iter_responses, length_batches, row_seeds
 from srd.models.load import is_seq2seq
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
@@ -166,6 +166,7 @@ def _reflect_rows(
     *,
     generate: bool,
     progress: bool,
+    seeds: Sequence[int] | None = None,
 ) -> None:
     """Generate + measure `todo`, appending rows to `out_file` every CHUNK finished examples.
 
@@ -210,6 +211,7 @@ def _reflect_rows(
         top_p=g.top_p,
         no_repeat_ngram_size=g.no_repeat_ngram_size,
         stop_strings=g.stop_strings,
+        seeds=seeds,
         seed=cfg.seed if g.do_sample else None,
         backend=g.backend,
         static_cache_len=mp + g.max_new_tokens,
@@ -343,6 +345,7 @@ def reflect(
     done = _read_rows(out_dir)
     todo = [ex for ex in examples if ex.id not in done]
     mine = todo[acc.process_index :: acc.num_processes]
+    seed_of = dict(zip((ex.id for ex in examples), row_seeds(cfg.seed, len(examples))))
     if mine:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
         _drop_torn_tail(own_file)
@@ -354,6 +357,8 @@ def reflect(
             own_file,
             generate=meta["settings"]["scorers_need_generation"],
             progress=progress and acc.is_main_process,
+            # sampled answers: one seed per training row, the same in any process or rerun
+            seeds=[seed_of[ex.id] for ex in mine] if cfg.generation.do_sample else None,
         )
     elapsed = max(gather_object([time.perf_counter() - t0]))
     acc.wait_for_everyone()

@@ -36,14 +36,14 @@ from srd.config import ConfigError, RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
-from srd.eval.generate import generate_responses
+from srd.eval.generate import generate_responses, row_seeds
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.models.load import dtype_from_name, is_seq2seq
 from srd.train import checkpoint as ckpt
 from srd.train import sharding
-from srd.train.onpolicy import on_policy_flags, row_seeds, sample_responses
+from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule, compile_blocks, teacher_features
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 

@@ -45,11 +45,6 @@ def with_response(e: Encoded, response: Sequence[int], max_len: int) -> Encoded:
     return Encoded(id=e.id, input_ids=prompt + response, labels=[IGNORE_INDEX] * len(prompt) + response)
 
 
-def row_seeds(seed: int, n: int) -> list[int]:
-    """One sampling seed per row of a micro-batch drawn with `seed`."""
-    return [int(x) for x in np.random.default_rng([seed, 0x5EED]).integers(0, 2**63 - 1, size=n)]
-
-
 @torch.no_grad()
 def sample_responses(
     student: Any,
@@ -66,8 +61,8 @@ def sample_responses(
 ) -> list[Encoded]:
     """Each example with its reference response replaced by one the student samples.
 
-    Every row draws from its own generator (`seeds`, one per row), so a row's sample does not
-    depend on which rows it is decoded with: the micro-batches of a step go through one
+    Every row draws from its own counter-based stream (`seeds`, one per row), so a row's sample
+    does not depend on which rows it is decoded with: the micro-batches of a step go through one
     continuous-batching stream of at most `batch_size` rows (default: all of them)."""
     from srd.eval.generate import decode_stream, logits_processors
 
@@ -75,8 +70,6 @@ def sample_responses(
         raise ValueError(f"sample_responses: {len(seeds)} seeds for {len(encoded)} rows")
     was_training = student.training
     student.eval()
-    device = next(student.parameters()).device
-    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     new: list[list[int]] = [[] for _ in encoded]
     for i, ids in decode_stream(
         student,
@@ -87,8 +80,7 @@ def sample_responses(
         do_sample=True,
         processors=logits_processors(True, temperature, top_k, top_p, 0),
         stop_strings=(),
-        generator=None,
-        generators=generators,
+        seeds=seeds,
         keep_eos=True,
     ):
         new[i] = ids
