@@ -16,9 +16,10 @@
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
 #   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
 #      --loss-only (forward KL, hand-written backward vs autograd)
-#   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step
+#   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
+#      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
-# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 930 s, more than one
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 970 s, more than one
 # 600-second device call: split the run over two calls, e.g. "1 2" then "3 4 5").
 set -u
 cd "$(dirname "$0")/.."
@@ -52,6 +53,7 @@ if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
     PROF_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
     GEN_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4 --backends hf loop static)
     OP_ARGS=(--micro-batches 2 --batch 2 --max-new-tokens 4 --repeats 1)
+    SAMPLE_ARGS=(--rows 2 --vocab 300 --repeats 1)
     REFLECT_ROWS=4 GEN_BS=2 NEW=4
 else
     T="random:gpt2-xl:$TOK" S="random:gpt2:$TOK"
@@ -59,6 +61,7 @@ else
     PROF_ARGS=(--steps 3 --timeout 60 --impls naive srd-keep srd-keep-compile)
     GEN_ARGS=(--limit 512 --batch-sizes 256 --backends hf loop static)
     OP_ARGS=()
+    SAMPLE_ARGS=(--device cuda --rows 16 64 256)
     REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
 fi
 STEPS=" ${SRD_GPU_STEPS:-1 2 3 4 5} "
@@ -132,5 +135,6 @@ if want 5; then
 echo "== 5. on-policy sampling"
 timeout 90 $PY benchmarks/onpolicy.py --preset gpu --model "$S" ${OP_ARGS[@]+"${OP_ARGS[@]}"} \
     --record "$OUT/onpolicy.md" || echo "onpolicy: exit $?"
+timeout 40 $PY benchmarks/sampling.py "${SAMPLE_ARGS[@]}" --record "$OUT/sampling.md" || echo "sampling: exit $?"
 fi
 echo "== $(date -u) done"

@@ -93,6 +93,15 @@ def test_gemm_script_records_decode_rows_head_and_step_shapes(tmp_path):
     assert "LM head 49152 x 576, 16 rows: F.linear" in text and "| 1536 x 576 x 49152 |" in text
 
 
+def test_sampling_script_records_the_three_samplers(tmp_path):
+    record = tmp_path / "sampling.md"
+    assert (
+        _module("sampling").main(["--rows", "2", "5", "--vocab", "300", "--repeats", "1", "--record", str(record)]) == 0
+    )
+    rows = [r.split("|") for r in record.read_text().splitlines() if r.startswith(("| 2 |", "| 5 |"))]
+    assert len(rows) == 2 and all(float(r[c]) > 0 for r in rows for c in (2, 3, 4))
+
+
 def test_record_header_elides_note_paragraphs():
     from benchmarks.common import command_line
 
