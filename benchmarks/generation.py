@@ -12,6 +12,14 @@ greedy or sampling). Reported: wall time, generated
 tokens per second, the speed-up, and for greedy decoding how many answers are identical
 (finished rows leaving the batch changes matmul shapes, so a near-tie can rarely flip).
 The record goes to benchmarks/results/DATE-<preset>-generation.md.
+
+Answer lengths of a random-init model (`--answer-tokens`, the gpu preset's default
+`references`): such a model almost never samples EOS, so every answer would run to the token
+limit, and nothing could show what letting finished rows go is worth. The model's EOS logit is
+raised by a constant (a bias on its output layer) so that a sampled answer ends after a
+geometric number of tokens whose mean, cut at the token limit, is the prompts' mean reference
+answer length (or the given number). Every backend decodes the same biased model; the record
+gives the realised mean. `--answer-tokens 0` leaves the model as it is.
 """
 
 from __future__ import annotations
@@ -42,8 +50,49 @@ PRESETS = {
         "max_new_tokens": 256,
         "do_sample": True,
         "no_repeat_ngram_size": 0,
+        "answer_tokens": "references",
     },
 }
+
+
+def eos_hazard(mean_tokens: float, max_new_tokens: int) -> float:
+    """The per-token EOS probability h whose answer length min(Geometric(h), max_new_tokens) has
+    mean `mean_tokens`: E = (1 - h) (1 - (1 - h)^M) / h, solved by bisection."""
+    if not 0 < mean_tokens < max_new_tokens:
+        raise ValueError(f"--answer-tokens must be between 0 and max_new_tokens ({max_new_tokens}), got {mean_tokens}")
+    lo, hi = 1e-9, 1.0
+    for _ in range(100):
+        h = (lo + hi) / 2
+        if (1 - h) * (1 - (1 - h) ** max_new_tokens) / h > mean_tokens:
+            lo = h
+        else:
+            hi = h
+    return (lo + hi) / 2
+
+
+def raise_eos_logit(model, tokenizer, prompts, hazard: float) -> float:
+    """Add a bias to the model's EOS logit so that a sampled token is EOS with probability
+    about `hazard` (calibrated on the last-position logits of up to 16 prompts); the bias."""
+    import math
+
+    import torch
+
+    from srd.data.tokenize import pad_id
+    from srd.eval.generate import _left_pad
+
+    eos = tokenizer.eos_token_id
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids, mask = _left_pad(prompts[:16], pad_id(tokenizer))
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1].float()
+    others = logits.clone()
+    others[:, eos] = float("-inf")
+    bias = float((others.logsumexp(-1) - logits[:, eos]).mean()) + math.log(hazard / (1 - hazard))
+    b = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=device)
+    b[eos] = bias
+    head.bias = torch.nn.Parameter(b, requires_grad=False)
+    return bias
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static", "vllm"])
+    p.add_argument(
+        "--answer-tokens",
+        default=None,
+        help="sampling: raise the EOS logit so answers end after this many tokens on average (`references`: "
+        "the prompts' mean reference length; 0: leave the model as it is; default: the preset's)",
+    )
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
     p.add_argument(
         "--phases",
@@ -83,6 +138,28 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(cfg["model"], dtype=dtype).to(device).eval()
     examples = load_examples(cfg["data"], limit=cfg["limit"])
     prompts = [encode_prompt(tokenizer, ex, "alpaca", 256) for ex in examples]
+    length_note = ""
+    target = args.answer_tokens if args.answer_tokens is not None else cfg.get("answer_tokens")
+    if target not in (None, "0", 0):
+        if not cfg["do_sample"]:
+            raise SystemExit(
+                "--answer-tokens needs a sampling preset (greedy answers of a raised-EOS model are all empty)"
+            )
+        limit = cfg["max_new_tokens"]
+        if target == "references":
+            refs = [min(len(tokenizer(ex.output, add_special_tokens=False)["input_ids"]), limit) for ex in examples]
+            mean_tokens, source = sum(refs) / len(refs), "the prompts' mean reference answer length"
+        else:
+            mean_tokens, source = float(target), "--answer-tokens"
+        if target == "references" and mean_tokens > limit - 1:
+            length_note = f"Answer lengths: the references reach the {limit}-token limit, so the model is unchanged. "
+        else:
+            hazard = eos_hazard(mean_tokens, limit)
+            bias = raise_eos_logit(model, tokenizer, prompts, hazard)
+            length_note = (
+                f"Answer lengths: the EOS logit raised by {bias:.2f} (an output-layer bias), for an EOS probability "
+                f"of {hazard:.4f} per token: a mean of {mean_tokens:.1f} answer tokens cut at {limit} ({source}). "
+            )
     rows, answers, phase_lines = [], {}, []
     for bs in cfg["batch_sizes"]:
         for backend in args.backends:
@@ -150,15 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Precision {dtype}. Model `{cfg['model']}`; {len(prompts)} prompts from `{cfg['data']}` (Alpaca template); "
         f"{'sampling (T = 1, seed 10)' if cfg['do_sample'] else 'greedy'}, max {cfg['max_new_tokens']} new tokens, "
         f"no_repeat_ngram_size {cfg['no_repeat_ngram_size']}, stop at EOS and `###`. Tokens = the answers' tokens "
-        "after cutting at the stop string (what both backends keep).",
+        "after cutting at the stop string (what both backends keep). " + length_note,
         "",
-        "| batch | backend | wall time (s) | answer tokens | tokens/s | speed-up vs hf |",
-        "|---|---|---|---|---|---|",
+        "| batch | backend | wall time (s) | answer tokens | mean per answer | tokens/s | speed-up vs hf |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = {bs: wall for bs, backend, wall, _ in rows if backend == "hf"}
     for bs, backend, wall, n in rows:
         speed = f"{base[bs] / wall:.2f}x" if bs in base else "-"
-        lines.append(f"| {bs} | {backend} | {wall:.1f} | {n} | {n / wall:.1f} | {speed} |")
+        lines.append(f"| {bs} | {backend} | {wall:.1f} | {n} | {n / len(prompts):.1f} | {n / wall:.1f} | {speed} |")
     if not cfg["do_sample"]:
         for bs in cfg["batch_sizes"]:
             a = answers.get((bs, "hf"))

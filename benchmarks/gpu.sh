@@ -11,7 +11,8 @@
 #   1. benchmarks/throughput.py --preset gpu: KD step, 16 x 512, bf16 (hand-written, srd, compiled,
 #      teacher-cached, TRL)
 #   2. benchmarks/generation.py --preset gpu: decode loop and static-cache `generate` (compiled,
-#      CUDA graphs) vs plain `generate`, sampling 256 new tokens
+#      CUDA graphs) vs plain `generate`, sampling up to 256 new tokens, the random-init model's
+#      EOS logit raised so that answers end after the Dolly references' mean length (geometric)
 #   3. srd reflect with the 124M student over the first $REFLECT_ROWS Dolly training prompts
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
 #   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
@@ -19,7 +20,7 @@
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
-# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 970 s, more than one
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 990 s, more than one
 # 600-second device call: split the run over two calls, e.g. "1 2" then "3 4 5").
 set -u
 cd "$(dirname "$0")/.."
@@ -79,7 +80,7 @@ fi
 
 if want 2; then
 echo "== 2. generation"
-timeout 160 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
+timeout 180 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
     --record "$OUT/generation.md" || echo "generation: exit $?"
 fi
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from tests.test_data import needs_shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +74,30 @@ def test_generation_script_compares_backends(tmp_path, tiny_models):
     assert "Batch 2, loop, forward passes by kind: prefill" in text and " steps (mean " in text
     assert "| static |" in text and "identical between hf and static" in text
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
+
+
+def test_eos_hazard_gives_the_asked_mean_length():
+    gen = _module("generation")
+    h = gen.eos_hazard(40.0, 256)
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.geometric(h, 200_000) - 1, 256)  # tokens before EOS
+    assert abs(lengths.mean() - 40.0) < 0.5
+    with pytest.raises(ValueError, match="between 0 and max_new_tokens"):
+        gen.eos_hazard(300, 256)
+
+
+@needs_shared
+def test_generation_script_shortens_random_init_answers(tmp_path, tiny_models):
+    """--answer-tokens: a model that never ends its answers is biased to end them after about
+    the asked number of tokens; the record says so and gives the realised mean."""
+    record = tmp_path / "generation.md"
+    args = ["--preset", "gpu", "--model", str(tiny_models["llama-student"]), "--limit", "16", "--batch-sizes", "4"]
+    args += ["--max-new-tokens", "48", "--answer-tokens", "6", "--record", str(record), "--backends", "loop"]
+    assert _module("generation").main(args) == 0
+    text = record.read_text()
+    assert "Answer lengths: the EOS logit raised by" in text and "a mean of 6.0 answer tokens cut at 48" in text
+    row = next(r.split("|") for r in text.splitlines() if r.startswith("| 4 | loop |"))
+    assert 1 < float(row[5]) < 20  # mean answer tokens (48 without the bias)
 
 
 @needs_shared
