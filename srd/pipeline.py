@@ -20,7 +20,7 @@ from typing import Any
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
-from srd.reflect.reflect import reflect
+from srd.reflect.reflect import reflect, time_split
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, make_accelerator, train_stage
 from srd.train.recipe import load_models, prepare_run_dir
@@ -75,7 +75,7 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
         summary = json.loads((run_dir / "reflection" / "summary.json").read_text())
         acc.print(
             f"reflection: {summary['examples']} examples, {summary['kept']} kept, "
-            f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s"
+            f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s{time_split(summary)}"
         )
         acc.print(f"manifest: {run_dir / 'reflection' / 'manifest.jsonl'}")
     return manifest

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.eval.evaluate import load_example_scores
+from srd.reflect.reflect import time_split
 from srd.utils import atomic_write_text, read_jsonl
 
 
@@ -360,7 +361,7 @@ def write_report(run: Path) -> Path:
             "## Reflection",
             "",
             f"{rs['kept']} of {rs['examples']} examples kept; slice sizes "
-            f"{rs['stage_sizes']}; {rs['wall_time_s']:.0f} s.",
+            f"{rs['stage_sizes']}; {rs['wall_time_s']:.0f} s{time_split(rs)}.",
             "",
             "| score | min | median | mean | max |",
             "|---|---|---|---|---|",

@@ -225,10 +225,14 @@ def test_global_lr_schedule_and_re_reflection(tmp_path, tiny_models, srd_data):
     assert len(set(meta)) == 3  # three different students did the reflecting
 
 
-def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data):
+def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data, capsys):
     args = _args("reflect", tiny_models, srd_data, tmp_path)
     args = [a if not a.startswith("model.teacher=") else f"model.teacher={tmp_path / 'no-such-teacher'}" for a in args]
     assert main(args) == 0  # reflection only needs the student
+    # its time, split into generation and the CE pass, in the summary and the printed line
+    summary = json.loads((tmp_path / "x" / "reflection" / "summary.json").read_text())
+    assert 0 < summary["measure_s"] < summary["wall_time_s"]
+    assert "CE and statistics pass" in capsys.readouterr().out
     args[0] = "run"
     assert main(args) == 2  # the curriculum's KD stages do need it
 

@@ -167,8 +167,9 @@ def _reflect_rows(
     generate: bool,
     progress: bool,
     seeds: Sequence[int] | None = None,
-) -> None:
-    """Generate + measure `todo`, appending rows to `out_file` every CHUNK finished examples.
+) -> float:
+    """Generate + measure `todo`, appending rows to `out_file` every CHUNK finished examples;
+    the seconds spent measuring and saving (the rest of the call is generation).
 
     Generation streams over all of `todo` (continuous batching keeps the batch full); answers
     are measured and saved in groups as they finish, so an interruption loses at most one group."""
@@ -177,7 +178,10 @@ def _reflect_rows(
     s2s = is_seq2seq(student)
     bar = tqdm(total=len(todo), desc="reflection", unit="ex", disable=not progress, dynamic_ncols=True)
 
+    measured = [0.0]
+
     def save(group: list[tuple[Example, str]]) -> None:
+        t0 = time.perf_counter()
         chunk = [ex for ex, _ in group]
         enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in chunk]
         stats = sequence_stats(student, tokenizer, enc, batch_size=r.batch_size)
@@ -191,13 +195,14 @@ def _reflect_rows(
             f.write("".join(lines))
             f.flush()
         bar.update(len(group))
+        measured[0] += time.perf_counter() - t0
 
     group_size = max(CHUNK, g.batch_size)
     if not generate:
         for start in range(0, len(todo), group_size):
             save([(ex, "") for ex in todo[start : start + group_size]])
         bar.close()
-        return
+        return measured[0]
     group: list[tuple[Example, str]] = []
     answers = iter_responses(
         student,
@@ -224,6 +229,16 @@ def _reflect_rows(
     if group:
         save(group)
     bar.close()
+    return measured[0]
+
+
+def time_split(summary: dict[str, Any]) -> str:
+    """' (generation X s, CE and statistics pass Y s)' for a reflection summary.json; empty for
+    summaries written before the split was recorded."""
+    if "measure_s" not in summary:
+        return ""
+    m = summary["measure_s"]
+    return f" (generation {summary['wall_time_s'] - m:.0f} s, CE and statistics pass {m:.0f} s)"
 
 
 def build_manifest(
@@ -346,10 +361,11 @@ def reflect(
     todo = [ex for ex in examples if ex.id not in done]
     mine = todo[acc.process_index :: acc.num_processes]
     seed_of = dict(zip((ex.id for ex in examples), row_seeds(cfg.seed, len(examples))))
+    measure_s = 0.0
     if mine:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
         _drop_torn_tail(own_file)
-        _reflect_rows(
+        measure_s = _reflect_rows(
             cfg,
             student.to(acc.device),
             tokenizer,
@@ -360,7 +376,10 @@ def reflect(
             # sampled answers: one seed per training row, the same in any process or rerun
             seeds=[seed_of[ex.id] for ex in mine] if cfg.generation.do_sample else None,
         )
-    elapsed = max(gather_object([time.perf_counter() - t0]))
+    own = time.perf_counter() - t0
+    times = gather_object([(own, measure_s)])  # (wall, measuring) per process
+    elapsed = max(w for w, _ in times)
+    measured = max(m for _, m in times)
     acc.wait_for_everyone()
     if acc.is_main_process:
         rows = _read_rows(out_dir)
@@ -395,6 +414,9 @@ def reflect(
             "scorers": scorers,
             "keep_ratio": keep_ratio,
             "wall_time_s": round(prev.get("wall_time_s", 0.0) + elapsed, 3),
+            # of which: the CE / statistics pass and saving (slowest process); the rest is
+            # generation, model setup excluded
+            "measure_s": round(prev.get("measure_s", 0.0) + measured, 3),
             "processes": acc.num_processes,
         }
         atomic_write_json(out_dir / "summary.json", summary)
