@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         type=int,
         default=[10, 20, 30, 40, 50],
-        help="sampling seeds for instruction-following sets (default: 10 20 30 40 50)",
+        help="sampling seeds for instruction-following sets (default: 10 20 30 40 50); each example draws from "
+        "its own stream of each seed, so answers do not depend on batch size, process count or resumption",
     )
     ev.add_argument("--greedy", action="store_true", help="greedy decoding everywhere (no seeds)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
