@@ -285,7 +285,7 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     def no_generation(*args, **kwargs):
         raise AssertionError("a finished evaluation was recomputed")
 
-    monkeypatch.setattr("srd.eval.evaluate.generate_responses", no_generation)
+    monkeypatch.setattr("srd.eval.evaluate.iter_responses", no_generation)
     assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
     # a rerun reuses the evaluations and still reports the time they took
     timing = json.loads((run / "experiment.json").read_text())["timing"]
