@@ -228,6 +228,8 @@ def sample_rows(scores: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
     their softmax by inverse transform: row r's uniform is `row_uniforms(keys[r], counters[r])`.
     One vectorised draw for the batch (no per-row generator calls), and what row r draws
     depends on its own scores, key and counter alone."""
+    if scores.device.type == "mps":  # no float64 there: draw on the CPU
+        return sample_rows(scores.cpu(), keys.cpu(), counters.cpu()).to(scores.device)
     cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(-1)
     total = cdf[:, -1:]
     # below the total: an excluded last token (zero width) can never be picked
