@@ -10,6 +10,10 @@ until its longest answer ended. Both ways use the same per-row seeds, so each ro
 same answer (compared below, with the answers' token counts). Sampling at temperature 1,
 top-k 0, top-p 1, stop at EOS (SRD-NOTES sec. 3). The record goes to
 benchmarks/results/DATE-<preset>-onpolicy.md.
+
+`--answer-tokens` (the gpu preset's default `references`) raises a random-init student's EOS
+logit so that its answers end after a realistic mean length, as in benchmarks/generation.py:
+without it every answer runs to the token limit and one stream cannot gain over the per-batch way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 PRESETS = {
     "cpu": {"model": "smollm2-135m-instruct", "micro_batches": 4, "batch": 4, "max_new_tokens": 96, "repeats": 2},
-    "gpu": {"model": "random:gpt2", "micro_batches": 4, "batch": 16, "max_new_tokens": 256, "repeats": 2},
+    "gpu": {
+        "model": "random:gpt2",
+        "micro_batches": 4,
+        "batch": 16,
+        "max_new_tokens": 256,
+        "repeats": 2,
+        "answer_tokens": "references",
+    },
 }
 
 
@@ -36,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="rows per micro-batch")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None, help="steps timed (different prompts each)")
+    p.add_argument(
+        "--answer-tokens",
+        default=None,
+        help="raise the EOS logit so answers end after this many tokens on average (`references`: the prompts' "
+        "mean reference length; 0: leave the model as it is; default: the preset's)",
+    )
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
     args = p.parse_args(argv)
 
@@ -62,6 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples("dolly", limit=n)
     enc = [encode_example(tokenizer, ex, fmt="alpaca", max_prompt_len=256, max_len=512) for ex in examples]
     kw = dict(max_new_tokens=cfg["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0, max_len=10_000)
+    length_note = ""
+    target = args.answer_tokens if args.answer_tokens is not None else cfg.get("answer_tokens")
+    if target not in (None, "0", 0):
+        from benchmarks.generation import eos_hazard, raise_eos_logit
+        from srd.data.prompts import encode_prompt
+
+        limit = cfg["max_new_tokens"]
+        if target == "references":
+            refs = [min(len(tokenizer(ex.output, add_special_tokens=False)["input_ids"]), limit) for ex in examples]
+            mean_tokens = min(sum(refs) / len(refs), limit - 1)
+        else:
+            mean_tokens = float(target)
+        hazard = eos_hazard(mean_tokens, limit)
+        bias = raise_eos_logit(
+            model, tokenizer, [encode_prompt(tokenizer, ex, "alpaca", 256) for ex in examples], hazard
+        )
+        length_note = (
+            f" The EOS logit raised by {bias:.2f} (an output-layer bias) for a mean of {mean_tokens:.1f} answer "
+            f"tokens cut at {limit}."
+        )
     sample_responses(model, tokenizer, enc[:b], seeds=row_seeds(0, b), **kw)  # warm-up
 
     def per_micro_batch(groups, seeds):
@@ -98,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = header(f"On-policy sampling, preset `{args.preset}`") + [
         f"Precision {dtype}. Student `{cfg['model']}`; {cfg['repeats']} steps of {m} on-policy micro-batches x {b} "
         f"Dolly prompts (Alpaca template); sampling at temperature 1, top-k 0, top-p 1, at most "
-        f"{cfg['max_new_tokens']} new tokens, stop at EOS; the same seed per row both ways.",
+        f"{cfg['max_new_tokens']} new tokens, stop at EOS; the same seed per row both ways." + length_note,
         "",
         "| sampling | wall time (s) | sampled tokens | tokens/s | speed-up |",
         "|---|---|---|---|---|",

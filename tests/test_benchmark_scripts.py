@@ -104,9 +104,10 @@ def test_generation_script_shortens_random_init_answers(tmp_path, tiny_models):
 def test_onpolicy_script_compares_per_micro_batch_and_one_stream(tmp_path, tiny_models):
     record = tmp_path / "onpolicy.md"
     args = ["--preset", "cpu", "--model", str(tiny_models["llama-student"]), "--micro-batches", "2", "--batch", "2"]
-    args += ["--max-new-tokens", "4", "--repeats", "1", "--record", str(record)]
+    args += ["--max-new-tokens", "4", "--repeats", "1", "--record", str(record), "--answer-tokens", "2"]
     assert _module("onpolicy").main(args) == 0
     text = record.read_text()
+    assert "The EOS logit raised by" in text and "a mean of 2.0 answer tokens cut at 4" in text
     assert "| per micro-batch |" in text and "| one stream per step |" in text and "1.00x" in text
     assert "4/4 sampled answers identical" in text
 
