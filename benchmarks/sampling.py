@@ -8,8 +8,8 @@ Three ways to draw from softmax(scores) for a (rows, vocabulary) batch of scores
     what a row draws depends on the rows drawn with it: batch size, process, resumption);
   * `a generator per row`: one torch.multinomial call per row, each with its own seeded
     generator (independent rows; what the decode loop did before `sample_rows`);
-  * `sample_rows`: srd.eval.generate.sample_rows, one vectorised inverse-transform draw with a
-    uniform number per row hashed from (the row's seed, the token position): independent rows.
+  * `sample_rows`: srd.eval.generate.sample_rows, one vectorised Gumbel-max draw whose noise is
+    hashed from (the row's seed, the token position, the token): independent rows.
 Each is timed over --repeats calls after warm-up; scores are random (scale 3). The record goes
 to benchmarks/results/DATE-<cpu|gpu>-sampling.md.
 """
