@@ -233,9 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     # tokens/s, not wall time: sampled answers differ between backends (hf / static draw from torch's generator)
-    base = {bs: n / wall for bs, backend, wall, n in rows if backend == "hf"}
+    base = {bs: (wall, n) for bs, backend, wall, n in rows if backend == "hf"}
     for bs, backend, wall, n in rows:
-        speed = f"{n / wall / base[bs]:.2f}x" if bs in base else "-"
+        speed = "-"
+        if bs in base:  # (no answer tokens at all, as from a tiny test model: the wall-time ratio)
+            ratio = (n / wall) / (base[bs][1] / base[bs][0]) if base[bs][1] else base[bs][0] / wall
+            speed = f"{ratio:.2f}x"
         lines.append(f"| {bs} | {backend} | {wall:.1f} | {n} | {n / len(prompts):.1f} | {n / wall:.1f} | {speed} |")
     if not cfg["do_sample"]:
         for bs in cfg["batch_sizes"]:
