@@ -95,6 +95,25 @@ def raise_eos_logit(model, tokenizer, prompts, hazard: float) -> float:
     return bias
 
 
+def shorten_answers(model, tokenizer, examples, prompts, target, limit: int) -> str:
+    """`--answer-tokens`: raise the model's EOS logit so that sampled answers end after `target`
+    tokens on average (`references`: the examples' mean reference length, cut at `limit`); the
+    sentence that says so in a record."""
+    if target == "references":
+        refs = [min(len(tokenizer(ex.output, add_special_tokens=False)["input_ids"]), limit) for ex in examples]
+        mean_tokens, source = sum(refs) / len(refs), "the prompts' mean reference answer length"
+        if mean_tokens > limit - 1:
+            return f"Answer lengths: the references reach the {limit}-token limit, so the model is unchanged. "
+    else:
+        mean_tokens, source = float(target), "--answer-tokens"
+    hazard = eos_hazard(mean_tokens, limit)
+    bias = raise_eos_logit(model, tokenizer, prompts, hazard)
+    return (
+        f"Answer lengths: the EOS logit raised by {bias:.2f} (an output-layer bias), for an EOS probability "
+        f"of {hazard:.4f} per token: a mean of {mean_tokens:.1f} answer tokens cut at {limit} ({source}). "
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -145,21 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(
                 "--answer-tokens needs a sampling preset (greedy answers of a raised-EOS model are all empty)"
             )
-        limit = cfg["max_new_tokens"]
-        if target == "references":
-            refs = [min(len(tokenizer(ex.output, add_special_tokens=False)["input_ids"]), limit) for ex in examples]
-            mean_tokens, source = sum(refs) / len(refs), "the prompts' mean reference answer length"
-        else:
-            mean_tokens, source = float(target), "--answer-tokens"
-        if target == "references" and mean_tokens > limit - 1:
-            length_note = f"Answer lengths: the references reach the {limit}-token limit, so the model is unchanged. "
-        else:
-            hazard = eos_hazard(mean_tokens, limit)
-            bias = raise_eos_logit(model, tokenizer, prompts, hazard)
-            length_note = (
-                f"Answer lengths: the EOS logit raised by {bias:.2f} (an output-layer bias), for an EOS probability "
-                f"of {hazard:.4f} per token: a mean of {mean_tokens:.1f} answer tokens cut at {limit} ({source}). "
-            )
+        length_note = shorten_answers(model, tokenizer, examples, prompts, target, cfg["max_new_tokens"])
     rows, answers, phase_lines = [], {}, []
     for bs in cfg["batch_sizes"]:
         for backend in args.backends:

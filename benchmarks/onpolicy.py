@@ -82,23 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     length_note = ""
     target = args.answer_tokens if args.answer_tokens is not None else cfg.get("answer_tokens")
     if target not in (None, "0", 0):
-        from benchmarks.generation import eos_hazard, raise_eos_logit
+        from benchmarks.generation import shorten_answers
         from srd.data.prompts import encode_prompt
 
-        limit = cfg["max_new_tokens"]
-        if target == "references":
-            refs = [min(len(tokenizer(ex.output, add_special_tokens=False)["input_ids"]), limit) for ex in examples]
-            mean_tokens = min(sum(refs) / len(refs), limit - 1)
-        else:
-            mean_tokens = float(target)
-        hazard = eos_hazard(mean_tokens, limit)
-        bias = raise_eos_logit(
-            model, tokenizer, [encode_prompt(tokenizer, ex, "alpaca", 256) for ex in examples], hazard
-        )
-        length_note = (
-            f" The EOS logit raised by {bias:.2f} (an output-layer bias) for a mean of {mean_tokens:.1f} answer "
-            f"tokens cut at {limit}."
-        )
+        prompts = [encode_prompt(tokenizer, ex, "alpaca", 256) for ex in examples]
+        length_note = " " + shorten_answers(model, tokenizer, examples, prompts, target, cfg["max_new_tokens"])
     sample_responses(model, tokenizer, enc[:b], seeds=row_seeds(0, b), **kw)  # warm-up
 
     def per_micro_batch(groups, seeds):

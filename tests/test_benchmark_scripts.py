@@ -107,7 +107,7 @@ def test_onpolicy_script_compares_per_micro_batch_and_one_stream(tmp_path, tiny_
     args += ["--max-new-tokens", "4", "--repeats", "1", "--record", str(record), "--answer-tokens", "2"]
     assert _module("onpolicy").main(args) == 0
     text = record.read_text()
-    assert "The EOS logit raised by" in text and "a mean of 2.0 answer tokens cut at 4" in text
+    assert "Answer lengths: the EOS logit raised by" in text and "a mean of 2.0 answer tokens cut at 4" in text
     assert "| per micro-batch |" in text and "| one stream per step |" in text and "1.00x" in text
     assert "4/4 sampled answers identical" in text
 
