@@ -140,9 +140,8 @@ def _plot_reflection(run: Path, plots: Path) -> list[str]:
     plt.close(fig)
     stages = sorted({r["stage"] for r in kept})
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    xs = list(
-        range(len(stages))
-    )  # positions + tick labels: string categories that look like numbers make matplotlib log
+    # positions + tick labels: string categories that look like numbers make matplotlib log
+    xs = list(range(len(stages)))
     ax.bar(xs, [sum(r["stage"] == s for r in kept) for s in stages], color="tab:blue")
     ax.set_xticks(xs, [str(s) for s in stages])
     ax.set_title("curriculum slice sizes")

@@ -233,6 +233,12 @@ def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data, caps
     summary = json.loads((tmp_path / "x" / "reflection" / "summary.json").read_text())
     assert 0 < summary["measure_s"] < summary["wall_time_s"]
     assert "CE and statistics pass" in capsys.readouterr().out
+    # a summary from before the split: a rerun does not pretend to know the old part's split
+    path = tmp_path / "x" / "reflection" / "summary.json"
+    path.write_text(json.dumps({k: v for k, v in summary.items() if k != "measure_s"}))
+    assert main(args) == 0
+    assert "measure_s" not in json.loads(path.read_text())
+    assert "CE and statistics pass" not in capsys.readouterr().out
     args[0] = "run"
     assert main(args) == 2  # the curriculum's KD stages do need it
 

@@ -232,6 +232,13 @@ def _reflect_rows(
     return measured[0]
 
 
+def _row_seeds_of(seed: int, examples: Sequence[Example], rows: Sequence[Example]) -> list[int]:
+    """The sampling seed of each of `rows`: `row_seeds(seed, n)` by position in the whole
+    training set, so a row keeps its seed in any process or rerun."""
+    seed_of = dict(zip((ex.id for ex in examples), row_seeds(seed, len(examples))))
+    return [seed_of[ex.id] for ex in rows]
+
+
 def time_split(summary: dict[str, Any]) -> str:
     """' (generation X s, CE and statistics pass Y s)' for a reflection summary.json; empty for
     summaries written before the split was recorded."""
@@ -360,7 +367,6 @@ def reflect(
     done = _read_rows(out_dir)
     todo = [ex for ex in examples if ex.id not in done]
     mine = todo[acc.process_index :: acc.num_processes]
-    seed_of = dict(zip((ex.id for ex in examples), row_seeds(cfg.seed, len(examples))))
     measure_s = 0.0
     if mine:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
@@ -374,7 +380,7 @@ def reflect(
             generate=meta["settings"]["scorers_need_generation"],
             progress=progress and acc.is_main_process,
             # sampled answers: one seed per training row, the same in any process or rerun
-            seeds=[seed_of[ex.id] for ex in mine] if cfg.generation.do_sample else None,
+            seeds=_row_seeds_of(cfg.seed, examples, mine) if cfg.generation.do_sample else None,
         )
     own = time.perf_counter() - t0
     times = gather_object([(own, measure_s)])  # (wall, measuring) per process
@@ -414,11 +420,12 @@ def reflect(
             "scorers": scorers,
             "keep_ratio": keep_ratio,
             "wall_time_s": round(prev.get("wall_time_s", 0.0) + elapsed, 3),
-            # of which: the CE / statistics pass and saving (slowest process); the rest is
-            # generation, model setup excluded
-            "measure_s": round(prev.get("measure_s", 0.0) + measured, 3),
             "processes": acc.num_processes,
         }
+        if not prev or "measure_s" in prev:  # a summary from before the split: its part is unknown
+            # of the wall time: the CE / statistics pass and saving (slowest process); the rest
+            # is generation, model setup excluded
+            summary["measure_s"] = round(prev.get("measure_s", 0.0) + measured, 3)
         atomic_write_json(out_dir / "summary.json", summary)
     acc.wait_for_everyone()
     return read_jsonl(manifest_path)
