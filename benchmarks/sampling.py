@@ -10,8 +10,10 @@ Three ways to draw from softmax(scores) for a (rows, vocabulary) batch of scores
     generator (independent rows; what the decode loop did before `sample_rows`);
   * `sample_rows`: srd.eval.generate.sample_rows, one vectorised Gumbel-max draw whose noise is
     hashed from (the row's seed, the token position, the token): independent rows.
-Each is timed over --repeats calls after warm-up; scores are random (scale 3). The record goes
-to benchmarks/results/DATE-<cpu|gpu>-sampling.md.
+Each is timed over --repeats calls after warm-up; scores are random (scale 3). Also counted:
+how many of --draws draws change when the logits move by 1e-5 (what a different batch shape
+does to their last bits), for sample_rows and for per-row generators. The record goes to
+benchmarks/results/DATE-<cpu|gpu>-sampling.md.
 """
 
 from __future__ import annotations
@@ -61,12 +63,39 @@ def _measure(rows: int, vocab: int, device, repeats: int, sync, g) -> tuple[floa
     return tuple(_time(f, repeats, sync) for f in (batch, per_row, counter))
 
 
+def flips(vocab: int, draws: int, device) -> tuple[int, int]:
+    """Draws (of `draws`, one seed each) that change under 1e-5 logit noise: sample_rows, and
+    torch.multinomial with a generator per seed."""
+    import torch
+
+    from srd.eval.generate import row_seeds, sample_rows, seed_keys
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(1, vocab, generator=g)).to(device)
+    nudged = logits + (1e-5 * torch.randn(1, vocab, generator=g)).to(device)
+    keys = seed_keys(row_seeds(0, draws)).to(device)
+    counters = torch.zeros(draws, dtype=torch.long, device=device)
+    changed = 0
+    for i in range(0, draws, 100):
+        k, c = keys[i : i + 100], counters[i : i + 100]
+        n = len(k)
+        changed += int((sample_rows(logits.expand(n, -1), k, c) != sample_rows(nudged.expand(n, -1), k, c)).sum())
+    p, q = torch.softmax(logits[0], -1), torch.softmax(nudged[0], -1)
+    per_row = 0
+    for i in range(draws):
+        a = torch.multinomial(p, 1, generator=torch.Generator(device=device).manual_seed(i))
+        b = torch.multinomial(q, 1, generator=torch.Generator(device=device).manual_seed(i))
+        per_row += int(a.item() != b.item())
+    return changed, per_row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[16])
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--draws", type=int, default=2000, help="draws in the logit-noise count")
     p.add_argument("--record", default=None)
     args = p.parse_args(argv)
 
@@ -91,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{t_rows / t_counter:.1f}x faster |"
         )
         print(lines[-1], flush=True)
+    ours, theirs = flips(args.vocab, args.draws, device)
+    lines += [
+        "",
+        f"Draws changed by 1e-5 logit noise (one seed per draw, {args.draws} draws): sample_rows {ours}, "
+        f"torch.multinomial with a generator per row {theirs}.",
+    ]
     save_record("\n".join(lines) + "\n", args.record, "gpu" if device.type == "cuda" else "cpu", "sampling")
     return 0
 

@@ -123,11 +123,12 @@ def test_gemm_script_records_decode_rows_head_and_step_shapes(tmp_path):
 
 def test_sampling_script_records_the_three_samplers(tmp_path):
     record = tmp_path / "sampling.md"
-    assert (
-        _module("sampling").main(["--rows", "2", "5", "--vocab", "300", "--repeats", "1", "--record", str(record)]) == 0
-    )
-    rows = [r.split("|") for r in record.read_text().splitlines() if r.startswith(("| 2 |", "| 5 |"))]
+    args = ["--rows", "2", "5", "--vocab", "300", "--repeats", "1", "--draws", "200", "--record", str(record)]
+    assert _module("sampling").main(args) == 0
+    text = record.read_text()
+    rows = [r.split("|") for r in text.splitlines() if r.startswith(("| 2 |", "| 5 |"))]
     assert len(rows) == 2 and all(float(r[c]) > 0 for r in rows for c in (2, 3, 4))
+    assert "Draws changed by 1e-5 logit noise (one seed per draw, 200 draws): sample_rows " in text
 
 
 def test_record_header_elides_note_paragraphs():

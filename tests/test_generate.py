@@ -127,8 +127,8 @@ def test_the_int32_hash_has_the_int64_hash_bits():
 
 def test_a_draw_survives_last_bit_differences_in_the_logits():
     """Batch shapes change the logits in their last bits; a draw must not change with them
-    (inverse-transform sampling flipped 0.8% of draws at this noise, which made 3 of 32
-    on-policy answers of the bundled model differ between batch sizes)."""
+    (with inverse-transform sampling, 3 of 32 on-policy answers of the bundled model differed
+    between batch sizes: benchmarks/results/2026-11-28-cpu-onpolicy.md)."""
     g = torch.Generator().manual_seed(0)
     n, vocab = 2000, 49152
     logits = 3 * torch.randn(1, vocab, generator=g)
