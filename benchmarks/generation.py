@@ -13,6 +13,10 @@ tokens per second, the speed-up, and for greedy decoding how many answers are id
 (finished rows leaving the batch changes matmul shapes, so a near-tie can rarely flip).
 The record goes to benchmarks/results/DATE-<preset>-generation.md.
 
+`--dtypes float32 bfloat16` decodes with the weights in each precision in turn (what
+`generation.dtype` chooses for reflection and evaluation), and says how many greedy answers the
+two share; every row also gives the answers' ROUGE-L against the references.
+
 Answer lengths of a random-init model (`--answer-tokens`, the gpu preset's default
 `references`): such a model almost never samples EOS, so every answer would run to the token
 limit, and nothing could show what letting finished rows go is worth. The model's EOS logit is
@@ -128,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         help="sampling: raise the EOS logit so answers end after this many tokens on average (`references`: "
         "the prompts' mean reference length; 0: leave the model as it is; default: the preset's)",
     )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="weights' precisions to decode with, each in turn (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
     p.add_argument(
         "--phases",
@@ -144,14 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     from srd.data.prompts import encode_prompt
     from srd.data.sources import load_examples
     from srd.eval.generate import generate_responses
+    from srd.eval.metrics import rouge_l
     from srd.models import load_model, load_tokenizer
+    from srd.models.load import cast_for_inference, dtype_from_name
 
     cfg = dict(PRESETS[args.preset])
     for key in ("model", "limit", "batch_sizes", "max_new_tokens"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtypes = args.dtypes or ["bfloat16" if device == "cuda" else "float32"]
+    # loaded once, in float32 when that is asked for (a bf16 copy is exact, the way back is not)
+    dtype = torch.float32 if "float32" in dtypes else dtype_from_name(dtypes[0])
     tokenizer = load_tokenizer(cfg["model"])
     with torch.device(device):  # random-init weights are drawn on the GPU
         model = load_model(cfg["model"], dtype=dtype).to(device).eval()
@@ -166,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         length_note = shorten_answers(model, tokenizer, examples, prompts, target, cfg["max_new_tokens"])
     rows, answers, phase_lines = [], {}, []
-    for bs in cfg["batch_sizes"]:
-        for backend in args.backends:
+    runs = [(bs, name, backend) for name in dtypes for bs in cfg["batch_sizes"] for backend in args.backends]
+    for bs, name, backend in runs:
+        label = backend if len(dtypes) == 1 else f"{backend} {name}"
+        with cast_for_inference(model, dtype_from_name(name)):
             # warm-up (allocator, kernels) on one small batch; static: on the longest prompts with the full
             # length, so the warm-up compiles the graph (cache size, batch size) that the timed run uses
             if backend == "static":
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=10 if cfg["do_sample"] else None,
                 backend=backend,
                 progress=True,
-                desc=f"{backend} batch {bs}",
+                desc=f"{label} batch {bs}",
             )
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -220,39 +237,56 @@ def main(argv: list[str] | None = None) -> int:
             if args.phases and backend == "loop":
                 (pn, ps, pt), (dn, ds, dr) = phases["prefill"], phases["decode"]
                 phase_lines.append(
-                    f"Batch {bs}, loop, forward passes by kind: prefill {ps:.1f} s in {pn} calls ({pt} prompt "
+                    f"Batch {bs}, {label}, forward passes by kind: prefill {ps:.1f} s in {pn} calls ({pt} prompt "
                     f"tokens); decode {ds:.1f} s in {dn} steps (mean {dr / max(dn, 1):.1f} live rows); the rest of "
                     f"the {wall:.1f} s wall time (sampling, stop checks, cache joins) {wall - ps - ds:.1f} s."
                 )
             n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-            answers[(bs, backend)] = texts
-            rows.append((bs, backend, wall, n_tokens))
-            print(f"batch {bs} {backend}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")
+            answers[(bs, backend, name)] = texts
+            score = 100 * sum(rouge_l(t, ex.references) for t, ex in zip(texts, examples)) / len(texts)
+            rows.append((bs, label, backend == "hf" and name == dtypes[0], wall, n_tokens, score))
+            print(f"batch {bs} {label}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")
+    ref = "hf" if "hf" in args.backends else "-"
+    if len(dtypes) > 1 and "hf" in args.backends:
+        ref = f"hf {dtypes[0]}"
     lines = header(f"Generation benchmark, preset `{args.preset}`") + [
-        f"Precision {dtype}. Model `{cfg['model']}`; {len(prompts)} prompts from `{cfg['data']}` (Alpaca template); "
+        f"Weights in {' and '.join(dtypes)}. Model `{cfg['model']}`; {len(prompts)} prompts from `{cfg['data']}` "
+        "(Alpaca template); "
         f"{'sampling (T = 1, seed 10)' if cfg['do_sample'] else 'greedy'}, max {cfg['max_new_tokens']} new tokens, "
         f"no_repeat_ngram_size {cfg['no_repeat_ngram_size']}, stop at EOS and `###`. Tokens = the answers' tokens "
         "after cutting at the stop string (what both backends keep). " + length_note,
         "",
-        "| batch | backend | wall time (s) | answer tokens | mean per answer | tokens/s | speed-up vs hf (tokens/s) |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | backend | wall time (s) | answer tokens | mean per answer | tokens/s "
+        f"| speed-up vs {ref} (tokens/s) | ROUGE-L vs references |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     # tokens/s, not wall time: sampled answers differ between backends (hf / static draw from torch's generator)
-    base = {bs: (wall, n) for bs, backend, wall, n in rows if backend == "hf"}
-    for bs, backend, wall, n in rows:
+    base = {bs: (wall, n) for bs, _, is_base, wall, n, _ in rows if is_base}
+    for bs, label, _, wall, n, score in rows:
         speed = "-"
         if bs in base:  # (no answer tokens at all, as from a tiny test model: the wall-time ratio)
             ratio = (n / wall) / (base[bs][1] / base[bs][0]) if base[bs][1] else base[bs][0] / wall
             speed = f"{ratio:.2f}x"
-        lines.append(f"| {bs} | {backend} | {wall:.1f} | {n} | {n / len(prompts):.1f} | {n / wall:.1f} | {speed} |")
+        lines.append(
+            f"| {bs} | {label} | {wall:.1f} | {n} | {n / len(prompts):.1f} | {n / wall:.1f} | {speed} | {score:.2f} |"
+        )
     if not cfg["do_sample"]:
-        for bs in cfg["batch_sizes"]:
-            a = answers.get((bs, "hf"))
+        for bs, name in ((bs, name) for name in dtypes for bs in cfg["batch_sizes"]):
+            a = answers.get((bs, "hf", name))
             for other in ("loop", "static"):
-                b = answers.get((bs, other))
+                b = answers.get((bs, other, name))
                 if a and b:
                     same = sum(x == y for x, y in zip(a, b))
-                    lines += ["", f"Batch {bs}: {same}/{len(a)} greedy answers identical between hf and {other}."]
+                    at = "" if len(dtypes) == 1 else f" ({name})"
+                    lines += ["", f"Batch {bs}: {same}/{len(a)} greedy answers identical between hf and {other}{at}."]
+        for bs, backend in ((bs, b) for bs in cfg["batch_sizes"] for b in args.backends):
+            a, *others = (answers.get((bs, backend, name)) for name in dtypes)
+            for name, b in zip(dtypes[1:], others):
+                same = sum(x == y for x, y in zip(a, b))
+                lines += [
+                    "",
+                    f"Batch {bs}, {backend}: {same}/{len(a)} greedy answers identical between {dtypes[0]} and {name}.",
+                ]
     if phase_lines:
         lines += ["", *phase_lines]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "generation")

@@ -26,6 +26,11 @@ prompt, forward KL (tau 1, no CE term), AdamW:
             batch by a collator; timed per optimizer step by a callback. Needs `pip install trl`
             (pinned in requirements.lock; skipped with a note when it is not installed)
 
+`--dtypes float32 bf16` runs every implementation at each precision (bf16 = the teacher's
+weights in bf16 and the student's step under bf16 autocast, its weights and AdamW in float32,
+what `train.precision=bf16` does; on a CPU only where it has native bf16 matmuls, e.g. AVX512-BF16
+or AMX) and compares every row with the hand-written step at the first precision and at its own.
+
 Reported: median step time after warm-up, tokens/s (all B x T tokens), peak memory (GPU
 allocator peak, or the process's peak RSS on a CPU) and the ratios. The record goes to
 benchmarks/results/DATE-<preset>-throughput.md.
@@ -122,7 +127,7 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
     from srd.train.step import DistillModule, compile_blocks, teacher_features
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = cfg["dtype"] == "bf16" and device == "cuda"
+    bf16 = cfg["dtype"] == "bf16"  # bf16 teacher weights + bf16 autocast of the student (fp32 master weights)
     tokenizer = load_tokenizer(cfg["student"])
     with torch.device(device):  # random-init weights are drawn on the GPU: seconds, not a minute
         teacher = load_model(cfg["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
@@ -239,14 +244,15 @@ def profile_record(args: argparse.Namespace, cfg: dict, results: list[dict]) -> 
 
     lines = header(f"KD step profile, preset `{args.preset}`") + [
         f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`, batch {cfg['batch']} x {cfg['seq']} tokens, "
-        f"{cfg['dtype']}, forward KL, AdamW; torch.profiler over {cfg['steps']} steps after 1 warm-up "
+        f"{' and '.join(sorted({r['dtype'] for r in results}))}, forward KL, AdamW; torch.profiler over "
+        f"{cfg['steps']} steps after 1 warm-up "
         "(the profiler itself adds a little time). Times are per step.",
         "",
     ]
     for r in results:
         wall = r["wall_s"]
         lines += [
-            f"## {r['impl']}: {wall:.3f} s per step under the profiler ({r['clock']})",
+            f"## {r['label']}: {wall:.3f} s per step under the profiler ({r['clock']})",
             "",
             "| phase | s/step | share of the step |",
             "|---|---|---|",
@@ -372,6 +378,15 @@ def _run_trl(cfg: dict, teacher, student, tokenizer, batch: dict, device: str, b
     return {"impl": "trl", "step_s": timer.times, "peak_gib": _peak_memory_gib(device), "device": device}
 
 
+def _native_bf16() -> bool:
+    """bf16 matmuls in hardware: a bf16 GPU, or a CPU with AVX512-BF16 / AMX (oneDNN's check)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
@@ -385,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", default=None)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=["float32", "bf16"],
+        help="precisions to run every implementation at (default: the preset's); ratios are against naive at the first",
+    )
+    p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # internal: the child's precision
     p.add_argument("--record", default=None)
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each implementation")
     p.add_argument("--profile", action="store_true", help="profile the steps (phases, operators) instead")
@@ -394,9 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not args.child and "trl" in args.impls:
         p.error("--profile covers naive and the srd implementations, not trl (pass --impls)")
     cfg = dict(PRESETS[args.preset])
-    for key in ("steps", "teacher", "student", "batch", "seq"):
+    for key in ("steps", "teacher", "student", "batch", "seq", "dtype"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    dtypes = args.dtypes or [cfg["dtype"]]
     if args.loss_only:
         return loss_benchmark(args)
     if args.child:
@@ -409,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if "bf16" in dtypes and not _native_bf16():
+        p.error("--dtypes bf16: this machine has no native bf16 matmuls (no bf16 GPU, no AVX512-BF16/AMX CPU)")
     results, skipped, failed = [], [], []
-    for impl in args.impls:
+    for dtype, impl in ((d, i) for d in dtypes for i in args.impls):
+        label = impl if len(dtypes) == 1 else f"{impl} @ {dtype}"
         if impl == "trl" and importlib.util.find_spec("trl") is None:
             print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
             skipped.append(impl)
@@ -418,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl] + ["--profile"] * args.profile
         for key in ("steps", "teacher", "student", "batch", "seq"):
             cmd += [f"--{key}", str(cfg[key])]
+        cmd += ["--dtype", dtype]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
             out, err, rc = proc.stdout, proc.stderr, proc.returncode
@@ -426,19 +454,19 @@ def main(argv: list[str] | None = None) -> int:
         line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
         if rc != 0 or line is None:
             # one failing implementation must not cost the others' measurements: record why
-            print(f"{impl}: failed\n{err[-3000:]}", file=sys.stderr)
+            print(f"{label}: failed\n{err[-3000:]}", file=sys.stderr)
             last = [x for x in err.strip().splitlines() if x.strip()]
-            failed.append(f"{impl} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
+            failed.append(f"{label} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
             continue
-        r = json.loads(line[len("RESULT ") :])
+        r = {**json.loads(line[len("RESULT ") :]), "label": label, "dtype": dtype}
         if args.profile:
             results.append(r)
-            print(f"{impl}: {r['wall_s']:.2f} s/step profiled: " + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"]))
+            print(f"{label}: {r['wall_s']:.2f} s/step profiled: " + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"]))
             continue
         r["median_s"] = statistics.median(r["step_s"])
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
         results.append(r)
-        print(f"{impl}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
+        print(f"{label}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
     from benchmarks.common import header, save_record
 
     if not results:
@@ -450,22 +478,37 @@ def main(argv: list[str] | None = None) -> int:
             text += f"\nFailed: {'; '.join(failed)}.\n"
         save_record(text, args.record, args.preset, "profile")
         return 0
-    base = next((r for r in results if r["impl"] == "naive"), results[0])
+
+    def naive_at(dtype: str) -> dict | None:
+        return next((r for r in results if r["impl"] == "naive" and r["dtype"] == dtype), None)
+
+    base = naive_at(dtypes[0]) or results[0]
     mem = "GPU allocator peak" if results[0]["device"] == "cuda" else "peak RSS of the process"
+    bf16_note = " (bf16: teacher weights in bf16, student under bf16 autocast)" * ("bf16" in dtypes)
+    precision = " and ".join(dtypes) + bf16_note
     lines = header(f"KD step throughput, preset `{args.preset}`") + [
         f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`, batch {cfg['batch']} x {cfg['seq']} tokens "
-        f"(3/4 of them targets), {cfg['dtype']}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up; "
+        f"(3/4 of them targets), {precision}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up; "
         f"memory = {mem}.",
         "",
-        "| implementation | s/step (median) | tokens/s | vs naive | peak memory (GiB) | vs naive |",
-        "|---|---|---|---|---|---|",
+    ]
+    same = len(dtypes) > 1  # a column against the hand-written step at the row's own precision
+    ref = f"vs {base['label']}" if same else "vs naive"
+    lines += [
+        f"| implementation | s/step (median) | tokens/s | {ref} | peak memory (GiB) | {ref} |"
+        + " vs naive at its precision (speed / memory) |" * same,
+        "|---|---|---|---|---|---|" + "---|" * same,
     ]
     for r in results:
-        lines.append(
-            f"| {r['impl']} | {r['median_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
+        row = (
+            f"| {r['label']} | {r['median_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
             f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x |"
         )
-    builds = [f"{r['impl']} {r['cache_build_s']:.2f} s" for r in results if r.get("cache_build_s") is not None]
+        own = naive_at(r["dtype"])
+        if same:
+            row += f" {r['tok_s'] / own['tok_s']:.2f}x / {r['peak_gib'] / own['peak_gib']:.2f}x |" if own else " - |"
+        lines.append(row)
+    builds = [f"{r['label']} {r['cache_build_s']:.2f} s" for r in results if r.get("cache_build_s") is not None]
     if builds:
         lines += [
             "",

@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         default="loop",
         help="decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.eval.generate)",
     )
+    ev.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights' precision while decoding (auto: bfloat16 on a bf16 GPU, else float32; bfloat16 also pays "
+        "on CPUs with AVX512-BF16/AMX)",
+    )
     ev.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -199,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_logs()
     from srd.config import ConfigError
     from srd.data.example import DataError
+    from srd.eval.evaluate import EvalError
     from srd.models.load import ModelError
     from srd.reflect.reflect import ReflectionError
     from srd.report import ReportError
@@ -208,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ModelError, ReflectionError, ReportError) as e:
+    except (ConfigError, DataError, EvalError, ModelError, ReflectionError, ReportError) as e:
         print(f"srd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -315,6 +323,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from srd.eval.evaluate import evaluate, resolve_eval_target, summary_markdown
     from srd.models import load_model, load_tokenizer
+    from srd.models.load import inference_dtype_of
     from srd.train.loop import make_accelerator
 
     acc = make_accelerator("auto")
@@ -327,7 +336,8 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         out = Path("runs") / "eval" / f"{Path(model_spec).name or model_spec}-{mode}"
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec).eval()
+    model = load_model(model_spec, dtype=inference_dtype_of(args.dtype, bf16_training=acc.mixed_precision == "bf16"))
+    model.eval()
     summary = evaluate(
         model,
         tokenizer,

@@ -176,6 +176,11 @@ class GenerationConfig:
     # transformers on a GPU), vllm (vLLM's engine; `pip install vllm` on a GPU machine; no
     # no-repeat n-grams)
     backend: Literal["loop", "hf", "static", "vllm"] = "loop"
+    # weights' precision while decoding and scoring (reflection's answers and CE pass, dev
+    # ROUGE-L, evaluation): auto = bfloat16 when training runs under bf16 autocast
+    # (train.precision resolved to bf16, as on a bf16 GPU), else float32. bf16 answers are not
+    # float32's token for token (near-ties flip); see the README's *Precision*
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")

@@ -34,6 +34,25 @@ def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
     assert "Teacher top-64 cache of the batch, built once" in text and "srd-keep-cache" in text
 
 
+@needs_shared
+def test_throughput_dtypes_compare_each_precision_with_naive(tmp_path, tiny_models):
+    record = tmp_path / "throughput.md"
+    args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
+    args += ["--impls", "naive", "srd-keep", "--dtypes", "float32", "bf16"]
+    args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
+    module = _module("throughput")
+    if not module._native_bf16():  # refused with the reason, not run on a slow emulated path
+        with pytest.raises(SystemExit):
+            module.main(args)
+        return
+    assert module.main(args) == 0
+    text = record.read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
+    assert {"naive @ float32", "naive @ bf16", "srd-keep @ float32", "srd-keep @ bf16"} <= set(rows)
+    assert rows["naive @ float32"][4].strip() == "1.00x" and rows["naive @ bf16"][7].strip() == "1.00x / 1.00x"
+    assert "vs naive @ float32" in text and "student under bf16 autocast" in text
+
+
 _PHASES = ("teacher forward", "student forward + loss", "backward", "optimizer")
 
 
@@ -74,6 +93,21 @@ def test_generation_script_compares_backends(tmp_path, tiny_models):
     assert "Batch 2, loop, forward passes by kind: prefill" in text and " steps (mean " in text
     assert "| static |" in text and "identical between hf and static" in text
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
+
+
+@needs_shared
+def test_generation_script_compares_precisions(tmp_path, tiny_models):
+    record = tmp_path / "generation.md"
+    args = ["--preset", "cpu", "--model", str(tiny_models["llama-student"]), "--limit", "4", "--batch-sizes", "2"]
+    args += ["--max-new-tokens", "4", "--record", str(record), "--backends", "hf", "loop"]
+    args += ["--dtypes", "float32", "bfloat16"]
+    assert _module("generation").main(args) == 0
+    text = record.read_text()
+    rows = {r.split("|")[2].strip(): r.split("|") for r in text.splitlines() if r.startswith("| 2 |")}
+    assert set(rows) == {"hf float32", "loop float32", "hf bfloat16", "loop bfloat16"}
+    assert rows["hf float32"][7].strip() == "1.00x" and "speed-up vs hf float32" in text
+    assert all(0 <= float(r[8]) <= 100 for r in rows.values())  # ROUGE-L of the answers
+    assert "Batch 2, loop: " in text and "greedy answers identical between float32 and bfloat16" in text
 
 
 def test_eos_hazard_gives_the_asked_mean_length():

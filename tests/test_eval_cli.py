@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from srd.cli import main
 from srd.report import wilcoxon_p
@@ -194,3 +195,33 @@ def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_d
         and rows[0]["prediction"] != "old numbering"
     )
     assert not list(folder.glob("*.partial"))
+
+
+def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """Answers decoded with float32 weights are not resumed with bf16 ones (or back): the error
+    names the folder and both ways on; the same precision resumes; `srd eval --dtype` decodes
+    with bf16 weights and says so in the folder."""
+    from accelerate import Accelerator
+
+    import srd.eval.evaluate as ev
+    from srd.models import load_model, load_tokenizer
+
+    spec = str(tiny_models["llama-student"])
+    tok, acc = load_tokenizer(spec), Accelerator(cpu=True)
+    kw = dict(seeds=None, limit=2, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=2)
+    kw.update(max_new_tokens=3, accelerator=acc, progress=False)
+    bench, out = str(srd_data["dev"]), tmp_path / "eval"
+    ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)
+    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32"}
+    with pytest.raises(ev.EvalError, match=r"decoded with float32 weights.*generation.dtype=float32.*--out"):
+        ev.evaluate(load_model(spec, dtype=torch.bfloat16).eval(), tok, [bench], out, **kw)
+    ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)  # same precision: resumes
+    (out / "decoding.json").unlink()  # a folder from before generation.dtype: float32 answers
+    with pytest.raises(ev.EvalError, match="decoded with float32 weights"):
+        ev.evaluate(load_model(spec, dtype=torch.bfloat16).eval(), tok, [bench], out, **kw)
+
+    bf = tmp_path / "bf16"
+    args = ["eval", spec, "--benchmarks", bench, "--greedy", "--limit", "2", "--max-new-tokens", "3"]
+    assert main([*args, "--out", str(bf), "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert json.loads((bf / "decoding.json").read_text()) == {"dtype": "bfloat16"}
+    assert main([*args, "--out", str(bf), "--no-progress"]) == 2  # float32 into a bf16 folder: refused

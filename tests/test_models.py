@@ -169,3 +169,32 @@ def test_prune_then_heal_cli(tmp_path, tiny_models, tiny_data, monkeypatch, caps
     args[args.index("--heal-steps") + 1] = "4"
     assert main(args) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_cast_for_inference_casts_and_puts_the_weights_back(tokenizer):
+    """Inside: every floating parameter in bf16 (a tied head cast once, with the embedding),
+    buffers untouched, logits close to float32's; after: the very same float32 tensors."""
+    from srd.models.load import cast_for_inference, inference_dtype_of
+
+    model = make_llama(len(tokenizer), layers=2, seed=3).eval()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    copies = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.dtype for n, b in model.named_buffers()}
+    ids = torch.tensor([tokenizer("The moon is dark. The sun is bright.")["input_ids"]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with cast_for_inference(model, torch.bfloat16) as cast:
+            assert cast is model and all(p.dtype == torch.bfloat16 for p in model.parameters())
+            assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            assert {n: b.dtype for n, b in model.named_buffers()} == buffers
+            low = model(input_ids=ids).logits.float()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max() and not torch.equal(low, ref)
+    for n, p in model.named_parameters():
+        assert p.data_ptr() == before[n] and torch.equal(p, copies[n]) and p.dtype == torch.float32
+    with cast_for_inference(model, torch.float32):  # nothing to cast: the model as it is
+        assert all(p.data_ptr() == before[n] for n, p in model.named_parameters())
+    assert inference_dtype_of("auto", bf16_training=True) == torch.bfloat16
+    assert inference_dtype_of("auto", bf16_training=False) == torch.float32
+    assert inference_dtype_of("bfloat16", bf16_training=False) == torch.bfloat16

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import srd.reflect.reflect as reflect_mod
+import srd.train.loop as loop_mod
 from srd.cli import main
 from tests.conftest import ROWS, run_cli_in_processes
 
@@ -302,3 +304,31 @@ def test_eval_of_baseline_needs_compare_baseline(tmp_path, tiny_models, srd_data
     args = _args("run", tiny_models, srd_data, tmp_path, "eval.benchmarks=[dolly-eval]", "eval.models=[baseline]")
     assert main(args) == 2
     assert "compare.baseline=true" in capsys.readouterr().err
+
+
+def test_reflection_in_bf16_and_training_on_in_float32(tmp_path, tiny_models, srd_data, monkeypatch):
+    """generation.dtype=bfloat16: reflection decodes and scores with bf16 weights, says so in its
+    meta (a float32 rerun of that folder is refused), and the stages train the float32 student.
+    float32 reflections name no dtype, so those made before the option still resume."""
+    real_iter, real_stats, seen = reflect_mod.iter_responses, reflect_mod.sequence_stats, []
+
+    def spy(fn, what):
+        def wrapped(model, *a, **k):
+            seen.append((what, next(model.parameters()).dtype))
+            return fn(model, *a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(reflect_mod, "iter_responses", spy(real_iter, "generate"))
+    monkeypatch.setattr(reflect_mod, "sequence_stats", spy(real_stats, "stats"))
+    monkeypatch.setattr(loop_mod, "generate_responses", spy(loop_mod.generate_responses, "dev"))
+    args = _args("run", tiny_models, srd_data, tmp_path, "generation.dtype=bfloat16", "dev_eval.num_examples=2")
+    assert main(args) == 0
+    run = tmp_path / "x"
+    assert {dtype for _, dtype in seen} == {torch.bfloat16} and {w for w, _ in seen} == {"generate", "stats", "dev"}
+    assert json.loads((run / "reflection" / "meta.json").read_text())["settings"]["dtype"] == "bfloat16"
+    final = Path(json.loads((run / "results.json").read_text())["final_model"])
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32" and len(_manifest(run)) == 20
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path, "generation.dtype=float32")) == 2
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fp32")) == 0
+    assert "dtype" not in json.loads((tmp_path / "fp32" / "x" / "reflection" / "meta.json").read_text())["settings"]

@@ -146,6 +146,30 @@ def _run_one(
     return predictions, elapsed
 
 
+class EvalError(ValueError):
+    """An evaluation folder that cannot be resumed as asked; the message says how to go on."""
+
+
+def _check_precision(out_dir: Path, dtype: str, write: bool) -> None:
+    """An evaluation folder's answers all come from one weights' precision: resuming answers
+    decoded in float32 with bf16 (or back) would mix two models' outputs in one score.
+    Folders from before generation.dtype existed hold float32 answers."""
+    path = out_dir / "decoding.json"
+    if path.exists():
+        earlier = json.loads(path.read_text()).get("dtype")
+    else:
+        earlier = "float32" if out_dir.is_dir() and any(out_dir.iterdir()) else None
+    if earlier is not None and earlier != dtype:
+        raise EvalError(
+            f"{out_dir} holds answers decoded with {earlier} weights, and this evaluation decodes with {dtype}: "
+            f"resume it with generation.dtype={earlier} (srd eval --dtype {earlier}), or evaluate into another "
+            "folder (srd eval --out) or delete that one"
+        )
+    if write and earlier is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"dtype": dtype})
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -167,6 +191,8 @@ def evaluate(
     """Evaluate on every benchmark; `seeds=None` forces greedy decoding everywhere."""
     out_dir = Path(out_dir)
     model.to(accelerator.device)
+    _check_precision(out_dir, str(next(model.parameters()).dtype).removeprefix("torch."), accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     summary_path = out_dir / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault("benchmarks", {})

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +190,39 @@ def dtype_from_name(name: str, *, default: torch.dtype = torch.float32) -> torch
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
     }[name]
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a bf16 GPU, or a CPU with
+    AVX512-BF16 / AMX (oneDNN's own check). Elsewhere bf16 is emulated and slower than fp32."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def inference_dtype_of(setting: str, *, bf16_training: bool) -> torch.dtype:
+    """generation.dtype: `auto` decodes in bf16 exactly when the run trains under bf16 autocast
+    (train.precision resolved to bf16), else in float32; `float32` / `bfloat16` force either."""
+    return dtype_from_name(setting, default=torch.bfloat16 if bf16_training else torch.float32)
+
+
+@contextmanager
+def cast_for_inference(model: Any, dtype: torch.dtype) -> Iterator[Any]:
+    """`model` with its floating-point parameters in `dtype` for the duration (buffers such as
+    rotary frequencies stay as they are), and its own parameter tensors put back afterwards:
+    a float32 model that goes on training comes back bit for bit. Shared (tied) parameters are
+    cast once. For generation and scoring only (no gradients)."""
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        yield model
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
 
 
 def splittable(model: Any) -> bool:

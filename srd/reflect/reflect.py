@@ -32,7 +32,7 @@ from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
 from srd.eval.generate import iter_responses, length_batches, row_seeds
-from srd.models.load import is_seq2seq
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
 from srd.train.step import target_features
@@ -97,9 +97,13 @@ def model_fingerprint(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _settings(cfg: RunConfig, scorers: Sequence[str]) -> dict[str, Any]:
+def _settings(cfg: RunConfig, scorers: Sequence[str], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     g = cfg.generation
+    # the decoding precision is named only when it is not float32, so reflections made before
+    # generation.dtype existed (all float32) still resume
+    precision = {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
     return {
+        **precision,
         "scorers_need_generation": any(get_scorer(s).needs_generation for s in scorers),
         "ce_target": cfg.reflect.ce_target,
         "prompt_format": cfg.data.prompt_format,
@@ -352,10 +356,11 @@ def reflect(
     ids = [ex.id for ex in examples]
     if len(set(ids)) != len(ids):
         raise ReflectionError("training example ids must be unique for reflection")
+    dtype = inference_dtype_of(cfg.generation.dtype, bf16_training=acc.mixed_precision == "bf16")
     meta = {
         "data": data_fingerprint(examples),
         "student": model_fingerprint(student),
-        "settings": _settings(cfg, scorers),
+        "settings": _settings(cfg, scorers, dtype),
     }
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -371,17 +376,18 @@ def reflect(
     if mine:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
         _drop_torn_tail(own_file)
-        measure_s = _reflect_rows(
-            cfg,
-            student.to(acc.device),
-            tokenizer,
-            mine,
-            own_file,
-            generate=meta["settings"]["scorers_need_generation"],
-            progress=progress and acc.is_main_process,
-            # sampled answers: one seed per training row, the same in any process or rerun
-            seeds=_row_seeds_of(cfg.seed, examples, mine) if cfg.generation.do_sample else None,
-        )
+        with cast_for_inference(student.to(acc.device), dtype) as model:  # the student trains on in float32
+            measure_s = _reflect_rows(
+                cfg,
+                model,
+                tokenizer,
+                mine,
+                own_file,
+                generate=meta["settings"]["scorers_need_generation"],
+                progress=progress and acc.is_main_process,
+                # sampled answers: one seed per training row, the same in any process or rerun
+                seeds=_row_seeds_of(cfg.seed, examples, mine) if cfg.generation.do_sample else None,
+            )
     own = time.perf_counter() - t0
     times = gather_object([(own, measure_s)])  # (wall, measuring) per process
     elapsed = max(w for w, _ in times)

@@ -40,7 +40,7 @@ from srd.eval.generate import generate_responses, row_seeds
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
-from srd.models.load import dtype_from_name, is_seq2seq
+from srd.models.load import cast_for_inference, dtype_from_name, inference_dtype_of, is_seq2seq, native_bf16
 from srd.train import checkpoint as ckpt
 from srd.train import sharding
 from srd.train.onpolicy import on_policy_flags, sample_responses
@@ -57,10 +57,10 @@ def make_accelerator(precision: str = "auto", sharding: str = "none") -> Any:
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    if precision == "bf16" and not cuda and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+    if precision == "bf16" and not cuda and not native_bf16("cpu"):
         log.warning(
-            "train.precision=bf16 on a CPU without native bf16 (%s): matmuls fall back to a slow path; "
-            "fp32 (precision=auto) is several times faster here",
+            "train.precision=bf16 on a CPU without native bf16 (%s, no AVX512-BF16/AMX): matmuls fall back to a "
+            "slow path; fp32 (precision=auto) is several times faster here",
             torch.backends.cpu.get_cpu_capability(),
         )
     if precision == "auto":
@@ -336,7 +336,8 @@ def evaluate_dev(
             encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len) for i in rows
         ]
         g = cfg.generation
-        with sharding.generation_model(module, student, device) as model:
+        dtype = inference_dtype_of(g.dtype, bf16_training=accelerator.mixed_precision == "bf16")
+        with sharding.generation_model(module, student, device) as replica, cast_for_inference(replica, dtype) as model:
             answers = generate_responses(
                 model,
                 tokenizer,
