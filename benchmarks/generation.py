@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
             answers[(bs, backend, name)] = texts
-            score = 100 * sum(rouge_l(t, ex.references) for t, ex in zip(texts, examples)) / len(texts)
+            score = sum(rouge_l(t, ex.references) for t, ex in zip(texts, examples)) / len(texts)  # x100 already
             rows.append((bs, label, backend == "hf" and name == dtypes[0], wall, n_tokens, score))
             print(f"batch {bs} {label}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")
     ref = "hf" if "hf" in args.backends else "-"

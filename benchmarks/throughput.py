@@ -379,12 +379,11 @@ def _run_trl(cfg: dict, teacher, student, tokenizer, batch: dict, device: str, b
 
 
 def _native_bf16() -> bool:
-    """bf16 matmuls in hardware: a bf16 GPU, or a CPU with AVX512-BF16 / AMX (oneDNN's check)."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from srd.models.load import native_bf16
+
+    return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _text(data) -> str:

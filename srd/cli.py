@@ -107,10 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="weights' precision while decoding (auto: bfloat16 on a bf16 GPU, else float32; bfloat16 also pays "
-        "on CPUs with AVX512-BF16/AMX)",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights' precision while decoding (default float32, comparable across machines; bfloat16 is faster "
+        "on bf16 GPUs and on CPUs with AVX512-BF16/AMX, and its greedy answers differ a little)",
     )
     ev.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -323,7 +323,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from srd.eval.evaluate import evaluate, resolve_eval_target, summary_markdown
     from srd.models import load_model, load_tokenizer
-    from srd.models.load import inference_dtype_of
+    from srd.models.load import dtype_from_name
     from srd.train.loop import make_accelerator
 
     acc = make_accelerator("auto")
@@ -336,8 +336,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         out = Path("runs") / "eval" / f"{Path(model_spec).name or model_spec}-{mode}"
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, dtype=inference_dtype_of(args.dtype, bf16_training=acc.mixed_precision == "bf16"))
-    model.eval()
+    model = load_model(model_spec, dtype=dtype_from_name(args.dtype)).eval()
     summary = evaluate(
         model,
         tokenizer,

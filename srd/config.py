@@ -122,7 +122,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on a bf16 GPU, else fp32
+    # auto = bf16 autocast where bf16 matmuls run in hardware (a bf16 GPU, a CPU with AVX512-BF16
+    # or AMX; SRD_CPU_BF16=0 keeps CPUs in fp32), else fp32. The student's weights and AdamW stay fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between dev evaluations; 0 = only at the end
     save_every: int = 50  # optimizer steps between resumable checkpoints (always at the end)
@@ -176,10 +178,10 @@ class GenerationConfig:
     # transformers on a GPU), vllm (vLLM's engine; `pip install vllm` on a GPU machine; no
     # no-repeat n-grams)
     backend: Literal["loop", "hf", "static", "vllm"] = "loop"
-    # weights' precision while decoding and scoring (reflection's answers and CE pass, dev
-    # ROUGE-L, evaluation): auto = bfloat16 when training runs under bf16 autocast
-    # (train.precision resolved to bf16, as on a bf16 GPU), else float32. bf16 answers are not
-    # float32's token for token (near-ties flip); see the README's *Precision*
+    # weights' precision while decoding and scoring inside a run (reflection's answers and CE
+    # pass, dev ROUGE-L, on-policy samples; evaluation has eval.dtype): auto = bfloat16 when
+    # training runs under bf16 autocast (train.precision resolved to bf16), else float32. bf16
+    # answers are not float32's token for token (near-ties flip); see the README's *Precision*
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
@@ -333,6 +335,10 @@ class EvalConfig:
     max_new_tokens: int | None = None  # default: each benchmark's budget (256 for instruction following)
     batch_size: int = 16
     no_repeat_ngram_size: int = 0
+    # weights' precision while decoding the benchmarks. float32 by default whatever the training
+    # precision, so that scores compare across machines: on 32 SelfInst rows the teacher's greedy
+    # ROUGE-L moved by 2.2 between float32 and bf16 weights (benchmarks/results/2026-12-01-cpu-bf16.md)
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         for m in self.models:

@@ -58,13 +58,12 @@ def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress:
     from srd.eval.benchmarks import resolve_benchmark
     from srd.eval.evaluate import evaluate
     from srd.models import load_model, load_tokenizer
-    from srd.models.load import inference_dtype_of
+    from srd.models.load import dtype_from_name
 
     e = cfg.eval
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.model.trust_remote_code)
-    # the weights' precision for decoding (generation.dtype), loaded in it directly
-    dtype = inference_dtype_of(cfg.generation.dtype, bf16_training=acc.mixed_precision == "bf16")
-    model = load_model(spec, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code).eval()
+    # loaded in the precision it decodes with (eval.dtype)
+    model = load_model(spec, dtype=dtype_from_name(e.dtype), trust_remote_code=cfg.model.trust_remote_code).eval()
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "model.json", {"model": spec})

@@ -10,6 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# train.precision=auto means bf16 on CPUs with native bf16 (AVX512-BF16/AMX) and float32 on the
+# others: the tests' float32 references (golden losses, exact resume) must hold on either kind, so
+# auto stays float32 here, also in the torchrun processes that inherit this environment. Tests of
+# the bf16 path ask for it by name.
+os.environ["SRD_CPU_BF16"] = "0"
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

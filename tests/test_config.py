@@ -172,3 +172,26 @@ def test_library_noise_is_dropped_and_nothing_else():
     assert not ds.filter(record("Setting accelerator to CPU. If you have GPU or other accelerator, ..."))
     assert ds.filter(record("ZeRO stage 2 optimizer"))
     assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
+
+
+def test_auto_precision_is_bf16_where_the_hardware_has_it(monkeypatch):
+    """train.precision=auto: bf16 autocast on a CPU with native bf16 unless SRD_CPU_BF16=0,
+    float32 on one without; fp32 / bf16 are taken as asked."""
+    from accelerate.state import AcceleratorState
+
+    import srd.train.loop as loop_mod
+
+    def precision_of(setting: str) -> str:  # one precision per process: accelerate's state is reset
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            return loop_mod.make_accelerator(setting).mixed_precision
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    for native, env, want in [(True, "1", "bf16"), (True, "0", "no"), (False, "1", "no")]:
+        monkeypatch.setattr(loop_mod, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setenv("SRD_CPU_BF16", env)
+        assert loop_mod.auto_bf16(cuda=False) is (want == "bf16")
+        assert precision_of("auto") == want
+    monkeypatch.setenv("SRD_CPU_BF16", "0")
+    assert precision_of("bf16") == "bf16" and precision_of("fp32") == "no"

@@ -213,7 +213,7 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     bench, out = str(srd_data["dev"]), tmp_path / "eval"
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)
     assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32"}
-    with pytest.raises(ev.EvalError, match=r"decoded with float32 weights.*generation.dtype=float32.*--out"):
+    with pytest.raises(ev.EvalError, match=r"decoded with float32 weights.*eval.dtype=float32.*--out"):
         ev.evaluate(load_model(spec, dtype=torch.bfloat16).eval(), tok, [bench], out, **kw)
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)  # same precision: resumes
     (out / "decoding.json").unlink()  # a folder from before generation.dtype: float32 answers

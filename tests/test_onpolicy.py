@@ -136,3 +136,21 @@ def test_srd_over_gkd_trains_a_gkd_baseline(tmp_path, tiny_models, srd_data):  #
     from srd.report import write_report
 
     assert "went to the student's sampling" in write_report(tmp_path / "x").read_text()
+
+
+def test_gkd_samples_with_bf16_weights_and_trains_float32(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """generation.dtype=bfloat16: on-policy answers come from the student's weights in bf16,
+    and the optimizer goes on updating its float32 weights (saved as float32)."""
+    import srd.train.loop as loop_mod
+
+    seen, real = [], loop_mod.sample_responses
+
+    def spy(model, *a, **k):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(loop_mod, "sample_responses", spy)
+    assert main(_gkd(tiny_models, srd_data, tmp_path, "generation.dtype=bfloat16")) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    final = load_file(tmp_path / "x" / "final" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.float32}

@@ -162,7 +162,7 @@ def _check_precision(out_dir: Path, dtype: str, write: bool) -> None:
     if earlier is not None and earlier != dtype:
         raise EvalError(
             f"{out_dir} holds answers decoded with {earlier} weights, and this evaluation decodes with {dtype}: "
-            f"resume it with generation.dtype={earlier} (srd eval --dtype {earlier}), or evaluate into another "
+            f"resume it with eval.dtype={earlier} (srd eval --dtype {earlier}), or evaluate into another "
             "folder (srd eval --out) or delete that one"
         )
     if write and earlier is None:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,16 @@ from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everythin
 log = logging.getLogger(__name__)
 
 
+def auto_bf16(cuda: bool) -> bool:
+    """train.precision=auto: bf16 autocast where bf16 matmuls run in hardware (a bf16 GPU, or a
+    CPU with AVX512-BF16 / AMX: there the quickstart experiment's training took 0.56-0.65x its
+    float32 time, benchmarks/results/2026-12-01-cpu-bf16.md), float32 elsewhere. SRD_CPU_BF16=0
+    keeps CPUs in float32 (the test suite sets it, so its float32 references hold on any CPU)."""
+    if cuda:
+        return native_bf16("cuda")
+    return os.environ.get("SRD_CPU_BF16", "1") != "0" and native_bf16("cpu")
+
+
 def make_accelerator(precision: str = "auto", sharding: str = "none") -> Any:
     """The run's accelerate Accelerator. `sharding` zero1 / zero2 under a multi-process launcher
     (torchrun) sets up DeepSpeed itself; `accelerate launch` with a DeepSpeed config does that
@@ -64,7 +74,7 @@ def make_accelerator(precision: str = "auto", sharding: str = "none") -> Any:
             torch.backends.cpu.get_cpu_capability(),
         )
     if precision == "auto":
-        mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        mixed = "bf16" if auto_bf16(cuda) else "no"
     else:
         mixed = "bf16" if precision == "bf16" else "no"
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # accelerate launch + DS config
@@ -336,8 +346,7 @@ def evaluate_dev(
             encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len) for i in rows
         ]
         g = cfg.generation
-        dtype = inference_dtype_of(g.dtype, bf16_training=accelerator.mixed_precision == "bf16")
-        with sharding.generation_model(module, student, device) as replica, cast_for_inference(replica, dtype) as model:
+        with decoding_model(module, student, device, cfg, accelerator) as model:
             answers = generate_responses(
                 model,
                 tokenizer,
@@ -351,6 +360,16 @@ def evaluate_dev(
         scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
     return metrics
+
+
+@contextlib.contextmanager
+def decoding_model(module: Any, student: Any, device: Any, cfg: RunConfig, accelerator: Any) -> Iterator[Any]:
+    """The student to decode with inside training (dev ROUGE-L, on-policy samples): the
+    generation replica (sharding.generation_model) with its weights in generation.dtype for the
+    duration; the float32 weights that train are put back afterwards."""
+    dtype = inference_dtype_of(cfg.generation.dtype, bf16_training=accelerator.mixed_precision == "bf16")
+    with sharding.generation_model(module, student, device) as replica, cast_for_inference(replica, dtype) as model:
+        yield model
 
 
 def recompute_chunks(setting: bool | str, device: Any) -> bool:
@@ -612,7 +631,7 @@ def train_stage(
         mine = list(range(len(micro)))[acc.process_index :: acc.num_processes]
         local, gen_s = [], 0.0
         # FSDP: gathering is collective, so every process gathers when any micro-batch of the step samples
-        gen_ctx = sharding.generation_model(module, student, device) if any(flags) else contextlib.nullcontext()
+        gen_ctx = decoding_model(module, student, device, cfg, acc) if any(flags) else contextlib.nullcontext()
         with gen_ctx as gen_model:
             groups = {g: [enc[i] for i in micro[g]] for g in mine}
             sampled = [g for g in mine if flags[g]]
