@@ -96,8 +96,10 @@ def kd_loss_sums(
     div_fn = get_divergence(divergence).fn if teacher_in is not None else None
 
     def chunk_sums(s: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = student_head(s)
-        ce = F.cross_entropy(logits.to(acc_dtype), y, reduction="sum")
+        # one float32 copy of bf16 logits for the CE and the divergence: their gradients are
+        # summed in float32 and rounded to bf16 once, instead of two casts each way
+        logits = student_head(s).to(acc_dtype)
+        ce = F.cross_entropy(logits, y, reduction="sum")
         if div_fn is None or t is None:
             return ce, ce.new_zeros(())
         if isinstance(t, SparseTeacher):
