@@ -156,6 +156,23 @@ def test_bf16_inputs_close_to_float32(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_divergences_stay_float32_under_bf16_autocast(name):
+    """bf16 training runs the loss inside autocast: no divergence may let it round its float32
+    arithmetic to bf16 (forward KL's vecdot counted as a matmul did), values or gradients."""
+    s, t = _logits((4, 9, 64), seed=6, scale=2.0)
+    fn = get_divergence(name).fn
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    ref = fn(a, t, tau=2.0)
+    ref.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(b, t, tau=2.0)
+    out.sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_chunked_equals_unchunked_with_heads(name):
     torch.manual_seed(0)
     n, h, v = 37, 8, 19

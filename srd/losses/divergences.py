@@ -72,7 +72,9 @@ class _ForwardKL(torch.autograd.Function):
         # in place: no graph is recorded inside forward, and every vocabulary-sized buffer
         # not allocated is one pass of page faults saved on a CPU
         diff = lp.sub_(lq).masked_fill_(p == 0, 0.0)  # p = 0 terms are 0 even where log p = -inf
-        kl = torch.linalg.vecdot(p, diff)
+        # autocast (bf16 training) counts vecdot as a matmul and would cast p and diff to bf16
+        with torch.autocast(p.device.type, enabled=False):
+            kl = torch.linalg.vecdot(p, diff)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
         ctx.save_for_backward(p, lq, kl)
         return kl
