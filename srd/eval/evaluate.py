@@ -153,7 +153,7 @@ class EvalError(ValueError):
 def _check_precision(out_dir: Path, dtype: str, write: bool) -> None:
     """An evaluation folder's answers all come from one weights' precision: resuming answers
     decoded in float32 with bf16 (or back) would mix two models' outputs in one score.
-    Folders from before generation.dtype existed hold float32 answers."""
+    Folders from before eval.dtype existed hold float32 answers."""
     path = out_dir / "decoding.json"
     if path.exists():
         earlier = json.loads(path.read_text()).get("dtype")
