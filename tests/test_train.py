@@ -364,3 +364,25 @@ def test_compiled_blocks_train_like_eager(tmp_path, tiny_models, tiny_data, monk
     assert [e["dev_rougeL"] for e in eb] == pytest.approx([e["dev_rougeL"] for e in ea])
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["train.compile=true", "train.sharding=fsdp"])
+
+
+def test_resume_under_another_resolved_precision_is_refused(tmp_path, tiny_models, tiny_data, monkeypatch, capsys):
+    """train.precision=auto is fp32 on one CPU and bf16 on another: a checkpoint trained in fp32
+    does not go on in bf16 (the saved config says `auto` both times); the error says how to resume."""
+    from accelerate.state import AcceleratorState
+
+    import srd.train.loop as loop_mod
+
+    extra = ("train.max_steps=4", "train.save_every=1", "dev_eval.num_examples=0")
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra, "train.stop_after_steps=2")) == 0
+    state = json.loads(next((tmp_path / "t" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["mixed_precision"] == "no"
+    monkeypatch.setattr(loop_mod, "native_bf16", lambda device: True)  # now a CPU with native bf16
+    monkeypatch.setenv("SRD_CPU_BF16", "1")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra)) == 2
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    err = capsys.readouterr().err
+    assert "was trained with precision fp32" in err and "resume it with train.precision=fp32" in err

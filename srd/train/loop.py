@@ -529,6 +529,15 @@ def train_stage(
                 f"product (e.g. train.grad_accum={saved['micro_per_step'] // acc.num_processes} on "
                 f"{acc.num_processes} process(es)) so the remaining steps see the same batches"
             )
+        # train.precision=auto resolves per machine (bf16 on a CPU with native bf16, fp32 on one
+        # without): a checkpoint resumes only under the precision it was trained with
+        if saved.get("mixed_precision", acc.mixed_precision) != acc.mixed_precision:
+            was = "bf16" if saved["mixed_precision"] == "bf16" else "fp32"
+            raise ConfigError(
+                f"{latest} was trained with precision {was} but this run resolves train.precision="
+                f"{tcfg.precision} to {'bf16' if acc.mixed_precision == 'bf16' else 'fp32'} here; resume it with "
+                f"train.precision={was}"
+            )
         where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
         if saved.get("zero") != zero:
             raise ConfigError(_zero_mismatch(latest, saved.get("zero"), zero))
@@ -578,7 +587,7 @@ def train_stage(
             if not deepspeed:
                 torch.save(opt_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            meta = {**state, "step": step, "micro_per_step": micro_per_step}
+            meta = {**state, "step": step, "micro_per_step": micro_per_step, "mixed_precision": acc.mixed_precision}
             ckpt.finish_checkpoint(ckpt_root, step, {**meta, "zero": zero} if zero else meta)
             ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
         acc.wait_for_everyone()
