@@ -203,8 +203,9 @@ def native_bf16(device: Any) -> bool:
 
 
 def inference_dtype_of(setting: str, *, bf16_training: bool) -> torch.dtype:
-    """generation.dtype: `auto` decodes in bf16 exactly when the run trains under bf16 autocast
-    (train.precision resolved to bf16), else in float32; `float32` / `bfloat16` force either."""
+    """The dtype of weights that do not train (model.teacher_dtype, generation.dtype): `auto` is
+    bf16 exactly when the run trains under bf16 autocast (train.precision resolved to bf16),
+    else float32; `float32` / `bfloat16` force either."""
     return dtype_from_name(setting, default=torch.bfloat16 if bf16_training else torch.float32)
 
 

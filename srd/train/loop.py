@@ -40,7 +40,7 @@ from srd.eval.generate import generate_responses, row_seeds
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
-from srd.models.load import cast_for_inference, dtype_from_name, inference_dtype_of, is_seq2seq, native_bf16
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, native_bf16
 from srd.train import checkpoint as ckpt
 from srd.train import sharding
 from srd.train.onpolicy import on_policy_flags, sample_responses
@@ -509,8 +509,7 @@ def train_stage(
     if not sharded:  # DeepSpeed: `module` becomes its engine (ZeRO partitions the optimizer state)
         module, optimizer = acc.prepare(module, optimizer)
     if teacher is not None and alpha < 1.0:
-        auto = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-        teacher_dtype = dtype_from_name(cfg.model.teacher_dtype, default=auto)
+        teacher_dtype = inference_dtype_of(cfg.model.teacher_dtype, bf16_training=acc.mixed_precision == "bf16")
         teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
 
     cache, cache_s = None, 0.0
