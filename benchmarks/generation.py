@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtypes",
         nargs="+",
         default=None,
+        type=lambda v: {"bf16": "bfloat16", "fp32": "float32"}.get(v, v),  # either spelling
         choices=["float32", "bfloat16"],
         help="weights' precisions to decode with, each in turn (default: bfloat16 on a GPU, float32 on a CPU)",
     )

@@ -45,7 +45,8 @@ implementation, recorded in benchmarks/results/DATE-<preset>-profile.md.
 
 times the forward-KL loss alone (forward + backward over one 1,024-position chunk of
 vocabulary-sized logits): srd's forward_kl, whose backward is written by hand, against the same
-formula differentiated by autograd; recorded in benchmarks/results/DATE-<preset>-loss.md.
+formula differentiated by autograd; and CE + forward KL as two losses against forward_kl_with_ce,
+which shares one log-softmax; recorded in benchmarks/results/DATE-<preset>-loss.md.
 """
 
 from __future__ import annotations
@@ -267,47 +268,71 @@ def profile_record(args: argparse.Namespace, cfg: dict, results: list[dict]) -> 
 
 
 def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | None = None, repeats: int = 5) -> int:
-    """Forward + backward of forward KL on one chunk: hand-written backward vs autograd."""
+    """Forward + backward of forward KL on one chunk: hand-written backward vs autograd; and of
+    forward KL + CE (a loss with an SFT term): two losses vs one log-softmax for both."""
     import torch
+    import torch.nn.functional as F
 
     from benchmarks.common import header, save_record
-    from srd.losses.divergences import _kl, _log_probs, forward_kl
+    from srd.losses.divergences import _kl, _log_probs, forward_kl, forward_kl_with_ce
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = vocab or {"cpu": 49152, "gpu": 50257}[args.preset]  # SmolLM2's or GPT-2's vocabulary
     g = torch.Generator().manual_seed(0)
     s = (3 * torch.randn(chunk, vocab, generator=g)).to(device)
     t = (3 * torch.randn(chunk, vocab, generator=g)).to(device)
+    y = torch.randint(0, vocab, (chunk,), generator=g).to(device)
 
-    def autograd_fkl(a, b, tau):
-        return _kl(_log_probs(b, tau), _log_probs(a, tau))
+    def autograd_fkl(a, tau):
+        return _kl(_log_probs(t, tau), _log_probs(a, tau)).sum()
 
-    rows = []
+    def srd_fkl(a, tau):
+        return forward_kl(a, t, tau=tau).sum()
+
+    def separate(a, tau):  # SRD's loss shape: alpha CE + (1 - alpha) KD, here 0.3 / 0.7
+        return 0.3 * F.cross_entropy(a, y, reduction="sum") + 0.7 * forward_kl(a, t, tau=tau).sum()
+
+    def fused(a, tau):
+        kl, ce = forward_kl_with_ce(a, t, y, tau=tau)
+        return 0.3 * ce.sum() + 0.7 * kl.sum()
+
+    def timed(fn, tau):
+        ts = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            a = s.clone().requires_grad_(True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(a, tau).backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts[1:]), a.grad
+
+    rows, rows_ce = [], []
     for tau in (1.0, 2.0):
-        times, grads = {}, {}
-        for name, fn in (("autograd", autograd_fkl), ("srd", lambda a, b, tau: forward_kl(a, b, tau=tau))):
-            ts = []
-            for _ in range(repeats + 1):  # the first is a warm-up
-                a = s.clone().requires_grad_(True)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn(a, t, tau).sum().backward()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            times[name], grads[name] = statistics.median(ts[1:]), a.grad
-        err = (grads["srd"] - grads["autograd"]).abs().max().item()
-        rows.append((tau, times["autograd"], times["srd"], err))
-        print(f"tau {tau}: autograd {times['autograd']:.3f} s, srd {times['srd']:.3f} s, max grad diff {err:.2e}")
+        (ta, ga), (tb, gb) = timed(autograd_fkl, tau), timed(srd_fkl, tau)
+        rows.append((tau, ta, tb, (gb - ga).abs().max().item()))
+        (tc, gc), (td, gd) = timed(separate, tau), timed(fused, tau)
+        rows_ce.append((tau, tc, td, (gd - gc).abs().max().item()))
+        print(f"tau {tau}: autograd {ta:.3f} s, srd {tb:.3f} s; KL + CE separate {tc:.3f} s, fused {td:.3f} s")
     lines = header(f"Forward-KL loss alone, preset `{args.preset}`") + [
-        f"Forward + backward of KL(p || q) summed over {chunk} positions x {vocab:,} vocabulary logits "
-        f"(float32, random, on `{device}`): srd's `forward_kl` (hand-written backward) against the same "
-        f"formula differentiated by autograd; median of {repeats} after one warm-up.",
+        f"Forward + backward summed over {chunk} positions x {vocab:,} vocabulary logits (float32, random, "
+        f"on `{device}`), median of {repeats} after one warm-up.",
+        "",
+        "KL(p || q): srd's `forward_kl` (hand-written backward) against the same formula differentiated by autograd.",
         "",
         "| tau | autograd (s) | srd (s) | speed-up | max abs. gradient difference |",
         "|---|---|---|---|---|",
         *(f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {e:.1e} |" for tau, a, b, e in rows),
+        "",
+        "0.3 CE + 0.7 KL(p || q) (a loss with an SFT term, the shape of every srd step): `F.cross_entropy` "
+        "+ `forward_kl` against `forward_kl_with_ce` (one log-softmax of the student for both, one gradient "
+        "buffer; what `srd.losses.kd` runs for forward KL).",
+        "",
+        "| tau | separate (s) | fused (s) | speed-up | max abs. gradient difference |",
+        "|---|---|---|---|---|",
+        *(f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {e:.1e} |" for tau, a, b, e in rows_ce),
     ]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "loss")
     return 0
@@ -403,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtypes",
         nargs="+",
         default=None,
+        type=lambda v: {"bfloat16": "bf16", "fp32": "float32"}.get(v, v),  # either spelling
         choices=["float32", "bf16"],
         help="precisions to run every implementation at (default: the preset's); ratios are against naive at the first",
     )

@@ -20,7 +20,8 @@ def _softmax64(z: np.ndarray, tau: float) -> np.ndarray:
 
 
 def _kl64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0), axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a = 0 terms are 0 (masked by where)
+        return np.sum(np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0), axis=-1)
 
 
 def reference(name: str, s: np.ndarray, t: np.ndarray, tau: float, beta: float | None) -> np.ndarray:
@@ -144,6 +145,51 @@ def test_forward_kl_equals_autograd_formula_with_zero_mass_tokens():
         torch.testing.assert_close(ga_ours, ga_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gb_ours, gb_ref, rtol=1e-5, atol=1e-6)
         assert torch.all(gb_ours[..., 7] == 0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+def test_forward_kl_with_ce_matches_float64_formulas(tau):
+    """The fused forward KL + CE (one log-softmax of the student) gives the textbook KL and
+    -log softmax(s)[y] at tau = 1 for the CE, also where the teacher puts zero mass on a token."""
+    from srd.losses import forward_kl_with_ce
+
+    s, t = _logits((6, 13), seed=8, scale=3.0)
+    t[:, 4] = float("-inf")
+    y = torch.tensor([0, 4, 12, 7, 7, 3])
+    kl, ce = forward_kl_with_ce(s.double(), t.double(), y, tau=tau)
+    np.testing.assert_allclose(kl.numpy(), reference("fkl", s.numpy(), t.numpy(), tau, None), rtol=1e-10, atol=1e-12)
+    want_ce = -np.log(_softmax64(s.numpy(), 1.0)[np.arange(6), y.numpy()])
+    np.testing.assert_allclose(ce.numpy(), want_ce, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_forward_kl_with_ce_gradcheck_both_inputs(tau):
+    from srd.losses import forward_kl_with_ce
+
+    s, t = _logits((4, 7), seed=9, scale=1.5)
+    s, t = s.double().requires_grad_(True), t.double().requires_grad_(True)
+    y = torch.tensor([1, 6, 0, 1])
+    # a weighted sum of both outputs, so the gradient of each and of their mix is checked
+    assert torch.autograd.gradcheck(lambda a, b: forward_kl_with_ce(a, b, y, tau=tau), (s, t), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_fused_ce_path_equals_separate_losses_in_float32(tau):
+    """kd_loss_sums with forward KL shares one log-softmax between CE and KD: its sums and
+    gradients equal F.cross_entropy + forward_kl's in float32, also under bf16 autocast."""
+    s, t = _logits((64, 301), seed=10, scale=4.0)
+    y = torch.randint(0, 301, (64,), generator=torch.Generator().manual_seed(1))
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    ce_ref = torch.nn.functional.cross_entropy(a, y, reduction="sum")
+    kd_ref = get_divergence("fkl").fn(a, t, tau=tau).sum()
+    (0.3 * ce_ref + 0.7 * kd_ref).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = kd_loss_sums(b, t, y, divergence="fkl", tau=tau, chunk_size=24)
+    assert sums.ce.dtype == sums.kd.dtype == torch.float32
+    (0.3 * sums.ce + 0.7 * sums.kd).backward()
+    torch.testing.assert_close(sums.ce, ce_ref.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(sums.kd, kd_ref.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", NAMES)

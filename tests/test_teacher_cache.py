@@ -146,3 +146,28 @@ def test_an_interrupted_cache_build_keeps_its_finished_shards(tmp_path, tiny_mod
     ids = [e.id for e in enc]
     a, b = whole.rows(ids, "cpu"), parts.rows(ids, "cpu")
     assert torch.equal(a.ids, b.ids) and torch.allclose(a.buckets, b.buckets, atol=1e-5)
+
+
+def test_a_cache_keeps_the_precision_its_teacher_ran_in(tiny_models, tokenizer):
+    """Rows a bf16 teacher computed are not served where the teacher runs in float32 (`auto`
+    resolving otherwise on another machine): a teacher whose weights are bf16 values has the same
+    fingerprint in both dtypes, so the cache's key names a non-float32 dtype (and float32 none:
+    older caches hold)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from srd.config import load_config
+    from srd.reflect.reflect import model_fingerprint
+    from srd.train.loop import teacher_cache_meta
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_models["llama-teacher"]).eval()
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.copy_(p.bfloat16().float())
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    assert model_fingerprint(fp32) == model_fingerprint(bf16)
+    cfg = load_config(None, ["loss.teacher_top_k=8"])
+    a, b = (teacher_cache_meta(cfg, m, tokenizer, False, 1.0) for m in (fp32, bf16))
+    assert "teacher_dtype" not in a and b["teacher_dtype"] == "bfloat16"
+    assert {k: v for k, v in b.items() if k != "teacher_dtype"} == a

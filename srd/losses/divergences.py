@@ -92,6 +92,60 @@ class _ForwardKL(torch.autograd.Function):
         return g_student, g_teacher, None
 
 
+class _ForwardKLWithCE(torch.autograd.Function):
+    """KL(p_tau || q_tau) and the cross-entropy -log q_1(y) per row from one log-softmax of the
+    student: what a KD step with an SFT term needs, without F.cross_entropy's own log-softmax,
+    its backward and the sum of two vocabulary-sized gradients.
+
+    At tau = 1 the CE is a gather from log q. At another tau, log q_1 = tau log q_tau + c with
+    c = tau logsumexp(s / tau) - logsumexp(s) per row, so only c is kept, not the logits. The
+    student's gradient is (q_tau - p) g_kl / tau + (q_1 - onehot(y)) g_ce, written into one buffer."""
+
+    @staticmethod
+    def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tau: float):
+        lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+        y = targets.unsqueeze(-1)
+        if tau == 1.0:
+            ce, shift = -lq.gather(-1, y).squeeze(-1), None
+        else:
+            s = student_logits.to(lq.dtype)
+            ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
+            shift = -ce - tau * lq.gather(-1, y).squeeze(-1)  # log q_1(y) - tau log q_tau(y), any column's
+        p = lp.exp()
+        diff = lp.sub_(lq).masked_fill_(p == 0, 0.0)
+        with torch.autocast(p.device.type, enabled=False):
+            kl = torch.linalg.vecdot(p, diff)
+        ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
+        ctx.save_for_backward(p, lq, kl, y, *(() if shift is None else (shift,)))
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx: object, g_kl: Tensor, g_ce: Tensor):
+        p, lq, kl, y, *rest = ctx.saved_tensors
+        tau = ctx.tau
+        g_student = g_teacher = None
+        if ctx.needs_input_grad[1]:
+            diff = (p.log() - lq).masked_fill_(p == 0, 0.0)
+            g_teacher = (p * (diff - kl.unsqueeze(-1)) * (g_kl.unsqueeze(-1) / tau)).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:
+            a, c = g_kl.unsqueeze(-1).to(lq.dtype), g_ce.unsqueeze(-1).to(lq.dtype)
+            if tau == 1.0:  # q (g_kl + g_ce) - p g_kl
+                g = lq.exp().mul_(a + c).addcmul_(p, a, value=-1.0)
+            else:
+                g = lq.exp().sub_(p).mul_(a / tau)
+                g.add_(lq.mul(tau).add_(rest[0].unsqueeze(-1)).exp_().mul_(c))
+            g_student = g.scatter_add_(-1, y, -c).to(ctx.dtypes[0])
+        return g_student, g_teacher, None, None
+
+
+def forward_kl_with_ce(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, tau: float = 1.0, beta: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """(KL(p_tau || q_tau), -log q_1(targets)) per row, sharing the student's log-softmax (the same
+    values as forward_kl and F.cross_entropy; srd.losses.kd uses it for the default divergence)."""
+    return _ForwardKLWithCE.apply(student_logits, teacher_logits, targets, tau)
+
+
 def forward_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -186,10 +240,13 @@ class Divergence:
     # Whether the reference implementation multiplies this divergence by tau^2
     # (loss.tau_squared = "reference" reproduces that inconsistent choice).
     reference_tau_squared: bool
+    # (student logits, teacher logits, targets, tau=, beta=) -> (divergence, CE) per row from one
+    # log-softmax of the student, where the divergence has such a form (fkl)
+    with_ce: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 DIVERGENCES: dict[str, Divergence] = {
-    "fkl": Divergence(forward_kl, True),
+    "fkl": Divergence(forward_kl, True, forward_kl_with_ce),
     "rkl": Divergence(reverse_kl, False),
     "jsd": Divergence(js_divergence, True),
     "tvd": Divergence(total_variation, False),

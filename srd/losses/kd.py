@@ -45,7 +45,11 @@ class SparseTeacher:
 def sparse_student_buckets(logits: Tensor, ids: Tensor, tau: float) -> Tensor:
     """The student's distribution at temperature tau over the teacher's top-k tokens and one
     bucket for the rest, as logits whose log-softmax at tau is exactly those log-probs."""
-    logq = torch.log_softmax(logits.float() / tau, dim=-1)
+    return log_prob_buckets(torch.log_softmax(logits.float() / tau, dim=-1), ids, tau)
+
+
+def log_prob_buckets(logq: Tensor, ids: Tensor, tau: float) -> Tensor:
+    """sparse_student_buckets from the student's log-probabilities at tau."""
     top = logq.gather(-1, ids)
     rest = logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-80.0)
     return torch.cat([top, rest], dim=-1) * tau
@@ -93,23 +97,33 @@ def kd_loss_sums(
     if n == 0:
         # Keep the graph connected so every rank runs the same backward (DDP).
         return LossSums(ce=zero + 0.0 * student_in.sum(), kd=zero.clone(), n_tokens=0)
-    div_fn = get_divergence(divergence).fn if teacher_in is not None else None
+    div = get_divergence(divergence) if teacher_in is not None else None
 
     def chunk_sums(s: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
         # one float32 copy of bf16 logits for the CE and the divergence: their gradients are
         # summed in float32 and rounded to bf16 once, instead of two casts each way
         logits = student_head(s).to(acc_dtype)
-        ce = F.cross_entropy(logits, y, reduction="sum")
-        if div_fn is None or t is None:
+        if div is None or t is None:
+            ce = F.cross_entropy(logits, y, reduction="sum")
             return ce, ce.new_zeros(())
         if isinstance(t, SparseTeacher):
-            student_buckets = sparse_student_buckets(logits, t.ids, tau)
-            kd = div_fn(student_buckets, t.buckets, None, tau=tau, beta=beta).sum()
+            if tau == 1.0:  # the CE's log-softmax is the buckets' own
+                logq = torch.log_softmax(logits, dim=-1)
+                ce = -logq.gather(-1, y.unsqueeze(-1)).sum()
+                student_buckets = log_prob_buckets(logq, t.ids, tau)
+            else:
+                ce = F.cross_entropy(logits, y, reduction="sum")
+                student_buckets = sparse_student_buckets(logits, t.ids, tau)
+            kd = div.fn(student_buckets, t.buckets, None, tau=tau, beta=beta).sum()
             return ce, kd.to(acc_dtype)
         with torch.no_grad():
             t_logits = teacher_head(t)
         vocab = min(logits.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
-        kd = div_fn(logits[..., :vocab], t_logits[..., :vocab], None, tau=tau, beta=beta).sum()
+        if div.with_ce is not None and vocab == logits.shape[-1]:  # one log-softmax for both
+            kd, ce = div.with_ce(logits, t_logits[..., :vocab], y, tau=tau, beta=beta)
+            return ce.sum(), kd.sum().to(acc_dtype)
+        ce = F.cross_entropy(logits, y, reduction="sum")
+        kd = div.fn(logits[..., :vocab], t_logits[..., :vocab], None, tau=tau, beta=beta).sum()
         return ce, kd.to(acc_dtype)
 
     ce_total, kd_total = zero, zero

@@ -388,21 +388,34 @@ def run_temperatures(cfg: RunConfig, tau: float) -> list[float]:
     return sorted({round(float(t), 9) for t in taus})
 
 
-def _teacher_cache(
-    cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[Encoded], acc: Any, s2s: bool, tau: float
-) -> Any:
-    """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
+def teacher_cache_meta(cfg: RunConfig, teacher: Any, tokenizer: Any, s2s: bool, tau: float) -> dict[str, Any]:
+    """What a teacher cache's rows depend on (a cache made for other values is rebuilt): the
+    teacher's weights and the precision they ran in, k, the temperatures, the tokenisation."""
     from srd.reflect.reflect import model_fingerprint
-    from srd.train.teacher_cache import TeacherCache
 
     d = cfg.data
-    meta = {
+    dtype = next(teacher.parameters()).dtype
+    # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint, so
+    # the precision is named; only when it is not float32, so caches made before it was
+    # recorded (all float32) are still reused
+    precision = {} if dtype == torch.float32 else {"teacher_dtype": str(dtype).removeprefix("torch.")}
+    return {
+        **precision,
         "teacher": model_fingerprint(teacher),
         "top_k": cfg.loss.teacher_top_k,
         "taus": run_temperatures(cfg, tau),
         "vocab": len(tokenizer),
         "tokenisation": [d.prompt_format, d.max_prompt_len, d.max_len, d.instruction_suffix, s2s],
     }
+
+
+def _teacher_cache(
+    cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[Encoded], acc: Any, s2s: bool, tau: float
+) -> Any:
+    """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
+    from srd.train.teacher_cache import TeacherCache
+
+    meta = teacher_cache_meta(cfg, teacher, tokenizer, s2s, tau)
     folder = cfg.run_dir / "teacher-cache"
     t0 = time.perf_counter()
     if acc.is_main_process:
