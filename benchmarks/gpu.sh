@@ -16,7 +16,7 @@
 #   3. srd reflect with the 124M student over the first $REFLECT_ROWS Dolly training prompts
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
 #   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
-#      --loss-only (forward KL, hand-written backward vs autograd)
+#      --loss-only (forward KL, hand-written backward vs autograd; CE + KL separate vs fused)
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);

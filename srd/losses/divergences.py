@@ -131,9 +131,10 @@ class _ForwardKLWithCE(torch.autograd.Function):
             a, c = g_kl.unsqueeze(-1).to(lq.dtype), g_ce.unsqueeze(-1).to(lq.dtype)
             if tau == 1.0:  # q (g_kl + g_ce) - p g_kl
                 g = lq.exp().mul_(a + c).addcmul_(p, a, value=-1.0)
-            else:
-                g = lq.exp().sub_(p).mul_(a / tau)
-                g.add_(lq.mul(tau).add_(rest[0].unsqueeze(-1)).exp_().mul_(c))
+            else:  # (q_tau - p) g_kl / tau + q_1 g_ce, q_1 = exp(tau log q_tau + c)
+                a = a / tau
+                g = lq.exp().mul_(a).addcmul_(p, a, value=-1.0)
+                g.addcmul_(torch.add(rest[0].unsqueeze(-1), lq, alpha=tau).exp_(), c)
             g_student = g.scatter_add_(-1, y, -c).to(ctx.dtypes[0])
         return g_student, g_teacher, None, None
 
