@@ -299,3 +299,27 @@ def test_registry_add_and_errors():
         assert "_test_zero" in DIVERGENCES
     finally:
         DIVERGENCES.pop("_test_zero")
+
+
+def test_a_registered_divergence_with_a_joint_ce_is_used_for_both_sums():
+    """kd_loss_sums takes the CE from a registered divergence's `with_ce` when it has one, and
+    from F.cross_entropy when not."""
+    calls = []
+
+    def with_ce(s, t, y, *, tau, beta):
+        calls.append(tau)
+        return torch.full(s.shape[:-1], 2.0), torch.full(s.shape[:-1], 3.0)
+
+    register_divergence("_test_joint", lambda s, t, mask=None, **hp: torch.zeros(s.shape[:-1]), with_ce=with_ce)
+    register_divergence("_test_apart", lambda s, t, mask=None, **hp: torch.zeros(s.shape[:-1]))
+    try:
+        s, t = _logits((10, 7), seed=11)
+        y = torch.randint(0, 7, (10,))
+        joint = kd_loss_sums(s, t, y, divergence="_test_joint", tau=1.5, chunk_size=4)
+        assert calls == [1.5, 1.5, 1.5] and joint.ce.item() == 30.0 and joint.kd.item() == 20.0
+        apart = kd_loss_sums(s, t, y, divergence="_test_apart", chunk_size=4)
+        want = torch.nn.functional.cross_entropy(s, y, reduction="sum")
+        assert apart.ce.item() == pytest.approx(want.item(), rel=1e-6) and apart.kd.item() == 0.0
+    finally:
+        DIVERGENCES.pop("_test_joint")
+        DIVERGENCES.pop("_test_apart")

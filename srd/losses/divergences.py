@@ -97,9 +97,11 @@ class _ForwardKLWithCE(torch.autograd.Function):
     student: what a KD step with an SFT term needs, without F.cross_entropy's own log-softmax,
     its backward and the sum of two vocabulary-sized gradients.
 
-    At tau = 1 the CE is a gather from log q. At another tau, log q_1 = tau log q_tau + c with
-    c = tau logsumexp(s / tau) - logsumexp(s) per row, so only c is kept, not the logits. The
-    student's gradient is (q_tau - p) g_kl / tau + (q_1 - onehot(y)) g_ce, written into one buffer."""
+    At tau = 1 the CE is a gather from log q. At another tau, log q_1 = tau log q_tau + shift with
+    shift = tau logsumexp(s / tau) - logsumexp(s) per row, so only the shift is kept, not the
+    logits. The student's gradient is (q_tau - p) g_kl / tau + (q_1 - onehot(y)) g_ce, written
+    into one buffer (no more float32 error than the two losses apart: tested against float64,
+    benchmarks/results/2026-12-01-cpu-fused-ce.md)."""
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tau: float):
@@ -131,11 +133,11 @@ class _ForwardKLWithCE(torch.autograd.Function):
             a, c = g_kl.unsqueeze(-1).to(lq.dtype), g_ce.unsqueeze(-1).to(lq.dtype)
             if tau == 1.0:  # q (g_kl + g_ce) - p g_kl
                 g = lq.exp().mul_(a + c).addcmul_(p, a, value=-1.0)
-            else:  # (q_tau - p) g_kl / tau + q_1 g_ce, q_1 = exp(tau log q_tau + c)
+            else:  # (q_tau - p) g_kl / tau + q_1 g_ce, q_1 = exp(tau log q_tau + shift)
                 a = a / tau
                 g = lq.exp().mul_(a).addcmul_(p, a, value=-1.0)
                 g.addcmul_(torch.add(rest[0].unsqueeze(-1), lq, alpha=tau).exp_(), c)
-            g_student = g.scatter_add_(-1, y, -c).to(ctx.dtypes[0])
+            g_student = g.scatter_add_(-1, y, -c).to(ctx.dtypes[0])  # the CE's -onehot(y) g_ce
         return g_student, g_teacher, None, None
 
 
@@ -256,11 +258,18 @@ DIVERGENCES: dict[str, Divergence] = {
 }
 
 
-def register_divergence(name: str, fn: DivergenceFn, reference_tau_squared: bool = True) -> None:
-    """Add a divergence by name so configs can use `loss.divergence: <name>`."""
+def register_divergence(
+    name: str,
+    fn: DivergenceFn,
+    reference_tau_squared: bool = True,
+    with_ce: Callable[..., tuple[Tensor, Tensor]] | None = None,
+) -> None:
+    """Add a divergence by name so configs can use `loss.divergence: <name>`. `with_ce`, if
+    given, computes (divergence, CE) per row together (see forward_kl_with_ce); without it the
+    CE is taken apart with F.cross_entropy."""
     if name in DIVERGENCES:
         raise ValueError(f"divergence {name!r} is already registered")
-    DIVERGENCES[name] = Divergence(fn, reference_tau_squared)
+    DIVERGENCES[name] = Divergence(fn, reference_tau_squared, with_ce)
 
 
 def get_divergence(name: str) -> Divergence:
