@@ -31,6 +31,13 @@ weights in bf16 and the student's step under bf16 autocast, its weights and Adam
 what `train.precision=bf16` does; on a CPU only where it has native bf16 matmuls, e.g. AVX512-BF16
 or AMX) and compares every row with the hand-written step at the first precision and at its own.
 
+`--rounds 3` runs the whole list three times, one implementation after another in each round,
+and reports the median over all rounds' steps with each round's median: on a shared or
+thermally variable machine the spread between rounds is the noise to read a ratio against.
+`--against DIR` also runs every srd implementation with the srd package of another checkout
+(`git worktree add ../srd-before HEAD~1`), interleaved with this one's, for a before/after
+comparison in one record.
+
 Reported: median step time after warm-up, tokens/s (all B x T tokens), peak memory (GPU
 allocator peak, or the process's peak RSS on a CPU) and the ratios. The record goes to
 benchmarks/results/DATE-<preset>-throughput.md.
@@ -415,6 +422,17 @@ def _native_bf16() -> bool:
     return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _commit(folder: Path) -> str:
+    """The short commit of a git checkout, with '+changes' when its tracked files differ; '' if none."""
+
+    def git(*a: str) -> str:
+        proc = subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    rev = git("rev-parse", "--short", "HEAD")
+    return rev + ("+changes" if rev and git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
@@ -441,8 +459,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each implementation")
     p.add_argument("--profile", action="store_true", help="profile the steps (phases, operators) instead")
     p.add_argument("--loss-only", action="store_true", help="time the forward-KL loss alone (hand vs autograd)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every implementation this many times, interleaved (one round after another), and report "
+        "the median step over all rounds with each round's median",
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="DIR",
+        help="another checkout of srd (e.g. a `git worktree` of an earlier commit): every srd implementation "
+        "also runs with DIR's srd package, interleaved with this checkout's, rows labelled (DIR's name)",
+    )
+    p.add_argument("--code", default=None, help=argparse.SUPPRESS)  # internal: the child's srd checkout
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one impl, print JSON
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.rounds > 1 and args.profile:
+        p.error("--rounds repeats timed steps; a profile is one run (drop --rounds)")
+    if args.against is not None and not (Path(args.against) / "srd" / "__init__.py").is_file():
+        p.error(f"--against {args.against}: no srd package there (expected {Path(args.against) / 'srd'})")
+    if args.code:  # before anything imports srd: the checkout under comparison comes first
+        sys.path.insert(0, str(Path(args.code).resolve()))
     if args.profile and not args.child and "trl" in args.impls:
         p.error("--profile covers naive and the srd implementations, not trl (pass --impls)")
     cfg = dict(PRESETS[args.preset])
@@ -453,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.loss_only:
         return loss_benchmark(args)
     if args.child:
-        print("RESULT " + json.dumps(run_impl(args.child, cfg, profile=args.profile)))
+        import srd
+
+        result = {**run_impl(args.child, cfg, profile=args.profile), "srd": str(Path(srd.__file__).resolve().parent)}
+        print("RESULT " + json.dumps(result))
         return 0
     if not cfg["student"].startswith("random:") and not Path(cfg["student"]).exists():
         print(
@@ -465,16 +509,25 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16" in dtypes and not _native_bf16():
         p.error("--dtypes bf16: this machine has no native bf16 matmuls (no bf16 GPU, no AVX512-BF16/AMX CPU)")
     results, skipped, failed = [], [], []
-    for dtype, impl in ((d, i) for d in dtypes for i in args.impls):
+    rounds: dict[str, list[dict]] = {}  # label -> that implementation's result in every round
+    against = Path(args.against).resolve() if args.against else None
+    if "trl" in args.impls and importlib.util.find_spec("trl") is None:
+        print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
+        skipped.append("trl")
+    runs = [
+        (d, i, code)
+        for d in dtypes
+        for i in args.impls
+        if i not in skipped
+        for code in ([None, against] if against and i.startswith("srd") else [None])
+    ]
+    for round_, (dtype, impl, code) in ((k, run) for k in range(args.rounds) for run in runs):
         label = impl if len(dtypes) == 1 else f"{impl} @ {dtype}"
-        if impl == "trl" and importlib.util.find_spec("trl") is None:
-            print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
-            skipped.append(impl)
-            continue
+        label += f" ({code.name})" if code else ""
         cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl] + ["--profile"] * args.profile
         for key in ("steps", "teacher", "student", "batch", "seq"):
             cmd += [f"--{key}", str(cfg[key])]
-        cmd += ["--dtype", dtype]
+        cmd += ["--dtype", dtype] + (["--code", str(code)] if code else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
             out, err, rc = proc.stdout, proc.stderr, proc.returncode
@@ -488,14 +541,32 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{label} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
             continue
         r = {**json.loads(line[len("RESULT ") :]), "label": label, "dtype": dtype}
+        if Path(r["srd"]).parent != (code or ROOT):  # a comparison of the same code would pass unnoticed
+            failed.append(f"{label} (imported srd from {r['srd']}, not from {code or ROOT})")
+            continue
+        at = f" (round {round_ + 1})" * (args.rounds > 1)
         if args.profile:
             results.append(r)
-            print(f"{label}: {r['wall_s']:.2f} s/step profiled: " + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"]))
+            print(
+                f"{label}{at}: {r['wall_s']:.2f} s/step profiled: "
+                + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"])
+            )
             continue
         r["median_s"] = statistics.median(r["step_s"])
+        rounds.setdefault(label, []).append(r)
+        print(f"{label}{at}: {r['median_s']:.2f} s/step, peak {r['peak_gib']:.2f} GiB")
+    for label, rs in rounds.items():  # one row per implementation, over all its rounds
+        r = {**rs[0], "step_s": [t for x in rs for t in x["step_s"]], "rounds": [x["median_s"] for x in rs]}
+        r["median_s"] = statistics.median(r["step_s"])
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
+        r["peak_gib"] = max(x["peak_gib"] for x in rs)
+        if r.get("cache_build_s") is not None:
+            r["cache_build_s"] = statistics.median(x["cache_build_s"] for x in rs)
         results.append(r)
-        print(f"{label}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
+        if args.rounds > 1:
+            print(f"{label}: {r['median_s']:.2f} s/step over {len(rs)} rounds, {r['tok_s']:.0f} tokens/s")
+        else:
+            print(f"{label}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
     from benchmarks.common import header, save_record
 
     if not results:
@@ -517,16 +588,32 @@ def main(argv: list[str] | None = None) -> int:
     precision = " and ".join(dtypes) + bf16_note
     lines = header(f"KD step throughput, preset `{args.preset}`") + [
         f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`, batch {cfg['batch']} x {cfg['seq']} tokens "
-        f"(3/4 of them targets), {precision}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up; "
-        f"memory = {mem}.",
+        f"(3/4 of them targets), {precision}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up"
+        + (
+            f" in each of {args.rounds} rounds (every implementation once per round, in turn), over all of them"
+            if args.rounds > 1
+            else ""
+        )
+        + f"; memory = {mem}"
+        + (" (the largest of the rounds)" if args.rounds > 1 else "")
+        + ".",
         "",
     ]
+    if against:
+        lines += [
+            f"Rows labelled ({against.name}) ran srd's code from `{against}`"
+            f"{' (' + _commit(against) + ')' if _commit(against) else ''}; the others from this checkout"
+            f"{' (' + _commit(ROOT) + ')' if _commit(ROOT) else ''}.",
+            "",
+        ]
+    multi = args.rounds > 1
     same = len(dtypes) > 1  # a column against the hand-written step at the row's own precision
     ref = f"vs {base['label']}" if same else "vs naive"
     lines += [
         f"| implementation | s/step (median) | tokens/s | {ref} | peak memory (GiB) | {ref} |"
-        + " vs naive at its precision (speed / memory) |" * same,
-        "|---|---|---|---|---|---|" + "---|" * same,
+        + " vs naive at its precision (speed / memory) |" * same
+        + " each round's median (s) |" * multi,
+        "|---|---|---|---|---|---|" + "---|" * same + "---|" * multi,
     ]
     for r in results:
         row = (
@@ -536,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         own = naive_at(r["dtype"])
         if same:
             row += f" {r['tok_s'] / own['tok_s']:.2f}x / {r['peak_gib'] / own['peak_gib']:.2f}x |" if own else " - |"
+        if multi:
+            row += " " + ", ".join(f"{t:.3f}" for t in r["rounds"]) + " |"
         lines.append(row)
     builds = [f"{r['label']} {r['cache_build_s']:.2f} s" for r in results if r.get("cache_build_s") is not None]
     if builds:

@@ -209,3 +209,26 @@ def test_multiprocess_script_compares_one_and_two_processes(tmp_path, tiny_model
     loss_diff, norm_diff, weight_diff = (float(rows[1][i]) for i in (3, 4, 5))
     assert loss_diff < 1e-5 and norm_diff < 1e-4 and weight_diff < 1e-5  # the same steps
     assert float(rows[0][2]) >= 0 and float(rows[1][6]) > 0  # a step time, a peak memory
+
+
+@needs_shared
+def test_throughput_rounds_and_against_another_checkout(tmp_path, tiny_models):
+    """--rounds interleaves repeated runs and reports each round; --against runs the srd rows with
+    another checkout's package too (checked to be the one imported), naive only once per round."""
+    import shutil
+
+    other = tmp_path / "before"
+    shutil.copytree(ROOT / "srd", other / "srd", ignore=shutil.ignore_patterns("__pycache__"))
+    record = tmp_path / "throughput.md"
+    args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
+    args += ["--impls", "naive", "srd-keep", "--rounds", "2", "--against", str(other)]
+    args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
+    module = _module("throughput")
+    assert module.main(args) == 0
+    text = record.read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"implementation", "naive", "srd-keep", "srd-keep (before)"}
+    assert all(len(rows[k][7].split(",")) == 2 for k in ("naive", "srd-keep", "srd-keep (before)"))  # 2 rounds
+    assert f"ran srd's code from `{other.resolve()}`" in text and "in each of 2 rounds" in text
+    with pytest.raises(SystemExit):
+        module.main([*args[:-2], "--against", str(tmp_path / "nothing")])
