@@ -46,6 +46,11 @@ def machine() -> dict[str, Any]:
     # AVX2 machine and one with AVX-512 and native bf16 (both were seen as "2-core AMD EPYC")
     info["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
     info["cpu_native_bf16"] = native_bf16("cpu")
+    # large CPU tensors reuse freed pages (srd.utils.tune_cpu_allocator, as the srd CLI does) or
+    # page-fault every allocation afresh (glibc's default): a 16-26% difference in a KD step here
+    from srd.utils import cpu_allocator_tuned
+
+    info["cpu_malloc"] = "tuned" if cpu_allocator_tuned() else "default"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

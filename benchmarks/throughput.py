@@ -422,6 +422,17 @@ def _native_bf16() -> bool:
     return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _tune_cpu_allocator() -> None:
+    """Every row's process (hand-written ones too) runs with the allocator the srd CLI sets on a
+    CPU (srd.utils.tune_cpu_allocator, this checkout's)."""
+    import torch
+
+    from srd.utils import tune_cpu_allocator
+
+    if not torch.cuda.is_available():
+        tune_cpu_allocator()
+
+
 def _commit(folder: Path) -> str:
     """The short commit of a git checkout, with '+changes' when its tracked files differ; '' if none."""
 
@@ -482,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds repeats timed steps; a profile is one run (drop --rounds)")
     if args.against is not None and not (Path(args.against) / "srd" / "__init__.py").is_file():
         p.error(f"--against {args.against}: no srd package there (expected {Path(args.against) / 'srd'})")
-    if args.code:  # before anything imports srd: the checkout under comparison comes first
+    _tune_cpu_allocator()  # process-wide and kept: glibc's settings outlive the module
+    if args.code:  # the checkout under comparison comes first, its srd imported afresh
+        for name in [m for m in sys.modules if m == "srd" or m.startswith("srd.")]:
+            del sys.modules[name]
         sys.path.insert(0, str(Path(args.code).resolve()))
     if args.profile and not args.child and "trl" in args.impls:
         p.error("--profile covers naive and the srd implementations, not trl (pass --impls)")

@@ -214,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    import torch
+
+    from srd.utils import tune_cpu_allocator
+
+    if not torch.cuda.is_available():
+        tune_cpu_allocator()  # vocabulary-sized tensors reuse freed pages (SRD_CPU_MALLOC=0: off)
     try:
         return _dispatch(args)
     except (ConfigError, DataError, EvalError, ModelError, ReflectionError, ReportError) as e:

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -136,3 +137,41 @@ def disk_full(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_allocator_tuned: bool | None = None
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory for reuse instead of handing every large tensor's pages back to the OS.
+
+    glibc serves each allocation over 32 MB (every vocabulary-sized tensor of a KD step:
+    1,024 x 49,152 float32 is 200 MB) with a fresh mmap and unmaps it when freed, so the next
+    tensor of that size page-faults all of its pages again; on a CPU that costs about as much as
+    the arithmetic on them (benchmarks/results/2026-12-01-cpu-allocator.md). This makes glibc
+    serve them from its heap (M_MMAP_MAX = 0) and keep up to 2 GiB of freed heap (M_TRIM_THRESHOLD),
+    as jemalloc or tcmalloc would. Only on Linux with glibc, once per process;
+    `SRD_CPU_MALLOC=0` leaves the allocator as it is. Returns whether it is tuned."""
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if os.environ.get("SRD_CPU_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only (others have no such mallopt parameters)
+            return False
+    except OSError:
+        return False
+    _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _allocator_tuned
+
+
+def cpu_allocator_tuned() -> bool:
+    """Whether tune_cpu_allocator has tuned this process's allocator."""
+    return bool(_allocator_tuned)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -386,3 +390,39 @@ def test_resume_under_another_resolved_precision_is_refused(tmp_path, tiny_model
         AcceleratorState._reset_state(reset_partial_state=True)
     err = capsys.readouterr().err
     assert "was trained with precision fp32" in err and "resume it with train.precision=fp32" in err
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, json, sys
+import torch
+from srd.utils import cpu_allocator_tuned, tune_cpu_allocator
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+tuned = tune_cpu_allocator()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(1024, 16384)  # 64 MB: over glibc's largest mmap threshold (32 MB)
+grew = libc.mallinfo2().hblkhd - before
+print(json.dumps({"tuned": tuned, "reported": cpu_allocator_tuned(), "mmapped": grew >= x.numel() * 4}))
+"""
+
+
+def _glibc() -> tuple[int, ...]:
+    name, version = platform.libc_ver()
+    return tuple(int(v) for v in version.split(".")[:2]) if name == "glibc" and version else ()
+
+
+@pytest.mark.skipif(_glibc() < (2, 33), reason="glibc's allocator, probed with mallinfo2 (glibc 2.33+)")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_cpu_allocator_keeps_large_tensors_off_mmap(setting):
+    """tune_cpu_allocator makes glibc serve a vocabulary-sized tensor from its heap (reused when
+    freed) instead of a fresh mmap; SRD_CPU_MALLOC=0 leaves glibc's default."""
+    env = {**os.environ, "SRD_CPU_MALLOC": setting}
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    on = setting == "1"
+    assert got == {"tuned": on, "reported": on, "mmapped": not on}
