@@ -2,7 +2,8 @@
 # Every GPU measurement of the project in one short run (about 10 minutes on one H100/H200),
 # for a machine with no network where only a small working tree travels:
 #
-#   bash benchmarks/gpu.sh --prepare        # here: the SmolLM2 tokenizer + Dolly into .gpu/ (gitignored)
+#   bash benchmarks/gpu.sh --prepare        # here: the SmolLM2 tokenizer + Dolly into .gpu/ (gitignored:
+#                                           # never commit it; the device call carries it, carry=[".gpu"])
 #   bash benchmarks/gpu.sh OUT_DIR          # there: writes OUT_DIR/*.md and OUT_DIR/gpu.log
 #
 # Models are random-init of the paper's shapes (GPT-2 1.5B teacher, GPT-2 124M student) with
