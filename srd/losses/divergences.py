@@ -58,6 +58,24 @@ def _masked(loss: Tensor, mask: Tensor | None) -> Tensor:
     return torch.where(mask.bool(), loss, torch.zeros_like(loss))
 
 
+def _kl_rows(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+    """(p, KL(p || q) per row) from log-probabilities, overwriting `lp` (the forward passes of
+    the hand-written forward KLs below)."""
+    p = lp.exp()
+    # in place: no graph is recorded inside forward, and every vocabulary-sized buffer
+    # not allocated is one pass of page faults saved on a CPU
+    diff = lp.sub_(lq).masked_fill_(p == 0, 0.0)  # p = 0 terms are 0 even where log p = -inf
+    # autocast (bf16 training) counts vecdot as a matmul and would cast p and diff to bf16
+    with torch.autocast(p.device.type, enabled=False):
+        return p, torch.linalg.vecdot(p, diff)
+
+
+def _kl_teacher_grad(p: Tensor, lq: Tensor, kl: Tensor, g: Tensor) -> Tensor:
+    """d KL(p_tau || q_tau) / d teacher logits, times g = upstream gradient / tau (rows, 1)."""
+    diff = (p.log() - lq).masked_fill_(p == 0, 0.0)
+    return p * (diff - kl.unsqueeze(-1)) * g
+
+
 class _ForwardKL(torch.autograd.Function):
     """KL(p || q) per row with a hand-written backward: d/ds = (q - p) / tau and
     d/dt = p (log p - log q - KL) / tau. Autograd through log-softmax, where, sub and mul
@@ -67,14 +85,8 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
-        lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
-        p = lp.exp()
-        # in place: no graph is recorded inside forward, and every vocabulary-sized buffer
-        # not allocated is one pass of page faults saved on a CPU
-        diff = lp.sub_(lq).masked_fill_(p == 0, 0.0)  # p = 0 terms are 0 even where log p = -inf
-        # autocast (bf16 training) counts vecdot as a matmul and would cast p and diff to bf16
-        with torch.autocast(p.device.type, enabled=False):
-            kl = torch.linalg.vecdot(p, diff)
+        lq = _log_probs(student_logits, tau)
+        p, kl = _kl_rows(_log_probs(teacher_logits, tau), lq)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
         ctx.save_for_backward(p, lq, kl)
         return kl
@@ -87,8 +99,7 @@ class _ForwardKL(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_student = lq.exp().sub_(p).mul_(g).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            diff = (p.log() - lq).masked_fill_(p == 0, 0.0)
-            g_teacher = (p * (diff - kl.unsqueeze(-1)) * g).to(ctx.dtypes[1])
+            g_teacher = _kl_teacher_grad(p, lq, kl, g).to(ctx.dtypes[1])
         return g_student, g_teacher, None
 
 
@@ -105,7 +116,7 @@ class _ForwardKLWithCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tau: float):
-        lp, lq = _log_probs(teacher_logits, tau), _log_probs(student_logits, tau)
+        lq = _log_probs(student_logits, tau)
         y = targets.unsqueeze(-1)
         if tau == 1.0:
             ce, shift = -lq.gather(-1, y).squeeze(-1), None
@@ -113,10 +124,7 @@ class _ForwardKLWithCE(torch.autograd.Function):
             s = student_logits.to(lq.dtype)
             ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
             shift = -ce - tau * lq.gather(-1, y).squeeze(-1)  # log q_1(y) - tau log q_tau(y), any column's
-        p = lp.exp()
-        diff = lp.sub_(lq).masked_fill_(p == 0, 0.0)
-        with torch.autocast(p.device.type, enabled=False):
-            kl = torch.linalg.vecdot(p, diff)
+        p, kl = _kl_rows(_log_probs(teacher_logits, tau), lq)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
         ctx.save_for_backward(p, lq, kl, y, *(() if shift is None else (shift,)))
         return kl, ce
@@ -127,8 +135,7 @@ class _ForwardKLWithCE(torch.autograd.Function):
         tau = ctx.tau
         g_student = g_teacher = None
         if ctx.needs_input_grad[1]:
-            diff = (p.log() - lq).masked_fill_(p == 0, 0.0)
-            g_teacher = (p * (diff - kl.unsqueeze(-1)) * (g_kl.unsqueeze(-1) / tau)).to(ctx.dtypes[1])
+            g_teacher = _kl_teacher_grad(p, lq, kl, g_kl.unsqueeze(-1) / tau).to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
             a, c = g_kl.unsqueeze(-1).to(lq.dtype), g_ce.unsqueeze(-1).to(lq.dtype)
             if tau == 1.0:  # q (g_kl + g_ce) - p g_kl
