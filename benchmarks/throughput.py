@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--dtypes bf16: this machine has no native bf16 matmuls (no bf16 GPU, no AVX512-BF16/AMX CPU)")
     results, skipped, failed = [], [], []
     rounds: dict[str, list[dict]] = {}  # label -> that implementation's result in every round
+    multi = args.rounds > 1
     against = Path(args.against).resolve() if args.against else None
     if "trl" in args.impls and importlib.util.find_spec("trl") is None:
         print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         if Path(r["srd"]).parent != (code or ROOT):  # a comparison of the same code would pass unnoticed
             failed.append(f"{label} (imported srd from {r['srd']}, not from {code or ROOT})")
             continue
-        at = f" (round {round_ + 1})" * (args.rounds > 1)
+        at = f" (round {round_ + 1})" * multi
         if args.profile:
             results.append(r)
             print(
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("cache_build_s") is not None:
             r["cache_build_s"] = statistics.median(x["cache_build_s"] for x in rs)
         results.append(r)
-        if args.rounds > 1:
+        if multi:
             print(f"{label}: {r['median_s']:.2f} s/step over {len(rs)} rounds, {r['tok_s']:.0f} tokens/s")
         else:
             print(f"{label}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
@@ -605,22 +606,21 @@ def main(argv: list[str] | None = None) -> int:
         f"(3/4 of them targets), {precision}, forward KL, AdamW; median of {cfg['steps']} steps after 1 warm-up"
         + (
             f" in each of {args.rounds} rounds (every implementation once per round, in turn), over all of them"
-            if args.rounds > 1
+            if multi
             else ""
         )
         + f"; memory = {mem}"
-        + (" (the largest of the rounds)" if args.rounds > 1 else "")
+        + (" (the largest of the rounds)" if multi else "")
         + ".",
         "",
     ]
     if against:
+        theirs, ours = (f" ({c})" if c else "" for c in (_commit(against), _commit(ROOT)))
         lines += [
-            f"Rows labelled ({against.name}) ran srd's code from `{against}`"
-            f"{' (' + _commit(against) + ')' if _commit(against) else ''}; the others from this checkout"
-            f"{' (' + _commit(ROOT) + ')' if _commit(ROOT) else ''}.",
+            f"Rows labelled ({against.name}) ran srd's code from `{against}`{theirs}; "
+            f"the others from this checkout{ours}.",
             "",
         ]
-    multi = args.rounds > 1
     same = len(dtypes) > 1  # a column against the hand-written step at the row's own precision
     ref = f"vs {base['label']}" if same else "vs naive"
     lines += [
