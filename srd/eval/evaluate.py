@@ -25,6 +25,7 @@ from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
 from srd.eval.generate import iter_responses, row_seeds
+from srd.models.load import dtype_name
 from srd.utils import atomic_write_json, atomic_write_text
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
@@ -191,7 +192,7 @@ def evaluate(
     """Evaluate on every benchmark; `seeds=None` forces greedy decoding everywhere."""
     out_dir = Path(out_dir)
     model.to(accelerator.device)
-    _check_precision(out_dir, str(next(model.parameters()).dtype).removeprefix("torch."), accelerator.is_main_process)
+    _check_precision(out_dir, dtype_name(next(model.parameters()).dtype), accelerator.is_main_process)
     accelerator.wait_for_everyone()
     summary_path = out_dir / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}

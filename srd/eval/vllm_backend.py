@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from srd.config import ConfigError
+from srd.models.load import dtype_name
 
 _ENGINES: weakref.WeakKeyDictionary[Any, tuple[str, Any, Any]] = weakref.WeakKeyDictionary()
 
@@ -61,7 +62,7 @@ def _engine(vllm: Any, model: Any, tokenizer: Any) -> Any:
     llm = vllm.LLM(
         model=folder.name,
         tokenizer=folder.name,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
         gpu_memory_utilization=float(os.environ.get("SRD_VLLM_GPU_MEMORY", "0.5")),
     )
     _ENGINES[model] = (fingerprint, llm, folder)  # the folder lives as long as the engine

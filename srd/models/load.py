@@ -192,6 +192,17 @@ def dtype_from_name(name: str, *, default: torch.dtype = torch.float32) -> torch
     }[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float32`, `bfloat16`, ...: the inverse of dtype_from_name, as settings and records write it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_entry(key: str, dtype: torch.dtype) -> dict[str, str]:
+    """{key: dtype's name} for a fingerprint of settings, or nothing for float32: folders and
+    caches made before their precision was recorded (all float32) still match."""
+    return {} if dtype == torch.float32 else {key: dtype_name(dtype)}
+
+
 def native_bf16(device: Any) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware: a bf16 GPU, or a CPU with
     AVX512-BF16 / AMX (oneDNN's own check). Elsewhere bf16 is emulated and slower than fp32."""

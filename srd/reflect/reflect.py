@@ -32,7 +32,7 @@ from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
 from srd.eval.generate import iter_responses, length_batches, row_seeds
-from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import get_scorer
 from srd.train.step import target_features
@@ -99,11 +99,8 @@ def model_fingerprint(model: Any) -> str:
 
 def _settings(cfg: RunConfig, scorers: Sequence[str], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     g = cfg.generation
-    # the decoding precision is named only when it is not float32, so reflections made before
-    # generation.dtype existed (all float32) still resume
-    precision = {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
     return {
-        **precision,
+        **precision_entry("dtype", dtype),  # the decoding precision (generation.dtype)
         "scorers_need_generation": any(get_scorer(s).needs_generation for s in scorers),
         "ce_target": cfg.reflect.ce_target,
         "prompt_format": cfg.data.prompt_format,

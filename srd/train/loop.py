@@ -40,7 +40,7 @@ from srd.eval.generate import generate_responses, row_seeds
 from srd.eval.metrics import mean, rouge_l
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
-from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, native_bf16
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, native_bf16, precision_entry
 from srd.train import checkpoint as ckpt
 from srd.train import sharding
 from srd.train.onpolicy import on_policy_flags, sample_responses
@@ -394,13 +394,9 @@ def teacher_cache_meta(cfg: RunConfig, teacher: Any, tokenizer: Any, s2s: bool, 
     from srd.reflect.reflect import model_fingerprint
 
     d = cfg.data
-    dtype = next(teacher.parameters()).dtype
-    # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint, so
-    # the precision is named; only when it is not float32, so caches made before it was
-    # recorded (all float32) are still reused
-    precision = {} if dtype == torch.float32 else {"teacher_dtype": str(dtype).removeprefix("torch.")}
+    # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint
     return {
-        **precision,
+        **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
         "teacher": model_fingerprint(teacher),
         "top_k": cfg.loss.teacher_top_k,
         "taus": run_temperatures(cfg, tau),
