@@ -24,7 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="srd",
         description="White-box knowledge distillation of LLMs with Selective Reflection Distillation (SRD).",
-        epilog="Run `srd COMMAND --help` for the options of each command. Docs: README.md.",
+        epilog="Run `srd COMMAND --help` for the options of each command. Docs: README.md.\n\n"
+        "environment:\n"
+        "  SRD_DATA_DIR         folder of named data sets (before ../shared/data)\n"
+        "  SRD_CACHE_DIR        converted models (default ~/.cache/srd)\n"
+        "  SRD_CPU_BF16=0       train.precision=auto stays fp32 on CPUs with native bf16\n"
+        "  SRD_CPU_MALLOC=0     keep glibc's default allocator on CPUs (less resident memory, slower)\n"
+        "  SRD_VLLM_GPU_MEMORY  share of GPU memory for the vLLM backend (default 0.5)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

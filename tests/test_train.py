@@ -134,6 +134,19 @@ def test_cli_help_and_config(capsys):
     assert "srkl" in capsys.readouterr().out
 
 
+def test_cli_help_names_every_environment_variable_srd_reads(capsys):
+    import re
+
+    read = set()
+    for path in (Path(__file__).parents[1] / "srd").rglob("*.py"):
+        read |= set(re.findall(r"environ(?:\.get)?[\[(]\"(SRD_[A-Z0-9_]+)\"", path.read_text()))
+    assert {"SRD_DATA_DIR", "SRD_CPU_MALLOC"} <= read
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert [v for v in sorted(read) if v not in out] == []
+
+
 def test_training_on_a_mixture_of_sets(tmp_path, tiny_models, tiny_data):
     other = tmp_path / "other.jsonl"
     other.write_text('{"instruction": "Say yes.", "output": "yes"}\n{"instruction": "Say no.", "output": "no"}\n')
