@@ -17,6 +17,10 @@ prompt, forward KL (tau 1, no CE term), AdamW:
   srd-compile       srd with every transformer block of both models compiled (train.compile=true:
                     `nn.Module.compile`, torch.compile's default mode): does compiling pay here?
   srd-keep-compile  srd-keep, compiled the same way
+  srd-keep-lp16, srd-keep-compile-lp32  srd-keep (compiled) with loss.recompute_log_probs=true /
+            false: under bf16, the heads' bf16 logits kept for backward and their log-softmax
+            recomputed there, or float32 log-probabilities kept (the other rows follow `auto`:
+            true on a GPU, false on a CPU); not in the default list
   srd-cache, srd-keep-cache  srd / srd-keep trained from the teacher's top-64 cache
             (loss.teacher_top_k=64): the teacher's buckets for the batch are computed once before
             the timed steps (as the cache is built once and reused over SRD's epochs; its build
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import subprocess
@@ -91,6 +96,7 @@ PRESETS = {
 
 
 IMPLS = ["naive", "srd", "srd-keep", "srd-compile", "srd-keep-compile", "srd-cache", "srd-keep-cache", "trl"]
+VARIANTS = ["srd-keep-lp16", "srd-keep-lp32", "srd-keep-compile-lp16", "srd-keep-compile-lp32"]  # on request
 CACHE_TOP_K = 64
 
 
@@ -145,6 +151,14 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
     vocab = len(tokenizer)
     fused = device == "cuda"
     if impl.startswith("srd"):
+        parts = impl.split("-")
+        # loss.recompute_log_probs: `auto` (on a GPU) unless the row names it
+        lean = True if "lp16" in parts else False if "lp32" in parts else device == "cuda"
+        extra = {}
+        if "recompute_log_probs" in inspect.signature(DistillModule).parameters:
+            extra["recompute_log_probs"] = lean
+        elif "lp16" in parts:  # --against an older checkout
+            raise SystemExit(f"{impl}: the srd package in use has no loss.recompute_log_probs (an older checkout?)")
         module = DistillModule(
             student,
             divergence="fkl",
@@ -152,9 +166,10 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
             beta=None,
             chunk_size=1024,
             vocab_size=vocab,
-            recompute="keep" not in impl,  # srd-keep: loss.recompute_chunks=false
+            recompute="keep" not in parts,  # srd-keep: loss.recompute_chunks=false
+            **extra,
         )
-        if impl.endswith("-compile"):  # train.compile=true
+        if "compile" in parts:  # train.compile=true
             compile_blocks(teacher)
             compile_blocks(student)
         params = module.parameters()
@@ -303,20 +318,36 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
         kl, ce = forward_kl_with_ce(a, t, y, tau=tau)
         return 0.3 * ce.sum() + 0.7 * kl.sum()
 
-    def timed(fn, tau):
-        ts = []
+    s16, t16 = s.bfloat16(), t.bfloat16()
+
+    def fused_bf16(a, tau, upcast: bool):  # bf16 logits, as autocast's heads give them
+        ins = (a.float(), t16.float()) if upcast else (a, t16)
+        kl, ce = forward_kl_with_ce(*ins, y, tau=tau)
+        return 0.3 * ce.sum() + 0.7 * kl.sum()
+
+    def timed(fn, tau, source=s):
+        ts, kept = [], {}
+
+        def pack(x):  # what autograd keeps for backward, each storage once
+            kept[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
         for _ in range(repeats + 1):  # the first is a warm-up
-            a = s.clone().requires_grad_(True)
+            a = source.clone().requires_grad_(True)
+            kept.clear()
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            fn(a, tau).backward()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                out = fn(a, tau)
+            out.backward()
             if device == "cuda":
                 torch.cuda.synchronize()
             ts.append(time.perf_counter() - t0)
+        timed.kept_mib = sum(kept.values()) / 2**20
         return statistics.median(ts[1:]), a.grad
 
-    rows, rows_ce = [], []
+    rows, rows_ce, rows_16 = [], [], []
     for tau in (1.0, 2.0):
         (ta, ga), (tb, gb) = timed(autograd_fkl, tau), timed(srd_fkl, tau)
         rows.append((tau, ta, tb, (gb - ga).abs().max().item()))
@@ -326,7 +357,13 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
         err = [(grad.double() - a64.grad).abs().max().item() for grad in (gc, gd)]
         rows_ce.append((tau, tc, td, *err))
         del a64
-        print(f"tau {tau}: autograd {ta:.3f} s, srd {tb:.3f} s; KL + CE separate {tc:.3f} s, fused {td:.3f} s")
+        (te, ge), kept_e = timed(lambda a, tau: fused_bf16(a, tau, True), tau, s16), timed.kept_mib
+        (tf, gf), kept_f = timed(lambda a, tau: fused_bf16(a, tau, False), tau, s16), timed.kept_mib
+        rows_16.append((tau, te, tf, kept_e, kept_f, torch.equal(ge, gf)))
+        print(
+            f"tau {tau}: autograd {ta:.3f} s, srd {tb:.3f} s; KL + CE separate {tc:.3f} s, fused {td:.3f} s; "
+            f"bf16 logits upcast {te:.3f} s ({kept_e:.0f} MiB kept), kept as bf16 {tf:.3f} s ({kept_f:.0f} MiB)"
+        )
     lines = header(f"Forward-KL loss alone, preset `{args.preset}`") + [
         f"Forward + backward summed over {chunk} positions x {vocab:,} vocabulary logits (float32, random, "
         f"on `{device}`), median of {repeats} after one warm-up.",
@@ -344,6 +381,18 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
         "| tau | separate (s) | fused (s) | speed-up | max abs. gradient error vs float64: separate / fused |",
         "|---|---|---|---|---|",
         *(f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {e1:.1e} / {e2:.1e} |" for tau, a, b, e1, e2 in rows_ce),
+        "",
+        "The same fused loss from bf16 logits (what bf16 autocast's language-model heads give): upcast to "
+        "float32 first, so that float32 p and log q are kept for backward (srd up to commit "
+        "36efc63), against passing the bf16 logits, which are kept as they are and their log-softmax "
+        "recomputed in backward. Kept = the bytes autograd holds for backward (saved_tensors_hooks).",
+        "",
+        "| tau | upcast first (s) | bf16 kept (s) | speed-up | kept MiB: upcast / bf16 | same gradient bits |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {ka:.4g} / {kb:.4g} | {'yes' if same else 'no'} |"
+            for tau, a, b, ka, kb, same in rows_16
+        ),
     ]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "loss")
     return 0
@@ -451,7 +500,7 @@ def _text(data) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + VARIANTS)
     p.add_argument("--steps", type=int, default=None, help="timed steps per implementation (after 1 warm-up)")
     p.add_argument("--teacher", default=None)
     p.add_argument("--student", default=None)

@@ -38,7 +38,7 @@ def test_throughput_script_compares_naive_and_srd(tmp_path, tiny_models):
 def test_throughput_dtypes_compare_each_precision_with_naive(tmp_path, tiny_models):
     record = tmp_path / "throughput.md"
     args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
-    args += ["--impls", "naive", "srd-keep", "--dtypes", "float32", "bf16"]
+    args += ["--impls", "naive", "srd-keep", "srd-keep-lp16", "--dtypes", "float32", "bf16"]
     args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
     module = _module("throughput")
     if not module._native_bf16():  # refused with the reason, not run on a slow emulated path
@@ -48,7 +48,9 @@ def test_throughput_dtypes_compare_each_precision_with_naive(tmp_path, tiny_mode
     assert module.main(args) == 0
     text = record.read_text()
     rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
-    assert {"naive @ float32", "naive @ bf16", "srd-keep @ float32", "srd-keep @ bf16"} <= set(rows)
+    assert {"naive @ float32", "naive @ bf16", "srd-keep @ float32", "srd-keep @ bf16", "srd-keep-lp16 @ bf16"} <= set(
+        rows
+    )
     assert rows["naive @ float32"][4].strip() == "1.00x" and rows["naive @ bf16"][7].strip() == "1.00x / 1.00x"
     assert "vs naive @ float32" in text and "student under bf16 autocast" in text
 
@@ -80,11 +82,14 @@ def test_loss_only_times_forward_kl_and_the_fused_ce(tmp_path):
     assert _module("throughput").loss_benchmark(args, chunk=16, vocab=50, repeats=1) == 0
     rows = [r.split("|") for r in record.read_text().splitlines() if r.startswith("| 1 |") or r.startswith("| 2 |")]
     # times round to 0.000 s at this size; the speed-up is a ratio of the unrounded times
-    # one table for forward KL (hand-written vs autograd), one for KL + CE (separate vs fused)
-    assert len(rows) == 4 and all(float(r[4].strip().rstrip("x")) > 0 for r in rows)
-    errors = [float(e) for r in rows for e in r[5].split("/")]  # difference, or errors vs float64
+    # one table for forward KL (hand-written vs autograd), one for KL + CE (separate vs fused),
+    # one for the fused loss from bf16 logits (upcast first vs kept as bf16)
+    assert len(rows) == 6 and all(float(r[4].strip().rstrip("x")) > 0 for r in rows)
+    errors = [float(e) for r in rows[:4] for e in r[5].split("/")]  # difference, or errors vs float64
     assert len(errors) == 6 and all(0 <= e < 1e-5 for e in errors)
     assert "forward_kl_with_ce" in record.read_text()
+    kept = [[float(x) for x in r[5].split("/")] for r in rows[4:]]  # bytes held for backward
+    assert all(bf16 < upcast for upcast, bf16 in kept) and all(r[6].strip() == "yes" for r in rows[4:])
 
 
 @needs_shared

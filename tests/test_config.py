@@ -123,15 +123,16 @@ def test_run_dir_from_an_older_version_resumes(tmp_path):
         prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=old", "lora.enabled=true"]))
 
 
-def test_recompute_chunks_auto_depends_on_the_device():
-    from srd.train.loop import recompute_chunks
+@pytest.mark.parametrize("key", ["recompute_chunks", "recompute_log_probs"])
+def test_memory_for_compute_settings_auto_depend_on_the_device(key):
+    from srd.train.loop import on_accelerators
 
-    assert load_config(None, []).loss.recompute_chunks == "auto"
-    assert load_config(None, ["loss.recompute_chunks=false"]).loss.recompute_chunks is False
-    with pytest.raises(ConfigError, match="recompute_chunks"):
-        load_config(None, ["loss.recompute_chunks=sometimes"])
-    assert recompute_chunks("auto", "cpu") is False and recompute_chunks("auto", "cuda") is True
-    assert recompute_chunks(True, "cpu") is True and recompute_chunks(False, "cuda") is False
+    assert getattr(load_config(None, []).loss, key) == "auto"
+    assert getattr(load_config(None, [f"loss.{key}=false"]).loss, key) is False
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"loss.{key}=sometimes"])
+    assert on_accelerators("auto", "cpu") is False and on_accelerators("auto", "cuda") is True
+    assert on_accelerators(True, "cpu") is True and on_accelerators(False, "cuda") is False
 
 
 def test_a_full_disk_gets_advice_not_a_traceback(monkeypatch, capsys):

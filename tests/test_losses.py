@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from srd.losses import DIVERGENCES, combine, get_divergence, kd_loss_sums, register_divergence, tau_scale
 
@@ -190,6 +191,90 @@ def test_fused_ce_path_equals_separate_losses_in_float32(tau):
     torch.testing.assert_close(sums.ce, ce_ref.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(sums.kd, kd_ref.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+
+
+def _saved_bytes(fn):
+    """fn()'s result and the bytes autograd keeps for its backward (saved_tensors_hooks; a
+    storage saved twice, such as autocast's cached bf16 copy of a weight, counts once)."""
+    kept = {}
+
+    def pack(x):
+        kept[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return out, sum(kept.values())
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_forward_kl_keeps_bf16_logits_not_float32_log_probs(joint, tau):
+    """With bf16 logits the hand-written forward KLs keep those for backward (recomputing the
+    log-softmax there), not float32 p and log q: half the bytes, and bit for bit the values and
+    gradients of the same logits given in float32."""
+    from srd.losses import forward_kl, forward_kl_with_ce
+
+    s, t = (x.bfloat16() for x in _logits((16, 257), seed=12, scale=4.0))
+    y = torch.randint(0, 257, (16,), generator=torch.Generator().manual_seed(2))
+
+    def loss(a, b):
+        if joint:
+            kl, ce = forward_kl_with_ce(a, b, y, tau=tau)
+            return (0.7 * kl + 0.3 * ce).sum()
+        return forward_kl(a, b, tau=tau).sum()
+
+    results = []
+    for upcast in (False, True):
+        a, b = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        ins = (a.float(), b.float()) if upcast else (a, b)
+        out, kept = _saved_bytes(lambda ins=ins: loss(*ins))
+        out.backward()
+        results.append((out, a.grad, b.grad, kept))
+    (out16, ga16, gb16, kept16), (out32, ga32, gb32, kept32) = results
+    assert torch.equal(out16, out32) and torch.equal(ga16, ga32) and torch.equal(gb16, gb32)
+    vocab_bytes = s.numel() * 4  # one float32 (16, 257) tensor
+    assert kept32 >= 2 * vocab_bytes  # float32 p and log q
+    assert kept16 <= vocab_bytes + 16 * 4 * 8  # two bf16 logit tensors plus per-row values
+
+
+def _bf16_chunked_loss(lean: bool):
+    torch.manual_seed(3)
+    n, h, v = 96, 16, 509
+    hs = torch.randn(n, h, requires_grad=True)
+    ht = torch.randn(n, h)
+    ws, wt = torch.randn(v, h, requires_grad=True), torch.randn(v, h)
+    y = torch.randint(0, v, (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, kept = _saved_bytes(
+            lambda: kd_loss_sums(
+                hs,
+                ht,
+                y,
+                chunk_size=16,
+                student_head=lambda x: F.linear(x, ws),
+                teacher_head=lambda x: F.linear(x, wt),
+                recompute=False,
+                recompute_log_probs=lean,
+            )
+        )
+    assert sums.kd.dtype == torch.float32
+    (sums.ce + sums.kd).backward()
+    return sums, kept, (hs.grad, ws.grad), 2 * n * v * 4  # float32 p and log q: 2 x n x v x 4 bytes
+
+
+def test_recompute_log_probs_keeps_half_the_bytes_for_the_same_gradients():
+    """The chunked loss with bf16 heads and the logits kept (loss.recompute_chunks=false): with
+    loss.recompute_log_probs it holds about the bf16 logits of both models for backward, not
+    float32 log-probabilities, and gives the same sums and gradients bit for bit."""
+    sums, kept, grads, float32_bytes = _bf16_chunked_loss(lean=False)
+    lean_sums, lean_kept, lean_grads, _ = _bf16_chunked_loss(lean=True)
+    assert kept > float32_bytes
+    # two bf16 logits are half of float32 p and log q; the rest is the bf16 weights and hidden
+    # states the heads' matmuls keep
+    assert lean_kept < 0.6 * float32_bytes
+    assert torch.equal(sums.ce, lean_sums.ce) and torch.equal(sums.kd, lean_sums.kd)
+    assert all(torch.equal(a, b) for a, b in zip(grads, lean_grads))
 
 
 @pytest.mark.parametrize("name", NAMES)

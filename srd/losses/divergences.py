@@ -70,6 +70,22 @@ def _kl_rows(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
         return p, torch.linalg.vecdot(p, diff)
 
 
+def _kept(logits: Tensor, log_probs: Tensor) -> Tensor:
+    """What the hand-written forward KLs keep for backward to have `log_probs` again: 16-bit
+    logits themselves (half the bytes of their float32 log-probabilities; backward recomputes
+    the very same values with one more log-softmax, see _from_kept), otherwise the log-probs."""
+    return logits if logits.element_size() < log_probs.element_size() else log_probs
+
+
+def _from_kept(kept: Tensor, tau: float, probs: bool = False) -> Tensor:
+    """What _kept stood for, bit for bit (the same log-softmax): log-probabilities, or with
+    `probs` the probabilities that were kept as such."""
+    if kept.element_size() >= 4:
+        return kept
+    log_probs = _log_probs(kept, tau)
+    return log_probs.exp_() if probs else log_probs
+
+
 def _kl_teacher_grad(p: Tensor, lq: Tensor, kl: Tensor, g: Tensor) -> Tensor:
     """d KL(p_tau || q_tau) / d teacher logits, times g = upstream gradient / tau (rows, 1)."""
     diff = (p.log() - lq).masked_fill_(p == 0, 0.0)
@@ -81,19 +97,21 @@ class _ForwardKL(torch.autograd.Function):
     d/dt = p (log p - log q - KL) / tau. Autograd through log-softmax, where, sub and mul
     runs about twice as many vocabulary-sized passes; on a CPU those passes are a quarter of
     a KD step (benchmarks/results/2026-11-28-cpu-profile.md). Same values as `_kl` (tested
-    against float64 formulas and gradcheck)."""
+    against float64 formulas and gradcheck). With bf16 / float16 logits it keeps those for
+    backward, not float32 p and log q (_kept): half the memory a batch's loss holds."""
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
         lq = _log_probs(student_logits, tau)
         p, kl = _kl_rows(_log_probs(teacher_logits, tau), lq)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
-        ctx.save_for_backward(p, lq, kl)
+        ctx.save_for_backward(_kept(teacher_logits, p), _kept(student_logits, lq), kl)
         return kl
 
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         p, lq, kl = ctx.saved_tensors
+        p, lq = _from_kept(p, ctx.tau, probs=True), _from_kept(lq, ctx.tau)
         g = grad.unsqueeze(-1) if ctx.tau == 1.0 else grad.unsqueeze(-1) / ctx.tau
         g_student = g_teacher = None
         if ctx.needs_input_grad[0]:
@@ -112,7 +130,8 @@ class _ForwardKLWithCE(torch.autograd.Function):
     shift = tau logsumexp(s / tau) - logsumexp(s) per row, so only the shift is kept, not the
     logits. The student's gradient is (q_tau - p) g_kl / tau + (q_1 - onehot(y)) g_ce, written
     into one buffer (no more float32 error than the two losses apart: tested against float64,
-    benchmarks/results/2026-12-01-cpu-fused-ce.md)."""
+    benchmarks/results/2026-12-01-cpu-fused-ce.md). 16-bit logits are kept for backward as
+    they are, as in _ForwardKL."""
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tau: float):
@@ -126,13 +145,15 @@ class _ForwardKLWithCE(torch.autograd.Function):
             shift = -ce - tau * lq.gather(-1, y).squeeze(-1)  # log q_1(y) - tau log q_tau(y), any column's
         p, kl = _kl_rows(_log_probs(teacher_logits, tau), lq)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
-        ctx.save_for_backward(p, lq, kl, y, *(() if shift is None else (shift,)))
+        kept = (_kept(teacher_logits, p), _kept(student_logits, lq))
+        ctx.save_for_backward(*kept, kl, y, *(() if shift is None else (shift,)))
         return kl, ce
 
     @staticmethod
     def backward(ctx: object, g_kl: Tensor, g_ce: Tensor):
         p, lq, kl, y, *rest = ctx.saved_tensors
         tau = ctx.tau
+        p, lq = _from_kept(p, tau, probs=True), _from_kept(lq, tau)
         g_student = g_teacher = None
         if ctx.needs_input_grad[1]:
             g_teacher = _kl_teacher_grad(p, lq, kl, g_kl.unsqueeze(-1) / tau).to(ctx.dtypes[1])
@@ -272,8 +293,9 @@ def register_divergence(
     with_ce: Callable[..., tuple[Tensor, Tensor]] | None = None,
 ) -> None:
     """Add a divergence by name so configs can use `loss.divergence: <name>`. `with_ce`, if
-    given, computes (divergence, CE) per row together (see forward_kl_with_ce); without it the
-    CE is taken apart with F.cross_entropy."""
+    given, computes (divergence, CE) per row together (see forward_kl_with_ce) from float32
+    logits, or with loss.recompute_log_probs from the heads' bf16 ones as they are (compute in
+    float32, as `_log_probs` does); without it the CE is taken apart with F.cross_entropy."""
     if name in DIVERGENCES:
         raise ValueError(f"divergence {name!r} is already registered")
     DIVERGENCES[name] = Divergence(fn, reference_tau_squared, with_ce)

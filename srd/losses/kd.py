@@ -76,6 +76,7 @@ def kd_loss_sums(
     student_head: Head = _identity,
     teacher_head: Head = _identity,
     recompute: bool = True,
+    recompute_log_probs: bool = False,
 ) -> LossSums:
     """Cross-entropy and divergence summed over N valid tokens, in chunks.
 
@@ -88,6 +89,10 @@ def kd_loss_sums(
         recompute: run each chunk inside an activation checkpoint (its logits are recomputed
             in backward: least memory); False keeps every chunk's activations (faster when
             the logits fit, e.g. on a compute-bound CPU).
+        recompute_log_probs: with 16-bit heads (bf16 autocast) and a divergence with a joint CE
+            (forward KL), keep the heads' logits for backward and recompute their log-softmax
+            there: half the bytes of the float32 log-probabilities kept otherwise, the same
+            values and gradients, two more vocabulary-sized passes in backward.
     Returns:
         LossSums with ce = sum -log q_1(y) (tau = 1) and kd = sum D(p_tau || q_tau).
     """
@@ -100,13 +105,12 @@ def kd_loss_sums(
     div = get_divergence(divergence) if teacher_in is not None else None
 
     def chunk_sums(s: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
-        # one float32 copy of bf16 logits for the CE and the divergence: their gradients are
-        # summed in float32 and rounded to bf16 once, instead of two casts each way
-        logits = student_head(s).to(acc_dtype)
+        raw = student_head(s)
         if div is None or t is None:
-            ce = F.cross_entropy(logits, y, reduction="sum")
+            ce = F.cross_entropy(raw.to(acc_dtype), y, reduction="sum")
             return ce, ce.new_zeros(())
         if isinstance(t, SparseTeacher):
+            logits = raw.to(acc_dtype)
             if tau == 1.0:  # the CE's log-softmax is the buckets' own
                 logq = torch.log_softmax(logits, dim=-1)
                 ce = -logq.gather(-1, y.unsqueeze(-1)).sum()
@@ -118,10 +122,16 @@ def kd_loss_sums(
             return ce, kd.to(acc_dtype)
         with torch.no_grad():
             t_logits = teacher_head(t)
-        vocab = min(logits.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
-        if div.with_ce is not None and vocab == logits.shape[-1]:  # one log-softmax for both
-            kd, ce = div.with_ce(logits, t_logits[..., :vocab], y, tau=tau, beta=beta)
-            return ce.sum(), kd.sum().to(acc_dtype)
+        vocab = min(raw.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
+        if div.with_ce is not None and vocab == raw.shape[-1]:  # one log-softmax for both
+            t_logits = t_logits[..., :vocab]
+            if not recompute_log_probs:  # float32 in: float32 log-probs are kept (forward_kl)
+                raw, t_logits = raw.to(acc_dtype), t_logits.to(acc_dtype)
+            kd, ce = div.with_ce(raw, t_logits, y, tau=tau, beta=beta)
+            return ce.sum().to(acc_dtype), kd.sum().to(acc_dtype)
+        # one float32 copy of bf16 logits for the CE and the divergence: their gradients are
+        # summed in float32 and rounded to bf16 once, instead of two casts each way
+        logits = raw.to(acc_dtype)
         ce = F.cross_entropy(logits, y, reduction="sum")
         kd = div.fn(logits[..., :vocab], t_logits[..., :vocab], None, tau=tau, beta=beta).sum()
         return ce, kd.to(acc_dtype)

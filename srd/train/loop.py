@@ -372,8 +372,9 @@ def decoding_model(module: Any, student: Any, device: Any, cfg: RunConfig, accel
         yield model
 
 
-def recompute_chunks(setting: bool | str, device: Any) -> bool:
-    """loss.recompute_chunks: `auto` recomputes on accelerators and keeps the logits on CPUs."""
+def on_accelerators(setting: bool | str, device: Any) -> bool:
+    """A memory-for-compute setting (loss.recompute_chunks, loss.recompute_log_probs): `auto`
+    means on accelerators, where memory is the constraint, and not on CPUs."""
     if isinstance(setting, bool):
         return setting
     return torch.device(device).type != "cpu"
@@ -498,7 +499,8 @@ def train_stage(
         beta=lcfg.beta,
         chunk_size=lcfg.chunk_size,
         vocab_size=vocab,
-        recompute=recompute_chunks(lcfg.recompute_chunks, acc.device),
+        recompute=on_accelerators(lcfg.recompute_chunks, acc.device),
+        recompute_log_probs=on_accelerators(lcfg.recompute_log_probs, acc.device),
     )
     module.train()
     sharded = use_sharding(cfg, acc)

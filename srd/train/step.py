@@ -111,11 +111,13 @@ class DistillModule(nn.Module):
         chunk_size: int,
         vocab_size: int | None = None,
         recompute: bool = True,
+        recompute_log_probs: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
         self.divergence, self.tau, self.beta = divergence, tau, beta
         self.chunk_size, self.vocab_size, self.recompute = chunk_size, vocab_size, recompute
+        self.recompute_log_probs = recompute_log_probs
 
     def forward(
         self,
@@ -147,4 +149,5 @@ class DistillModule(nn.Module):
             student_head=s_head,
             teacher_head=t_head,
             recompute=self.recompute,
+            recompute_log_probs=self.recompute_log_probs,
         )
