@@ -10,7 +10,7 @@
 # the SmolLM2 tokenizer (vocabulary 49,152), so no weights travel. What it runs, each step with
 # its own time limit so that one failure or overrun cannot cost the others:
 #   1. benchmarks/throughput.py --preset gpu: KD step, 16 x 512, bf16 (hand-written, srd, compiled,
-#      teacher-cached, TRL)
+#      compiled keeping float32 log-probs instead of bf16 logits, teacher-cached, TRL)
 #   2. benchmarks/generation.py --preset gpu: decode loop and static-cache `generate` (compiled,
 #      CUDA graphs) vs plain `generate`, sampling up to 256 new tokens, the random-init model's
 #      EOS logit raised so that answers end after the Dolly references' mean length (geometric)
@@ -21,8 +21,8 @@
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
-# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 990 s, more than one
-# 600-second device call: split the run over two calls, e.g. "1 2" then "3 4 5").
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,090 s, more than one
+# 600-second device call: split the run over two calls, "1 2" (580 s) then "3 4 5" (510 s)).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -59,7 +59,7 @@ if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
     REFLECT_ROWS=4 GEN_BS=2 NEW=4
 else
     T="random:gpt2-xl:$TOK" S="random:gpt2:$TOK"
-    TP_ARGS=(--timeout 80 --impls naive srd srd-keep srd-compile srd-keep-cache trl)
+    TP_ARGS=(--timeout 80 --impls naive srd srd-keep srd-compile srd-keep-compile srd-keep-compile-lp32 srd-keep-cache trl)
     PROF_ARGS=(--steps 3 --timeout 60 --impls naive srd-keep srd-keep-compile)
     GEN_ARGS=(--limit 512 --batch-sizes 256 --backends hf loop static)
     OP_ARGS=()
@@ -75,7 +75,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 
 if want 1; then
 echo "== 1. throughput"
-timeout 300 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
+timeout 400 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
     --record "$OUT/throughput.md" || echo "throughput: exit $?"
 fi
 

@@ -231,7 +231,30 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     out = {"impl": impl, "step_s": times, "peak_gib": _peak_memory_gib(device), "device": device}
+    if device == "cpu":
+        out["step_tensors_gib"] = _cpu_step_tensor_peak(step)
     return {**out, "cache_build_s": cache_s} if cache_s is not None else out
+
+
+def _cpu_step_tensor_peak(step) -> float:
+    """GiB: the largest total of tensor memory that one more step allocated and still held at any
+    moment (torch's CPU allocator as torch.profiler reports it, counting from the step's start:
+    the weights, AdamW's state and other memory from before are not in it). On a CPU the peak RSS
+    is no measure of this once freed blocks stay in the process (srd.utils.tune_cpu_allocator);
+    a GPU's allocator peak is this plus the memory held before the step."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**30
 
 
 def _profile(step, steps: int, device: str, top: int = 12) -> dict:
@@ -359,7 +382,7 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
         del a64
         (te, ge), kept_e = timed(lambda a, tau: fused_bf16(a, tau, True), tau, s16), timed.kept_mib
         (tf, gf), kept_f = timed(lambda a, tau: fused_bf16(a, tau, False), tau, s16), timed.kept_mib
-        rows_16.append((tau, te, tf, kept_e, kept_f, torch.equal(ge, gf)))
+        rows_16.append((tau, te, tf, kept_e, kept_f, (ge.float() - gf.float()).abs().max().item()))
         print(
             f"tau {tau}: autograd {ta:.3f} s, srd {tb:.3f} s; KL + CE separate {tc:.3f} s, fused {td:.3f} s; "
             f"bf16 logits upcast {te:.3f} s ({kept_e:.0f} MiB kept), kept as bf16 {tf:.3f} s ({kept_f:.0f} MiB)"
@@ -383,15 +406,16 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
         *(f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {e1:.1e} / {e2:.1e} |" for tau, a, b, e1, e2 in rows_ce),
         "",
         "The same fused loss from bf16 logits (what bf16 autocast's language-model heads give): upcast to "
-        "float32 first, so that float32 p and log q are kept for backward (srd up to commit "
-        "36efc63), against passing the bf16 logits, which are kept as they are and their log-softmax "
-        "recomputed in backward. Kept = the bytes autograd holds for backward (saved_tensors_hooks).",
+        "float32 first, so that float32 p and log q are kept for backward (`loss.recompute_log_probs=false`), "
+        "against passing the bf16 logits, which are kept with one value per row and the float32 "
+        "log-probabilities rebuilt from them in backward (`true`). Kept = the bytes autograd holds for "
+        "backward (saved_tensors_hooks); the gradient difference is of the bf16 gradients.",
         "",
-        "| tau | upcast first (s) | bf16 kept (s) | speed-up | kept MiB: upcast / bf16 | same gradient bits |",
+        "| tau | upcast first (s) | bf16 kept (s) | speed-up | kept MiB: upcast / bf16 | max abs. grad difference |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {ka:.4g} / {kb:.4g} | {'yes' if same else 'no'} |"
-            for tau, a, b, ka, kb, same in rows_16
+            f"| {tau:g} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {ka:.4g} / {kb:.4g} | {d:.1e} |"
+            for tau, a, b, ka, kb, d in rows_16
         ),
     ]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "loss")
@@ -624,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         r["median_s"] = statistics.median(r["step_s"])
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
         r["peak_gib"] = max(x["peak_gib"] for x in rs)
+        if all("step_tensors_gib" in x for x in rs):
+            r["step_tensors_gib"] = max(x["step_tensors_gib"] for x in rs)
         if r.get("cache_build_s") is not None:
             r["cache_build_s"] = statistics.median(x["cache_build_s"] for x in rs)
         results.append(r)
@@ -672,17 +698,29 @@ def main(argv: list[str] | None = None) -> int:
         ]
     same = len(dtypes) > 1  # a column against the hand-written step at the row's own precision
     ref = f"vs {base['label']}" if same else "vs naive"
+    tensors = any("step_tensors_gib" in r for r in results)  # on a CPU
+    if tensors:
+        lines += [
+            "Step tensors = the most tensor memory one more step (after the timed ones) allocated and held at "
+            "once, from torch.profiler's memory events (the weights and AdamW's state, allocated before, are "
+            "not in it; neither is TRL's step, which runs inside its trainer): on a CPU, where freed memory "
+            "stays in the process, the counterpart of a GPU allocator's peak.",
+            "",
+        ]
     lines += [
         f"| implementation | s/step (median) | tokens/s | {ref} | peak memory (GiB) | {ref} |"
+        + " step tensors (GiB) |" * tensors
         + " vs naive at its precision (speed / memory) |" * same
         + " each round's median (s) |" * multi,
-        "|---|---|---|---|---|---|" + "---|" * same + "---|" * multi,
+        "|---|---|---|---|---|---|" + "---|" * tensors + "---|" * same + "---|" * multi,
     ]
     for r in results:
         row = (
             f"| {r['label']} | {r['median_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
             f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x |"
         )
+        if tensors:
+            row += f" {r['step_tensors_gib']:.3g} |" if "step_tensors_gib" in r else " - |"
         own = naive_at(r["dtype"])
         if same:
             row += f" {r['tok_s'] / own['tok_s']:.2f}x / {r['peak_gib'] / own['peak_gib']:.2f}x |" if own else " - |"

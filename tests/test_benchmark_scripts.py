@@ -51,7 +51,8 @@ def test_throughput_dtypes_compare_each_precision_with_naive(tmp_path, tiny_mode
     assert {"naive @ float32", "naive @ bf16", "srd-keep @ float32", "srd-keep @ bf16", "srd-keep-lp16 @ bf16"} <= set(
         rows
     )
-    assert rows["naive @ float32"][4].strip() == "1.00x" and rows["naive @ bf16"][7].strip() == "1.00x / 1.00x"
+    assert rows["naive @ float32"][4].strip() == "1.00x" and rows["naive @ bf16"][8].strip() == "1.00x / 1.00x"
+    assert all(float(r[7]) > 0 for label, r in rows.items() if " @ " in label)  # the step's own tensor peak
     assert "vs naive @ float32" in text and "student under bf16 autocast" in text
 
 
@@ -89,7 +90,7 @@ def test_loss_only_times_forward_kl_and_the_fused_ce(tmp_path):
     assert len(errors) == 6 and all(0 <= e < 1e-5 for e in errors)
     assert "forward_kl_with_ce" in record.read_text()
     kept = [[float(x) for x in r[5].split("/")] for r in rows[4:]]  # bytes held for backward
-    assert all(bf16 < upcast for upcast, bf16 in kept) and all(r[6].strip() == "yes" for r in rows[4:])
+    assert all(bf16 < upcast for upcast, bf16 in kept) and all(0 <= float(r[6]) < 0.05 for r in rows[4:])
 
 
 @needs_shared
@@ -233,7 +234,7 @@ def test_throughput_rounds_and_against_another_checkout(tmp_path, tiny_models):
     text = record.read_text()
     rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
     assert set(rows) == {"implementation", "naive", "srd-keep", "srd-keep (before)"}
-    assert all(len(rows[k][7].split(",")) == 2 for k in ("naive", "srd-keep", "srd-keep (before)"))  # 2 rounds
+    assert all(len(rows[k][8].split(",")) == 2 for k in ("naive", "srd-keep", "srd-keep (before)"))  # 2 rounds
     assert f"ran srd's code from `{other.resolve()}`" in text and "in each of 2 rounds" in text
     with pytest.raises(SystemExit):
         module.main([*args[:-2], "--against", str(tmp_path / "nothing")])

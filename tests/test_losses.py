@@ -210,9 +210,9 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_forward_kl_keeps_bf16_logits_not_float32_log_probs(joint, tau):
-    """With bf16 logits the hand-written forward KLs keep those for backward (recomputing the
-    log-softmax there), not float32 p and log q: half the bytes, and bit for bit the values and
-    gradients of the same logits given in float32."""
+    """With bf16 logits the hand-written forward KLs keep those for backward (and one value per
+    row), not float32 p and log q: half the bytes; the same values as the same logits given in
+    float32, and gradients that differ by float32 rounding at most (so rarely in their bf16 bits)."""
     from srd.losses import forward_kl, forward_kl_with_ce
 
     s, t = (x.bfloat16() for x in _logits((16, 257), seed=12, scale=4.0))
@@ -232,10 +232,32 @@ def test_forward_kl_keeps_bf16_logits_not_float32_log_probs(joint, tau):
         out.backward()
         results.append((out, a.grad, b.grad, kept))
     (out16, ga16, gb16, kept16), (out32, ga32, gb32, kept32) = results
-    assert torch.equal(out16, out32) and torch.equal(ga16, ga32) and torch.equal(gb16, gb32)
+    assert torch.equal(out16, out32)
+    for low, high in ((ga16, ga32), (gb16, gb32)):
+        assert (low != high).float().mean() < 0.01
+        torch.testing.assert_close(low.float(), high.float(), rtol=2**-7, atol=1e-6)  # one bf16 step
     vocab_bytes = s.numel() * 4  # one float32 (16, 257) tensor
     assert kept32 >= 2 * vocab_bytes  # float32 p and log q
     assert kept16 <= vocab_bytes + 16 * 4 * 8  # two bf16 logit tensors plus per-row values
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+def test_log_probs_rebuilt_from_bf16_logits_match_forwards_to_float32_rounding(tau):
+    """What backward rebuilds from 16-bit logits and one value per row equals the float32
+    log-softmax forward computed, to a few float32 steps of the scaled logits' size, also where
+    a logit is -inf (a token with zero mass stays at zero)."""
+    from srd.losses.divergences import _log_probs, _lse, _rebuilt
+
+    s, _ = _logits((32, 1001), seed=13, scale=6.0)
+    s = (s + 40.0).bfloat16()  # large logits: their float32 rounding is what the rebuild may add
+    s[:, 5] = float("-inf")
+    forward = _log_probs(s, tau)
+    again = _rebuilt(s, _lse(s, forward, tau), tau)
+    assert again.dtype == torch.float32 and torch.all(again[:, 5] == float("-inf"))
+    finite = forward.isfinite()
+    ulp = torch.finfo(torch.float32).eps * (s.float().abs().amax() / tau)
+    assert (again - forward)[finite].abs().max() <= 4 * ulp
+    assert _lse(s.float(), forward, tau) is None and _rebuilt(forward, None, tau) is forward
 
 
 def _bf16_chunked_loss(lean: bool):
@@ -266,7 +288,7 @@ def _bf16_chunked_loss(lean: bool):
 def test_recompute_log_probs_keeps_half_the_bytes_for_the_same_gradients():
     """The chunked loss with bf16 heads and the logits kept (loss.recompute_chunks=false): with
     loss.recompute_log_probs it holds about the bf16 logits of both models for backward, not
-    float32 log-probabilities, and gives the same sums and gradients bit for bit."""
+    float32 log-probabilities, and gives the same sums and gradients (to float32 rounding)."""
     sums, kept, grads, float32_bytes = _bf16_chunked_loss(lean=False)
     lean_sums, lean_kept, lean_grads, _ = _bf16_chunked_loss(lean=True)
     assert kept > float32_bytes
@@ -274,7 +296,8 @@ def test_recompute_log_probs_keeps_half_the_bytes_for_the_same_gradients():
     # states the heads' matmuls keep
     assert lean_kept < 0.6 * float32_bytes
     assert torch.equal(sums.ce, lean_sums.ce) and torch.equal(sums.kd, lean_sums.kd)
-    assert all(torch.equal(a, b) for a, b in zip(grads, lean_grads))
+    for a, b in zip(grads, lean_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -70,19 +70,27 @@ def _kl_rows(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
         return p, torch.linalg.vecdot(p, diff)
 
 
-def _kept(logits: Tensor, log_probs: Tensor) -> Tensor:
-    """What the hand-written forward KLs keep for backward to have `log_probs` again: 16-bit
-    logits themselves (half the bytes of their float32 log-probabilities; backward recomputes
-    the very same values with one more log-softmax, see _from_kept), otherwise the log-probs."""
-    return logits if logits.element_size() < log_probs.element_size() else log_probs
+def _lse(logits: Tensor, log_probs: Tensor, tau: float) -> Tensor | None:
+    """Each row's log-normaliser (log_probs = logits / tau - lse) where `logits` are 16-bit, else
+    None. The hand-written forward KLs then keep those logits and this column for backward
+    instead of float32 log-probabilities or probabilities (half the bytes); `_rebuilt` gets the
+    float32 values back from them in one pass."""
+    if logits.element_size() >= log_probs.element_size():
+        return None
+    # read at each row's largest logit (the largest log-prob is there too: rounding keeps the
+    # order), where log_probs is nearest 0: lse is then as exact as the scaled logit itself,
+    # and the rebuilt values differ from forward's by float32 rounding. amax, not max: without
+    # the indices it is a quarter of the time on a CPU
+    top = logits.amax(-1, keepdim=True).to(log_probs.dtype)
+    return (top if tau == 1.0 else top / tau) - log_probs.amax(-1, keepdim=True)
 
 
-def _from_kept(kept: Tensor, tau: float, probs: bool = False) -> Tensor:
-    """What _kept stood for, bit for bit (the same log-softmax): log-probabilities, or with
-    `probs` the probabilities that were kept as such."""
-    if kept.element_size() >= 4:
+def _rebuilt(kept: Tensor, lse: Tensor | None, tau: float, probs: bool = False) -> Tensor:
+    """What forward kept: the tensor itself (lse None), or, from 16-bit logits and their `_lse`,
+    the log-probabilities (with `probs` the probabilities) in a fresh float32 buffer."""
+    if lse is None:
         return kept
-    log_probs = _log_probs(kept, tau)
+    log_probs = torch.sub(kept, lse) if tau == 1.0 else torch.add(-lse, kept, alpha=1.0 / tau)
     return log_probs.exp_() if probs else log_probs
 
 
@@ -97,27 +105,30 @@ class _ForwardKL(torch.autograd.Function):
     d/dt = p (log p - log q - KL) / tau. Autograd through log-softmax, where, sub and mul
     runs about twice as many vocabulary-sized passes; on a CPU those passes are a quarter of
     a KD step (benchmarks/results/2026-11-28-cpu-profile.md). Same values as `_kl` (tested
-    against float64 formulas and gradcheck). With bf16 / float16 logits it keeps those for
-    backward, not float32 p and log q (_kept): half the memory a batch's loss holds."""
+    against float64 formulas and gradcheck). From bf16 / float16 logits it keeps those for
+    backward with one value per row (`_lse`), not float32 p and log q: half the bytes."""
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
-        lq = _log_probs(student_logits, tau)
-        p, kl = _kl_rows(_log_probs(teacher_logits, tau), lq)
+        lq, lp = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
+        s_lse, t_lse = _lse(student_logits, lq, tau), _lse(teacher_logits, lp, tau)
+        p, kl = _kl_rows(lp, lq)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
-        ctx.save_for_backward(_kept(teacher_logits, p), _kept(student_logits, lq), kl)
+        ctx.save_for_backward(
+            p if t_lse is None else teacher_logits, t_lse, lq if s_lse is None else student_logits, s_lse, kl
+        )
         return kl
 
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        p, lq, kl = ctx.saved_tensors
-        p, lq = _from_kept(p, ctx.tau, probs=True), _from_kept(lq, ctx.tau)
+        p, t_lse, lq, s_lse, kl = ctx.saved_tensors
+        p, lq, fresh = _rebuilt(p, t_lse, ctx.tau, probs=True), _rebuilt(lq, s_lse, ctx.tau), s_lse is not None
         g = grad.unsqueeze(-1) if ctx.tau == 1.0 else grad.unsqueeze(-1) / ctx.tau
         g_student = g_teacher = None
-        if ctx.needs_input_grad[0]:
-            g_student = lq.exp().sub_(p).mul_(g).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             g_teacher = _kl_teacher_grad(p, lq, kl, g).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:  # a rebuilt log q is this call's own buffer: exp in place
+            g_student = (lq.exp_() if fresh else lq.exp()).sub_(p).mul_(g).to(ctx.dtypes[0])
         return g_student, g_teacher, None
 
 
@@ -131,7 +142,7 @@ class _ForwardKLWithCE(torch.autograd.Function):
     logits. The student's gradient is (q_tau - p) g_kl / tau + (q_1 - onehot(y)) g_ce, written
     into one buffer (no more float32 error than the two losses apart: tested against float64,
     benchmarks/results/2026-12-01-cpu-fused-ce.md). 16-bit logits are kept for backward as
-    they are, as in _ForwardKL."""
+    in _ForwardKL."""
 
     @staticmethod
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tau: float):
@@ -143,28 +154,31 @@ class _ForwardKLWithCE(torch.autograd.Function):
             s = student_logits.to(lq.dtype)
             ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
             shift = -ce - tau * lq.gather(-1, y).squeeze(-1)  # log q_1(y) - tau log q_tau(y), any column's
-        p, kl = _kl_rows(_log_probs(teacher_logits, tau), lq)
+        lp = _log_probs(teacher_logits, tau)
+        s_lse, t_lse = _lse(student_logits, lq, tau), _lse(teacher_logits, lp, tau)
+        p, kl = _kl_rows(lp, lq)
         ctx.tau, ctx.dtypes = tau, (student_logits.dtype, teacher_logits.dtype)
-        kept = (_kept(teacher_logits, p), _kept(student_logits, lq))
-        ctx.save_for_backward(*kept, kl, y, *(() if shift is None else (shift,)))
+        kept = (p if t_lse is None else teacher_logits, t_lse, lq if s_lse is None else student_logits, s_lse)
+        ctx.save_for_backward(*kept, kl, y, shift)
         return kl, ce
 
     @staticmethod
     def backward(ctx: object, g_kl: Tensor, g_ce: Tensor):
-        p, lq, kl, y, *rest = ctx.saved_tensors
+        p, t_lse, lq, s_lse, kl, y, shift = ctx.saved_tensors
         tau = ctx.tau
-        p, lq = _from_kept(p, tau, probs=True), _from_kept(lq, tau)
+        p, lq, fresh = _rebuilt(p, t_lse, tau, probs=True), _rebuilt(lq, s_lse, tau), s_lse is not None
         g_student = g_teacher = None
         if ctx.needs_input_grad[1]:
             g_teacher = _kl_teacher_grad(p, lq, kl, g_kl.unsqueeze(-1) / tau).to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
             a, c = g_kl.unsqueeze(-1).to(lq.dtype), g_ce.unsqueeze(-1).to(lq.dtype)
+            q1 = None if tau == 1.0 else torch.add(shift.unsqueeze(-1), lq, alpha=tau).exp_()  # before lq goes
+            q = lq.exp_() if fresh else lq.exp()  # a rebuilt log q is this call's own buffer
             if tau == 1.0:  # q (g_kl + g_ce) - p g_kl
-                g = lq.exp().mul_(a + c).addcmul_(p, a, value=-1.0)
+                g = q.mul_(a + c).addcmul_(p, a, value=-1.0)
             else:  # (q_tau - p) g_kl / tau + q_1 g_ce, q_1 = exp(tau log q_tau + shift)
                 a = a / tau
-                g = lq.exp().mul_(a).addcmul_(p, a, value=-1.0)
-                g.addcmul_(torch.add(rest[0].unsqueeze(-1), lq, alpha=tau).exp_(), c)
+                g = q.mul_(a).addcmul_(p, a, value=-1.0).addcmul_(q1, c)
             g_student = g.scatter_add_(-1, y, -c).to(ctx.dtypes[0])  # the CE's -onehot(y) g_ce
         return g_student, g_teacher, None, None
 
