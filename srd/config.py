@@ -92,12 +92,12 @@ class LossConfig:
     # constraint, keep on CPUs (benchmarks/results/2026-11-28-cpu-throughput-cache.md: keeping
     # was both faster, 1.48x vs 1.27x the hand-written step, and smaller in peak RSS there)
     recompute_chunks: bool | Literal["auto"] = "auto"
-    # under bf16 training, true keeps the language-model heads' bf16 logits for backward and
-    # recomputes their float32 log-softmax there, instead of keeping float32 log-probabilities:
-    # half the bytes the loss holds, the same values and gradients bit for bit, two more
-    # vocabulary-sized passes in backward (forward KL, srd's default divergence; no effect in
-    # fp32); auto: on GPUs, not on CPUs, where those passes cost more than the memory is worth
-    # (benchmarks/results/2026-12-01-cpu-bf16-logits.md)
+    # under bf16 training, true keeps the language-model heads' bf16 logits (and one value per
+    # row) for backward and rebuilds their float32 log-probabilities there, instead of keeping
+    # float32 p and log q: half the bytes the loss holds, the same loss values, gradients equal
+    # to float32 rounding, a few more vocabulary-sized passes (forward KL, srd's default
+    # divergence; no effect in fp32); auto: on GPUs, not on CPUs, where those passes cost more
+    # than the memory is worth (benchmarks/results/2026-12-01-cpu-bf16-logits.md)
     recompute_log_probs: bool | Literal["auto"] = "auto"
     # > 0: compute the teacher's top-k logits once per training example, cache them on disk
     # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the

@@ -90,9 +90,10 @@ def kd_loss_sums(
             in backward: least memory); False keeps every chunk's activations (faster when
             the logits fit, e.g. on a compute-bound CPU).
         recompute_log_probs: with 16-bit heads (bf16 autocast) and a divergence with a joint CE
-            (forward KL), keep the heads' logits for backward and recompute their log-softmax
-            there: half the bytes of the float32 log-probabilities kept otherwise, the same
-            values and gradients, two more vocabulary-sized passes in backward.
+            (forward KL), keep the heads' logits and one value per row for backward and rebuild
+            the float32 log-probabilities there: half the bytes of the float32 p and log q kept
+            otherwise, the same values, gradients equal to float32 rounding, a few more
+            vocabulary-sized passes.
     Returns:
         LossSums with ce = sum -log q_1(y) (tau = 1) and kd = sum D(p_tau || q_tau).
     """
@@ -123,17 +124,20 @@ def kd_loss_sums(
         with torch.no_grad():
             t_logits = teacher_head(t)
         vocab = min(raw.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
+        t_logits = t_logits[..., :vocab]
+        # bf16 logits in: forward_kl keeps them (and one value per row) for backward; float32 in:
+        # it keeps float32 log-probabilities
+        lean = recompute_log_probs and torch.is_grad_enabled()
+        if not lean:
+            t_logits = t_logits.to(acc_dtype)
         if div.with_ce is not None and vocab == raw.shape[-1]:  # one log-softmax for both
-            t_logits = t_logits[..., :vocab]
-            if not recompute_log_probs:  # float32 in: float32 log-probs are kept (forward_kl)
-                raw, t_logits = raw.to(acc_dtype), t_logits.to(acc_dtype)
-            kd, ce = div.with_ce(raw, t_logits, y, tau=tau, beta=beta)
+            kd, ce = div.with_ce(raw if lean else raw.to(acc_dtype), t_logits, y, tau=tau, beta=beta)
             return ce.sum().to(acc_dtype), kd.sum().to(acc_dtype)
         # one float32 copy of bf16 logits for the CE and the divergence: their gradients are
         # summed in float32 and rounded to bf16 once, instead of two casts each way
         logits = raw.to(acc_dtype)
         ce = F.cross_entropy(logits, y, reduction="sum")
-        kd = div.fn(logits[..., :vocab], t_logits[..., :vocab], None, tau=tau, beta=beta).sum()
+        kd = div.fn(logits[..., :vocab], t_logits, None, tau=tau, beta=beta).sum()
         return ce, kd.to(acc_dtype)
 
     ce_total, kd_total = zero, zero

@@ -27,7 +27,7 @@ RESUME_SAFE_KEYS = {
     "train.grad_accum",
     "train.sharding",  # checkpoints are stored unsharded: they resume with or without FSDP
     "train.compile",  # the same weights and losses, compiled or not
-    "loss.recompute_log_probs",  # the same values and gradients, bit for bit
+    "loss.recompute_log_probs",  # the same losses, gradients equal to float32 rounding
 }
 # Sections that only add work after training (evaluation, the comparison baseline's own run).
 RESUME_SAFE_PREFIXES = ("eval.", "compare.")
