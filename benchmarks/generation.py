@@ -29,6 +29,7 @@ gives the realised mean. `--answer-tokens 0` leaves the model as it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,41 @@ def shorten_answers(model, tokenizer, examples, prompts, target, limit: int) -> 
     )
 
 
+def _profiler(device: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
+
+
+def _profile_lines(prof, what: str, wall: float, device: str, top: int = 10) -> list[str]:
+    """Where a profiled call's time went: torch operators' self time on the host (on a GPU mostly
+    kernel launches; the rest of the wall time is Python and the framework around them) and, on a
+    GPU, the kernels' time on the device, which shows whether decoding waits on the host."""
+    events = [e for e in prof.key_averages() if e.key != "ProfilerStep*"]
+    host = sum(e.self_cpu_time_total for e in events) / 1e6
+    lines = [
+        "",
+        f"## Profile: {what}",
+        "",
+        f"Wall time under the profiler {wall:.2f} s; torch operators' own host time {host:.2f} s "
+        f"({100 * host / wall:.0f}%); the rest ({wall - host:.2f} s) is Python and the framework around them.",
+    ]
+    tables = [("host", lambda e: e.self_cpu_time_total)]
+    if device == "cuda":
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        lines[-1] += f" Device kernels {busy:.2f} s ({100 * busy / wall:.0f}% of the wall time)."
+        tables.append(("device", lambda e: e.self_device_time_total))
+    for name, own in tables:
+        ranked = sorted((e for e in events if own(e) > 0), key=own, reverse=True)[:top]
+        lines += [
+            "",
+            f"| operator (self {name} time) | s | share of the wall time | calls |",
+            "|---|---|---|---|",
+            *(f"| `{e.key}` | {own(e) / 1e6:.3f} | {100 * own(e) / 1e6 / wall:.1f}% | {e.count} |" for e in ranked),
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -146,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time the decode loop's forward passes by kind (prefill of joining prompts, decode steps); "
         "the timing itself synchronises the device after every forward",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run every backend's timed call under torch.profiler and record where its time goes: the "
+        "operators with the most self time on the host and on the device, and how much of the wall time "
+        "the device was busy (the profiler slows the calls down: time them without it)",
     )
     args = p.parse_args(argv)
 
@@ -181,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--answer-tokens needs a sampling preset (greedy answers of a raised-EOS model are all empty)"
             )
         length_note = shorten_answers(model, tokenizer, examples, prompts, target, cfg["max_new_tokens"])
-    rows, answers, phase_lines = [], {}, []
+    rows, answers, phase_lines, profile_lines = [], {}, [], []
     runs = [(bs, name, backend) for name in dtypes for bs in cfg["batch_sizes"] for backend in args.backends]
     for bs, name, backend in runs:
         label = backend if len(dtypes) == 1 else f"{backend} {name}"
@@ -216,25 +259,29 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.phases and backend == "loop":
                 gen_mod.step_logits = timed_step
+            profiler = _profiler(device) if args.profile else contextlib.nullcontext()
             t0 = time.perf_counter()
-            texts = generate_responses(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens=cfg["max_new_tokens"],
-                batch_size=bs,
-                do_sample=cfg["do_sample"],
-                no_repeat_ngram_size=cfg["no_repeat_ngram_size"],
-                stop_strings=["###"],
-                seed=10 if cfg["do_sample"] else None,
-                backend=backend,
-                progress=True,
-                desc=f"{label} batch {bs}",
-            )
-            if device == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
+            with profiler as prof:
+                texts = generate_responses(
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens=cfg["max_new_tokens"],
+                    batch_size=bs,
+                    do_sample=cfg["do_sample"],
+                    no_repeat_ngram_size=cfg["no_repeat_ngram_size"],
+                    stop_strings=["###"],
+                    seed=10 if cfg["do_sample"] else None,
+                    backend=backend,
+                    progress=True,
+                    desc=f"{label} batch {bs}",
+                )
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - t0  # before the profiler (if any) processes its events
             gen_mod.step_logits = real_step
+            if args.profile:
+                profile_lines += _profile_lines(prof, f"batch {bs}, {label}", wall, device)
             if args.phases and backend == "loop":
                 (pn, ps, pt), (dn, ds, dr) = phases["prefill"], phases["decode"]
                 phase_lines.append(
@@ -290,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                 ]
     if phase_lines:
         lines += ["", *phase_lines]
+    if profile_lines:
+        lines += [
+            "",
+            "The calls above ran under torch.profiler, which slows them: their times are not comparable "
+            "with unprofiled runs.",
+            *profile_lines,
+        ]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "generation")
     return 0
 

@@ -16,13 +16,14 @@
 #      EOS logit raised so that answers end after the Dolly references' mean length (geometric)
 #   3. srd reflect with the 124M student over the first $REFLECT_ROWS Dolly training prompts
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
-#   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes) and
-#      --loss-only (forward KL, hand-written backward vs autograd; CE + KL separate vs fused)
+#   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes),
+#      --loss-only (forward KL, hand-written backward vs autograd; CE + KL separate vs fused; bf16
+#      logits kept vs float32 log-probs) and generation.py --profile (hf and loop: host vs device time)
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
-# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,090 s, more than one
-# 600-second device call: split the run over two calls, "1 2" (580 s) then "3 4 5" (510 s)).
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,160 s, more than one
+# 600-second device call: split the run over two calls, "1 2" (580 s) then "3 4 5" (580 s)).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,7 @@ if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
     TP_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep srd-keep-cache)
     PROF_ARGS=(--steps 1 --batch 2 --seq 64 --impls naive srd-keep)
     GEN_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4 --backends hf loop static)
+    GPROF_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4)
     OP_ARGS=(--micro-batches 2 --batch 2 --max-new-tokens 4 --repeats 1)
     SAMPLE_ARGS=(--rows 2 --vocab 300 --repeats 1)
     REFLECT_ROWS=4 GEN_BS=2 NEW=4
@@ -62,6 +64,7 @@ else
     TP_ARGS=(--timeout 80 --impls naive srd srd-keep srd-compile srd-keep-compile srd-keep-compile-lp32 srd-keep-cache trl)
     PROF_ARGS=(--steps 3 --timeout 60 --impls naive srd-keep srd-keep-compile)
     GEN_ARGS=(--limit 512 --batch-sizes 256 --backends hf loop static)
+    GPROF_ARGS=(--limit 256 --batch-sizes 256 --max-new-tokens 64)
     OP_ARGS=()
     SAMPLE_ARGS=(--device cuda --rows 16 64 256)
     REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
@@ -128,9 +131,11 @@ fi
 
 if want 4; then
 echo "== 4. profile and loss"
-timeout 200 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
+timeout 180 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
     --record "$OUT/profile.md" || echo "profile: exit $?"
 timeout 60 $PY benchmarks/throughput.py --preset gpu --loss-only --record "$OUT/loss.md" || echo "loss: exit $?"
+timeout 90 $PY benchmarks/generation.py --preset gpu --model "$S" "${GPROF_ARGS[@]}" --backends hf loop --profile \
+    --record "$OUT/generation-profile.md" || echo "generation profile: exit $?"
 fi
 
 if want 5; then

@@ -100,6 +100,13 @@ def test_generation_script_compares_backends(tmp_path, tiny_models):
     args += ["--max-new-tokens", "4", "--record", str(record), "--backends", "hf", "loop", "static", "--phases"]
     assert _module("generation").main(args) == 0
     text = record.read_text()
+    assert "## Profile" not in text
+    assert _module("generation").main([*args, "--profile"]) == 0
+    profiled = record.read_text()
+    for backend in ("hf", "loop", "static"):
+        section = profiled.split(f"## Profile: batch 2, {backend}")[1].split("## ")[0]
+        assert "torch operators' own host time" in section and "| operator (self host time) |" in section
+        assert "`aten::" in section
     assert "Batch 2, loop, forward passes by kind: prefill" in text and " steps (mean " in text
     assert "| static |" in text and "identical between hf and static" in text
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
