@@ -260,7 +260,7 @@ def test_log_probs_rebuilt_from_bf16_logits_match_forwards_to_float32_rounding(t
     assert _lse(s.float(), forward, tau) is None and _rebuilt(forward, None, tau) is forward
 
 
-def _bf16_chunked_loss(lean: bool):
+def _bf16_chunked_loss(lean: bool, recompute: bool = False):
     torch.manual_seed(3)
     n, h, v = 96, 16, 509
     hs = torch.randn(n, h, requires_grad=True)
@@ -276,7 +276,7 @@ def _bf16_chunked_loss(lean: bool):
                 chunk_size=16,
                 student_head=lambda x: F.linear(x, ws),
                 teacher_head=lambda x: F.linear(x, wt),
-                recompute=False,
+                recompute=recompute,
                 recompute_log_probs=lean,
             )
         )
@@ -297,6 +297,11 @@ def test_recompute_log_probs_keeps_half_the_bytes_for_the_same_gradients():
     assert lean_kept < 0.6 * float32_bytes
     assert torch.equal(sums.ce, lean_sums.ce) and torch.equal(sums.kd, lean_sums.kd)
     for a, b in zip(grads, lean_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # inside activation checkpoints (loss.recompute_chunks=true) too
+    ck_sums, _, ck_grads, _ = _bf16_chunked_loss(lean=True, recompute=True)
+    assert torch.equal(ck_sums.ce, lean_sums.ce) and torch.equal(ck_sums.kd, lean_sums.kd)
+    for a, b in zip(ck_grads, lean_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
