@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import os
 import platform
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (e.g. `timeout`'s limit in benchmarks/gpu.sh): stop measuring and record
+    what is done. A BaseException, so that no `except Exception` on the way swallows it;
+    subprocess.run kills its child on the way out."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """Inside: SIGTERM raises Stopped instead of ending the process, so a benchmark that runs
+    over its time limit still writes the record of the implementations it finished."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def machine() -> dict[str, Any]:

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import srd.eval.generate as gen_mod
-    from benchmarks.common import header, save_record
+    from benchmarks.common import Stopped, header, save_record, sigterm_stops
     from srd.data.prompts import encode_prompt
     from srd.data.sources import load_examples
     from srd.eval.generate import generate_responses
@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         length_note = shorten_answers(model, tokenizer, examples, prompts, target, cfg["max_new_tokens"])
     rows, answers, phase_lines, profile_lines = [], {}, [], []
     runs = [(bs, name, backend) for name in dtypes for bs in cfg["batch_sizes"] for backend in args.backends]
-    for bs, name, backend in runs:
+
+    def measure(bs: int, name: str, backend: str) -> None:
+        """One backend at one batch size and precision: its row (and profile / phase lines)."""
         label = backend if len(dtypes) == 1 else f"{backend} {name}"
         with cast_for_inference(model, dtype_from_name(name)):
             # warm-up (allocator, kernels) on one small batch; static: on the longest prompts with the full
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - t0  # before the profiler (if any) processes its events
             gen_mod.step_logits = real_step
             if args.profile:
-                profile_lines += _profile_lines(prof, f"batch {bs}, {label}", wall, device)
+                profile_lines.extend(_profile_lines(prof, f"batch {bs}, {label}", wall, device))
             if args.phases and backend == "loop":
                 (pn, ps, pt), (dn, ds, dr) = phases["prefill"], phases["decode"]
                 phase_lines.append(
@@ -294,6 +296,16 @@ def main(argv: list[str] | None = None) -> int:
             score = sum(rouge_l(t, ex.references) for t, ex in zip(texts, examples)) / len(texts)  # x100 already
             rows.append((bs, label, backend == "hf" and name == dtypes[0], wall, n_tokens, score))
             print(f"batch {bs} {label}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")
+
+    stopped: list[str] = []
+    with sigterm_stops():
+        try:
+            for run in runs:
+                measure(*run)
+        except Stopped:  # over the caller's time limit: record the finished rows, name the rest
+            stopped = [f"batch {bs} {b}" + f" {n}" * (len(dtypes) > 1) for bs, n, b in runs[len(rows) :]]
+            print(f"stopped (SIGTERM); not run: {', '.join(stopped)}", file=sys.stderr)
+
     ref = "hf" if "hf" in args.backends else "-"
     if len(dtypes) > 1 and "hf" in args.backends:
         ref = f"hf {dtypes[0]}"
@@ -337,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 ]
     if phase_lines:
         lines += ["", *phase_lines]
+    if stopped:
+        lines += ["", f"Stopped by SIGTERM (a time limit) before: {', '.join(stopped)}."]
     if profile_lines:
         lines += [
             "",

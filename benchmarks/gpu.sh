@@ -22,8 +22,9 @@
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
-# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,160 s, more than one
-# 600-second device call: split the run over two calls, "1 2" (580 s) then "3 4 5" (580 s)).
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,120 s, more than one
+# 600-second device call: split the run over two calls, "1 2" (540 s) then "3 4 5" (580 s)). A
+# benchmark stopped by its limit (SIGTERM) still writes the record of what it finished.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -78,13 +79,13 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 
 if want 1; then
 echo "== 1. throughput"
-timeout 400 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
+timeout -k 10 370 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" "${TP_ARGS[@]}" \
     --record "$OUT/throughput.md" || echo "throughput: exit $?"
 fi
 
 if want 2; then
 echo "== 2. generation"
-timeout 180 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
+timeout -k 10 170 $PY benchmarks/generation.py --preset gpu --model "$S" "${GEN_ARGS[@]}" \
     --record "$OUT/generation.md" || echo "generation: exit $?"
 fi
 
@@ -96,7 +97,7 @@ CMD=(-m srd.cli reflect --no-progress configs/gpt2-dolly-srd.yaml "model.teacher
      "data.train_limit=$REFLECT_ROWS" "generation.batch_size=$GEN_BS" "generation.max_new_tokens=$NEW"
      "output_dir=$RUN" name=reflect)
 t0=$(date +%s.%N)
-timeout 120 $PY "${CMD[@]}" || echo "reflect: exit $?"
+timeout -k 10 120 $PY "${CMD[@]}" || echo "reflect: exit $?"
 t1=$(date +%s.%N)
 $PY - "$RUN" "$OUT/reflection.md" "$t0" "$t1" "$REFLECT_ROWS" "${CMD[@]}" <<'EOF'
 import json, sys
@@ -131,17 +132,17 @@ fi
 
 if want 4; then
 echo "== 4. profile and loss"
-timeout 180 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
+timeout -k 10 180 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
     --record "$OUT/profile.md" || echo "profile: exit $?"
-timeout 60 $PY benchmarks/throughput.py --preset gpu --loss-only --record "$OUT/loss.md" || echo "loss: exit $?"
-timeout 90 $PY benchmarks/generation.py --preset gpu --model "$S" "${GPROF_ARGS[@]}" --backends hf loop --profile \
+timeout -k 10 60 $PY benchmarks/throughput.py --preset gpu --loss-only --record "$OUT/loss.md" || echo "loss: exit $?"
+timeout -k 10 90 $PY benchmarks/generation.py --preset gpu --model "$S" "${GPROF_ARGS[@]}" --backends hf loop --profile \
     --record "$OUT/generation-profile.md" || echo "generation profile: exit $?"
 fi
 
 if want 5; then
 echo "== 5. on-policy sampling"
-timeout 90 $PY benchmarks/onpolicy.py --preset gpu --model "$S" ${OP_ARGS[@]+"${OP_ARGS[@]}"} \
+timeout -k 10 90 $PY benchmarks/onpolicy.py --preset gpu --model "$S" ${OP_ARGS[@]+"${OP_ARGS[@]}"} \
     --record "$OUT/onpolicy.md" || echo "onpolicy: exit $?"
-timeout 40 $PY benchmarks/sampling.py "${SAMPLE_ARGS[@]}" --record "$OUT/sampling.md" || echo "sampling: exit $?"
+timeout -k 10 40 $PY benchmarks/sampling.py "${SAMPLE_ARGS[@]}" --record "$OUT/sampling.md" || echo "sampling: exit $?"
 fi
 echo "== $(date -u) done"

@@ -609,41 +609,63 @@ def main(argv: list[str] | None = None) -> int:
         if i not in skipped
         for code in ([None, against] if against and i.startswith("srd") else [None])
     ]
-    for round_, (dtype, impl, code) in ((k, run) for k in range(args.rounds) for run in runs):
-        label = impl if len(dtypes) == 1 else f"{impl} @ {dtype}"
-        label += f" ({code.name})" if code else ""
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl] + ["--profile"] * args.profile
-        for key in ("steps", "teacher", "student", "batch", "seq"):
-            cmd += [f"--{key}", str(cfg[key])]
-        cmd += ["--dtype", dtype] + (["--code", str(code)] if code else [])
+    from benchmarks.common import Stopped, sigterm_stops
+
+    todo = [(k, run) for k in range(args.rounds) for run in runs]
+    done = 0
+    with sigterm_stops():
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out, err, rc = _text(e.stdout), _text(e.stderr) + f"\ntimed out after {args.timeout} s", -1
-        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-        if rc != 0 or line is None:
-            # one failing implementation must not cost the others' measurements: record why
-            print(f"{label}: failed\n{err[-3000:]}", file=sys.stderr)
-            last = [x for x in err.strip().splitlines() if x.strip()]
-            failed.append(f"{label} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
-            continue
-        r = {**json.loads(line[len("RESULT ") :]), "label": label, "dtype": dtype}
-        if Path(r["srd"]).parent != (code or ROOT):  # a comparison of the same code would pass unnoticed
-            failed.append(f"{label} (imported srd from {r['srd']}, not from {code or ROOT})")
-            continue
-        at = f" (round {round_ + 1})" * multi
-        if args.profile:
-            results.append(r)
-            print(
-                f"{label}{at}: {r['wall_s']:.2f} s/step profiled: "
-                + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"])
-            )
-            continue
-        r["median_s"] = statistics.median(r["step_s"])
-        rounds.setdefault(label, []).append(r)
-        print(f"{label}{at}: {r['median_s']:.2f} s/step, peak {r['peak_gib']:.2f} GiB")
-    for label, rs in rounds.items():  # one row per implementation, over all its rounds
+            while done < len(todo):
+                _run_one(args, cfg, dtypes, *todo[done], results, rounds, failed)
+                done += 1
+        except Stopped:  # over the caller's time limit: record the finished rows, name the rest
+            rest = [impl + f" @ {d}" * (len(dtypes) > 1) for _, (d, impl, _) in todo[done:]]
+            print(f"stopped (SIGTERM); not run: {', '.join(rest)}", file=sys.stderr)
+            failed.append(f"stopped by SIGTERM (a time limit) before: {', '.join(rest)}")
+    _aggregate(cfg, multi, rounds, results)
+    return _record(args, cfg, dtypes, against, results, skipped, failed)
+
+
+def _run_one(args, cfg: dict, dtypes: list[str], round_: int, run: tuple, results: list, rounds: dict, failed: list):
+    """One implementation at one precision in its own process; its result into `results` (a
+    profile) or `rounds` (timed steps), or why it failed into `failed`."""
+    dtype, impl, code = run
+    multi = args.rounds > 1
+    label = impl if len(dtypes) == 1 else f"{impl} @ {dtype}"
+    label += f" ({code.name})" if code else ""
+    cmd = [sys.executable, __file__, "--preset", args.preset, "--child", impl] + ["--profile"] * args.profile
+    for key in ("steps", "teacher", "student", "batch", "seq"):
+        cmd += [f"--{key}", str(cfg[key])]
+    cmd += ["--dtype", dtype] + (["--code", str(code)] if code else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, err, rc = _text(e.stdout), _text(e.stderr) + f"\ntimed out after {args.timeout} s", -1
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if rc != 0 or line is None:
+        # one failing implementation must not cost the others' measurements: record why
+        print(f"{label}: failed\n{err[-3000:]}", file=sys.stderr)
+        last = [x for x in err.strip().splitlines() if x.strip()]
+        failed.append(f"{label} ({last[-1].strip()[:200] if last else f'exit {rc}'})")
+        return
+    r = {**json.loads(line[len("RESULT ") :]), "label": label, "dtype": dtype}
+    if Path(r["srd"]).parent != (code or ROOT):  # a comparison of the same code would pass unnoticed
+        failed.append(f"{label} (imported srd from {r['srd']}, not from {code or ROOT})")
+        return
+    at = f" (round {round_ + 1})" * multi
+    if args.profile:
+        results.append(r)
+        print(f"{label}{at}: {r['wall_s']:.2f} s/step profiled: " + ", ".join(f"{n} {t:.2f} s" for n, t in r["phases"]))
+        return
+    r["median_s"] = statistics.median(r["step_s"])
+    rounds.setdefault(label, []).append(r)
+    print(f"{label}{at}: {r['median_s']:.2f} s/step, peak {r['peak_gib']:.2f} GiB")
+
+
+def _aggregate(cfg: dict, multi: bool, rounds: dict, results: list) -> None:
+    """One row per implementation, over all its rounds, into `results`."""
+    for label, rs in rounds.items():
         r = {**rs[0], "step_s": [t for x in rs for t in x["step_s"]], "rounds": [x["median_s"] for x in rs]}
         r["median_s"] = statistics.median(r["step_s"])
         r["tok_s"] = cfg["batch"] * cfg["seq"] / r["median_s"]
@@ -657,7 +679,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {r['median_s']:.2f} s/step over {len(rs)} rounds, {r['tok_s']:.0f} tokens/s")
         else:
             print(f"{label}: {r['median_s']:.2f} s/step, {r['tok_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB")
+
+
+def _record(args, cfg: dict, dtypes: list[str], against: Path | None, results: list, skipped: list, failed: list):
+    """Write the record (the throughput table, or the profile) of what ran; the exit status."""
     from benchmarks.common import header, save_record
+
+    multi = args.rounds > 1
 
     if not results:
         print("error: no implementation ran: " + "; ".join(failed), file=sys.stderr)

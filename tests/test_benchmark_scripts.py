@@ -245,3 +245,42 @@ def test_throughput_rounds_and_against_another_checkout(tmp_path, tiny_models):
     assert f"ran srd's code from `{other.resolve()}`" in text and "in each of 2 rounds" in text
     with pytest.raises(SystemExit):
         module.main([*args[:-2], "--against", str(tmp_path / "nothing")])
+
+
+def test_sigterm_stops_a_benchmark_instead_of_ending_it():
+    """Inside sigterm_stops a SIGTERM (gpu.sh's `timeout`) raises Stopped, so a benchmark can record
+    what it finished; outside, the previous handler is back."""
+    import os
+    import signal
+
+    from benchmarks.common import Stopped, sigterm_stops
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped), sigterm_stops():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@needs_shared
+def test_throughput_stopped_by_sigterm_records_the_finished_rows(tmp_path, tiny_models, monkeypatch):
+    """A SIGTERM during the second implementation: the first one's row is recorded, the rest named."""
+    from benchmarks.common import Stopped
+
+    module = _module("throughput")
+    real, calls = module._run_one, []
+
+    def run_one(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 2:
+            raise Stopped
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_run_one", run_one)
+    record = tmp_path / "throughput.md"
+    args = ["--preset", "cpu", "--steps", "1", "--batch", "2", "--seq", "64", "--record", str(record)]
+    args += ["--impls", "naive", "srd", "srd-keep"]
+    args += ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
+    assert module.main(args) == 0
+    text = record.read_text()
+    assert "| naive |" in text and "| srd |" not in text
+    assert "stopped by SIGTERM (a time limit) before: srd, srd-keep" in text
