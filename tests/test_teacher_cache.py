@@ -171,3 +171,74 @@ def test_a_cache_keeps_the_precision_its_teacher_ran_in(tiny_models, tokenizer):
     a, b = (teacher_cache_meta(cfg, m, tokenizer, False, 1.0) for m in (fp32, bf16))
     assert "teacher_dtype" not in a and b["teacher_dtype"] == "bfloat16"
     assert {k: v for k, v in b.items() if k != "teacher_dtype"} == a
+
+
+def _reference_buckets_and_ce(s: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, tau: float):
+    """The cache path's student side by autograd (the bucket formula of sparse_student_buckets,
+    kept in float64 here) and F.cross_entropy."""
+    lq = torch.log_softmax(s / tau, dim=-1)
+    rest = lq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-80.0)
+    return torch.cat([lq.gather(-1, ids), rest], -1) * tau, torch.nn.functional.cross_entropy(s, y, reduction="none")
+
+
+def _ids(n: int, v: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_student_buckets_hand_written_backward_gradcheck(tau):
+    from srd.losses.kd import student_buckets_with_ce
+
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(5, 11, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    ids, y = _ids(5, 11, 3, seed=4), torch.tensor([0, 3, 10, 4, 4])
+    assert torch.autograd.gradcheck(lambda a: student_buckets_with_ce(a, ids, y, tau), (s,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_student_buckets_equal_the_autograd_formula_also_below_the_rest_floor(tau):
+    """Values and gradients equal the formula's by autograd, with random bucket weights, where a
+    row's rest mass is below the floor (e^-80: the rest bucket is a constant there) and where the
+    ids hold almost all the mass (a large 1 / r)."""
+    from srd.losses.kd import student_buckets_with_ce
+
+    g = torch.Generator().manual_seed(5)
+    n, v, k = 6, 40, 5
+    s = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    ids, y = _ids(n, v, k, seed=6), torch.randint(0, v, (n,), generator=g)
+    s[0].fill_(-200.0)
+    s[0, ids[0]] = 0.0  # rest mass about e^-196: floored
+    s[1, ids[1]] += 60.0  # rest mass about e^-60: kept, 1 / r about e^60
+    w_b = torch.randn(n, k + 1, generator=g, dtype=torch.float64)
+    w_ce = torch.randn(n, generator=g, dtype=torch.float64)
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    ours = student_buckets_with_ce(a, ids, y, tau)
+    ref = _reference_buckets_and_ce(b, ids, y, tau)
+    for x, want in zip(ours, ref):
+        torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-12)
+    ((ours[0] * w_b).sum() + (ours[1] * w_ce).sum()).backward()
+    ((ref[0] * w_b).sum() + (ref[1] * w_ce).sum()).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_student_buckets_from_bf16_logits_keep_half_the_bytes():
+    """With bf16 logits (loss.recompute_log_probs) the cache path keeps them, not float32 log-probs,
+    for the same values and gradients to float32 rounding."""
+    from srd.losses.kd import student_buckets_with_ce
+    from tests.test_losses import _saved_bytes
+
+    g = torch.Generator().manual_seed(7)
+    s = (torch.randn(16, 301, generator=g) * 3).bfloat16()
+    ids, y = _ids(16, 301, 8, seed=8), torch.randint(0, 301, (16,), generator=g)
+    out = []
+    for upcast in (True, False):
+        a = s.clone().requires_grad_(True)
+        logits = a.float() if upcast else a
+        (buckets, ce), kept = _saved_bytes(lambda logits=logits: student_buckets_with_ce(logits, ids, y, 1.0))
+        (buckets.sum() + ce.sum()).backward()
+        out.append((buckets, ce, a.grad, kept))
+    (b32, ce32, g32, kept32), (b16, ce16, g16, kept16) = out
+    assert torch.equal(b32, b16) and torch.equal(ce32, ce16)
+    torch.testing.assert_close(g16.float(), g32.float(), rtol=2**-7, atol=1e-6)
+    assert kept16 < 0.6 * kept32

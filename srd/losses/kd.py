@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from srd.losses.divergences import get_divergence
+from srd.losses.divergences import _log_probs, _lse, _rebuilt, get_divergence
 
 Head = Callable[[Tensor], Tensor]
 
@@ -42,17 +42,68 @@ class SparseTeacher:
         return SparseTeacher(self.ids[sl], self.buckets[sl])
 
 
-def sparse_student_buckets(logits: Tensor, ids: Tensor, tau: float) -> Tensor:
-    """The student's distribution at temperature tau over the teacher's top-k tokens and one
-    bucket for the rest, as logits whose log-softmax at tau is exactly those log-probs."""
-    return log_prob_buckets(torch.log_softmax(logits.float() / tau, dim=-1), ids, tau)
+REST_FLOOR = -80.0  # the rest bucket's log-probability floor (a top-k that holds all mass leaves none)
 
 
-def log_prob_buckets(logq: Tensor, ids: Tensor, tau: float) -> Tensor:
-    """sparse_student_buckets from the student's log-probabilities at tau."""
-    top = logq.gather(-1, ids)
-    rest = logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-80.0)
-    return torch.cat([top, rest], dim=-1) * tau
+class _StudentBuckets(torch.autograd.Function):
+    """The student's distribution at temperature tau over the teacher's cached top-k ids and one
+    bucket for all other tokens, as bucket logits whose log-softmax at tau is exactly those
+    log-probabilities (tau log q_tau(id_j), and tau log r for the rest's mass r, floored at
+    REST_FLOOR), and its CE -log q_1(y), from one log-softmax.
+
+    The backward is written by hand: d bucket_j / d s = onehot(id_j) - q_tau, d rest / d s =
+    q_tau (off the ids) / r - q_tau, and the CE's q_1 - onehot(y), summed into one buffer in
+    three vocabulary-sized passes where autograd through gather, scatter, logsumexp and
+    log-softmax runs about ten. The rest's part is taken as exp(log q - log r), so that no mass
+    underflows, and the ids' entries are set apart (no cancellation against 1 / r there)."""
+
+    @staticmethod
+    def forward(ctx: object, logits: Tensor, ids: Tensor, targets: Tensor, tau: float):
+        lq = _log_probs(logits, tau)
+        rest = lq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+        buckets = torch.cat([lq.gather(-1, ids), rest.clamp_min(REST_FLOOR)], dim=-1) * tau
+        y = targets.unsqueeze(-1)
+        if tau == 1.0:
+            ce, shift = -lq.gather(-1, y).squeeze(-1), None
+        else:  # log q_1 = tau log q_tau + shift per row, as in forward_kl_with_ce
+            s = logits.to(lq.dtype)
+            ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
+            shift = -ce - tau * lq.gather(-1, y).squeeze(-1)
+        lse = _lse(logits, lq, tau)  # bf16 logits in: kept as they are (recompute_log_probs)
+        ctx.tau, ctx.dtype = tau, logits.dtype
+        ctx.save_for_backward(lq if lse is None else logits, lse, ids, rest, y, shift)
+        return buckets, ce
+
+    @staticmethod
+    def backward(ctx: object, g_buckets: Tensor, g_ce: Tensor):
+        kept, lse, ids, rest, y, shift = ctx.saved_tensors
+        tau = ctx.tau
+        lq = _rebuilt(kept, lse, tau)
+        g_buckets = g_buckets.to(lq.dtype)
+        g_top, g_rest = g_buckets[:, :-1], g_buckets[:, -1:]
+        c = g_ce.unsqueeze(-1).to(lq.dtype)
+        live = rest >= REST_FLOOR  # below the floor the rest bucket is a constant
+        g_rest = torch.where(live, g_rest, torch.zeros_like(g_rest))
+        log_r = torch.where(live, rest, torch.zeros_like(rest))
+        base = -(g_top.sum(-1, keepdim=True) + g_rest)  # every bucket's -q_tau term
+        if tau == 1.0:
+            base = base + c  # the CE's +q_1 g_ce, q_1 = q_tau
+        q1 = None if tau == 1.0 else torch.add(shift.unsqueeze(-1), lq, alpha=tau).exp_()
+        q_ids = lq.gather(-1, ids).exp_()
+        # q base + (q / r) g_rest = exp(log q - log r) (g_rest + r base); the ids' entries are set below
+        g = torch.sub(lq, log_r, out=lq if lse is not None else None).exp_().mul_(g_rest + log_r.exp() * base)
+        g.scatter_(-1, ids, q_ids * base + g_top)
+        if q1 is not None:
+            g.addcmul_(q1, c)
+        g.scatter_add_(-1, y, -c)  # the CE's -onehot(y) g_ce
+        return g.to(ctx.dtype), None, None, None
+
+
+def student_buckets_with_ce(logits: Tensor, ids: Tensor, targets: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """(the student's bucket logits over `ids` and the rest at tau, -log softmax(logits)[targets])
+    per row, from one log-softmax of the student and with one hand-written backward (the cache
+    path of kd_loss_sums; see _StudentBuckets)."""
+    return _StudentBuckets.apply(logits, ids, targets, tau)
 
 
 @dataclass
@@ -110,17 +161,11 @@ def kd_loss_sums(
         if div is None or t is None:
             ce = F.cross_entropy(raw.to(acc_dtype), y, reduction="sum")
             return ce, ce.new_zeros(())
-        if isinstance(t, SparseTeacher):
-            logits = raw.to(acc_dtype)
-            if tau == 1.0:  # the CE's log-softmax is the buckets' own
-                logq = torch.log_softmax(logits, dim=-1)
-                ce = -logq.gather(-1, y.unsqueeze(-1)).sum()
-                student_buckets = log_prob_buckets(logq, t.ids, tau)
-            else:
-                ce = F.cross_entropy(logits, y, reduction="sum")
-                student_buckets = sparse_student_buckets(logits, t.ids, tau)
-            kd = div.fn(student_buckets, t.buckets, None, tau=tau, beta=beta).sum()
-            return ce, kd.to(acc_dtype)
+        if isinstance(t, SparseTeacher):  # the CE's log-softmax is the buckets' own
+            lean = recompute_log_probs and torch.is_grad_enabled()
+            buckets, ce = student_buckets_with_ce(raw if lean else raw.to(acc_dtype), t.ids, y, tau)
+            kd = div.fn(buckets, t.buckets, None, tau=tau, beta=beta).sum()
+            return ce.sum().to(acc_dtype), kd.to(acc_dtype)
         with torch.no_grad():
             t_logits = teacher_head(t)
         vocab = min(raw.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off

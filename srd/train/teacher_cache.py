@@ -7,7 +7,7 @@ trains at (SRD's stages raise it 1 -> 2) one logit r_tau standing for all other 
 r_tau = tau * logsumexp over the other tokens of z / tau, so that at temperature tau the bucket
 holds exactly their probability mass. Divergences are then taken over k + 1 buckets (the
 student's probabilities gathered at the same ids, the rest summed; srd.losses.kd.
-sparse_student_buckets): both sides are the exact distributions over those buckets at every
+student_buckets_with_ce): both sides are the exact distributions over those buckets at every
 cached temperature, so a bucketed forward KL is a lower bound of the dense one (data
 processing). A temperature that was not cached cannot be served (the cache is rebuilt;
 `loss.teacher_top_k=0`, the default, keeps the dense teacher).
