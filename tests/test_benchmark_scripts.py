@@ -85,12 +85,15 @@ def test_loss_only_times_forward_kl_and_the_fused_ce(tmp_path):
     # times round to 0.000 s at this size; the speed-up is a ratio of the unrounded times
     # one table for forward KL (hand-written vs autograd), one for KL + CE (separate vs fused),
     # one for the fused loss from bf16 logits (upcast first vs kept as bf16)
-    assert len(rows) == 6 and all(float(r[4].strip().rstrip("x")) > 0 for r in rows)
+    # ... and one for the teacher-cache path (autograd vs student_buckets_with_ce)
+    assert len(rows) == 8 and all(float(r[4].strip().rstrip("x")) > 0 for r in rows)
     errors = [float(e) for r in rows[:4] for e in r[5].split("/")]  # difference, or errors vs float64
     assert len(errors) == 6 and all(0 <= e < 1e-5 for e in errors)
     assert "forward_kl_with_ce" in record.read_text()
-    kept = [[float(x) for x in r[5].split("/")] for r in rows[4:]]  # bytes held for backward
-    assert all(bf16 < upcast for upcast, bf16 in kept) and all(0 <= float(r[6]) < 0.05 for r in rows[4:])
+    kept = [[float(x) for x in r[5].split("/")] for r in rows[4:6]]  # bytes held for backward
+    assert all(bf16 < upcast for upcast, bf16 in kept) and all(0 <= float(r[6]) < 0.05 for r in rows[4:6])
+    sparse_errors = [float(e) for r in rows[6:] for e in r[5].split("/")]
+    assert len(sparse_errors) == 4 and all(0 <= e < 1e-5 for e in sparse_errors)
 
 
 @needs_shared
