@@ -96,8 +96,9 @@ class LossConfig:
     # row) for backward and rebuilds their float32 log-probabilities there, instead of keeping
     # float32 p and log q: half the bytes the loss holds, the same loss values, gradients equal
     # to float32 rounding, a few more vocabulary-sized passes (forward KL, srd's default
-    # divergence; no effect in fp32); auto: on GPUs, not on CPUs, where those passes cost more
-    # than the memory is worth (benchmarks/results/2026-12-01-cpu-bf16-logits.md)
+    # divergence, and the teacher-cache path; no effect in fp32); auto: on GPUs, not on CPUs,
+    # where those passes cost more than the memory is worth
+    # (benchmarks/results/2026-12-01-cpu-bf16-logits.md)
     recompute_log_probs: bool | Literal["auto"] = "auto"
     # > 0: compute the teacher's top-k logits once per training example, cache them on disk
     # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the
