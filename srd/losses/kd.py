@@ -140,11 +140,11 @@ def kd_loss_sums(
         recompute: run each chunk inside an activation checkpoint (its logits are recomputed
             in backward: least memory); False keeps every chunk's activations (faster when
             the logits fit, e.g. on a compute-bound CPU).
-        recompute_log_probs: with 16-bit heads (bf16 autocast) and a divergence with a joint CE
-            (forward KL), keep the heads' logits and one value per row for backward and rebuild
-            the float32 log-probabilities there: half the bytes of the float32 p and log q kept
-            otherwise, the same values, gradients equal to float32 rounding, a few more
-            vocabulary-sized passes.
+        recompute_log_probs: with 16-bit heads (bf16 autocast), a divergence with a joint CE
+            (forward KL) or a cached teacher, keep the heads' logits and one value per row for
+            backward and rebuild the float32 log-probabilities there: half the bytes of the
+            float32 p and log q kept otherwise, the same values, gradients equal to float32
+            rounding, a few more vocabulary-sized passes.
     Returns:
         LossSums with ce = sum -log q_1(y) (tau = 1) and kd = sum D(p_tau || q_tau).
     """
