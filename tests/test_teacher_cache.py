@@ -82,6 +82,12 @@ def test_an_srd_run_caches_every_stage_temperature(tmp_path, tiny_models, srd_da
     import numpy as np
 
     assert np.load(tmp_path / "x" / "teacher-cache" / shards[0]).shape[1] == 8 + 3
+    # the run's cache time is at least what the cache records for its shards
+    from srd.train.teacher_cache import TeacherCache
+
+    built = TeacherCache.build_seconds(tmp_path / "x" / "teacher-cache")
+    results = json.loads((tmp_path / "x" / "results.json").read_text())
+    assert built > 0 and results["teacher_cache_s"] >= round(built, 3)
 
 
 def test_training_from_the_cache_never_runs_the_teacher(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
@@ -137,11 +143,14 @@ def test_an_interrupted_cache_build_keeps_its_finished_shards(tmp_path, tiny_mod
     with pytest.raises(KeyboardInterrupt):
         parts.build(teacher, tokenizer, enc, batch_size=2, shard_rows=1)  # a shard per batch
     kept = json.loads((tmp_path / "parts" / "index.json").read_text())
+    spent = TeacherCache.build_seconds(tmp_path / "parts")  # the finished shards' time is on record
+    assert spent > 0 and TeacherCache.build_seconds(tmp_path / "nowhere") == 0.0
     longest_first = [e.id for e in sorted(enc, key=lambda e: -len(e.input_ids))]  # the build's order
     assert sorted(kept) == sorted(longest_first[:6])  # the three batches before the failure
     monkeypatch.setattr(step, "target_features", real)
     parts = TeacherCache(tmp_path / "parts", meta)  # a new process
     assert parts.build(teacher, tokenizer, enc, batch_size=2, shard_rows=1) == 4
+    assert TeacherCache.build_seconds(tmp_path / "parts") > spent  # both invocations' shards
     assert len({v[0] for v in parts.index.values()}) == 5
     ids = [e.id for e in enc]
     a, b = whole.rows(ids, "cpu"), parts.rows(ids, "cpu")

@@ -14,8 +14,10 @@ processing). A temperature that was not cached cannot be served (the cache is re
 
 Layout of <run>/teacher-cache/: meta.json (teacher fingerprint, k, temperatures, tokenisation),
 shards `shard-NNNNN.ids.npy` (n, k) int32 and `shard-NNNNN.buckets.npy` (n, k + T) float32 (the
-top-k logits, then one tail logit per cached temperature), loaded with mmap, and index.json
-(example id -> shard, first row, rows), written last and atomically.
+top-k logits, then one tail logit per cached temperature), loaded with mmap, index.json
+(example id -> shard, first row, rows), written last and atomically, and build.json (the seconds
+spent computing the shards so far, over every invocation: what the cache cost a run, also when
+its build was interrupted and resumed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,12 @@ class TeacherCache:
         self.index: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @staticmethod
+    def build_seconds(folder: Path) -> float:
+        """Seconds spent computing the shards in `folder` (0 where none are recorded)."""
+        path = Path(folder) / "build.json"
+        return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+
     def missing(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if i not in self.index]
 
@@ -120,7 +129,7 @@ class TeacherCache:
         vocab = int(self.meta["vocab"])
         device = next(teacher.parameters()).device
         pending: tuple[list[np.ndarray], list[np.ndarray], dict[str, list[int]]] = ([], [], {})
-        rows = 0
+        rows, since = 0, time.perf_counter()
         for start in range(0, len(todo), batch_size):
             part = todo[start : start + batch_size]
             batch = {kk: v.to(device) for kk, v in collate(part, pad_id(tokenizer)).items()}
@@ -134,14 +143,17 @@ class TeacherCache:
                 pending[2][e.id] = [rows, int(n)]
                 rows += int(n)
             if rows >= shard_rows:
-                self._write_shard(*pending)
+                since = self._write_shard(*pending, since)
                 pending, rows = ([], [], {}), 0
         if pending[2]:
-            self._write_shard(*pending)
+            self._write_shard(*pending, since)
         return len(todo)
 
-    def _write_shard(self, ids: list[np.ndarray], buckets: list[np.ndarray], where: dict[str, list[int]]) -> None:
-        """Write one shard (arrays first, then the index that points into them: atomic)."""
+    def _write_shard(
+        self, ids: list[np.ndarray], buckets: list[np.ndarray], where: dict[str, list[int]], since: float
+    ) -> float:
+        """Write one shard (arrays first, then the index that points into them: atomic) and add the
+        time since `since` to build.json; returns the time it finished."""
         shard = 1 + max((v[0] for v in self.index.values()), default=-1)
         for name, parts in (("ids", ids), ("buckets", buckets)):
             tmp = self.folder / f".shard-{shard:05d}.{name}.npy"
@@ -150,6 +162,9 @@ class TeacherCache:
         added = {i: [shard, row, n] for i, (row, n) in where.items()}
         atomic_write_json(self.folder / "index.json", {**self.index, **added})
         self._load_index()
+        now = time.perf_counter()
+        atomic_write_json(self.folder / "build.json", {"seconds": self.build_seconds(self.folder) + now - since})
+        return now
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
