@@ -136,7 +136,9 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between dev evaluations; 0 = only at the end
     save_every: int = 50  # optimizer steps between resumable checkpoints (always at the end)
-    keep_last: int = 2  # resumable checkpoints kept on disk
+    # resumable checkpoints kept on disk while a stage trains; 0: one while it trains and none
+    # once it is done (its final/ and best/ models stay; a finished stage is never resumed)
+    keep_last: int = 2
     stop_after_steps: int | None = None  # stop this invocation after N steps (resumable); for time-boxed sessions
     num_threads: int | None = None  # CPU threads for torch (default: torch's choice)
     # fsdp: shard the student's weights, gradients and optimizer state over the processes
@@ -163,7 +165,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be > 0 or null")
         _check(self.save_every >= 0 and self.eval_every >= 0, "train.save_every/eval_every must be >= 0")
-        _check(self.keep_last >= 1, "train.keep_last must be >= 1")
+        _check(self.keep_last >= 0, "train.keep_last must be >= 0 (0: none once a stage is done)")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
 
 

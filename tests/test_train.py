@@ -103,6 +103,23 @@ def test_resume_after_a_crash_drops_stale_log_rows(tmp_path, tiny_models, tiny_d
     assert [r["step"] for r in _rows(run / "logs" / "train.jsonl")] == [1, 2, 3, 4]
 
 
+def test_keep_last_0_keeps_a_checkpoint_while_training_and_none_once_done(tmp_path, tiny_models, tiny_data):
+    """train.keep_last=0: an interrupted stage still resumes from its last checkpoint; a finished
+    one keeps its final model and summary, not the resumable checkpoints (their optimizer state is
+    most of a run's disk use); changing it between invocations is allowed."""
+    from srd.config import ConfigError, load_config
+
+    ckpts = tmp_path / "t" / "checkpoints"
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", "train.stop_after_steps=2")) == 0
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", "train.keep_last=0", "train.stop_after_steps=1")) == 0
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step-000003"]  # paused: still resumable
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", "train.keep_last=0")) == 0
+    assert not ckpts.exists() and (tmp_path / "t" / "final" / "model.safetensors").exists()
+    assert [r["step"] for r in _rows(tmp_path / "t" / "logs" / "train.jsonl")] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="keep_last"):
+        load_config(None, ["train.keep_last=-1"])
+
+
 def test_sft_needs_no_teacher(tmp_path, tiny_models, tiny_data):
     args = _args(tiny_models, tiny_data, tmp_path, "llama", "loss.alpha=1.0", "model.teacher=null")
     assert main(args) == 0

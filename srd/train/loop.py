@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -599,7 +600,7 @@ def train_stage(
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             meta = {**state, "step": step, "micro_per_step": micro_per_step, "mixed_precision": acc.mixed_precision}
             ckpt.finish_checkpoint(ckpt_root, step, {**meta, "zero": zero} if zero else meta)
-            ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
+            ckpt.prune_checkpoints(ckpt_root, max(tcfg.keep_last, 1))  # 0: the last one until done
         acc.wait_for_everyone()
 
     def run_eval(step: int) -> None:
@@ -782,4 +783,6 @@ def train_stage(
         ckpt.load_weights(student, out_dir / "final" if summary["complete"] else ckpt.latest_checkpoint(ckpt_root))
     if deepspeed:  # drop the engine: its gradient hooks on the student's parameters and its optimizer partitions
         acc.free_memory()
+    if summary["complete"] and tcfg.keep_last == 0 and acc.is_main_process:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # done.json and final/ stand for the stage now
     return summary

@@ -24,6 +24,7 @@ RESUME_SAFE_KEYS = {
     "train.num_threads",
     "train.eval_every",
     "train.log_every",
+    "train.keep_last",  # how many resumable checkpoints stay on disk
     "train.grad_accum",
     "train.sharding",  # checkpoints are stored unsharded: they resume with or without FSDP
     "train.compile",  # the same weights and losses, compiled or not
