@@ -24,6 +24,7 @@ from srd.reflect.reflect import reflect, time_split
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, make_accelerator, train_stage
 from srd.train.recipe import load_models, prepare_run_dir
+from srd.train.teacher_cache import TeacherCache
 from srd.utils import atomic_write_json
 
 
@@ -165,8 +166,6 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     results["train_s"] = round(sum(s["wall_time_s"] for s in results["stages"]), 3)
     # the cache's own record counts shards built by an interrupted invocation too, which no
     # stage's checkpoint may have saved (a cache made before build.json existed records none)
-    from srd.train.teacher_cache import TeacherCache
-
     cache_s = sum(s.get("teacher_cache_s", 0.0) for s in results["stages"])
     results["teacher_cache_s"] = round(max(cache_s, TeacherCache.build_seconds(run_dir / "teacher-cache")), 3)
     # the teacher cache is built before each stage's loop starts: it is not in train_s, but it is

@@ -94,6 +94,22 @@ def _rebuilt(kept: Tensor, lse: Tensor | None, tau: float, probs: bool = False) 
     return log_probs.exp_() if probs else log_probs
 
 
+def _ce_and_shift(logits: Tensor, lq: Tensor, y: Tensor, tau: float) -> tuple[Tensor, Tensor | None]:
+    """The CE -log q_1(y) per row from the student's log q_tau (`y`: (N, 1) targets), and the row
+    shift with log q_1 = tau log q_tau + shift (None at tau = 1, where q_1 is q_tau): what a
+    backward needs for the CE's q_1 without keeping the logits."""
+    if tau == 1.0:
+        return -lq.gather(-1, y).squeeze(-1), None
+    s = logits.to(lq.dtype)
+    ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
+    return ce, -ce - tau * lq.gather(-1, y).squeeze(-1)  # log q_1(y) - tau log q_tau(y), any column's
+
+
+def _q1(lq: Tensor, shift: Tensor | None, tau: float) -> Tensor | None:
+    """q_1 = exp(tau log q_tau + shift) in a fresh buffer, or None at tau = 1 (q_1 is q_tau)."""
+    return None if shift is None else torch.add(shift.unsqueeze(-1), lq, alpha=tau).exp_()
+
+
 def _kl_teacher_grad(p: Tensor, lq: Tensor, kl: Tensor, g: Tensor) -> Tensor:
     """d KL(p_tau || q_tau) / d teacher logits, times g = upstream gradient / tau (rows, 1)."""
     diff = (p.log() - lq).masked_fill_(p == 0, 0.0)
@@ -148,12 +164,7 @@ class _ForwardKLWithCE(torch.autograd.Function):
     def forward(ctx: object, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tau: float):
         lq = _log_probs(student_logits, tau)
         y = targets.unsqueeze(-1)
-        if tau == 1.0:
-            ce, shift = -lq.gather(-1, y).squeeze(-1), None
-        else:
-            s = student_logits.to(lq.dtype)
-            ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
-            shift = -ce - tau * lq.gather(-1, y).squeeze(-1)  # log q_1(y) - tau log q_tau(y), any column's
+        ce, shift = _ce_and_shift(student_logits, lq, y, tau)
         lp = _log_probs(teacher_logits, tau)
         s_lse, t_lse = _lse(student_logits, lq, tau), _lse(teacher_logits, lp, tau)
         p, kl = _kl_rows(lp, lq)
@@ -172,7 +183,7 @@ class _ForwardKLWithCE(torch.autograd.Function):
             g_teacher = _kl_teacher_grad(p, lq, kl, g_kl.unsqueeze(-1) / tau).to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
             a, c = g_kl.unsqueeze(-1).to(lq.dtype), g_ce.unsqueeze(-1).to(lq.dtype)
-            q1 = None if tau == 1.0 else torch.add(shift.unsqueeze(-1), lq, alpha=tau).exp_()  # before lq goes
+            q1 = _q1(lq, shift, tau)  # before lq goes
             q = lq.exp_() if fresh else lq.exp()  # a rebuilt log q is this call's own buffer
             if tau == 1.0:  # q (g_kl + g_ce) - p g_kl
                 g = q.mul_(a + c).addcmul_(p, a, value=-1.0)

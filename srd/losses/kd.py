@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from srd.losses.divergences import _log_probs, _lse, _rebuilt, get_divergence
+from srd.losses.divergences import _ce_and_shift, _log_probs, _lse, _q1, _rebuilt, get_divergence
 
 Head = Callable[[Tensor], Tensor]
 
@@ -63,12 +63,7 @@ class _StudentBuckets(torch.autograd.Function):
         rest = lq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
         buckets = torch.cat([lq.gather(-1, ids), rest.clamp_min(REST_FLOOR)], dim=-1) * tau
         y = targets.unsqueeze(-1)
-        if tau == 1.0:
-            ce, shift = -lq.gather(-1, y).squeeze(-1), None
-        else:  # log q_1 = tau log q_tau + shift per row, as in forward_kl_with_ce
-            s = logits.to(lq.dtype)
-            ce = s.logsumexp(-1) - s.gather(-1, y).squeeze(-1)
-            shift = -ce - tau * lq.gather(-1, y).squeeze(-1)
+        ce, shift = _ce_and_shift(logits, lq, y, tau)  # as in forward_kl_with_ce
         lse = _lse(logits, lq, tau)  # bf16 logits in: kept as they are (recompute_log_probs)
         ctx.tau, ctx.dtype = tau, logits.dtype
         ctx.save_for_backward(lq if lse is None else logits, lse, ids, rest, y, shift)
@@ -88,7 +83,7 @@ class _StudentBuckets(torch.autograd.Function):
         base = -(g_top.sum(-1, keepdim=True) + g_rest)  # every bucket's -q_tau term
         if tau == 1.0:
             base = base + c  # the CE's +q_1 g_ce, q_1 = q_tau
-        q1 = None if tau == 1.0 else torch.add(shift.unsqueeze(-1), lq, alpha=tau).exp_()
+        q1 = _q1(lq, shift, tau)
         q_ids = lq.gather(-1, ids).exp_()
         # q base + (q / r) g_rest = exp(log q - log r) (g_rest + r base); the ids' entries are set below
         g = torch.sub(lq, log_r, out=lq if lse is not None else None).exp_().mul_(g_rest + log_r.exp() * base)
@@ -161,22 +156,20 @@ def kd_loss_sums(
         if div is None or t is None:
             ce = F.cross_entropy(raw.to(acc_dtype), y, reduction="sum")
             return ce, ce.new_zeros(())
+        # bf16 logits in: the hand-written losses keep them (and one value per row) for backward;
+        # float32 in: they keep float32 log-probabilities
+        lean = recompute_log_probs and torch.is_grad_enabled()
+        logits = raw if lean else raw.to(acc_dtype)
         if isinstance(t, SparseTeacher):  # the CE's log-softmax is the buckets' own
-            lean = recompute_log_probs and torch.is_grad_enabled()
-            buckets, ce = student_buckets_with_ce(raw if lean else raw.to(acc_dtype), t.ids, y, tau)
+            buckets, ce = student_buckets_with_ce(logits, t.ids, y, tau)
             kd = div.fn(buckets, t.buckets, None, tau=tau, beta=beta).sum()
             return ce.sum().to(acc_dtype), kd.to(acc_dtype)
         with torch.no_grad():
             t_logits = teacher_head(t)
         vocab = min(raw.shape[-1], t_logits.shape[-1])  # padded embedding rows are sliced off
-        t_logits = t_logits[..., :vocab]
-        # bf16 logits in: forward_kl keeps them (and one value per row) for backward; float32 in:
-        # it keeps float32 log-probabilities
-        lean = recompute_log_probs and torch.is_grad_enabled()
-        if not lean:
-            t_logits = t_logits.to(acc_dtype)
+        t_logits = t_logits[..., :vocab] if lean else t_logits[..., :vocab].to(acc_dtype)
         if div.with_ce is not None and vocab == raw.shape[-1]:  # one log-softmax for both
-            kd, ce = div.with_ce(raw if lean else raw.to(acc_dtype), t_logits, y, tau=tau, beta=beta)
+            kd, ce = div.with_ce(logits, t_logits, y, tau=tau, beta=beta)
             return ce.sum().to(acc_dtype), kd.sum().to(acc_dtype)
         # one float32 copy of bf16 logits for the CE and the divergence: their gradients are
         # summed in float32 and rounded to bf16 once, instead of two casts each way
