@@ -17,10 +17,11 @@ prompt, forward KL (tau 1, no CE term), AdamW:
   srd-compile       srd with every transformer block of both models compiled (train.compile=true:
                     `nn.Module.compile`, torch.compile's default mode): does compiling pay here?
   srd-keep-compile  srd-keep, compiled the same way
-  srd-keep-lp16, srd-keep-compile-lp32  srd-keep (compiled) with loss.recompute_log_probs=true /
-            false: under bf16, the heads' bf16 logits kept for backward and their log-softmax
-            recomputed there, or float32 log-probabilities kept (the other rows follow `auto`:
-            true on a GPU, false on a CPU); not in the default list
+  srd-keep[-compile]-lp16, srd-keep[-compile]-lp32  srd-keep (compiled) with
+            loss.recompute_log_probs=true / false: under bf16, the heads' bf16 logits and one
+            value per row kept for backward and the float32 log-probabilities rebuilt there, or
+            float32 log-probabilities kept (the other rows follow `auto`: true on a GPU, false
+            on a CPU); not in the default list
   srd-cache, srd-keep-cache  srd / srd-keep trained from the teacher's top-64 cache
             (loss.teacher_top_k=64): the teacher's buckets for the batch are computed once before
             the timed steps (as the cache is built once and reused over SRD's epochs; its build
@@ -382,25 +383,24 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
             if device == "cuda":
                 torch.cuda.synchronize()
             ts.append(time.perf_counter() - t0)
-        timed.kept_mib = sum(kept.values()) / 2**20
-        return statistics.median(ts[1:]), a.grad
+        return statistics.median(ts[1:]), a.grad, sum(kept.values()) / 2**20  # MiB kept for backward
 
     rows, rows_ce, rows_16, rows_sparse = [], [], [], []
     for tau in (1.0, 2.0):
-        (ta, ga), (tb, gb) = timed(autograd_fkl, tau), timed(srd_fkl, tau)
+        (ta, ga, _), (tb, gb, _) = timed(autograd_fkl, tau), timed(srd_fkl, tau)
         rows.append((tau, ta, tb, (gb - ga).abs().max().item()))
-        (tc, gc), (td, gd) = timed(separate, tau), timed(fused, tau)
+        (tc, gc, _), (td, gd, _) = timed(separate, tau), timed(fused, tau)
         a64 = s.double().requires_grad_(True)  # the same loss in float64: each one's rounding error
         (0.3 * F.cross_entropy(a64, y, reduction="sum") + 0.7 * forward_kl(a64, t.double(), tau=tau).sum()).backward()
         err = [(grad.double() - a64.grad).abs().max().item() for grad in (gc, gd)]
         rows_ce.append((tau, tc, td, *err))
         del a64
-        (te, ge), kept_e = timed(lambda a, tau: fused_bf16(a, tau, True), tau, s16), timed.kept_mib
-        (tf, gf), kept_f = timed(lambda a, tau: fused_bf16(a, tau, False), tau, s16), timed.kept_mib
+        te, ge, kept_e = timed(lambda a, tau: fused_bf16(a, tau, True), tau, s16)
+        tf, gf, kept_f = timed(lambda a, tau: fused_bf16(a, tau, False), tau, s16)
         rows_16.append((tau, te, tf, kept_e, kept_f, (ge.float() - gf.float()).abs().max().item()))
         cached = at_temperature(*sparse_buckets(t, min(64, vocab - 1), (tau,)), (tau,), tau)
-        tg, gg = timed(lambda a, tau, c=cached: sparse_autograd(a, tau, c), tau)
-        th, gh = timed(lambda a, tau, c=cached: sparse_srd(a, tau, c), tau)
+        tg, gg, _ = timed(lambda a, tau, c=cached: sparse_autograd(a, tau, c), tau)
+        th, gh, _ = timed(lambda a, tau, c=cached: sparse_srd(a, tau, c), tau)
         a64 = s.double().requires_grad_(True)
         c64 = type(cached)(cached.ids, cached.buckets.double())
         sparse_autograd(a64, tau, c64).backward()
