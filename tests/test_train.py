@@ -120,6 +120,56 @@ def test_keep_last_0_keeps_a_checkpoint_while_training_and_none_once_done(tmp_pa
         load_config(None, ["train.keep_last=-1"])
 
 
+@pytest.mark.parametrize("lr,best_is_last", [("1e-3", True), ("3", False)])
+def test_final_shares_best_files_only_when_the_last_evaluation_was_the_best(
+    tmp_path, tiny_models, tiny_data, lr, best_is_last
+):
+    """final/ is hard links to best/ when the stage's last evaluation was its best (one copy of the
+    weights on disk), its own files otherwise (lr 3 diverges: no dev loss improves on step 0's)."""
+    extra = (f"train.lr={lr}", "dev_eval.num_examples=0", "train.eval_every=2")
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra)) == 0
+    run = tmp_path / "t"
+    done = json.loads((run / "done.json").read_text())
+    assert (done["best_step"] == done["steps"]) is best_is_last
+    final, best = run / "final" / "model.safetensors", run / "best" / "model.safetensors"
+    assert os.path.samefile(final, best) is best_is_last
+    assert not (run / "final" / "metrics.json").exists() and (run / "best" / "metrics.json").exists()
+    assert {p.name for p in (run / "final").iterdir()} == {p.name for p in (run / "best").iterdir()} - {"metrics.json"}
+    start, best_w = _weights(tiny_models["llama-student"]), _weights(run / "best")
+    assert all(torch.equal(v, start[k]) for k, v in best_w.items()) is not best_is_last
+    assert all(torch.equal(v, best_w[k]) for k, v in _weights(run / "final").items()) is best_is_last
+
+
+def test_link_model_dir_replaces_the_folder_and_copies_without_hard_links(tmp_path, monkeypatch):
+    from srd.train import checkpoint as ckpt
+
+    src, out = tmp_path / "best", tmp_path / "final"
+    (src / "adapter").mkdir(parents=True)
+    for name, text in {"model.safetensors": "w", "metrics.json": "{}", "adapter/a.bin": "a"}.items():
+        (src / name).write_text(text)
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    ckpt.link_model_dir(src, out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["adapter", "adapter/a.bin", "model.safetensors"]
+    assert os.path.samefile(out / "adapter" / "a.bin", src / "adapter" / "a.bin")
+    # a later save_model_dir replaces best/ whole: final/ keeps its files
+    ckpt.replace_dir(_write(tmp_path / ".best.tmp"), src)
+    assert (out / "model.safetensors").read_text() == "w" and (src / "model.safetensors").read_text() == "new"
+
+    def no_links(a, b):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ckpt.link_model_dir(src, out)
+    assert (out / "model.safetensors").read_text() == "new" and not os.path.samefile(out / "model.safetensors", src / "model.safetensors")
+
+
+def _write(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("new")
+    return folder
+
+
 def test_sft_needs_no_teacher(tmp_path, tiny_models, tiny_data):
     args = _args(tiny_models, tiny_data, tmp_path, "llama", "loss.alpha=1.0", "model.teacher=null")
     assert main(args) == 0

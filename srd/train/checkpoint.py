@@ -10,6 +10,7 @@ half-written checkpoint that resume would pick up.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -49,6 +50,27 @@ def save_model_dir(
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out)
+
+
+def link_model_dir(src: Path, out: Path, skip: tuple[str, ...] = ("metrics.json",)) -> None:
+    """Make `out` the model folder `src` again without a second copy of its weights on disk.
+
+    Every file of `out` is a hard link to the same file of `src` (a copy where the file system
+    has none), put in place atomically. Safe because srd never rewrites a model folder's file in
+    place: `save_model_dir` replaces the whole folder, so the other one keeps the old files.
+    `skip`: names left out (best/'s metrics.json)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # no hard links here (another device, some network file systems)
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link_or_copy, ignore=shutil.ignore_patterns(*skip))
     replace_dir(tmp, out)
 
 

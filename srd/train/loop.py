@@ -11,7 +11,8 @@ run on the same hardware), and a finished stage is skipped (`done.json`).
 Run-directory layout of a stage:
     checkpoints/step-NNNNNN/   resumable state (model, optimizer, scheduler, RNG, state.json)
     best/                      HF model with the best dev metric (dev ROUGE-L, else -dev loss)
-    final/                     HF model at the end of the stage
+    final/                     HF model at the end of the stage (hard links to best/'s files when
+                               the last evaluation was the best: one copy of the weights on disk)
     logs/train.jsonl, logs/eval.jsonl, tb/ (TensorBoard), done.json
 """
 
@@ -776,7 +777,11 @@ def train_stage(
     if summary["complete"]:
         weights = sharding.full_state_dict(module) if sharded else None  # collective
         if acc.is_main_process:
-            ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final", weights)
+            best = out_dir / "best"
+            if state["best_step"] == final_step and (best / "config.json").exists():
+                ckpt.link_model_dir(best, out_dir / "final")  # the same weights: one copy on disk
+            else:
+                ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final", weights)
             atomic_write_json(done, summary)
     acc.wait_for_everyone()
     if sharded:  # the caller's student continues from the trained weights, as under DDP
