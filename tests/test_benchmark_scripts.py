@@ -152,6 +152,7 @@ def test_generation_script_shortens_random_init_answers(tmp_path, tiny_models):
     assert "Answer lengths: the EOS logit raised by" in text and "a mean of 6.0 answer tokens cut at 48" in text
     row = next(r.split("|") for r in text.splitlines() if r.startswith("| 4 | loop |"))
     assert 1 < float(row[5]) < 20  # mean answer tokens (48 without the bias)
+    assert "speed-up" not in text and len(row) == 9 and 0 <= float(row[7]) <= 100  # no hf row: no ratio column
 
 
 @needs_shared
