@@ -161,7 +161,8 @@ def test_link_model_dir_replaces_the_folder_and_copies_without_hard_links(tmp_pa
 
     monkeypatch.setattr(os, "link", no_links)
     ckpt.link_model_dir(src, out)
-    assert (out / "model.safetensors").read_text() == "new" and not os.path.samefile(out / "model.safetensors", src / "model.safetensors")
+    assert (out / "model.safetensors").read_text() == "new"
+    assert not os.path.samefile(out / "model.safetensors", src / "model.safetensors")
 
 
 def _write(folder: Path) -> Path:
