@@ -104,7 +104,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train.save_every": 500,
             "generation.max_new_tokens": 256,
             "generation.batch_size": 128,
-            "dev_eval.num_examples": 0,
+            # the paper's protocol: evaluate each method at its best dev ROUGE-L checkpoint
+            "dev_eval.num_examples": 100,
+            "train.eval_every": 500,
+            "eval.checkpoint": "best",
             "eval.benchmarks": ["dolly-eval", "self-inst"],
             "eval.greedy": False,
             "eval.batch_size": 128,

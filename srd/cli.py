@@ -365,6 +365,7 @@ def _eval(args: argparse.Namespace) -> int:
         backend=args.backend,
         accelerator=acc,
         progress=not args.no_progress,
+        model_name=model_spec,
     )
     if acc.is_main_process:
         print(summary_markdown(summary), end="")

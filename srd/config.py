@@ -349,8 +349,13 @@ class EvalConfig:
     # precision, so that scores compare across machines: on 32 SelfInst rows the teacher's greedy
     # ROUGE-L moved by 2.2 between float32 and bf16 weights (benchmarks/results/2026-12-01-cpu-bf16.md)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # which model of this run (and of the KD baseline) is evaluated: "final" = the last stage's
+    # final weights; "best" = the checkpoint with the highest dev ROUGE-L over every stage's
+    # evaluations (the paper's protocol; needs dev_eval.num_examples > 0 and data.dev)
+    checkpoint: Literal["final", "best"] = "final"
 
     def __post_init__(self) -> None:
+        _check(self.checkpoint in ("final", "best"), f"eval.checkpoint must be final or best, got {self.checkpoint!r}")
         for m in self.models:
             _check(m in EVAL_MODELS, f"eval.models: {m!r} is not one of {list(EVAL_MODELS)}")
         _check(self.limit is None or self.limit > 0, "eval.limit must be a positive integer or null")
@@ -401,6 +406,14 @@ class RunConfig:
         _check(
             not self.eval.benchmarks or "baseline" not in self.eval.models or self.compare.baseline,
             "eval.models lists baseline but compare.baseline is false: set compare.baseline=true",
+        )
+        _check(
+            not self.eval.benchmarks
+            or self.eval.checkpoint != "best"
+            or (self.dev_eval.num_examples > 0 and bool(self.data.dev)),
+            "eval.checkpoint=best picks the checkpoint with the best dev ROUGE-L, which needs generated dev "
+            "answers: set dev_eval.num_examples > 0 and data.dev (and train.eval_every for evaluations during "
+            "a stage), or use eval.checkpoint=final",
         )
         _check(
             self.model.teacher is not None or self.loss.alpha == 1.0,

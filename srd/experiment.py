@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from srd.config import RunConfig, from_dict, to_dict
+from srd.config import ConfigError, RunConfig, from_dict, to_dict
 from srd.pipeline import run_pipeline
 from srd.utils import atomic_write_json, atomic_write_text
 
@@ -83,11 +83,26 @@ def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress:
         backend=cfg.generation.backend,
         accelerator=acc,
         progress=progress,
+        model_name=spec,
     )
     del model
     # generation time of this config's benchmarks, earlier (resumed) invocations included
     names = {resolve_benchmark(b).name for b in e.benchmarks}
     return sum(sum(v.get("wall_time_s", {}).values()) for k, v in summary["benchmarks"].items() if k in names)
+
+
+def _evaluated(cfg: RunConfig, results: dict[str, Any], what: str) -> str:
+    """The model of a run that eval.checkpoint names: its final weights, or its best dev ROUGE-L."""
+    if cfg.eval.checkpoint == "final":
+        return results["final_model"]
+    best = results.get("best_model")
+    if not best:
+        raise ConfigError(
+            f"eval.checkpoint=best: {what} has no checkpoint chosen by dev ROUGE-L (no stage's best/metrics.json "
+            f"under {cfg.run_dir} holds dev_rougeL): check that data.dev has rows and dev_eval.num_examples > 0, "
+            "or use eval.checkpoint=final"
+        )
+    return best
 
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -104,7 +119,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         "train_s": results["train_s"],
         "teacher_cache_s": results.get("teacher_cache_s", 0.0),
     }
-    models = {"teacher": cfg.model.teacher, "initial": cfg.model.student, "final": results["final_model"]}
+    models = {"teacher": cfg.model.teacher, "initial": cfg.model.student, "final": _evaluated(cfg, results, "this run")}
     if cfg.compare.baseline:
         bcfg = baseline_config(cfg, results)
         acc.print(f"KD baseline: {bcfg.train.epochs:g} epochs over all {results['examples']} examples")
@@ -117,7 +132,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         timing["srd_time_fraction"] = round(results["total_s"] / base_total, 4) if base_total else None
         timing["srd_sample_passes"] = results["sample_passes"]
         timing["baseline_sample_passes"] = base["sample_passes"]
-        models["baseline"] = base["final_model"]
+        models["baseline"] = _evaluated(cfg, base, "the KD baseline")
     timing["eval_s"] = {}
     folders = eval_dirs(cfg)
     for name in cfg.eval.models if cfg.eval.benchmarks else []:
@@ -163,7 +178,12 @@ def _write_comparison(cfg: RunConfig) -> None:
     head = (
         f"Benchmarks {', '.join(e.benchmarks)}"
         + (f" (first {e.limit} rows each)" if e.limit else "")
-        + f"; {decoding}; divergence {cfg.loss.divergence}. Train time includes reflection for SRD.\n\n"
+        + f"; {decoding}; divergence {cfg.loss.divergence}"
+        + (
+            "; each trained model at its best dev ROUGE-L checkpoint (experiment.json names it)"
+            * (e.checkpoint == "best")
+        )
+        + ". Train time includes reflection for SRD.\n\n"
     )
     atomic_write_text(cfg.run_dir / "comparison.md", head + table)
 

@@ -175,10 +175,28 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     results["generation_s"] = round(sum(s.get("generation_s", 0.0) for s in results["stages"]), 3)
     results["on_policy_ratio"] = cfg.on_policy.ratio
     results["final_model"] = str(final)
+    best = best_checkpoint(run_dir, [s["stage"] for s in results["stages"]])
+    results["best_model"] = best and best["model"]
+    results["best_checkpoint"] = best
     if acc.is_main_process:
         atomic_write_json(run_dir / "results.json", results)
         _print_results(run_dir, results, acc)
     return results
+
+
+def best_checkpoint(run_dir: Path, stage_names: list[str]) -> dict[str, Any] | None:
+    """The exported best/ model with the highest dev ROUGE-L over the stages (the paper selects
+    the checkpoint to evaluate by dev ROUGE-L): {"model", "stage", "step", "dev_rougeL"}; a tie
+    goes to the later stage. None when no stage generated dev answers (dev loss alone does not
+    compare across stages: each has its own tau and alpha)."""
+    best: dict[str, Any] | None = None
+    for name in stage_names:
+        folder = run_dir / "stages" / name / "best"
+        path = folder / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        if "dev_rougeL" in metrics and (best is None or metrics["dev_rougeL"] >= best["dev_rougeL"]):
+            best = {"model": str(folder), "stage": name, "step": metrics["step"], "dev_rougeL": metrics["dev_rougeL"]}
+    return best
 
 
 def _re_reflect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -197,6 +198,36 @@ def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_d
     assert not list(folder.glob("*.partial"))
 
 
+def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """A folder with one model's answers refuses another model's (a run's best/ after its final/):
+    the error names both and the ways on; the same model resumes, also from a moved run directory;
+    a folder from before the record adopts the model that resumes it, keeping its precision."""
+    from accelerate import Accelerator
+
+    import srd.eval.evaluate as ev
+    from srd.models import load_model, load_tokenizer
+
+    spec = str(tiny_models["llama-student"])
+    tok, acc = load_tokenizer(spec), Accelerator(cpu=True)
+    kw = dict(seeds=None, limit=2, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=2)
+    kw.update(max_new_tokens=3, accelerator=acc, progress=False)
+    bench, out = str(srd_data["dev"]), tmp_path / "eval"
+    run = tmp_path / "run" / "stages" / "stage-3"
+    for name in ("final", "best"):
+        shutil.copytree(spec, run / name)
+    ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "final"), **kw)
+    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "stages/stage-3/final"}
+    with pytest.raises(ev.EvalError, match=r"holds the evaluation of stages/stage-3/final.*stages/stage-3/best.*--out"):
+        ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "best"), **kw)
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "run", moved)
+    ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(moved / "stages/stage-3/final"), **kw)
+    (out / "decoding.json").unlink()  # a folder from before either record
+    ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name="some/hub-id", **kw)
+    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "some/hub-id"}
+    assert ev.model_key("some/hub-id") == "some/hub-id" and ev.model_key(spec) == "llama-student"
+
+
 def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):  # noqa: F811
     """Answers decoded with float32 weights are not resumed with bf16 ones (or back): the error
     names the folder and both ways on; the same precision resumes; `srd eval --dtype` decodes
@@ -223,5 +254,5 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     bf = tmp_path / "bf16"
     args = ["eval", spec, "--benchmarks", bench, "--greedy", "--limit", "2", "--max-new-tokens", "3"]
     assert main([*args, "--out", str(bf), "--dtype", "bfloat16", "--no-progress"]) == 0
-    assert json.loads((bf / "decoding.json").read_text()) == {"dtype": "bfloat16"}
+    assert json.loads((bf / "decoding.json").read_text()) == {"dtype": "bfloat16", "model": "llama-student"}
     assert main([*args, "--out", str(bf), "--no-progress"]) == 2  # float32 into a bf16 folder: refused

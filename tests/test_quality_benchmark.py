@@ -77,6 +77,7 @@ def test_quality_dry_run_prints_commands(capsys):
     assert quality.main(["--preset", "gpu", "--random-init", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "model.teacher=random:gpt2-xl" in out and "curriculum.epochs_per_stage=8" in out
+    assert "eval.checkpoint=best" in out and "dev_eval.num_examples=100" in out
 
 
 def test_quality_cpu_preset_adds_a_teacher_cache_run(capsys):

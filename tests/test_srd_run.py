@@ -300,6 +300,71 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     assert timing["eval_s"] == pytest.approx(eval_seconds, abs=1e-3) and min(eval_seconds.values()) > 0
 
 
+def test_eval_checkpoint_best_evaluates_the_best_dev_rouge_checkpoints(tmp_path, tiny_models, srd_data, capsys):
+    """eval.checkpoint=best (the paper's protocol): SRD's and the baseline's evaluated models are
+    the best/ folders with the highest dev ROUGE-L over their stages; switching back to final on
+    the finished run is refused rather than reusing the other model's scores."""
+    extra = [
+        "compare.baseline=true",
+        f"eval.benchmarks=[{srd_data['dev']}]",
+        "eval.models=[baseline, final]",
+        "eval.greedy=true",
+        "eval.limit=2",
+        "eval.max_new_tokens=3",
+        "eval.checkpoint=best",
+        "dev_eval.num_examples=2",
+        "dev_eval.max_new_tokens=4",
+    ]
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    run = tmp_path / "x"
+    srd_res = json.loads((run / "results.json").read_text())
+    base_res = json.loads((run / "baseline" / "results.json").read_text())
+    models = json.loads((run / "experiment.json").read_text())["models"]
+    for res, key in ((srd_res, "final"), (base_res, "baseline")):
+        best = res["best_checkpoint"]
+        assert models[key] == res["best_model"] == best["model"] and best["model"].endswith("/best")
+        scores = []
+        for stage in res["stages"]:
+            metrics = json.loads(
+                (Path(best["model"]).parents[1] / stage["stage"] / "best" / "metrics.json").read_text()
+            )
+            scores.append((metrics["dev_rougeL"], stage["stage"]))
+        assert best["dev_rougeL"] == max(v for v, _ in scores)
+        assert best["stage"] == [name for v, name in scores if v == best["dev_rougeL"]][-1]  # a tie: the later stage
+    assert "best dev ROUGE-L checkpoint" in (run / "comparison.md").read_text()
+    capsys.readouterr()
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra[:-3], "eval.checkpoint=final", *extra[-2:])) == 2
+    err = capsys.readouterr().err
+    assert "holds the evaluation of" in err and "/best" in err and "eval.checkpoint" in err
+
+
+def test_eval_checkpoint_best_needs_dev_answers(tmp_path, tiny_models, srd_data, capsys):
+    args = _args("run", tiny_models, srd_data, tmp_path, "eval.benchmarks=[dolly-eval]", "eval.checkpoint=best")
+    assert main(args) == 2  # _args sets dev_eval.num_examples=0
+    assert "dev_eval.num_examples > 0" in capsys.readouterr().err
+
+
+def test_best_checkpoint_picks_the_highest_dev_rouge_over_stages(tmp_path):
+    from srd.pipeline import best_checkpoint
+
+    for name, metrics in {
+        "stage-1": {"step": 0, "dev_rougeL": 20.0},
+        "stage-2": {"step": 6, "dev_rougeL": 25.0},
+        "stage-3": {"step": 9, "dev_rougeL": 25.0},
+        "stage-4": {"step": 12, "dev_loss": 1.0},
+    }.items():
+        (tmp_path / "stages" / name / "best").mkdir(parents=True)
+        (tmp_path / "stages" / name / "best" / "metrics.json").write_text(json.dumps(metrics))
+    best = best_checkpoint(tmp_path, ["stage-1", "stage-2", "stage-3", "stage-4"])
+    assert best == {
+        "model": str(tmp_path / "stages" / "stage-3" / "best"),
+        "stage": "stage-3",
+        "step": 9,
+        "dev_rougeL": 25.0,
+    }
+    assert best_checkpoint(tmp_path, ["stage-4"]) is None and best_checkpoint(tmp_path, ["stage-9"]) is None
+
+
 def test_eval_of_baseline_needs_compare_baseline(tmp_path, tiny_models, srd_data, capsys):
     args = _args("run", tiny_models, srd_data, tmp_path, "eval.benchmarks=[dolly-eval]", "eval.models=[baseline]")
     assert main(args) == 2

@@ -156,19 +156,50 @@ def _check_precision(out_dir: Path, dtype: str, write: bool) -> None:
     decoded in float32 with bf16 (or back) would mix two models' outputs in one score.
     Folders from before eval.dtype existed hold float32 answers."""
     path = out_dir / "decoding.json"
-    if path.exists():
-        earlier = json.loads(path.read_text()).get("dtype")
-    else:
-        earlier = "float32" if out_dir.is_dir() and any(out_dir.iterdir()) else None
+    record = json.loads(path.read_text()) if path.exists() else {}
+    earlier = record.get("dtype")
+    if earlier is None and out_dir.is_dir() and any(p.name != "decoding.json" for p in out_dir.iterdir()):
+        earlier = "float32"
     if earlier is not None and earlier != dtype:
         raise EvalError(
             f"{out_dir} holds answers decoded with {earlier} weights, and this evaluation decodes with {dtype}: "
             f"resume it with eval.dtype={earlier} (srd eval --dtype {earlier}), or evaluate into another "
             "folder (srd eval --out) or delete that one"
         )
+    if write and record.get("dtype") is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**record, "dtype": earlier or dtype})
+
+
+def model_key(spec: str) -> str:
+    """What names an evaluated model in its evaluation folder: a checkpoint inside a run by its
+    path from `stages/` on (stages/stage-3/final, stages/stage-3/best), another local folder by
+    its name, anything else (Hub id, bundled alias) as given; so a run directory moved elsewhere
+    still matches its own evaluations."""
+    path = Path(spec)
+    if not path.exists():
+        return spec
+    parts = path.resolve().parts
+    if "stages" in parts:
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("stages") :])
+    return path.resolve().name
+
+
+def _check_model(out_dir: Path, key: str, write: bool) -> None:
+    """An evaluation folder holds one model's answers: evaluating another model into it (a run's
+    best/ after its final/, with eval.checkpoint) must not reuse or mix in the first one's."""
+    path = out_dir / "decoding.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    earlier = record.get("model")
+    if earlier is not None and earlier != key:
+        raise EvalError(
+            f"{out_dir} holds the evaluation of {earlier}, and this one evaluates {key}: evaluate into another "
+            "folder (srd eval --out), delete that one, or go back to the model it holds (in srd run, "
+            "eval.checkpoint: final and best are different models)"
+        )
     if write and earlier is None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"dtype": dtype})
+        atomic_write_json(path, {**record, "model": key})
 
 
 def evaluate(
@@ -188,11 +219,15 @@ def evaluate(
     accelerator: Any,
     progress: bool = True,
     backend: str = "loop",
+    model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on every benchmark; `seeds=None` forces greedy decoding everywhere."""
+    """Evaluate on every benchmark; `seeds=None` forces greedy decoding everywhere. `model_name`
+    (its spec): recorded in the folder, and a folder holding another model's answers is refused."""
     out_dir = Path(out_dir)
     model.to(accelerator.device)
     _check_precision(out_dir, dtype_name(next(model.parameters()).dtype), accelerator.is_main_process)
+    if model_name is not None:
+        _check_model(out_dir, model_key(model_name), accelerator.is_main_process)
     accelerator.wait_for_everyone()
     summary_path = out_dir / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
