@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         "--benchmarks",
         nargs="+",
         default=["dolly-eval", "self-inst"],
-        help="named benchmarks (dolly-eval self-inst xsum samsum iwslt17-en-de gsm8k mbpp) or data "
-        "files/sets scored with ROUGE-L (default: dolly-eval self-inst)",
+        help="named benchmarks (dolly-eval self-inst vicuna-eval s-ni unni xsum samsum iwslt17-en-de gsm8k "
+        "mbpp) or data files/sets scored with ROUGE-L (default: dolly-eval self-inst)",
     )
     ev.add_argument(
         "--seeds",

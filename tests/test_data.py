@@ -122,7 +122,8 @@ def test_named_set_missing_locally_without_hub(tmp_path, monkeypatch):
 
 
 def test_evaluation_sets_fall_back_to_minillm_hub_files(tmp_path, monkeypatch):
-    """Without a local copy, DollyEval / SelfInst come from MiniLLM's Hub repos (valid.jsonl)."""
+    """Without a local copy, the paper's five instruction-following sets come from MiniLLM's Hub
+    repos (valid.jsonl; S-NI and UnNI from the subsets with references of 11+ words)."""
     import srd.data.sources as sources
 
     calls = []
@@ -130,8 +131,17 @@ def test_evaluation_sets_fall_back_to_minillm_hub_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "load_hub", lambda dataset_id, **kw: calls.append((dataset_id, kw)) or [])
     load_examples("dolly-eval")
     load_examples("self-inst", limit=3)
-    assert [c[0] for c in calls] == ["MiniLLM/dolly", "MiniLLM/self-inst"]
-    assert all(c[1]["data_files"] == "valid.jsonl" and c[1]["split"] == "train" for c in calls)
+    for name in ("vicuna-eval", "s-ni", "unni"):
+        load_examples(name)
+    assert [c[0] for c in calls] == [
+        "MiniLLM/dolly",
+        "MiniLLM/self-inst",
+        "MiniLLM/Vicuna",
+        "MiniLLM/sinst",
+        "MiniLLM/uinst",
+    ]
+    assert [c[1]["data_files"] for c in calls] == ["valid.jsonl"] * 3 + ["11_/valid.jsonl"] * 2
+    assert all(c[1]["split"] == "train" for c in calls)
     assert calls[1][1]["limit"] == 3
 
 

@@ -66,6 +66,23 @@ NAMED_SETS: dict[str, NamedSet] = {
         description="SelfInst user-oriented instructions (242)",
         hub_data_files="valid.jsonl",
     ),
+    # the paper's other three instruction-following benchmarks (MiniLLM's evaluation files; S-NI
+    # and UnNI: the subsets whose references are at least 11 words long, MiniLLM's `11_` folders)
+    "vicuna-eval": NamedSet(
+        "vicuna/eval.jsonl", "MiniLLM/Vicuna", description="VicunaEval questions", hub_data_files="valid.jsonl"
+    ),
+    "s-ni": NamedSet(
+        "sinst/eval.jsonl",
+        "MiniLLM/sinst",
+        description="Super-NaturalInstructions test tasks, references of 11+ words",
+        hub_data_files="11_/valid.jsonl",
+    ),
+    "unni": NamedSet(
+        "uinst/eval.jsonl",
+        "MiniLLM/uinst",
+        description="Unnatural Instructions, references of 11+ words",
+        hub_data_files="11_/valid.jsonl",
+    ),
     "gsm8k": NamedSet(
         "gsm8k/train.jsonl",
         "openai/gsm8k",

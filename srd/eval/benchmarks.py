@@ -1,7 +1,8 @@
 """Benchmarks by name: data, prompt, metric and decoding (SRD-NOTES sec. 4).
 
-instruction following  dolly-eval, self-inst (and any JSONL file): ROUGE-L, sampling at
-                       temperature 1 over seeds 10..50 (or greedy), 256 new tokens
+instruction following  dolly-eval, self-inst, vicuna-eval, s-ni, unni (the paper's five) and any
+                       JSONL file: ROUGE-L, sampling at temperature 1 over seeds 10..50 (or
+                       greedy), 256 new tokens
 summarisation          xsum, samsum-test: ROUGE-L, greedy, 128 new tokens
 translation            iwslt17-en-de: corpus BLEU, greedy, 128 new tokens
 math                   gsm8k-test: final-answer accuracy, chain-of-thought prompt, greedy
@@ -32,6 +33,9 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "dolly-eval": Benchmark("dolly-eval", "dolly-eval", "rouge_l", True, 256),
     "self-inst": Benchmark("self-inst", "self-inst", "rouge_l", True, 256),
+    "vicuna-eval": Benchmark("vicuna-eval", "vicuna-eval", "rouge_l", True, 256),
+    "s-ni": Benchmark("s-ni", "s-ni", "rouge_l", True, 256),
+    "unni": Benchmark("unni", "unni", "rouge_l", True, 256),
     "xsum": Benchmark("xsum", "xsum", "rouge_l", False, 128),
     "samsum": Benchmark("samsum", "samsum-test", "rouge_l", False, 128),
     "iwslt17-en-de": Benchmark("iwslt17-en-de", "iwslt17-en-de", "bleu", False, 128),
