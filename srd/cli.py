@@ -334,7 +334,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from srd.eval.evaluate import evaluate, resolve_eval_target, summary_markdown
+    from srd.eval.evaluate import evaluate, model_key, resolve_eval_target, summary_markdown
     from srd.models import load_model, load_tokenizer
     from srd.models.load import dtype_from_name
     from srd.train.loop import make_accelerator
@@ -347,7 +347,9 @@ def _eval(args: argparse.Namespace) -> int:
     elif run_dir is not None:
         out = run_dir / "eval" / mode
     else:
-        out = Path("runs") / "eval" / f"{Path(model_spec).name or model_spec}-{mode}"
+        key = model_key(model_spec)  # a run's checkpoint: <run>-<stage>-<final|best>, not just "final"
+        name = key.replace("/stages/", "-").replace("/", "-") if "/stages/" in key else Path(model_spec).name
+        out = Path("runs") / "eval" / f"{name or model_spec}-{mode}"
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, dtype=dtype_from_name(args.dtype)).eval()
     summary = evaluate(

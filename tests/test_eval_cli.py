@@ -216,16 +216,42 @@ def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # 
     for name in ("final", "best"):
         shutil.copytree(spec, run / name)
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "final"), **kw)
-    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "stages/stage-3/final"}
-    with pytest.raises(ev.EvalError, match=r"holds the evaluation of stages/stage-3/final.*stages/stage-3/best.*--out"):
+    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "run/stages/stage-3/final"}
+    with pytest.raises(ev.EvalError, match=r"holds the evaluation of run/stages/stage-3/final.*stage-3/best.*--out"):
         ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "best"), **kw)
-    moved = tmp_path / "elsewhere"
-    shutil.move(tmp_path / "run", moved)
-    ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(moved / "stages/stage-3/final"), **kw)
+    (tmp_path / "other").mkdir()  # another run's checkpoint of the same stage is another model
+    shutil.copytree(tmp_path / "run", tmp_path / "other" / "run2")
+    with pytest.raises(ev.EvalError, match=r"evaluates run2/stages/stage-3/final"):
+        ev.evaluate(
+            load_model(spec).eval(),
+            tok,
+            [bench],
+            out,
+            model_name=str(tmp_path / "other/run2/stages/stage-3/final"),
+            **kw,
+        )
+    shutil.move(tmp_path / "run", tmp_path / "other" / "run")  # the same run, moved: resumes
+    ev.evaluate(
+        load_model(spec).eval(), tok, [bench], out, model_name=str(tmp_path / "other/run/stages/stage-3/final"), **kw
+    )
     (out / "decoding.json").unlink()  # a folder from before either record
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name="some/hub-id", **kw)
     assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "some/hub-id"}
     assert ev.model_key("some/hub-id") == "some/hub-id" and ev.model_key(spec) == "llama-student"
+
+
+def test_eval_of_a_run_checkpoint_goes_to_a_folder_named_by_its_run(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """`srd eval RUN/stages/stage-1/best` (no --out) writes runs/eval/<run>-stage-1-best-<mode>: two
+    runs' best/ folders no longer share runs/eval/best-<mode>."""
+    monkeypatch.chdir(tmp_path)
+    for run in ("a", "b"):
+        shutil.copytree(tiny_models["llama-student"], tmp_path / run / "stages" / "stage-1" / "best")
+        args = ["eval", f"{run}/stages/stage-1/best", "--benchmarks", str(srd_data["dev"]), "--greedy"]
+        assert main([*args, "--limit", "2", "--max-new-tokens", "3", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir()) == [
+        "a-stage-1-best-greedy",
+        "b-stage-1-best-greedy",
+    ]
 
 
 def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):  # noqa: F811

@@ -173,15 +173,15 @@ def _check_precision(out_dir: Path, dtype: str, write: bool) -> None:
 
 def model_key(spec: str) -> str:
     """What names an evaluated model in its evaluation folder: a checkpoint inside a run by its
-    path from `stages/` on (stages/stage-3/final, stages/stage-3/best), another local folder by
-    its name, anything else (Hub id, bundled alias) as given; so a run directory moved elsewhere
-    still matches its own evaluations."""
+    path from the run directory on (quickstart/stages/stage-3/final, .../stage-3/best), another
+    local folder by its name, anything else (Hub id, bundled alias) as given; so a run directory
+    moved to another parent folder still matches its own evaluations."""
     path = Path(spec)
     if not path.exists():
         return spec
     parts = path.resolve().parts
-    if "stages" in parts:
-        return "/".join(parts[len(parts) - 1 - parts[::-1].index("stages") :])
+    if "stages" in parts[1:]:
+        return "/".join(parts[len(parts) - 2 - parts[::-1].index("stages") :])
     return path.resolve().name
 
 
