@@ -83,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
         "math and code are greedy. Writes per-example JSONL and summary.json/summary.md to --out (default: "
         "RUN/eval/<sampled|greedy>/ for a run directory). Finished benchmarks are reused when rerun.",
     )
-    ev.add_argument("target", help="run directory (its final model), model folder, .gguf, Hub id or bundled alias")
+    ev.add_argument(
+        "target",
+        help="run directory (the model its run evaluates: final, or best with eval.checkpoint=best), model folder, "
+        ".gguf, Hub id or bundled alias",
+    )
     ev.add_argument(
         "--benchmarks",
         nargs="+",

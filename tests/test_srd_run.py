@@ -275,6 +275,9 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
         assert dev["n"] == 3 and dev["max_new_tokens"] == 4 and dev["sampling"] is False  # as decoded
         eval_seconds[name] = sum(dev["wall_time_s"].values())
     models = json.loads((run / "experiment.json").read_text())["models"]
+    from srd.eval.evaluate import resolve_eval_target
+
+    assert resolve_eval_target(str(run)) == (str(run / "stages" / "stage-3" / "final"), run)  # eval.checkpoint=final
     assert models["teacher"] == str(tiny_models["llama-teacher"]) and models["initial"] == str(
         tiny_models["llama-student"]
     )
@@ -332,6 +335,10 @@ def test_eval_checkpoint_best_evaluates_the_best_dev_rouge_checkpoints(tmp_path,
         assert best["dev_rougeL"] == max(v for v, _ in scores)
         assert best["stage"] == [name for v, name in scores if v == best["dev_rougeL"]][-1]  # a tie: the later stage
     assert "best dev ROUGE-L checkpoint" in (run / "comparison.md").read_text()
+    from srd.eval.evaluate import resolve_eval_target
+
+    # srd eval RUN evaluates what the run evaluated: here its best checkpoint
+    assert resolve_eval_target(str(run)) == (str(run / "stages" / srd_res["best_checkpoint"]["stage"] / "best"), run)
     capsys.readouterr()
     assert main(_args("run", tiny_models, srd_data, tmp_path, *extra[:-3], "eval.checkpoint=final", *extra[-2:])) == 2
     err = capsys.readouterr().err

@@ -32,15 +32,28 @@ PAPER_SEEDS = (10, 20, 30, 40, 50)
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
-    """(model spec, run directory or None). A run directory evaluates its final model."""
+    """(model spec, run directory or None). A run directory evaluates the model its run
+    evaluates: the last stage's final weights, or with eval.checkpoint=best in its config.yaml
+    the checkpoint with the best dev ROUGE-L (results.json's best_checkpoint)."""
     path = Path(target)
     if (path / "results.json").exists():
         # relative to the run directory, so it works from any working directory
-        last_stage = json.loads((path / "results.json").read_text())["stages"][-1]["stage"]
-        return str(path / "stages" / last_stage / "final"), path
+        results = json.loads((path / "results.json").read_text())
+        best = results.get("best_checkpoint")
+        if best and _run_checkpoint_setting(path) == "best":
+            return str(path / "stages" / best["stage"] / "best"), path
+        return str(path / "stages" / results["stages"][-1]["stage"] / "final"), path
     if (path / "done.json").exists() and (path / "final").exists():
         return str(path / "final"), path
     return target, None
+
+
+def _run_checkpoint_setting(run_dir: Path) -> str:
+    import yaml
+
+    config = run_dir / "config.yaml"
+    data = yaml.safe_load(config.read_text()) if config.exists() else None
+    return str(((data or {}).get("eval") or {}).get("checkpoint", "final"))
 
 
 def partial_path(rows_path: Path, rank: int) -> Path:
