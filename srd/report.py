@@ -244,10 +244,14 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
 
     if not (run / "experiment.json").exists():
         return [], []
-    timing = _read_json(run / "experiment.json")["timing"]
+    experiment = _read_json(run / "experiment.json")
+    timing = experiment["timing"]
     md = ["## Comparison", ""]
     if (run / "comparison.md").exists():
         md += [(run / "comparison.md").read_text(), ""]
+    models = experiment.get("models") or {}
+    if models:
+        md += ["Models evaluated: " + "; ".join(f"{k} `{v}`" for k, v in models.items()) + ".", ""]
     names = []
     phases = [("reflection", timing.get("reflection_s", 0.0)), ("SRD training", timing.get("train_s", 0.0))]
     if timing.get("teacher_cache_s"):
@@ -354,6 +358,13 @@ def write_report(run: Path) -> Path:
                 f"{s['wall_time_s']:.0f} | {'-' if dev is None else f'{dev:.2f}'} |"
             )
         md.append("")
+        best = res.get("best_checkpoint")
+        if best:
+            md += [
+                f"Best dev ROUGE-L: {best['dev_rougeL']:.2f}, {best['stage']} at step {best['step']} "
+                f"(`stages/{best['stage']}/best`; what `eval.checkpoint=best` evaluates).",
+                "",
+            ]
     if (run / "reflection" / "summary.json").exists():
         rs = _read_json(run / "reflection" / "summary.json")
         md += [

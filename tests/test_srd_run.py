@@ -335,6 +335,10 @@ def test_eval_checkpoint_best_evaluates_the_best_dev_rouge_checkpoints(tmp_path,
         assert best["dev_rougeL"] == max(v for v, _ in scores)
         assert best["stage"] == [name for v, name in scores if v == best["dev_rougeL"]][-1]  # a tie: the later stage
     assert "best dev ROUGE-L checkpoint" in (run / "comparison.md").read_text()
+    report = (run / "report.md").read_text()
+    best = srd_res["best_checkpoint"]
+    assert f"Best dev ROUGE-L: {best['dev_rougeL']:.2f}, {best['stage']} at step {best['step']}" in report
+    assert f"final `{best['model']}`" in report and f"baseline `{base_res['best_model']}`" in report
     from srd.eval.evaluate import resolve_eval_target
 
     # srd eval RUN evaluates what the run evaluated: here its best checkpoint
