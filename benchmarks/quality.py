@@ -237,7 +237,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         rows.append(("teacher", teacher))
     if initial:
         rows.append(("student before KD", initial))
-    pvals, times, diffs, steps = [], [], [], []
+    pvals, times, diffs, steps, evaluated = [], [], [], [], []
     for name, div, seed, variant in runs:
         run = out / name
         base = out / name.removesuffix(f"-{variant}") if variant else run  # where the KD baseline is
@@ -259,6 +259,11 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             cells.append(f"{srd[b]['mean'] - kd[b]['mean']:+.2f} (p = {p:.3g}, n = {n})")
             diffs.append(srd[b]["mean"] - kd[b]["mean"])
         pvals.append(f"| {run_label} | " + " | ".join(cells) + " |")
+        models = {
+            "baseline": json.loads((base / "experiment.json").read_text())["models"].get("baseline"),
+            "final": json.loads((run / "experiment.json").read_text())["models"].get("final"),
+        }
+        evaluated.append(f"| {run_label} | `{models['baseline']}` | `{models['final']}` |")
         t = {**json.loads((base / "experiment.json").read_text())["timing"]}
         t.update(
             {k: v for k, v in json.loads((run / "experiment.json").read_text())["timing"].items() if v is not None}
@@ -318,6 +323,8 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             *times,
             "",
         ]
+    if evaluated:  # final weights, or with eval.checkpoint=best each method's best dev ROUGE-L checkpoint
+        lines += ["Models evaluated:", "", "| run | KD | KD+SRD |", "|---|---|---|", *evaluated, ""]
     if steps:
         lines += [
             "Training time from the median step (robust to a machine shared with other work for part of a run):",

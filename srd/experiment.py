@@ -14,6 +14,7 @@ Every step is resumable: finished stages, runs and (benchmark, seed) files are r
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,13 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the method, then (when configured) the baseline, evaluation and report."""
     from srd.train.loop import make_accelerator
 
+    if cfg.eval.checkpoint == "best" and cfg.compare.baseline and not cfg.train.eval_every and cfg.eval.benchmarks:
+        print(
+            "warning: eval.checkpoint=best with train.eval_every=0 evaluates only at each stage's end: the KD "
+            "baseline (one stage) then has 2 candidate checkpoints and SRD one per stage plus one, which biases "
+            "the comparison; set train.eval_every to evaluate both on the same schedule",
+            file=sys.stderr,
+        )
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
         return results

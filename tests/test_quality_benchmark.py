@@ -60,6 +60,7 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     assert not (tmp_path / "runs" / "cpu-fkl-s2" / "references").exists()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-fkl-s1", "cpu-fkl-s2"]
     assert "SRD total / KD" in text and "Run `" not in text  # every run finished
+    assert "cpu-fkl-s2/baseline/stages/baseline/final` | `" in text and "cpu-fkl-s2/stages/stage-3/final` |" in text
     # the runs used the preset's settings where not overridden
     cfg = (tmp_path / "runs" / "cpu-fkl-s1" / "config.yaml").read_text()
     assert "epochs_per_stage: 1.0" in cfg and "divergence: fkl" in cfg
