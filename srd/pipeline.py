@@ -241,4 +241,7 @@ def _print_results(run_dir: Path, results: dict[str, Any], acc: Any) -> None:
     last = (results["stages"][-1].get("last_eval") or {}) if results["stages"] else {}
     if "dev_rougeL" in first and "dev_rougeL" in last:
         acc.print(f"dev ROUGE-L: {first['dev_rougeL']:.2f} before training -> {last['dev_rougeL']:.2f} after")
+    best = results.get("best_checkpoint")
+    if best:
+        acc.print(f"best dev ROUGE-L: {best['dev_rougeL']:.2f} ({best['stage']}, step {best['step']}): {best['model']}")
     acc.print(f"final model: {results['final_model']}; results: {run_dir / 'results.json'}")

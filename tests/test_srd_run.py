@@ -335,7 +335,12 @@ def test_eval_checkpoint_best_evaluates_the_best_dev_rouge_checkpoints(tmp_path,
         assert best["dev_rougeL"] == max(v for v, _ in scores)
         assert best["stage"] == [name for v, name in scores if v == best["dev_rougeL"]][-1]  # a tie: the later stage
     assert "best dev ROUGE-L checkpoint" in (run / "comparison.md").read_text()
-    assert "warning: eval.checkpoint=best with train.eval_every=0" in capsys.readouterr().err  # stage ends only
+    out, err = capsys.readouterr()
+    assert "warning: eval.checkpoint=best with train.eval_every=0" in err  # stage ends only
+    assert (
+        f"best dev ROUGE-L: {srd_res['best_checkpoint']['dev_rougeL']:.2f} ({srd_res['best_checkpoint']['stage']}"
+        in out
+    )
     report = (run / "report.md").read_text()
     best = srd_res["best_checkpoint"]
     assert f"Best dev ROUGE-L: {best['dev_rougeL']:.2f}, {best['stage']} at step {best['step']}" in report
