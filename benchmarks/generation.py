@@ -307,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped (SIGTERM); not run: {', '.join(stopped)}", file=sys.stderr)
 
     has_ref = "hf" in args.backends  # no `hf` row: no speed-up column
-    ref = "hf"
-    if len(dtypes) > 1 and "hf" in args.backends:
-        ref = f"hf {dtypes[0]}"
+    ref = "hf" if len(dtypes) == 1 else f"hf {dtypes[0]}"
     lines = header(f"Generation benchmark, preset `{args.preset}`") + [
         f"Weights in {' and '.join(dtypes)}. Model `{cfg['model']}`; {len(prompts)} prompts from `{cfg['data']}` "
         "(Alpaca template); "

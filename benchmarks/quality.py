@@ -259,18 +259,16 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             cells.append(f"{srd[b]['mean'] - kd[b]['mean']:+.2f} (p = {p:.3g}, n = {n})")
             diffs.append(srd[b]["mean"] - kd[b]["mean"])
         pvals.append(f"| {run_label} | " + " | ".join(cells) + " |")
-        models = {
-            "baseline": json.loads((base / "experiment.json").read_text())["models"].get("baseline"),
-            "final": json.loads((run / "experiment.json").read_text())["models"].get("final"),
-        }
-        evaluated.append(f"| {run_label} | `{models['baseline']}` | `{models['final']}` |")
-        t = {**json.loads((base / "experiment.json").read_text())["timing"]}
-        t.update(
-            {k: v for k, v in json.loads((run / "experiment.json").read_text())["timing"].items() if v is not None}
+        base_exp = json.loads((base / "experiment.json").read_text())
+        run_exp = json.loads((run / "experiment.json").read_text())
+        evaluated.append(
+            f"| {run_label} | `{base_exp['models'].get('baseline')}` | `{run_exp['models'].get('final')}` |"
         )
+        t = {**base_exp["timing"]}
+        t.update({k: v for k, v in run_exp["timing"].items() if v is not None})
         t.setdefault("teacher_cache_s", 0.0)
         if variant:  # the reflection rows were the base run's: count its generation time
-            t["reflection_s"] = json.loads((base / "experiment.json").read_text())["timing"]["reflection_s"]
+            t["reflection_s"] = base_exp["timing"]["reflection_s"]
             t["srd_time_fraction"] = (t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]) / t["baseline_train_s"]
         srd_steps = step_seconds(sorted((run / "stages").glob("stage-*")))
         kd_steps = step_seconds([base / "baseline" / "stages" / "baseline"])

@@ -628,7 +628,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--dtypes bf16: this machine has no native bf16 matmuls (no bf16 GPU, no AVX512-BF16/AMX CPU)")
     results, skipped, failed = [], [], []
     rounds: dict[str, list[dict]] = {}  # label -> that implementation's result in every round
-    multi = args.rounds > 1
     against = Path(args.against).resolve() if args.against else None
     if "trl" in args.impls and importlib.util.find_spec("trl") is None:
         print("trl: skipped (not installed; `pip install trl==1.16.0` adds TRL's GKDTrainer)")
@@ -653,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = [impl + f" @ {d}" * (len(dtypes) > 1) for _, (d, impl, _) in todo[done:]]
             print(f"stopped (SIGTERM); not run: {', '.join(rest)}", file=sys.stderr)
             failed.append(f"stopped by SIGTERM (a time limit) before: {', '.join(rest)}")
-    _aggregate(cfg, multi, rounds, results)
+    _aggregate(cfg, args.rounds > 1, rounds, results)
     return _record(args, cfg, dtypes, against, results, skipped, failed)
 
 

@@ -164,26 +164,6 @@ class EvalError(ValueError):
     """An evaluation folder that cannot be resumed as asked; the message says how to go on."""
 
 
-def _check_precision(out_dir: Path, dtype: str, write: bool) -> None:
-    """An evaluation folder's answers all come from one weights' precision: resuming answers
-    decoded in float32 with bf16 (or back) would mix two models' outputs in one score.
-    Folders from before eval.dtype existed hold float32 answers."""
-    path = out_dir / "decoding.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    earlier = record.get("dtype")
-    if earlier is None and out_dir.is_dir() and any(p.name != "decoding.json" for p in out_dir.iterdir()):
-        earlier = "float32"
-    if earlier is not None and earlier != dtype:
-        raise EvalError(
-            f"{out_dir} holds answers decoded with {earlier} weights, and this evaluation decodes with {dtype}: "
-            f"resume it with eval.dtype={earlier} (srd eval --dtype {earlier}), or evaluate into another "
-            "folder (srd eval --out) or delete that one"
-        )
-    if write and record.get("dtype") is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {**record, "dtype": earlier or dtype})
-
-
 def model_key(spec: str) -> str:
     """What names an evaluated model in its evaluation folder: a checkpoint inside a run by its
     path from the run directory on (quickstart/stages/stage-3/final, .../stage-3/best), another
@@ -198,21 +178,34 @@ def model_key(spec: str) -> str:
     return path.resolve().name
 
 
-def _check_model(out_dir: Path, key: str, write: bool) -> None:
-    """An evaluation folder holds one model's answers: evaluating another model into it (a run's
-    best/ after its final/, with eval.checkpoint) must not reuse or mix in the first one's."""
+def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool) -> None:
+    """An evaluation folder's answers all come from one model (`key`, see model_key; None: not
+    checked) with its weights in one precision, both recorded in decoding.json: resuming answers
+    decoded in float32 with bf16 (or back), or a run's best/ after its final/ (eval.checkpoint),
+    would mix two models' outputs in one score or reuse the other one's. Folders from before
+    eval.dtype existed hold float32 answers; from before the model was recorded, they are taken to
+    hold the model that resumes them."""
     path = out_dir / "decoding.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    earlier = record.get("model")
-    if earlier is not None and earlier != key:
+    earlier = record.get("dtype")
+    if earlier is None and out_dir.is_dir() and any(p.name != "decoding.json" for p in out_dir.iterdir()):
+        earlier = "float32"
+    if earlier is not None and earlier != dtype:
         raise EvalError(
-            f"{out_dir} holds the evaluation of {earlier}, and this one evaluates {key}: evaluate into another "
-            "folder (srd eval --out), delete that one, or go back to the model it holds (in srd run, "
+            f"{out_dir} holds answers decoded with {earlier} weights, and this evaluation decodes with {dtype}: "
+            f"resume it with eval.dtype={earlier} (srd eval --dtype {earlier}), or evaluate into another "
+            "folder (srd eval --out) or delete that one"
+        )
+    if key is not None and record.get("model", key) != key:
+        raise EvalError(
+            f"{out_dir} holds the evaluation of {record['model']}, and this one evaluates {key}: evaluate into "
+            "another folder (srd eval --out), delete that one, or go back to the model it holds (in srd run, "
             "eval.checkpoint: final and best are different models)"
         )
-    if write and earlier is None:
+    complete = {"dtype": earlier or dtype, **({} if key is None else {"model": key}), **record}
+    if write and complete != record:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {**record, "model": key})
+        atomic_write_json(path, complete)
 
 
 def evaluate(
@@ -238,9 +231,8 @@ def evaluate(
     (its spec): recorded in the folder, and a folder holding another model's answers is refused."""
     out_dir = Path(out_dir)
     model.to(accelerator.device)
-    _check_precision(out_dir, dtype_name(next(model.parameters()).dtype), accelerator.is_main_process)
-    if model_name is not None:
-        _check_model(out_dir, model_key(model_name), accelerator.is_main_process)
+    key = None if model_name is None else model_key(model_name)
+    _check_folder(out_dir, dtype_name(next(model.parameters()).dtype), key, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     summary_path = out_dir / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
