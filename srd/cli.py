@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Generate answers on each benchmark and score them. Instruction-following sets sample at "
         "temperature 1 over --seeds (the paper: 10 20 30 40 50) unless --greedy; summarisation, translation, "
         "math and code are greedy. Writes per-example JSONL and summary.json/summary.md to --out (default: "
-        "RUN/eval/<sampled|greedy>/ for a run directory). Finished benchmarks are reused when rerun.",
+        "RUN/eval/<sampled|greedy>/ for a run directory, runs/eval/<run>-<stage>-<final|best>-<mode>/ for one of "
+        "its checkpoints, runs/eval/<model>-<mode>/ otherwise). Finished benchmarks are reused when rerun; a "
+        "folder holding another model's answers is refused.",
     )
     ev.add_argument(
         "target",
