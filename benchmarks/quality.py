@@ -147,6 +147,72 @@ PRESETS["gsm8k"] = {
 }
 RANDOM_INIT = {"model.teacher": "random:gpt2-xl", "model.student": "random:gpt2"}
 
+# The paper's regime on a CPU (SRD-NOTES sec. 3-4 in the docs): 20 KD epochs against 8 per SRD
+# stage, checkpoints chosen by dev ROUGE-L on 200 dev rows evaluated every 100 optimizer steps in
+# every run (the same schedule for every method), greedy and sampled evaluation, and one row per
+# ablation, each against the same KD baseline
+PAPER_CPU_ROWS = 200
+PRESETS["paper-cpu"] = {
+    "seeds": [42],
+    "divergences": ["fkl"],
+    "overrides": {
+        "model.teacher": "smollm2-135m-instruct",
+        "model.student": HEALED_STUDENT,
+        "data.train": "dolly",
+        "data.train_limit": PAPER_CPU_ROWS,
+        "data.dev": "dolly-dev",
+        "data.dev_limit": 200,
+        "data.max_prompt_len": 256,
+        "data.max_len": 384,
+        "loss.alpha": 0.2,  # the baseline's CE weight: the mean of SRD's 0.3 -> 0.1
+        "loss.teacher_top_k": 64,  # the teacher's forward paid once per example, not 20 times
+        "curriculum.epochs_per_stage": 8,  # the baseline: 20 epochs (compare.step_ratio 0.6)
+        "compare.baseline": True,
+        "train.batch_size": 4,
+        "train.grad_accum": 2,
+        "train.lr": 1e-4,
+        # pinned, not auto: a run resumed on a machine without native bf16 continues in bf16
+        # (slower there) instead of being refused for a precision change
+        "train.precision": "bf16",
+        "train.eval_every": 100,
+        "train.save_every": 50,
+        "train.keep_last": 0,
+        "generation.max_new_tokens": 128,
+        "generation.batch_size": 16,
+        "dev_eval.num_examples": 200,
+        "dev_eval.max_new_tokens": 128,
+        "eval.checkpoint": "best",
+        "eval.benchmarks": ["dolly-eval", "self-inst"],
+        "eval.greedy": True,
+        "eval.max_new_tokens": 128,
+        "eval.batch_size": 32,
+        "eval.dtype": "bfloat16",
+    },
+    # each ablation row trains once more against the base run's KD baseline; all but the
+    # traditional curriculum reuse the base run's reflection answers (copied, not regenerated)
+    "variants": {
+        "": {},
+        "lambda1": {"reflect.keep_ratio": 1.0},
+        "random": {"curriculum.order": "random"},
+        "tau1": {"curriculum.tau_schedule": "fixed"},
+        "lambda09": {"reflect.keep_ratio": 0.9},
+        "tcl": {"method": "traditional"},
+        "rereflect": {"curriculum.re_reflect": True},
+    },
+    "labels": {
+        "": "paper settings",
+        "lambda1": "no selection (lambda = 1)",
+        "random": "no curriculum (random order, same stages)",
+        "tau1": "tau fixed at 1",
+        "lambda09": "lambda = 0.9",
+        "tcl": "traditional curriculum (length + entropy, no filtering)",
+        "rereflect": "re-reflection before each stage",
+    },
+    "own_reflection": ["tcl"],
+    "sampled_seeds": [10, 20],  # every trained model is also evaluated sampled at T = 1
+    "references_last": True,  # the teacher and the student before KD after every trained model
+}
+
 
 def run_names(
     preset: str, divergences: list[str], seeds: list[int], variants: list[str] | None = None
@@ -203,6 +269,110 @@ def share_reflection(base: Path, run: Path) -> None:
     tmp.rename(dst)
 
 
+def eval_steps(total: int, every: int, at_start: bool) -> list[int]:
+    """Optimizer steps at which a stage of `total` steps evaluates on dev (the loop's rule:
+    every `every` steps and at its end; step 0 too for a run's first stage)."""
+    points = ([0] if at_start else []) + [s for s in range(1, total + 1) if (every and s % every == 0) or s == total]
+    return points
+
+
+def plan(overrides: list[str]) -> dict[str, Any]:
+    """What one `srd run` of these overrides will train, before it runs: per stage the examples,
+    optimizer steps and dev-evaluation steps, and the same for its KD baseline (all of it from
+    pure functions: stage sizes from the kept count, steps from the loop's batch plan)."""
+    from srd.config import load_config
+    from srd.curriculum import sample_passes
+    from srd.reflect.fusion import n_kept, partition_sizes
+    from srd.train.loop import StagePlan
+
+    cfg = load_config(None, overrides)
+    n, t, c = cfg.data.train_limit, cfg.train, cfg.curriculum
+    if n is None:
+        raise ValueError("plan needs data.train_limit (the number of training rows)")
+
+    def steps(examples: int, epochs: float) -> int:
+        return StagePlan.make(
+            [0] * examples,
+            batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            world=1,
+            seed=0,
+            epochs=epochs,
+            max_steps=None,
+        ).total_steps
+
+    keep = 1.0 if cfg.method == "traditional" else cfg.reflect.keep_ratio
+    sizes = partition_sizes(n_kept(n, keep), c.num_stages)
+    cumulative = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    stages = []
+    for i, size in enumerate(cumulative):
+        total = steps(size, c.epochs_per_stage)
+        stages.append({"examples": size, "steps": total, "evals": eval_steps(total, t.eval_every, i == 0)})
+    out: dict[str, Any] = {"stages": stages, "sample_passes": sample_passes(cumulative, c.epochs_per_stage)}
+    if cfg.compare.baseline:
+        epochs = cfg.compare.baseline_epochs or round(out["sample_passes"] / (n * cfg.compare.step_ratio), 4)
+        total = steps(n, epochs)
+        out["baseline"] = {
+            "examples": n,
+            "epochs": epochs,
+            "steps": total,
+            "evals": eval_steps(total, t.eval_every, True),
+        }
+    return out
+
+
+def plan_table(commands: list[tuple[str, list[str]]]) -> list[str]:
+    """Markdown: every run's stages (examples / optimizer steps / dev evaluations) and its baseline."""
+    lines = [
+        "| run | stages: examples x steps (dev evaluations) | steps | sample passes | dev every |",
+        "|---|---|---|---|---|",
+    ]
+    for name, o in commands:
+        pl = plan(o)
+        every = ([x.split("=", 1)[1] for x in o if x.startswith("train.eval_every=")] or ["0"])[-1]
+        stages = ", ".join(f"{s['examples']} x {s['steps']} ({len(s['evals'])})" for s in pl["stages"])
+        total = sum(s["steps"] for s in pl["stages"])
+        lines.append(f"| {name} | {stages} | {total} | {pl['sample_passes']:g} | {every} |")
+        if "baseline" in pl:
+            b = pl["baseline"]
+            lines.append(
+                f"| {name}/baseline (KD, {b['epochs']:g} epochs) | "
+                f"{b['examples']} x {b['steps']} ({len(b['evals'])}) | {b['steps']} | "
+                f"{b['examples'] * b['epochs']:g} | {every} |"
+            )
+    return lines
+
+
+def _quality_eval_path(run: Path) -> Path:
+    return run / "quality-eval.json"
+
+
+def _add_eval_time(run: Path, key: str, model: str, seconds: float) -> None:
+    from srd.utils import atomic_write_json
+
+    path = _quality_eval_path(run)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault(key, {})[model] = round(seconds, 3)
+    atomic_write_json(path, data)
+
+
+def evaluate_models(overrides: list[str], models: dict[str, str], seeds: list[int] | None, progress: bool) -> None:
+    """Evaluate a run's models (name -> model path) greedy (seeds None) or sampled at T = 1 with
+    `seeds`, into the folders `srd run` uses (eval/greedy, eval/sampled); resumable per
+    (benchmark, seed). The seconds go to <run>/quality-eval.json."""
+    from srd.config import load_config
+    from srd.experiment import _evaluate_model, eval_dirs
+    from srd.train.loop import make_accelerator
+
+    mode = ["eval.greedy=true"] if seeds is None else ["eval.greedy=false", f"eval.seeds={json.dumps(seeds)}"]
+    cfg = load_config(None, overrides + mode)
+    acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
+    for name, spec in models.items():
+        print(f"evaluating {name} ({'greedy' if seeds is None else f'sampled, seeds {seeds}'}): {spec}", flush=True)
+        seconds = _evaluate_model(cfg, spec, eval_dirs(cfg)[name], acc, progress)
+        _add_eval_time(cfg.run_dir, "greedy_eval_s" if seeds is None else "sampled_eval_s", name, seconds)
+
+
 def step_seconds(stage_dirs: list[Path]) -> list[float]:
     """Seconds of every optimizer step of these stages, from their train.jsonl (elapsed_s)."""
     out = []
@@ -218,58 +388,116 @@ def step_seconds(stage_dirs: list[Path]) -> list[float]:
     return out
 
 
+def _modes(preset: dict[str, Any]) -> list[str]:
+    """The decodings a preset evaluates: its eval.greedy mode, plus sampled when sampled_seeds."""
+    first = "greedy" if preset["overrides"].get("eval.greedy") else "sampled"
+    return [first] + (["sampled"] if preset.get("sampled_seeds") and first == "greedy" else [])
+
+
+def dev_curve(run: Path) -> str:
+    """`stage-1: 0 12.3, 50 14.1 | stage-2: ...`: dev ROUGE-L at every evaluation of every stage."""
+    parts = []
+    for d in sorted(p for p in (run / "stages").glob("*") if p.is_dir()) if (run / "stages").exists() else []:
+        log = d / "logs" / "eval.jsonl"
+        rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        points = [f"{r['step']} {r['dev_rougeL']:.2f}" for r in rows if "dev_rougeL" in r]
+        if points:
+            parts.append(f"{d.name}: " + ", ".join(points))
+    return " / ".join(parts) or "-"
+
+
+def _chosen(run: Path, model: str | None) -> str:
+    res_path = run / "results.json"
+    best = json.loads(res_path.read_text()).get("best_checkpoint") if res_path.exists() else None
+    if best and model == best["model"]:
+        return f"{best['stage']} step {best['step']} (dev {best['dev_rougeL']:.2f})"
+    return "final weights"
+
+
+def _timing(base: Path, run: Path, variant: str, preset: dict[str, Any]) -> dict[str, Any]:
+    """One run's wall times, the KD baseline's from its base run; evaluation from experiment.json
+    plus quality.py's own evaluations (sampled, references)."""
+    base_exp = json.loads((base / "experiment.json").read_text())
+    run_exp = json.loads((run / "experiment.json").read_text())
+    t = {**base_exp["timing"]}
+    t.update({k: v for k, v in run_exp["timing"].items() if v is not None})
+    t.setdefault("teacher_cache_s", 0.0)
+    if variant and variant not in preset.get("own_reflection", []):
+        # the answers were the base run's: count its generation time, plus the variant's own
+        # (the fusion over the copied rows; curriculum.re_reflect's later reflections)
+        t["reflection_s"] = base_exp["timing"]["reflection_s"] + t["reflection_s"]
+    t["srd_sample_passes"] = json.loads((run / "results.json").read_text())["sample_passes"]
+    t["srd_total_s"] = t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]
+    # the KD baseline builds its own teacher cache when the preset uses one
+    t["kd_total_s"] = t["baseline_train_s"] + t.get("baseline_teacher_cache_s", 0.0)
+    t["srd_time_fraction"] = t["srd_total_s"] / t["kd_total_s"]
+    t["eval_s"] = {"KD": _eval_seconds(base, "baseline"), "KD+SRD": _eval_seconds(run, "final")}
+    return t
+
+
+def _eval_seconds(run: Path, model: str) -> float:
+    """Generation seconds of one evaluated model: srd run's evaluation plus quality.py's own."""
+    exp = json.loads((run / "experiment.json").read_text())["timing"]["eval_s"]
+    path = _quality_eval_path(run)
+    extra = json.loads(path.read_text()) if path.exists() else {}
+    return exp.get(model, 0.0) + sum(times.get(model, 0.0) for times in extra.values())
+
+
 def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out: Path, wall: float | None) -> str:
-    """The markdown record of every finished run: scores, p-values, times."""
+    """The markdown record of every finished run: scores, differences against KD (mean, 95%
+    bootstrap interval, Wilcoxon p), wall times, the evaluated checkpoints, dev curves."""
     from srd.eval.evaluate import load_example_scores
-    from srd.report import wilcoxon_p
+    from srd.report import difference_cell, paired_difference
 
     preset = PRESETS[args.preset]
-    mode = "greedy" if preset["overrides"].get("eval.greedy") else "sampled"
+    modes = _modes(preset)
     lines = header(f"Quality benchmark, preset `{args.preset}`{' (random-init shapes)' if args.random_init else ''}")
     first = out / runs[0][0]
     cfg_path = first / "config.yaml"
     if cfg_path.exists():
         lines += ["Resolved config of the first run:", "", "```yaml", cfg_path.read_text().rstrip(), "```", ""]
-    benches: list[str] = []
-    rows: list[tuple[str, dict[str, Any]]] = []
-    teacher, initial = _scores(first / "references" / "teacher", mode), _scores(first / "references" / "initial", mode)
-    if teacher:
-        rows.append(("teacher", teacher))
-    if initial:
-        rows.append(("student before KD", initial))
-    pvals, times, diffs, steps, evaluated = [], [], [], [], []
+    rows: dict[str, list[tuple[str, dict[str, Any]]]] = {m: [] for m in modes}
+    for m in modes:
+        for ref, label in (("teacher", "teacher"), ("initial", "student before KD")):
+            scores = _scores(first / "references" / ref, m)
+            if scores:
+                rows[m].append((label, scores))
+    diffs: dict[str, list[str]] = {m: [] for m in modes}
+    times, steps, evaluated, curves, unfinished = [], [], [], [], []
     for name, div, seed, variant in runs:
         run = out / name
         base = out / name.removesuffix(f"-{variant}") if variant else run  # where the KD baseline is
-        kd, srd = _scores(base / "baseline", mode), _scores(run, mode)
-        if not (kd and srd):
-            lines.append(f"Run `{name}` is not finished (rerun the command to resume it).")
+        if not (_scores(base / "baseline", modes[0]) and _scores(run, modes[0])):
+            unfinished.append(f"Run `{name}` is not finished (rerun the command to resume it).")
             continue
-        if not variant:
-            rows.append((f"KD ({div}, seed {seed})", kd))
         what = preset.get("labels", {}).get(variant)
-        label = f"KD+SRD ({div}, seed {seed}" + (f", {what})" if what and any(r[3] for r in runs) else ")")
-        rows.append((label, srd))
-        run_label = label.removeprefix("KD+SRD (").rstrip(")")
-        cells = []
-        for b in srd:
-            a = load_example_scores(base / "baseline" / "eval" / mode, b)
-            c = load_example_scores(run / "eval" / mode, b)
-            p, n = wilcoxon_p(a, c)
-            cells.append(f"{srd[b]['mean'] - kd[b]['mean']:+.2f} (p = {p:.3g}, n = {n})")
-            diffs.append(srd[b]["mean"] - kd[b]["mean"])
-        pvals.append(f"| {run_label} | " + " | ".join(cells) + " |")
+        run_label = f"{div}, seed {seed}" + (f", {what}" if what and any(r[3] for r in runs) else "")
+        label = f"KD+SRD ({run_label})"
+        for m in modes:
+            kd, srd = _scores(base / "baseline", m), _scores(run, m)
+            if not (kd and srd):
+                continue
+            if not variant:
+                rows[m].append((f"KD ({div}, seed {seed})", kd))
+            rows[m].append((label, srd))
+            cells = []
+            for b in srd:
+                a = load_example_scores(base / "baseline" / "eval" / m, b)
+                c = load_example_scores(run / "eval" / m, b)
+                d = paired_difference(a, c)
+                cells.append(f"{difference_cell(d)} (n = {d['n']})")
+            diffs[m].append(f"| {run_label} | " + " | ".join(cells) + " |")
         base_exp = json.loads((base / "experiment.json").read_text())
         run_exp = json.loads((run / "experiment.json").read_text())
+        kd_model, srd_model = base_exp["models"].get("baseline"), run_exp["models"].get("final")
         evaluated.append(
-            f"| {run_label} | `{base_exp['models'].get('baseline')}` | `{run_exp['models'].get('final')}` |"
+            f"| {run_label} | `{kd_model}` | `{srd_model}` | {_chosen(base / 'baseline', kd_model)} | "
+            f"{_chosen(run, srd_model)} |"
         )
-        t = {**base_exp["timing"]}
-        t.update({k: v for k, v in run_exp["timing"].items() if v is not None})
-        t.setdefault("teacher_cache_s", 0.0)
-        if variant:  # the reflection rows were the base run's: count its generation time
-            t["reflection_s"] = base_exp["timing"]["reflection_s"]
-            t["srd_time_fraction"] = (t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]) / t["baseline_train_s"]
+        if not variant:
+            curves.append(f"| KD ({div}, seed {seed}) | {dev_curve(base / 'baseline')} |")
+        curves.append(f"| {run_label} | {dev_curve(run)} |")
+        t = _timing(base, run, variant, preset)
         srd_steps = step_seconds(sorted((run / "stages").glob("stage-*")))
         kd_steps = step_seconds([base / "baseline" / "stages" / "baseline"])
         if srd_steps and kd_steps:
@@ -279,50 +507,56 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
                 f"{len(kd_steps)} x {m_kd:.2f} = {len(kd_steps) * m_kd:.0f} | "
                 f"{100 * len(srd_steps) * m_srd / (len(kd_steps) * m_kd):.0f}% |"
             )
-        srd_total = t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]
         times.append(
             f"| {run_label} | {t['reflection_s']:.0f} | {t['teacher_cache_s']:.0f} | {t['train_s']:.0f} | "
-            f"{srd_total:.0f} | {t['baseline_train_s']:.0f} | "
-            f"{100 * t['srd_time_fraction']:.0f}% | {t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
+            f"{t['srd_total_s']:.0f} | {t.get('baseline_teacher_cache_s', 0.0):.0f} | {t['baseline_train_s']:.0f} | "
+            f"{t['kd_total_s']:.0f} | {100 * t['srd_time_fraction']:.0f}% | "
+            f"{t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
             + ", ".join(f"{m} {s:.0f}" for m, s in t["eval_s"].items())
             + " |"
         )
-    for _, s in rows:
-        benches += [b for b in s if b not in benches]
-    if rows:
+    lines += unfinished + ([""] if unfinished else [])
+    for m in modes:
+        lines += _score_table(m, rows[m], preset)
+        if diffs[m]:
+            benches = list(dict.fromkeys(b for _, s in rows[m] for b in s))
+            lines += [
+                f"## KD+SRD minus KD, {m} (mean difference [95% bootstrap interval], two-sided Wilcoxon "
+                "signed-rank p on per-example scores; significant: p < 0.05)",
+                "",
+                "| run | " + " | ".join(benches) + " |",
+                "|---|" + "---|" * len(benches),
+                *diffs[m],
+                "",
+            ]
+    if times:
         lines += [
-            f"## Scores ({'greedy' if mode == 'greedy' else 'sampled'}, x100; n = rows per benchmark)",
-            "",
-            "| model | "
-            + " | ".join(f"{b} (n = {rows[0][1].get(b, {}).get('n', '?')})" for b in benches)
-            + " | average |",
-            "|---|" + "---|" * (len(benches) + 1),
-        ]
-        for label, s in rows:
-            vals = [s.get(b, {}).get("mean") for b in benches]
-            avg = statistics.fmean(vals) if all(v is not None for v in vals) else float("nan")
-            lines.append(
-                f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + f" | {avg:.2f} |"
-            )
-        lines.append("")
-    if pvals:
-        lines += [
-            "## KD+SRD minus KD (two-sided Wilcoxon signed-rank test on per-example scores)",
-            "",
-            "| run | " + " | ".join(benches) + " |",
-            "|---|" + "---|" * len(benches),
-            *pvals,
-            "",
             "## Wall time (s)",
             "",
-            "| run | reflection | teacher cache | SRD training | SRD total | KD training | SRD total / KD "
-            "| sample passes SRD / KD | evaluation |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| run | reflection | teacher cache | SRD training | SRD total | KD teacher cache | KD training | KD total "
+            "| SRD total / KD total | sample passes SRD / KD | evaluation (all decodings) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *times,
             "",
         ]
     if evaluated:  # final weights, or with eval.checkpoint=best each method's best dev ROUGE-L checkpoint
-        lines += ["Models evaluated:", "", "| run | KD | KD+SRD |", "|---|---|---|", *evaluated, ""]
+        lines += [
+            "Models evaluated:",
+            "",
+            "| run | KD | KD+SRD | KD's checkpoint | KD+SRD's checkpoint |",
+            "|---|---|---|---|---|",
+            *evaluated,
+            "",
+        ]
+    if any(not c.endswith("| - |") for c in curves):
+        lines += [
+            "Dev ROUGE-L at every evaluation (optimizer step, score) of every stage:",
+            "",
+            "| run | dev ROUGE-L |",
+            "|---|---|",
+            *curves,
+            "",
+        ]
     if steps:
         lines += [
             "Training time from the median step (robust to a machine shared with other work for part of a run):",
@@ -342,6 +576,24 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
     return "\n".join(lines)
 
 
+def _score_table(mode: str, rows: list[tuple[str, dict[str, Any]]], preset: dict[str, Any]) -> list[str]:
+    if not rows:
+        return []
+    benches = list(dict.fromkeys(b for _, s in rows for b in s))
+    how = "greedy" if mode == "greedy" else f"sampled at T = 1, seeds {preset.get('sampled_seeds') or 'of eval.seeds'}"
+    out = [
+        f"## Scores ({how}, x100; n = rows per benchmark)",
+        "",
+        "| model | " + " | ".join(f"{b} (n = {rows[0][1].get(b, {}).get('n', '?')})" for b in benches) + " | average |",
+        "|---|" + "---|" * (len(benches) + 1),
+    ]
+    for label, s in rows:
+        vals = [s.get(b, {}).get("mean") for b in benches]
+        avg = statistics.fmean(vals) if all(v is not None for v in vals) else float("nan")
+        out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + f" | {avg:.2f} |")
+    return out + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -354,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--report-only", action="store_true", help="only (re)write the record from finished runs")
     p.add_argument("--dry-run", action="store_true", help="print each run's `srd run` command and stop")
+    p.add_argument(
+        "--plan", action="store_true", help="print each run's stages, optimizer steps and dev evaluations, and stop"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--references",
@@ -390,10 +645,16 @@ def main(argv: list[str] | None = None) -> int:
         args.record
         or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}{suffix}-quality.md"
     )
+    # references_last: the teacher and the initial student are evaluated after every trained
+    # model (quality.py's last phase), so the comparisons come first in a long preset
+    references = () if preset.get("references_last") else tuple(args.references)
     commands = [
-        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides, variant, tuple(args.references)))
+        (name, overrides_for(preset, div, seed, name, out, i == 0, args.overrides, variant, references))
         for i, (name, div, seed, variant) in enumerate(runs)
     ]
+    if args.plan:
+        print("\n".join(plan_table(commands)))
+        return 0
     if args.dry_run:
         for _, o in commands:
             print("srd run - " + " ".join(f"'{x}'" for x in o))
@@ -413,14 +674,27 @@ def main(argv: list[str] | None = None) -> int:
         from srd.config import load_config
         from srd.experiment import run_experiment
 
+        progress = not args.no_progress
         for (name, o), (_, _, _, variant) in zip(commands, runs):
             print(f"== {name} ==", flush=True)
-            if variant:
+            if variant and variant not in preset.get("own_reflection", []):
                 share_reflection(out / name.removesuffix(f"-{variant}"), out / name)
-            result = run_experiment(load_config(None, o), progress=not args.no_progress)
+            result = run_experiment(load_config(None, o), progress=progress)
             if not result.get("complete"):
                 print(f"{name} paused; rerun the same command to resume", file=sys.stderr)
                 return 1
+            if preset.get("sampled_seeds"):
+                models = json.loads((out / name / "experiment.json").read_text())["models"]
+                trained = {m: models[m] for m in ("baseline", "final") if models.get(m)}
+                evaluate_models(o, trained, preset["sampled_seeds"], progress)
+        if preset.get("references_last") and args.references:
+            cfg = load_config(None, commands[0][1])
+            refs = {"teacher": cfg.model.teacher, "initial": cfg.model.student}
+            refs = {m: refs[m] for m in args.references if refs[m]}
+            print("== references ==", flush=True)
+            evaluate_models(commands[0][1], refs, None, progress)
+            if preset.get("sampled_seeds"):
+                evaluate_models(commands[0][1], refs, preset["sampled_seeds"], progress)
     text = write_record(args, runs, out, None if args.report_only else time.perf_counter() - t0)
     save_record(text, str(record), args.preset, "quality")
     return 0

@@ -164,6 +164,11 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         return {**results, "complete": False}
     results["complete"] = True
     results["train_s"] = round(sum(s["wall_time_s"] for s in results["stages"]), 3)
+    # curriculum.re_reflect: the student reflects again before stages 2..n, time the method costs
+    again = sorted(run_dir.glob("reflection-stage-*/summary.json"))
+    results["reflection_s"] = round(
+        results["reflection_s"] + sum(json.loads(f.read_text())["wall_time_s"] for f in again), 3
+    )
     # the cache's own record counts shards built by an interrupted invocation too, which no
     # stage's checkpoint may have saved (a cache made before build.json existed records none)
     cache_s = sum(s.get("teacher_cache_s", 0.0) for s in results["stages"])

@@ -47,6 +47,51 @@ def wilcoxon_p(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
     return float(wilcoxon(diffs).pvalue), len(ids)
 
 
+def paired_difference(
+    a: dict[str, float], b: dict[str, float], *, confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
+) -> dict[str, Any]:
+    """b minus a on the examples both scored: the mean difference, its bootstrap interval (BCa,
+    resampling examples, `confidence` level, seeded) and the two-sided Wilcoxon p-value.
+
+    Returns {"n", "diff", "low", "high", "p", "significant"}; significant means p < 1 - confidence
+    (the interval then usually excludes 0 as well; the two can disagree near the boundary)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ids = sorted(set(a) & set(b))
+    diffs = np.array([b[i] - a[i] for i in ids], dtype=np.float64)
+    p, n = wilcoxon_p(a, b)
+    if n == 0:
+        return {"n": 0, "diff": float("nan"), "low": float("nan"), "high": float("nan"), "p": 1.0, "significant": False}
+    diff = float(diffs.mean())
+    if n < 3 or np.all(diffs == diffs[0]):  # no spread to resample
+        low = high = diff
+    else:
+        res = bootstrap(
+            (diffs,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="BCa", random_state=seed
+        )
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if not (math.isfinite(low) and math.isfinite(high)):  # BCa degenerate: fall back to percentiles
+            res = bootstrap(
+                (diffs,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=n_resamples,
+                method="percentile",
+                random_state=seed,
+            )
+            low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return {"n": n, "diff": diff, "low": low, "high": high, "p": p, "significant": p < 1 - confidence}
+
+
+def difference_cell(d: dict[str, Any]) -> str:
+    """`+1.23 [-0.40, +2.85], p = 0.14, not significant` for a paired_difference result."""
+    if not d["n"]:
+        return "-"
+    words = "significant" if d["significant"] else "not significant"
+    return f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], p = {d['p']:.2g}, {words}"
+
+
 def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[str] | None = None) -> str:
     """Markdown: scores per benchmark, average, gain and time reduction vs the first run, p-values."""
     summaries = [_eval_summary(r, eval_name) for r in runs]
@@ -77,7 +122,8 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Wilcoxon signed-rank test vs {names[0]} on per-example scores (mean over seeds):",
+        f"Difference vs {names[0]} on per-example scores (mean over seeds): mean, 95% bootstrap interval, "
+        "two-sided Wilcoxon signed-rank p (significant: p < 0.05):",
         "",
         "| run | " + " | ".join(benches) + " |",
         "|" + "---|" * (len(benches) + 1),
@@ -87,8 +133,8 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
         cells = []
         for b in benches:
             a, c = load_example_scores(ref_eval, b), load_example_scores(run / "eval" / eval_name, b)
-            p, n = wilcoxon_p(a, c)
-            cells.append(f"p = {p:.3g} (n = {n})" if n else "-")
+            d = paired_difference(a, c)
+            cells.append(f"{difference_cell(d)} (n = {d['n']})" if d["n"] else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

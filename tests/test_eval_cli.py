@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from srd.cli import main
-from srd.report import wilcoxon_p
+from srd.report import difference_cell, paired_difference, wilcoxon_p
 from tests.conftest import run_cli_in_processes
 from tests.test_srd_run import _args, srd_data  # noqa: F401  (fixture)
 
@@ -85,6 +85,31 @@ def test_wilcoxon_p():
     better = {k: v + 1 + (int(k) % 3) for k, v in a.items()}
     p, n = wilcoxon_p(a, better)
     assert n == 20 and p < 0.001
+
+
+def test_paired_difference_interval_and_words():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = {str(i): float(v) for i, v in enumerate(rng.uniform(0, 50, 300))}
+    # b = a + 2 + noise: the interval holds the true mean shift and excludes 0
+    noise = rng.normal(0, 5, 300)
+    b = {k: v + 2.0 + noise[int(k)] for k, v in a.items()}
+    d = paired_difference(a, b)
+    true = float(np.mean([b[k] - a[k] for k in a]))
+    assert d["n"] == 300 and abs(d["diff"] - true) < 1e-12
+    assert d["low"] < true < d["high"] and d["low"] > 0 and d["significant"] and d["p"] < 1e-6
+    assert paired_difference(a, b) == d  # seeded: the same interval every time
+    assert "significant" in difference_cell(d) and "not significant" not in difference_cell(d)
+    # pure noise around 0: not significant, and the cell says so in words
+    c = {k: v + noise[int(k)] * 0.01 * (1 if int(k) % 2 else -1) for k, v in a.items()}
+    d0 = paired_difference(a, c)
+    assert d0["low"] < 0 < d0["high"] or not d0["significant"]
+    assert difference_cell(paired_difference(a, dict(a))).endswith("p = 1, not significant")
+    assert paired_difference({}, {})["n"] == 0 and difference_cell(paired_difference({}, {})) == "-"
+    # tiny samples: no resampling, the interval collapses to the mean
+    two = paired_difference({"x": 1.0, "y": 2.0}, {"x": 2.0, "y": 4.0})
+    assert two["low"] == two["high"] == two["diff"] == 1.5
 
 
 @pytest.mark.slow

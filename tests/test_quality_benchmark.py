@@ -159,3 +159,124 @@ def test_quality_variants_share_reflection_and_the_baseline(tmp_path, tiny_model
         "| KD+SRD (fkl, seed 42, rouge_l+ce) |" in text and "| KD+SRD (fkl, seed 42, rouge_l+ce+answer_match) |" in text
     )
     assert "Run `" not in text
+
+
+def test_paper_cpu_plan_steps_and_equal_evaluation_schedules():
+    """The paper-regime preset: 20 KD epochs against 8 per SRD stage (60% of the sample passes),
+    and every run, KD included, evaluated on dev every 100 optimizer steps and at each stage's end."""
+    quality = _quality_module()
+    runs = quality.run_names("paper-cpu", ["fkl"], [42], list(quality.PRESETS["paper-cpu"]["variants"]))
+    preset = quality.PRESETS["paper-cpu"]
+    commands = {
+        v: quality.overrides_for(preset, div, seed, name, Path("runs/x"), i == 0, [], v, ())
+        for i, (name, div, seed, v) in enumerate(runs)
+    }
+    base = quality.plan(commands[""])
+    assert [s["examples"] for s in base["stages"]] == [50, 100, 150]  # lambda 0.75 of 200, three slices
+    assert [s["steps"] for s in base["stages"]] == [56, 104, 152]  # 8 epochs of ceil(n / 8) steps
+    assert base["sample_passes"] == 8 * (50 + 100 + 150) == 0.6 * base["baseline"]["examples"] * 20
+    assert base["baseline"] == {
+        "examples": 200,
+        "epochs": 20.0,
+        "steps": 500,
+        "evals": [0, 100, 200, 300, 400, 500],
+    }
+    assert [s["evals"] for s in base["stages"]] == [[0, 56], [100, 104], [100, 152]]
+    for v, o in commands.items():
+        assert "train.eval_every=100" in o and "dev_eval.num_examples=200" in o and "eval.checkpoint=best" in o
+        assert ("compare.baseline=true" in o) == (v == "")  # one KD baseline, shared by every row
+    assert [s["examples"] for s in quality.plan(commands["lambda1"])["stages"]] == [67, 134, 200]
+    assert [s["examples"] for s in quality.plan(commands["tcl"])["stages"]] == [67, 134, 200]  # no filtering
+    assert [s["examples"] for s in quality.plan(commands["lambda09"])["stages"]] == [60, 120, 180]
+    # the teacher and the initial student are evaluated last, not by the first run
+    assert """eval.models=["baseline", "final"]""" in commands[""]
+
+
+def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models):
+    """The preset end to end on tiny models: a paused run resumes, every trained model is
+    evaluated greedy and sampled, the references come last, a rerun retrains nothing."""
+    rows = [dict(r, id=f"r{i:02d}") for i, r in enumerate(ROWS + ROWS[::-1])]
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
+    quality = _quality_module()
+    record, out = tmp_path / "record.md", tmp_path / "runs"
+    args = [
+        "--preset",
+        "paper-cpu",
+        "--out",
+        str(out),
+        "--record",
+        str(record),
+        "--no-progress",
+        "--variants",
+        "lambda1,tcl",
+        f"model.teacher={tiny_models['llama-teacher']}",
+        f"model.student={tiny_models['llama-student']}",
+        f"data.train={train}",
+        f"data.dev={dev}",
+        f"data.train_limit={len(rows)}",
+        "data.dev_limit=4",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "loss.teacher_top_k=8",
+        "curriculum.epochs_per_stage=2",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.eval_every=3",
+        "train.save_every=2",
+        "train.precision=fp32",
+        "generation.max_new_tokens=4",
+        "generation.batch_size=2",
+        "dev_eval.num_examples=4",
+        "dev_eval.max_new_tokens=4",
+        f"eval.benchmarks=[{dev}]",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+        "eval.dtype=float32",
+    ]
+    assert quality.main([*args, "train.stop_after_steps=2"]) == 1  # paused in stage 1
+    assert not (out / "paper-cpu-fkl-s42" / "experiment.json").exists()
+    assert quality.main(args) == 0
+    base, names = out / "paper-cpu-fkl-s42", ["paper-cpu-fkl-s42", "paper-cpu-fkl-s42-lambda1", "paper-cpu-fkl-s42-tcl"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    trained = [base / "baseline"] + [out / n for n in names]
+    for folder in trained:
+        for mode in ("greedy", "sampled"):
+            assert (folder / "eval" / mode / "summary.json").exists(), (folder, mode)
+    seeds = sorted(p.name for p in (base / "eval" / "sampled" / "dev").glob("*.jsonl"))
+    assert seeds == ["seed-10.jsonl", "seed-20.jsonl"]  # the preset's two sampling seeds
+    # the references were evaluated after every trained model, both ways
+    refs = [
+        base / "references" / m / "eval" / mode / "summary.json"
+        for m in ("teacher", "initial")
+        for mode in ("greedy", "sampled")
+    ]
+    last_trained = max((f / "eval" / "sampled" / "summary.json").stat().st_mtime for f in trained)
+    assert all(r.exists() and r.stat().st_mtime >= last_trained for r in refs)
+    # the variants reused the base run's KD baseline; tcl reflected on its own, lambda1 copied the answers
+    assert not (out / names[1] / "baseline").exists() and not (out / names[2] / "baseline").exists()
+    assert (out / names[1] / "reflection" / "outputs.rank0.jsonl").read_text() == (
+        base / "reflection" / "outputs.rank0.jsonl"
+    ).read_text()
+    assert json.loads((out / names[2] / "reflection" / "summary.json").read_text())["scorers"] == ["length", "entropy"]
+    text = record.read_text()
+    for want in [
+        "## Scores (greedy",
+        "## Scores (sampled at T = 1, seeds [10, 20]",
+        "KD+SRD minus KD, greedy",
+        "KD+SRD minus KD, sampled",
+        "no selection (lambda = 1)",
+        "traditional curriculum",
+        "| teacher |",
+        "| student before KD |",
+        "Dev ROUGE-L at every evaluation",
+        "KD's checkpoint",
+    ]:
+        assert want in text, want
+    assert "Run `" not in text and "significant" in text and "], p = " in text
+    # a rerun of the same command reuses everything: no step is trained again
+    logs = sorted(out.glob("**/logs/train.jsonl"))
+    before = {p: p.read_text() for p in logs}
+    assert quality.main(args) == 0
+    assert {p: p.read_text() for p in sorted(out.glob("**/logs/train.jsonl"))} == before

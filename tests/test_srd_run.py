@@ -225,6 +225,13 @@ def test_global_lr_schedule_and_re_reflection(tmp_path, tiny_models, srd_data):
         for d in ("reflection", "reflection-stage-2", "reflection-stage-3")
     ]
     assert len(set(meta)) == 3  # three different students did the reflecting
+    # the re-reflections are time the method costs: counted in the run's reflection time
+    seconds = [
+        json.loads((run / d / "summary.json").read_text())["wall_time_s"]
+        for d in ("reflection", "reflection-stage-2", "reflection-stage-3")
+    ]
+    results = json.loads((run / "results.json").read_text())
+    assert results["reflection_s"] == pytest.approx(sum(seconds), abs=1e-3)
 
 
 def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data, capsys):
