@@ -199,37 +199,54 @@ def _plot_reflection(run: Path, plots: Path) -> list[str]:
     return ["reflection_scores.png", "stage_sizes.png"]
 
 
+def _dev_series(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]]]:
+    """The dev curve a stage logged: ROUGE-L of generated answers when it generated them, else
+    the dev cross-entropy (comparable across stages, unlike the loss, whose tau and alpha change)."""
+    for key in ("dev_rougeL", "dev_ce"):
+        points = [(e["step"], e[key]) for e in rows if key in e]
+        if points:
+            return key, points
+    return "", []
+
+
 def _plot_training(run: Path, plots: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     dirs = _stage_dirs(run)
     if not dirs:
         return []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    evals = {d: read_jsonl(d / "logs" / "eval.jsonl", missing_ok=True) for d in dirs}
+    keys = {_dev_series(rows)[0] for rows in evals.values()} - {""}
+    key = "dev_rougeL" if "dev_rougeL" in keys else ("dev_ce" if keys else "")
+    fig, axes = plt.subplots(1, 2 if key else 1, figsize=(11 if key else 6, 3.8), squeeze=False)
+    ax1 = axes[0][0]
     offset, boundaries, dev_x, dev_y, taus, alphas = 0, [], [], [], [], []
     for d in dirs:
         rows = read_jsonl(d / "logs" / "train.jsonl", missing_ok=True)
         ax1.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=d.name, linewidth=1)
-        for e in read_jsonl(d / "logs" / "eval.jsonl", missing_ok=True):
-            if "dev_rougeL" in e:
+        for e in evals[d]:
+            if key in e:
                 dev_x.append(offset + e["step"])
-                dev_y.append(e["dev_rougeL"])
+                dev_y.append(e[key])
         if rows:
             taus.append(rows[0]["tau"])
             alphas.append(rows[0]["alpha"])
             offset += rows[-1]["step"]
             boundaries.append(offset)
     for b in boundaries[:-1]:
-        ax1.axvline(b, color="gray", linestyle=":")
-        ax2.axvline(b, color="gray", linestyle=":")
+        for ax in axes[0]:
+            ax.axvline(b, color="gray", linestyle=":")
     ax1.set_title("training loss")
     ax1.set_xlabel("optimizer step (all stages)")
     ax1.set_ylabel("alpha CE + (1-alpha) tau^2 D")
     ax1.legend(fontsize=8)
-    ax2.plot(dev_x, dev_y, marker="o")
-    ax2.set_title("dev ROUGE-L (greedy)")
-    ax2.set_xlabel("optimizer step (all stages)")
-    ax2.set_ylabel("ROUGE-L F x100")
+    if key:  # no empty panel: a run without dev rows has no dev curve to show
+        ax2 = axes[0][1]
+        ax2.plot(dev_x, dev_y, marker="o")
+        rouge = key == "dev_rougeL"
+        ax2.set_title("dev ROUGE-L (greedy)" if rouge else "dev cross-entropy of the references")
+        ax2.set_xlabel("optimizer step (all stages)")
+        ax2.set_ylabel("ROUGE-L F x100" if rouge else "nats per token")
     fig.tight_layout()
     fig.savefig(plots / "training.png", dpi=110)
     plt.close(fig)

@@ -88,7 +88,8 @@ def test_aligned_vocab_slices_padded_rows(tokenizer):
         aligned_vocab_size(tokenizer, make_llama(len(tokenizer) - 5))
 
 
-def test_resolve_model_paths(tmp_path, tiny_models):
+def test_resolve_model_paths(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths below are looked up here, not in a checkout's runs/
     assert resolve_model_path(str(tiny_models["llama-student"])) == str(tiny_models["llama-student"])
     assert resolve_model_path("someorg/some-model") == "someorg/some-model"
     with pytest.raises(ModelError, match="does not exist"):
@@ -97,6 +98,13 @@ def test_resolve_model_paths(tmp_path, tiny_models):
         resolve_model_path(str(tmp_path))
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_path("./nope")
+    assert resolve_model_path("gpt2") == "gpt2"  # a Hub id without a namespace
+    # a relative path that is not on disk and cannot be a Hub id (two slashes): a missing folder,
+    # with the command that builds it when a shipped recipe names it, never a Hub lookup
+    with pytest.raises(ModelError, match=r"runs/students/smollm2-20l-healed does not exist; build it with: srd prune"):
+        resolve_model_path("runs/students/smollm2-20l-healed")
+    with pytest.raises(ModelError, match="does not exist; check the path"):
+        resolve_model_path("runs/students/nothing")
     assert load_model(str(tiny_models["gpt2-student"])).config.n_layer == 2
 
 

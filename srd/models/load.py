@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,9 +144,34 @@ def resolve_model_path(spec: str) -> str:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is not a model folder (no config.json); give a Hub id, a folder or a .gguf file")
         return str(path)
-    if spec.startswith((".", "/", "~")):
-        raise ModelError(f"model path {spec} does not exist")
+    if spec.startswith((".", "/", "~")) or not HUB_ID.fullmatch(spec):
+        raise ModelError(missing_model_message(spec))
     return spec  # a Hub id
+
+
+# `name` or `namespace/name` (what the Hub accepts); anything else that is not on disk is a
+# missing local folder, not a Hub id
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+# how to build the local models the shipped recipes name
+BUILD_HINTS = {
+    "smollm2-20l-healed": "srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 "
+    "--out runs/students/smollm2-20l-healed  (or `make demo`, which runs it first)",
+    "smollm2-20l-healed-nogsm8k": "srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 "
+    "--heal-data samsum xsum --out runs/students/smollm2-20l-healed-nogsm8k",
+}
+
+
+def missing_model_message(spec: str) -> str:
+    """One line for a model that is neither on disk nor a Hub id: what is missing and the way on."""
+    hint = BUILD_HINTS.get(Path(spec).name)
+    how = (
+        f"build it with: {hint}"
+        if hint
+        else "check the path, or give a Hub id (namespace/name), a .gguf file or smollm2-135m-instruct; "
+        "a recipe that names a local model says in its header comment how to build it"
+    )
+    return f"model folder {spec} does not exist; {how}"
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
