@@ -19,11 +19,10 @@ from typing import Any
 
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
-from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.reflect.reflect import reflect, time_split
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, make_accelerator, train_stage
-from srd.train.recipe import load_models, prepare_run_dir
+from srd.train.recipe import check_inputs, load_models, prepare_run_dir
 from srd.train.teacher_cache import TeacherCache
 from srd.utils import atomic_write_json
 
@@ -35,14 +34,11 @@ def _needs_teacher(cfg: RunConfig) -> bool:
 
 
 def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
+    train, dev = check_inputs(cfg, need_teacher=need_teacher)  # before any weights are read
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
     student, teacher, tokenizer = load_models(cfg, need_teacher=need_teacher)
-    train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
-    dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
-    train = with_instruction_suffix(train, cfg.data.instruction_suffix)
-    dev = with_instruction_suffix(dev, cfg.data.instruction_suffix)
     return acc, run_dir, student, teacher, tokenizer, train, dev
 
 

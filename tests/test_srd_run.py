@@ -421,3 +421,34 @@ def test_reflection_in_bf16_and_training_on_in_float32(tmp_path, tiny_models, sr
     assert main(_args("reflect", tiny_models, srd_data, tmp_path, "generation.dtype=float32")) == 2
     assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fp32")) == 0
     assert "dtype" not in json.loads((tmp_path / "fp32" / "x" / "reflection" / "meta.json").read_text())["settings"]
+
+
+@pytest.mark.parametrize("cmd", ["reflect", "run", "train"])
+def test_bad_data_and_missing_models_are_found_before_any_weights_load(
+    tmp_path, tiny_models, srd_data, monkeypatch, capsys, cmd
+):
+    import srd.train.recipe as recipe_mod
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were read before the inputs were checked")
+
+    monkeypatch.setattr(recipe_mod, "load_model", no_weights)
+    monkeypatch.setattr(recipe_mod, "load_tokenizer", no_weights)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    args = [
+        a if not a.startswith("data.train=") else f"data.train={bad}"
+        for a in _args(cmd, tiny_models, srd_data, tmp_path)
+    ]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 2" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # no run folder made for a run that cannot start
+    # a student folder that does not exist: one line naming it, also before the teacher loads
+    args = [
+        a if not a.startswith("model.student=") else f"model.student={tmp_path / 'runs' / 'students' / 'none'}"
+        for a in _args(cmd, tiny_models, srd_data, tmp_path)
+    ]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "students/none does not exist" in err and "Traceback" not in err

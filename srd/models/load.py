@@ -174,6 +174,24 @@ def missing_model_message(spec: str) -> str:
     return f"model folder {spec} does not exist; {how}"
 
 
+def check_model_spec(spec: str) -> None:
+    """Raise ModelError now if `spec` cannot be loaded for a reason visible without reading any
+    weights (a missing folder or file, a folder without config.json, an unknown alias or
+    random-init shape): a run finds it before loading its other model. Hub ids pass."""
+    if spec.startswith("random:"):
+        _random_spec(spec)
+        return
+    if spec in BUNDLED_MODELS:
+        bundled_gguf_path(spec)
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelError(f"GGUF file {path} does not exist")
+        return
+    resolve_model_path(spec)
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

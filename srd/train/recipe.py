@@ -13,6 +13,7 @@ import yaml
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
+from srd.models.load import check_model_spec
 from srd.train.loop import make_accelerator, train_stage
 from srd.utils import atomic_write_text
 
@@ -65,6 +66,31 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, dump_config(cfg))
     return run_dir
+
+
+def load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
+    """(training examples, dev examples), every row of every file parsed and checked."""
+    train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
+    dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
+    return with_instruction_suffix(train, cfg.data.instruction_suffix), with_instruction_suffix(
+        dev, cfg.data.instruction_suffix
+    )
+
+
+def check_inputs(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[list[Any], list[Any]]:
+    """Everything a run can check before reading any weights: the data (every row), then that
+    each model it will load exists. Returns the data. With a 7B teacher a typo costs seconds,
+    not the minutes of loading it first."""
+    data = load_data(cfg)
+    m = cfg.model
+    if need_teacher is None:
+        need_teacher = cfg.loss.alpha < 1.0
+    check_model_spec(m.student)
+    if need_teacher and m.teacher is not None:
+        check_model_spec(m.teacher)
+        if m.teacher_adapter and not Path(m.teacher_adapter).expanduser().exists():
+            raise ConfigError(f"model.teacher_adapter: {m.teacher_adapter} does not exist (a PEFT adapter folder)")
+    return data
 
 
 def load_models(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[Any, Any, Any]:
@@ -137,14 +163,11 @@ def merge_adapter(model: Any, adapter: str) -> Any:
 
 
 def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    train, dev = check_inputs(cfg)  # data and model paths first: no weights read before they pass
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
     student, teacher, tokenizer = load_models(cfg)
-    train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
-    dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
-    train = with_instruction_suffix(train, cfg.data.instruction_suffix)
-    dev = with_instruction_suffix(dev, cfg.data.instruction_suffix)
     acc.print(
         f"srd train: {len(train)} training examples from {cfg.data.train}; "
         f"{len(dev)} dev examples (dev loss on the first {min(cfg.data.dev_limit or len(dev), len(dev))}, "
