@@ -340,13 +340,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from srd.eval.evaluate import evaluate, model_key, resolve_eval_target, summary_markdown
+    from srd.eval.evaluate import check_benchmarks, evaluate, model_key, resolve_eval_target, summary_markdown
     from srd.models import load_model, load_tokenizer
-    from srd.models.load import dtype_from_name
+    from srd.models.load import check_model_spec, dtype_from_name
     from srd.train.loop import make_accelerator
 
-    acc = make_accelerator("auto")
     model_spec, run_dir = resolve_eval_target(args.target)
+    check_model_spec(model_spec)  # the model and every benchmark's rows before any weights are read
+    check_benchmarks(args.benchmarks, data_dir=args.data_dir, limit=args.limit)
+    acc = make_accelerator("auto")
     mode = "greedy" if args.greedy else "sampled"
     if args.out:
         out = Path(args.out)

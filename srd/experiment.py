@@ -117,6 +117,10 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "the comparison; set train.eval_every to evaluate both on the same schedule",
             file=sys.stderr,
         )
+    if cfg.eval.benchmarks:  # a typo in a benchmark is found now, not after hours of training
+        from srd.eval.evaluate import check_benchmarks
+
+        check_benchmarks(cfg.eval.benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit)
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
         return results

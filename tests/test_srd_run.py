@@ -452,3 +452,59 @@ def test_bad_data_and_missing_models_are_found_before_any_weights_load(
     assert main(args) != 0
     err = capsys.readouterr().err
     assert "students/none does not exist" in err and "Traceback" not in err
+
+
+def test_eval_and_prune_check_their_inputs_before_any_weights_load(tmp_path, tiny_models, monkeypatch, capsys):
+    import srd.models
+    import srd.models.load
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were read before the inputs were checked")
+
+    for module in (srd.models, srd.models.load):
+        monkeypatch.setattr(module, "load_model", no_weights)
+        monkeypatch.setattr(module, "load_tokenizer", no_weights)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    student = str(tiny_models["llama-student"])
+    for args in (
+        ["eval", student, "--benchmarks", str(bad), "--greedy"],
+        [
+            "prune",
+            "--teacher",
+            str(tiny_models["llama-teacher"]),
+            "--layers",
+            "1",
+            "--out",
+            str(tmp_path / "p"),
+            "--data",
+            str(bad),
+        ],
+        [
+            "prune",
+            "--teacher",
+            str(tiny_models["llama-teacher"]),
+            "--layers",
+            "1",
+            "--out",
+            str(tmp_path / "p"),
+            "--data",
+            str(bad.with_name("ok.jsonl")),
+            "--heal-steps",
+            "2",
+            "--heal-data",
+            str(bad),
+        ],
+    ):
+        bad.with_name("ok.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+        assert main(args) != 0, args
+        err = capsys.readouterr().err
+        assert str(bad) in err and "line 2" in err and "Traceback" not in err, err
+    for args in (
+        ["eval", str(tmp_path / "runs" / "students" / "none"), "--benchmarks", str(bad), "--greedy"],
+        ["prune", "--teacher", str(tmp_path / "runs" / "none"), "--layers", "1", "--out", str(tmp_path / "p")],
+    ):
+        assert main(args) != 0, args
+        err = capsys.readouterr().err
+        assert "does not exist" in err and "Traceback" not in err, err
+    assert not (tmp_path / "p").exists()

@@ -208,6 +208,13 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool) -> No
         atomic_write_json(path, complete)
 
 
+def check_benchmarks(benchmarks: Sequence[str], *, data_dir: str | None = None, limit: int | None = None) -> None:
+    """Resolve every benchmark and parse its rows now, before a model is loaded to answer them."""
+    for spec in benchmarks:
+        bench = resolve_benchmark(spec)
+        load_examples(bench.data, data_dir=data_dir, limit=limit)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,

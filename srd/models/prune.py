@@ -155,6 +155,21 @@ def choose_layers(
     return PruneResult(keep, ppl, full, single, trace)
 
 
+def check_prune_inputs(
+    teacher_spec: str, data: str, data_dir: str | None, num_texts: int, heal_data: Sequence[str] | None
+) -> None:
+    """Before any weights are read: the teacher exists, the measuring texts and (when healing)
+    every healing set parse. `heal_data` None means the default healing sets; () no healing."""
+    from srd.data.sources import load_examples, load_mixture
+    from srd.models.heal import HEAL_DATA
+    from srd.models.load import check_model_spec
+
+    check_model_spec(teacher_spec)
+    load_examples(data, data_dir=data_dir, limit=num_texts)
+    if heal_data is None or heal_data:
+        load_mixture(list(heal_data or HEAL_DATA), data_dir=data_dir)
+
+
 def prune_model(
     teacher_spec: str,
     n_layers: int,
@@ -189,6 +204,7 @@ def prune_model(
     from srd.utils import atomic_write_json
 
     out_dir = Path(out)
+    check_prune_inputs(teacher_spec, data, data_dir, num_texts, heal_data if heal_steps > 0 else ())
     if heal_steps > 0:
         return _prune_and_heal(
             teacher_spec,
