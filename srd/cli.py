@@ -223,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from srd.models.load import ModelError
     from srd.reflect.reflect import ReflectionError
     from srd.report import ReportError
+    from srd.train.checkpoint import CheckpointError
 
     if args.command is None:
         _parser().print_help()
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_cpu_allocator()  # vocabulary-sized tensors reuse freed pages (SRD_CPU_MALLOC=0: off)
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, EvalError, ModelError, ReflectionError, ReportError) as e:
+    except (CheckpointError, ConfigError, DataError, EvalError, ModelError, ReflectionError, ReportError) as e:
         print(f"srd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

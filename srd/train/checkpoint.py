@@ -2,13 +2,16 @@
 
 A checkpoint folder `checkpoints/step-000050/` holds the student as a Hugging Face model
 (config + safetensors, loadable on its own), the optimizer and scheduler states, every
-process's RNG states, and `state.json` (step, best metric, elapsed time). It is written
-into a hidden temporary folder and renamed into place, so a crash never leaves a
-half-written checkpoint that resume would pick up.
+process's RNG states, and `state.json` (step, best metric, elapsed time, and the size and
+SHA-256 of every other file). It is written into a hidden temporary folder and renamed into
+place, so a crash never leaves a half-written checkpoint that resume would pick up; a file
+damaged later (a full disk, a cut copy) is found by `verify_checkpoint` before resuming, and
+the error names it and the way on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +26,10 @@ from torch import nn
 from srd.utils import atomic_write_json, replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model folder on disk is damaged; the message names the file and what to do."""
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -93,10 +100,23 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every *.safetensors shard in `folder`, as one state dict."""
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(shard))
+        try:
+            state.update(load_file(shard))
+        except Exception as e:  # safetensors raises its own error types for a cut or garbled file
+            raise CheckpointError(
+                f"weights file {shard} is damaged ({type(e).__name__}: {e}); {_folder_way_on(Path(folder))}"
+            ) from e
     if not state:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     return state
+
+
+def _folder_way_on(folder: Path) -> str:
+    if STEP_DIR.match(folder.name):
+        return way_on(folder)
+    if folder.name in ("final", "best") and folder.parent.parent.name == "stages":
+        return f"delete {folder.parent} and rerun the same command to train that stage again"
+    return f"restore or rebuild {folder}"
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
@@ -138,7 +158,57 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "state.json").read_text())
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'} is damaged ({e}); {way_on(ckpt)}") from e
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `folder` but state.json."""
+    return {
+        str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != "state.json"
+    }
+
+
+def way_on(ckpt: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the one before it, or restart its stage."""
+    earlier = [d for step, d in list_checkpoints(ckpt.parent) if d != ckpt and d.name < ckpt.name]
+    if earlier:
+        return f"delete {ckpt} and rerun the same command to resume from {earlier[-1]}"
+    return (
+        f"delete {ckpt} and rerun the same command: this stage restarts from its beginning "
+        "(finished stages and reflection are kept)"
+    )
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise CheckpointError if a file of `ckpt` is missing, cut short or changed since it was
+    saved (sizes and SHA-256 in state.json; checkpoints from before the digests: sizes unknown,
+    only the files' loading is checked, by the caller)."""
+    files = read_state(ckpt).get("files")
+    for name, want in (files or {}).items():
+        path = ckpt / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint file {path} is missing; {way_on(ckpt)}")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(
+                f"checkpoint file {path} is {size:,} bytes but was saved with {want['size']:,} (cut short or "
+                f"overwritten); {way_on(ckpt)}"
+            )
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} has changed since it was saved (corrupted); {way_on(ckpt)}")
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
@@ -153,7 +223,7 @@ def tmp_checkpoint_dir(ckpt_root: Path, step: int) -> Path:
 def finish_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
     """Write state.json last, then move the folder into place (main process only)."""
     tmp = tmp_checkpoint_dir(ckpt_root, step)
-    atomic_write_json(tmp / "state.json", state)
+    atomic_write_json(tmp / "state.json", {**state, "files": file_digests(tmp)})
     final = ckpt_root / f"step-{step:06d}"
     replace_dir(tmp, final)
     return final

@@ -90,7 +90,10 @@ class TeacherCache:
 
     def _load_index(self) -> None:
         path = self.folder / "index.json"
-        self.index: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            self.index: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._damaged(path, str(e)) from e
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @staticmethod
@@ -168,11 +171,27 @@ class TeacherCache:
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
-            self._shards[shard] = (
-                np.load(self.folder / f"shard-{shard:05d}.ids.npy", mmap_mode="r"),
-                np.load(self.folder / f"shard-{shard:05d}.buckets.npy", mmap_mode="r"),
-            )
+            paths = [self.folder / f"shard-{shard:05d}.{name}.npy" for name in ("ids", "buckets")]
+            arrays = []
+            for path in paths:
+                try:
+                    arrays.append(np.load(path, mmap_mode="r"))
+                except (OSError, ValueError, EOFError) as e:  # missing, cut short, or a garbled header
+                    raise self._damaged(path, f"{type(e).__name__}: {e}") from e
+            rows = max((row + n for s, row, n in self.index.values() if s == shard), default=0)
+            for path, a in zip(paths, arrays):
+                if a.ndim != 2 or a.shape[0] < rows or a.shape[0] != arrays[0].shape[0]:
+                    raise self._damaged(path, f"shape {a.shape}, but the index needs {rows} rows")
+            self._shards[shard] = (arrays[0], arrays[1])
         return self._shards[shard]
+
+    def _damaged(self, path: Path, why: str) -> Exception:
+        from srd.train.checkpoint import CheckpointError
+
+        return CheckpointError(
+            f"teacher cache file {path} is damaged ({why}); delete the folder {self.folder} and rerun the same "
+            f"command: the cache is rebuilt (it took {self.build_seconds(self.folder):.0f} s)"
+        )
 
     @property
     def taus(self) -> tuple[float, ...]:

@@ -1,0 +1,113 @@
+"""Damaged files on disk (a full disk, a cut copy, a flipped byte): each kind is found with an
+error that names the file and the way on, never a stack trace and never a silent restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from srd.cli import main
+from tests.test_srd_run import _args as _run_args
+from tests.test_srd_run import srd_data  # noqa: F401 (a fixture)
+from tests.test_train import _args as _train_args
+
+
+def _cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
+def test_cut_checkpoint_weights_name_the_file_and_restart_the_stage(tmp_path, tiny_models, tiny_data, capsys):
+    args = _train_args(tiny_models, tiny_data, tmp_path, "llama", "train.save_every=1")
+    assert main([*args, "train.stop_after_steps=1"]) == 0
+    ckpt = tmp_path / "t" / "checkpoints" / "step-000001"
+    assert "files" in json.loads((ckpt / "state.json").read_text())  # sizes and digests saved
+    _cut(ckpt / "model.safetensors")
+    assert main(args) == 2
+    err = _error(capsys)
+    assert f"{ckpt / 'model.safetensors'}" in err and "cut short" in err
+    assert f"delete {ckpt}" in err and "restarts from its beginning" in err
+    assert ckpt.exists() and not (tmp_path / "t" / "final").exists()  # nothing thrown away by srd
+
+
+def test_corrupted_optimizer_state_points_at_the_previous_checkpoint(tmp_path, tiny_models, tiny_data, capsys):
+    args = _train_args(tiny_models, tiny_data, tmp_path, "llama", "train.save_every=1", "train.keep_last=2")
+    assert main([*args, "train.stop_after_steps=2"]) == 0
+    root = tmp_path / "t" / "checkpoints"
+    _flip(root / "step-000002" / "optimizer.pt")  # same size, different bytes
+    assert main(args) == 2
+    err = _error(capsys)
+    assert "optimizer.pt has changed since it was saved" in err and f"resume from {root / 'step-000001'}" in err
+    # the way on works: without the damaged checkpoint the run resumes and ends like an unbroken one
+    import shutil
+
+    shutil.rmtree(root / "step-000002")
+    assert main(args) == 0
+    assert main(_train_args(tiny_models, tiny_data, tmp_path / "ref", "llama", "train.save_every=1")) == 0
+    a, b = (
+        load_file(tmp_path / "t" / "final" / "model.safetensors"),
+        load_file(tmp_path / "ref" / "t" / "final" / "model.safetensors"),
+    )
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_damaged_state_json_is_named(tmp_path, tiny_models, tiny_data, capsys):
+    args = _train_args(tiny_models, tiny_data, tmp_path, "llama", "train.save_every=1")
+    assert main([*args, "train.stop_after_steps=1"]) == 0
+    state = tmp_path / "t" / "checkpoints" / "step-000001" / "state.json"
+    state.write_text(state.read_text()[:20])
+    assert main(args) == 2
+    assert f"{state} is damaged" in _error(capsys)
+
+
+def test_damaged_teacher_cache_shard_names_the_folder_to_delete(tmp_path, tiny_models, srd_data, capsys):  # noqa: F811
+    args = _run_args("run", tiny_models, srd_data, tmp_path, "loss.teacher_top_k=4", "train.save_every=1")
+    assert main([*args, "train.stop_after_steps=1"]) == 0
+    cache = tmp_path / "x" / "teacher-cache"
+    shard = sorted(cache.glob("shard-*.buckets.npy"))[0]
+    _cut(shard, 0.6)
+    assert main(args) == 2
+    err = _error(capsys)
+    assert f"teacher cache file {shard} is damaged" in err and f"delete the folder {cache}" in err
+    import shutil
+
+    shutil.rmtree(cache)  # the way on: the cache is rebuilt and the run finishes
+    assert main(args) == 0
+
+
+def test_damaged_final_weights_of_a_finished_stage_name_the_stage_to_retrain(tmp_path, tiny_models, srd_data, capsys):  # noqa: F811
+    args = _run_args("run", tiny_models, srd_data, tmp_path, "train.save_every=1")
+    assert main([*args, "train.stop_after_steps=4"]) == 0  # stage 1 (3 steps) done, stage 2 paused
+    stage1 = tmp_path / "x" / "stages" / "stage-1"
+    assert (stage1 / "done.json").exists()
+    _cut(stage1 / "final" / "model.safetensors")
+    assert main(args) == 2
+    err = _error(capsys)
+    assert f"weights file {stage1 / 'final' / 'model.safetensors'} is damaged" in err and f"delete {stage1}" in err
+
+
+def test_damaged_manifest_is_rebuilt_from_the_reflection_rows(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """The manifest is derived (scores, ranks, stages from the saved answers): a damaged copy is
+    rewritten on the next run, identical, and no answer is generated again."""
+    args = _run_args("reflect", tiny_models, srd_data, tmp_path)
+    assert main(args) == 0
+    folder = tmp_path / "x" / "reflection"
+    manifest, outputs = folder / "manifest.jsonl", folder / "outputs.rank0.jsonl"
+    before, answers = manifest.read_text(), outputs.read_text()
+    _cut(manifest, 0.3)
+    assert main(args) == 0
+    assert manifest.read_text() == before and outputs.read_text() == answers
