@@ -43,6 +43,30 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete what a killed srd process can leave under `root`: atomic writers' `.<name>.*.tmp`
+    files, half-written `.<name>.tmp` folders, `<name>.old` folders of replace_dir and the
+    teacher cache's unrenamed `.shard-*.npy`. Call it only while no srd process writes there
+    (a run's start); returns what was removed."""
+    stale = [
+        p
+        for p in root.rglob("*")
+        if (
+            p.name.startswith(".")
+            and (p.name.endswith(".tmp") or (p.name.startswith(".shard-") and p.suffix == ".npy"))
+        )
+        or (p.name.endswith(".old") and p.is_dir())
+    ]
+    removed = []
+    for p in sorted(stale, key=lambda q: len(q.parts)):  # parents first; children go with them
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+        removed.append(p)
+    return removed
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written directory into place, replacing any old one.
 

@@ -111,3 +111,22 @@ def test_damaged_manifest_is_rebuilt_from_the_reflection_rows(tmp_path, tiny_mod
     _cut(manifest, 0.3)
     assert main(args) == 0
     assert manifest.read_text() == before and outputs.read_text() == answers
+
+
+def test_a_run_start_removes_what_a_killed_process_left_half_written(tmp_path):
+    from srd.utils import remove_stale_temporaries
+
+    run = tmp_path / "run"
+    keep = [run / "config.yaml", run / "stages" / "stage-1" / "final" / "model.safetensors", run / ".keep-me"]
+    stale = [
+        run / ".results.json.k2j3.tmp",
+        run / "stages" / "stage-1" / "checkpoints" / ".step-000004.tmp" / "model.safetensors",
+        run / "stages" / "stage-1" / "final.old" / "model.safetensors",
+        run / "teacher-cache" / ".shard-00001.ids.npy",
+    ]
+    for f in keep + stale:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    removed = remove_stale_temporaries(run)
+    assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)
+    assert not (run / "stages" / "stage-1" / "checkpoints" / ".step-000004.tmp").exists() and len(removed) == 4

@@ -15,7 +15,7 @@ from srd.data.sources import load_examples, load_mixture, with_instruction_suffi
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec
 from srd.train.loop import make_accelerator, train_stage
-from srd.utils import atomic_write_text
+from srd.utils import atomic_write_text, remove_stale_temporaries
 
 # Keys that may change between an interrupted run and its resumption.
 # train.grad_accum may change with the number of processes (the checkpoint checks that
@@ -47,6 +47,8 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory, or check that an existing one belongs to this config."""
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
+    if run_dir.exists():  # what a killed run left half-written; the finished parts stay
+        remove_stale_temporaries(run_dir)
     if saved.exists():
         old = _flatten(yaml.safe_load(saved.read_text()) or {})
         new = _flatten(to_dict(cfg))

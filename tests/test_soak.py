@@ -1,0 +1,144 @@
+"""Soak test: `srd run` killed with SIGKILL at random moments of every phase, rerun with the same
+command each time, must end exactly where an uninterrupted run ends: the same manifest, the same
+final weights (float32 CPU: bit-identical), the same scores, and no temporary file left behind.
+
+CI runs 10 kills (SRD_SOAK_KILLS); a longer soak by hand:
+    SRD_SOAK_KILLS=60 SRD_SOAK_SEED=7 python -m pytest -q tests/test_soak.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_srd_run import (
+    _args,
+    srd_data,  # noqa: F401 (a fixture)
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (phase, "in progress" test on the run folder), in the order a run goes through them
+PHASES = [
+    (
+        "reflection",
+        lambda r: (r / "reflection" / "meta.json").exists() and not (r / "reflection" / "summary.json").exists(),
+    ),
+    (
+        "teacher cache",
+        lambda r: (r / "teacher-cache" / "meta.json").exists() and not (r / "stages" / "stage-1" / "logs").exists(),
+    ),
+    *[
+        (
+            f"stage {i}",
+            lambda r, i=i: (
+                (r / "stages" / f"stage-{i}" / "logs").exists()
+                and not (r / "stages" / f"stage-{i}" / "done.json").exists()
+            ),
+        )
+        for i in (1, 2, 3)
+    ],
+    ("KD baseline", lambda r: (r / "baseline" / "stages").exists() and not (r / "baseline" / "results.json").exists()),
+    ("evaluation", lambda r: (r / "baseline" / "results.json").exists() and not (r / "experiment.json").exists()),
+    ("report", lambda r: (r / "experiment.json").exists() and not (r / "report.md").exists()),
+]
+
+
+def _command(tiny_models, data, out: Path) -> list[str]:
+    extra = [
+        "loss.teacher_top_k=4",
+        "train.save_every=1",
+        "train.precision=fp32",
+        "compare.baseline=true",
+        f"eval.benchmarks=[{data['dev']}]",
+        "eval.models=[teacher, initial, baseline, final]",
+        "eval.greedy=true",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+    ]
+    return [sys.executable, "-m", "srd.cli", *_args("run", tiny_models, data, out, *extra)]
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_during(cmd: list[str], run: Path, phase: str, rng: random.Random, timeout: float = 300) -> str | None:
+    """Start the run, wait until `phase` is in progress, SIGKILL it a random moment later.
+    Returns the phase the run was in when killed (None: it finished first)."""
+    check = dict(PHASES)[phase]
+    proc = _start(cmd)
+    t0 = time.monotonic()
+    while proc.poll() is None and not check(run) and time.monotonic() - t0 < timeout:
+        time.sleep(0.005)
+    if proc.poll() is None:  # a random moment inside the phase (evaluation and report are short here)
+        time.sleep(rng.uniform(0.0, 0.05 if phase in ("evaluation", "report") else 0.4))
+    if proc.poll() is not None:
+        assert proc.returncode == 0, proc.stderr.read()
+        return None
+    where = next((name for name, test in PHASES if test(run)), "between phases")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return where
+
+
+def _finish(cmd: list[str]) -> None:
+    proc = _start(cmd)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+
+def _weights(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("final/model.safetensors"))}
+
+
+def _scores(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): p.read_text() for p in sorted(run.rglob("eval/greedy/*/*.jsonl"))}
+
+
+@pytest.mark.soak
+def test_random_sigkills_end_where_an_uninterrupted_run_ends(tmp_path, tiny_models, srd_data):  # noqa: F811
+    kills = int(os.environ.get("SRD_SOAK_KILLS", "10"))
+    rng = random.Random(int(os.environ.get("SRD_SOAK_SEED", "0")))
+    ref_cmd, cmd = _command(tiny_models, srd_data, tmp_path / "ref"), _command(tiny_models, srd_data, tmp_path / "soak")
+    _finish(ref_cmd)
+    ref, run = tmp_path / "ref" / "x", tmp_path / "soak" / "x"
+    killed_in: list[str] = []
+    names = [name for name, _ in PHASES]
+    attempt = 0
+    # phases in run order, each at least once, then random ones, until `kills` kills and every
+    # phase was hit (a finished run is compared and started over)
+    while (len(killed_in) < kills or set(names) - set(killed_in)) and attempt < 20 * kills:
+        missing = [n for n in names if n not in killed_in]
+        phase = names[attempt] if attempt < len(names) else (missing[0] if missing else rng.choice(names))
+        attempt += 1
+        if (run / "report.md").exists():
+            import shutil
+
+            _compare(ref, run)
+            shutil.rmtree(tmp_path / "soak")
+        where = _kill_during(cmd, run, phase, rng)
+        if where is not None:
+            killed_in.append(where)
+    _finish(cmd)
+    _compare(ref, run)
+    assert len(killed_in) >= kills and set(names) <= set(killed_in), str(killed_in)
+
+
+def _compare(ref: Path, run: Path) -> None:
+    manifest = "reflection/manifest.jsonl"
+    assert (run / manifest).read_text() == (ref / manifest).read_text()
+    a, b = _weights(ref), _weights(run)
+    assert list(a) == list(b) and a == b  # every stage's and the baseline's final weights, bit for bit
+    assert _scores(run) == _scores(ref)  # every evaluated model's per-example answers and scores
+    assert (run / "report.md").exists() and (run / "comparison.md").exists()
+    stray = [p for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith((".tmp", ".old"))]
+    assert not stray, stray
