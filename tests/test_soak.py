@@ -8,6 +8,7 @@ CI runs 10 kills (SRD_SOAK_KILLS); a longer soak by hand:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -100,6 +101,13 @@ def _weights(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("final/model.safetensors"))}
 
 
+def _log_rows(path: Path) -> list[tuple]:
+    """(step, values but times) of every row of a train.jsonl / eval.jsonl."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    skip = ("elapsed_s", "tokens_per_s")
+    return [tuple(sorted((k, v) for k, v in r.items() if k not in skip)) for r in rows]
+
+
 def _scores(run: Path) -> dict[str, str]:
     return {str(p.relative_to(run)): p.read_text() for p in sorted(run.rglob("eval/greedy/*/*.jsonl"))}
 
@@ -139,6 +147,9 @@ def _compare(ref: Path, run: Path) -> None:
     a, b = _weights(ref), _weights(run)
     assert list(a) == list(b) and a == b  # every stage's and the baseline's final weights, bit for bit
     assert _scores(run) == _scores(ref)  # every evaluated model's per-example answers and scores
+    for log in sorted(ref.rglob("logs/*.jsonl")):  # every step and evaluation logged once, same values
+        mine = run / log.relative_to(ref)
+        assert _log_rows(mine) == _log_rows(log), mine
     assert (run / "report.md").exists() and (run / "comparison.md").exists()
     stray = [p for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith((".tmp", ".old"))]
     assert not stray, stray

@@ -507,3 +507,16 @@ def test_the_cpu_allocator_keeps_large_tensors_off_mmap(setting):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     on = setting == "1"
     assert got == {"tuned": on, "reported": on, "mmapped": not on}
+
+
+def test_a_stage_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path, tiny_models, tiny_data):
+    """Rows an attempt wrote before it was killed (no checkpoint yet) are dropped when the stage
+    starts over, so the logs hold each step and evaluation once."""
+    logs = tmp_path / "t" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "train.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    (logs / "eval.jsonl").write_text(json.dumps({"step": 0, "dev_loss": 9.0}) + "\n")
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama")) == 0
+    assert [r["step"] for r in _rows(logs / "train.jsonl")] == [1, 2, 3, 4]
+    assert 9.0 not in [r["loss"] for r in _rows(logs / "train.jsonl")]
+    assert [r["step"] for r in _rows(logs / "eval.jsonl")].count(0) == 1

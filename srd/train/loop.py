@@ -579,6 +579,9 @@ def train_stage(
         if acc.is_main_process:
             for name in ("train.jsonl", "eval.jsonl"):
                 _truncate_log(logs / name, state["step"])
+    elif acc.is_main_process:  # a fresh start: rows of an attempt killed before its first checkpoint go
+        for name in ("train.jsonl", "eval.jsonl"):
+            _truncate_log(logs / name, -1)
     writer = None
     if acc.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
