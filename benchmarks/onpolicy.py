@@ -8,7 +8,7 @@ of a step's on-policy micro-batches (on this process) in one continuous-batching
 (srd.train.onpolicy.sample_responses); before, each micro-batch was its own batch, decoded
 until its longest answer ended. Both ways use the same per-row seeds, so each row samples the
 same answer (compared below, with the answers' token counts). Sampling at temperature 1,
-top-k 0, top-p 1, stop at EOS (SRD-NOTES sec. 3). The record goes to
+top-k 0, top-p 1, stop at EOS (docs/method.md, section 4). The record goes to
 benchmarks/results/DATE-<preset>-onpolicy.md.
 
 `--answer-tokens` (the gpu preset's default `references`) raises a random-init student's EOS

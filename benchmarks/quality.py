@@ -147,7 +147,7 @@ PRESETS["gsm8k"] = {
 }
 RANDOM_INIT = {"model.teacher": "random:gpt2-xl", "model.student": "random:gpt2"}
 
-# The paper's regime on a CPU (SRD-NOTES sec. 3-4 in the docs): 20 KD epochs against 8 per SRD
+# The paper's regime on a CPU (docs/method.md, sections 3 and 5): 20 KD epochs against 8 per SRD
 # stage, checkpoints chosen by dev ROUGE-L on 200 dev rows evaluated every 100 optimizer steps in
 # every run (the same schedule for every method), greedy and sampled evaluation, and one row per
 # ablation, each against the same KD baseline

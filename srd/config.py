@@ -171,7 +171,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class GenerationConfig:
-    """Decoding for dev evaluation (and, later, reflection). Defaults follow SRD-NOTES sec. 2."""
+    """Decoding for dev evaluation (and, later, reflection). Defaults: docs/method.md, section 2."""
 
     max_new_tokens: int = 256
     do_sample: bool = False
@@ -215,7 +215,7 @@ class DevEvalConfig:
 
 @dataclass(kw_only=True)
 class ReflectConfig:
-    """Selective reflection (SRD paper Sec. 3.2; SRD-NOTES sec. 2).
+    """Selective reflection (SRD paper Sec. 3.2; docs/method.md, section 2).
 
     The student answers every training prompt (decoding: the `generation` section);
     scorers compare its answer with the reference; reciprocal rank fusion (k = rrf_k)
@@ -274,7 +274,7 @@ class CurriculumConfig:
 class OnPolicyConfig:
     """On-policy KD (GKD): for `ratio` of the micro-batches the student samples its own
     responses to the batch's prompts and the KD loss is computed on them (no CE term on
-    self-generated text). SRD-NOTES sec. 3: ratio 0.5, sampling at temperature 1, top-k 0,
+    self-generated text). docs/method.md, section 4: ratio 0.5, sampling at temperature 1, top-k 0,
     top-p 1, 256 new tokens, alpha = 0. Default ratio: 0.5 for method=gkd, else 0 (off-policy)."""
 
     ratio: float | None = None

@@ -26,7 +26,7 @@ def _kl64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def reference(name: str, s: np.ndarray, t: np.ndarray, tau: float, beta: float | None) -> np.ndarray:
-    """Textbook definitions (SRD-NOTES sec. 1) in float64 numpy, independent of srd code."""
+    """Textbook definitions (docs/method.md, section 1) in float64 numpy, independent of srd code."""
     p, q = _softmax64(t, tau), _softmax64(s, tau)
     if name == "fkl":
         return _kl64(p, q)

@@ -1,4 +1,4 @@
-"""Benchmarks by name: data, prompt, metric and decoding (SRD-NOTES sec. 4).
+"""Benchmarks by name: data, prompt, metric and decoding (docs/method.md, section 5).
 
 instruction following  dolly-eval, self-inst, vicuna-eval, s-ni, unni (the paper's five) and any
                        JSONL file: ROUGE-L, sampling at temperature 1 over seeds 10..50 (or

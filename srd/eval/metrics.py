@@ -1,5 +1,5 @@
 """Text metrics. ROUGE-L is rouge-score's rougeL F-measure with Porter stemming, x100,
-maximised over references (the KD literature's protocol, SRD-NOTES sec. 4)."""
+maximised over references (the KD literature's protocol, docs/method.md, section 5)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ counts). p = softmax(teacher_logits / tau) and q = softmax(student_logits / tau)
 computed in float32 (float64 inputs stay float64). The result has shape (...) and is
 exactly 0 wherever the mask is 0, so a fully masked batch never gives NaN.
 
-Definitions (SRD-NOTES sec. 1; SRD paper Eq. 7-9; DistiLLM for the skew variants):
+Definitions (docs/method.md, section 1; SRD paper Eq. 7-9; DistiLLM for the skew variants):
 
     fkl   KL(p || q) = sum_v p (log p - log q)               forward KL, "KLD"
     rkl   KL(q || p)                                          reverse KL

@@ -8,7 +8,7 @@ logits of one chunk at a time.
 
 The functions return *sums* over tokens. The caller divides by the number of valid
 tokens in the whole optimizer step, which keeps gradient accumulation exact
-(SRD-NOTES sec. 1: "mean over all valid tokens of the optimizer step").
+(docs/method.md, section 1: the mean over all valid tokens of the optimizer step).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ samples a response to each prompt (temperature 1, top-k 0, top-p 1, up to 256 ne
 default, stop at EOS). The training sequence is prompt + sampled tokens, and the labels are
 the sampled tokens themselves in the Hugging Face convention (`labels[i] = input_ids[i]`,
 predicted from position i - 1; the loss shifts once, in `target_positions`), with a sampled
-EOS kept as the last target. SRD-NOTES sec. 3: the reference sampler shifts the labels of
+EOS kept as the last target. docs/method.md, section 4: the reference sampler shifts the labels of
 generated text wrongly and drops the EOS; `tests/test_onpolicy.py` pins both.
 """
 
