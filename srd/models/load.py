@@ -4,7 +4,7 @@ transformers loads a GGUF file dequantised to float, but the result keeps a GGUF
 quantizer attached: it can be neither saved nor trained. So a GGUF model is converted
 once into a plain safetensors checkpoint in the cache (rebuilt from its config without
 `quantization_config`, state dict loaded strictly, weights re-tied) and loaded from
-there afterwards (ENV-NOTES: logits identical, reload in 1-2 s).
+there afterwards.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Depth pruning: build a student that shares the teacher's tokenizer by keeping a subset
 of its decoder layers (as DistilBERT / Minitron do).
 
-Which layers to keep matters enormously. On SmolLM2-135M, keeping every 2nd or 3rd layer
-gives a perplexity above 100,000 (layer 0 and 1 are vital), while choosing by measured
-perplexity keeps the student usable (ENV-NOTES). Importance is measured on real text:
+Which layers to keep matters enormously: on SmolLM2-135M, keeping every 2nd or 3rd layer
+leaves a student that writes gibberish (its first two layers are vital), while choosing by
+measured perplexity keeps it usable. Importance is measured on real text:
 
 * `oneshot`: drop each layer alone, rank layers by the perplexity without them, drop the
   least important ones at once (L evaluations);
