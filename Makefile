@@ -19,12 +19,12 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check srd tests benchmarks
-	$(BIN)/ruff format --check srd tests benchmarks
+	$(BIN)/ruff check srd tests benchmarks examples
+	$(BIN)/ruff format --check srd tests benchmarks examples
 
 format: setup
-	$(BIN)/ruff format srd tests benchmarks
-	$(BIN)/ruff check --fix srd tests benchmarks
+	$(BIN)/ruff format srd tests benchmarks examples
+	$(BIN)/ruff check --fix srd tests benchmarks examples
 
 test: setup lint
 	$(BIN)/python -m pytest -q

@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output folder")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="override each benchmark's token budget")
-    ev.add_argument("--prompt-format", choices=["alpaca", "chat"], default="alpaca", help="prompt template")
+    ev.add_argument("--prompt-format", choices=["alpaca", "chat", "plain"], default="alpaca", help="prompt template")
     ev.add_argument("--no-repeat-ngram-size", type=int, default=0, help="(default 0: off, as the paper's eval)")
     ev.add_argument(
         "--backend",

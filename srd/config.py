@@ -56,7 +56,9 @@ class DataConfig:
     train_limit: int | None = None  # keep only the first N training rows
     dev_limit: int | None = 200  # rows of dev used for the dev loss
     data_dir: str | None = None  # where named sets live (default: $SRD_DATA_DIR, then ../shared/data)
-    prompt_format: Literal["alpaca", "chat"] = "alpaca"
+    # alpaca: the KD literature's template; chat: the tokenizer's chat template; plain: the
+    # instruction text is the prompt as it is (TRL's prompt/completion data sets)
+    prompt_format: Literal["alpaca", "chat", "plain"] = "alpaca"
     # appended to every instruction (training, dev, reflection), e.g. the chain-of-thought
     # request "Please reason step by step, and put your final answer within \boxed{}."
     instruction_suffix: str | None = None

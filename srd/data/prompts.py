@@ -1,4 +1,5 @@
-"""Prompt formats: the Alpaca-style template of the KD literature, and chat templates.
+"""Prompt formats: the Alpaca-style template of the KD literature, chat templates, and plain
+(the instruction is the whole prompt, as in TRL's prompt/completion data sets).
 
 The Alpaca template is exactly the one in MiniLLM / DistiLLM / SRD data (the `prompt`
 field of ../shared/data/dolly/*.jsonl); a test checks it against every row.
@@ -21,7 +22,7 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-PROMPT_FORMATS = ("alpaca", "chat")
+PROMPT_FORMATS = ("alpaca", "chat", "plain")
 
 
 def render_prompt(instruction: str, input_text: str, fmt: str, tokenizer: Any = None) -> str:
@@ -30,6 +31,8 @@ def render_prompt(instruction: str, input_text: str, fmt: str, tokenizer: Any = 
         if input_text:
             return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
         return ALPACA_NO_INPUT.format(instruction=instruction)
+    if fmt == "plain":  # the text is the prompt as the model sees it (the input, if any, follows it)
+        return f"{instruction}{input_text}"
     if fmt == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError(
@@ -44,8 +47,11 @@ def render_prompt(instruction: str, input_text: str, fmt: str, tokenizer: Any = 
 
 def _tokenize_prompt(tokenizer: Any, text: str, fmt: str) -> list[int]:
     # A chat template already writes its special tokens; the Alpaca prompt gets the
-    # tokenizer's usual ones (a BOS for Llama-2-style tokenizers, nothing for GPT-2/SmolLM2).
-    return tokenizer(text, add_special_tokens=(fmt != "chat"))["input_ids"]
+    # tokenizer's usual ones (a BOS for Llama-2-style tokenizers, nothing for GPT-2/SmolLM2);
+    # a plain prompt too, unless it already starts with the BOS (a rendered chat template)
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = fmt == "chat" or (fmt == "plain" and bool(bos) and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 def _shorten(tokenizer: Any, text: str, n_remove: int) -> str:

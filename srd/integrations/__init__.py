@@ -1,0 +1,1 @@
+"""SRD inside other trainers: `hf` (Hugging Face datasets and any Trainer), `trl` (TRL's GKDTrainer)."""

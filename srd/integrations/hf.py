@@ -1,0 +1,311 @@
+"""SRD for Hugging Face `datasets` and any `transformers.Trainer`: reflection on a Dataset, and
+the Baby-Step curriculum fed to a Trainer in order, with each stage's tau and alpha.
+
+    reflected = reflect_dataset(train_ds, student=model, tokenizer=tok, out_dir="runs/my-reflection")
+    curriculum = Curriculum.from_reflected(reflected, batch_size=8 * grad_accum * processes)
+    trainer = SomeTrainer(..., train_dataset=curriculum.dataset(reflected),
+                          args=...(num_train_epochs=1, train_sampling_strategy="sequential"))
+    curriculum.attach(trainer)     # sets trainer.srd_tau / srd_alpha per stage, logs stage, tau, alpha
+    trainer.train()
+
+The curriculum is an explicit order of rows: for stage i, `epochs_per_stage` passes over the
+kept examples of stages 1..i, each pass shuffled with a seed of its own, so the trainer only has
+to read the data in order (a sequential sampler; `num_train_epochs=1`). Each stage's rows are cut
+to a multiple of the optimizer step's batch (at most batch - 1 rows dropped at a stage's end,
+like `drop_last`), so that a stage boundary is an optimizer step and no step mixes two stages'
+temperatures. Resuming from a trainer checkpoint works as for any ordered data: the trainer
+skips the rows its finished steps consumed, and the callback derives the stage from the step.
+
+Which trainers honour tau and alpha is the trainer's business (`srd.integrations.trl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from srd.config import CurriculumConfig, RunConfig, load_config
+from srd.curriculum import stage_alphas, stage_taus
+from srd.data.example import DataError, Example
+
+SRD_COLUMNS = ("srd_rouge_l", "srd_ce", "srd_fused", "srd_position", "srd_kept", "srd_stage")
+
+
+def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
+    """A prompt or completion cell as text: a string as it is; a list of chat messages through
+    the tokenizer's chat template (a prompt ends with the generation prompt) or, for a
+    completion, the content of its messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        if not prompt:
+            return "".join(str(m["content"]) for m in value)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("conversational rows need a tokenizer with a chat template to render their prompt")
+        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    raise DataError(f"expected text or a list of chat messages, got {type(value).__name__}")
+
+
+def examples_from_dataset(dataset: Any, tokenizer: Any = None, *, id_column: str | None = None) -> list[Example]:
+    """srd Examples from a `datasets.Dataset` in one of the formats TRL's trainers take:
+
+    - prompt / completion (text, or lists of chat messages): the prompt is used as it is
+      (`data.prompt_format=plain`), a conversational one rendered with the chat template;
+    - messages (a conversation): everything before the last assistant message is the prompt;
+    - instruction / input / output (Alpaca-style; reflect with the `alpaca` prompt format).
+
+    Ids come from `id_column` when given, else the row index."""
+    columns = set(dataset.column_names)
+    examples = []
+    for i, row in enumerate(dataset):
+        where = f"dataset row {i}"
+        ex_id = str(row[id_column]) if id_column else str(i)
+        try:
+            if {"prompt", "completion"} <= columns:
+                ex = Example(
+                    id=ex_id,
+                    instruction=_text(row["prompt"], tokenizer, prompt=True),
+                    output=_text(row["completion"], tokenizer, prompt=False),
+                )
+            elif "messages" in columns:
+                msgs = row["messages"]
+                last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+                if last is None:
+                    raise DataError("the conversation has no assistant message to learn")
+                ex = Example(
+                    id=ex_id,
+                    instruction=_text(msgs[:last], tokenizer, prompt=True),
+                    output=str(msgs[last]["content"]),
+                )
+            elif {"instruction", "output"} <= columns:
+                ex = Example(
+                    id=ex_id, instruction=row["instruction"], input=row.get("input") or "", output=row["output"]
+                )
+            else:
+                raise DataError(
+                    f"columns {sorted(columns)}: expected prompt/completion, messages, or instruction/output"
+                )
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if not ex.instruction.strip() or not ex.target.strip():
+            raise DataError(f"{where}: an empty prompt or completion; drop the row or fill it in")
+        examples.append(ex)
+    if len({e.id for e in examples}) != len(examples):
+        raise DataError(f"id column {id_column!r} repeats a value: ids must be unique")
+    return examples
+
+
+def reflect_dataset(
+    dataset: Any,
+    *,
+    student: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    config: str | Path | RunConfig | None = None,
+    overrides: Sequence[str] = (),
+    id_column: str | None = None,
+    progress: bool = True,
+) -> Any:
+    """Selective reflection on a `datasets.Dataset`: the student answers every prompt, the
+    examples are scored (ROUGE-L and CE by default), fused and split into stages, and the
+    dataset comes back with the columns srd_rouge_l, srd_ce, srd_fused, srd_position (1 =
+    easiest), srd_kept and srd_stage (0 = dropped). Resumable: rerun with the same `out_dir`.
+
+    `config`: a YAML recipe or RunConfig for the reflect/curriculum/generation settings
+    (default: srd's defaults with `data.prompt_format=plain` for prompt/completion data);
+    `overrides`: `key=value` strings on top."""
+    from srd.reflect.reflect import reflect
+    from srd.train.loop import make_accelerator
+
+    columns = set(dataset.column_names)
+    fmt = "alpaca" if {"instruction", "output"} <= columns and "prompt" not in columns else "plain"
+    if isinstance(config, RunConfig):
+        cfg = config if not overrides else load_config(None, [*_as_overrides(config), *overrides])
+    else:
+        cfg = load_config(config, [f"data.prompt_format={fmt}", *overrides])
+    examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)
+    acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
+    manifest = reflect(
+        cfg,
+        student=student,
+        tokenizer=tokenizer,
+        examples=examples,
+        out_dir=Path(out_dir),
+        accelerator=acc,
+        progress=progress,
+    )
+    by_id = {r["id"]: r for r in manifest}
+    rows = [by_id[e.id] for e in examples]
+    scores = {s: [float(r["scores"].get(s, float("nan"))) for r in rows] for s in ("rouge_l", "ce")}
+    out = dataset
+    for name, values in (
+        ("srd_rouge_l", scores["rouge_l"]),
+        ("srd_ce", scores["ce"]),
+        ("srd_fused", [float(r["fused"]) for r in rows]),
+        ("srd_position", [int(r["position"]) for r in rows]),
+        ("srd_kept", [bool(r["kept"]) for r in rows]),
+        ("srd_stage", [int(r["stage"] or 0) for r in rows]),
+    ):
+        if name in out.column_names:
+            out = out.remove_columns(name)
+        out = out.add_column(name, values)
+    return out
+
+
+def _as_overrides(cfg: RunConfig) -> list[str]:
+    import json
+
+    from srd.config import to_dict
+
+    flat: list[str] = []
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat.append(f"{prefix}{k}={json.dumps(v)}")
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """The Baby-Step order of a reflected dataset's rows and each stage's tau and alpha.
+
+    order: dataset row indices, in training order; stage_steps: optimizer steps of each stage
+    (its rows / batch_size); taus, alphas: per stage."""
+
+    order: tuple[int, ...]
+    stage_steps: tuple[int, ...]
+    taus: tuple[float, ...]
+    alphas: tuple[float, ...]
+    batch_size: int
+
+    @classmethod
+    def from_reflected(
+        cls,
+        dataset: Any,
+        *,
+        batch_size: int,
+        curriculum: CurriculumConfig | None = None,
+        seed: int = 0,
+    ) -> Curriculum:
+        """The curriculum of a dataset returned by `reflect_dataset`. `batch_size`: rows per
+        optimizer step over all processes (per-device batch x gradient accumulation x processes)."""
+        if "srd_stage" not in dataset.column_names:
+            raise ValueError("the dataset has no srd_stage column: pass it through reflect_dataset first")
+        c = curriculum or CurriculumConfig()
+        stages = np.asarray(dataset["srd_stage"])
+        positions = np.asarray(dataset["srd_position"])
+        return cls.from_stages(stages, positions, c, batch_size=batch_size, seed=seed)
+
+    @classmethod
+    def from_stages(
+        cls, stages: np.ndarray, positions: np.ndarray, c: CurriculumConfig, *, batch_size: int, seed: int = 0
+    ) -> Curriculum:
+        """From per-row stage numbers (0 = dropped) and curriculum positions: pure, no model."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        rng = np.random.default_rng(seed)
+        order: list[int] = []
+        steps: list[int] = []
+        for i in range(1, c.num_stages + 1):
+            pool = np.flatnonzero((stages >= 1) & (stages <= i))
+            pool = pool[np.argsort(positions[pool], kind="stable")]  # easy -> hard, then shuffled per pass
+            if len(pool) == 0:
+                raise ValueError(f"curriculum stage {i} has no examples: keep more data or use fewer stages")
+            whole, part = divmod(c.epochs_per_stage, 1)
+            rows = [int(x) for _ in range(int(whole)) for x in rng.permutation(pool)]
+            rows += [int(x) for x in rng.permutation(pool)[: int(round(part * len(pool)))]]
+            n = len(rows) // batch_size * batch_size  # whole optimizer steps: no step spans two stages
+            if n == 0:
+                raise ValueError(
+                    f"curriculum stage {i} has {len(rows)} rows, fewer than one optimizer step of {batch_size}"
+                )
+            order += rows[:n]
+            steps.append(n // batch_size)
+        return cls(tuple(order), tuple(steps), tuple(stage_taus(c)), tuple(stage_alphas(c)), batch_size)
+
+    def dataset(self, reflected: Any) -> Any:
+        """The rows in training order (train it for one epoch, read sequentially)."""
+        return reflected.select(list(self.order))
+
+    def stage_at(self, step: int) -> int:
+        """The 1-based stage that optimizer step `step` (0-based) belongs to."""
+        edge = 0
+        for i, n in enumerate(self.stage_steps, start=1):
+            edge += n
+            if step < edge:
+                return i
+        return len(self.stage_steps)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps)
+
+    def attach(self, trainer: Any) -> CurriculumCallback:
+        """Add the callback that sets `trainer.srd_tau` / `trainer.srd_alpha` (and the trainer's
+        own `temperature` where it has one) at every step, and logs stage, tau and alpha."""
+        check_sequential(trainer)
+        cb = CurriculumCallback(self, trainer)
+        trainer.add_callback(cb)
+        cb.apply(trainer.state.global_step)
+        return cb
+
+
+def check_sequential(trainer: Any) -> None:
+    """Refuse a trainer that would reorder the curriculum's rows or read them more than once."""
+    from transformers import Trainer
+
+    args = trainer.args
+    if getattr(args, "shuffle_dataset", False):
+        raise ValueError("set shuffle_dataset=False in the trainer's config: the curriculum is the order of the rows")
+    uses_trainer_sampler = type(trainer)._get_train_sampler is Trainer._get_train_sampler
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if uses_trainer_sampler and strategy != "sequential":
+        raise ValueError(
+            f"set train_sampling_strategy='sequential' (it is {strategy!r}): the curriculum is the order of the rows"
+        )
+    if (args.max_steps is None or args.max_steps <= 0) and args.num_train_epochs != 1:
+        raise ValueError("set num_train_epochs=1: the curriculum already holds every stage's epochs")
+
+
+def _trainer_callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
+    """Keeps a trainer at its curriculum stage: tau and alpha before every optimizer step, and
+    stage / tau / alpha in every row the trainer logs."""
+
+    def __init__(self, curriculum: Curriculum, trainer: Any) -> None:
+        self.curriculum = curriculum
+        self.trainer = trainer
+        log = trainer.log
+
+        def log_with_stage(logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            logs = {**logs, "srd_stage": trainer.srd_stage, "srd_tau": trainer.srd_tau, "srd_alpha": trainer.srd_alpha}
+            return log(logs, *args, **kwargs)
+
+        trainer.log = log_with_stage
+
+    def apply(self, step: int) -> None:
+        c, t = self.curriculum, self.trainer
+        i = c.stage_at(step)
+        t.srd_stage, t.srd_tau, t.srd_alpha = i, c.taus[i - 1], c.alphas[i - 1]
+        if hasattr(t, "temperature"):  # TRL's distillation trainers read their temperature from here
+            t.temperature = t.srd_tau
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.apply(state.global_step)  # a resumed run starts in the stage of its checkpoint
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.apply(state.global_step)

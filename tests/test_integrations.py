@@ -1,0 +1,311 @@
+"""srd.integrations: SRD's reflection and curriculum for Hugging Face datasets, Trainer and TRL."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from srd.config import CurriculumConfig
+from srd.data.example import DataError
+from srd.integrations.hf import Curriculum, examples_from_dataset, reflect_dataset
+from tests.conftest import ROWS
+
+datasets = pytest.importorskip("datasets")
+
+
+def _prompt_completion(n: int = 12):
+    rows = (ROWS * (n // len(ROWS) + 1))[:n]
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [f"Q{i}: {r['instruction']}\nA:" for i, r in enumerate(rows)],
+            "completion": [" " + r["output"] for r in rows],
+        }
+    )
+
+
+def test_curriculum_order_is_the_cumulative_union_in_whole_steps():
+    """Stage i sees exactly stages 1..i's kept rows, epochs_per_stage times (less at most one
+    step's rows cut at its end), never a dropped row, and a stage ends on an optimizer step."""
+    stages = np.array([1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 1])
+    positions = np.array([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 4])
+    c = CurriculumConfig(num_stages=3, epochs_per_stage=2, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1)
+    cur = Curriculum.from_stages(stages, positions, c, batch_size=3, seed=0)
+    assert cur.taus == (1.0, 1.5, 2.0) and cur.alphas == pytest.approx((0.3, 0.2, 0.1))
+    assert cur.stage_steps == (8 // 3, 14 // 3, 20 // 3)  # 2 x 4, 2 x 7, 2 x 10 rows, whole steps of 3
+    edge = 0
+    for i, steps in enumerate(cur.stage_steps, start=1):
+        rows = cur.order[edge * 3 : (edge + steps) * 3]
+        allowed = set(np.flatnonzero((stages >= 1) & (stages <= i)))
+        counts = Counter(rows)
+        assert set(counts) == allowed  # the cumulative union, nothing dropped enters
+        assert all(v <= 2 for v in counts.values()) and sum(counts.values()) >= 2 * len(allowed) - 2
+        assert all(cur.stage_at(s) == i for s in range(edge, edge + steps))
+        edge += steps
+    assert cur == Curriculum.from_stages(stages, positions, c, batch_size=3, seed=0)  # seeded
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        Curriculum.from_stages(stages, positions, c, batch_size=64)
+
+
+def test_examples_from_the_dataset_formats_trl_takes(tokenizer):
+    pc = examples_from_dataset(_prompt_completion(3))
+    assert pc[0].instruction.startswith("Q0: ") and pc[0].output.startswith(" Paris") and pc[0].id == "0"
+    conv = datasets.Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": "Name three colors."}, {"role": "assistant", "content": "red"}],
+            ]
+        }
+    )
+    with pytest.raises(DataError, match="chat template"):
+        examples_from_dataset(conv, tokenizer)
+    alpaca = datasets.Dataset.from_list([dict(r, id=f"a{i}") for i, r in enumerate(ROWS[:2])])
+    ex = examples_from_dataset(alpaca, id_column="id")
+    assert ex[1].id == "a1" and ex[1].instruction == ROWS[1]["instruction"]
+    with pytest.raises(DataError, match="dataset row 1: an empty prompt or completion"):
+        examples_from_dataset(datasets.Dataset.from_dict({"prompt": ["a", "b"], "completion": ["x", " "]}))
+    with pytest.raises(DataError, match="expected prompt/completion, messages, or instruction/output"):
+        examples_from_dataset(datasets.Dataset.from_dict({"text": ["a"]}))
+
+
+def test_reflect_dataset_adds_the_manifest_as_columns(tmp_path, tiny_models):
+    from srd.models import load_model, load_tokenizer
+
+    student = load_model(str(tiny_models["llama-student"]))
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    ds = _prompt_completion(12)
+    out = reflect_dataset(
+        ds,
+        student=student,
+        tokenizer=tok,
+        out_dir=tmp_path / "refl",
+        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
+        progress=False,
+    )
+    assert out.column_names == [
+        "prompt",
+        "completion",
+        "srd_rouge_l",
+        "srd_ce",
+        "srd_fused",
+        "srd_position",
+        "srd_kept",
+        "srd_stage",
+    ]
+    assert sum(out["srd_kept"]) == 9 and sorted(Counter(out["srd_stage"]).items()) == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert sorted(out["srd_position"]) == list(range(1, 13))
+    manifest = [json.loads(x) for x in (tmp_path / "refl" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["stage"] or 0 for m in manifest] == out["srd_stage"]
+    # the prompt is used as it is (plain format), not wrapped in the Alpaca template
+    meta = json.loads((tmp_path / "refl" / "meta.json").read_text())
+    assert "plain" in json.dumps(meta["settings"])
+    # rerun: the answers are reused, the columns come back identical
+    again = reflect_dataset(
+        ds,
+        student=student,
+        tokenizer=tok,
+        out_dir=tmp_path / "refl",
+        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
+        progress=False,
+    )
+    assert again["srd_fused"] == out["srd_fused"]
+
+
+def _encoded_rows(tokenizer, ds):
+    from srd.data.tokenize import encode_example
+
+    return [
+        encode_example(tokenizer, ex, fmt="plain", max_prompt_len=32, max_len=48) for ex in examples_from_dataset(ds)
+    ]
+
+
+def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, seen=None, **extra):
+    from trl.experimental.gkd import GKDConfig
+
+    from srd.data.tokenize import collate
+    from srd.integrations.trl import SRDGKDTrainer
+    from srd.models import load_model
+
+    encoded = _encoded_rows(tok, reflected)
+    rows = reflected.add_column("row", list(range(len(reflected))))
+
+    def collator(features):
+        ids = [f["row"] for f in features]
+        if seen is not None:
+            seen.append(ids)
+        return collate([encoded[i] for i in ids], tok.pad_token_id)
+
+    torch.manual_seed(0)
+    args = GKDConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        max_steps=max_steps or -1,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        lmbda=0.0,
+        beta=0.0,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+    trainer = SRDGKDTrainer(
+        model=load_model(str(tiny_models["llama-student"])),
+        teacher_model=load_model(str(tiny_models["llama-teacher"])),
+        args=args,
+        train_dataset=cur.dataset(rows),
+        data_collator=collator,
+        processing_class=tok,
+    )
+    cur.attach(trainer)
+    return trainer
+
+
+@pytest.fixture
+def reflected_tiny(tmp_path, tiny_models):
+    from srd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    ds = _prompt_completion(12)
+    reflected = reflect_dataset(
+        ds,
+        student=load_model(str(tiny_models["llama-student"])),
+        tokenizer=tok,
+        out_dir=tmp_path / "refl",
+        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
+        progress=False,
+    )
+    c = CurriculumConfig(num_stages=3, epochs_per_stage=1, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1)
+    return tok, reflected, Curriculum.from_reflected(reflected, batch_size=2, curriculum=c)
+
+
+def test_gkd_trainer_sees_each_stage_and_its_tau_and_alpha_reach_the_loss(
+    tmp_path, tiny_models, reflected_tiny, monkeypatch
+):
+    from srd.integrations.trl import SRDGKDTrainer
+
+    tok, reflected, cur = reflected_tiny
+    assert cur.stage_steps == (1, 3, 4)  # 3, 6, 9 kept rows in whole steps of 2
+    calls = []
+    jsd = SRDGKDTrainer.generalized_jsd_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["temperature"])
+        return jsd(*args, **kwargs)
+
+    monkeypatch.setattr(SRDGKDTrainer, "generalized_jsd_loss", staticmethod(spy))
+    seen: list[list[int]] = []
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, seen=seen)
+    trainer.train()
+    # the rows, in the curriculum's order, each stage's from its cumulative union only
+    assert [i for batch in seen for i in batch] == list(cur.order)
+    stage_of = reflected["srd_stage"]
+    for step, batch in enumerate(seen):
+        assert all(1 <= stage_of[i] <= cur.stage_at(step) for i in batch)
+    assert calls == [cur.taus[cur.stage_at(s) - 1] for s in range(cur.total_steps)]
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert [(r["srd_stage"], r["srd_tau"]) for r in logged] == [
+        (cur.stage_at(s), cur.taus[cur.stage_at(s) - 1]) for s in range(cur.total_steps)
+    ]
+    assert all(r["srd_alpha"] == pytest.approx(cur.alphas[r["srd_stage"] - 1]) for r in logged)
+
+
+def test_gkd_loss_is_alpha_ce_plus_tau_squared_jsd(tiny_models, reflected_tiny, tmp_path):
+    """The wrapped loss against its formula computed here from the two models' logits."""
+    import torch.nn.functional as F
+
+    from srd.data.tokenize import collate
+
+    tok, reflected, cur = reflected_tiny
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
+    batch = collate(_encoded_rows(tok, reflected)[:2], tok.pad_token_id)
+    trainer.srd_tau, trainer.srd_alpha = 1.7, 0.25
+    got = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        s = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    p = F.log_softmax(t.double() / 1.7, -1)[mask]
+    q = F.log_softmax(s.double() / 1.7, -1)[mask]
+    kl = (p.exp() * (p - q)).sum(-1).mean()  # beta 0: forward KL(teacher || student)
+    ce = F.cross_entropy(s.double()[mask], labels[mask])
+    assert float(got) == pytest.approx(float(0.25 * ce + 0.75 * 1.7**2 * kl), rel=1e-5)
+
+
+def test_gkd_curriculum_resumed_from_a_checkpoint_ends_where_an_unbroken_run_ends(
+    tmp_path, tiny_models, reflected_tiny
+):
+    tok, reflected, cur = reflected_tiny
+    whole = _gkd_trainer(tmp_path / "a", tiny_models, tok, reflected, cur)
+    whole.train()
+    part = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur, max_steps=4)
+    part.train()  # stopped in stage 2 (steps 1..4), a checkpoint at step 4
+    # the same command without the stop, from the checkpoint
+    resumed = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-4"))
+    a = dict(whole.model.named_parameters())
+    b = dict(resumed.model.named_parameters())
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    stages = [r["srd_stage"] for r in resumed.state.log_history if "loss" in r]
+    assert stages[-1] == 3 and stages[:4] == [1, 2, 2, 2]
+
+
+def test_plain_trainer_takes_the_curriculum_as_an_sft_curriculum(tmp_path, tiny_models, reflected_tiny):
+    from transformers import Trainer, TrainingArguments
+
+    from srd.data.tokenize import collate
+    from srd.models import load_model
+
+    tok, reflected, cur = reflected_tiny
+    encoded = _encoded_rows(tok, reflected)
+    rows = reflected.add_column("row", list(range(len(reflected))))
+    seen: list[int] = []
+
+    def collator(features):
+        seen.extend(f["row"] for f in features)
+        return collate([encoded[f["row"]] for f in features], tok.pad_token_id)
+
+    def trainer(**kw):
+        args = dict(
+            output_dir=str(tmp_path / "sft"),
+            per_device_train_batch_size=2,
+            num_train_epochs=1,
+            train_sampling_strategy="sequential",
+            remove_unused_columns=False,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        args.update(kw)
+        return Trainer(
+            model=load_model(str(tiny_models["llama-student"])),
+            args=TrainingArguments(**args),
+            train_dataset=cur.dataset(rows),
+            data_collator=collator,
+        )
+
+    with pytest.raises(ValueError, match="train_sampling_strategy='sequential'"):
+        cur.attach(trainer(train_sampling_strategy="random"))
+    with pytest.raises(ValueError, match="num_train_epochs=1"):
+        cur.attach(trainer(num_train_epochs=2))
+    t = trainer()
+    cur.attach(t)
+    t.train()
+    assert seen == list(cur.order)
+    assert [r["srd_stage"] for r in t.state.log_history if "loss" in r] == [
+        cur.stage_at(s) for s in range(cur.total_steps)
+    ]
