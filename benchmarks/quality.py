@@ -156,35 +156,20 @@ PRESETS["paper-cpu"] = {
     "seeds": [42],
     "divergences": ["fkl"],
     "overrides": {
-        "model.teacher": "smollm2-135m-instruct",
-        "model.student": HEALED_STUDENT,
-        "data.train": "dolly",
+        **PRESETS["cpu"]["overrides"],  # the same teacher, student, data, lengths, optimizer and decoding
         "data.train_limit": PAPER_CPU_ROWS,
-        "data.dev": "dolly-dev",
         "data.dev_limit": 200,
-        "data.max_prompt_len": 256,
-        "data.max_len": 384,
-        "loss.alpha": 0.2,  # the baseline's CE weight: the mean of SRD's 0.3 -> 0.1
         "loss.teacher_top_k": 64,  # the teacher's forward paid once per example, not 20 times
         "curriculum.epochs_per_stage": 8,  # the baseline: 20 epochs (compare.step_ratio 0.6)
-        "compare.baseline": True,
-        "train.batch_size": 4,
-        "train.grad_accum": 2,
-        "train.lr": 1e-4,
         # pinned, not auto: a run resumed on a machine without native bf16 continues in bf16
         # (slower there) instead of being refused for a precision change
         "train.precision": "bf16",
         "train.eval_every": 100,
         "train.save_every": 50,
         "train.keep_last": 0,
-        "generation.max_new_tokens": 128,
-        "generation.batch_size": 16,
         "dev_eval.num_examples": 200,
         "dev_eval.max_new_tokens": 128,
         "eval.checkpoint": "best",
-        "eval.benchmarks": ["dolly-eval", "self-inst"],
-        "eval.greedy": True,
-        "eval.max_new_tokens": 128,
         "eval.batch_size": 32,
         "eval.dtype": "bfloat16",
     },

@@ -27,6 +27,21 @@ def _prompt_completion(n: int = 12):
     )
 
 
+def _reflect_tiny(tmp_path, tiny_models, ds):
+    from srd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    out = reflect_dataset(
+        ds,
+        student=load_model(str(tiny_models["llama-student"])),
+        tokenizer=tok,
+        out_dir=tmp_path / "refl",
+        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
+        progress=False,
+    )
+    return tok, out
+
+
 def test_curriculum_order_is_the_cumulative_union_in_whole_steps():
     """Stage i sees exactly stages 1..i's kept rows, epochs_per_stage times (less at most one
     step's rows cut at its end), never a dropped row, and a stage ends on an optimizer step."""
@@ -72,19 +87,8 @@ def test_examples_from_the_dataset_formats_trl_takes(tokenizer):
 
 
 def test_reflect_dataset_adds_the_manifest_as_columns(tmp_path, tiny_models):
-    from srd.models import load_model, load_tokenizer
-
-    student = load_model(str(tiny_models["llama-student"]))
-    tok = load_tokenizer(str(tiny_models["llama-student"]))
     ds = _prompt_completion(12)
-    out = reflect_dataset(
-        ds,
-        student=student,
-        tokenizer=tok,
-        out_dir=tmp_path / "refl",
-        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
-        progress=False,
-    )
+    tok, out = _reflect_tiny(tmp_path, tiny_models, ds)
     assert out.column_names == [
         "prompt",
         "completion",
@@ -103,14 +107,7 @@ def test_reflect_dataset_adds_the_manifest_as_columns(tmp_path, tiny_models):
     meta = json.loads((tmp_path / "refl" / "meta.json").read_text())
     assert "plain" in json.dumps(meta["settings"])
     # rerun: the answers are reused, the columns come back identical
-    again = reflect_dataset(
-        ds,
-        student=student,
-        tokenizer=tok,
-        out_dir=tmp_path / "refl",
-        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
-        progress=False,
-    )
+    _, again = _reflect_tiny(tmp_path, tiny_models, ds)
     assert again["srd_fused"] == out["srd_fused"]
 
 
@@ -174,18 +171,7 @@ def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, 
 
 @pytest.fixture
 def reflected_tiny(tmp_path, tiny_models):
-    from srd.models import load_model, load_tokenizer
-
-    tok = load_tokenizer(str(tiny_models["llama-student"]))
-    ds = _prompt_completion(12)
-    reflected = reflect_dataset(
-        ds,
-        student=load_model(str(tiny_models["llama-student"])),
-        tokenizer=tok,
-        out_dir=tmp_path / "refl",
-        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
-        progress=False,
-    )
+    tok, reflected = _reflect_tiny(tmp_path, tiny_models, _prompt_completion(12))
     c = CurriculumConfig(num_stages=3, epochs_per_stage=1, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1)
     return tok, reflected, Curriculum.from_reflected(reflected, batch_size=2, curriculum=c)
 

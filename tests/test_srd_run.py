@@ -467,34 +467,11 @@ def test_eval_and_prune_check_their_inputs_before_any_weights_load(tmp_path, tin
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
     student = str(tiny_models["llama-student"])
+    prune = ["prune", "--teacher", str(tiny_models["llama-teacher"]), "--layers", "1", "--out", str(tmp_path / "p")]
     for args in (
         ["eval", student, "--benchmarks", str(bad), "--greedy"],
-        [
-            "prune",
-            "--teacher",
-            str(tiny_models["llama-teacher"]),
-            "--layers",
-            "1",
-            "--out",
-            str(tmp_path / "p"),
-            "--data",
-            str(bad),
-        ],
-        [
-            "prune",
-            "--teacher",
-            str(tiny_models["llama-teacher"]),
-            "--layers",
-            "1",
-            "--out",
-            str(tmp_path / "p"),
-            "--data",
-            str(bad.with_name("ok.jsonl")),
-            "--heal-steps",
-            "2",
-            "--heal-data",
-            str(bad),
-        ],
+        [*prune, "--data", str(bad)],
+        [*prune, "--data", str(bad.with_name("ok.jsonl")), "--heal-steps", "2", "--heal-data", str(bad)],
     ):
         bad.with_name("ok.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
         assert main(args) != 0, args
