@@ -4,7 +4,7 @@ and each curriculum stage's temperature and CE weight reaching GKD's loss.
 
     make setup && .venv/bin/srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 \
         --out runs/students/smollm2-20l-healed      # once; `make demo` builds it too
-    .venv/bin/python examples/trl_srd.py            # a few minutes on a 2-core CPU; rerun to resume
+    .venv/bin/python examples/trl_srd.py [ROWS]     # 48 rows: 18 optimizer steps; rerun to resume
 
 Everything a TRL user adds to a GKDTrainer script is marked `# SRD`.
 """
@@ -23,8 +23,9 @@ from srd.data import load_examples
 from srd.integrations.hf import Curriculum, reflect_dataset  # SRD
 from srd.integrations.trl import SRDGKDTrainer  # SRD
 from srd.models import load_model, load_tokenizer
+from srd.models.load import native_bf16
 
-ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 96
+ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 48  # Dolly training rows
 OUT = Path("runs/trl-srd")
 STUDENT = "runs/students/smollm2-20l-healed"
 
@@ -67,6 +68,7 @@ def main() -> None:
         save_steps=6,
         report_to=[],
         use_cpu=True,
+        bf16=native_bf16("cpu"),  # bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16)
     )
     # SRD 2: Baby Step order (stage i = stages 1..i, 2 epochs each), tau 1 -> 2, alpha 0.3 -> 0.1
     curriculum = Curriculum.from_reflected(
