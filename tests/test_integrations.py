@@ -295,3 +295,64 @@ def test_plain_trainer_takes_the_curriculum_as_an_sft_curriculum(tmp_path, tiny_
     assert [r["srd_stage"] for r in t.state.log_history if "loss" in r] == [
         cur.stage_at(s) for s in range(cur.total_steps)
     ]
+
+
+def test_distillation_trainer_reads_the_curriculum_in_order_at_each_stage_tau(tmp_path, tiny_models):
+    """TRL's DistillationTrainer (on-policy): with shuffle_dataset=False it takes the prompts in
+    the curriculum's order, and the callback's tau is the temperature its loss reads."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    from srd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    tok.padding_side = "left"
+    n = 12
+    ds = datasets.Dataset.from_dict(
+        {
+            "prompt": [f"What is {i} plus {i}?" for i in range(n)],
+            "srd_stage": [1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 0],
+            "srd_position": list(range(1, n + 1)),
+        }
+    )
+    cur = Curriculum.from_reflected(ds, batch_size=2, curriculum=CurriculumConfig(num_stages=3, epochs_per_stage=1))
+
+    def trainer(shuffle: bool):
+        args = DistillationConfig(
+            output_dir=str(tmp_path / "dt"),
+            per_device_train_batch_size=2,
+            num_train_epochs=1,
+            shuffle_dataset=shuffle,
+            max_completion_length=4,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        return DistillationTrainer(
+            model=load_model(str(tiny_models["llama-student"])),
+            teacher_model=load_model(str(tiny_models["llama-teacher"])),
+            args=args,
+            train_dataset=cur.dataset(ds),
+            processing_class=tok,
+        )
+
+    with pytest.raises(ValueError, match="shuffle_dataset=False"):
+        cur.attach(trainer(shuffle=True))
+    t = trainer(shuffle=False)
+    prompts, temps = [], []
+    generate, loss = t._generate_and_score_completions, t._compute_loss
+
+    def spy_generate(inputs):
+        prompts.extend(x["prompt"] for x in inputs)
+        return generate(inputs)
+
+    def spy_loss(*a, **k):
+        temps.append(t.temperature)
+        return loss(*a, **k)
+
+    t._generate_and_score_completions, t._compute_loss = spy_generate, spy_loss
+    cur.attach(t)
+    t.train()
+    assert prompts == [ds["prompt"][i] for i in cur.order]
+    assert temps == [cur.taus[cur.stage_at(s) - 1] for s in range(cur.total_steps)]

@@ -10,7 +10,9 @@ What each trainer honours (TRL 1.16):
 - `transformers.Trainer` (and TRL's `SFTTrainer`, which reads rows with the same sampler): the
   curriculum order only (no teacher: an SFT curriculum); tau and alpha are set on the trainer
   but nothing reads them.
-- TRL's `DistillationTrainer`: not supported yet.
+- TRL's `DistillationTrainer` (on-policy), with `shuffle_dataset=False`: the curriculum order
+  and tau, as the temperature its loss reads (without a tau^2 factor; its sampling temperature
+  is fixed at construction); alpha is not used (its loss has no CE term).
 
 `beta` keeps GKD's meaning (0 = forward KL, 1 = reverse KL), `lmbda` its share of on-policy
 batches; alpha applies to every batch, so set the curriculum's alphas to 0 (`alpha_start=0,
