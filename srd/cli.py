@@ -154,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("config", nargs="?", help="YAML recipe (omit for the defaults)")
     c.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    c.add_argument(
+        "--reference", action="store_true", help="print the reference of every option (docs/configuration.md)"
+    )
 
     pr = sub.add_parser(
         "prune",
@@ -297,6 +300,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         from srd.config import dump_config, load_config
 
+        if args.reference:
+            from srd.config_reference import reference_markdown
+
+            print(reference_markdown(), end="")
+            return 0
         print(dump_config(load_config(args.config, args.overrides)), end="")
         return 0
     if args.command == "prune":

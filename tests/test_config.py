@@ -196,3 +196,25 @@ def test_auto_precision_is_bf16_where_the_hardware_has_it(monkeypatch):
         assert precision_of("auto") == want
     monkeypatch.setenv("SRD_CPU_BF16", "0")
     assert precision_of("bf16") == "bf16" and precision_of("fp32") == "no"
+
+
+def test_configuration_reference_in_docs_is_generated_from_the_dataclasses():
+    """docs/configuration.md is what `srd config --reference` prints: every key, type, default and
+    comment of srd/config.py. After changing a config field: srd config --reference > docs/configuration.md"""
+    import dataclasses
+
+    from srd.config import RunConfig
+    from srd.config_reference import reference_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert doc == reference_markdown(), "regenerate it: srd config --reference > docs/configuration.md"
+    for f in dataclasses.fields(RunConfig):
+        section = getattr(RunConfig(), f.name)
+        keys = (
+            [f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
+            if dataclasses.is_dataclass(section)
+            else [f.name]
+        )
+        for key in keys:
+            row = next(line for line in doc.splitlines() if line.startswith(f"| `{key}` |"))
+            assert not row.endswith("|  |"), f"{key} has no description: add a comment next to it in srd/config.py"
