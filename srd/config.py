@@ -91,16 +91,15 @@ class LossConfig:
     chunk_size: int = 1024  # tokens whose full-vocabulary logits exist at once
     # true: recompute each chunk's logits in backward (activation checkpoints: least memory);
     # false: keep them (faster when they fit); auto: recompute on GPUs, where memory is the
-    # constraint, keep on CPUs (benchmarks/results/2026-11-28-cpu-throughput-cache.md: keeping
-    # was both faster, 1.48x vs 1.27x the hand-written step, and smaller in peak RSS there)
+    # constraint, keep on CPUs (where keeping was measured both faster and smaller in peak RSS;
+    # benchmarks/README.md indexes the measurements)
     recompute_chunks: bool | Literal["auto"] = "auto"
     # under bf16 training, true keeps the language-model heads' bf16 logits (and one value per
     # row) for backward and rebuilds their float32 log-probabilities there, instead of keeping
     # float32 p and log q: half the bytes the loss holds, the same loss values, gradients equal
     # to float32 rounding, a few more vocabulary-sized passes (forward KL, srd's default
     # divergence, and the teacher-cache path; no effect in fp32); auto: on GPUs, not on CPUs,
-    # where those passes cost more than the memory is worth
-    # (benchmarks/results/2026-12-01-cpu-bf16-logits.md)
+    # where those passes were measured to cost more than the memory is worth
     recompute_log_probs: bool | Literal["auto"] = "auto"
     # > 0: compute the teacher's top-k logits once per training example, cache them on disk
     # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the
@@ -149,9 +148,8 @@ class TrainConfig:
     # process (needs `pip install deepspeed`); none: DDP (a full copy per process)
     sharding: Literal["none", "fsdp", "zero1", "zero2"] = "none"
     # compile every transformer block of the student and the teacher (torch.compile) for the
-    # training step; generation inside training runs them eagerly. Pays on a GPU (1.42x the
-    # hand-written step on an H200, benchmarks/results/2026-11-28-gpu-throughput.md); on a
-    # CPU the compiling costs minutes
+    # training step; generation inside training runs them eagerly. Pays on a GPU (measured on
+    # an H200; benchmarks/README.md); on a CPU the compiling costs minutes
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -351,8 +349,8 @@ class EvalConfig:
     batch_size: int = 16  # prompts decoded together
     no_repeat_ngram_size: int = 0  # 0: off (the paper's evaluation)
     # weights' precision while decoding the benchmarks. float32 by default whatever the training
-    # precision, so that scores compare across machines: on 32 SelfInst rows the teacher's greedy
-    # ROUGE-L moved by 2.2 between float32 and bf16 weights (benchmarks/results/2026-12-01-cpu-bf16.md)
+    # precision, so that scores compare across machines: bf16 weights change greedy answers
+    # (near-ties flip), enough to move a benchmark's ROUGE-L by points on a small slice
     dtype: Literal["float32", "bfloat16"] = "float32"
     # which model of this run (and of the KD baseline) is evaluated: "final" = the last stage's
     # final weights; "best" = the checkpoint with the highest dev ROUGE-L over every stage's

@@ -174,7 +174,7 @@ def tune_cpu_allocator() -> bool:
     glibc serves each allocation over 32 MB (every vocabulary-sized tensor of a KD step:
     1,024 x 49,152 float32 is 200 MB) with a fresh mmap and unmaps it when freed, so the next
     tensor of that size page-faults all of its pages again; on a CPU that costs about as much as
-    the arithmetic on them (benchmarks/results/2026-12-01-cpu-allocator.md). This makes glibc
+    the arithmetic on them (measured; benchmarks/README.md). This makes glibc
     serve them from its heap (M_MMAP_MAX = 0) and keep up to 2 GiB of freed heap (M_TRIM_THRESHOLD),
     as jemalloc or tcmalloc would. Only on Linux with glibc, once per process;
     `SRD_CPU_MALLOC=0` leaves the allocator as it is. Returns whether it is tuned."""

@@ -174,9 +174,8 @@ def step_logits(model: Any, **inputs: Any) -> torch.Tensor:
     """(B, V) float32 logits at each row's last position, the KV cache updated in place.
 
     When the logits are a plain linear map of the last hidden state, the head runs as
-    weight @ hidden.T: for the few rows of a decode step that GEMM is about 1.5x faster on a
-    CPU than F.linear's (49,152 x 576 head, 16 rows: 19.3 ms against 31.0 ms here;
-    benchmarks/results/2026-11-28-cpu-gemm.md)."""
+    weight @ hidden.T: for the few rows of a decode step that GEMM was measured faster on a
+    CPU than F.linear's (benchmarks/gemm.py)."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     if not splittable(base):
         return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
@@ -284,8 +283,8 @@ def decode_stream(
     leaves the batch and its KV cache at once; once `refill_at` slots are free (default a
     quarter of the batch), the next prompts are prefilled and join the running batch, so the
     batch stays full until the prompts run out (continuous batching). A step of 16 rows costs
-    far less than 16 steps of 1 row (on the 2-core CPU here a 576 x 1536 layer takes 0.13 ms
-    for 1 row and 0.48 ms for 16; benchmarks/results/2026-11-28-cpu-gemm.md), so a full batch
+    far less than 16 steps of 1 row (a decode step is bound by reading the weights, which a
+    batch shares; benchmarks/gemm.py), so a full batch
     is what makes decoding fast. Sampling needs `seeds`, one per prompt: a prompt's draws come
     from its seed and the token's position alone (`sample_rows`), whatever rows it is decoded
     with. With `keep_eos` a generated EOS ends its row's ids (on-policy training keeps it as a

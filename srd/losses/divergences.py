@@ -119,8 +119,8 @@ def _kl_teacher_grad(p: Tensor, lq: Tensor, kl: Tensor, g: Tensor) -> Tensor:
 class _ForwardKL(torch.autograd.Function):
     """KL(p || q) per row with a hand-written backward: d/ds = (q - p) / tau and
     d/dt = p (log p - log q - KL) / tau. Autograd through log-softmax, where, sub and mul
-    runs about twice as many vocabulary-sized passes; on a CPU those passes are a quarter of
-    a KD step (benchmarks/results/2026-11-28-cpu-profile.md). Same values as `_kl` (tested
+    runs about twice as many vocabulary-sized passes, a large share of a KD step on a CPU
+    (profiled; benchmarks/README.md). Same values as `_kl` (tested
     against float64 formulas and gradcheck). From bf16 / float16 logits it keeps those for
     backward with one value per row (`_lse`), not float32 p and log q: half the bytes."""
 
@@ -156,8 +156,8 @@ class _ForwardKLWithCE(torch.autograd.Function):
     At tau = 1 the CE is a gather from log q. At another tau, log q_1 = tau log q_tau + shift with
     shift = tau logsumexp(s / tau) - logsumexp(s) per row, so only the shift is kept, not the
     logits. The student's gradient is (q_tau - p) g_kl / tau + (q_1 - onehot(y)) g_ce, written
-    into one buffer (no more float32 error than the two losses apart: tested against float64,
-    benchmarks/results/2026-12-01-cpu-fused-ce.md). 16-bit logits are kept for backward as
+    into one buffer (no more float32 error than the two losses apart: tested against
+    float64). 16-bit logits are kept for backward as
     in _ForwardKL."""
 
     @staticmethod

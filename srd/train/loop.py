@@ -54,8 +54,7 @@ log = logging.getLogger(__name__)
 
 def auto_bf16(cuda: bool) -> bool:
     """train.precision=auto: bf16 autocast where bf16 matmuls run in hardware (a bf16 GPU, or a
-    CPU with AVX512-BF16 / AMX: there the quickstart experiment's training took 0.56-0.65x its
-    float32 time, benchmarks/results/2026-12-01-cpu-bf16.md), float32 elsewhere. SRD_CPU_BF16=0
+    CPU with AVX512-BF16 / AMX, where it was measured faster than float32), float32 elsewhere. SRD_CPU_BF16=0
     keeps CPUs in float32 (the test suite sets it, so its float32 references hold on any CPU)."""
     if cuda:
         return native_bf16("cuda")
