@@ -1,5 +1,7 @@
 """Quality benchmark: KD+SRD against plain KD with the same divergence, teacher and data.
 
+    python benchmarks/quality.py --preset paper-cpu           # the paper's regime + 6 ablation rows (hours)
+    python benchmarks/quality.py --preset paper-cpu --plan    # each run's steps and dev evaluations
     python benchmarks/quality.py --preset cpu                 # ~2 h+ on 2 CPU cores, resumable
     python benchmarks/quality.py --preset gpu                 # the paper's protocol on one GPU
     python benchmarks/quality.py --preset gpu --random-init   # GPT-2 1.5B -> 124M shapes, timing only
@@ -14,6 +16,13 @@ rows, stages, runs and benchmark files are reused. The record (config, machine, 
 times, scores, Wilcoxon p-values) is written to benchmarks/results/ when all runs finish.
 
 Presets:
+  paper-cpu  the paper's regime on 200 Dolly rows (bundled teacher -> healed 20-layer student,
+       forward KL, teacher top-64 cache, bf16): KD 20 epochs (500 steps) vs SRD 8 per stage
+       (312 steps); dev ROUGE-L on 200 dev rows every 100 steps and at stage ends in every run;
+       each model at its best dev checkpoint; DollyEval + SelfInst greedy and sampled (seeds 10,
+       20); ablation rows against the same KD baseline: lambda 1, random order, tau fixed 1,
+       lambda 0.9, the traditional curriculum, re-reflection before each stage; the teacher and
+       the initial student evaluated last.
   cpu  the bundled SmolLM2-135M-Instruct teacher -> the healed 20-layer student
        (`srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80
        --out runs/students/smollm2-20l-healed`); the first 1,000 Dolly training rows;
