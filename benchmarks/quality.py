@@ -463,6 +463,13 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         base = out / name.removesuffix(f"-{variant}") if variant else run  # where the KD baseline is
         if not (_scores(base / "baseline", modes[0]) and _scores(run, modes[0])):
             unfinished.append(f"Run `{name}` is not finished (rerun the command to resume it).")
+            # what it has done so far: the dev curves of its stages (and of the KD baseline)
+            if not variant and (base / "baseline" / "stages").exists():
+                curves.append(f"| KD ({div}, seed {seed}), unfinished | {dev_curve(base / 'baseline')} |")
+            if (run / "stages").exists():
+                curves.append(
+                    f"| {div}, seed {seed}{f', {variant}' if variant else ''}, unfinished | {dev_curve(run)} |"
+                )
             continue
         what = preset.get("labels", {}).get(variant)
         run_label = f"{div}, seed {seed}" + (f", {what}" if what and any(r[3] for r in runs) else "")

@@ -237,6 +237,11 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     ]
     assert quality.main([*args, "train.stop_after_steps=2"]) == 1  # paused in stage 1
     assert not (out / "paper-cpu-fkl-s42" / "experiment.json").exists()
+    # a record of the unfinished preset says so and shows the dev curve done so far
+    assert quality.main([*args, "--report-only"]) == 0
+    partial = record.read_text()
+    assert "Run `paper-cpu-fkl-s42` is not finished" in partial
+    assert "| fkl, seed 42, unfinished | stage-1: 0 " in partial
     assert quality.main(args) == 0
     base, names = out / "paper-cpu-fkl-s42", ["paper-cpu-fkl-s42", "paper-cpu-fkl-s42-lambda1", "paper-cpu-fkl-s42-tcl"]
     assert sorted(p.name for p in out.iterdir()) == names
