@@ -356,3 +356,14 @@ def test_distillation_trainer_reads_the_curriculum_in_order_at_each_stage_tau(tm
     t.train()
     assert prompts == [ds["prompt"][i] for i in cur.order]
     assert temps == [cur.taus[cur.stage_at(s) - 1] for s in range(cur.total_steps)]
+
+
+def test_a_run_config_takes_overrides_like_a_recipe():
+    from srd.config import ConfigError, RunConfig
+    from srd.integrations.hf import with_overrides
+
+    cfg = with_overrides(RunConfig(), ["reflect.keep_ratio=0.5", "generation.stop_strings=[]", "model.teacher=x/y"])
+    assert cfg.reflect.keep_ratio == 0.5 and cfg.generation.stop_strings == [] and cfg.model.teacher == "x/y"
+    assert with_overrides(cfg, []) == cfg
+    with pytest.raises(ConfigError, match="keep_ratio"):
+        with_overrides(cfg, ["reflect.keep_ratio=2"])

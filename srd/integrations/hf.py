@@ -124,7 +124,7 @@ def reflect_dataset(
     columns = set(dataset.column_names)
     fmt = "alpaca" if {"instruction", "output"} <= columns and "prompt" not in columns else "plain"
     if isinstance(config, RunConfig):
-        cfg = config if not overrides else load_config(None, [*_as_overrides(config), *overrides])
+        cfg = with_overrides(config, overrides)
     else:
         cfg = load_config(config, [f"data.prompt_format={fmt}", *overrides])
     examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)
@@ -156,22 +156,14 @@ def reflect_dataset(
     return out
 
 
-def _as_overrides(cfg: RunConfig) -> list[str]:
-    import json
+def with_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """A copy of `cfg` with `key=value` overrides applied (validated like a loaded config)."""
+    from srd.config import _set_dotted, from_dict, parse_overrides, to_dict
 
-    from srd.config import to_dict
-
-    flat: list[str] = []
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat.append(f"{prefix}{k}={json.dumps(v)}")
-
-    walk(to_dict(cfg), "")
-    return flat
+    data = to_dict(cfg)
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value)
+    return from_dict(RunConfig, data)
 
 
 @dataclass(frozen=True)
