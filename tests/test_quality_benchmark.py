@@ -285,3 +285,37 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     before = {p: p.read_text() for p in logs}
     assert quality.main(args) == 0
     assert {p: p.read_text() for p in sorted(out.glob("**/logs/train.jsonl"))} == before
+
+
+def test_trl_quality_compares_trl_alone_with_trl_plus_srd(tmp_path, tiny_models):
+    """benchmarks/trl_quality.py on tiny models: both arms train with TRL's trainer, are
+    evaluated, and the record gives the difference with its interval; a rerun reuses them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trl_quality", ROOT / "benchmarks" / "trl_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [dict(r, id=f"r{i:02d}") for i, r in enumerate(ROWS + ROWS[::-1])]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record, out = tmp_path / "record.md", tmp_path / "runs"
+    args = [
+        "--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"]),
+        "--data", str(train), "--rows", "12", "--epochs-per-stage", "1", "--batch-size", "2", "--grad-accum", "1",
+        "--max-len", "96", "--benchmarks", str(train), "--limit", "4", "--max-new-tokens", "4",
+        "--reflect-overrides", "generation.max_new_tokens=4",
+        "--out", str(out), "--record", str(record), "--no-progress",
+    ]  # fmt: skip
+    assert module.main(args) == 0
+    text = record.read_text()
+    assert "| trl |" in text and "| trl+srd |" in text and "], p = " in text and "not finished" not in text
+    # trl alone: 2.5 epochs of 12 rows in steps of 2; trl+srd: 3 + 6 + 9 rows, one epoch each, in
+    # whole steps of 2 (1 + 3 + 4)
+    trl_state = json.loads(sorted((out / "trl" / "trainer").glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    srd_state = json.loads(
+        sorted((out / "trl+srd" / "trainer").glob("checkpoint-*/trainer_state.json"))[-1].read_text()
+    )
+    assert trl_state["global_step"] == 15 and srd_state["global_step"] == 8
+    assert {r["srd_stage"] for r in srd_state["log_history"] if "srd_stage" in r} <= {1, 2, 3}
+    before = (out / "trl+srd" / "train_s.json").read_text()
+    assert module.main(args) == 0 and (out / "trl+srd" / "train_s.json").read_text() == before  # reused
