@@ -547,13 +547,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of options at the top level")
         data = _float_strings(loaded)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
     try:
-        return from_dict(RunConfig, data)
+        return _build(data, overrides or [])
     except ConfigError as e:
         where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{e}{where}") from e
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of `cfg` with `key=value` overrides applied, validated like a loaded config."""
+    return _build(to_dict(cfg), list(overrides))
+
+
+def _build(data: dict[str, Any], overrides: list[str]) -> RunConfig:
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return from_dict(RunConfig, data)
 
 
 def _float_strings(obj: Any) -> Any:

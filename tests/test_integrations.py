@@ -359,8 +359,7 @@ def test_distillation_trainer_reads_the_curriculum_in_order_at_each_stage_tau(tm
 
 
 def test_a_run_config_takes_overrides_like_a_recipe():
-    from srd.config import ConfigError, RunConfig
-    from srd.integrations.hf import with_overrides
+    from srd.config import ConfigError, RunConfig, with_overrides
 
     cfg = with_overrides(RunConfig(), ["reflect.keep_ratio=0.5", "generation.stop_strings=[]", "model.teacher=x/y"])
     assert cfg.reflect.keep_ratio == 0.5 and cfg.generation.stop_strings == [] and cfg.model.teacher == "x/y"

@@ -28,11 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from srd.config import CurriculumConfig, RunConfig, load_config
+from srd.config import CurriculumConfig, RunConfig, load_config, with_overrides
 from srd.curriculum import stage_alphas, stage_taus
 from srd.data.example import DataError, Example
-
-SRD_COLUMNS = ("srd_rouge_l", "srd_ce", "srd_fused", "srd_position", "srd_kept", "srd_stage")
 
 
 def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
@@ -140,30 +138,20 @@ def reflect_dataset(
     )
     by_id = {r["id"]: r for r in manifest}
     rows = [by_id[e.id] for e in examples]
-    scores = {s: [float(r["scores"].get(s, float("nan"))) for r in rows] for s in ("rouge_l", "ce")}
+    columns = {
+        "srd_rouge_l": [float(r["scores"].get("rouge_l", float("nan"))) for r in rows],
+        "srd_ce": [float(r["scores"].get("ce", float("nan"))) for r in rows],
+        "srd_fused": [float(r["fused"]) for r in rows],
+        "srd_position": [int(r["position"]) for r in rows],
+        "srd_kept": [bool(r["kept"]) for r in rows],
+        "srd_stage": [int(r["stage"] or 0) for r in rows],
+    }
     out = dataset
-    for name, values in (
-        ("srd_rouge_l", scores["rouge_l"]),
-        ("srd_ce", scores["ce"]),
-        ("srd_fused", [float(r["fused"]) for r in rows]),
-        ("srd_position", [int(r["position"]) for r in rows]),
-        ("srd_kept", [bool(r["kept"]) for r in rows]),
-        ("srd_stage", [int(r["stage"] or 0) for r in rows]),
-    ):
+    for name, values in columns.items():
         if name in out.column_names:
             out = out.remove_columns(name)
         out = out.add_column(name, values)
     return out
-
-
-def with_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
-    """A copy of `cfg` with `key=value` overrides applied (validated like a loaded config)."""
-    from srd.config import _set_dotted, from_dict, parse_overrides, to_dict
-
-    data = to_dict(cfg)
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(data, key, value)
-    return from_dict(RunConfig, data)
 
 
 @dataclass(frozen=True)
