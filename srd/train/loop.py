@@ -525,15 +525,14 @@ def train_stage(
         teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
 
     ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
-    resume_from = ckpt.latest_checkpoint(ckpt_root)
-    if resume_from is not None:  # a damaged file is named now, before any work, never skipped silently
-        ckpt.verify_checkpoint(resume_from)
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is not None:  # a damaged file is named now, before any work, never skipped silently
+        ckpt.verify_checkpoint(latest)
     cache, cache_s = None, 0.0
     if lcfg.teacher_top_k and teacher is not None and alpha < 1.0:
         cache, cache_s = _teacher_cache(cfg, teacher, tokenizer, enc, acc, s2s, tau)
     state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
     micro_per_step = tcfg.grad_accum * acc.num_processes
-    latest = ckpt.latest_checkpoint(ckpt_root)
     if latest is not None:
         saved = ckpt.read_state(latest)
         if saved.get("micro_per_step", micro_per_step) != micro_per_step:
