@@ -191,7 +191,7 @@ class GenerationConfig:
     # weights' precision while decoding and scoring inside a run (reflection's answers and CE
     # pass, dev ROUGE-L, on-policy samples; evaluation has eval.dtype): auto = bfloat16 when
     # training runs under bf16 autocast (train.precision resolved to bf16), else float32. bf16
-    # answers are not float32's token for token (near-ties flip); see the README's *Precision*
+    # answers are not float32's token for token (near-ties flip); see docs/performance.md
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:

@@ -272,7 +272,7 @@ def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None =
             tried = ", ".join(str(d / ns.local) for d in data_dirs(data_dir))
             raise DataError(
                 f"named set {spec!r} has no local copy (looked in: {tried}) and no Hub source; "
-                "set data.data_dir or $SRD_DATA_DIR to a folder holding it (see README, 'Data')"
+                "set data.data_dir or $SRD_DATA_DIR to a folder holding it (see docs/data-and-models.md)"
             )
         extra = {"data_files": ns.hub_data_files} if ns.hub_data_files else {}
         return load_hub(
