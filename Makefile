@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml requirements.lock
 lint: setup
 	$(BIN)/ruff check srd tests benchmarks examples
 	$(BIN)/ruff format --check srd tests benchmarks examples
+	# layers import one way ([tool.importlinter] in pyproject.toml)
+	$(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff format srd tests benchmarks examples
@@ -34,5 +36,5 @@ test: setup lint
 # runs/students/), then reflection + 3-stage curriculum vs the plain KD baseline on a Dolly
 # slice, evaluation on DollyEval/SelfInst slices, and runs/quickstart/report.md.
 demo: setup
-	$(BIN)/srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80 --out runs/students/smollm2-20l-healed
+	$(BIN)/srd prune configs/quickstart.yaml
 	$(BIN)/srd run configs/quickstart.yaml

@@ -5,7 +5,7 @@
 Two questions it answers with measurements:
   * decoding: how a layer's time grows with the rows in a decode step (why the decode loop
     keeps its batch full), and the LM head of a 16-row step as F.linear against
-    weight @ hidden.T (what srd.eval.generate.step_logits uses);
+    weight @ hidden.T (what srd.generation.decode.step_logits uses);
   * training: the rate of the KD step's GEMM shapes (SmolLM2 20/30-layer bodies over 8 x 256
     tokens, the 49,152 x 576 head at 1,536 target positions), to compare with the step's
     measured time.

@@ -83,7 +83,7 @@ def raise_eos_logit(model, tokenizer, prompts, hazard: float) -> float:
     import torch
 
     from srd.data.tokenize import pad_id
-    from srd.eval.generate import _left_pad
+    from srd.generation.decode import _left_pad
 
     eos = tokenizer.eos_token_id
     head = model.get_output_embeddings()
@@ -194,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import srd.eval.generate as gen_mod
+    import srd.generation.decode as gen_mod
     from benchmarks.common import Stopped, header, save_record, sigterm_stops
     from srd.data.prompts import encode_prompt
     from srd.data.sources import load_examples
-    from srd.eval.generate import generate_responses
-    from srd.eval.metrics import rouge_l
+    from srd.generation.decode import generate_responses
+    from srd.metrics.text import rouge_l
     from srd.models import load_model, load_tokenizer
     from srd.models.load import cast_for_inference, dtype_from_name
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import header, save_record
     from srd.data.sources import load_examples
     from srd.data.tokenize import encode_example
-    from srd.eval.generate import row_seeds
+    from srd.generation.decode import row_seeds
     from srd.models import load_model, load_tokenizer
     from srd.train.onpolicy import sample_responses
 

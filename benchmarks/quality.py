@@ -8,7 +8,7 @@
     python benchmarks/quality.py --preset cpu --report-only   # rewrite the record from finished runs
     python benchmarks/quality.py --preset gsm8k               # SRD + answer_match vs SRD vs KD on GSM8K
 
-Each (divergence, seed) is one `srd run` experiment (srd.experiment): reflection, the
+Each (divergence, seed) is one `srd run` experiment (srd.recipes.experiment): reflection, the
 3-stage curriculum, the plain-KD baseline at 1/0.6 of SRD's sample passes, and evaluation
 of the teacher, the student before KD, KD and KD+SRD on DollyEval and SelfInst. Every
 piece is resumable: rerun the same command after an interruption and finished reflection
@@ -355,8 +355,8 @@ def evaluate_models(overrides: list[str], models: dict[str, str], seeds: list[in
     `seeds`, into the folders `srd run` uses (eval/greedy, eval/sampled); resumable per
     (benchmark, seed). The seconds go to <run>/quality-eval.json."""
     from srd.config import load_config
-    from srd.experiment import _evaluate_model, eval_dirs
-    from srd.train.loop import make_accelerator
+    from srd.recipes.experiment import _evaluate_model, eval_dirs
+    from srd.runtime import make_accelerator
 
     mode = ["eval.greedy=true"] if seeds is None else ["eval.greedy=false", f"eval.seeds={json.dumps(seeds)}"]
     cfg = load_config(None, overrides + mode)
@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         from srd.config import load_config
-        from srd.experiment import run_experiment
+        from srd.recipes.experiment import run_experiment
 
         progress = not args.no_progress
         for (name, o), (_, _, _, variant) in zip(commands, runs):

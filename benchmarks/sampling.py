@@ -8,7 +8,7 @@ Three ways to draw from softmax(scores) for a (rows, vocabulary) batch of scores
     what a row draws depends on the rows drawn with it: batch size, process, resumption);
   * `a generator per row`: one torch.multinomial call per row, each with its own seeded
     generator (independent rows; what the decode loop did before `sample_rows`);
-  * `sample_rows`: srd.eval.generate.sample_rows, one vectorised Gumbel-max draw whose noise is
+  * `sample_rows`: srd.generation.decode.sample_rows, one vectorised Gumbel-max draw whose noise is
     hashed from (the row's seed, the token position, the token): independent rows.
 Each is timed over --repeats calls after warm-up; scores are random (scale 3). Also counted:
 how many of --draws draws change when the logits move by 1e-5 (what a different batch shape
@@ -42,7 +42,7 @@ def _measure(rows: int, vocab: int, device, repeats: int, sync, g) -> tuple[floa
     """Seconds per call: one generator, a generator per row, sample_rows."""
     import torch
 
-    from srd.eval.generate import row_seeds, sample_rows, seed_keys
+    from srd.generation.decode import row_seeds, sample_rows, seed_keys
 
     scores = (3 * torch.randn(rows, vocab, generator=g)).to(device)
     keys = seed_keys(row_seeds(0, rows)).to(device)
@@ -68,7 +68,7 @@ def flips(vocab: int, draws: int, device) -> tuple[int, int]:
     torch.multinomial with a generator per seed."""
     import torch
 
-    from srd.eval.generate import row_seeds, sample_rows, seed_keys
+    from srd.generation.decode import row_seeds, sample_rows, seed_keys
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(1, vocab, generator=g)).to(device)

@@ -141,7 +141,8 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
 
     from srd.losses.kd import combine
     from srd.models import load_model, load_tokenizer
-    from srd.train.step import DistillModule, compile_blocks, teacher_features
+    from srd.models.features import compile_blocks, teacher_features
+    from srd.train.step import DistillModule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = cfg["dtype"] == "bf16"  # bf16 teacher weights + bf16 autocast of the student (fp32 master weights)

@@ -123,7 +123,7 @@ def _cuda() -> bool:
 def _precision() -> str:
     """One precision for the whole process (accelerate keeps one state per process): bf16 where
     it runs in hardware (srd's train.precision=auto rule, SRD_CPU_BF16=0 turns it off), else fp32."""
-    from srd.train.loop import auto_bf16
+    from srd.runtime import auto_bf16
 
     return "bf16" if auto_bf16(_cuda()) else "fp32"
 
@@ -131,7 +131,7 @@ def _precision() -> str:
 def _evaluate(args: argparse.Namespace, model_dir: Path) -> None:
     from srd.eval.evaluate import evaluate
     from srd.models import load_model, load_tokenizer
-    from srd.train.loop import make_accelerator
+    from srd.runtime import make_accelerator
 
     evaluate(
         load_model(str(model_dir)).eval(),

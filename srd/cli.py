@@ -1,7 +1,12 @@
 """The `srd` command.
 
 srd train CONFIG [key=value ...]     KD (any registered divergence) or SFT, one stage
-srd prune --teacher M --layers N --out DIR
+srd run CONFIG [key=value ...]       SRD (reflection + curriculum) or KD, + baseline, evaluation, report
+srd reflect CONFIG [key=value ...]   only the curation manifest
+srd prune [CONFIG] [key=value ...]   a depth-pruned (and healed) student (flags: --teacher --layers --out ...)
+srd eval TARGET [key=value ...]      benchmarks for a run or a model (flags: --benchmarks --greedy ...)
+srd compare RUN ...                  scores, time, intervals and p-values of evaluated runs
+srd report RUN                       RUN/report.md with plots
 srd config CONFIG [key=value ...]    print the resolved config (defaults filled in)
 srd divergences                      list the registered divergences
 """
@@ -18,6 +23,105 @@ OVERRIDE_HELP = (
     "dotted overrides applied after the YAML file, e.g. train.lr=1e-4 loss.divergence=rkl data.train_limit=200 "
     "(values are YAML: true, null, [a, b]); unknown keys are errors that list the valid ones"
 )
+
+
+# `srd prune` flags and `srd eval` flags: aliases of config keys (the command line's key=value
+# overrides come after them, so an override wins over a flag)
+PRUNE_FLAGS: list[tuple[str, str, dict]] = [
+    ("--teacher", "model.teacher", {}),
+    ("--out", "model.student", {}),
+    ("--layers", "prune.layers", {"type": int}),
+    ("--keep", "prune.keep", {"type": lambda v: [int(x) for x in v.split(",")]}),
+    ("--method", "prune.method", {"choices": ["greedy", "oneshot"]}),
+    ("--candidates", "prune.candidates", {"type": int}),
+    ("--data", "prune.data", {}),
+    ("--num-texts", "prune.num_texts", {"type": int}),
+    ("--max-len", "prune.max_len", {"type": int}),
+    ("--data-dir", "data.data_dir", {}),
+    ("--heal-steps", "prune.heal_steps", {"type": int}),
+    ("--heal-data", "prune.heal_data", {"nargs": "+"}),
+    ("--heal-lr", "prune.heal_lr", {"type": float}),
+    ("--heal-batch-size", "prune.heal_batch_size", {"type": int}),
+]
+
+
+EVAL_FLAGS: list[tuple[str, str, dict]] = [
+    (
+        "--benchmarks",
+        "eval.benchmarks",
+        {
+            "nargs": "+",
+            "help": "named benchmarks (dolly-eval self-inst vicuna-eval s-ni unni xsum samsum iwslt17-en-de gsm8k "
+            "mbpp) or data files/sets scored with ROUGE-L (default: dolly-eval self-inst)",
+        },
+    ),
+    (
+        "--seeds",
+        "eval.seeds",
+        {
+            "nargs": "+",
+            "type": int,
+            "help": "sampling seeds for instruction-following sets (default: 10 20 30 40 50); each example draws "
+            "from its own stream of each seed, so answers do not depend on batch size, process count or resumption",
+        },
+    ),
+    ("--greedy", "eval.greedy", {"action": "store_true", "help": "greedy decoding everywhere (no seeds)"}),
+    ("--limit", "eval.limit", {"type": int, "help": "only the first N rows of each benchmark"}),
+    ("--batch-size", "eval.batch_size", {"type": int, "help": "prompts decoded together (default 16)"}),
+    ("--max-new-tokens", "eval.max_new_tokens", {"type": int, "help": "override each benchmark's token budget"}),
+    ("--prompt-format", "data.prompt_format", {"choices": ["alpaca", "chat", "plain"], "help": "prompt template"}),
+    (
+        "--no-repeat-ngram-size",
+        "eval.no_repeat_ngram_size",
+        {"type": int, "help": "(default 0: off, as the paper's eval)"},
+    ),
+    (
+        "--backend",
+        "generation.backend",
+        {
+            "choices": ["loop", "hf", "static", "vllm"],
+            "help": "decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.generation)",
+        },
+    ),
+    (
+        "--dtype",
+        "eval.dtype",
+        {
+            "choices": ["float32", "bfloat16"],
+            "help": "weights' precision while decoding (default float32, comparable across machines; bfloat16 is "
+            "faster on bf16 GPUs and on CPUs with AVX512-BF16/AMX, and its greedy answers differ a little)",
+        },
+    ),
+    ("--data-dir", "data.data_dir", {"help": "folder holding named data sets"}),
+]
+DEFAULT_EVAL_BENCHMARKS = ["dolly-eval", "self-inst"]
+
+
+def _metavar(flag: str, kw: dict) -> dict:
+    """--num-texts N shows as NUM_TEXTS in --help, not as its config key."""
+    if kw.get("action") == "store_true" or "choices" in kw:
+        return kw
+    return {"metavar": flag[2:].upper().replace("-", "_"), **kw}
+
+
+def _flag_overrides(args: argparse.Namespace, flags: list[tuple[str, str, dict]]) -> list[str]:
+    """key=value overrides for the alias flags that were given."""
+    import json
+
+    out = []
+    for _, key, _ in flags:
+        value = getattr(args, key)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, list | bool) else value}")
+    return out
+
+
+def _recipe_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """An optional recipe followed by overrides: a first word that looks like key=value and is no
+    file is an override; '-' means no recipe."""
+    if config is not None and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return (None if config in (None, "-") else config), list(overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,41 +195,15 @@ def _parser() -> argparse.ArgumentParser:
         ".gguf, Hub id or bundled alias",
     )
     ev.add_argument(
-        "--benchmarks",
-        nargs="+",
-        default=["dolly-eval", "self-inst"],
-        help="named benchmarks (dolly-eval self-inst vicuna-eval s-ni unni xsum samsum iwslt17-en-de gsm8k "
-        "mbpp) or data files/sets scored with ROUGE-L (default: dolly-eval self-inst)",
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the eval, data and generation sections (e.g. eval.limit=50 eval.greedy=true); "
+        "put them before the flags",
     )
-    ev.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        default=[10, 20, 30, 40, 50],
-        help="sampling seeds for instruction-following sets (default: 10 20 30 40 50); each example draws from "
-        "its own stream of each seed, so answers do not depend on batch size, process count or resumption",
-    )
-    ev.add_argument("--greedy", action="store_true", help="greedy decoding everywhere (no seeds)")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
+    ev.add_argument("--config", default=None, help="a YAML recipe to take the eval / data / generation settings from")
+    for flag, key, kw in EVAL_FLAGS:
+        ev.add_argument(flag, dest=key, default=None, **_metavar(flag, kw))
     ev.add_argument("--out", default=None, help="output folder")
-    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
-    ev.add_argument("--max-new-tokens", type=int, default=None, help="override each benchmark's token budget")
-    ev.add_argument("--prompt-format", choices=["alpaca", "chat", "plain"], default="alpaca", help="prompt template")
-    ev.add_argument("--no-repeat-ngram-size", type=int, default=0, help="(default 0: off, as the paper's eval)")
-    ev.add_argument(
-        "--backend",
-        choices=["loop", "hf", "static", "vllm"],
-        default="loop",
-        help="decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.eval.generate)",
-    )
-    ev.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="weights' precision while decoding (default float32, comparable across machines; bfloat16 is faster "
-        "on bf16 GPUs and on CPUs with AVX512-BF16/AMX, and its greedy answers differ a little)",
-    )
-    ev.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     cmp = sub.add_parser(
@@ -160,47 +238,18 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "prune",
-        help="build a depth-pruned student from a teacher (optionally healed by KD: --heal-steps)",
-        description="Keep N of the teacher's decoder layers, chosen by measured perplexity on "
-        "real text, and save the student (HF folder + tokenizer + prune.json with "
-        "the kept layers and perplexities). Reuses DIR if it was built the same way.",
+        help="build a depth-pruned student from a teacher (optionally healed by KD: prune.heal_steps)",
+        description="Keep prune.layers of model.teacher's decoder layers, chosen by measured perplexity on "
+        "real text, and save the student to the folder model.student names (HF folder + tokenizer + prune.json "
+        "with the kept layers and perplexities); with prune.heal_steps, heal it by KD on prune.heal_data. "
+        "Settings come from a recipe's model and prune sections and key=value overrides, like the other "
+        "commands (the flags below are aliases). Reuses the folder if it was built the same way.",
     )
-    pr.add_argument(
-        "--teacher",
-        required=True,
-        help="Hub id, model folder, .gguf file, or smollm2-135m-instruct (the bundled model)",
-    )
-    pr.add_argument("--layers", type=int, required=True, help="number of decoder layers the student keeps")
-    pr.add_argument("--out", required=True, help="folder to write the student to")
-    pr.add_argument("--data", default="dolly-dev", help="text to measure perplexity on (data spec; default dolly-dev)")
-    pr.add_argument("--num-texts", type=int, default=8, help="rows of --data used (default 8)")
-    pr.add_argument("--max-len", type=int, default=256, help="tokens per row (default 256)")
-    pr.add_argument(
-        "--method",
-        choices=["greedy", "oneshot"],
-        default="greedy",
-        help="greedy: remove one layer at a time, re-measuring (better); "
-        "oneshot: rank layers once by single-layer removal (faster)",
-    )
-    pr.add_argument("--candidates", type=int, default=4, help="greedy: layers re-measured at each removal (default 4)")
-    pr.add_argument(
-        "--keep", default=None, help="comma-separated layer indices to keep instead of searching, e.g. 0,1,2,8,29"
-    )
-    pr.add_argument("--data-dir", default=None, help="folder holding named data sets (default: ../shared/data)")
-    pr.add_argument(
-        "--heal-steps",
-        type=int,
-        default=0,
-        help="then heal the student with N KD steps (forward KL + CE) on --heal-data (default 0: no healing)",
-    )
-    pr.add_argument(
-        "--heal-data",
-        nargs="+",
-        default=None,
-        help="data sets for healing, disjoint from the distillation set (default: gsm8k samsum xsum)",
-    )
-    pr.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (default 1e-4)")
-    pr.add_argument("--heal-batch-size", type=int, default=8, help="healing sequences per step (default 8)")
+    pr.add_argument("config", nargs="?", default=None, help="YAML recipe (omit, or '-', for the defaults + overrides)")
+    pr.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    for flag, key, kw in PRUNE_FLAGS:
+        pr.add_argument(flag, dest=key, default=None, help=f"alias of {key}=...", **_metavar(flag, kw))
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("divergences", help="list the registered divergences")
     return p
@@ -263,15 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from srd.config import load_config
-        from srd.train.recipe import run_train
+        from srd.recipes.train import run_train
 
         cfg = load_config(None if args.config == "-" else args.config, args.overrides)
         summary = run_train(cfg, progress=not args.no_progress)
         return 0 if summary["complete"] or cfg.train.stop_after_steps else 1
     if args.command in ("run", "reflect"):
         from srd.config import load_config
-        from srd.experiment import run_experiment
-        from srd.pipeline import run_reflect
+        from srd.recipes.experiment import run_experiment
+        from srd.recipes.pipeline import run_reflect
 
         cfg = load_config(None if args.config == "-" else args.config, args.overrides)
         if args.command == "reflect":
@@ -308,29 +357,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(dump_config(load_config(args.config, args.overrides)), end="")
         return 0
     if args.command == "prune":
-        from srd.models.prune import prune_model
-
-        keep = [int(x) for x in args.keep.split(",")] if args.keep else None
-        report = prune_model(
-            args.teacher,
-            args.layers,
-            args.out,
-            data=args.data,
-            num_texts=args.num_texts,
-            max_len=args.max_len,
-            method=args.method,
-            candidates=args.candidates,
-            keep=keep,
-            data_dir=args.data_dir,
-            heal_steps=args.heal_steps,
-            heal_data=args.heal_data,
-            heal_lr=args.heal_lr,
-            heal_batch_size=args.heal_batch_size,
-        )
+        report, out = _prune(args)
         healed = "healed " if "heal" in report else ""
         print(
             f"{healed}student with layers {report['kept_layers']} "
-            f"({report['student_parameters'] / 1e6:.1f}M parameters) saved to {args.out}"
+            f"({report['student_parameters'] / 1e6:.1f}M parameters) saved to {out}"
         )
         pruned = f", pruned {report['pruned_perplexity']:.2f} before healing" if "heal" in report else ""
         print(
@@ -348,17 +379,57 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _prune(args: argparse.Namespace) -> tuple[dict, str]:
+    from srd.config import ConfigError, load_config
+    from srd.recipes.prune import make_student
+
+    recipe, overrides = _recipe_and_overrides(args.config, args.overrides)
+    cfg = load_config(recipe, [*_flag_overrides(args, PRUNE_FLAGS), *overrides])
+    m, pr = cfg.model, cfg.prune
+    if m.teacher is None:
+        raise ConfigError("srd prune prunes model.teacher, which is null: name it (--teacher or model.teacher=...)")
+    if m.student == m.teacher:
+        raise ConfigError(
+            "srd prune writes the student to the folder model.student names, which is the teacher here: "
+            "name a folder (--out DIR or model.student=DIR)"
+        )
+    if pr.layers is None and not pr.keep:
+        raise ConfigError("srd prune needs the number of layers to keep: prune.layers=N (--layers N) or prune.keep")
+    report = make_student(
+        m.teacher,
+        pr.layers or len(pr.keep or []),
+        m.student,
+        data=pr.data,
+        num_texts=pr.num_texts,
+        max_len=pr.max_len,
+        method=pr.method,
+        candidates=pr.candidates,
+        keep=pr.keep,
+        data_dir=cfg.data.data_dir,
+        heal_steps=pr.heal_steps,
+        heal_data=pr.heal_data,
+        heal_lr=pr.heal_lr,
+        heal_batch_size=pr.heal_batch_size,
+        progress=not args.no_progress,
+    )
+    return report, m.student
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from srd.config import load_config
     from srd.eval.evaluate import check_benchmarks, evaluate, model_key, resolve_eval_target, summary_markdown
     from srd.models import load_model, load_tokenizer
     from srd.models.load import check_model_spec, dtype_from_name
-    from srd.train.loop import make_accelerator
+    from srd.runtime import make_accelerator
 
+    cfg = load_config(args.config, [*_flag_overrides(args, EVAL_FLAGS), *args.overrides])
+    e = cfg.eval
+    benchmarks = e.benchmarks or DEFAULT_EVAL_BENCHMARKS
     model_spec, run_dir = resolve_eval_target(args.target)
     check_model_spec(model_spec)  # the model and every benchmark's rows before any weights are read
-    check_benchmarks(args.benchmarks, data_dir=args.data_dir, limit=args.limit)
+    check_benchmarks(benchmarks, data_dir=cfg.data.data_dir, limit=e.limit)
     acc = make_accelerator("auto")
-    mode = "greedy" if args.greedy else "sampled"
+    mode = "greedy" if e.greedy else "sampled"
     if args.out:
         out = Path(args.out)
     elif run_dir is not None:
@@ -368,20 +439,20 @@ def _eval(args: argparse.Namespace) -> int:
         name = key.replace("/stages/", "-").replace("/", "-") if "/stages/" in key else Path(model_spec).name
         out = Path("runs") / "eval" / f"{name or model_spec}-{mode}"
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, dtype=dtype_from_name(args.dtype)).eval()
+    model = load_model(model_spec, dtype=dtype_from_name(e.dtype)).eval()
     summary = evaluate(
         model,
         tokenizer,
-        args.benchmarks,
+        benchmarks,
         out,
-        seeds=None if args.greedy else args.seeds,
-        limit=args.limit,
-        data_dir=args.data_dir,
-        fmt=args.prompt_format,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        backend=args.backend,
+        seeds=None if e.greedy else e.seeds,
+        limit=e.limit,
+        data_dir=cfg.data.data_dir,
+        fmt=cfg.data.prompt_format,
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+        backend=cfg.generation.backend,
         accelerator=acc,
         progress=not args.no_progress,
         model_name=model_spec,

@@ -182,7 +182,7 @@ class GenerationConfig:
     batch_size: int = 16  # prompts decoded together
     # Alpaca-prompted instruct models go on to write a new "### Instruction:"; cut there.
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
-    # decoding implementation for reflection and evaluation (srd.eval.generate): loop (continuous
+    # decoding implementation for reflection and evaluation (srd.generation.decode): loop (continuous
     # batching: finished rows leave the batch, waiting prompts join it; the default), hf (plain
     # generate), static (generate with one static KV cache shape, compiled with CUDA graphs by
     # transformers on a GPU), vllm (vLLM's engine; `pip install vllm` on a GPU machine; no
@@ -233,11 +233,9 @@ class ReflectConfig:
     drop_invalid_references: bool = True
 
     def __post_init__(self) -> None:
-        from srd.reflect.scorers import SCORERS
-
+        # the names are checked against the scorer registry by reflection itself and before a
+        # run reads any weights (srd.reflect.scorers.check_scorers): the registry lives above config
         _check(len(self.scorers) > 0, "reflect.scorers must name at least one scorer")
-        for name in self.scorers:
-            _check(name in SCORERS, f"reflect.scorers: {name!r} is not registered; choose from {sorted(SCORERS)}")
         _check(len(set(self.scorers)) == len(self.scorers), "reflect.scorers must not repeat a scorer")
         _check(self.rrf_k >= 0, "reflect.rrf_k must be >= 0")
         _check(0.0 < self.keep_ratio <= 1.0, f"reflect.keep_ratio must be in (0, 1], got {self.keep_ratio}")
@@ -311,6 +309,35 @@ class LoraConfig:
         _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "lora.target_modules must name at least one module (or all-linear)")
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    """`srd prune`: a depth-pruned student made from model.teacher and written to the folder
+    model.student names, optionally healed by KD on other data so that it answers prompts."""
+
+    layers: int | None = None  # decoder layers the student keeps (srd prune needs it, or prune.keep)
+    keep: list[int] | None = None  # these layer indices instead of searching (e.g. [0, 1, 2, 8, 29])
+    # greedy: remove one layer at a time, each time the one whose removal hurts perplexity
+    # least, re-measuring the `candidates` most promising; oneshot: rank layers once by
+    # single-layer removal (faster, worse at high pruning ratios)
+    method: Literal["greedy", "oneshot"] = "greedy"
+    candidates: int = 4  # greedy: layers re-measured at each removal
+    data: str = "dolly-dev"  # the text perplexity is measured on (a data spec)
+    num_texts: int = 8  # rows of prune.data used
+    max_len: int = 256  # tokens per row
+    heal_steps: int = 0  # then heal the student with N KD steps (0.5 CE + 0.5 forward KL); 0: no healing
+    # healing data, disjoint from the distillation set, an equal share of each
+    heal_data: list[str] = field(default_factory=lambda: ["gsm8k", "samsum", "xsum"])
+    heal_lr: float = 1e-4  # healing learning rate
+    heal_batch_size: int = 8  # healing sequences per step
+
+    def __post_init__(self) -> None:
+        _check(self.layers is None or self.layers > 0, "prune.layers must be > 0")
+        _check(self.candidates > 0, "prune.candidates must be > 0")
+        _check(self.num_texts > 0 and self.max_len > 0, "prune.num_texts and prune.max_len must be > 0")
+        _check(self.heal_steps >= 0, "prune.heal_steps must be >= 0")
+        _check(self.heal_steps == 0 or len(self.heal_data) > 0, "prune.heal_data must name a data set to heal on")
 
 
 @dataclass(kw_only=True)
@@ -389,6 +416,7 @@ class RunConfig:
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")

@@ -17,11 +17,12 @@ from srd.config import RunConfig
 
 HEADER = """# Configuration reference
 
-Every option of a run config (`srd run`, `srd train`, `srd reflect` recipes), with its type
-and default. Set them in a YAML recipe (sections as mappings) or as `section.key=value`
-overrides on the command line; unknown keys are errors that list the valid ones, and
-`srd config RECIPE [overrides]` prints the resolved config. This page is generated from
-`srd/config.py` (`srd config --reference`), and a test keeps it in step with the code.
+Every option of a recipe (`srd run`, `srd train`, `srd reflect`, `srd prune`; `srd eval` reads
+the eval, data and generation sections), with its type and default. Set them in a YAML recipe
+(sections as mappings) or as `section.key=value` overrides on the command line; unknown keys
+are errors that list the valid ones, and `srd config RECIPE [overrides]` prints the resolved
+config. This page is generated from `srd/config.py` (`srd config --reference`), and a test
+keeps it in step with the code.
 """
 
 

@@ -12,10 +12,11 @@ import torch
 
 from srd.data import Example, collate, encode_example, encode_prompt
 from srd.data.tokenize import pad_id
-from srd.eval import generate_responses
+from srd.generation import generate_responses
 from srd.losses import combine
 from srd.models import build_pruned, check_tokenizers, load_model, load_tokenizer
-from srd.train.step import DistillModule, teacher_features
+from srd.models.features import teacher_features
+from srd.train.step import DistillModule
 
 pytestmark = [
     pytest.mark.slow,

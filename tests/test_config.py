@@ -109,7 +109,7 @@ def test_run_dir_from_an_older_version_resumes(tmp_path):
     import yaml
 
     from srd.config import ConfigError, load_config
-    from srd.train.recipe import prepare_run_dir
+    from srd.recipes.train import prepare_run_dir
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=old"])
     prepare_run_dir(cfg)
@@ -180,7 +180,7 @@ def test_auto_precision_is_bf16_where_the_hardware_has_it(monkeypatch):
     float32 on one without; fp32 / bf16 are taken as asked."""
     from accelerate.state import AcceleratorState
 
-    import srd.train.loop as loop_mod
+    import srd.runtime as loop_mod
 
     def precision_of(setting: str) -> str:  # one precision per process: accelerate's state is reset
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -307,3 +307,25 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     assert main([*args, "--out", str(bf), "--dtype", "bfloat16", "--no-progress"]) == 0
     assert json.loads((bf / "decoding.json").read_text()) == {"dtype": "bfloat16", "model": "llama-student"}
     assert main([*args, "--out", str(bf), "--no-progress"]) == 2  # float32 into a bf16 folder: refused
+
+
+def test_eval_takes_config_keys_like_the_other_commands(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """`srd eval` reads the eval / data / generation sections: key=value overrides, a recipe
+    (--config) and the flags (aliases of those keys) give the same answers; an unknown key is an
+    error that lists the valid ones."""
+    spec, bench = str(tiny_models["llama-student"]), str(srd_data["dev"])
+    flags = ["--benchmarks", bench, "--greedy", "--limit", "2", "--max-new-tokens", "3", "--no-progress"]
+    assert main(["eval", spec, *flags, "--out", str(tmp_path / "flags")]) == 0
+    keys = [f"eval.benchmarks=[{bench}]", "eval.greedy=true", "eval.limit=2", "eval.max_new_tokens=3"]
+    assert main(["eval", spec, *keys, "--out", str(tmp_path / "keys"), "--no-progress"]) == 0
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"eval:\n  benchmarks: [{bench}]\n  greedy: true\n  limit: 4\n  max_new_tokens: 3\n")
+    # the command line's overrides win over the recipe
+    args = ["eval", spec, "eval.limit=2", "--config", str(recipe), "--out", str(tmp_path / "recipe"), "--no-progress"]
+    assert main(args) == 0
+    answers = [
+        [json.loads(line)["prediction"] for line in (tmp_path / d / "dev" / "greedy.jsonl").read_text().splitlines()]
+        for d in ("flags", "keys", "recipe")
+    ]
+    assert len(answers[0]) == 2 and answers[0] == answers[1] == answers[2]
+    assert main(["eval", spec, "eval.nope=1", "--out", str(tmp_path / "bad")]) == 2

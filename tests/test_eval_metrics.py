@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from srd.eval.answers import answers_match, extract_answer
-from srd.eval.metrics import corpus_bleu, rouge_l
-from srd.eval.sandbox import extract_code, run_tests
+from srd.metrics.answers import answers_match, extract_answer
+from srd.metrics.sandbox import extract_code, run_tests
+from srd.metrics.text import corpus_bleu, rouge_l
 
 
 def test_rouge_l_by_hand():

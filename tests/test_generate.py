@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import srd.eval.generate as gen
-from srd.eval.generate import generate_responses
+import srd.generation.decode as gen
+from srd.generation.decode import generate_responses
 from tests.conftest import make_gpt2, make_llama
 
 
@@ -185,7 +185,7 @@ def test_vllm_backend_maps_settings_and_reuses_its_engine(tokenizer, tmp_path, m
     and a missing vLLM names the fix. (vLLM needs CUDA: a stand-in engine here.)"""
     import sys
 
-    from srd.eval import vllm_backend
+    from srd.generation import vllm as vllm_backend
 
     model = make_llama(len(tokenizer), layers=2, seed=5).eval()
     prompts = _prompts(tokenizer)

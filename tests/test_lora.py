@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from srd.cli import main
 from srd.config import load_config
-from srd.train.recipe import load_models
+from srd.recipes.train import load_models
 from tests.test_srd_run import _args, srd_data  # noqa: F401
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj, v_proj]"]
@@ -72,7 +72,7 @@ def test_lora_parameter_count_and_merged_outputs(tmp_path, tiny_models, srd_data
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
         ids = torch.randint(0, student.config.vocab_size, (2, 7))
-        from srd.train.checkpoint import save_model_dir
+        from srd.models.save import save_model_dir
 
         save_model_dir(student, None, tmp_path / "export")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from srd.models import (
     ModelError,
@@ -174,6 +175,18 @@ def test_prune_then_heal_cli(tmp_path, tiny_models, tiny_data, monkeypatch, caps
 
     monkeypatch.setattr("srd.train.loop.train_stage", no_training)
     assert main(args) == 0  # cached
+    # the same request as a recipe (the model and prune sections) and key=value overrides: the
+    # flags are aliases of these keys, so the cached student is found again
+    recipe = tmp_path / "prune.yaml"
+    prune = {"layers": 2, "data": str(tiny_data["train"]), "num_texts": 4, "max_len": 128, "heal_steps": 3}
+    prune.update(heal_data=[str(tiny_data["train"]), str(other)])
+    model = {"teacher": str(tiny_models["llama-teacher"]), "student": str(out)}
+    recipe.write_text(yaml.safe_dump({"model": model, "prune": prune}))
+    assert main(["prune", str(recipe), "prune.heal_batch_size=2"]) == 0
+    assert main(["prune", "-", f"model.teacher={tiny_models['llama-teacher']}", f"model.student={out}"]) == 2
+    assert "prune.layers=N (--layers N)" in capsys.readouterr().err
+    assert main(["prune", str(recipe), "prune.heal_batch_size=4"]) == 2  # another request into the same folder
+    assert "other settings" in capsys.readouterr().err
     args[args.index("--heal-steps") + 1] = "4"
     assert main(args) == 2
     assert "other settings" in capsys.readouterr().err

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from srd.cli import main
 from srd.data.tokenize import IGNORE_INDEX, Encoded
-from srd.eval.generate import row_seeds
+from srd.generation.decode import row_seeds
+from srd.models.features import target_positions
 from srd.train.onpolicy import on_policy_flags, sample_responses, with_response
-from srd.train.step import target_positions
 from tests.conftest import make_llama
 from tests.test_srd_run import _args, srd_data  # noqa: F401
 
@@ -31,7 +31,7 @@ def test_sampled_response_labels_are_aligned_and_keep_eos():
 
 
 def test_student_samples_keep_the_generated_eos(tokenizer, monkeypatch):
-    import srd.eval.generate as gen
+    import srd.generation.decode as gen
 
     model = make_llama(len(tokenizer), layers=2, seed=3).eval()
     eos = tokenizer.eos_token_id

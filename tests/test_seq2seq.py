@@ -11,8 +11,9 @@ import torch
 from srd.cli import main
 from srd.data.example import Example
 from srd.data.tokenize import IGNORE_INDEX, collate, encode_example
-from srd.eval.generate import generate_responses
-from srd.train.step import DistillModule, teacher_features
+from srd.generation.decode import generate_responses
+from srd.models.features import teacher_features
+from srd.train.step import DistillModule
 from tests.conftest import make_bart, make_t5
 from tests.test_srd_run import _args, srd_data  # noqa: F401
 

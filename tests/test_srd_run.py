@@ -369,7 +369,7 @@ def test_eval_checkpoint_best_needs_dev_answers(tmp_path, tiny_models, srd_data,
 
 
 def test_best_checkpoint_picks_the_highest_dev_rouge_over_stages(tmp_path):
-    from srd.pipeline import best_checkpoint
+    from srd.recipes.pipeline import best_checkpoint
 
     for name, metrics in {
         "stage-1": {"step": 0, "dev_rougeL": 20.0},
@@ -427,7 +427,7 @@ def test_reflection_in_bf16_and_training_on_in_float32(tmp_path, tiny_models, sr
 def test_bad_data_and_missing_models_are_found_before_any_weights_load(
     tmp_path, tiny_models, srd_data, monkeypatch, capsys, cmd
 ):
-    import srd.train.recipe as recipe_mod
+    import srd.recipes.train as recipe_mod
 
     def no_weights(*a, **k):
         raise AssertionError("weights were read before the inputs were checked")

@@ -167,7 +167,7 @@ def test_a_cache_keeps_the_precision_its_teacher_ran_in(tiny_models, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from srd.config import load_config
-    from srd.reflect.reflect import model_fingerprint
+    from srd.models.features import model_fingerprint
     from srd.train.loop import teacher_cache_meta
 
     fp32 = AutoModelForCausalLM.from_pretrained(tiny_models["llama-teacher"]).eval()

@@ -396,8 +396,8 @@ def test_sharding_choice_and_refusals(tiny_models):
     from accelerate.utils import DistributedType
 
     from srd.config import ConfigError, load_config
-    from srd.train import sharding
-    from srd.train.loop import use_deepspeed, use_sharding
+    from srd.train import distributed as sharding
+    from srd.train.distributed import use_deepspeed, use_sharding
 
     def acc(kind, n):
         return SimpleNamespace(distributed_type=kind, num_processes=n)
@@ -416,7 +416,7 @@ def test_sharding_choice_and_refusals(tiny_models):
         use_deepspeed(plain, ds)
     assert not use_deepspeed(load_config(None, ["train.sharding=zero2"]), acc(DistributedType.NO, 1))
     from srd.models import load_model
-    from srd.train.recipe import add_lora
+    from srd.recipes.train import add_lora
     from srd.train.step import DistillModule
 
     student = add_lora(load_model(str(tiny_models["llama-student"])), plain.lora, seed=0)
@@ -429,7 +429,7 @@ def test_compiled_blocks_train_like_eager(tmp_path, tiny_models, tiny_data, monk
     weights; generation inside training (dev ROUGE-L) runs eagerly. A light backend keeps the
     test fast on a CPU (inductor's C++ compiling takes minutes here)."""
     from srd.config import ConfigError, load_config
-    from srd.train import step
+    from srd.models import features as step
 
     monkeypatch.setattr(step, "COMPILE_BACKEND", "aot_eager")
     compiled = []

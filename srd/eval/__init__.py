@@ -1,6 +1,7 @@
-"""Evaluation: generation and metrics (the dev ROUGE-L used for checkpoint selection)."""
+"""Evaluation (`srd eval`): benchmarks by name, each model's answers scored and summarised,
+resumable per benchmark and seed."""
 
-from srd.eval.generate import cut_at_stop, generate_responses
-from srd.eval.metrics import mean, rouge_l
+from srd.eval.benchmarks import resolve_benchmark
+from srd.eval.evaluate import evaluate, load_example_scores
 
-__all__ = ["cut_at_stop", "generate_responses", "mean", "rouge_l"]
+__all__ = ["evaluate", "load_example_scores", "resolve_benchmark"]

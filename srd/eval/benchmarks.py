@@ -68,9 +68,9 @@ def prepare_example(bench: Benchmark, ex: Example) -> Example:
 
 def score_examples(bench: Benchmark, examples: Sequence[Example], predictions: Sequence[str]) -> list[float]:
     """Per-example scores (x100 for ROUGE-L; 0/100 for answers and tests; BLEU per sentence)."""
-    from srd.eval.answers import answers_match
-    from srd.eval.metrics import corpus_bleu, rouge_l
-    from srd.eval.sandbox import extract_code, run_tests
+    from srd.metrics.answers import answers_match
+    from srd.metrics.sandbox import extract_code, run_tests
+    from srd.metrics.text import corpus_bleu, rouge_l
 
     if bench.metric == "rouge_l":
         return [rouge_l(p, ex.references) for p, ex in zip(predictions, examples)]
@@ -92,7 +92,7 @@ def aggregate(
     bench: Benchmark, examples: Sequence[Example], predictions: Sequence[str], scores: Sequence[float]
 ) -> float:
     """The benchmark's headline number for one seed."""
-    from srd.eval.metrics import corpus_bleu, mean
+    from srd.metrics.text import corpus_bleu, mean
 
     if bench.metric == "bleu":
         return corpus_bleu(list(predictions), [ex.references for ex in examples])

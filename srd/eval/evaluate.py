@@ -24,7 +24,7 @@ from typing import Any
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.eval.generate import iter_responses, row_seeds
+from srd.generation.decode import iter_responses, row_seeds
 from srd.models.load import dtype_name
 from srd.utils import atomic_write_json, atomic_write_text
 

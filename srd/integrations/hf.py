@@ -117,7 +117,7 @@ def reflect_dataset(
     (default: srd's defaults with `data.prompt_format=plain` for prompt/completion data);
     `overrides`: `key=value` strings on top."""
     from srd.reflect.reflect import reflect
-    from srd.train.loop import make_accelerator
+    from srd.runtime import make_accelerator
 
     columns = set(dataset.column_names)
     fmt = "alpaca" if {"instruction", "output"} <= columns and "prompt" not in columns else "plain"

@@ -31,11 +31,11 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.eval.generate import iter_responses, length_batches, row_seeds
+from srd.generation.decode import iter_responses, length_batches, row_seeds
+from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
-from srd.reflect.scorers import get_scorer
-from srd.train.step import target_features
+from srd.reflect.scorers import check_scorers, get_scorer
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,6 @@ def data_fingerprint(examples: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for ex in examples:
         h.update(json.dumps([ex.id, ex.instruction, ex.input, ex.output]).encode())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def model_fingerprint(model: Any) -> str:
-    """Identity of the weights: shapes and float64 sums of every tensor (cheap, change-sensitive)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t64 = t.detach().double()
-        h.update(f"{name}{tuple(t.shape)}{t64.sum().item():.10e}{t64.abs().sum().item():.10e}".encode())
     return h.hexdigest()[:16]
 
 
@@ -348,6 +338,7 @@ def reflect(
 
     acc, out_dir = accelerator, Path(out_dir)
     scorers = list(scorers or cfg.reflect.scorers)
+    check_scorers(scorers)
     keep_ratio = cfg.reflect.keep_ratio if keep_ratio is None else keep_ratio
     manifest_path = out_dir / "manifest.jsonl"
     ids = [ex.id for ex in examples]

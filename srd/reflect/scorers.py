@@ -25,12 +25,13 @@ New scorers register here by name and plug into fusion without any change to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from srd.config import ConfigError
 from srd.data.example import Example
-from srd.eval.metrics import rouge_l
+from srd.metrics.text import rouge_l
 
 ScoreFn = Callable[[Example, str, dict[str, Any]], float]
 RefCheck = Callable[[Example], bool]
@@ -71,6 +72,13 @@ def register_scorer(
     if ties not in ("ordinal", "average"):
         raise ValueError(f"ties must be 'ordinal' or 'average', got {ties!r}")
     SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok, ties)
+
+
+def check_scorers(names: Sequence[str]) -> None:
+    """reflect.scorers names registered scorers (a ConfigError naming the valid ones otherwise)."""
+    for name in names:
+        if name not in SCORERS:
+            raise ConfigError(f"reflect.scorers: {name!r} is not registered; choose from {sorted(SCORERS)}")
 
 
 def get_scorer(name: str) -> Scorer:
@@ -114,13 +122,13 @@ register_scorer(
 
 
 def _answer_match(ex: Example, out: str, stats: dict[str, Any]) -> float:
-    from srd.eval.answers import answers_match
+    from srd.metrics.answers import answers_match
 
     return 100.0 * answers_match(out, ex.target)
 
 
 def _answer_reference_ok(ex: Example) -> bool:
-    from srd.eval.answers import extract_answer
+    from srd.metrics.answers import extract_answer
 
     return extract_answer(ex.target) is not None
 
@@ -130,7 +138,7 @@ def _tests(ex: Example) -> tuple[list[str], str]:
 
 
 def _tests_pass(ex: Example, out: str, stats: dict[str, Any]) -> float:
-    from srd.eval.sandbox import extract_code, run_tests
+    from srd.metrics.sandbox import extract_code, run_tests
 
     tests, setup = _tests(ex)
     if not tests:
@@ -140,7 +148,7 @@ def _tests_pass(ex: Example, out: str, stats: dict[str, Any]) -> float:
 
 
 def _tests_reference_ok(ex: Example) -> bool:
-    from srd.eval.sandbox import extract_code, run_tests
+    from srd.metrics.sandbox import extract_code, run_tests
 
     tests, setup = _tests(ex)
     return bool(tests) and run_tests(extract_code(ex.target), tests, setup=setup, timeout_s=TESTS_TIMEOUT_S).all_passed

@@ -1,14 +1,14 @@
 """Training: one stage of KD/SFT on accelerate, resumable checkpoints."""
 
-from srd.train.loop import StagePlan, evaluate_dev, make_accelerator, train_stage
-from srd.train.step import DistillModule, features, teacher_features
+from srd.models.features import features, teacher_features
+from srd.train.loop import StagePlan, evaluate_dev, train_stage
+from srd.train.step import DistillModule
 
 __all__ = [
     "DistillModule",
     "StagePlan",
     "evaluate_dev",
     "features",
-    "make_accelerator",
     "teacher_features",
     "train_stage",
 ]

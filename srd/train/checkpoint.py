@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from srd.models.save import is_peft
 from srd.utils import atomic_write_json, replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -30,34 +31,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint or model folder on disk is damaged; the message names the file and what to do."""
-
-
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
-def save_model_dir(
-    model: nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None
-) -> None:
-    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically.
-
-    A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
-    alone in `out/adapter/` (what the next curriculum stage continues from). `state_dict`:
-    the full weights of a sharded (FSDP) model, gathered by srd.train.sharding."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if is_peft(model):
-        import copy
-
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, out)
 
 
 def link_model_dir(src: Path, out: Path, skip: tuple[str, ...] = ("metrics.json",)) -> None:

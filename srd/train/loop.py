@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -38,145 +37,21 @@ from srd.config import ConfigError, RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
-from srd.eval.generate import generate_responses, row_seeds
-from srd.eval.metrics import mean, rouge_l
+from srd.generation.decode import generate_responses, row_seeds
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
-from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, native_bf16, precision_entry
+from srd.metrics.text import mean, rouge_l
+from srd.models.features import compile_blocks, teacher_features
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
+from srd.models.save import save_model_dir
+from srd.runtime import make_accelerator
 from srd.train import checkpoint as ckpt
-from srd.train import sharding
+from srd.train import distributed
 from srd.train.onpolicy import on_policy_flags, sample_responses
-from srd.train.step import DistillModule, compile_blocks, teacher_features
+from srd.train.step import DistillModule
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
-
-
-def auto_bf16(cuda: bool) -> bool:
-    """train.precision=auto: bf16 autocast where bf16 matmuls run in hardware (a bf16 GPU, or a
-    CPU with AVX512-BF16 / AMX, where it was measured faster than float32), float32 elsewhere. SRD_CPU_BF16=0
-    keeps CPUs in float32 (the test suite sets it, so its float32 references hold on any CPU)."""
-    if cuda:
-        return native_bf16("cuda")
-    return os.environ.get("SRD_CPU_BF16", "1") != "0" and native_bf16("cpu")
-
-
-def make_accelerator(precision: str = "auto", sharding: str = "none") -> Any:
-    """The run's accelerate Accelerator. `sharding` zero1 / zero2 under a multi-process launcher
-    (torchrun) sets up DeepSpeed itself; `accelerate launch` with a DeepSpeed config does that
-    through its environment."""
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    if precision == "bf16" and not cuda and not native_bf16("cpu"):
-        log.warning(
-            "train.precision=bf16 on a CPU without native bf16 (%s, no AVX512-BF16/AMX): matmuls fall back to a "
-            "slow path; fp32 (precision=auto) is several times faster here",
-            torch.backends.cpu.get_cpu_capability(),
-        )
-    if precision == "auto":
-        mixed = "bf16" if auto_bf16(cuda) else "no"
-    else:
-        mixed = "bf16" if precision == "bf16" else "no"
-    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # accelerate launch + DS config
-    if (sharding in ZERO_STAGES or launched) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _deepspeed_accelerator(ZERO_STAGES.get(sharding), mixed, cuda)
-    return Accelerator(cpu=not cuda, mixed_precision=mixed)
-
-
-ZERO_STAGES = {"zero1": 1, "zero2": 2}
-
-
-def _deepspeed_accelerator(stage: int | None, mixed: str, cuda: bool) -> Any:
-    """An Accelerator with a DeepSpeed plugin: ZeRO `stage` (train.sharding), or the one
-    `accelerate launch` put in the environment (stage None). On CPUs too (gloo), which
-    accelerate's cpu=True would silently turn into plain DDP."""
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, is_deepspeed_available
-
-    if not is_deepspeed_available():
-        what = f"train.sharding=zero{stage}" if stage else "an accelerate DeepSpeed config"
-        raise ConfigError(f"{what} needs DeepSpeed: pip install deepspeed (or shard with FSDP: train.sharding=fsdp)")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch` sets for a DeepSpeed config
-    # batch size, accumulation and clipping are filled in per stage from train.* (_deepspeed_config)
-    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=1) if stage else None
-    backend = "nccl" if cuda else "gloo"
-    return Accelerator(
-        mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)]
-    )
-
-
-def use_deepspeed(cfg: RunConfig, acc: Any) -> bool:
-    """Whether this stage trains through a DeepSpeed engine (ZeRO stage 1 or 2): an accelerate
-    DeepSpeed config, or train.sharding=zero1/zero2 under torchrun. ZeRO-3 is refused: it
-    partitions the weights themselves, which srd does with FSDP (train.sharding=fsdp)."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.DEEPSPEED:
-        if cfg.train.sharding in ZERO_STAGES and acc.num_processes == 1:
-            log.warning(
-                "train.sharding=%s on a single process: nothing to partition, training unsharded", cfg.train.sharding
-            )
-        return False
-    stage = int(acc.state.deepspeed_plugin.zero_stage)
-    if stage not in (1, 2):
-        raise ConfigError(
-            f"DeepSpeed ZeRO stage {stage} is not supported: use ZeRO-1/2 (configs/accelerate/deepspeed-zero2.yaml, "
-            "or train.sharding=zero2 with torchrun), or FSDP to partition the weights themselves "
-            "(configs/accelerate/fsdp.yaml, or train.sharding=fsdp with torchrun)"
-        )
-    return True
-
-
-def use_sharding(cfg: RunConfig, acc: Any) -> bool:
-    """Whether this stage shards the student with FSDP: train.sharding=fsdp (or an accelerate
-    config with distributed_type FSDP) on more than one process."""
-    from accelerate.utils import DistributedType
-
-    wanted = cfg.train.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
-    if wanted and acc.num_processes == 1:
-        log.warning("train.sharding=fsdp on a single process: nothing to shard, training unsharded")
-    return wanted and acc.num_processes > 1
-
-
-def _deepspeed_config(acc: Any, tcfg: Any) -> None:
-    """Fill the DeepSpeed config from train.*: srd's optimizer, lr schedule, batch, accumulation
-    and clipping are the run's; the config file contributes the ZeRO stage and precision."""
-    c = acc.state.deepspeed_plugin.deepspeed_config
-    for key in ("optimizer", "scheduler"):
-        if key in c:
-            raise ConfigError(
-                f"the DeepSpeed config has an {key!r} section: srd builds the optimizer and lr schedule from train.*; "
-                "remove it"
-            )
-    offload = c.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if offload not in ("none", None):
-        raise ConfigError(
-            f"DeepSpeed optimizer offload ({offload}) is not supported: set offload_optimizer_device: none"
-        )
-    c["train_micro_batch_size_per_gpu"] = tcfg.batch_size
-    c["gradient_accumulation_steps"] = tcfg.grad_accum
-    c["train_batch_size"] = tcfg.batch_size * tcfg.grad_accum * acc.num_processes
-    c["gradient_clipping"] = float(tcfg.grad_clip or 0.0)
-
-
-def _zero_layout(acc: Any) -> dict[str, int]:
-    return {"stage": int(acc.state.deepspeed_plugin.zero_stage), "processes": int(acc.num_processes)}
-
-
-def _zero_files(folder: Path, zero: dict[str, int]) -> list[Path]:
-    return [folder / f"optimizer.zero{zero['stage']}.rank{r}.pt" for r in range(zero["processes"])]
-
-
-def _zero_mismatch(latest: Path, saved: dict[str, int] | None, now: dict[str, int] | None) -> str:
-    def name(z: dict[str, int] | None) -> str:
-        return "without DeepSpeed" if z is None else f"with DeepSpeed ZeRO-{z['stage']} on {z['processes']} processes"
-
-    return (
-        f"{latest} was written {name(saved)} but this run is {name(now)}. ZeRO partitions the optimizer state, so "
-        f"resume it {name(saved)}; or start the stage afresh from weights (delete {latest.parent} to retrain it, "
-        "or use a finished stage's final/ folder as model.student)"
-    )
 
 
 @dataclass
@@ -324,7 +199,7 @@ def evaluate_dev(
         local = sorted(list(dev_encoded)[rank::world], key=lambda e: -len(e.input_ids))  # little padding
         bs = cfg.train.batch_size
         n_batches = math.ceil(len(local) / bs)
-        if sharding.is_sharded(module):  # FSDP: every process runs as many forwards (collectives)
+        if distributed.is_sharded(module):  # FSDP: every process runs as many forwards (collectives)
             n_batches = math.ceil(math.ceil(len(dev_encoded) / world) / bs)
         with torch.no_grad():
             for i in range(0, n_batches * bs, bs):
@@ -366,10 +241,10 @@ def evaluate_dev(
 @contextlib.contextmanager
 def decoding_model(module: Any, student: Any, device: Any, cfg: RunConfig, accelerator: Any) -> Iterator[Any]:
     """The student to decode with inside training (dev ROUGE-L, on-policy samples): the
-    generation replica (sharding.generation_model) with its weights in generation.dtype for the
+    generation replica (distributed.generation_model) with its weights in generation.dtype for the
     duration; the float32 weights that train are put back afterwards."""
     dtype = inference_dtype_of(cfg.generation.dtype, bf16_training=accelerator.mixed_precision == "bf16")
-    with sharding.generation_model(module, student, device) as replica, cast_for_inference(replica, dtype) as model:
+    with distributed.generation_model(module, student, device) as replica, cast_for_inference(replica, dtype) as model:
         yield model
 
 
@@ -381,19 +256,19 @@ def on_accelerators(setting: bool | str, device: Any) -> bool:
     return torch.device(device).type != "cpu"
 
 
-def run_temperatures(cfg: RunConfig, tau: float) -> list[float]:
-    """Every temperature a run's stages train at (SRD's curriculum, else loss.tau), and this
-    stage's `tau`: what its teacher cache must serve."""
-    from srd.curriculum import stage_taus
-
-    taus = [*stage_taus(cfg.curriculum), cfg.loss.tau, tau] if cfg.method == "srd" else [cfg.loss.tau, tau]
-    return sorted({round(float(t), 9) for t in taus})
+def cache_temperatures(cfg: RunConfig, tau: float, stage_taus: Sequence[float] = ()) -> list[float]:
+    """Every temperature the teacher cache must serve: this stage's `tau`, loss.tau, and
+    `stage_taus` (the temperatures of the run's other stages, given by the caller: one cache
+    serves every stage of a curriculum)."""
+    return sorted({round(float(t), 9) for t in (*stage_taus, cfg.loss.tau, tau)})
 
 
-def teacher_cache_meta(cfg: RunConfig, teacher: Any, tokenizer: Any, s2s: bool, tau: float) -> dict[str, Any]:
+def teacher_cache_meta(
+    cfg: RunConfig, teacher: Any, tokenizer: Any, s2s: bool, tau: float, stage_taus: Sequence[float] = ()
+) -> dict[str, Any]:
     """What a teacher cache's rows depend on (a cache made for other values is rebuilt): the
     teacher's weights and the precision they ran in, k, the temperatures, the tokenisation."""
-    from srd.reflect.reflect import model_fingerprint
+    from srd.models.features import model_fingerprint
 
     d = cfg.data
     # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint
@@ -401,19 +276,26 @@ def teacher_cache_meta(cfg: RunConfig, teacher: Any, tokenizer: Any, s2s: bool, 
         **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
         "teacher": model_fingerprint(teacher),
         "top_k": cfg.loss.teacher_top_k,
-        "taus": run_temperatures(cfg, tau),
+        "taus": cache_temperatures(cfg, tau, stage_taus),
         "vocab": len(tokenizer),
         "tokenisation": [d.prompt_format, d.max_prompt_len, d.max_len, d.instruction_suffix, s2s],
     }
 
 
 def _teacher_cache(
-    cfg: RunConfig, teacher: Any, tokenizer: Any, enc: Sequence[Encoded], acc: Any, s2s: bool, tau: float
+    cfg: RunConfig,
+    teacher: Any,
+    tokenizer: Any,
+    enc: Sequence[Encoded],
+    acc: Any,
+    s2s: bool,
+    tau: float,
+    stage_taus: Sequence[float],
 ) -> Any:
     """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
     from srd.train.teacher_cache import TeacherCache
 
-    meta = teacher_cache_meta(cfg, teacher, tokenizer, s2s, tau)
+    meta = teacher_cache_meta(cfg, teacher, tokenizer, s2s, tau, stage_taus)
     folder = cfg.run_dir / "teacher-cache"
     t0 = time.perf_counter()
     if acc.is_main_process:
@@ -437,6 +319,7 @@ def train_stage(
     alpha: float | None = None,
     epochs: float | None = None,
     max_steps: int | None = -1,
+    stage_taus: Sequence[float] = (),
     lr_window: tuple[int, int] | None = None,
     eval_at_start: bool = True,
     accelerator: Any = None,
@@ -446,96 +329,174 @@ def train_stage(
     """Train one stage and return its summary (also written to out_dir/done.json).
 
     tau / alpha / epochs default to the config's loss.tau, loss.alpha, train.epochs;
-    max_steps defaults (-1) to train.max_steps, and None means "use epochs".
+    max_steps defaults (-1) to train.max_steps, and None means "use epochs". `stage_taus`: the
+    temperatures of the caller's other stages, which a teacher cache (loss.teacher_top_k) built
+    here must serve too; the loop knows nothing of how the stages were planned.
     """
     out_dir = Path(out_dir)
     done = out_dir / "done.json"
     if done.exists():
         return json.loads(done.read_text())
     acc = accelerator or make_accelerator(cfg.train.precision, cfg.train.sharding)
-    tcfg, lcfg = cfg.train, cfg.loss
-    tau = lcfg.tau if tau is None else tau
-    alpha = lcfg.alpha if alpha is None else alpha
-    spec = _LossSpec(lcfg.divergence, tau, alpha, tau_scale(lcfg.divergence, tau, lcfg.tau_squared))
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
-    seed_everything(cfg.seed)
+    run = _StageRun(
+        cfg,
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        train_examples=train_examples,
+        dev_examples=dev_examples,
+        out_dir=out_dir,
+        tau=cfg.loss.tau if tau is None else tau,
+        alpha=cfg.loss.alpha if alpha is None else alpha,
+        epochs=cfg.train.epochs if epochs is None else epochs,
+        max_steps=cfg.train.max_steps if max_steps == -1 else max_steps,
+        stage_taus=stage_taus,
+        lr_window=lr_window,
+        acc=acc,
+        desc=desc,
+    )
+    run.resume()
+    run.open_writer()
+    start, total = run.state["step"], run.plan.total_steps
+    if start == 0 and eval_at_start and run.latest is None:
+        run.evaluate(0)  # the starting point, for before/after comparisons
+    stop_at = total if cfg.train.stop_after_steps is None else min(total, start + cfg.train.stop_after_steps)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=desc,
+        disable=not (progress and acc.is_main_process),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    run.start_clock()
+    tcfg = cfg.train
+    for step in range(start, stop_at):
+        row = run.train_step(step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        done_steps, last = step + 1, step + 1 == total
+        if (tcfg.eval_every and done_steps % tcfg.eval_every == 0) or last:
+            run.evaluate(done_steps)
+        if (tcfg.save_every and done_steps % tcfg.save_every == 0) or last or done_steps == stop_at:
+            run.save(done_steps)
+    bar.close()
+    return run.finish(max(start, stop_at))
 
-    fmt = cfg.data.prompt_format
-    s2s = is_seq2seq(student)
-    if s2s and (cfg.on_policy.ratio or 0) > 0:
-        raise ConfigError("on-policy sampling (on_policy.ratio > 0) supports decoder-only students only")
-    enc = encode_examples(
-        tokenizer,
-        train_examples,
-        fmt=fmt,
-        max_prompt_len=cfg.data.max_prompt_len,
-        max_len=cfg.data.max_len,
-        seq2seq=s2s,
-    )
-    dev_enc = encode_examples(
-        tokenizer,
-        list(dev_examples)[: cfg.data.dev_limit or None],
-        fmt=fmt,
-        max_prompt_len=cfg.data.max_prompt_len,
-        max_len=cfg.data.max_len,
-        seq2seq=s2s,
-    )
-    n_targets = [e.n_loss_targets for e in enc]  # what the loss counts
-    plan = StagePlan.make(
-        [len(e.input_ids) for e in enc],
-        batch_size=tcfg.batch_size,
-        grad_accum=tcfg.grad_accum,
-        world=acc.num_processes,
-        seed=cfg.seed,
-        epochs=tcfg.epochs if epochs is None else epochs,
-        max_steps=tcfg.max_steps if max_steps == -1 else max_steps,
-    )
 
-    vocab = len(tokenizer)
-    module = DistillModule(
-        student,
-        divergence=lcfg.divergence,
-        tau=tau,
-        beta=lcfg.beta,
-        chunk_size=lcfg.chunk_size,
-        vocab_size=vocab,
-        recompute=on_accelerators(lcfg.recompute_chunks, acc.device),
-        recompute_log_probs=on_accelerators(lcfg.recompute_log_probs, acc.device),
-    )
-    module.train()
-    sharded = use_sharding(cfg, acc)
-    deepspeed = use_deepspeed(cfg, acc)
-    if sharded:  # FSDP: a sharded copy trains; `student` gets its weights back at the end
-        module.student = copy.deepcopy(student).to(acc.device)
-        sharding.shard_student(module)
-    if tcfg.compile:
-        compile_blocks(student)
-        if teacher is not None and alpha < 1.0:
-            compile_blocks(teacher)
-    optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
-    scheduler = _scheduler(optimizer, tcfg, plan.total_steps, lr_window)
-    zero = _zero_layout(acc) if deepspeed else None  # what a checkpoint's optimizer files are split by
-    if deepspeed:
-        _deepspeed_config(acc, tcfg)
-    if not sharded:  # DeepSpeed: `module` becomes its engine (ZeRO partitions the optimizer state)
-        module, optimizer = acc.prepare(module, optimizer)
-    if teacher is not None and alpha < 1.0:
-        teacher_dtype = inference_dtype_of(cfg.model.teacher_dtype, bf16_training=acc.mixed_precision == "bf16")
-        teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
+class _StageRun:
+    """One stage of training, by concern: set-up (the data, the plan, the wrapped student, the
+    optimizer, the teacher and its cache), resume from the latest checkpoint, one optimizer
+    step, a dev evaluation, a checkpoint, and the end of the stage (final/, done.json)."""
 
-    ckpt_root, logs = out_dir / "checkpoints", out_dir / "logs"
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if latest is not None:  # a damaged file is named now, before any work, never skipped silently
-        ckpt.verify_checkpoint(latest)
-    cache, cache_s = None, 0.0
-    if lcfg.teacher_top_k and teacher is not None and alpha < 1.0:
-        cache, cache_s = _teacher_cache(cfg, teacher, tokenizer, enc, acc, s2s, tau)
-    state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
-    micro_per_step = tcfg.grad_accum * acc.num_processes
-    if latest is not None:
-        saved = ckpt.read_state(latest)
-        if saved.get("micro_per_step", micro_per_step) != micro_per_step:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        student: Any,
+        teacher: Any,
+        tokenizer: Any,
+        train_examples: Sequence[Example],
+        dev_examples: Sequence[Example],
+        out_dir: Path,
+        tau: float,
+        alpha: float,
+        epochs: float,
+        max_steps: int | None,
+        stage_taus: Sequence[float],
+        lr_window: tuple[int, int] | None,
+        acc: Any,
+        desc: str,
+    ) -> None:
+        tcfg, lcfg = cfg.train, cfg.loss
+        self.cfg, self.acc, self.desc, self.out_dir = cfg, acc, desc, out_dir
+        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.tau, self.alpha, self.dev_examples = tau, alpha, dev_examples
+        self.spec = _LossSpec(lcfg.divergence, tau, alpha, tau_scale(lcfg.divergence, tau, lcfg.tau_squared))
+        if tcfg.num_threads:
+            torch.set_num_threads(tcfg.num_threads)
+        seed_everything(cfg.seed)
+        self._encode(train_examples, dev_examples)
+        self.plan = StagePlan.make(
+            [len(e.input_ids) for e in self.enc],
+            batch_size=tcfg.batch_size,
+            grad_accum=tcfg.grad_accum,
+            world=acc.num_processes,
+            seed=cfg.seed,
+            epochs=epochs,
+            max_steps=max_steps,
+        )
+        self._build_module(lr_window)
+        self.ckpt_root, self.logs = out_dir / "checkpoints", out_dir / "logs"
+        self.latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if self.latest is not None:  # a damaged file is named now, before any work, never skipped silently
+            ckpt.verify_checkpoint(self.latest)
+        self.cache, self.cache_s = None, 0.0
+        if lcfg.teacher_top_k and self.uses_teacher:
+            self.cache, self.cache_s = _teacher_cache(cfg, teacher, tokenizer, self.enc, acc, self.s2s, tau, stage_taus)
+        self.state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
+        self.micro_per_step = tcfg.grad_accum * acc.num_processes
+        self.ratio = float(cfg.on_policy.ratio or 0.0)
+        self.writer: Any = None
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and self.alpha < 1.0
+
+    def _encode(self, train_examples: Sequence[Example], dev_examples: Sequence[Example]) -> None:
+        cfg = self.cfg
+        self.s2s = is_seq2seq(self.student)
+        if self.s2s and (cfg.on_policy.ratio or 0) > 0:
+            raise ConfigError("on-policy sampling (on_policy.ratio > 0) supports decoder-only students only")
+        d = cfg.data
+        kw = dict(fmt=d.prompt_format, max_prompt_len=d.max_prompt_len, max_len=d.max_len, seq2seq=self.s2s)
+        self.enc = encode_examples(self.tokenizer, train_examples, **kw)
+        self.dev_enc = encode_examples(self.tokenizer, list(dev_examples)[: d.dev_limit or None], **kw)
+        self.n_targets = [e.n_loss_targets for e in self.enc]  # what the loss counts
+
+    def _build_module(self, lr_window: tuple[int, int] | None) -> None:
+        """The student wrapped with the loss, sharded or prepared for its distributed backend,
+        its optimizer and schedule, and the teacher on the device in its inference precision."""
+        cfg, acc, student, teacher = self.cfg, self.acc, self.student, self.teacher
+        tcfg, lcfg = cfg.train, cfg.loss
+        module = DistillModule(
+            student,
+            divergence=lcfg.divergence,
+            tau=self.tau,
+            beta=lcfg.beta,
+            chunk_size=lcfg.chunk_size,
+            vocab_size=len(self.tokenizer),
+            recompute=on_accelerators(lcfg.recompute_chunks, acc.device),
+            recompute_log_probs=on_accelerators(lcfg.recompute_log_probs, acc.device),
+        )
+        module.train()
+        self.sharded = distributed.use_sharding(cfg, acc)
+        self.deepspeed = distributed.use_deepspeed(cfg, acc)
+        if self.sharded:  # FSDP: a sharded copy trains; `student` gets its weights back at the end
+            module.student = copy.deepcopy(student).to(acc.device)
+            distributed.shard_student(module)
+        if tcfg.compile:
+            compile_blocks(student)
+            if self.uses_teacher:
+                compile_blocks(teacher)
+        optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
+        self.scheduler = _scheduler(optimizer, tcfg, self.plan.total_steps, lr_window)
+        self.zero = (
+            distributed.zero_layout(acc) if self.deepspeed else None
+        )  # what a checkpoint's optimizer files are split by
+        if self.deepspeed:
+            distributed.deepspeed_config(acc, tcfg)
+        if not self.sharded:  # DeepSpeed: `module` becomes its engine (ZeRO partitions the optimizer state)
+            module, optimizer = acc.prepare(module, optimizer)
+        self.module, self.optimizer = module, optimizer
+        if self.uses_teacher:
+            teacher_dtype = inference_dtype_of(cfg.model.teacher_dtype, bf16_training=acc.mixed_precision == "bf16")
+            teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        """A checkpoint resumes only with the same micro-batches per step, precision and ZeRO layout."""
+        acc, tcfg, latest = self.acc, self.cfg.train, self.latest
+        if saved.get("micro_per_step", self.micro_per_step) != self.micro_per_step:
             raise ConfigError(
                 f"{latest} was written with {saved['micro_per_step']} micro-batches per step (processes x "
                 f"train.grad_accum) but this run has {acc.num_processes} x {tcfg.grad_accum}; resume with the same "
@@ -551,116 +512,142 @@ def train_stage(
                 f"{tcfg.precision} to {'bf16' if acc.mixed_precision == 'bf16' else 'fp32'} here; resume it with "
                 f"train.precision={was}"
             )
+        if saved.get("zero") != self.zero:
+            raise ConfigError(distributed.zero_mismatch(latest, saved.get("zero"), self.zero))
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint (weights, optimizer, schedule, RNG, state, logs), or
+        start fresh, dropping log rows of an attempt killed before its first checkpoint."""
+        acc, latest, module, optimizer = self.acc, self.latest, self.module, self.optimizer
+        if latest is None:
+            if acc.is_main_process:
+                for name in ("train.jsonl", "eval.jsonl"):
+                    _truncate_log(self.logs / name, -1)
+            return
+        saved = ckpt.read_state(latest)
+        self._check_resumable(saved)
         where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
-        if saved.get("zero") != zero:
-            raise ConfigError(_zero_mismatch(latest, saved.get("zero"), zero))
-        if deepspeed:  # every process reads every partition's file (ZeRO picks its own)
+        if self.deepspeed:  # every process reads every partition's file (ZeRO picks its own)
             ckpt.load_weights(acc.unwrap_model(module).student, latest)
-            parts = [torch.load(f, map_location=where, weights_only=False) for f in _zero_files(latest, zero)]
+            parts = [
+                torch.load(f, map_location=where, weights_only=False) for f in distributed.zero_files(latest, self.zero)
+            ]
             optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
         else:
             saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
-            if sharded:
-                sharding.load_full_state_dict(module, ckpt.read_weights(latest))
-                sharding.load_full_optimizer_state(module, optimizer, saved_opt)
+            if self.sharded:
+                distributed.load_full_state_dict(module, ckpt.read_weights(latest))
+                distributed.load_full_optimizer_state(module, optimizer, saved_opt)
             else:
                 ckpt.load_weights(acc.unwrap_model(module).student, latest)
                 optimizer.load_state_dict(saved_opt)
-        scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
         rng_file = latest / f"rng_{acc.process_index}.pt"
         if not rng_file.exists():  # resumed on more processes than wrote the checkpoint
             log.warning("%s missing: process %d continues from rank 0's RNG state", rng_file.name, acc.process_index)
             rng_file = latest / "rng_0.pt"
         set_rng_state(torch.load(rng_file, weights_only=False))
-        state = saved
-        cache_s += float(saved.get("teacher_cache_s", 0.0))  # built before the interruption
+        self.state = saved
+        self.cache_s += float(saved.get("teacher_cache_s", 0.0))  # built before the interruption
         if acc.is_main_process:
             for name in ("train.jsonl", "eval.jsonl"):
-                _truncate_log(logs / name, state["step"])
-    elif acc.is_main_process:  # a fresh start: rows of an attempt killed before its first checkpoint go
-        for name in ("train.jsonl", "eval.jsonl"):
-            _truncate_log(logs / name, -1)
-    writer = None
-    if acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
+                _truncate_log(self.logs / name, self.state["step"])
 
-        writer = SummaryWriter(str(out_dir / "tb"))
+    def open_writer(self) -> None:
+        if self.acc.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def save(step: int) -> None:
-        tmp = ckpt.tmp_checkpoint_dir(ckpt_root, step)
+            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+
+    def start_clock(self) -> None:
+        self.t_run, self.elapsed0 = time.perf_counter(), self.state["elapsed_s"]
+        self.state.setdefault("generation_s", 0.0)
+        self.state["teacher_cache_s"] = self.cache_s
+
+    def _full_weights(self, needed: bool = True) -> dict[str, Any] | None:
+        """FSDP: the gathered full weights (a collective: every process calls it); else None."""
+        return distributed.full_state_dict(self.module) if self.sharded and needed else None
+
+    def _trained_student(self) -> Any:
+        return self.acc.unwrap_model(self.module).student
+
+    def save(self, step: int) -> None:
+        """A resumable checkpoint at `step`, written into a temporary folder and renamed."""
+        acc, tmp = self.acc, ckpt.tmp_checkpoint_dir(self.ckpt_root, step)
         if acc.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
-        weights = sharding.full_state_dict(module) if sharded else None  # collective
-        if deepspeed:  # each process writes its own partition of the optimizer state
-            torch.save(optimizer.optimizer.state_dict(), _zero_files(tmp, zero)[acc.process_index])
+        weights = self._full_weights()  # collective
+        if self.deepspeed:  # each process writes its own partition of the optimizer state
+            torch.save(self.optimizer.optimizer.state_dict(), distributed.zero_files(tmp, self.zero)[acc.process_index])
             acc.wait_for_everyone()
-        opt_state = sharding.full_optimizer_state(module, optimizer) if sharded else None
+        opt_state = distributed.full_optimizer_state(self.module, self.optimizer) if self.sharded else None
         if acc.is_main_process:
-            acc.unwrap_model(module).student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            if not deepspeed:
-                torch.save(opt_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            meta = {**state, "step": step, "micro_per_step": micro_per_step, "mixed_precision": acc.mixed_precision}
-            ckpt.finish_checkpoint(ckpt_root, step, {**meta, "zero": zero} if zero else meta)
-            ckpt.prune_checkpoints(ckpt_root, max(tcfg.keep_last, 1))  # 0: the last one until done
+            self._trained_student().save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            if not self.deepspeed:
+                torch.save(opt_state if self.sharded else self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            meta = {
+                **self.state,
+                "step": step,
+                "micro_per_step": self.micro_per_step,
+                "mixed_precision": acc.mixed_precision,
+            }
+            ckpt.finish_checkpoint(self.ckpt_root, step, {**meta, "zero": self.zero} if self.zero else meta)
+            ckpt.prune_checkpoints(self.ckpt_root, max(self.cfg.train.keep_last, 1))  # 0: the last one until done
         acc.wait_for_everyone()
 
-    def run_eval(step: int) -> None:
-        if not dev_enc and not (cfg.dev_eval.num_examples and dev_examples):
+    def evaluate(self, step: int) -> None:
+        """Dev loss (and dev ROUGE-L when configured); best/ follows the best score."""
+        cfg, acc, state = self.cfg, self.acc, self.state
+        if not self.dev_enc and not (cfg.dev_eval.num_examples and self.dev_examples):
             return
-        metrics = evaluate_dev(module, teacher, tokenizer, cfg, dev_enc, dev_examples, spec, acc, student)
+        metrics = evaluate_dev(
+            self.module,
+            self.teacher,
+            self.tokenizer,
+            cfg,
+            self.dev_enc,
+            self.dev_examples,
+            self.spec,
+            acc,
+            self.student,
+        )
         key = metrics.get("dev_rougeL", -metrics.get("dev_loss", float("nan")))
         improved = state["best_metric"] is None or key > state["best_metric"]
         state["last_eval"] = {"step": step, **metrics}
         state.setdefault("first_eval", state["last_eval"])
         if improved:
             state.update(best_metric=key, best_step=step)
-        weights = sharding.full_state_dict(module) if sharded and improved else None  # collective
+        weights = self._full_weights(improved)  # collective
         if acc.is_main_process:
-            append_jsonl(logs / "eval.jsonl", [{"step": step, **metrics}])
+            append_jsonl(self.logs / "eval.jsonl", [{"step": step, **metrics}])
             for k, v in metrics.items():
-                writer.add_scalar(f"dev/{k}", v, step)
+                self.writer.add_scalar(f"dev/{k}", v, step)
             if improved:
-                ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "best", weights)
-                atomic_write_json(out_dir / "best" / "metrics.json", {"step": step, **metrics})
+                save_model_dir(self._trained_student(), self.tokenizer, self.out_dir / "best", weights)
+                atomic_write_json(self.out_dir / "best" / "metrics.json", {"step": step, **metrics})
         msg = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        acc.print(f"[{desc}] step {step}: {msg}")
+        acc.print(f"[{self.desc}] step {step}: {msg}")
 
-    start = state["step"]
-    if start == 0 and eval_at_start and latest is None:
-        run_eval(0)  # the starting point, for before/after comparisons
-    stop_at = (
-        plan.total_steps if tcfg.stop_after_steps is None else min(plan.total_steps, start + tcfg.stop_after_steps)
-    )
-    bar = tqdm(
-        total=plan.total_steps,
-        initial=start,
-        desc=desc,
-        disable=not (progress and acc.is_main_process),
-        unit="step",
-        dynamic_ncols=True,
-    )
-    t_run = time.perf_counter()
-    elapsed0 = state["elapsed_s"]
-    device = acc.device
-    ratio = float(cfg.on_policy.ratio or 0.0)
-    state.setdefault("generation_s", 0.0)
-    state["teacher_cache_s"] = cache_s
-    for step in range(start, stop_at):
-        t0 = time.perf_counter()
-        micro = plan.step_batches(step)
-        flags = on_policy_flags(cfg.seed, step, len(micro), ratio)
+    def _sample_on_policy(
+        self, step: int, micro: list[list[int]], flags: list[bool]
+    ) -> tuple[list[tuple[list[Encoded], bool]], float]:
+        """This process's micro-batches of the step, the flagged ones answered by the student
+        itself (GKD), all in one decoding stream; and the seconds that took."""
+        cfg, acc = self.cfg, self.acc
         mine = list(range(len(micro)))[acc.process_index :: acc.num_processes]
-        local, gen_s = [], 0.0
+        gen_s = 0.0
         # FSDP: gathering is collective, so every process gathers when any micro-batch of the step samples
-        gen_ctx = decoding_model(module, student, device, cfg, acc) if any(flags) else contextlib.nullcontext()
+        gen_ctx = (
+            decoding_model(self.module, self.student, acc.device, cfg, acc) if any(flags) else contextlib.nullcontext()
+        )
         with gen_ctx as gen_model:
-            groups = {g: [enc[i] for i in micro[g]] for g in mine}
+            groups = {g: [self.enc[i] for i in micro[g]] for g in mine}
             sampled = [g for g in mine if flags[g]]
-            if sampled:  # GKD: the student answers these prompts itself, all in one decoding stream
+            if sampled:
                 tg = time.perf_counter()
                 op = cfg.on_policy
                 rows = [e for g in sampled for e in groups[g]]
@@ -668,7 +655,7 @@ def train_stage(
                 answers = iter(
                     sample_responses(
                         gen_model,
-                        tokenizer,
+                        self.tokenizer,
                         rows,
                         max_new_tokens=op.max_new_tokens,
                         temperature=op.temperature,
@@ -682,116 +669,138 @@ def train_stage(
                 for g in sampled:
                     groups[g] = [next(answers) for _ in groups[g]]
                 gen_s += time.perf_counter() - tg
-            local = [(groups[g], flags[g]) for g in mine]
-        if ratio > 0:  # sampled answers change the step's target count: count it over all processes
-            mine_targets = sum(e.n_loss_targets for encs, _ in local for e in encs)
-            denominator = float(acc.reduce(torch.tensor([float(mine_targets)], device=device), reduction="sum").item())
-        else:
-            denominator = float(sum(n_targets[i] for b in micro for i in b))
+            return [(groups[g], flags[g]) for g in mine], gen_s
+
+    def _backward(self, local: list[tuple[list[Encoded], bool]], denominator: float) -> tuple[float, float, int]:
+        """Forward and backward over this process's micro-batches; (CE sum, KD sum, tokens)."""
+        acc, module, device = self.acc, self.module, self.acc.device
         ce_sum = kd_sum = 0.0
         n_tokens = 0
         for j, (encs, on_policy) in enumerate(local):
-            batch = {k: v.to(device) for k, v in collate(encs, pad_id(tokenizer)).items()}
+            batch = {k: v.to(device) for k, v in collate(encs, pad_id(self.tokenizer)).items()}
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
-            ctx = acc.no_sync(module) if not (sync or sharded or deepspeed) else contextlib.nullcontext()
-            cached = cache.rows([e.id for e in encs], device, tau) if cache is not None and not on_policy else None
-            if deepspeed:  # the step's last micro-batch reduces the gradients and steps (clipping included)
+            ctx = acc.no_sync(module) if not (sync or self.sharded or self.deepspeed) else contextlib.nullcontext()
+            cache = self.cache
+            cached = cache.rows([e.id for e in encs], device, self.tau) if cache is not None and not on_policy else None
+            if self.deepspeed:  # the step's last micro-batch reduces the gradients and steps (clipping included)
                 module.set_gradient_accumulation_boundary(sync)
             with ctx:
-                loss, sums = _micro_loss(module, teacher, batch, spec, acc, denominator, on_policy, cached)
-                if deepspeed:
+                loss, sums = _micro_loss(module, self.teacher, batch, self.spec, acc, denominator, on_policy, cached)
+                if self.deepspeed:
                     module.backward(loss, scale_wrt_gas=False)  # the loss is already divided by the step's tokens
                     module.step()
                 else:
                     acc.backward(loss)
             ce_sum += sums.ce.item()
             kd_sum += sums.kd.item()
+        return ce_sum, kd_sum, n_tokens
+
+    def _optimizer_step(self) -> float | None:
+        """Clip, step and zero the gradients (the DeepSpeed engine did it in _backward); the norm."""
+        tcfg = self.cfg.train
+        if self.deepspeed:
+            return self.module.get_global_grad_norm() if tcfg.grad_clip else None
         grad_norm = None
-        lr = scheduler.get_last_lr()[0]
-        if deepspeed:  # the engine stepped, clipped and zeroed above
-            grad_norm = module.get_global_grad_norm() if tcfg.grad_clip else None
+        if tcfg.grad_clip:
+            clip = torch.nn.utils.clip_grad_norm_ if self.sharded else self.acc.clip_grad_norm_
+            grad_norm = clip(self.module.parameters(), tcfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (0-based `step`); returns its log row."""
+        acc, state, device = self.acc, self.state, self.acc.device
+        t0 = time.perf_counter()
+        micro = self.plan.step_batches(step)
+        flags = on_policy_flags(self.cfg.seed, step, len(micro), self.ratio)
+        local, gen_s = self._sample_on_policy(step, micro, flags)
+        if self.ratio > 0:  # sampled answers change the step's target count: count it over all processes
+            mine_targets = sum(e.n_loss_targets for encs, _ in local for e in encs)
+            denominator = float(acc.reduce(torch.tensor([float(mine_targets)], device=device), reduction="sum").item())
         else:
-            if tcfg.grad_clip:
-                clip = torch.nn.utils.clip_grad_norm_ if sharded else acc.clip_grad_norm_
-                grad_norm = clip(module.parameters(), tcfg.grad_clip)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            denominator = float(sum(self.n_targets[i] for b in micro for i in b))
+        ce_sum, kd_sum, n_tokens = self._backward(local, denominator)
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = self._optimizer_step()
+        self.scheduler.step()
         totals = acc.reduce(torch.tensor([ce_sum, kd_sum, float(n_tokens)], device=device), reduction="sum")
         ce_sum, kd_sum, n_tokens = totals.tolist()
         dt = time.perf_counter() - t0
         state["tokens"] += int(n_tokens)
         state["generation_s"] += gen_s
-        state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+        state["elapsed_s"] = self.elapsed0 + time.perf_counter() - self.t_run
         done_steps = step + 1
         row = {
             "step": done_steps,
-            "epoch": round(done_steps / plan.steps_per_epoch, 4),
-            "loss": (alpha * ce_sum + (1 - alpha) * spec.kd_scale * kd_sum) / max(denominator, 1),
+            "epoch": round(done_steps / self.plan.steps_per_epoch, 4),
+            "loss": (self.alpha * ce_sum + (1 - self.alpha) * self.spec.kd_scale * kd_sum) / max(denominator, 1),
             "ce": ce_sum / max(denominator, 1),
             "kd": kd_sum / max(denominator, 1),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": n_tokens / dt,
-            "tau": tau,
-            "alpha": alpha,
+            "tau": self.tau,
+            "alpha": self.alpha,
             "elapsed_s": round(state["elapsed_s"], 3),
         }
-        if ratio > 0:
+        if self.ratio > 0:
             row["on_policy_batches"] = sum(flags)
             row["generation_s"] = round(gen_s, 3)
-        if acc.is_main_process and (done_steps % tcfg.log_every == 0 or done_steps == plan.total_steps):
-            append_jsonl(logs / "train.jsonl", [row])
+        log_every = self.cfg.train.log_every
+        if acc.is_main_process and (done_steps % log_every == 0 or done_steps == self.plan.total_steps):
+            append_jsonl(self.logs / "train.jsonl", [row])
             for k in ("loss", "ce", "kd", "lr", "tokens_per_s"):
-                writer.add_scalar(f"train/{k}", row[k], done_steps)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        last = done_steps == plan.total_steps
-        if (tcfg.eval_every and done_steps % tcfg.eval_every == 0) or last:
-            run_eval(done_steps)
-        if (tcfg.save_every and done_steps % tcfg.save_every == 0) or last or done_steps == stop_at:
-            save(done_steps)
-    bar.close()
-    if writer is not None:
-        writer.flush()
-        writer.close()
-    final_step = max(start, stop_at)
-    summary = {
-        "complete": final_step >= plan.total_steps,
-        "steps": final_step,
-        "total_steps": plan.total_steps,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "examples": len(enc),
-        "tau": tau,
-        "alpha": alpha,
-        "divergence": lcfg.divergence,
-        "kd_scale": spec.kd_scale,
-        "wall_time_s": round(state["elapsed_s"], 3),
-        "generation_s": round(state.get("generation_s", 0.0), 3),
-        "teacher_cache_s": round(cache_s, 3),
-        "on_policy_ratio": ratio,
-        "tokens": state["tokens"],
-        "best_metric": state["best_metric"],
-        "first_eval": state.get("first_eval"),
-        "last_eval": state.get("last_eval"),
-        "best_step": state["best_step"],
-    }
-    if summary["complete"]:
-        weights = sharding.full_state_dict(module) if sharded else None  # collective
-        if acc.is_main_process:
-            best = out_dir / "best"
-            if state["best_step"] == final_step and (best / "config.json").exists():
-                ckpt.link_model_dir(best, out_dir / "final")  # the same weights: one copy on disk
-            else:
-                ckpt.save_model_dir(acc.unwrap_model(module).student, tokenizer, out_dir / "final", weights)
-            atomic_write_json(done, summary)
-    acc.wait_for_everyone()
-    if sharded:  # the caller's student continues from the trained weights, as under DDP
-        ckpt.load_weights(student, out_dir / "final" if summary["complete"] else ckpt.latest_checkpoint(ckpt_root))
-    if deepspeed:  # drop the engine: its gradient hooks on the student's parameters and its optimizer partitions
-        acc.free_memory()
-    if summary["complete"] and tcfg.keep_last == 0 and acc.is_main_process:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # done.json and final/ stand for the stage now
-    return summary
+                self.writer.add_scalar(f"train/{k}", row[k], done_steps)
+        return row
+
+    def finish(self, final_step: int) -> dict[str, Any]:
+        """The stage's summary; when it is complete, final/ and done.json. The caller's student
+        holds the trained weights afterwards (also under FSDP)."""
+        acc, state, out_dir = self.acc, self.state, self.out_dir
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        lcfg = self.cfg.loss
+        summary = {
+            "complete": final_step >= self.plan.total_steps,
+            "steps": final_step,
+            "total_steps": self.plan.total_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "examples": len(self.enc),
+            "tau": self.tau,
+            "alpha": self.alpha,
+            "divergence": lcfg.divergence,
+            "kd_scale": self.spec.kd_scale,
+            "wall_time_s": round(state["elapsed_s"], 3),
+            "generation_s": round(state.get("generation_s", 0.0), 3),
+            "teacher_cache_s": round(self.cache_s, 3),
+            "on_policy_ratio": self.ratio,
+            "tokens": state["tokens"],
+            "best_metric": state["best_metric"],
+            "first_eval": state.get("first_eval"),
+            "last_eval": state.get("last_eval"),
+            "best_step": state["best_step"],
+        }
+        if summary["complete"]:
+            weights = self._full_weights()  # collective
+            if acc.is_main_process:
+                best = out_dir / "best"
+                if state["best_step"] == final_step and (best / "config.json").exists():
+                    ckpt.link_model_dir(best, out_dir / "final")  # the same weights: one copy on disk
+                else:
+                    save_model_dir(self._trained_student(), self.tokenizer, out_dir / "final", weights)
+                atomic_write_json(out_dir / "done.json", summary)
+        acc.wait_for_everyone()
+        if self.sharded:  # the caller's student continues from the trained weights, as under DDP
+            final = out_dir / "final" if summary["complete"] else ckpt.latest_checkpoint(self.ckpt_root)
+            ckpt.load_weights(self.student, final)
+        if (
+            self.deepspeed
+        ):  # drop the engine: its gradient hooks on the student's parameters and its optimizer partitions
+            acc.free_memory()
+        if summary["complete"] and self.cfg.train.keep_last == 0 and acc.is_main_process:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)  # done.json and final/ stand for the stage now
+        return summary

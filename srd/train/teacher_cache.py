@@ -121,7 +121,7 @@ class TeacherCache:
         A shard (and the index naming its examples) is written whenever `shard_rows` target
         positions have accumulated, so an interrupted build keeps what it finished and the next
         call computes only the rest."""
-        from srd.train.step import target_features
+        from srd.models.features import target_features
 
         # longest first, so each batch pads little (in input order, Dolly batches of 8 are about
         # half padding); the index maps every example to its rows, so the order is free

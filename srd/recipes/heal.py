@@ -92,8 +92,9 @@ def heal_student(
 ) -> dict[str, Any]:
     """Heal the student in `pruned` by KD from `teacher`; export the result to `out`."""
     from srd.data.sources import load_mixture
-    from srd.train.loop import make_accelerator, train_stage
-    from srd.train.recipe import load_models, prepare_run_dir
+    from srd.recipes.train import load_models, prepare_run_dir
+    from srd.runtime import make_accelerator
+    from srd.train.loop import train_stage
     from srd.utils import replace_dir
 
     cfg = heal_config(

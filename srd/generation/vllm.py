@@ -48,7 +48,7 @@ def _import_vllm() -> Any:
 
 def _engine(vllm: Any, model: Any, tokenizer: Any) -> Any:
     """A vLLM engine serving `model`'s current weights (reused while they are unchanged)."""
-    from srd.reflect.reflect import model_fingerprint
+    from srd.models.features import model_fingerprint
 
     fingerprint = model_fingerprint(model)
     cached = _ENGINES.get(model)
@@ -99,7 +99,7 @@ def vllm_generate(
 ) -> list[str]:
     """Answers (cut at the stop strings) for token-id prompts, in input order; sampling
     gives prompt i the seed `seeds[i]`."""
-    from srd.eval.generate import cut_at_stop
+    from srd.generation.decode import cut_at_stop
 
     if no_repeat_ngram_size:
         raise VLLMUnavailable(

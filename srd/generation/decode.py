@@ -17,7 +17,7 @@ Backends with the same decoding rules:
     one shape: on a GPU transformers then compiles it (torch.compile with CUDA graphs), which
     removes the per-token Python and kernel-launch overhead that dominates small models; on a
     CPU it runs uncompiled. Finished rows stay in the batch (the price of one shape).
-  * `vllm`: vLLM's engine on a saved copy of the model (srd.eval.vllm_backend; GPU, optional).
+  * `vllm`: vLLM's engine on a saved copy of the model (srd.generation.vllm; GPU, optional).
 Greedy decoding gives the same text with loop, hf and static (tested; batch composition
 changes matmul shapes, so a near-tie between two tokens can rarely flip).
 
@@ -440,7 +440,7 @@ def iter_responses(
         if seq2seq:
             backend = "hf"  # the decode loop is for decoder-only models
         if backend == "vllm":
-            from srd.eval.vllm_backend import vllm_generate
+            from srd.generation.vllm import vllm_generate
 
             out = vllm_generate(
                 model,

@@ -14,7 +14,8 @@ from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec
-from srd.train.loop import make_accelerator, train_stage
+from srd.runtime import make_accelerator
+from srd.train.loop import train_stage
 from srd.utils import atomic_write_text, remove_stale_temporaries
 
 # Keys that may change between an interrupted run and its resumption.
@@ -31,8 +32,9 @@ RESUME_SAFE_KEYS = {
     "train.compile",  # the same weights and losses, compiled or not
     "loss.recompute_log_probs",  # the same losses, gradients equal to float32 rounding
 }
-# Sections that only add work after training (evaluation, the comparison baseline's own run).
-RESUME_SAFE_PREFIXES = ("eval.", "compare.")
+# Sections that only add work after training (evaluation, the comparison baseline's own run), or
+# that only `srd prune` reads.
+RESUME_SAFE_PREFIXES = ("eval.", "compare.", "prune.")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

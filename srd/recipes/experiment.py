@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import ConfigError, RunConfig, from_dict, to_dict
-from srd.pipeline import run_pipeline
+from srd.recipes.pipeline import run_pipeline
 from srd.utils import atomic_write_json, atomic_write_text
 
 LABELS = {"teacher": "teacher", "initial": "student before KD"}
@@ -108,7 +108,7 @@ def _evaluated(cfg: RunConfig, results: dict[str, Any], what: str) -> str:
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the method, then (when configured) the baseline, evaluation and report."""
-    from srd.train.loop import make_accelerator
+    from srd.runtime import make_accelerator
 
     if cfg.eval.checkpoint == "best" and cfg.compare.baseline and not cfg.train.eval_every and cfg.eval.benchmarks:
         print(

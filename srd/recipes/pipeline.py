@@ -19,10 +19,12 @@ from typing import Any
 
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
+from srd.recipes.train import check_inputs, load_models, prepare_run_dir
 from srd.reflect.reflect import reflect, time_split
+from srd.reflect.scorers import check_scorers
+from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
-from srd.train.loop import StagePlan, make_accelerator, train_stage
-from srd.train.recipe import check_inputs, load_models, prepare_run_dir
+from srd.train.loop import StagePlan, train_stage
 from srd.train.teacher_cache import TeacherCache
 from srd.utils import atomic_write_json
 
@@ -34,6 +36,8 @@ def _needs_teacher(cfg: RunConfig) -> bool:
 
 
 def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
+    if cfg.method not in ("baseline", "gkd"):
+        check_scorers(_reflection_args(cfg).get("scorers", cfg.reflect.scorers))
     train, dev = check_inputs(cfg, need_teacher=need_teacher)  # before any weights are read
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
@@ -145,6 +149,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                 alpha=stage.alpha,
                 epochs=stage.epochs,
                 max_steps=None,
+                stage_taus=[s.tau for s in stages],  # one teacher cache serves every stage
                 lr_window=window,
                 eval_at_start=stage.index == 1,  # later stages start where the previous one was evaluated
                 desc=f"stage {stage.index}/{len(stages)}",

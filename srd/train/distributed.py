@@ -1,4 +1,8 @@
-"""FSDP (torch FSDP2, `fully_shard`) for the student: parameters, gradients and optimizer
+"""The distributed backends of one training stage, in one place: which one a stage uses (plain
+DDP through accelerate, FSDP, or a DeepSpeed ZeRO-1/2 engine), DeepSpeed's config and
+checkpoint layout, and FSDP itself.
+
+FSDP (torch FSDP2, `fully_shard`) for the student: parameters, gradients and optimizer
 states sharded over the processes; the frozen teacher stays a full copy in every process.
 
 `train.sharding=fsdp` (or an accelerate config with `distributed_type: FSDP`) shards each
@@ -20,11 +24,18 @@ The same code runs on CPU processes (gloo) and GPUs (nccl); tested with 2 CPU pr
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from srd.config import ConfigError, RunConfig
+from srd.runtime import ZERO_STAGES
+
+log = logging.getLogger(__name__)
 
 PREFIX = "student."  # DistillModule keeps the student under this attribute
 
@@ -44,7 +55,7 @@ def shard_student(module: nn.Module) -> None:
         from srd.config import ConfigError
 
         raise ConfigError("train.sharding=fsdp does not support LoRA students yet: use DDP (train.sharding=none)")
-    from srd.train.step import transformer_blocks
+    from srd.models.features import transformer_blocks
 
     for block in transformer_blocks(student, "train.sharding=fsdp"):
         fully_shard(block)
@@ -148,3 +159,76 @@ def generation_model(module: nn.Module, replica: nn.Module, device: Any) -> Iter
         yield replica
     finally:
         replica.to(home).train(training)
+
+
+def use_deepspeed(cfg: RunConfig, acc: Any) -> bool:
+    """Whether this stage trains through a DeepSpeed engine (ZeRO stage 1 or 2): an accelerate
+    DeepSpeed config, or train.sharding=zero1/zero2 under torchrun. ZeRO-3 is refused: it
+    partitions the weights themselves, which srd does with FSDP (train.sharding=fsdp)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        if cfg.train.sharding in ZERO_STAGES and acc.num_processes == 1:
+            log.warning(
+                "train.sharding=%s on a single process: nothing to partition, training unsharded", cfg.train.sharding
+            )
+        return False
+    stage = int(acc.state.deepspeed_plugin.zero_stage)
+    if stage not in (1, 2):
+        raise ConfigError(
+            f"DeepSpeed ZeRO stage {stage} is not supported: use ZeRO-1/2 (configs/accelerate/deepspeed-zero2.yaml, "
+            "or train.sharding=zero2 with torchrun), or FSDP to partition the weights themselves "
+            "(configs/accelerate/fsdp.yaml, or train.sharding=fsdp with torchrun)"
+        )
+    return True
+
+
+def use_sharding(cfg: RunConfig, acc: Any) -> bool:
+    """Whether this stage shards the student with FSDP: train.sharding=fsdp (or an accelerate
+    config with distributed_type FSDP) on more than one process."""
+    from accelerate.utils import DistributedType
+
+    wanted = cfg.train.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
+    if wanted and acc.num_processes == 1:
+        log.warning("train.sharding=fsdp on a single process: nothing to shard, training unsharded")
+    return wanted and acc.num_processes > 1
+
+
+def deepspeed_config(acc: Any, tcfg: Any) -> None:
+    """Fill the DeepSpeed config from train.*: srd's optimizer, lr schedule, batch, accumulation
+    and clipping are the run's; the config file contributes the ZeRO stage and precision."""
+    c = acc.state.deepspeed_plugin.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in c:
+            raise ConfigError(
+                f"the DeepSpeed config has an {key!r} section: srd builds the optimizer and lr schedule from train.*; "
+                "remove it"
+            )
+    offload = c.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None):
+        raise ConfigError(
+            f"DeepSpeed optimizer offload ({offload}) is not supported: set offload_optimizer_device: none"
+        )
+    c["train_micro_batch_size_per_gpu"] = tcfg.batch_size
+    c["gradient_accumulation_steps"] = tcfg.grad_accum
+    c["train_batch_size"] = tcfg.batch_size * tcfg.grad_accum * acc.num_processes
+    c["gradient_clipping"] = float(tcfg.grad_clip or 0.0)
+
+
+def zero_layout(acc: Any) -> dict[str, int]:
+    return {"stage": int(acc.state.deepspeed_plugin.zero_stage), "processes": int(acc.num_processes)}
+
+
+def zero_files(folder: Path, zero: dict[str, int]) -> list[Path]:
+    return [folder / f"optimizer.zero{zero['stage']}.rank{r}.pt" for r in range(zero["processes"])]
+
+
+def zero_mismatch(latest: Path, saved: dict[str, int] | None, now: dict[str, int] | None) -> str:
+    def name(z: dict[str, int] | None) -> str:
+        return "without DeepSpeed" if z is None else f"with DeepSpeed ZeRO-{z['stage']} on {z['processes']} processes"
+
+    return (
+        f"{latest} was written {name(saved)} but this run is {name(now)}. ZeRO partitions the optimizer state, so "
+        f"resume it {name(saved)}; or start the stage afresh from weights (delete {latest.parent} to retrain it, "
+        "or use a finished stage's final/ folder as model.student)"
+    )

@@ -1,0 +1,40 @@
+"""Saving a model as a plain Hugging Face folder, atomically (LoRA students merged)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from srd.utils import replace_dir
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_model_dir(
+    model: nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically.
+
+    A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
+    alone in `out/adapter/` (what the next curriculum stage continues from). `state_dict`:
+    the full weights of a sharded (FSDP) model, gathered by srd.train.sharding."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if is_peft(model):
+        import copy
+
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out)
