@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from srd.config import GENERATION_BACKENDS
+
 OVERRIDE_HELP = (
     "dotted overrides applied after the YAML file, e.g. train.lr=1e-4 loss.divergence=rkl data.train_limit=200 "
     "(values are YAML: true, null, [a, b]); unknown keys are errors that list the valid ones"
@@ -79,7 +81,7 @@ EVAL_FLAGS: list[tuple[str, str, dict]] = [
         "--backend",
         "generation.backend",
         {
-            "choices": ["loop", "hf", "static", "vllm"],
+            "choices": GENERATION_BACKENDS,
             "help": "decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.generation)",
         },
     ),
@@ -418,6 +420,7 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
 def _eval(args: argparse.Namespace) -> int:
     from srd.config import load_config
     from srd.eval.evaluate import check_benchmarks, evaluate, model_key, resolve_eval_target, summary_markdown
+    from srd.layout import RunDir
     from srd.models import load_model, load_tokenizer
     from srd.models.load import check_model_spec, dtype_from_name
     from srd.runtime import make_accelerator
@@ -433,7 +436,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     elif run_dir is not None:
-        out = run_dir / "eval" / mode
+        out = RunDir(run_dir).eval(mode)
     else:
         key = model_key(model_spec)  # a run's checkpoint: <run>-<stage>-<final|best>, not just "final"
         name = key.replace("/stages/", "-").replace("/", "-") if "/stages/" in key else Path(model_spec).name

@@ -169,6 +169,11 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every must be >= 1")
 
 
+# decoding implementations (srd.generation's registry holds one of each; a test keeps them in step)
+GenerationBackend = Literal["loop", "hf", "static", "vllm"]
+GENERATION_BACKENDS: tuple[str, ...] = typing.get_args(GenerationBackend)
+
+
 @dataclass(kw_only=True)
 class GenerationConfig:
     """Decoding for dev evaluation (and, later, reflection). Defaults: docs/method.md, section 2."""
@@ -187,7 +192,7 @@ class GenerationConfig:
     # generate), static (generate with one static KV cache shape, compiled with CUDA graphs by
     # transformers on a GPU), vllm (vLLM's engine; `pip install vllm` on a GPU machine; no
     # no-repeat n-grams)
-    backend: Literal["loop", "hf", "static", "vllm"] = "loop"
+    backend: GenerationBackend = "loop"
     # weights' precision while decoding and scoring inside a run (reflection's answers and CE
     # pass, dev ROUGE-L, on-policy samples; evaluation has eval.dtype): auto = bfloat16 when
     # training runs under bf16 autocast (train.precision resolved to bf16), else float32. bf16

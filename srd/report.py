@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.eval.evaluate import load_example_scores
+from srd.layout import RunDir, StageDir
 from srd.reflect.reflect import time_split
 from srd.utils import atomic_write_text, read_jsonl
 
@@ -22,15 +23,15 @@ def _read_json(path: Path) -> Any:
 
 def train_wall_time(run: Path) -> float | None:
     """Wall-clock seconds of a run's training (reflection included for srd run)."""
-    if (run / "results.json").exists():
-        return float(_read_json(run / "results.json")["total_s"])
-    if (run / "done.json").exists():
-        return float(_read_json(run / "done.json")["wall_time_s"])
+    if RunDir(run).results.exists():
+        return float(_read_json(RunDir(run).results)["total_s"])
+    if RunDir(run).as_stage.done.exists():
+        return float(_read_json(RunDir(run).as_stage.done)["wall_time_s"])
     return None
 
 
 def _eval_summary(run: Path, eval_name: str) -> dict[str, Any]:
-    path = run / "eval" / eval_name / "summary.json"
+    path = RunDir(run).eval(eval_name) / "summary.json"
     if not path.exists():
         raise ReportError(f"{path} does not exist: evaluate the run first (srd eval {run})")
     return _read_json(path)
@@ -128,11 +129,11 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
         "| run | " + " | ".join(benches) + " |",
         "|" + "---|" * (len(benches) + 1),
     ]
-    ref_eval = ref / "eval" / eval_name
+    ref_eval = RunDir(ref).eval(eval_name)
     for run, name in zip(runs[1:], names[1:]):
         cells = []
         for b in benches:
-            a, c = load_example_scores(ref_eval, b), load_example_scores(run / "eval" / eval_name, b)
+            a, c = load_example_scores(ref_eval, b), load_example_scores(RunDir(run).eval(eval_name), b)
             d = paired_difference(a, c)
             cells.append(f"{difference_cell(d)} (n = {d['n']})" if d["n"] else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -144,17 +145,17 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
 
 
 def _stage_dirs(run: Path) -> list[Path]:
-    stages = run / "stages"
+    stages = RunDir(run).stages
     if stages.exists():
         found = sorted((d for d in stages.iterdir() if d.is_dir()), key=lambda d: (d.name != "baseline", d.name))
-        return [d for d in found if (d / "logs").exists()]
-    return [run] if (run / "logs").exists() else []
+        return [d for d in found if StageDir(d).logs.exists()]
+    return [run] if StageDir(run).logs.exists() else []
 
 
 def _plot_reflection(run: Path, plots: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    manifest = read_jsonl(run / "reflection" / "manifest.jsonl", missing_ok=True)
+    manifest = read_jsonl(RunDir(run).manifest, missing_ok=True)
     if not manifest:
         return []
     scorers = list(manifest[0]["scores"])
@@ -215,14 +216,14 @@ def _plot_training(run: Path, plots: Path) -> list[str]:
     dirs = _stage_dirs(run)
     if not dirs:
         return []
-    evals = {d: read_jsonl(d / "logs" / "eval.jsonl", missing_ok=True) for d in dirs}
+    evals = {d: read_jsonl(StageDir(d).eval_log, missing_ok=True) for d in dirs}
     keys = {_dev_series(rows)[0] for rows in evals.values()} - {""}
     key = "dev_rougeL" if "dev_rougeL" in keys else ("dev_ce" if keys else "")
     fig, axes = plt.subplots(1, 2 if key else 1, figsize=(11 if key else 6, 3.8), squeeze=False)
     ax1 = axes[0][0]
     offset, boundaries, dev_x, dev_y, taus, alphas = 0, [], [], [], [], []
     for d in dirs:
-        rows = read_jsonl(d / "logs" / "train.jsonl", missing_ok=True)
+        rows = read_jsonl(StageDir(d).train_log, missing_ok=True)
         ax1.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=d.name, linewidth=1)
         for e in evals[d]:
             if key in e:
@@ -272,7 +273,8 @@ def _plot_eval(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     import matplotlib.pyplot as plt
 
     tables, names = [], []
-    for folder in sorted((run / "eval").glob("*/summary.json")) if (run / "eval").exists() else []:
+    evals = RunDir(run).evals
+    for folder in sorted(evals.glob("*/summary.json")) if evals.exists() else []:
         summary = _read_json(folder)
         benches = list(summary["benchmarks"])
         tables.append(f"**{folder.parent.name}**\n\n" + (folder.parent / "summary.md").read_text())
@@ -297,7 +299,7 @@ def method_label(method: str, on_policy_ratio: float = 0.0) -> str:
 
 
 def _method_label(run: Path) -> str:
-    res = _read_json(run / "results.json") if (run / "results.json").exists() else {}
+    res = _read_json(RunDir(run).results) if RunDir(run).results.exists() else {}
     return method_label(res.get("method", "srd"), res.get("on_policy_ratio") or 0.0)
 
 
@@ -305,13 +307,13 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     """SRD vs KD (and teacher / initial student) when `srd run` trained a baseline and evaluated."""
     import matplotlib.pyplot as plt
 
-    if not (run / "experiment.json").exists():
+    if not RunDir(run).experiment.exists():
         return [], []
-    experiment = _read_json(run / "experiment.json")
+    experiment = _read_json(RunDir(run).experiment)
     timing = experiment["timing"]
     md = ["## Comparison", ""]
-    if (run / "comparison.md").exists():
-        md += [(run / "comparison.md").read_text(), ""]
+    if RunDir(run).comparison.exists():
+        md += [RunDir(run).comparison.read_text(), ""]
     models = experiment.get("models") or {}
     if models:
         md += ["Models evaluated: " + "; ".join(f"{k} `{v}`" for k, v in models.items()) + ".", ""]
@@ -346,14 +348,14 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     plt.close(fig)
     names.append("timing.png")
     models = [
-        (label, folder / "eval")
+        (label, RunDir(folder).evals)
         for label, folder in [
-            ("teacher", run / "references" / "teacher"),
-            ("student before KD", run / "references" / "initial"),
-            (_method_label(run / "baseline"), run / "baseline"),
+            ("teacher", RunDir(run).reference("teacher").path),
+            ("student before KD", RunDir(run).reference("initial").path),
+            (_method_label(RunDir(run).baseline.path), RunDir(run).baseline.path),
             (_method_label(run), run),
         ]
-        if (folder / "eval").exists()
+        if RunDir(folder).evals.exists()
     ]
     series = []
     for label, eval_root in models:
@@ -384,13 +386,13 @@ def write_report(run: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    if not (run / "config.yaml").exists():
+    if not RunDir(run).config.exists():
         raise ReportError(f"{run} is not a run directory (no config.yaml)")
-    plots = run / "report"
+    plots = RunDir(run).report_assets
     plots.mkdir(parents=True, exist_ok=True)
     md = [f"# Report: {run.name}", ""]
-    if (run / "results.json").exists():
-        res = _read_json(run / "results.json")
+    if RunDir(run).results.exists():
+        res = _read_json(RunDir(run).results)
         md += [
             f"Method **{res['method']}**, divergence **{res['divergence']}**, {res['examples']} training examples.",
             "",
@@ -428,8 +430,8 @@ def write_report(run: Path) -> Path:
                 f"(`stages/{best['stage']}/best`; what `eval.checkpoint=best` evaluates).",
                 "",
             ]
-    if (run / "reflection" / "summary.json").exists():
-        rs = _read_json(run / "reflection" / "summary.json")
+    if RunDir(run).reflection_summary.exists():
+        rs = _read_json(RunDir(run).reflection_summary)
         md += [
             "## Reflection",
             "",
@@ -452,6 +454,6 @@ def write_report(run: Path) -> Path:
     if eval_tables:
         md += ["## Evaluation of this run's model", "", *eval_tables]
     md += ["## Plots", ""] + [f"![{name}](report/{name})" for name in images + eval_images] + [""]
-    path = run / "report.md"
+    path = RunDir(run).report
     atomic_write_text(path, "\n".join(md))
     return path

@@ -260,3 +260,11 @@ def test_waiting_prompts_join_the_running_batch(tokenizer, monkeypatch):
         t for i, t in enumerate(alone) if i != first
     ]
     assert all(alone)
+
+
+def test_every_configurable_backend_is_registered():
+    """generation.backend's values and the registry of decoding implementations are the same set."""
+    from srd.config import GENERATION_BACKENDS
+    from srd.generation.decode import BACKENDS
+
+    assert set(GENERATION_BACKENDS) == set(BACKENDS)

@@ -24,36 +24,35 @@ from typing import Any
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.generation.decode import iter_responses, row_seeds
+from srd.generation.decode import Decoding, iter_responses, row_seeds
+from srd.layout import RunDir
 from srd.models.load import dtype_name
 from srd.utils import atomic_write_json, atomic_write_text
-
-PAPER_SEEDS = (10, 20, 30, 40, 50)
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
     """(model spec, run directory or None). A run directory evaluates the model its run
     evaluates: the last stage's final weights, or with eval.checkpoint=best in its config.yaml
     the checkpoint with the best dev ROUGE-L (results.json's best_checkpoint)."""
-    path = Path(target)
-    if (path / "results.json").exists():
+    run = RunDir(Path(target))
+    if run.results.exists():
         # relative to the run directory, so it works from any working directory
-        results = json.loads((path / "results.json").read_text())
+        results = json.loads(run.results.read_text())
         best = results.get("best_checkpoint")
-        if best and _run_checkpoint_setting(path) == "best":
-            return str(path / "stages" / best["stage"] / "best"), path
-        return str(path / "stages" / results["stages"][-1]["stage"] / "final"), path
-    if (path / "done.json").exists() and (path / "final").exists():
-        return str(path / "final"), path
+        if best and _run_checkpoint_setting(run) == "best":
+            return str(run.stage(best["stage"]).best), run.path
+        return str(run.stage(results["stages"][-1]["stage"]).final), run.path
+    stage = run.as_stage  # an `srd train` run
+    if stage.done.exists() and stage.final.exists():
+        return str(stage.final), run.path
     return target, None
 
 
-def _run_checkpoint_setting(run_dir: Path) -> str:
-    import yaml
+def _run_checkpoint_setting(run: RunDir) -> str:
+    """The run's eval.checkpoint, read with the run's own config."""
+    from srd.config import load_config
 
-    config = run_dir / "config.yaml"
-    data = yaml.safe_load(config.read_text()) if config.exists() else None
-    return str(((data or {}).get("eval") or {}).get("checkpoint", "final"))
+    return load_config(run.config).eval.checkpoint if run.config.exists() else "final"
 
 
 def partial_path(rows_path: Path, rank: int) -> Path:
@@ -127,23 +126,17 @@ def _run_one(
     own.parent.mkdir(parents=True, exist_ok=True)
     last = time.perf_counter()
     with open(own, "a", encoding="utf-8") as f:
-        for j, text in iter_responses(
-            model,
-            tokenizer,
-            prompts,
-            batch_size=batch_size,
+        decoding = Decoding(
             max_new_tokens=max_new_tokens or bench.max_new_tokens,
-            do_sample=seed is not None,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            seed=seed,
-            seeds=None if every_seed is None else [every_seed[i] for i in todo],
+            batch_size=batch_size,
+            do_sample=seed is not None,  # instruction following samples at temperature 1, top-k 0, top-p 1
             no_repeat_ngram_size=no_repeat_ngram_size,
-            stop_strings=bench.stop_strings,
+            stop_strings=tuple(bench.stop_strings),
             backend=backend,
             static_cache_len=max_prompt_len + (max_new_tokens or bench.max_new_tokens),
-        ):
+        )
+        seeds = None if every_seed is None else [every_seed[i] for i in todo]
+        for j, text in iter_responses(model, tokenizer, prompts, decoding, seed=seed, seeds=seeds):
             now = time.perf_counter()
             outs[todo[j]] = text
             # each answer is kept as it finishes, with the time since the previous one

@@ -1,7 +1,24 @@
 """Generation: answers from a model for reflection, dev ROUGE-L, on-policy samples and
-evaluation. One decoding implementation per backend (`loop`, `hf`, `static`, `vllm`), the
-same decoding rules in each (srd.generation.decode)."""
+evaluation. `Decoding` says how (one value per caller, `Decoding.of(cfg.generation)` for a
+run's generation section); `BACKENDS` holds the implementations by name (`loop`, `hf`,
+`static`, `vllm`), each with the same decoding rules (srd.generation.decode)."""
 
-from srd.generation.decode import BACKENDS, cut_at_stop, generate_responses, iter_responses, row_seeds
+from srd.generation.decode import (
+    BACKENDS,
+    Decoding,
+    cut_at_stop,
+    generate_responses,
+    iter_responses,
+    register_backend,
+    row_seeds,
+)
 
-__all__ = ["BACKENDS", "cut_at_stop", "generate_responses", "iter_responses", "row_seeds"]
+__all__ = [
+    "BACKENDS",
+    "Decoding",
+    "cut_at_stop",
+    "generate_responses",
+    "iter_responses",
+    "register_backend",
+    "row_seeds",
+]

@@ -31,15 +31,18 @@ their samples depend on how prompts were batched.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from srd.config import GenerationConfig
 from srd.data.tokenize import pad_id
 from srd.models.load import is_seq2seq, splittable
 
@@ -381,14 +384,64 @@ def decode_stream(
         )
 
 
-BACKENDS = ("loop", "hf", "static", "vllm")
+@dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """How answers are decoded: one value that reflection, dev ROUGE-L and evaluation each build
+    once (`Decoding.of(cfg.generation, ...)` from a run's generation section) and hand to
+    iter_responses / generate_responses."""
+
+    max_new_tokens: int
+    batch_size: int = 16  # prompts decoded together
+    do_sample: bool = False  # false: greedy
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    no_repeat_ngram_size: int = 0  # 0: off
+    stop_strings: tuple[str, ...] = ()  # answers are cut at the first of these
+    backend: str = "loop"  # a name in BACKENDS
+    # static backend: the KV cache length of every call (e.g. the prompt limit + max_new_tokens),
+    # so that calls on different prompts reuse one compiled graph; grown when a call needs more
+    static_cache_len: int | None = None
+
+    @classmethod
+    def of(cls, generation: GenerationConfig, **changes: Any) -> Decoding:
+        """The decoding a run's `generation` section describes, with `changes`."""
+        g = generation
+        base = cls(
+            max_new_tokens=g.max_new_tokens,
+            batch_size=g.batch_size,
+            do_sample=g.do_sample,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            no_repeat_ngram_size=g.no_repeat_ngram_size,
+            stop_strings=tuple(g.stop_strings),
+            backend=g.backend,
+        )
+        return dataclasses.replace(base, **changes)
 
 
-def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], **kwargs: Any) -> list[str]:
+# A backend yields (prompt position, answer) pairs for token-id prompts: fn(model, tokenizer,
+# prompts, decoding, seeds, seed, progress, desc). `generation.backend` names one.
+Backend = Callable[..., Iterator[tuple[int, str]]]
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str) -> Callable[[Backend], Backend]:
+    def add(fn: Backend) -> Backend:
+        BACKENDS[name] = fn
+        return fn
+
+    return add
+
+
+def generate_responses(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: Decoding | None = None, **kwargs: Any
+) -> list[str]:
     """Responses (decoded, cut at stop strings) for token-id prompts, in input order; the
     arguments are iter_responses'."""
     out: list[str] = [""] * len(prompts)
-    for i, text in iter_responses(model, tokenizer, prompts, **kwargs):
+    for i, text in iter_responses(model, tokenizer, prompts, decoding, **kwargs):
         out[i] = text
     return out
 
@@ -397,119 +450,135 @@ def iter_responses(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
+    decoding: Decoding | None = None,
     *,
-    max_new_tokens: int,
-    batch_size: int = 16,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    stop_strings: Sequence[str] = (),
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     progress: bool = False,
     desc: str = "generating",
-    backend: str = "loop",
-    static_cache_len: int | None = None,
-    seeds: Sequence[int] | None = None,
+    **settings: Any,
 ) -> Iterator[tuple[int, str]]:
     """(prompt position, response) pairs as responses finish: one at a time with the decode
     loop (continuous batching), a batch at a time with `hf` / `static`, all at the end with
     `vllm`. A caller can save each one at once, so an interruption loses no finished answer.
 
-    `static_cache_len` (static backend): the KV cache length to use in every call (e.g. the
-    prompt limit + max_new_tokens), so that calls on different prompts reuse one compiled graph;
-    grown when a call needs more.
+    `decoding` says how; keyword `settings` are Decoding's fields (they build one, or change
+    the one given).
 
     Sampling with `loop` or `vllm`: prompt i draws from `seeds[i]` (default
     `row_seeds(seed, len(prompts))[i]`); a caller that passes each prompt's own seed (e.g.
     derived from its row in the dataset) gets the same answer in any batch, process or rerun."""
+    if decoding is None:
+        decoding = Decoding(**settings)
+    elif settings:
+        decoding = dataclasses.replace(decoding, **settings)
+    d = decoding
     if not prompts:
         return
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if d.backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {d.backend!r}; use one of {', '.join(BACKENDS)}")
     was_training = model.training
     model.eval()
-    if do_sample and seeds is None:
+    if d.do_sample and seeds is None:
         seeds = row_seeds(0 if seed is None else seed, len(prompts))
-    elif do_sample and len(seeds) != len(prompts):
+    elif d.do_sample and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt")
+    backend = "hf" if is_seq2seq(model) else d.backend  # the decode loop is for decoder-only models
     try:
-        device = next(model.parameters()).device
-        seq2seq = is_seq2seq(model)
-        if seq2seq:
-            backend = "hf"  # the decode loop is for decoder-only models
-        if backend == "vllm":
-            from srd.generation.vllm import vllm_generate
-
-            out = vllm_generate(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-                stop_strings=stop_strings,
-                seeds=seeds,
-                progress=progress,
-            )
-            yield from enumerate(out)
-            return
-        if backend == "loop":
-            stream = decode_stream(
-                model,
-                tokenizer,
-                prompts,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                processors=logits_processors(do_sample, temperature, top_k, top_p, no_repeat_ngram_size),
-                stop_strings=stop_strings,
-                seeds=seeds,
-            )
-            with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
-                for i, ids in stream:
-                    bar.update(1)
-                    yield i, cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
-            return
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            pad_token_id=pad_id(tokenizer),
-            eos_token_id=tokenizer.eos_token_id,
-            no_repeat_ngram_size=no_repeat_ngram_size or None,
-        )
-        if do_sample:
-            kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-        else:  # keep the model's generation_config sampling defaults from warning/overriding
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        batches = length_batches(prompts, batch_size)
-        full = len(batches[0])
-        if backend == "static":  # one cache size and one batch size for every batch: one compiled graph
-            need = max(max(len(p) for p in prompts) + max_new_tokens, static_cache_len or 0)
-            kwargs.update(cache_implementation="static", max_cache_len=-(-need // 64) * 64)
-        for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            rows = [prompts[i] for i in idx]
-            if backend == "static" and len(rows) < full:  # the last batch: filled with copies, dropped below
-                rows += [rows[-1]] * (full - len(rows))
-            ids, mask = _left_pad(rows, pad_id(tokenizer))
-            criteria = []
-            if stop_strings:
-                from transformers import StoppingCriteriaList
-
-                # an encoder-decoder's generated ids start with its decoder start token, not the prompt
-                start = 1 if seq2seq else ids.shape[1]
-                criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, start)])
-            gen = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
-            )
-            new = gen[:, 1:] if seq2seq else gen[:, ids.shape[1] :]
-            for row, i in enumerate(idx):
-                yield i, cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
+        yield from BACKENDS[backend](model, tokenizer, prompts, d, seeds, seed, progress, desc)
     finally:
         model.train(was_training)
+
+
+@register_backend("loop")
+def _loop_backend(
+    model: Any, tokenizer: Any, prompts: Any, d: Decoding, seeds: Any, seed: Any, progress: bool, desc: str
+) -> Iterator[tuple[int, str]]:
+    """srd's decode loop with continuous batching (decode_stream)."""
+    stream = decode_stream(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=d.batch_size,
+        max_new_tokens=d.max_new_tokens,
+        do_sample=d.do_sample,
+        processors=logits_processors(d.do_sample, d.temperature, d.top_k, d.top_p, d.no_repeat_ngram_size),
+        stop_strings=d.stop_strings,
+        seeds=seeds,
+    )
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
+        for i, ids in stream:
+            bar.update(1)
+            yield i, cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), d.stop_strings)
+
+
+@register_backend("vllm")
+def _vllm_backend(
+    model: Any, tokenizer: Any, prompts: Any, d: Decoding, seeds: Any, seed: Any, progress: bool, desc: str
+) -> Iterator[tuple[int, str]]:
+    """vLLM's engine on a saved copy of the model (srd.generation.vllm)."""
+    from srd.generation.vllm import vllm_generate
+
+    out = vllm_generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=d.max_new_tokens,
+        do_sample=d.do_sample,
+        temperature=d.temperature,
+        top_k=d.top_k,
+        top_p=d.top_p,
+        no_repeat_ngram_size=d.no_repeat_ngram_size,
+        stop_strings=d.stop_strings,
+        seeds=seeds,
+        progress=progress,
+    )
+    yield from enumerate(out)
+
+
+@register_backend("hf")
+@register_backend("static")
+def _generate_backend(
+    model: Any, tokenizer: Any, prompts: Any, d: Decoding, seeds: Any, seed: Any, progress: bool, desc: str
+) -> Iterator[tuple[int, str]]:
+    """transformers' `generate`, batch by batch; `static`: one static KV-cache shape and one batch
+    size for every batch (one compiled graph on a GPU). Samples from torch's global generator."""
+    static = d.backend == "static" and not is_seq2seq(model)
+    seq2seq = is_seq2seq(model)
+    device = next(model.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=d.max_new_tokens,
+        do_sample=d.do_sample,
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        no_repeat_ngram_size=d.no_repeat_ngram_size or None,
+    )
+    if d.do_sample:
+        kwargs.update(temperature=d.temperature, top_k=d.top_k or None, top_p=d.top_p)
+    else:  # keep the model's generation_config sampling defaults from warning/overriding
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    batches = length_batches(prompts, d.batch_size)
+    full = len(batches[0])
+    if static:  # one cache size and one batch size for every batch: one compiled graph
+        need = max(max(len(p) for p in prompts) + d.max_new_tokens, d.static_cache_len or 0)
+        kwargs.update(cache_implementation="static", max_cache_len=-(-need // 64) * 64)
+    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        rows = [prompts[i] for i in idx]
+        if static and len(rows) < full:  # the last batch: filled with copies, dropped below
+            rows += [rows[-1]] * (full - len(rows))
+        ids, mask = _left_pad(rows, pad_id(tokenizer))
+        criteria = []
+        if d.stop_strings:
+            from transformers import StoppingCriteriaList
+
+            # an encoder-decoder's generated ids start with its decoder start token, not the prompt
+            start = 1 if seq2seq else ids.shape[1]
+            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, d.stop_strings, start)])
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
+        )
+        new = gen[:, 1:] if seq2seq else gen[:, ids.shape[1] :]
+        for row, i in enumerate(idx):
+            yield i, cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), d.stop_strings)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import ConfigError, RunConfig, from_dict, to_dict
+from srd.layout import RunDir
 from srd.recipes.pipeline import run_pipeline
 from srd.utils import atomic_write_json, atomic_write_text
 
@@ -42,12 +43,12 @@ def baseline_config(cfg: RunConfig, srd_results: dict[str, Any]) -> RunConfig:
 
 def eval_dirs(cfg: RunConfig) -> dict[str, Path]:
     """Where each evaluated model's run-like folder is (its results go to <folder>/eval/<mode>/)."""
-    run = cfg.run_dir
+    run = RunDir(cfg.run_dir)
     return {
-        "teacher": run / "references" / "teacher",
-        "initial": run / "references" / "initial",
-        "baseline": run / "baseline",
-        "final": run,
+        "teacher": run.reference("teacher").path,
+        "initial": run.reference("initial").path,
+        "baseline": run.baseline.path,
+        "final": run.path,
     }
 
 
@@ -72,7 +73,7 @@ def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress:
         model,
         tokenizer,
         e.benchmarks,
-        folder / "eval" / eval_mode(cfg),
+        RunDir(folder).eval(eval_mode(cfg)),
         seeds=None if e.greedy else e.seeds,
         limit=e.limit,
         data_dir=cfg.data.data_dir,
@@ -153,7 +154,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         acc.print(f"evaluating {name}: {models[name]}")
         timing["eval_s"][name] = round(_evaluate_model(cfg, models[name], folders[name], acc, progress), 3)
     if acc.is_main_process:
-        atomic_write_json(run_dir / "experiment.json", {"models": models, "timing": timing})
+        atomic_write_json(RunDir(run_dir).experiment, {"models": models, "timing": timing})
         if cfg.eval.benchmarks:
             _write_comparison(cfg)
         from srd.report import write_report
@@ -197,11 +198,11 @@ def _write_comparison(cfg: RunConfig) -> None:
         )
         + ". Train time includes reflection for SRD.\n\n"
     )
-    atomic_write_text(cfg.run_dir / "comparison.md", head + table)
+    atomic_write_text(RunDir(cfg.run_dir).comparison, head + table)
 
 
 def _print_headline(cfg: RunConfig, timing: dict[str, Any], report: Path) -> None:
-    comparison = cfg.run_dir / "comparison.md"
+    comparison = RunDir(cfg.run_dir).comparison
     print()
     if comparison.exists():
         print(comparison.read_text(), end="")

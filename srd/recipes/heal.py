@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import from_dict
+from srd.layout import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def heal_student(
     tmp = out / ".healed.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(run_dir / "final", tmp)
+    shutil.copytree(RunDir(run_dir).as_stage.final, tmp)
     for f in tmp.iterdir():
         target = out / f.name
         if target.is_dir():

@@ -19,6 +19,7 @@ from typing import Any
 
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
+from srd.layout import RunDir
 from srd.recipes.train import check_inputs, load_models, prepare_run_dir
 from srd.reflect.reflect import reflect, time_split
 from srd.reflect.scorers import check_scorers
@@ -71,21 +72,20 @@ def _reflect(
 def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
     acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg, need_teacher=False)
-    manifest = _reflect(cfg, student, tokenizer, train, run_dir / "reflection", acc, progress)
+    manifest = _reflect(cfg, student, tokenizer, train, RunDir(run_dir).reflection, acc, progress)
     if acc.is_main_process:
-        summary = json.loads((run_dir / "reflection" / "summary.json").read_text())
+        summary = json.loads(RunDir(run_dir).reflection_summary.read_text())
         acc.print(
             f"reflection: {summary['examples']} examples, {summary['kept']} kept, "
             f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s{time_split(summary)}"
         )
-        acc.print(f"manifest: {run_dir / 'reflection' / 'manifest.jsonl'}")
+        acc.print(f"manifest: {RunDir(run_dir).manifest}")
     return manifest
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the whole method (or the baseline) from one config, resumable."""
     acc, run_dir, student, teacher, tokenizer, train, dev = _setup(cfg, need_teacher=_needs_teacher(cfg))
-    by_id = {ex.id: ex for ex in train}
     results: dict[str, Any] = {
         "method": cfg.method,
         "divergence": cfg.loss.divergence,
@@ -95,85 +95,33 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     }
     common = dict(teacher=teacher, tokenizer=tokenizer, dev_examples=dev, accelerator=acc, progress=progress)
 
+    run = RunDir(run_dir)
     if cfg.method in ("baseline", "gkd"):
-        summary = train_stage(
-            cfg,
-            student=student,
-            train_examples=train,
-            out_dir=run_dir / "stages" / "baseline",
-            desc="baseline",
-            **common,
-        )
+        stage = run.stage("baseline")
+        summary = train_stage(cfg, student=student, train_examples=train, out_dir=stage.path, desc="baseline", **common)
         results["stages"] = [_stage_result("baseline", summary, len(train))]  # gkd: the same, on-policy batches
         results["reflection_s"] = 0.0
-        final = run_dir / "stages" / "baseline" / "final"
+        final = stage.final
     else:
-        manifest = _reflect(cfg, student, tokenizer, train, run_dir / "reflection", acc, progress)
-        results["reflection_s"] = json.loads((run_dir / "reflection" / "summary.json").read_text())["wall_time_s"]
-        stages = plan_stages(manifest, cfg.curriculum)
-        c = cfg.curriculum
-        sizes = [len(s.example_ids) for s in stages]
-        steps = [
-            StagePlan.make(
-                [0] * n,
-                batch_size=cfg.train.batch_size,
-                grad_accum=cfg.train.grad_accum,
-                world=acc.num_processes,
-                seed=0,
-                epochs=c.epochs_per_stage,
-                max_steps=None,
-            ).total_steps
-            for n in sizes
-        ]
+        manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress)
+        results["reflection_s"] = json.loads(run.reflection_summary.read_text())["wall_time_s"]
         results["stages"] = []
-        prev_final: Path | None = None
-        for stage in stages:
-            stage_dir = run_dir / "stages" / f"stage-{stage.index}"
-            if prev_final is not None:
-                load_weights(student, prev_final)  # Baby Step: continue from the previous stage
-            ids = list(stage.example_ids)
-            if c.re_reflect and stage.index > 1:
-                ids = _re_reflect(cfg, student, tokenizer, train, run_dir, stage.index, acc, progress)
-            if acc.is_main_process:
-                atomic_write_json(
-                    stage_dir / "examples.json",
-                    {"stage": stage.index, "tau": stage.tau, "alpha": stage.alpha, "ids": ids},
-                )
-            window = (sum(steps[: stage.index - 1]), sum(steps)) if c.lr_schedule == "global" else None
-            summary = train_stage(
-                cfg,
-                student=student,
-                train_examples=[by_id[i] for i in ids],
-                out_dir=stage_dir,
-                tau=stage.tau,
-                alpha=stage.alpha,
-                epochs=stage.epochs,
-                max_steps=None,
-                stage_taus=[s.tau for s in stages],  # one teacher cache serves every stage
-                lr_window=window,
-                eval_at_start=stage.index == 1,  # later stages start where the previous one was evaluated
-                desc=f"stage {stage.index}/{len(stages)}",
-                **common,
-            )
-            results["stages"].append(_stage_result(f"stage-{stage.index}", summary, len(ids)))
-            if not summary["complete"]:  # paused on purpose (train.stop_after_steps): resume later
-                acc.print(f"paused in stage {stage.index} at step {summary['steps']}; rerun the command to resume")
-                return {**results, "complete": False}
-            prev_final = stage_dir / "final"
-        final = prev_final
+        final = _train_curriculum(cfg, manifest, run, results["stages"], student, train, common)
+        if final is None:  # paused on purpose (train.stop_after_steps): resume later
+            return {**results, "complete": False}
     if not results["stages"][-1].get("complete", True):
         return {**results, "complete": False}
     results["complete"] = True
     results["train_s"] = round(sum(s["wall_time_s"] for s in results["stages"]), 3)
     # curriculum.re_reflect: the student reflects again before stages 2..n, time the method costs
-    again = sorted(run_dir.glob("reflection-stage-*/summary.json"))
+    again = [folder / "summary.json" for folder in run.re_reflections()]
     results["reflection_s"] = round(
         results["reflection_s"] + sum(json.loads(f.read_text())["wall_time_s"] for f in again), 3
     )
     # the cache's own record counts shards built by an interrupted invocation too, which no
     # stage's checkpoint may have saved (a cache made before build.json existed records none)
     cache_s = sum(s.get("teacher_cache_s", 0.0) for s in results["stages"])
-    results["teacher_cache_s"] = round(max(cache_s, TeacherCache.build_seconds(run_dir / "teacher-cache")), 3)
+    results["teacher_cache_s"] = round(max(cache_s, TeacherCache.build_seconds(run.teacher_cache)), 3)
     # the teacher cache is built before each stage's loop starts: it is not in train_s, but it is
     # time the method costs (the baseline builds its own when it uses one)
     results["total_s"] = round(results["train_s"] + results["reflection_s"] + results["teacher_cache_s"], 3)
@@ -185,9 +133,73 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     results["best_model"] = best and best["model"]
     results["best_checkpoint"] = best
     if acc.is_main_process:
-        atomic_write_json(run_dir / "results.json", results)
+        atomic_write_json(run.results, results)
         _print_results(run_dir, results, acc)
     return results
+
+
+def _train_curriculum(
+    cfg: RunConfig,
+    manifest: list[dict[str, Any]],
+    run: RunDir,
+    stage_results: list[dict[str, Any]],
+    student: Any,
+    train: list,
+    common: dict[str, Any],
+) -> Path | None:
+    """SRD's stages (Baby Step: stage i trains on slices 1..i from stage i - 1's weights), each
+    one call of the one-stage training loop; each stage's result is appended to `stage_results`.
+    The last stage's final/ folder, or None when a stage paused (train.stop_after_steps)."""
+    acc, progress = common["accelerator"], common["progress"]
+    by_id = {ex.id: ex for ex in train}
+    stages = plan_stages(manifest, cfg.curriculum)
+    c = cfg.curriculum
+    steps = [
+        StagePlan.make(
+            [0] * len(s.example_ids),
+            batch_size=cfg.train.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            world=acc.num_processes,
+            seed=0,
+            epochs=c.epochs_per_stage,
+            max_steps=None,
+        ).total_steps
+        for s in stages
+    ]
+    prev_final: Path | None = None
+    for stage in stages:
+        folder = run.stage(f"stage-{stage.index}")
+        if prev_final is not None:
+            load_weights(student, prev_final)  # Baby Step: continue from the previous stage
+        ids = list(stage.example_ids)
+        if c.re_reflect and stage.index > 1:
+            ids = _re_reflect(cfg, student, common["tokenizer"], train, run.path, stage.index, acc, progress)
+        if acc.is_main_process:
+            atomic_write_json(
+                folder.examples, {"stage": stage.index, "tau": stage.tau, "alpha": stage.alpha, "ids": ids}
+            )
+        window = (sum(steps[: stage.index - 1]), sum(steps)) if c.lr_schedule == "global" else None
+        summary = train_stage(
+            cfg,
+            student=student,
+            train_examples=[by_id[i] for i in ids],
+            out_dir=folder.path,
+            tau=stage.tau,
+            alpha=stage.alpha,
+            epochs=stage.epochs,
+            max_steps=None,
+            stage_taus=[s.tau for s in stages],  # one teacher cache serves every stage
+            lr_window=window,
+            eval_at_start=stage.index == 1,  # later stages start where the previous one was evaluated
+            desc=f"stage {stage.index}/{len(stages)}",
+            **common,
+        )
+        stage_results.append(_stage_result(f"stage-{stage.index}", summary, len(ids)))
+        if not summary["complete"]:
+            acc.print(f"paused in stage {stage.index} at step {summary['steps']}; rerun the command to resume")
+            return None
+        prev_final = folder.final
+    return prev_final
 
 
 def best_checkpoint(run_dir: Path, stage_names: list[str]) -> dict[str, Any] | None:
@@ -197,7 +209,7 @@ def best_checkpoint(run_dir: Path, stage_names: list[str]) -> dict[str, Any] | N
     compare across stages: each has its own tau and alpha)."""
     best: dict[str, Any] | None = None
     for name in stage_names:
-        folder = run_dir / "stages" / name / "best"
+        folder = RunDir(run_dir).stage(name).best
         path = folder / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
         if "dev_rougeL" in metrics and (best is None or metrics["dev_rougeL"] >= best["dev_rougeL"]):
@@ -209,7 +221,7 @@ def _re_reflect(
     cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, index: int, acc: Any, progress: bool
 ) -> list[str]:
     """Re-rank all data with the current student; stage `index` takes slices 1..index of the new ranking."""
-    manifest = _reflect(cfg, student, tokenizer, train, run_dir / f"reflection-stage-{index}", acc, progress)
+    manifest = _reflect(cfg, student, tokenizer, train, RunDir(run_dir).re_reflection(index), acc, progress)
     return list(next(s for s in plan_stages(manifest, cfg.curriculum) if s.index == index).example_ids)
 
 

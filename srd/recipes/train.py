@@ -12,6 +12,7 @@ import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
+from srd.layout import RunDir
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec
 from srd.runtime import make_accelerator
@@ -48,7 +49,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory, or check that an existing one belongs to this config."""
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
+    saved = RunDir(run_dir).config
     if run_dir.exists():  # what a killed run left half-written; the finished parts stay
         remove_stale_temporaries(run_dir)
     if saved.exists():
@@ -202,6 +203,7 @@ def _print_summary(run_dir: Path, summary: dict[str, Any], acc: Any) -> None:
             f"dev ROUGE-L: {first['dev_rougeL']:.2f} at step {first['step']} -> "
             f"{last['dev_rougeL']:.2f} at step {last['step']}"
         )
+    stage = RunDir(run_dir).as_stage
     if summary["complete"]:
-        acc.print(f"final model: {run_dir / 'final'}; best (by dev metric): {run_dir / 'best'}")
-    acc.print(f"logs: {run_dir / 'logs'} (JSONL), {run_dir / 'tb'} (TensorBoard)")
+        acc.print(f"final model: {stage.final}; best (by dev metric): {stage.best}")
+    acc.print(f"logs: {stage.logs} (JSONL), {stage.tensorboard} (TensorBoard)")

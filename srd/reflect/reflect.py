@@ -31,7 +31,7 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.generation.decode import iter_responses, length_batches, row_seeds
+from srd.generation.decode import Decoding, iter_responses, length_batches, row_seeds
 from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
@@ -199,18 +199,9 @@ def _reflect_rows(
         student,
         tokenizer,
         [encode_prompt(tokenizer, ex, fmt, mp) for ex in todo],
-        max_new_tokens=g.max_new_tokens,
-        batch_size=g.batch_size,
-        do_sample=g.do_sample,
-        temperature=g.temperature,
-        top_k=g.top_k,
-        top_p=g.top_p,
-        no_repeat_ngram_size=g.no_repeat_ngram_size,
-        stop_strings=g.stop_strings,
+        Decoding.of(g, static_cache_len=mp + g.max_new_tokens),
         seeds=seeds,
         seed=cfg.seed if g.do_sample else None,
-        backend=g.backend,
-        static_cache_len=mp + g.max_new_tokens,
     )
     for i, text in answers:
         group.append((todo[i], text))

@@ -37,7 +37,8 @@ from srd.config import ConfigError, RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
-from srd.generation.decode import generate_responses, row_seeds
+from srd.generation.decode import Decoding, generate_responses, row_seeds
+from srd.layout import RunDir, StageDir
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
@@ -223,16 +224,10 @@ def evaluate_dev(
         ]
         g = cfg.generation
         with decoding_model(module, student, device, cfg, accelerator) as model:
-            answers = generate_responses(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens=cfg.dev_eval.max_new_tokens,
-                batch_size=g.batch_size,
-                do_sample=False,
-                no_repeat_ngram_size=g.no_repeat_ngram_size,
-                stop_strings=g.stop_strings,
-            )
+            # greedy, with the decode loop whatever generation.backend says (a vLLM engine would
+            # restart at every evaluation: the weights change in between)
+            decoding = Decoding.of(g, max_new_tokens=cfg.dev_eval.max_new_tokens, do_sample=False, backend="loop")
+            answers = generate_responses(model, tokenizer, prompts, decoding)
         scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
     return metrics
@@ -296,7 +291,7 @@ def _teacher_cache(
     from srd.train.teacher_cache import TeacherCache
 
     meta = teacher_cache_meta(cfg, teacher, tokenizer, s2s, tau, stage_taus)
-    folder = cfg.run_dir / "teacher-cache"
+    folder = RunDir(cfg.run_dir).teacher_cache
     t0 = time.perf_counter()
     if acc.is_main_process:
         n = TeacherCache(folder, meta).build(teacher, tokenizer, enc, batch_size=cfg.train.batch_size)
@@ -334,7 +329,7 @@ def train_stage(
     here must serve too; the loop knows nothing of how the stages were planned.
     """
     out_dir = Path(out_dir)
-    done = out_dir / "done.json"
+    done = StageDir(out_dir).done
     if done.exists():
         return json.loads(done.read_text())
     acc = accelerator or make_accelerator(cfg.train.precision, cfg.train.sharding)
@@ -409,7 +404,7 @@ class _StageRun:
         desc: str,
     ) -> None:
         tcfg, lcfg = cfg.train, cfg.loss
-        self.cfg, self.acc, self.desc, self.out_dir = cfg, acc, desc, out_dir
+        self.cfg, self.acc, self.desc, self.dirs = cfg, acc, desc, StageDir(out_dir)
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.tau, self.alpha, self.dev_examples = tau, alpha, dev_examples
         self.spec = _LossSpec(lcfg.divergence, tau, alpha, tau_scale(lcfg.divergence, tau, lcfg.tau_squared))
@@ -427,7 +422,7 @@ class _StageRun:
             max_steps=max_steps,
         )
         self._build_module(lr_window)
-        self.ckpt_root, self.logs = out_dir / "checkpoints", out_dir / "logs"
+        self.ckpt_root = self.dirs.checkpoints
         self.latest = ckpt.latest_checkpoint(self.ckpt_root)
         if self.latest is not None:  # a damaged file is named now, before any work, never skipped silently
             ckpt.verify_checkpoint(self.latest)
@@ -521,8 +516,8 @@ class _StageRun:
         acc, latest, module, optimizer = self.acc, self.latest, self.module, self.optimizer
         if latest is None:
             if acc.is_main_process:
-                for name in ("train.jsonl", "eval.jsonl"):
-                    _truncate_log(self.logs / name, -1)
+                for log_file in (self.dirs.train_log, self.dirs.eval_log):
+                    _truncate_log(log_file, -1)
             return
         saved = ckpt.read_state(latest)
         self._check_resumable(saved)
@@ -550,14 +545,14 @@ class _StageRun:
         self.state = saved
         self.cache_s += float(saved.get("teacher_cache_s", 0.0))  # built before the interruption
         if acc.is_main_process:
-            for name in ("train.jsonl", "eval.jsonl"):
-                _truncate_log(self.logs / name, self.state["step"])
+            for log_file in (self.dirs.train_log, self.dirs.eval_log):
+                _truncate_log(log_file, self.state["step"])
 
     def open_writer(self) -> None:
         if self.acc.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+            self.writer = SummaryWriter(str(self.dirs.tensorboard))
 
     def start_clock(self) -> None:
         self.t_run, self.elapsed0 = time.perf_counter(), self.state["elapsed_s"]
@@ -623,12 +618,12 @@ class _StageRun:
             state.update(best_metric=key, best_step=step)
         weights = self._full_weights(improved)  # collective
         if acc.is_main_process:
-            append_jsonl(self.logs / "eval.jsonl", [{"step": step, **metrics}])
+            append_jsonl(self.dirs.eval_log, [{"step": step, **metrics}])
             for k, v in metrics.items():
                 self.writer.add_scalar(f"dev/{k}", v, step)
             if improved:
-                save_model_dir(self._trained_student(), self.tokenizer, self.out_dir / "best", weights)
-                atomic_write_json(self.out_dir / "best" / "metrics.json", {"step": step, **metrics})
+                save_model_dir(self._trained_student(), self.tokenizer, self.dirs.best, weights)
+                atomic_write_json(self.dirs.best / "metrics.json", {"step": step, **metrics})
         msg = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         acc.print(f"[{self.desc}] step {step}: {msg}")
 
@@ -751,7 +746,7 @@ class _StageRun:
             row["generation_s"] = round(gen_s, 3)
         log_every = self.cfg.train.log_every
         if acc.is_main_process and (done_steps % log_every == 0 or done_steps == self.plan.total_steps):
-            append_jsonl(self.logs / "train.jsonl", [row])
+            append_jsonl(self.dirs.train_log, [row])
             for k in ("loss", "ce", "kd", "lr", "tokens_per_s"):
                 self.writer.add_scalar(f"train/{k}", row[k], done_steps)
         return row
@@ -759,7 +754,7 @@ class _StageRun:
     def finish(self, final_step: int) -> dict[str, Any]:
         """The stage's summary; when it is complete, final/ and done.json. The caller's student
         holds the trained weights afterwards (also under FSDP)."""
-        acc, state, out_dir = self.acc, self.state, self.out_dir
+        acc, state, dirs = self.acc, self.state, self.dirs
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
@@ -787,15 +782,14 @@ class _StageRun:
         if summary["complete"]:
             weights = self._full_weights()  # collective
             if acc.is_main_process:
-                best = out_dir / "best"
-                if state["best_step"] == final_step and (best / "config.json").exists():
-                    ckpt.link_model_dir(best, out_dir / "final")  # the same weights: one copy on disk
+                if state["best_step"] == final_step and (dirs.best / "config.json").exists():
+                    ckpt.link_model_dir(dirs.best, dirs.final)  # the same weights: one copy on disk
                 else:
-                    save_model_dir(self._trained_student(), self.tokenizer, out_dir / "final", weights)
-                atomic_write_json(out_dir / "done.json", summary)
+                    save_model_dir(self._trained_student(), self.tokenizer, dirs.final, weights)
+                atomic_write_json(dirs.done, summary)
         acc.wait_for_everyone()
         if self.sharded:  # the caller's student continues from the trained weights, as under DDP
-            final = out_dir / "final" if summary["complete"] else ckpt.latest_checkpoint(self.ckpt_root)
+            final = dirs.final if summary["complete"] else ckpt.latest_checkpoint(self.ckpt_root)
             ckpt.load_weights(self.student, final)
         if (
             self.deepspeed
