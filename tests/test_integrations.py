@@ -366,3 +366,57 @@ def test_a_run_config_takes_overrides_like_a_recipe():
     assert with_overrides(cfg, []) == cfg
     with pytest.raises(ConfigError, match="keep_ratio"):
         with_overrides(cfg, ["reflect.keep_ratio=2"])
+
+
+def test_sft_trainer_reads_the_curriculum_in_order(tmp_path, tiny_models, reflected_tiny):
+    """TRL's SFTTrainer (prompt / completion rows, tokenised by TRL itself): with its defaults
+    (shuffle_dataset=False) and a sequential sampler, it trains on the rows in the curriculum's
+    order, each stage's rows and repeats included; a shuffling config is refused."""
+    from trl import SFTConfig, SFTTrainer
+
+    from srd.models import load_model
+
+    tok, reflected, cur = reflected_tiny
+    ordered = cur.dataset(reflected).select_columns(["prompt", "completion"])
+
+    def trainer(**kw):
+        args = dict(
+            output_dir=str(tmp_path / "sft-trl"),
+            per_device_train_batch_size=2,
+            num_train_epochs=1,
+            train_sampling_strategy="sequential",
+            max_length=64,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        args.update(kw)
+        return SFTTrainer(
+            model=load_model(str(tiny_models["llama-student"])),
+            args=SFTConfig(**args),
+            train_dataset=ordered,
+            processing_class=tok,
+        )
+
+    with pytest.raises(ValueError, match="shuffle_dataset=False"):
+        cur.attach(trainer(shuffle_dataset=True))
+    t = trainer()
+    assert not t.args.shuffle_dataset  # TRL's default
+    seen: list[list[int]] = []
+    collate = t.data_collator
+
+    def spy(features):
+        seen.extend(list(f["input_ids"]) for f in features)
+        return collate(features)
+
+    t.data_collator = spy
+    cur.attach(t)
+    t.train()
+    texts = [tok.decode(ids) for ids in seen]
+    assert len(texts) == len(cur.order) == len(ordered)
+    assert all(text.startswith(row["prompt"]) for text, row in zip(texts, ordered))
+    assert [r["srd_stage"] for r in t.state.log_history if "loss" in r] == [
+        cur.stage_at(s) for s in range(cur.total_steps)
+    ]
