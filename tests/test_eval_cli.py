@@ -178,7 +178,7 @@ def test_interrupted_evaluation_resumes_per_answer(tmp_path, tiny_models, srd_da
     partial = tmp_path / "cut" / name / f"{key}.rank0.partial"
     assert len(partial.read_text().splitlines()) == 2 and not (tmp_path / "cut" / name / f"{key}.jsonl").exists()
     monkeypatch.setattr(
-        ev, "iter_responses", lambda m, t, prompts, **k: given.append(len(prompts)) or real(m, t, prompts, **k)
+        ev, "iter_responses", lambda m, t, prompts, *a, **k: given.append(len(prompts)) or real(m, t, prompts, *a, **k)
     )
     ev.evaluate(model, tok, [bench], tmp_path / "cut", **{**kw, "batch_size": 2})
     assert given == [n - 2]  # only the missing answers are generated
@@ -211,7 +211,7 @@ def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_d
     )
     real, given = ev.iter_responses, []
     monkeypatch.setattr(
-        ev, "iter_responses", lambda m, t, prompts, **k: given.append(len(prompts)) or real(m, t, prompts, **k)
+        ev, "iter_responses", lambda m, t, prompts, *a, **k: given.append(len(prompts)) or real(m, t, prompts, *a, **k)
     )
     ev.evaluate(model, tok, [bench], tmp_path / "out", **kw)
     rows = [json.loads(x) for x in (folder / "greedy.jsonl").read_text().splitlines()]

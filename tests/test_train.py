@@ -456,7 +456,7 @@ def test_resume_under_another_resolved_precision_is_refused(tmp_path, tiny_model
     does not go on in bf16 (the saved config says `auto` both times); the error says how to resume."""
     from accelerate.state import AcceleratorState
 
-    import srd.train.loop as loop_mod
+    import srd.runtime as loop_mod
 
     extra = ("train.max_steps=4", "train.save_every=1", "dev_eval.num_examples=0")
     assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra, "train.stop_after_steps=2")) == 0

@@ -1,7 +1,2 @@
-"""Evaluation (`srd eval`): benchmarks by name, each model's answers scored and summarised,
-resumable per benchmark and seed."""
-
-from srd.eval.benchmarks import resolve_benchmark
-from srd.eval.evaluate import evaluate, load_example_scores
-
-__all__ = ["evaluate", "load_example_scores", "resolve_benchmark"]
+"""Evaluation (`srd eval`): benchmarks by name (srd.eval.benchmarks), each model's answers
+generated, scored and summarised, resumable per benchmark and seed (srd.eval.evaluate)."""
