@@ -387,7 +387,7 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
 
     recipe, overrides = _recipe_and_overrides(args.config, args.overrides)
     cfg = load_config(recipe, [*_flag_overrides(args, PRUNE_FLAGS), *overrides])
-    m, pr = cfg.model, cfg.prune
+    m = cfg.model
     if m.teacher is None:
         raise ConfigError("srd prune prunes model.teacher, which is null: name it (--teacher or model.teacher=...)")
     if m.student == m.teacher:
@@ -395,44 +395,24 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
             "srd prune writes the student to the folder model.student names, which is the teacher here: "
             "name a folder (--out DIR or model.student=DIR)"
         )
-    if pr.layers is None and not pr.keep:
-        raise ConfigError("srd prune needs the number of layers to keep: prune.layers=N (--layers N) or prune.keep")
-    report = make_student(
-        m.teacher,
-        pr.layers or len(pr.keep or []),
-        m.student,
-        data=pr.data,
-        num_texts=pr.num_texts,
-        max_len=pr.max_len,
-        method=pr.method,
-        candidates=pr.candidates,
-        keep=pr.keep,
-        data_dir=cfg.data.data_dir,
-        heal_steps=pr.heal_steps,
-        heal_data=pr.heal_data,
-        heal_lr=pr.heal_lr,
-        heal_batch_size=pr.heal_batch_size,
-        progress=not args.no_progress,
-    )
+    report = make_student(m.teacher, m.student, cfg.prune, data_dir=cfg.data.data_dir, progress=not args.no_progress)
     return report, m.student
 
 
 def _eval(args: argparse.Namespace) -> int:
     from srd.config import load_config
-    from srd.eval.evaluate import check_benchmarks, evaluate, model_key, resolve_eval_target, summary_markdown
+    from srd.eval.evaluate import check_benchmarks, evaluate_model, model_key, resolve_eval_target, summary_markdown
     from srd.layout import RunDir
-    from srd.models import load_model, load_tokenizer
-    from srd.models.load import check_model_spec, dtype_from_name
+    from srd.models.load import check_model_spec
     from srd.runtime import make_accelerator
 
     cfg = load_config(args.config, [*_flag_overrides(args, EVAL_FLAGS), *args.overrides])
-    e = cfg.eval
-    benchmarks = e.benchmarks or DEFAULT_EVAL_BENCHMARKS
+    benchmarks = cfg.eval.benchmarks or DEFAULT_EVAL_BENCHMARKS
     model_spec, run_dir = resolve_eval_target(args.target)
     check_model_spec(model_spec)  # the model and every benchmark's rows before any weights are read
-    check_benchmarks(benchmarks, data_dir=cfg.data.data_dir, limit=e.limit)
+    check_benchmarks(benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit)
     acc = make_accelerator("auto")
-    mode = "greedy" if e.greedy else "sampled"
+    mode = "greedy" if cfg.eval.greedy else "sampled"
     if args.out:
         out = Path(args.out)
     elif run_dir is not None:
@@ -441,24 +421,8 @@ def _eval(args: argparse.Namespace) -> int:
         key = model_key(model_spec)  # a run's checkpoint: <run>-<stage>-<final|best>, not just "final"
         name = key.replace("/stages/", "-").replace("/", "-") if "/stages/" in key else Path(model_spec).name
         out = Path("runs") / "eval" / f"{name or model_spec}-{mode}"
-    tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, dtype=dtype_from_name(e.dtype)).eval()
-    summary = evaluate(
-        model,
-        tokenizer,
-        benchmarks,
-        out,
-        seeds=None if e.greedy else e.seeds,
-        limit=e.limit,
-        data_dir=cfg.data.data_dir,
-        fmt=cfg.data.prompt_format,
-        batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens,
-        no_repeat_ngram_size=e.no_repeat_ngram_size,
-        backend=cfg.generation.backend,
-        accelerator=acc,
-        progress=not args.no_progress,
-        model_name=model_spec,
+    summary = evaluate_model(
+        model_spec, cfg, out, accelerator=acc, progress=not args.no_progress, benchmarks=benchmarks
     )
     if acc.is_main_process:
         print(summary_markdown(summary), end="")

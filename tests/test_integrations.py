@@ -169,6 +169,21 @@ def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, 
     return trainer
 
 
+def _sequential_args(out) -> dict:
+    """A Trainer's arguments for a curriculum: 2 rows a step, one pass over the rows in order."""
+    return dict(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+
+
 @pytest.fixture
 def reflected_tiny(tmp_path, tiny_models):
     tok, reflected = _reflect_tiny(tmp_path, tiny_models, _prompt_completion(12))
@@ -264,19 +279,7 @@ def test_plain_trainer_takes_the_curriculum_as_an_sft_curriculum(tmp_path, tiny_
         return collate([encoded[f["row"]] for f in features], tok.pad_token_id)
 
     def trainer(**kw):
-        args = dict(
-            output_dir=str(tmp_path / "sft"),
-            per_device_train_batch_size=2,
-            num_train_epochs=1,
-            train_sampling_strategy="sequential",
-            remove_unused_columns=False,
-            use_cpu=True,
-            report_to=[],
-            logging_steps=1,
-            save_strategy="no",
-            disable_tqdm=True,
-        )
-        args.update(kw)
+        args = {**_sequential_args(tmp_path / "sft"), "remove_unused_columns": False, **kw}
         return Trainer(
             model=load_model(str(tiny_models["llama-student"])),
             args=TrainingArguments(**args),
@@ -380,19 +383,7 @@ def test_sft_trainer_reads_the_curriculum_in_order(tmp_path, tiny_models, reflec
     ordered = cur.dataset(reflected).select_columns(["prompt", "completion"])
 
     def trainer(**kw):
-        args = dict(
-            output_dir=str(tmp_path / "sft-trl"),
-            per_device_train_batch_size=2,
-            num_train_epochs=1,
-            train_sampling_strategy="sequential",
-            max_length=64,
-            use_cpu=True,
-            report_to=[],
-            logging_steps=1,
-            save_strategy="no",
-            disable_tqdm=True,
-        )
-        args.update(kw)
+        args = {**_sequential_args(tmp_path / "sft-trl"), "max_length": 64, **kw}
         return SFTTrainer(
             model=load_model(str(tiny_models["llama-student"])),
             args=SFTConfig(**args),

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from srd.config import RunConfig
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
@@ -323,3 +324,41 @@ def load_example_scores(eval_dir: Path, bench: str) -> dict[str, float]:
             row = json.loads(line)
             totals.setdefault(row["id"], []).append(float(row["score"]))
     return {k: statistics.fmean(v) for k, v in totals.items()}
+
+
+def evaluate_model(
+    spec: str,
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    accelerator: Any,
+    progress: bool = True,
+    benchmarks: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Load the model `spec` names in eval.dtype and evaluate it into `out_dir` with a config's
+    settings: the eval section (benchmarks unless `benchmarks` is given, seeds or greedy, rows,
+    token budget, batch size), data.prompt_format / max_prompt_len / data_dir and
+    generation.backend. What `srd eval` and `srd run`'s evaluations both do."""
+    from srd.models.load import dtype_from_name, load_model, load_tokenizer
+
+    e, trust = cfg.eval, cfg.model.trust_remote_code
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust)
+    model = load_model(spec, dtype=dtype_from_name(e.dtype), trust_remote_code=trust).eval()
+    return evaluate(
+        model,
+        tokenizer,
+        e.benchmarks if benchmarks is None else benchmarks,
+        out_dir,
+        seeds=None if e.greedy else e.seeds,
+        limit=e.limit,
+        data_dir=cfg.data.data_dir,
+        fmt=cfg.data.prompt_format,
+        max_prompt_len=cfg.data.max_prompt_len,
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+        backend=cfg.generation.backend,
+        accelerator=accelerator,
+        progress=progress,
+        model_name=spec,
+    )

@@ -58,38 +58,14 @@ def eval_mode(cfg: RunConfig) -> str:
 
 def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress: bool) -> float:
     from srd.eval.benchmarks import resolve_benchmark
-    from srd.eval.evaluate import evaluate
-    from srd.models import load_model, load_tokenizer
-    from srd.models.load import dtype_from_name
+    from srd.eval.evaluate import evaluate_model
 
-    e = cfg.eval
-    tokenizer = load_tokenizer(spec, trust_remote_code=cfg.model.trust_remote_code)
-    # loaded in the precision it decodes with (eval.dtype)
-    model = load_model(spec, dtype=dtype_from_name(e.dtype), trust_remote_code=cfg.model.trust_remote_code).eval()
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "model.json", {"model": spec})
-    summary = evaluate(
-        model,
-        tokenizer,
-        e.benchmarks,
-        RunDir(folder).eval(eval_mode(cfg)),
-        seeds=None if e.greedy else e.seeds,
-        limit=e.limit,
-        data_dir=cfg.data.data_dir,
-        fmt=cfg.data.prompt_format,
-        max_prompt_len=cfg.data.max_prompt_len,
-        batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens,
-        no_repeat_ngram_size=e.no_repeat_ngram_size,
-        backend=cfg.generation.backend,
-        accelerator=acc,
-        progress=progress,
-        model_name=spec,
-    )
-    del model
+    summary = evaluate_model(spec, cfg, RunDir(folder).eval(eval_mode(cfg)), accelerator=acc, progress=progress)
     # generation time of this config's benchmarks, earlier (resumed) invocations included
-    names = {resolve_benchmark(b).name for b in e.benchmarks}
+    names = {resolve_benchmark(b).name for b in cfg.eval.benchmarks}
     return sum(sum(v.get("wall_time_s", {}).values()) for k, v in summary["benchmarks"].items() if k in names)
 
 

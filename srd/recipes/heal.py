@@ -19,12 +19,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from srd.config import from_dict
+from srd.config import PruneConfig, from_dict
 from srd.layout import RunDir
 
 log = logging.getLogger(__name__)
 
-HEAL_DATA = ("gsm8k", "samsum", "xsum")
+HEAL_DATA = tuple(PruneConfig().heal_data)  # the healing sets by default (the prune section)
 
 
 def heal_config(
