@@ -18,6 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from srd.config import GENERATION_BACKENDS
 
@@ -142,6 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_training_commands(sub)
+    _add_evaluation_commands(sub)
+    _add_model_commands(sub)
+    sub.add_parser("divergences", help="list the registered divergences")
+    return p
+
+
+def _add_training_commands(sub: Any) -> None:
+    """srd train, srd run, srd reflect."""
     t = sub.add_parser(
         "train",
         help="distil (or fine-tune) a student for one stage",
@@ -181,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     rf.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     rf.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_evaluation_commands(sub: Any) -> None:
+    """srd eval, srd compare, srd report."""
     ev = sub.add_parser(
         "eval",
         help="evaluate a model or a run on benchmarks (ROUGE-L, BLEU, GSM8K accuracy, MBPP pass@1)",
@@ -227,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run", help="run directory")
 
+
+def _add_model_commands(sub: Any) -> None:
+    """srd config, srd prune."""
     c = sub.add_parser(
         "config",
         help="print the resolved config of a recipe",
@@ -252,9 +268,6 @@ def _parser() -> argparse.ArgumentParser:
     for flag, key, kw in PRUNE_FLAGS:
         pr.add_argument(flag, dest=key, default=None, help=f"alias of {key}=...", **_metavar(flag, kw))
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    sub.add_parser("divergences", help="list the registered divergences")
-    return p
 
 
 def quiet_library_logs() -> None:
