@@ -173,7 +173,7 @@ def test_prune_then_heal_cli(tmp_path, tiny_models, tiny_data, monkeypatch, caps
     def no_training(*a, **k):
         raise AssertionError("a cached healed student was retrained")
 
-    monkeypatch.setattr("srd.train.loop.train_stage", no_training)
+    monkeypatch.setattr("srd.recipes.heal.train_stage", no_training)
     assert main(args) == 0  # cached
     # the same request as a recipe (the model and prune sections) and key=value overrides: the
     # flags are aliases of these keys, so the cached student is found again

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from srd.data.example import DataError, Example, example_from_row, read_examples
+from srd.data.example import DataError, Example, example_from_row, read_examples, read_rows
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,6 @@ def data_dirs(explicit: str | None = None) -> list[Path]:
 
 
 def _read_local_named(path: Path, name: str, ns: NamedSet, limit: int | None) -> list[Example]:
-    from srd.data.example import read_rows
 
     out = []
     for line, row in read_rows(path):

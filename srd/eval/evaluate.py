@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from srd.config import RunConfig
+from srd.config import RunConfig, load_config
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
 from srd.generation.decode import Decoding, iter_responses, row_seeds
 from srd.layout import RunDir
-from srd.models.load import dtype_name
+from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.utils import atomic_write_json, atomic_write_text
 
 
@@ -51,7 +51,6 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
 
 def _run_checkpoint_setting(run: RunDir) -> str:
     """The run's eval.checkpoint, read with the run's own config."""
-    from srd.config import load_config
 
     return load_config(run.config).eval.checkpoint if run.config.exists() else "final"
 
@@ -339,7 +338,6 @@ def evaluate_model(
     settings: the eval section (benchmarks unless `benchmarks` is given, seeds or greedy, rows,
     token budget, batch size), data.prompt_format / max_prompt_len / data_dir and
     generation.backend. What `srd eval` and `srd run`'s evaluations both do."""
-    from srd.models.load import dtype_from_name, load_model, load_tokenizer
 
     e, trust = cfg.eval, cfg.model.trust_remote_code
     tokenizer = load_tokenizer(spec, trust_remote_code=trust)

@@ -6,12 +6,12 @@ run's generation section); `BACKENDS` holds the implementations by name (`loop`,
 from srd.generation.decode import (
     BACKENDS,
     Decoding,
-    cut_at_stop,
     generate_responses,
     iter_responses,
     register_backend,
     row_seeds,
 )
+from srd.generation.stops import cut_at_stop
 
 __all__ = [
     "BACKENDS",

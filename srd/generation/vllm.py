@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from srd.config import ConfigError
+from srd.generation.stops import cut_at_stop
+from srd.models.features import model_fingerprint
 from srd.models.load import dtype_name
 
 _ENGINES: weakref.WeakKeyDictionary[Any, tuple[str, Any, Any]] = weakref.WeakKeyDictionary()
@@ -48,8 +50,6 @@ def _import_vllm() -> Any:
 
 def _engine(vllm: Any, model: Any, tokenizer: Any) -> Any:
     """A vLLM engine serving `model`'s current weights (reused while they are unchanged)."""
-    from srd.models.features import model_fingerprint
-
     fingerprint = model_fingerprint(model)
     cached = _ENGINES.get(model)
     if cached is not None and cached[0] == fingerprint:
@@ -99,8 +99,6 @@ def vllm_generate(
 ) -> list[str]:
     """Answers (cut at the stop strings) for token-id prompts, in input order; sampling
     gives prompt i the seed `seeds[i]`."""
-    from srd.generation.decode import cut_at_stop
-
     if no_repeat_ngram_size:
         raise VLLMUnavailable(
             f"vLLM has no no-repeat-n-gram rule (no_repeat_ngram_size={no_repeat_ngram_size}): set "

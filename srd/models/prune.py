@@ -27,7 +27,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from srd.models.load import ModelError
+from srd.data.sources import load_examples
+from srd.data.tokenize import collate, encode_examples, pad_id
+from srd.models.load import ModelError, check_model_spec, load_model, load_tokenizer
+from srd.models.save import save_model_dir
+from srd.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +181,6 @@ def prune_model(
     import json
     from pathlib import Path
 
-    from srd.data.sources import load_examples
-    from srd.models.load import check_model_spec, load_model, load_tokenizer
-    from srd.models.save import save_model_dir
-    from srd.utils import atomic_write_json
-
     out_dir = Path(out)
     check_model_spec(teacher_spec)  # before any weights: the teacher exists, the texts parse
     load_examples(data, data_dir=data_dir, limit=num_texts)
@@ -238,8 +237,6 @@ def perplexity_batches(
     tokenizer: Any, data: str, num_texts: int, max_len: int, data_dir: str | None, batch_size: int, device: Any
 ) -> list[dict[str, torch.Tensor]]:
     """The text pruning measures perplexity on: `num_texts` rows of `data`, response tokens."""
-    from srd.data.sources import load_examples
-    from srd.data.tokenize import collate, encode_examples, pad_id
 
     examples = load_examples(data, data_dir=data_dir, limit=num_texts)
     enc = encode_examples(tokenizer, examples, fmt="alpaca", max_prompt_len=max_len // 2, max_len=max_len)

@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import ConfigError, RunConfig, from_dict, to_dict
+from srd.eval.benchmarks import resolve_benchmark
+from srd.eval.evaluate import check_benchmarks, evaluate_model
 from srd.layout import RunDir
 from srd.recipes.pipeline import run_pipeline
+from srd.report import compare_runs, method_label, write_report
+from srd.runtime import make_accelerator
 from srd.utils import atomic_write_json, atomic_write_text
 
 LABELS = {"teacher": "teacher", "initial": "student before KD"}
@@ -57,8 +61,6 @@ def eval_mode(cfg: RunConfig) -> str:
 
 
 def _evaluate_model(cfg: RunConfig, spec: str, folder: Path, acc: Any, progress: bool) -> float:
-    from srd.eval.benchmarks import resolve_benchmark
-    from srd.eval.evaluate import evaluate_model
 
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,6 @@ def _evaluated(cfg: RunConfig, results: dict[str, Any], what: str) -> str:
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the method, then (when configured) the baseline, evaluation and report."""
-    from srd.runtime import make_accelerator
 
     if cfg.eval.checkpoint == "best" and cfg.compare.baseline and not cfg.train.eval_every and cfg.eval.benchmarks:
         print(
@@ -95,8 +96,6 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             file=sys.stderr,
         )
     if cfg.eval.benchmarks:  # a typo in a benchmark is found now, not after hours of training
-        from srd.eval.evaluate import check_benchmarks
-
         check_benchmarks(cfg.eval.benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit)
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
@@ -133,7 +132,6 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         atomic_write_json(RunDir(run_dir).experiment, {"models": models, "timing": timing})
         if cfg.eval.benchmarks:
             _write_comparison(cfg)
-        from srd.report import write_report
 
         report = write_report(run_dir)
         _print_headline(cfg, timing, report)
@@ -146,7 +144,6 @@ def compared_runs(cfg: RunConfig) -> list[tuple[Path, str]]:
     folders = eval_dirs(cfg)
     order = ["baseline", "final", "teacher", "initial"] if "baseline" in cfg.eval.models else ["final"]
     order += [m for m in ["teacher", "initial"] if m not in order]
-    from srd.report import method_label
 
     ratio = cfg.on_policy.ratio or 0.0
     labels = {
@@ -158,7 +155,6 @@ def compared_runs(cfg: RunConfig) -> list[tuple[Path, str]]:
 
 
 def _write_comparison(cfg: RunConfig) -> None:
-    from srd.report import compare_runs
 
     pairs = compared_runs(cfg)
     table = compare_runs([p for p, _ in pairs], eval_name=eval_mode(cfg), labels=[label for _, label in pairs])

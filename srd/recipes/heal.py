@@ -19,8 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from srd.config import PruneConfig, from_dict
+from srd.config import PruneConfig, RunConfig, from_dict
+from srd.data.sources import load_mixture
 from srd.layout import RunDir
+from srd.recipes.train import load_models, prepare_run_dir
+from srd.runtime import make_accelerator
+from srd.train.loop import train_stage
+from srd.utils import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,6 @@ def heal_config(
     seed: int,
 ) -> Any:
     """The RunConfig of the healing run: each heal example is seen about once."""
-    from srd.config import RunConfig
 
     per_set = math.ceil(steps * batch_size * grad_accum / len(data))
     return from_dict(
@@ -92,11 +96,6 @@ def heal_student(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Heal the student in `pruned` by KD from `teacher`; export the result to `out`."""
-    from srd.data.sources import load_mixture
-    from srd.recipes.train import load_models, prepare_run_dir
-    from srd.runtime import make_accelerator
-    from srd.train.loop import train_stage
-    from srd.utils import replace_dir
 
     cfg = heal_config(
         teacher,

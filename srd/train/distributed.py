@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from srd.config import ConfigError, RunConfig
+from srd.models.features import transformer_blocks
 from srd.runtime import ZERO_STAGES
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,7 @@ def shard_student(module: nn.Module) -> None:
 
     student = module.student
     if hasattr(student, "peft_config"):
-        from srd.config import ConfigError
-
         raise ConfigError("train.sharding=fsdp does not support LoRA students yet: use DDP (train.sharding=none)")
-    from srd.models.features import transformer_blocks
 
     for block in transformer_blocks(student, "train.sharding=fsdp"):
         fully_shard(block)

@@ -42,7 +42,7 @@ from srd.layout import RunDir, StageDir
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
-from srd.models.features import compile_blocks, teacher_features
+from srd.models.features import compile_blocks, model_fingerprint, teacher_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.models.save import save_model_dir
 from srd.runtime import make_accelerator
@@ -50,6 +50,7 @@ from srd.train import checkpoint as ckpt
 from srd.train import distributed
 from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule
+from srd.train.teacher_cache import TeacherCache
 from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,6 @@ def teacher_cache_meta(
 ) -> dict[str, Any]:
     """What a teacher cache's rows depend on (a cache made for other values is rebuilt): the
     teacher's weights and the precision they ran in, k, the temperatures, the tokenisation."""
-    from srd.models.features import model_fingerprint
 
     d = cfg.data
     # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint
@@ -288,7 +288,6 @@ def _teacher_cache(
     stage_taus: Sequence[float],
 ) -> Any:
     """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
-    from srd.train.teacher_cache import TeacherCache
 
     meta = teacher_cache_meta(cfg, teacher, tokenizer, s2s, tau, stage_taus)
     folder = RunDir(cfg.run_dir).teacher_cache

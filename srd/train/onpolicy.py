@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from srd.data.tokenize import IGNORE_INDEX, Encoded
+from srd.generation.decode import decode_stream, logits_processors
 
 
 def on_policy_flags(seed: int, step: int, n_micro: int, ratio: float) -> list[bool]:
@@ -64,7 +65,6 @@ def sample_responses(
     Every row draws from its own counter-based stream (`seeds`, one per row), so a row's sample
     does not depend on which rows it is decoded with: the micro-batches of a step go through one
     continuous-batching stream of at most `batch_size` rows (default: all of them)."""
-    from srd.generation.decode import decode_stream, logits_processors
 
     if len(seeds) != len(encoded):
         raise ValueError(f"sample_responses: {len(seeds)} seeds for {len(encoded)} rows")

@@ -35,6 +35,8 @@ import torch
 
 from srd.data.tokenize import Encoded, collate, pad_id
 from srd.losses.kd import SparseTeacher
+from srd.models.features import target_features
+from srd.train.checkpoint import CheckpointError
 from srd.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,6 @@ class TeacherCache:
         A shard (and the index naming its examples) is written whenever `shard_rows` target
         positions have accumulated, so an interrupted build keeps what it finished and the next
         call computes only the rest."""
-        from srd.models.features import target_features
 
         # longest first, so each batch pads little (in input order, Dolly batches of 8 are about
         # half padding); the index maps every example to its rows, so the order is free
@@ -186,7 +187,6 @@ class TeacherCache:
         return self._shards[shard]
 
     def _damaged(self, path: Path, why: str) -> Exception:
-        from srd.train.checkpoint import CheckpointError
 
         return CheckpointError(
             f"teacher cache file {path} is damaged ({why}); delete the folder {self.folder} and rerun the same "
