@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
@@ -25,9 +25,49 @@ from srd.reflect.reflect import reflect, time_split
 from srd.reflect.scorers import check_scorers
 from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
-from srd.train.loop import StagePlan, train_stage
+from srd.train.loop import StagePlan, StageSummary, train_stage
 from srd.train.teacher_cache import TeacherCache
 from srd.utils import atomic_write_json
+
+
+class StageResult(TypedDict):
+    """One stage in results.json."""
+
+    stage: str  # stage-<i>, or baseline
+    examples: int
+    steps: int
+    tau: float
+    alpha: float
+    epochs: float  # passes over the stage's examples
+    wall_time_s: float
+    generation_s: float
+    teacher_cache_s: float
+    best_metric: float | None
+    complete: bool
+    first_eval: dict[str, Any] | None
+    last_eval: dict[str, Any] | None
+
+
+class RunResults(TypedDict, total=False):
+    """What `srd run` reports (results.json): the stages, the time of every phase, the models."""
+
+    method: str
+    divergence: str
+    examples: int
+    student_parameters: int
+    trainable_parameters: int
+    stages: list[StageResult]
+    complete: bool
+    reflection_s: float  # reflection, re-reflections included
+    train_s: float
+    teacher_cache_s: float
+    total_s: float  # reflection + training + the teacher cache: what the method cost
+    sample_passes: float  # examples x epochs, summed over stages
+    generation_s: float  # on-policy sampling inside training
+    on_policy_ratio: float
+    final_model: str  # the last stage's final/ folder
+    best_model: str | None  # the best/ folder with the highest dev ROUGE-L over the stages
+    best_checkpoint: dict[str, Any] | None  # {"model", "stage", "step", "dev_rougeL"}
 
 
 def _needs_teacher(cfg: RunConfig) -> bool:
@@ -83,10 +123,10 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
     return manifest
 
 
-def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
     """`srd run`: the whole method (or the baseline) from one config, resumable."""
     acc, run_dir, student, teacher, tokenizer, train, dev = _setup(cfg, need_teacher=_needs_teacher(cfg))
-    results: dict[str, Any] = {
+    results: RunResults = {
         "method": cfg.method,
         "divergence": cfg.loss.divergence,
         "examples": len(train),
@@ -142,7 +182,7 @@ def _train_curriculum(
     cfg: RunConfig,
     manifest: list[dict[str, Any]],
     run: RunDir,
-    stage_results: list[dict[str, Any]],
+    stage_results: list[StageResult],
     student: Any,
     train: list,
     common: dict[str, Any],
@@ -225,7 +265,7 @@ def _re_reflect(
     return list(next(s for s in plan_stages(manifest, cfg.curriculum) if s.index == index).example_ids)
 
 
-def _stage_result(name: str, summary: dict[str, Any], n_examples: int) -> dict[str, Any]:
+def _stage_result(name: str, summary: StageSummary, n_examples: int) -> StageResult:
     return {
         "stage": name,
         "examples": n_examples,

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -300,6 +300,29 @@ def _teacher_cache(
     return TeacherCache(folder, meta), time.perf_counter() - t0
 
 
+class StageSummary(TypedDict):
+    """What one trained stage reports (train_stage's result, also `<stage>/done.json`)."""
+
+    complete: bool  # false: paused on purpose (train.stop_after_steps); rerun to continue
+    steps: int  # optimizer steps done
+    total_steps: int
+    steps_per_epoch: int
+    examples: int
+    tau: float
+    alpha: float
+    divergence: str
+    kd_scale: float  # the factor on the divergence: tau^2 under loss.tau_squared=all
+    wall_time_s: float  # training time, earlier (resumed) invocations included
+    generation_s: float  # of which on-policy sampling
+    teacher_cache_s: float  # building the teacher cache (not in wall_time_s)
+    on_policy_ratio: float
+    tokens: int
+    best_metric: float | None  # dev ROUGE-L, else minus the dev loss
+    first_eval: dict[str, Any] | None  # the first dev evaluation: {"step", "dev_loss", ...}
+    last_eval: dict[str, Any] | None
+    best_step: int | None
+
+
 def train_stage(
     cfg: RunConfig,
     *,
@@ -319,7 +342,7 @@ def train_stage(
     accelerator: Any = None,
     progress: bool = True,
     desc: str = "train",
-) -> dict[str, Any]:
+) -> StageSummary:
     """Train one stage and return its summary (also written to out_dir/done.json).
 
     tau / alpha / epochs default to the config's loss.tau, loss.alpha, train.epochs;
@@ -750,7 +773,7 @@ class _StageRun:
                 self.writer.add_scalar(f"train/{k}", row[k], done_steps)
         return row
 
-    def finish(self, final_step: int) -> dict[str, Any]:
+    def finish(self, final_step: int) -> StageSummary:
         """The stage's summary; when it is complete, final/ and done.json. The caller's student
         holds the trained weights afterwards (also under FSDP)."""
         acc, state, dirs = self.acc, self.state, self.dirs
@@ -758,7 +781,7 @@ class _StageRun:
             self.writer.flush()
             self.writer.close()
         lcfg = self.cfg.loss
-        summary = {
+        summary: StageSummary = {
             "complete": final_step >= self.plan.total_steps,
             "steps": final_step,
             "total_steps": self.plan.total_steps,
