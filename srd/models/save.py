@@ -23,7 +23,7 @@ def save_model_dir(
 
     A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
     alone in `out/adapter/` (what the next curriculum stage continues from). `state_dict`:
-    the full weights of a sharded (FSDP) model, gathered by srd.train.sharding."""
+    the full weights of a sharded (FSDP) model, gathered by srd.train.distributed."""
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
