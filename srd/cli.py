@@ -415,8 +415,8 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
 def _eval(args: argparse.Namespace) -> int:
     from srd.config import load_config
     from srd.eval.evaluate import check_benchmarks, evaluate_model, model_key, resolve_eval_target, summary_markdown
-    from srd.layout import RunDir
     from srd.models.load import check_model_spec
+    from srd.rundir import RunDir
     from srd.runtime import make_accelerator
 
     cfg = load_config(args.config, [*_flag_overrides(args, EVAL_FLAGS), *args.overrides])

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from srd.eval.evaluate import load_example_scores
-from srd.layout import RunDir, StageDir
 from srd.reflect.reflect import time_split
+from srd.rundir import RunDir, StageDir
 from srd.utils import atomic_write_text, read_jsonl
 
 

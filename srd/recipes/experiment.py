@@ -21,9 +21,9 @@ from typing import Any
 from srd.config import ConfigError, RunConfig, from_dict, to_dict
 from srd.eval.benchmarks import resolve_benchmark
 from srd.eval.evaluate import check_benchmarks, evaluate_model
-from srd.layout import RunDir
 from srd.recipes.pipeline import run_pipeline
 from srd.report import compare_runs, method_label, write_report
+from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.utils import atomic_write_json, atomic_write_text
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from srd.config import PruneConfig, RunConfig, from_dict
 from srd.data.sources import load_mixture
-from srd.layout import RunDir
 from srd.recipes.train import load_models, prepare_run_dir
+from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import train_stage
 from srd.utils import replace_dir

@@ -19,10 +19,10 @@ from typing import Any, TypedDict
 
 from srd.config import RunConfig
 from srd.curriculum import plan_stages, stage_alphas
-from srd.layout import RunDir
 from srd.recipes.train import check_inputs, load_models, prepare_run_dir
 from srd.reflect.reflect import reflect, time_split
 from srd.reflect.scorers import check_scorers
+from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, StageSummary, train_stage

@@ -12,9 +12,9 @@ import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
-from srd.layout import RunDir
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec
+from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import train_stage
 from srd.utils import atomic_write_text, remove_stale_temporaries

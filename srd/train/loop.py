@@ -38,13 +38,13 @@ from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
 from srd.generation.decode import Decoding, generate_responses, row_seeds
-from srd.layout import RunDir, StageDir
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
 from srd.models.features import compile_blocks, model_fingerprint, teacher_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.models.save import save_model_dir
+from srd.rundir import RunDir, StageDir
 from srd.runtime import make_accelerator
 from srd.train import checkpoint as ckpt
 from srd.train import distributed
