@@ -457,11 +457,13 @@ def test_bad_data_and_missing_models_are_found_before_any_weights_load(
 def test_eval_and_prune_check_their_inputs_before_any_weights_load(tmp_path, tiny_models, monkeypatch, capsys):
     import srd.models
     import srd.models.load
+    import srd.models.prune
+    import srd.recipes.prune
 
     def no_weights(*a, **k):
         raise AssertionError("weights were read before the inputs were checked")
 
-    for module in (srd.models, srd.models.load):
+    for module in (srd.models, srd.models.load, srd.models.prune, srd.recipes.prune):
         monkeypatch.setattr(module, "load_model", no_weights)
         monkeypatch.setattr(module, "load_tokenizer", no_weights)
     bad = tmp_path / "bad.jsonl"

@@ -113,7 +113,7 @@ def test_an_interrupted_cache_build_keeps_its_finished_shards(tmp_path, tiny_mod
     and the rows are the same as one uninterrupted build's."""
     from transformers import AutoModelForCausalLM
 
-    import srd.models.features as step
+    import srd.train.teacher_cache as step  # where the build looks the function up
     from srd.data.tokenize import Encoded
     from srd.train.teacher_cache import TeacherCache
 
