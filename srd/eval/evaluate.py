@@ -25,7 +25,8 @@ from srd.config import RunConfig, load_config
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.generation.decode import Decoding, iter_responses, row_seeds
+from srd.generation.decode import iter_responses, row_seeds
+from srd.generation.decoding import Decoding
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
 from srd.utils import atomic_write_json, atomic_write_text

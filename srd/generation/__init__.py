@@ -5,12 +5,12 @@ run's generation section); `BACKENDS` holds the implementations by name (`loop`,
 
 from srd.generation.decode import (
     BACKENDS,
-    Decoding,
     generate_responses,
     iter_responses,
     register_backend,
     row_seeds,
 )
+from srd.generation.decoding import Decoding
 from srd.generation.stops import cut_at_stop
 
 __all__ = [

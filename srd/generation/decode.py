@@ -34,16 +34,15 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from srd.config import GenerationConfig
 from srd.data.tokenize import pad_id
 from srd.generation import vllm
+from srd.generation.decoding import Decoding
 from srd.generation.stops import StopOnStrings, cut_at_stop, stop_candidates
 from srd.models.load import is_seq2seq, splittable
 
@@ -341,43 +340,6 @@ def decode_stream(
         )
 
 
-@dataclass(frozen=True, kw_only=True)
-class Decoding:
-    """How answers are decoded: one value that reflection, dev ROUGE-L and evaluation each build
-    once (`Decoding.of(cfg.generation, ...)` from a run's generation section) and hand to
-    iter_responses / generate_responses."""
-
-    max_new_tokens: int
-    batch_size: int = 16  # prompts decoded together
-    do_sample: bool = False  # false: greedy
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    no_repeat_ngram_size: int = 0  # 0: off
-    stop_strings: tuple[str, ...] = ()  # answers are cut at the first of these
-    backend: str = "loop"  # a name in BACKENDS
-    # static backend: the KV cache length of every call (e.g. the prompt limit + max_new_tokens),
-    # so that calls on different prompts reuse one compiled graph; grown when a call needs more
-    static_cache_len: int | None = None
-
-    @classmethod
-    def of(cls, generation: GenerationConfig, **changes: Any) -> Decoding:
-        """The decoding a run's `generation` section describes, with `changes`."""
-        g = generation
-        base = cls(
-            max_new_tokens=g.max_new_tokens,
-            batch_size=g.batch_size,
-            do_sample=g.do_sample,
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            no_repeat_ngram_size=g.no_repeat_ngram_size,
-            stop_strings=tuple(g.stop_strings),
-            backend=g.backend,
-        )
-        return dataclasses.replace(base, **changes)
-
-
 # A backend yields (prompt position, answer) pairs for token-id prompts: fn(model, tokenizer,
 # prompts, decoding, seeds, seed, progress, desc). `generation.backend` names one.
 Backend = Callable[..., Iterator[tuple[int, str]]]
@@ -440,9 +402,10 @@ def iter_responses(
         seeds = row_seeds(0 if seed is None else seed, len(prompts))
     elif d.do_sample and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt")
-    backend = "hf" if is_seq2seq(model) else d.backend  # the decode loop is for decoder-only models
+    if is_seq2seq(model):  # the decode loop and static caches are for decoder-only models
+        d = dataclasses.replace(d, backend="hf")
     try:
-        yield from BACKENDS[backend](model, tokenizer, prompts, d, seeds, seed, progress, desc)
+        yield from BACKENDS[d.backend](model, tokenizer, prompts, d, seeds, seed, progress, desc)
     finally:
         model.train(was_training)
 
@@ -474,21 +437,7 @@ def _vllm_backend(
     model: Any, tokenizer: Any, prompts: Any, d: Decoding, seeds: Any, seed: Any, progress: bool, desc: str
 ) -> Iterator[tuple[int, str]]:
     """vLLM's engine on a saved copy of the model (srd.generation.vllm)."""
-    out = vllm.vllm_generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=d.max_new_tokens,
-        do_sample=d.do_sample,
-        temperature=d.temperature,
-        top_k=d.top_k,
-        top_p=d.top_p,
-        no_repeat_ngram_size=d.no_repeat_ngram_size,
-        stop_strings=d.stop_strings,
-        seeds=seeds,
-        progress=progress,
-    )
-    yield from enumerate(out)
+    yield from enumerate(vllm.vllm_generate(model, tokenizer, prompts, d, seeds=seeds, progress=progress))
 
 
 @register_backend("hf")
@@ -498,8 +447,7 @@ def _generate_backend(
 ) -> Iterator[tuple[int, str]]:
     """transformers' `generate`, batch by batch; `static`: one static KV-cache shape and one batch
     size for every batch (one compiled graph on a GPU). Samples from torch's global generator."""
-    static = d.backend == "static" and not is_seq2seq(model)
-    seq2seq = is_seq2seq(model)
+    static, seq2seq = d.backend == "static", is_seq2seq(model)
     device = next(model.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)

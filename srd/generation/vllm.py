@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from srd.config import ConfigError
+from srd.generation.decoding import Decoding
 from srd.generation.stops import cut_at_stop
 from srd.models.features import model_fingerprint
 from srd.models.load import dtype_name
@@ -86,22 +87,16 @@ def vllm_generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
+    d: Decoding,
     *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    no_repeat_ngram_size: int,
-    stop_strings: Sequence[str],
     seeds: Sequence[int] | None,
     progress: bool = False,
 ) -> list[str]:
-    """Answers (cut at the stop strings) for token-id prompts, in input order; sampling
-    gives prompt i the seed `seeds[i]`."""
-    if no_repeat_ngram_size:
+    """Answers (cut at the stop strings) for token-id prompts, decoded as `d` says, in input
+    order; sampling gives prompt i the seed `seeds[i]`."""
+    if d.no_repeat_ngram_size:
         raise VLLMUnavailable(
-            f"vLLM has no no-repeat-n-gram rule (no_repeat_ngram_size={no_repeat_ngram_size}): set "
+            f"vLLM has no no-repeat-n-gram rule (no_repeat_ngram_size={d.no_repeat_ngram_size}): set "
             "generation.no_repeat_ngram_size=0 (eval.no_repeat_ngram_size for evaluation) or use another backend"
         )
     vllm = _import_vllm()
@@ -110,15 +105,15 @@ def vllm_generate(
     def params(i: int) -> Any:
         return vllm.SamplingParams(
             n=1,
-            temperature=temperature if do_sample else 0.0,  # 0: greedy
-            top_k=top_k if (do_sample and top_k) else -1,  # -1: no top-k
-            top_p=top_p if do_sample else 1.0,
-            max_tokens=max_new_tokens,
-            stop=list(stop_strings) or None,
-            seed=int(seeds[i]) if (do_sample and seeds is not None) else None,
+            temperature=d.temperature if d.do_sample else 0.0,  # 0: greedy
+            top_k=d.top_k if (d.do_sample and d.top_k) else -1,  # -1: no top-k
+            top_p=d.top_p if d.do_sample else 1.0,
+            max_tokens=d.max_new_tokens,
+            stop=list(d.stop_strings) or None,
+            seed=int(seeds[i]) if (d.do_sample and seeds is not None) else None,
             skip_special_tokens=True,
         )
 
     requests = [{"prompt_token_ids": list(p)} for p in prompts]
     outputs = llm.generate(requests, [params(i) for i in range(len(prompts))], use_tqdm=progress)
-    return [cut_at_stop(o.outputs[0].text, stop_strings) for o in outputs]
+    return [cut_at_stop(o.outputs[0].text, d.stop_strings) for o in outputs]

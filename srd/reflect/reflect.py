@@ -31,7 +31,8 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.generation.decode import Decoding, iter_responses, length_batches, row_seeds
+from srd.generation.decode import iter_responses, length_batches, row_seeds
+from srd.generation.decoding import Decoding
 from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition

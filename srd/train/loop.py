@@ -37,7 +37,8 @@ from srd.config import ConfigError, RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, bucketed_batches, collate, encode_examples, pad_id
-from srd.generation.decode import Decoding, generate_responses, row_seeds
+from srd.generation.decode import generate_responses, row_seeds
+from srd.generation.decoding import Decoding
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
