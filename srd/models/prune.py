@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,8 @@ from srd.models.save import save_model_dir
 from srd.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+PERPLEXITY_BATCH_SIZE = 4  # texts per forward pass while measuring perplexity
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -171,19 +175,16 @@ def prune_model(
     candidates: int = 4,
     keep: Sequence[int] | None = None,
     data_dir: str | None = None,
-    batch_size: int = 4,
+    batch_size: int = PERPLEXITY_BATCH_SIZE,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Choose `n_layers` of the teacher's decoder layers by measured perplexity (or take
     `keep`), save the student to `out` with its tokenizer and `prune.json` (kept layers,
     perplexities, the removal trace), and return that report. A folder whose prune.json
     records the same request is reused; one made with other settings is refused."""
-    import json
-    from pathlib import Path
-
     out_dir = Path(out)
     check_model_spec(teacher_spec)  # before any weights: the teacher exists, the texts parse
-    load_examples(data, data_dir=data_dir, limit=num_texts)
+    texts = load_examples(data, data_dir=data_dir, limit=num_texts)
     request = {
         "teacher": teacher_spec,
         "layers": n_layers,
@@ -208,7 +209,7 @@ def prune_model(
     model = load_model(teacher_spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    batches = perplexity_batches(tokenizer, data, num_texts, max_len, data_dir, batch_size, device)
+    batches = perplexity_batches(tokenizer, texts, max_len, batch_size, device)
     if keep:
         with skip_layers(model, sorted(keep)):
             ppl = perplexity(model, batches)
@@ -234,11 +235,9 @@ def prune_model(
 
 
 def perplexity_batches(
-    tokenizer: Any, data: str, num_texts: int, max_len: int, data_dir: str | None, batch_size: int, device: Any
+    tokenizer: Any, examples: Sequence[Any], max_len: int, batch_size: int, device: Any
 ) -> list[dict[str, torch.Tensor]]:
-    """The text pruning measures perplexity on: `num_texts` rows of `data`, response tokens."""
-
-    examples = load_examples(data, data_dir=data_dir, limit=num_texts)
+    """The batches pruning measures perplexity on: the examples' response tokens."""
     enc = encode_examples(tokenizer, examples, fmt="alpaca", max_prompt_len=max_len // 2, max_len=max_len)
     return [
         {k: v.to(device) for k, v in collate(enc[i : i + batch_size], pad_id(tokenizer)).items()}

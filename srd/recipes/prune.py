@@ -13,21 +13,12 @@ import torch
 
 from srd.config import ConfigError, PruneConfig
 from srd.data.sources import load_examples, load_mixture
-from srd.models.load import ModelError, check_model_spec, load_model, load_tokenizer
-from srd.models.prune import perplexity, perplexity_batches, prune_model
+from srd.models.load import ModelError, load_model, load_tokenizer
+from srd.models.prune import PERPLEXITY_BATCH_SIZE, perplexity, perplexity_batches, prune_model
 from srd.recipes.heal import heal_student
 from srd.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def check_prune_inputs(teacher_spec: str, prune: PruneConfig, data_dir: str | None) -> None:
-    """Before any weights are read: the teacher exists, the measuring texts and (when healing)
-    every healing set parse."""
-    check_model_spec(teacher_spec)
-    load_examples(prune.data, data_dir=data_dir, limit=prune.num_texts)
-    if prune.heal_steps > 0:
-        load_mixture(list(prune.heal_data), data_dir=data_dir)
 
 
 def make_student(
@@ -43,8 +34,9 @@ def make_student(
     """
     if prune.layers is None and not prune.keep:
         raise ConfigError("srd prune needs the number of layers to keep: prune.layers=N (--layers N) or prune.keep")
-    check_prune_inputs(teacher_spec, prune, data_dir)
-    measure = dict(data=prune.data, num_texts=prune.num_texts, max_len=prune.max_len, data_dir=data_dir, batch_size=4)
+    if prune.heal_steps > 0:  # before any weights (prune_model checks the teacher and its texts)
+        load_mixture(list(prune.heal_data), data_dir=data_dir)
+    measure = dict(data=prune.data, num_texts=prune.num_texts, max_len=prune.max_len, data_dir=data_dir)
     search = dict(method=prune.method, candidates=prune.candidates, keep=prune.keep, progress=progress)
     n_layers = prune.layers or len(prune.keep or [])
     if prune.heal_steps <= 0:
@@ -81,7 +73,8 @@ def make_student(
     )
     # perplexity of the healed student on the same text the layers were chosen on
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    batches = perplexity_batches(load_tokenizer(str(out_dir)), **measure, device=device)
+    texts = load_examples(prune.data, data_dir=data_dir, limit=prune.num_texts)
+    batches = perplexity_batches(load_tokenizer(str(out_dir)), texts, prune.max_len, PERPLEXITY_BATCH_SIZE, device)
     healed_ppl = perplexity(load_model(str(out_dir)).to(device), batches)
     report = {
         **pruned,
