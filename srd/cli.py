@@ -16,11 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from srd.config import GENERATION_BACKENDS
+from srd import config as _config
+
+
+def _choices(section: type, name: str) -> list[str]:
+    """The values a Literal-typed config field takes: the flags offer what the config accepts."""
+    return list(typing.get_args(typing.get_type_hints(section, vars(_config))[name]))
+
 
 OVERRIDE_HELP = (
     "dotted overrides applied after the YAML file, e.g. train.lr=1e-4 loss.divergence=rkl data.train_limit=200 "
@@ -35,7 +42,7 @@ PRUNE_FLAGS: list[tuple[str, str, dict]] = [
     ("--out", "model.student", {}),
     ("--layers", "prune.layers", {"type": int}),
     ("--keep", "prune.keep", {"type": lambda v: [int(x) for x in v.split(",")]}),
-    ("--method", "prune.method", {"choices": ["greedy", "oneshot"]}),
+    ("--method", "prune.method", {"choices": _choices(_config.PruneConfig, "method")}),
     ("--candidates", "prune.candidates", {"type": int}),
     ("--data", "prune.data", {}),
     ("--num-texts", "prune.num_texts", {"type": int}),
@@ -72,7 +79,11 @@ EVAL_FLAGS: list[tuple[str, str, dict]] = [
     ("--limit", "eval.limit", {"type": int, "help": "only the first N rows of each benchmark"}),
     ("--batch-size", "eval.batch_size", {"type": int, "help": "prompts decoded together (default 16)"}),
     ("--max-new-tokens", "eval.max_new_tokens", {"type": int, "help": "override each benchmark's token budget"}),
-    ("--prompt-format", "data.prompt_format", {"choices": ["alpaca", "chat", "plain"], "help": "prompt template"}),
+    (
+        "--prompt-format",
+        "data.prompt_format",
+        {"choices": _choices(_config.DataConfig, "prompt_format"), "help": "prompt template"},
+    ),
     (
         "--no-repeat-ngram-size",
         "eval.no_repeat_ngram_size",
@@ -82,7 +93,7 @@ EVAL_FLAGS: list[tuple[str, str, dict]] = [
         "--backend",
         "generation.backend",
         {
-            "choices": GENERATION_BACKENDS,
+            "choices": _choices(_config.GenerationConfig, "backend"),
             "help": "decoding implementation (static: one KV-cache shape, compiled on a GPU; see srd.generation)",
         },
     ),
@@ -90,7 +101,7 @@ EVAL_FLAGS: list[tuple[str, str, dict]] = [
         "--dtype",
         "eval.dtype",
         {
-            "choices": ["float32", "bfloat16"],
+            "choices": _choices(_config.EvalConfig, "dtype"),
             "help": "weights' precision while decoding (default float32, comparable across machines; bfloat16 is "
             "faster on bf16 GPUs and on CPUs with AVX512-BF16/AMX, and its greedy answers differ a little)",
         },
