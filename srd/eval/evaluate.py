@@ -339,7 +339,6 @@ def evaluate_model(
     settings: the eval section (benchmarks unless `benchmarks` is given, seeds or greedy, rows,
     token budget, batch size), data.prompt_format / max_prompt_len / data_dir and
     generation.backend. What `srd eval` and `srd run`'s evaluations both do."""
-
     e, trust = cfg.eval, cfg.model.trust_remote_code
     tokenizer = load_tokenizer(spec, trust_remote_code=trust)
     model = load_model(spec, dtype=dtype_from_name(e.dtype), trust_remote_code=trust).eval()

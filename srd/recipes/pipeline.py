@@ -112,14 +112,15 @@ def _reflect(
 def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
     acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg, need_teacher=False)
-    manifest = _reflect(cfg, student, tokenizer, train, RunDir(run_dir).reflection, acc, progress)
+    run = RunDir(run_dir)
+    manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress)
     if acc.is_main_process:
-        summary = json.loads(RunDir(run_dir).reflection_summary.read_text())
+        summary = json.loads(run.reflection_summary.read_text())
         acc.print(
             f"reflection: {summary['examples']} examples, {summary['kept']} kept, "
             f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s{time_split(summary)}"
         )
-        acc.print(f"manifest: {RunDir(run_dir).manifest}")
+        acc.print(f"manifest: {run.manifest}")
     return manifest
 
 

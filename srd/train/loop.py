@@ -445,8 +445,7 @@ class _StageRun:
             max_steps=max_steps,
         )
         self._build_module(lr_window)
-        self.ckpt_root = self.dirs.checkpoints
-        self.latest = ckpt.latest_checkpoint(self.ckpt_root)
+        self.latest = ckpt.latest_checkpoint(self.dirs.checkpoints)
         if self.latest is not None:  # a damaged file is named now, before any work, never skipped silently
             ckpt.verify_checkpoint(self.latest)
         self.cache, self.cache_s = None, 0.0
@@ -591,7 +590,7 @@ class _StageRun:
 
     def save(self, step: int) -> None:
         """A resumable checkpoint at `step`, written into a temporary folder and renamed."""
-        acc, tmp = self.acc, ckpt.tmp_checkpoint_dir(self.ckpt_root, step)
+        acc, tmp = self.acc, ckpt.tmp_checkpoint_dir(self.dirs.checkpoints, step)
         if acc.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
@@ -613,8 +612,10 @@ class _StageRun:
                 "micro_per_step": self.micro_per_step,
                 "mixed_precision": acc.mixed_precision,
             }
-            ckpt.finish_checkpoint(self.ckpt_root, step, {**meta, "zero": self.zero} if self.zero else meta)
-            ckpt.prune_checkpoints(self.ckpt_root, max(self.cfg.train.keep_last, 1))  # 0: the last one until done
+            ckpt.finish_checkpoint(self.dirs.checkpoints, step, {**meta, "zero": self.zero} if self.zero else meta)
+            ckpt.prune_checkpoints(
+                self.dirs.checkpoints, max(self.cfg.train.keep_last, 1)
+            )  # 0: the last one until done
         acc.wait_for_everyone()
 
     def evaluate(self, step: int) -> None:
@@ -812,12 +813,12 @@ class _StageRun:
                 atomic_write_json(dirs.done, summary)
         acc.wait_for_everyone()
         if self.sharded:  # the caller's student continues from the trained weights, as under DDP
-            final = dirs.final if summary["complete"] else ckpt.latest_checkpoint(self.ckpt_root)
+            final = dirs.final if summary["complete"] else ckpt.latest_checkpoint(self.dirs.checkpoints)
             ckpt.load_weights(self.student, final)
         if (
             self.deepspeed
         ):  # drop the engine: its gradient hooks on the student's parameters and its optimizer partitions
             acc.free_memory()
         if summary["complete"] and self.cfg.train.keep_last == 0 and acc.is_main_process:
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)  # done.json and final/ stand for the stage now
+            shutil.rmtree(self.dirs.checkpoints, ignore_errors=True)  # done.json and final/ stand for the stage now
         return summary
