@@ -14,10 +14,17 @@ the rows TRL's way otherwise), off-policy (lmbda 0) forward KL (beta 0):
            75% kept in 3 stages), then `SRDGKDTrainer` on the Baby-Step order, epochs-per-stage
            per stage, tau 1 -> 2 and alpha 0.3 -> 0.1 reaching the loss.
 
+For reference, srd's own loop at the same settings (`srd run`: the same rows and prompts, reflection,
+stages, epochs, batch, learning rate and forward KL from the full teacher, every step's
+teacher forward included as in TRL; its KD baseline with no CE term, like GKDTrainer) gives two
+more rows, srd KD and srd KD+SRD (`--no-srd-loop` skips them). What differs from TRL's arms:
+srd's loop restarts a cosine schedule in each stage and decays weights by 0.01, where TRL decays
+the rate linearly over the whole run without weight decay.
+
 Each final model is evaluated greedily on DollyEval and SelfInst (`--limit` rows); the record
 gives scores, the difference with its 95% bootstrap interval and Wilcoxon p, and the wall time
-of each arm (reflection included for trl+srd). Every phase is resumable: finished models and
-evaluations are reused, and training continues from the trainer's last checkpoint.
+of each arm (reflection included for the SRD arms). Every phase is resumable: finished models
+and evaluations are reused, and training continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ def _train(args: argparse.Namespace, arm: str, out: Path, tok: Any, ds: Any, cur
     if (folder / "final" / "config.json").exists():
         return json.loads(timing.read_text())["seconds"]
     encoded = [
-        encode_example(tok, ex, fmt="plain", max_prompt_len=256, max_len=args.max_len)
+        encode_example(tok, ex, fmt="plain", max_prompt_len=_prompt_len(args), max_len=args.max_len)
         for ex in examples_from_dataset(ds)
     ]
     rows = ds.add_column("row", list(range(len(ds))))
@@ -114,6 +121,11 @@ def _train(args: argparse.Namespace, arm: str, out: Path, tok: Any, ds: Any, cur
     return seconds
 
 
+def _prompt_len(args: argparse.Namespace) -> int:
+    """Prompt tokens kept: 256, or half of a shorter max_len."""
+    return min(256, args.max_len // 2)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -149,6 +161,65 @@ def _evaluate(args: argparse.Namespace, model_dir: Path) -> None:
     )
 
 
+def srd_loop_config(args: argparse.Namespace, out: Path) -> Any:
+    """srd's own `srd run` at the TRL arms' settings (final weights evaluated, no dev evaluation)."""
+    from srd.config import load_config
+
+    overrides = [
+        "name=srd-loop", f"output_dir={out}", "method=srd", f"seed={args.seed}",
+        f"model.teacher={args.teacher}", f"model.student={args.student}",
+        f"data.train={args.data}", f"data.data_dir={args.data_dir or 'null'}", f"data.train_limit={args.rows}",
+        "data.prompt_format=alpaca", f"data.max_prompt_len={_prompt_len(args)}", f"data.max_len={args.max_len}",
+        "loss.divergence=fkl", "loss.alpha=0.0", "loss.tau=1.0", "loss.teacher_top_k=0",
+        f"curriculum.epochs_per_stage={args.epochs_per_stage}", "compare.baseline=true", "compare.step_ratio=0.6",
+        f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum}", f"train.lr={args.lr}",
+        "train.eval_every=0", f"train.save_every={args.save_steps}", "train.keep_last=1",
+        f"train.precision={_precision()}", "dev_eval.num_examples=0",
+        f"eval.benchmarks=[{','.join(args.benchmarks)}]", "eval.models=[baseline,final]", "eval.checkpoint=final",
+        f"eval.limit={args.limit}", "eval.greedy=true", f"eval.max_new_tokens={args.max_new_tokens}",
+        "eval.batch_size=16", *args.reflect_overrides,
+    ]  # fmt: skip
+    return load_config(None, overrides)
+
+
+def _srd_loop(args: argparse.Namespace, out: Path) -> None:
+    from srd.recipes.experiment import run_experiment
+
+    run_experiment(srd_loop_config(args, out), progress=not args.no_progress)
+
+
+def _arms(out: Path) -> list[tuple[str, Path, float | None, float]]:
+    """(name, evaluation folder, training seconds or None, reflection seconds) of every arm."""
+    reflection = out / "reflection" / "summary.json"
+    reflect_s = json.loads(reflection.read_text())["wall_time_s"] if reflection.exists() else 0.0
+    arms = []
+    for arm in ("trl", "trl+srd"):
+        timing = out / arm / "train_s.json"
+        seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+        arms.append((arm, out / arm / "eval" / "greedy", seconds, reflect_s if arm == "trl+srd" else 0.0))
+    loop = out / "srd-loop"
+    experiment = loop / "experiment.json"
+    timing = json.loads(experiment.read_text())["timing"] if experiment.exists() else {}
+    if loop.exists():
+        arms.append(("srd KD", loop / "baseline" / "eval" / "greedy", timing.get("baseline_train_s"), 0.0))
+        arms.append(("srd KD+SRD", loop / "eval" / "greedy", timing.get("train_s"), timing.get("reflection_s", 0.0)))
+    return arms
+
+
+def stage_agreement(out: Path) -> str | None:
+    """Whether srd's loop selected what reflect_dataset selected: each example's stage (0 =
+    dropped), compared row by row (both manifests list the rows in their input order; their ids
+    differ, a row index against a Dolly id)."""
+    a, b = out / "reflection" / "manifest.jsonl", out / "srd-loop" / "reflection" / "manifest.jsonl"
+    if not (a.exists() and b.exists()):
+        return None
+    stages = [[json.loads(line)["stage"] or 0 for line in f.read_text().splitlines()] for f in (a, b)]
+    same = sum(x == y for x, y in zip(*stages, strict=True))
+    return (
+        f"srd's loop put {same} of {len(stages[0])} rows in the stage that reflect_dataset put them in (0 = dropped)."
+    )
+
+
 def write_record(args: argparse.Namespace, out: Path) -> str:
     from srd.eval.evaluate import load_example_scores
     from srd.report import difference_cell, paired_difference
@@ -163,28 +234,31 @@ def write_record(args: argparse.Namespace, out: Path) -> str:
         "|---|" + "---|" * (len(args.benchmarks) + 1),
     ]
     diffs = []
-    for arm in ("trl", "trl+srd"):
-        summary_path = out / arm / "eval" / "greedy" / "summary.json"
-        if not summary_path.exists():
+    arms = {name: (folder, train_s, reflect_s) for name, folder, train_s, reflect_s in _arms(out)}
+    for arm, (folder, train_s, reflect_s) in arms.items():
+        if not (folder / "summary.json").exists() or train_s is None:
             lines.append(f"| {arm} | not finished |" + " |" * len(args.benchmarks))
             continue
-        bench = json.loads(summary_path.read_text())["benchmarks"]
-        t = json.loads((out / arm / "train_s.json").read_text())["seconds"]
-        reflection = json.loads((out / "reflection" / "summary.json").read_text())["wall_time_s"] if arm != "trl" else 0
+        bench = json.loads((folder / "summary.json").read_text())["benchmarks"]
         cells = [f"{bench[b]['mean']:.2f}" for b in bench]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {t + reflection:.0f} |")
-        if arm == "trl+srd" and (out / "trl" / "eval" / "greedy" / "summary.json").exists():
-            for b in bench:
-                a = load_example_scores(out / "trl" / "eval" / "greedy", b)
-                c = load_example_scores(out / arm / "eval" / "greedy", b)
-                diffs.append(f"| {b} | {difference_cell(paired_difference(a, c))} |")
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {train_s + reflect_s:.0f} |")
+    for srd_arm, kd_arm in (("trl+srd", "trl"), ("srd KD+SRD", "srd KD")):
+        a, c = arms.get(kd_arm), arms.get(srd_arm)
+        if not (a and c and (a[0] / "summary.json").exists() and (c[0] / "summary.json").exists()):
+            continue
+        for b in json.loads((c[0] / "summary.json").read_text())["benchmarks"]:
+            cell = difference_cell(paired_difference(load_example_scores(a[0], b), load_example_scores(c[0], b)))
+            diffs.append(f"| {srd_arm} minus {kd_arm} | {b} | {cell} |")
+    agreement = stage_agreement(out)
+    if agreement:
+        lines += ["", agreement]
     if diffs:
         lines += [
             "",
-            "TRL + SRD minus TRL alone (mean [95% bootstrap interval], Wilcoxon p):",
+            "With SRD minus without, each in its own loop (mean [95% bootstrap interval], Wilcoxon p):",
             "",
-            "| benchmark | difference |",
-            "|---|---|",
+            "| arms | benchmark | difference |",
+            "|---|---|---|",
             *diffs,
         ]
     return "\n".join(lines) + "\n"
@@ -208,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=100, help="evaluation rows per benchmark")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--reflect-overrides", nargs="*", default=["generation.max_new_tokens=128"])
+    p.add_argument("--no-srd-loop", action="store_true", help="skip the reference rows of srd's own loop")
     p.add_argument("--out", default="runs/trl-quality")
     p.add_argument("--record", default=None)
     p.add_argument("--report-only", action="store_true")
@@ -243,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {arm} ==", flush=True)
             _train(args, arm, out, tok, reflected if cur else ds, cur)
             _evaluate(args, out / arm / "final")
+        if not args.no_srd_loop:
+            print("== srd's own loop ==", flush=True)
+            _srd_loop(args, out)
     record = args.record or str(ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-trl-quality.md")
     save_record(write_record(args, out), record, "trl", "quality")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from tests.conftest import ROWS
@@ -309,6 +310,14 @@ def test_trl_quality_compares_trl_alone_with_trl_plus_srd(tmp_path, tiny_models)
     assert module.main(args) == 0
     text = record.read_text()
     assert "| trl |" in text and "| trl+srd |" in text and "], p = " in text and "not finished" not in text
+    # srd's own loop at the same settings: its KD and KD+SRD rows, their difference, and the same
+    # selection as reflect_dataset's
+    assert "| srd KD |" in text and "| srd KD+SRD |" in text and "| srd KD+SRD minus srd KD |" in text
+    assert re.search(r"srd's loop put \d+ of 12 rows in the stage that reflect_dataset put them in", text)
+    loop = json.loads((out / "srd-loop" / "results.json").read_text())
+    base = json.loads((out / "srd-loop" / "baseline" / "results.json").read_text())
+    assert [s["examples"] for s in loop["stages"]] == [3, 6, 9] and [s["tau"] for s in loop["stages"]] == [1, 1.5, 2]
+    assert loop["sample_passes"] == 18 and base["sample_passes"] == 30  # 60% of the baseline's passes
     # trl alone: 2.5 epochs of 12 rows in steps of 2; trl+srd: 3 + 6 + 9 rows, one epoch each, in
     # whole steps of 2 (1 + 3 + 4)
     trl_state = json.loads(sorted((out / "trl" / "trainer").glob("checkpoint-*/trainer_state.json"))[-1].read_text())
