@@ -259,7 +259,7 @@ def _add_model_commands(sub: Any) -> None:
         help="print the resolved config of a recipe",
         description="Load a YAML recipe, apply overrides, validate, and print every option.",
     )
-    c.add_argument("config", nargs="?", help="YAML recipe (omit for the defaults)")
+    c.add_argument("config", nargs="?", help="YAML recipe (omit, or '-', for the defaults + overrides)")
     c.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     c.add_argument(
         "--reference", action="store_true", help="print the reference of every option (docs/configuration.md)"
@@ -380,7 +380,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             print(reference_markdown(), end="")
             return 0
-        print(dump_config(load_config(args.config, args.overrides)), end="")
+        print(dump_config(load_config(*_recipe_and_overrides(args.config, args.overrides))), end="")
         return 0
     if args.command == "prune":
         report, out = _prune(args)

@@ -198,6 +198,11 @@ def test_cli_help_and_config(capsys):
     assert "resumes" in capsys.readouterr().out
     assert main(["config", "configs/quickstart.yaml", "train.lr=3e-4"]) == 0
     assert "lr: 0.0003" in capsys.readouterr().out
+    # no recipe: the first key=value is an override, as in srd prune (and '-' names no recipe)
+    assert main(["config", "train.lr=2e-4", "seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0002" in out and "seed: 7" in out
+    assert main(["config", "-", "seed=8"]) == 0 and "seed: 8" in capsys.readouterr().out
     assert main(["divergences"]) == 0
     assert "srkl" in capsys.readouterr().out
 
