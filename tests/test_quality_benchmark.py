@@ -72,6 +72,7 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note.\n\nAnother.\n" in text
     step_rows = [line for line in text.splitlines() if line.startswith("| fkl, seed") and " x " in line]
     assert len(step_rows) == 2  # SRD and KD steps x their median step time, per run
+    assert all(row.split(" | ")[1].count(" x ") == 3 for row in step_rows)  # one term per SRD stage
 
 
 def test_quality_dry_run_prints_commands(capsys):
