@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace, arm: str, out: Path, tok: Any, ds: Any, cur
 
 
 def _prompt_len(args: argparse.Namespace) -> int:
-    """Prompt tokens kept: 256, or half of a shorter max_len."""
+    """Prompt tokens kept: half of max_len, at most 256 (192 of the default 384)."""
     return min(256, args.max_len // 2)
 
 
@@ -230,18 +230,24 @@ def write_record(args: argparse.Namespace, out: Path) -> str:
         f"{2.5 * args.epochs_per_stage:g} epochs for TRL alone; batch {args.batch_size} x {args.grad_accum}; "
         f"lr {args.lr}; greedy evaluation, {args.max_new_tokens} new tokens, first {args.limit} rows.",
         "",
-        "| arm | " + " | ".join(Path(b).stem if Path(b).suffix else b for b in args.benchmarks) + " | wall time (s) |",
-        "|---|" + "---|" * (len(args.benchmarks) + 1),
+        "| arm | "
+        + " | ".join(Path(b).stem if Path(b).suffix else b for b in args.benchmarks)
+        + " | training (s) | reflection (s) | total (s) | total vs the same loop without SRD |",
+        "|---|" + "---|" * (len(args.benchmarks) + 4),
     ]
     diffs = []
     arms = {name: (folder, train_s, reflect_s) for name, folder, train_s, reflect_s in _arms(out)}
+    without = {"trl+srd": "trl", "srd KD+SRD": "srd KD"}
     for arm, (folder, train_s, reflect_s) in arms.items():
         if not (folder / "summary.json").exists() or train_s is None:
-            lines.append(f"| {arm} | not finished |" + " |" * len(args.benchmarks))
+            lines.append(f"| {arm} | not finished |" + " |" * (len(args.benchmarks) + 3))
             continue
         bench = json.loads((folder / "summary.json").read_text())["benchmarks"]
         cells = [f"{bench[b]['mean']:.2f}" for b in bench]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {train_s + reflect_s:.0f} |")
+        other = arms.get(without.get(arm, ""))
+        ratio = f"{100 * (train_s + reflect_s) / (other[1] + other[2]):.0f}%" if other and other[1] else "-"
+        cells += [f"{train_s:.0f}", f"{reflect_s:.0f}", f"{train_s + reflect_s:.0f}", ratio]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for srd_arm, kd_arm in (("trl+srd", "trl"), ("srd KD+SRD", "srd KD")):
         a, c = arms.get(kd_arm), arms.get(srd_arm)
         if not (a and c and (a[0] / "summary.json").exists() and (c[0] / "summary.json").exists()):
@@ -261,6 +267,8 @@ def write_record(args: argparse.Namespace, out: Path) -> str:
             "|---|---|---|",
             *diffs,
         ]
+    for note in args.note or []:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/trl-quality")
     p.add_argument("--record", default=None)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--note", action="append", help="a paragraph for the record (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -303,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=out / "reflection",
             overrides=[
                 *args.reflect_overrides,
+                # the lengths the arms train with (srd's defaults are 256 / 512)
+                f"data.max_prompt_len={_prompt_len(args)}",
+                f"data.max_len={args.max_len}",
                 f"data.data_dir={args.data_dir or 'null'}",
                 f"train.precision={_precision()}",
             ],
