@@ -188,6 +188,9 @@ def _srd_loop(args: argparse.Namespace, out: Path) -> None:
     run_experiment(srd_loop_config(args, out), progress=not args.no_progress)
 
 
+WITHOUT_SRD = {"trl+srd": "trl", "srd KD+SRD": "srd KD"}  # each SRD arm and the same loop without SRD
+
+
 def _arms(out: Path) -> list[tuple[str, Path, float | None, float]]:
     """(name, evaluation folder, training seconds or None, reflection seconds) of every arm."""
     reflection = out / "reflection" / "summary.json"
@@ -237,23 +240,24 @@ def write_record(args: argparse.Namespace, out: Path) -> str:
     ]
     diffs = []
     arms = {name: (folder, train_s, reflect_s) for name, folder, train_s, reflect_s in _arms(out)}
-    without = {"trl+srd": "trl", "srd KD+SRD": "srd KD"}
+    evaluated: dict[str, list[str]] = {}  # arm -> its benchmarks, once trained and evaluated
     for arm, (folder, train_s, reflect_s) in arms.items():
         if not (folder / "summary.json").exists() or train_s is None:
             lines.append(f"| {arm} | not finished |" + " |" * (len(args.benchmarks) + 3))
             continue
         bench = json.loads((folder / "summary.json").read_text())["benchmarks"]
+        evaluated[arm] = list(bench)
         cells = [f"{bench[b]['mean']:.2f}" for b in bench]
-        other = arms.get(without.get(arm, ""))
+        other = arms.get(WITHOUT_SRD.get(arm, ""))
         ratio = f"{100 * (train_s + reflect_s) / (other[1] + other[2]):.0f}%" if other and other[1] else "-"
         cells += [f"{train_s:.0f}", f"{reflect_s:.0f}", f"{train_s + reflect_s:.0f}", ratio]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    for srd_arm, kd_arm in (("trl+srd", "trl"), ("srd KD+SRD", "srd KD")):
-        a, c = arms.get(kd_arm), arms.get(srd_arm)
-        if not (a and c and (a[0] / "summary.json").exists() and (c[0] / "summary.json").exists()):
+    for srd_arm, kd_arm in WITHOUT_SRD.items():
+        if srd_arm not in evaluated or kd_arm not in evaluated:
             continue
-        for b in json.loads((c[0] / "summary.json").read_text())["benchmarks"]:
-            cell = difference_cell(paired_difference(load_example_scores(a[0], b), load_example_scores(c[0], b)))
+        a, c = arms[kd_arm][0], arms[srd_arm][0]
+        for b in evaluated[srd_arm]:
+            cell = difference_cell(paired_difference(load_example_scores(a, b), load_example_scores(c, b)))
             diffs.append(f"| {srd_arm} minus {kd_arm} | {b} | {cell} |")
     agreement = stage_agreement(out)
     if agreement:

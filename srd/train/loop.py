@@ -613,9 +613,8 @@ class _StageRun:
                 "mixed_precision": acc.mixed_precision,
             }
             ckpt.finish_checkpoint(self.dirs.checkpoints, step, {**meta, "zero": self.zero} if self.zero else meta)
-            ckpt.prune_checkpoints(
-                self.dirs.checkpoints, max(self.cfg.train.keep_last, 1)
-            )  # 0: the last one until done
+            # keep_last 0: the last checkpoint stays until the stage is done
+            ckpt.prune_checkpoints(self.dirs.checkpoints, max(self.cfg.train.keep_last, 1))
         acc.wait_for_everyone()
 
     def evaluate(self, step: int) -> None:
