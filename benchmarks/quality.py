@@ -21,8 +21,10 @@ Presets:
        (312 steps); dev ROUGE-L on 200 dev rows every 100 steps and at stage ends in every run;
        each model at its best dev checkpoint; DollyEval + SelfInst greedy and sampled (seeds 10,
        20); ablation rows against the same KD baseline: lambda 1, random order, tau fixed 1,
-       lambda 0.9, the traditional curriculum, re-reflection before each stage; the teacher and
-       the initial student evaluated last.
+       lambda 0.9, the traditional curriculum, re-reflection before each stage; two temperature
+       controls with no reflection and no selection (method=scheduled_kd: KD's 20 epochs on all
+       rows in three stages with SRD's alpha 0.3 -> 0.1 and tau 1 -> 2, or tau fixed at 2); the
+       teacher and the initial student evaluated last. Pick rows with --variants, seeds with --seeds.
   cpu  the bundled SmolLM2-135M-Instruct teacher -> the healed 20-layer student
        (`srd prune --teacher smollm2-135m-instruct --layers 20 --heal-steps 80
        --out runs/students/smollm2-20l-healed`); the first 1,000 Dolly training rows;
@@ -192,6 +194,15 @@ PRESETS["paper-cpu"] = {
         "lambda09": {"reflect.keep_ratio": 0.9},
         "tcl": {"method": "traditional"},
         "rereflect": {"curriculum.re_reflect": True},
+        # the temperature controls (no reflection, no selection): KD's 20 epochs on all rows in
+        # three equal stages with SRD's alpha 0.3 -> 0.1, and tau rising 1 -> 2 or fixed at 2
+        "kdrise": {"method": "scheduled_kd", "curriculum.epochs_per_stage": round(20 / 3, 4)},
+        "kdtau2": {
+            "method": "scheduled_kd",
+            "curriculum.epochs_per_stage": round(20 / 3, 4),
+            "curriculum.tau_schedule": "fixed",
+            "curriculum.tau_start": 2.0,
+        },
     },
     "labels": {
         "": "paper settings",
@@ -201,8 +212,10 @@ PRESETS["paper-cpu"] = {
         "lambda09": "lambda = 0.9",
         "tcl": "traditional curriculum (length + entropy, no filtering)",
         "rereflect": "re-reflection before each stage",
+        "kdrise": "control: KD with SRD's tau 1 -> 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
+        "kdtau2": "control: KD with tau fixed at 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
     },
-    "own_reflection": ["tcl"],
+    "own_reflection": ["tcl", "kdrise", "kdtau2"],  # kd*: no reflection at all
     "sampled_seeds": [10, 20],  # every trained model is also evaluated sampled at T = 1
     "references_last": True,  # the teacher and the student before KD after every trained model
 }
@@ -298,6 +311,8 @@ def plan(overrides: list[str]) -> dict[str, Any]:
     keep = 1.0 if cfg.method == "traditional" else cfg.reflect.keep_ratio
     sizes = partition_sizes(n_kept(n, keep), c.num_stages)
     cumulative = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    if cfg.method == "scheduled_kd":  # every stage on all the rows
+        cumulative = [n] * c.num_stages
     stages = []
     for i, size in enumerate(cumulative):
         total = steps(size, c.epochs_per_stage)

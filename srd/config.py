@@ -407,8 +407,10 @@ class RunConfig:
     # srd run: "srd" = reflection + curriculum; "baseline" = plain KD on all data (train.epochs,
     # loss.tau, loss.alpha); "traditional" = curriculum by length + token entropy, no filtering.
     # "gkd" = "baseline" with on-policy batches (on_policy.ratio 0.5 unless set); SRD over GKD
-    # is method=srd with on_policy.ratio=0.5.
-    method: Literal["srd", "baseline", "traditional", "gkd"] = "srd"
+    # is method=srd with on_policy.ratio=0.5. "scheduled_kd" = plain KD on all data in
+    # curriculum.num_stages stages with SRD's tau and alpha schedules (no reflection, no
+    # selection, no order): the control that tells SRD's curation from its temperature.
+    method: Literal["srd", "baseline", "traditional", "gkd", "scheduled_kd"] = "srd"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -438,6 +440,11 @@ class RunConfig:
         _check(
             not (self.compare.baseline and self.method == "baseline"),
             "compare.baseline=true trains a KD baseline next to this run, but method is already baseline",
+        )
+        _check(
+            not (self.method == "scheduled_kd" and self.curriculum.re_reflect),
+            "method=scheduled_kd trains every stage on all the data, so curriculum.re_reflect has nothing to "
+            "re-rank: set curriculum.re_reflect=false, or method=srd",
         )
         _check(
             not self.eval.benchmarks or "baseline" not in self.eval.models or self.compare.baseline,

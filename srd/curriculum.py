@@ -71,6 +71,16 @@ def plan_stages(manifest: Sequence[dict[str, Any]], c: CurriculumConfig) -> list
     return stages
 
 
+def plan_full_stages(example_ids: Sequence[str], c: CurriculumConfig) -> list[Stage]:
+    """The temperature control (method=scheduled_kd): `c.num_stages` stages that each train on
+    every example, with the same tau and alpha schedules and epochs per stage as SRD's plan."""
+    if not example_ids:
+        raise ValueError("scheduled_kd needs at least one training example")
+    taus, alphas = stage_taus(c), stage_alphas(c)
+    ids = tuple(example_ids)
+    return [Stage(i + 1, ids, taus[i], alphas[i], c.epochs_per_stage) for i in range(c.num_stages)]
+
+
 def sample_passes(stage_sizes: Sequence[int], epochs_per_stage: float) -> float:
     """Examples seen over the whole curriculum (for the step-budget comparison with a baseline)."""
     return epochs_per_stage * sum(stage_sizes)

@@ -295,7 +295,8 @@ def _plot_eval(run: Path, plots: Path) -> tuple[list[str], list[str]]:
 def method_label(method: str, on_policy_ratio: float = 0.0) -> str:
     """How a trained model is named in tables and plots: KD, GKD, KD+SRD, GKD+SRD, ..."""
     kd = "GKD" if on_policy_ratio > 0 or method == "gkd" else "KD"
-    return {"srd": f"{kd}+SRD", "traditional": f"{kd}+curriculum", "baseline": kd, "gkd": kd}.get(method, method)
+    labels = {"srd": f"{kd}+SRD", "traditional": f"{kd}+curriculum", "baseline": kd, "gkd": kd}
+    return labels.get(method, f"{kd} (SRD's tau/alpha schedule)" if method == "scheduled_kd" else method)
 
 
 def _method_label(run: Path) -> str:

@@ -94,6 +94,30 @@ def test_baseline_and_traditional_methods(tmp_path, tiny_models, srd_data):
     assert all(r["student_output"] == "" for r in manifest)  # no generation needed
 
 
+def test_scheduled_kd_trains_every_stage_on_all_rows_with_srds_schedules(tmp_path, tiny_models, srd_data, capsys):
+    # the temperature control: SRD's tau 1 -> 2 and alpha 0.3 -> 0.1, no reflection, no selection
+    assert main(_args("run", tiny_models, srd_data, tmp_path, "method=scheduled_kd")) == 0
+    run = tmp_path / "x"
+    assert not (run / "reflection").exists()
+    res = json.loads((run / "results.json").read_text())
+    assert res["method"] == "scheduled_kd" and res["reflection_s"] == 0
+    assert [s["tau"] for s in res["stages"]] == [1.0, 1.5, 2.0]
+    assert [s["alpha"] for s in res["stages"]] == pytest.approx([0.3, 0.2, 0.1])
+    ids = {f"r{i:02d}" for i in range(20)}
+    for i in (1, 2, 3):
+        assert set(json.loads((run / "stages" / f"stage-{i}" / "examples.json").read_text())["ids"]) == ids
+    assert [s["steps"] for s in res["stages"]] == [10, 10, 10]  # 1 epoch over 20 rows at batch 2
+    assert res["sample_passes"] == 60
+    # tau fixed at 2 with the falling alpha (the other control)
+    extra = ("method=scheduled_kd", "curriculum.tau_schedule=fixed", "curriculum.tau_start=2", "name=y")
+    assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    res = json.loads((tmp_path / "y" / "results.json").read_text())
+    assert [s["tau"] for s in res["stages"]] == [2.0, 2.0, 2.0]
+    capsys.readouterr()
+    assert main(_args("run", tiny_models, srd_data, tmp_path, "method=scheduled_kd", "curriculum.re_reflect=true")) == 2
+    assert "curriculum.re_reflect" in capsys.readouterr().err
+
+
 def test_ablation_switches_reach_the_stages(tmp_path, tiny_models, srd_data):
     extra = (
         "curriculum.order=hard_to_easy",

@@ -4,6 +4,8 @@
     method: baseline     plain KD on all the data (train.epochs, loss.tau, loss.alpha)
     method: traditional  curriculum by reference length + student token entropy, no filtering
                          (the paper's Table 6 baseline)
+    method: scheduled_kd stage 1 .. n each on all the data with SRD's tau/alpha schedules, no
+                         reflection (the control for SRD's rising temperature)
 
 Every step is resumable from the run directory: reflection rows, stage checkpoints and
 finished stages are reused when the same command is run again. Wall-clock time of the
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from srd.config import RunConfig
-from srd.curriculum import plan_stages, stage_alphas
+from srd.curriculum import Stage, plan_full_stages, plan_stages, stage_alphas
 from srd.recipes.train import check_inputs, load_models, prepare_run_dir
 from srd.reflect.reflect import reflect, time_split
 from srd.reflect.scorers import check_scorers
@@ -77,7 +79,7 @@ def _needs_teacher(cfg: RunConfig) -> bool:
 
 
 def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
-    if cfg.method not in ("baseline", "gkd"):
+    if cfg.method not in ("baseline", "gkd", "scheduled_kd"):
         check_scorers(_reflection_args(cfg).get("scorers", cfg.reflect.scorers))
     train, dev = check_inputs(cfg, need_teacher=need_teacher)  # before any weights are read
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
@@ -144,10 +146,15 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
         results["reflection_s"] = 0.0
         final = stage.final
     else:
-        manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress)
-        results["reflection_s"] = json.loads(run.reflection_summary.read_text())["wall_time_s"]
+        if cfg.method == "scheduled_kd":
+            stages = plan_full_stages([ex.id for ex in train], cfg.curriculum)
+            results["reflection_s"] = 0.0
+        else:
+            manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress)
+            stages = plan_stages(manifest, cfg.curriculum)
+            results["reflection_s"] = json.loads(run.reflection_summary.read_text())["wall_time_s"]
         results["stages"] = []
-        final = _train_curriculum(cfg, manifest, run, results["stages"], student, train, common)
+        final = _train_curriculum(cfg, stages, run, results["stages"], student, train, common)
         if final is None:  # paused on purpose (train.stop_after_steps): resume later
             return {**results, "complete": False}
     if not results["stages"][-1].get("complete", True):
@@ -181,19 +188,19 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
 
 def _train_curriculum(
     cfg: RunConfig,
-    manifest: list[dict[str, Any]],
+    stages: list[Stage],
     run: RunDir,
     stage_results: list[StageResult],
     student: Any,
     train: list,
     common: dict[str, Any],
 ) -> Path | None:
-    """SRD's stages (Baby Step: stage i trains on slices 1..i from stage i - 1's weights), each
-    one call of the one-stage training loop; each stage's result is appended to `stage_results`.
-    The last stage's final/ folder, or None when a stage paused (train.stop_after_steps)."""
+    """A staged plan (SRD's Baby Step: stage i trains on slices 1..i; scheduled_kd: every stage on
+    all the data), each stage from stage i - 1's weights and one call of the one-stage training
+    loop; each stage's result is appended to `stage_results`. The last stage's final/ folder, or
+    None when a stage paused (train.stop_after_steps)."""
     acc, progress = common["accelerator"], common["progress"]
     by_id = {ex.id: ex for ex in train}
-    stages = plan_stages(manifest, cfg.curriculum)
     c = cfg.curriculum
     steps = [
         StagePlan.make(
