@@ -482,6 +482,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
                 rows[m].append((label, scores))
     diffs: dict[str, list[str]] = {m: [] for m in modes}
     times, steps, evaluated, curves, unfinished = [], [], [], [], []
+    finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]] = {}  # (div, variant) -> seed -> (KD, SRD run)
     for name, div, seed, variant in runs:
         run = out / name
         base = out / name.removesuffix(f"-{variant}") if variant else run  # where the KD baseline is
@@ -495,6 +496,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
                     f"| {div}, seed {seed}{f', {variant}' if variant else ''}, unfinished | {dev_curve(run)} |"
                 )
             continue
+        finished.setdefault((div, variant), {})[seed] = (base / "baseline", run)
         what = preset.get("labels", {}).get(variant)
         run_label = f"{div}, seed {seed}" + (f", {what}" if what and any(r[3] for r in runs) else "")
         label = f"KD+SRD ({run_label})"
@@ -550,6 +552,8 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
                 *diffs[m],
                 "",
             ]
+    if finished:
+        lines += seed_sections(finished, modes, preset, first)
     if times:
         lines += [
             "## Wall time (s)",
@@ -596,6 +600,129 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             "",
         ]
     return "\n".join(lines)
+
+
+def _row_label(preset: dict[str, Any], div: str, variant: str) -> str:
+    """A row of the seed, length and breakdown tables: the base run is KD+SRD, a variant its label."""
+    what = preset.get("labels", {}).get(variant)
+    if not variant:
+        return f"KD+SRD ({div}{f', {what}' if what else ''})"
+    return f"{what or variant} ({div})"
+
+
+def seed_table(
+    finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]], mode: str, preset: dict[str, Any]
+) -> list[str]:
+    """Markdown: every row's difference from KD seed by seed, their mean and spread over seeds, how
+    many seeds agree in sign, and one paired test on per-example scores averaged over the seeds
+    (both the decoding seeds and the training seeds), so that a claim needs to hold across seeds."""
+    from srd.eval.breakdown import example_scores
+    from srd.report import paired_difference
+
+    out = []
+    for (div, variant), by_seed in finished.items():
+        seeds = sorted(by_seed)
+        benches = list(_scores(by_seed[seeds[0]][1], mode))
+        for b in benches:
+            per = []
+            for seed in seeds:
+                kd, srd = by_seed[seed]
+                a, c = example_scores(kd / "eval" / mode, b), example_scores(srd / "eval" / mode, b)
+                ids = set(a) & set(c)
+                per.append(statistics.fmean(c[i] - a[i] for i in ids) if ids else float("nan"))
+            pooled = paired_difference(
+                example_scores([by_seed[x][0] / "eval" / mode for x in seeds], b),
+                example_scores([by_seed[x][1] / "eval" / mode for x in seeds], b),
+            )
+            spread = f" (sd {statistics.stdev(per):.2f})" if len(per) > 1 else ""
+            positive = sum(x > 0 for x in per)
+            mark = "**" if pooled["significant"] else ""
+            out.append(
+                f"| {_row_label(preset, div, variant)} | {b} | {', '.join(map(str, seeds))} | "
+                + " / ".join(f"{x:+.2f}" for x in per)
+                + f" | {statistics.fmean(per):+.2f}{spread} | {positive} of {len(per)} | "
+                f"{mark}{pooled['diff']:+.2f}{mark} [{pooled['low']:+.2f}, {pooled['high']:+.2f}], "
+                f"p = {pooled['p']:.2g} |"
+            )
+    if not out:
+        return []
+    return [
+        f"## Over training seeds, {mode}: each row minus KD of the same seed",
+        "",
+        "Per seed: the mean per-example difference. Pooled: per-example scores averaged over the training seeds "
+        "(and decoding seeds), then the mean difference [95% bootstrap interval] and the two-sided Wilcoxon p; "
+        "bold: p < 0.05. A claim holds across seeds when the pooled test is significant and every seed has its sign.",
+        "",
+        "| row | benchmark | training seeds | difference per seed | mean (sd over seeds) | seeds above KD "
+        "| pooled over seeds |",
+        "|---|---|---|---|---|---|---|",
+        *out,
+        "",
+    ]
+
+
+def benchmark_examples(first: Path) -> dict[str, list[Any]]:
+    """Benchmark name -> its evaluated rows, from the first run's saved config (data folder, limit)."""
+    from srd.config import load_config
+    from srd.data.sources import load_examples
+    from srd.eval.benchmarks import resolve_benchmark
+
+    cfg_path = first / "config.yaml"
+    if not cfg_path.exists():
+        return {}
+    cfg = load_config(cfg_path)
+    out = {}
+    for spec in cfg.eval.benchmarks:
+        bench = resolve_benchmark(spec)
+        out[bench.name] = load_examples(bench.data, data_dir=cfg.data.data_dir, limit=cfg.eval.limit)
+    return out
+
+
+def seed_sections(
+    finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]], modes: list[str], preset: dict[str, Any], first: Path
+) -> list[str]:
+    """The record's sections over training seeds: the seed table, answer lengths of every model,
+    and each benchmark split by reference length and topic (KD against every row, seeds pooled)."""
+    from srd.report import breakdown_table, length_table
+
+    examples = benchmark_examples(first)
+    lines: list[str] = []
+    for m in modes:
+        lines += seed_table(finished, m, preset)
+    if not examples:
+        return lines
+    refs_all = [("teacher", "teacher"), ("initial", "student before KD")]
+    for div in dict.fromkeys(d for d, _ in finished):
+        rows = {v: by_seed for (d, v), by_seed in finished.items() if d == div}
+        seeds = sorted(next(iter(rows.values())))
+        for m in modes:
+            # every row of a seed compares with that seed's KD: the KD models of the rows' seeds
+            kd = list(dict.fromkeys(by_seed[s][0] / "eval" / m for by_seed in rows.values() for s in sorted(by_seed)))
+            models = [
+                (_row_label(preset, div, v), [by_seed[s][1] / "eval" / m for s in sorted(by_seed)])
+                for v, by_seed in rows.items()
+            ]
+            refs = [
+                (label, [first / "references" / ref / "eval" / m])
+                for ref, label in refs_all
+                if _scores(first / "references" / ref, m)
+            ]
+            lines += [
+                f"## Answer lengths, {m} ({div}; words; training seeds {', '.join(map(str, seeds))} pooled)",
+                "",
+                *length_table([*refs, (f"KD ({div})", kd), *models], examples),
+                "",
+            ]
+            for b, rows_b in examples.items():
+                table = breakdown_table((f"KD ({div})", kd), models, b, rows_b)
+                if table:
+                    lines += [
+                        f"## {b}, {m}, by reference length and topic ({div}; minus KD, training seeds pooled)",
+                        "",
+                        *table,
+                        "",
+                    ]
+    return lines
 
 
 def _score_table(mode: str, rows: list[tuple[str, dict[str, Any]]], preset: dict[str, Any]) -> list[str]:

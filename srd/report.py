@@ -140,6 +140,60 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
     return "\n".join(lines) + "\n"
 
 
+def length_table(models: list[tuple[str, Any]], examples: dict[str, list[Any]]) -> list[str]:
+    """Markdown: for every (label, eval folder or folders, one per training seed) model, per
+    benchmark of `examples` (name -> its rows), the mean answer words against the mean reference
+    words on the same rows, their ratio, and the share of answers shorter than their reference."""
+    from srd.eval.breakdown import length_summary
+
+    benches = list(examples)
+    lines = [
+        "| model | " + " | ".join(f"{b}: answer / reference words (ratio, shorter)" for b in benches) + " |",
+        "|---|" + "---|" * len(benches),
+    ]
+    for label, folder in models:
+        cells = []
+        for b in benches:
+            s = length_summary(folder, b, examples[b])
+            share = f"{100 * s['shorter_share']:.0f}%" if s["n"] else ""
+            cells.append(
+                f"{s['answer_words']:.1f} / {s['reference_words']:.1f} ({s['ratio']:.2f}, {share})" if s["n"] else "-"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def breakdown_table(
+    reference: tuple[str, Any], candidates: list[tuple[str, Any]], bench: str, examples: list[Any]
+) -> list[str]:
+    """Markdown (each model an eval folder, or a list of them over training seeds): one benchmark
+    split by reference-length bucket and by topic (where the rows carry one); per group the
+    reference model's mean score and answer words, then each candidate's difference from it
+    (mean [95% bootstrap interval], Wilcoxon p; bold: p < 0.05) and its answer words."""
+    from srd.eval.breakdown import breakdown
+
+    per = [breakdown(reference[1], folder, bench, examples) for _, folder in candidates]
+    if not per or not per[0]:
+        return []
+    head = ["group", "n", "reference words", f"{reference[0]}: score (words)"] + [
+        f"{label}: minus {reference[0]} (words)" for label, _ in candidates
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, g in enumerate(per[0]):
+        cells = [g["group"], str(g["n"]), f"{g['reference_words']:.0f}", f"{g['score'][0]:.2f} ({g['words'][0]:.0f})"]
+        for rows in per:
+            h = rows[i] if i < len(rows) and rows[i]["group"] == g["group"] else None
+            if h is None:
+                cells.append("-")
+                continue
+            d = paired_difference(*h["pairs"])
+            mark = "**" if d["significant"] else ""
+            interval = f"[{d['low']:+.2f}, {d['high']:+.2f}]"
+            cells.append(f"{mark}{d['diff']:+.2f}{mark} {interval}, p = {d['p']:.2g} ({h['words'][1]:.0f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # --------------------------------------------------------------------------------------
 # report
 

@@ -70,6 +70,9 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     assert quality.main([*args, "--report-only", "--note", "A note.", "--note", "Another."]) == 0
     text = record.read_text()
     assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note.\n\nAnother.\n" in text
+    # each row over the two training seeds: both seeds' differences, their spread and one pooled test
+    seed_row = next(x for x in text.splitlines() if x.startswith("| KD+SRD (fkl, dense teacher) | dev | 1, 2 |"))
+    assert " of 2 | " in seed_row and "(sd " in seed_row and "], p = " in seed_row
     step_rows = [line for line in text.splitlines() if line.startswith("| fkl, seed") and " x " in line]
     assert len(step_rows) == 2  # SRD and KD steps x their median step time, per run
     assert all(row.split(" | ")[1].count(" x ") == 3 for row in step_rows)  # one term per SRD stage
@@ -190,6 +193,12 @@ def test_paper_cpu_plan_steps_and_equal_evaluation_schedules():
     assert [s["examples"] for s in quality.plan(commands["lambda1"])["stages"]] == [67, 134, 200]
     assert [s["examples"] for s in quality.plan(commands["tcl"])["stages"]] == [67, 134, 200]  # no filtering
     assert [s["examples"] for s in quality.plan(commands["lambda09"])["stages"]] == [60, 120, 180]
+    # the temperature controls: KD's 20 epochs on all 200 rows in three stages (167 steps each)
+    for control in ("kdrise", "kdtau2"):
+        pl = quality.plan(commands[control])
+        assert [(s["examples"], s["steps"]) for s in pl["stages"]] == [(200, 167)] * 3 and "baseline" not in pl
+        assert "method=scheduled_kd" in commands[control]
+    assert "curriculum.tau_start=2.0" in commands["kdtau2"] and "curriculum.tau_start=2.0" not in commands["kdrise"]
     # the teacher and the initial student are evaluated last, not by the first run
     assert """eval.models=["baseline", "final"]""" in commands[""]
 
@@ -212,7 +221,7 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
         str(record),
         "--no-progress",
         "--variants",
-        "lambda1,tcl",
+        "lambda1,tcl,kdrise",
         f"model.teacher={tiny_models['llama-teacher']}",
         f"model.student={tiny_models['llama-student']}",
         f"data.train={train}",
@@ -245,8 +254,13 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     assert "Run `paper-cpu-fkl-s42` is not finished" in partial
     assert "| fkl, seed 42, unfinished | stage-1: 0 " in partial
     assert quality.main(args) == 0
-    base, names = out / "paper-cpu-fkl-s42", ["paper-cpu-fkl-s42", "paper-cpu-fkl-s42-lambda1", "paper-cpu-fkl-s42-tcl"]
-    assert sorted(p.name for p in out.iterdir()) == names
+    base = out / "paper-cpu-fkl-s42"
+    names = ["paper-cpu-fkl-s42", "paper-cpu-fkl-s42-lambda1", "paper-cpu-fkl-s42-tcl"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "paper-cpu-fkl-s42-kdrise"])
+    # the temperature control reflected nothing and trained every stage on all the rows
+    control = out / "paper-cpu-fkl-s42-kdrise"
+    assert not (control / "reflection").exists()
+    assert [s["examples"] for s in json.loads((control / "results.json").read_text())["stages"]] == [len(rows)] * 3
     trained = [base / "baseline"] + [out / n for n in names]
     for folder in trained:
         for mode in ("greedy", "sampled"):
@@ -279,6 +293,11 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
         "| student before KD |",
         "Dev ROUGE-L at every evaluation",
         "KD's checkpoint",
+        "control: KD with SRD's tau 1 -> 2",
+        "## Over training seeds, sampled",
+        "## Answer lengths, greedy (fkl; words; training seeds 42 pooled)",
+        "## dev, sampled, by reference length and topic",
+        "| reference 0-10 words |",
     ]:
         assert want in text, want
     assert "Run `" not in text and "significant" in text and "], p = " in text
