@@ -264,6 +264,25 @@ def _dev_series(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]
     return "", []
 
 
+def dev_over_time(run: Path) -> list[tuple[float, float]]:
+    """(seconds, dev ROUGE-L) of every dev evaluation of a run, on the method's own clock: its
+    reflection and teacher cache first (results.json), then each stage's training time at the
+    evaluated step (the step's elapsed_s in train.jsonl; step 0 at the stage's start), stage after
+    stage. Empty when the run generated no dev answers."""
+    res = _read_json(RunDir(run).results) if RunDir(run).results.exists() else {}
+    offset = float(res.get("reflection_s") or 0.0) + float(res.get("teacher_cache_s") or 0.0)
+    points: list[tuple[float, float]] = []
+    for d in _stage_dirs(run):
+        elapsed = {r["step"]: r["elapsed_s"] for r in read_jsonl(StageDir(d).train_log, missing_ok=True)}
+        for e in read_jsonl(StageDir(d).eval_log, missing_ok=True):
+            if "dev_rougeL" in e:
+                points.append(
+                    (offset + elapsed.get(e["step"], 0.0 if e["step"] == 0 else float("nan")), e["dev_rougeL"])
+                )
+        offset += max(elapsed.values(), default=0.0)
+    return [p for p in points if math.isfinite(p[0])]
+
+
 def _plot_training(run: Path, plots: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
@@ -358,6 +377,80 @@ def _method_label(run: Path) -> str:
     return method_label(res.get("method", "srd"), res.get("on_policy_ratio") or 0.0)
 
 
+def models_dirs(run: Path) -> list[tuple[str, Path]]:
+    """(label, folder) of the trained models an experiment compares: the KD baseline, then the run."""
+    base = RunDir(run).baseline.path
+    return [
+        (label, folder) for label, folder in [(_method_label(base), base), (_method_label(run), run)] if folder.exists()
+    ]
+
+
+def _plot_scores(series: list[tuple[str, Path]], plots: Path) -> str:
+    """comparison.png: each model's mean score per benchmark with its 95% bootstrap interval over
+    examples (left), and each model's paired difference from the first trained model, KD, with
+    its 95% interval (right): a bar whose interval crosses zero is within noise."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    scores = {
+        label: {b.name: load_example_scores(folder, b.name) for b in folder.iterdir() if b.is_dir()}
+        for label, folder in series
+    }
+    benches = list(dict.fromkeys(b for s in scores.values() for b in s))
+    labels = list(scores)
+    reference = next((x for x in labels if x in ("KD", "GKD")), None)
+    fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(11 if reference else 6, 3.8), squeeze=False)
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        means, lows, highs = [], [], []
+        for b in benches:
+            v = np.array(list(scores[label].get(b, {}).values()), dtype=np.float64)
+            m = float(v.mean()) if v.size else 0.0
+            if v.size > 2 and np.ptp(v) > 0:
+                ci = bootstrap(
+                    (v,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile", random_state=0
+                )
+                lo, hi = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
+            else:
+                lo = hi = m
+            means.append(m)
+            lows.append(m - lo)
+            highs.append(hi - m)
+        xs = [j + i * width for j in range(len(benches))]
+        axes[0][0].bar(xs, means, width, yerr=[lows, highs], capsize=3, label=label, color=f"C{i}")
+    axes[0][0].set_xticks([j + 0.4 - width / 2 for j in range(len(benches))], benches)
+    axes[0][0].set_ylabel("score (x100), 95% interval")
+    axes[0][0].set_title("evaluation")
+    axes[0][0].legend(fontsize=8)
+    if reference:
+        others = labels[labels.index(reference) + 1 :]  # the trained models after KD (not the references)
+        ax = axes[0][1]
+        w = 0.8 / max(len(others), 1)
+        for i, label in enumerate(others):
+            ds = [
+                paired_difference(scores[reference].get(b, {}), scores[label].get(b, {}), n_resamples=2000)
+                for b in benches
+            ]
+            xs = [j + i * w for j in range(len(benches))]
+            diffs = [0.0 if d["n"] == 0 else d["diff"] for d in ds]
+            err = [
+                [0.0 if d["n"] == 0 else d["diff"] - d["low"] for d in ds],
+                [0.0 if d["n"] == 0 else d["high"] - d["diff"] for d in ds],
+            ]
+            ax.bar(xs, diffs, w, yerr=err, capsize=3, label=label, color=f"C{labels.index(label)}")
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(benches))], benches)
+        ax.set_ylabel(f"minus {reference} (paired), 95% interval")
+        ax.set_title(f"difference from {reference}")
+        if others:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / "comparison.png", dpi=110)
+    plt.close(fig)
+    return "comparison.png"
+
+
 def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     """SRD vs KD (and teacher / initial student) when `srd run` trained a baseline and evaluated."""
     import matplotlib.pyplot as plt
@@ -416,23 +509,23 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     for label, eval_root in models:
         summaries = sorted(eval_root.glob("*/summary.json"))
         if summaries:
-            series.append((label, _read_json(summaries[0])["benchmarks"]))
+            series.append((label, summaries[0].parent))
     if series:
-        benches = list(dict.fromkeys(b for _, s in series for b in s))
-        width = 0.8 / len(series)
-        fig, ax = plt.subplots(figsize=(2.2 * len(benches) + 2.5, 3.6))
-        for i, (label, s) in enumerate(series):
-            xs = [j + i * width for j in range(len(benches))]
-            ax.bar(xs, [s.get(b, {}).get("mean", 0.0) for b in benches], width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))])
-        ax.set_xticklabels(benches)
-        ax.set_ylabel("score (x100)")
-        ax.set_title("evaluation (" + ", ".join(label for label, _ in series) + ")")
+        names.append(_plot_scores(series, plots))
+    curves = [(label, dev_over_time(folder)) for label, folder in models_dirs(run)]
+    curves = [(label, pts) for label, pts in curves if pts]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for label, pts in curves:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        ax.set_xlabel("wall-clock seconds of the method (reflection and teacher cache first)")
+        ax.set_ylabel("dev ROUGE-L")
+        ax.set_title("dev score against time")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(plots / "comparison.png", dpi=110)
+        fig.savefig(plots / "dev_over_time.png", dpi=110)
         plt.close(fig)
-        names.append("comparison.png")
+        names.append("dev_over_time.png")
     return md, names
 
 

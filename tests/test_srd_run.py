@@ -376,6 +376,15 @@ def test_eval_checkpoint_best_evaluates_the_best_dev_rouge_checkpoints(tmp_path,
     best = srd_res["best_checkpoint"]
     assert f"Best dev ROUGE-L: {best['dev_rougeL']:.2f}, {best['stage']} at step {best['step']}" in report
     assert f"final `{best['model']}`" in report and f"baseline `{base_res['best_model']}`" in report
+    # the time claim and the quality claim in one picture: dev ROUGE-L on each method's own clock
+    from srd.report import dev_over_time
+
+    assert "dev_over_time.png" in report and (run / "report" / "dev_over_time.png").stat().st_size > 0
+    srd_curve, kd_curve = dev_over_time(run), dev_over_time(run / "baseline")
+    assert len(srd_curve) == 4 and len(kd_curve) == 2  # stage-1 start and end, the end of stages 2 and 3
+    assert srd_curve[0][0] == pytest.approx(srd_res["reflection_s"] + srd_res["teacher_cache_s"])
+    assert srd_curve[-1][0] == pytest.approx(srd_res["total_s"], abs=0.01)  # the last step ends the method
+    assert [x for x, _ in srd_curve] == sorted(x for x, _ in srd_curve) and kd_curve[0][0] == 0.0
     from srd.eval.evaluate import resolve_eval_target
 
     # srd eval RUN evaluates what the run evaluated: here its best checkpoint
