@@ -21,7 +21,8 @@ Presets:
        (312 steps); dev ROUGE-L on 200 dev rows every 100 steps and at stage ends in every run;
        each model at its best dev checkpoint; DollyEval + SelfInst greedy and sampled (seeds 10,
        20); ablation rows against the same KD baseline: lambda 1, random order, tau fixed 1,
-       lambda 0.9, the traditional curriculum, re-reflection before each stage; two temperature
+       lambda 0.9, the traditional curriculum, re-reflection before each stage; two selections
+       relative to the teacher (ce_gap instead of ce; teacher_ce added); two temperature
        controls with no reflection and no selection (method=scheduled_kd: KD's 20 epochs on all
        rows in three stages with SRD's alpha 0.3 -> 0.1 and tau 1 -> 2, or tau fixed at 2); the
        teacher and the initial student evaluated last. Pick rows with --variants, seeds with --seeds.
@@ -194,6 +195,10 @@ PRESETS["paper-cpu"] = {
         "lambda09": {"reflect.keep_ratio": 0.9},
         "tcl": {"method": "traditional"},
         "rereflect": {"curriculum.re_reflect": True},
+        # selections relative to the teacher (issue 35; chosen on dev): the student's CE replaced by
+        # its gap to the teacher's, or the teacher's own CE added so that rows it cannot do drop first
+        "cegap": {"reflect.scorers": ["rouge_l", "ce_gap"]},
+        "teacherce": {"reflect.scorers": ["rouge_l", "ce", "teacher_ce"]},
         # the temperature controls (no reflection, no selection): KD's 20 epochs on all rows in
         # three equal stages with SRD's alpha 0.3 -> 0.1, and tau rising 1 -> 2 or fixed at 2
         "kdrise": {"method": "scheduled_kd", "curriculum.epochs_per_stage": round(20 / 3, 4)},
@@ -212,6 +217,8 @@ PRESETS["paper-cpu"] = {
         "lambda09": "lambda = 0.9",
         "tcl": "traditional curriculum (length + entropy, no filtering)",
         "rereflect": "re-reflection before each stage",
+        "cegap": "learnability: rank by student CE minus teacher CE instead of student CE",
+        "teacherce": "teacher CE added to the fusion (rows the teacher cannot do drop first)",
         "kdrise": "control: KD with SRD's tau 1 -> 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
         "kdtau2": "control: KD with tau fixed at 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
     },

@@ -276,6 +276,48 @@ def test_reflect_does_not_load_the_teacher(tmp_path, tiny_models, srd_data, caps
     assert main(args) == 2  # the curriculum's KD stages do need it
 
 
+def test_scorers_relative_to_the_teacher(tmp_path, tiny_models, srd_data, monkeypatch, capsys):
+    """teacher_ce and ce_gap: one teacher forward over the references (no generation), saved and
+    reused, keyed on the teacher; srd reflect loads the teacher only for them."""
+    from srd.data.sources import load_examples
+    from srd.data.tokenize import encode_example
+    from srd.models.load import load_model, load_tokenizer
+
+    args = _args("reflect", tiny_models, srd_data, tmp_path, "reflect.scorers=[rouge_l, ce, teacher_ce, ce_gap]")
+    assert main(args) == 0
+    folder = tmp_path / "x" / "reflection"
+    manifest = _manifest(tmp_path / "x")
+    assert (folder / "teacher_stats.jsonl").exists() and (folder / "teacher_meta.json").exists()
+    # teacher_ce is the teacher's own mean CE on the reference, measured as the student's CE is
+    tok = load_tokenizer(str(tiny_models["llama-teacher"]))
+    teacher = load_model(str(tiny_models["llama-teacher"]))
+    rows = {ex.id: ex for ex in load_examples(str(srd_data["train"]))}
+    ids = [r["id"] for r in manifest[:3]]
+    enc = [encode_example(tok, rows[i], fmt="alpaca", max_prompt_len=64, max_len=96) for i in ids]
+    expected = reflect_mod.sequence_stats(teacher, tok, enc, batch_size=1)
+    for row, want in zip(manifest[:3], expected):
+        assert row["scores"]["teacher_ce"] == pytest.approx(want["ce"], rel=1e-4)
+        assert row["scores"]["ce_gap"] == pytest.approx(row["scores"]["ce"] - row["scores"]["teacher_ce"])
+        assert set(row["ranks"]) == {"rouge_l", "ce", "teacher_ce", "ce_gap"}
+    # the rows the teacher finds hardest rank last on teacher_ce (the data repeats rows: ties)
+    worst = max(r["scores"]["teacher_ce"] for r in manifest)
+    assert max(r["ranks"]["teacher_ce"] for r in manifest if r["scores"]["teacher_ce"] == worst) == len(manifest)
+    # a rerun reuses the teacher's statistics; another teacher invalidates them
+    monkeypatch.setattr(reflect_mod, "sequence_stats", lambda *a, **k: pytest.fail("measured again"))
+    (folder / "manifest.jsonl").unlink()
+    assert main(args) == 0
+    monkeypatch.undo()
+    meta = json.loads((folder / "teacher_meta.json").read_text())
+    (folder / "teacher_meta.json").write_text(json.dumps({**meta, "teacher": "another"}))
+    assert main(args) == 0
+    assert json.loads((folder / "teacher_meta.json").read_text()) == meta
+    # without a teacher: one line, before any weights load
+    capsys.readouterr()
+    no_teacher = [a for a in args if not a.startswith("model.teacher=")] + ["model.teacher=null", "loss.alpha=1.0"]
+    assert main(no_teacher) == 2
+    assert "teacher_ce" in capsys.readouterr().err
+
+
 def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data, monkeypatch, capsys):
     """compare.baseline + eval: SRD, the KD baseline at 1/0.6 of SRD's sample passes, four evaluated
     models, comparison table with p-values, report with plots; a rerun recomputes nothing."""

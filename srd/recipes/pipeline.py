@@ -19,11 +19,11 @@ import json
 from pathlib import Path
 from typing import Any, TypedDict
 
-from srd.config import RunConfig
+from srd.config import ConfigError, RunConfig
 from srd.curriculum import Stage, plan_full_stages, plan_stages, stage_alphas
 from srd.recipes.train import check_inputs, load_models, prepare_run_dir
 from srd.reflect.reflect import reflect, time_split
-from srd.reflect.scorers import check_scorers
+from srd.reflect.scorers import check_scorers, needs_teacher
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
@@ -81,6 +81,11 @@ def _needs_teacher(cfg: RunConfig) -> bool:
 def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
     if cfg.method not in ("baseline", "gkd", "scheduled_kd"):
         check_scorers(_reflection_args(cfg).get("scorers", cfg.reflect.scorers))
+        if _reflection_needs_teacher(cfg) and cfg.model.teacher is None:
+            raise ConfigError(
+                f"reflect.scorers {cfg.reflect.scorers} rank rows by the teacher's cross-entropy, but model.teacher "
+                "is null: name a teacher, or use scorers of the student alone (rouge_l, ce)"
+            )
     train, dev = check_inputs(cfg, need_teacher=need_teacher)  # before any weights are read
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
@@ -96,9 +101,16 @@ def _reflection_args(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _reflect(
-    cfg: RunConfig, student: Any, tokenizer: Any, train: list, out_dir: Path, acc: Any, progress: bool
+    cfg: RunConfig,
+    student: Any,
+    tokenizer: Any,
+    train: list,
+    out_dir: Path,
+    acc: Any,
+    progress: bool,
+    teacher: Any = None,
 ) -> list[dict[str, Any]]:
-    """Reflection by `student` (as it is now) into `out_dir`."""
+    """Reflection by `student` (as it is now) into `out_dir`; `teacher` for scorers relative to it."""
     return reflect(
         cfg,
         student=student,
@@ -107,15 +119,22 @@ def _reflect(
         out_dir=out_dir,
         accelerator=acc,
         progress=progress,
+        teacher=teacher,
         **_reflection_args(cfg),
+    )
+
+
+def _reflection_needs_teacher(cfg: RunConfig) -> bool:
+    return cfg.method in ("srd", "traditional") and needs_teacher(
+        _reflection_args(cfg).get("scorers", cfg.reflect.scorers)
     )
 
 
 def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
-    acc, run_dir, student, _, tokenizer, train, _ = _setup(cfg, need_teacher=False)
+    acc, run_dir, student, teacher, tokenizer, train, _ = _setup(cfg, need_teacher=_reflection_needs_teacher(cfg))
     run = RunDir(run_dir)
-    manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress)
+    manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress, teacher)
     if acc.is_main_process:
         summary = json.loads(run.reflection_summary.read_text())
         acc.print(
@@ -128,7 +147,9 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
     """`srd run`: the whole method (or the baseline) from one config, resumable."""
-    acc, run_dir, student, teacher, tokenizer, train, dev = _setup(cfg, need_teacher=_needs_teacher(cfg))
+    acc, run_dir, student, teacher, tokenizer, train, dev = _setup(
+        cfg, need_teacher=_needs_teacher(cfg) or _reflection_needs_teacher(cfg)
+    )
     results: RunResults = {
         "method": cfg.method,
         "divergence": cfg.loss.divergence,
@@ -150,7 +171,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
             stages = plan_full_stages([ex.id for ex in train], cfg.curriculum)
             results["reflection_s"] = 0.0
         else:
-            manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress)
+            manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress, teacher)
             stages = plan_stages(manifest, cfg.curriculum)
             results["reflection_s"] = json.loads(run.reflection_summary.read_text())["wall_time_s"]
         results["stages"] = []
@@ -221,7 +242,9 @@ def _train_curriculum(
             load_weights(student, prev_final)  # Baby Step: continue from the previous stage
         ids = list(stage.example_ids)
         if c.re_reflect and stage.index > 1:
-            ids = _re_reflect(cfg, student, common["tokenizer"], train, run.path, stage.index, acc, progress)
+            ids = _re_reflect(
+                cfg, student, common["tokenizer"], train, run.path, stage.index, acc, progress, common["teacher"]
+            )
         if acc.is_main_process:
             atomic_write_json(
                 folder.examples, {"stage": stage.index, "tau": stage.tau, "alpha": stage.alpha, "ids": ids}
@@ -266,10 +289,19 @@ def best_checkpoint(run_dir: Path, stage_names: list[str]) -> dict[str, Any] | N
 
 
 def _re_reflect(
-    cfg: RunConfig, student: Any, tokenizer: Any, train: list, run_dir: Path, index: int, acc: Any, progress: bool
+    cfg: RunConfig,
+    student: Any,
+    tokenizer: Any,
+    train: list,
+    run_dir: Path,
+    index: int,
+    acc: Any,
+    progress: bool,
+    teacher: Any = None,
 ) -> list[str]:
     """Re-rank all data with the current student; stage `index` takes slices 1..index of the new ranking."""
-    manifest = _reflect(cfg, student, tokenizer, train, RunDir(run_dir).re_reflection(index), acc, progress)
+    folder = RunDir(run_dir).re_reflection(index)
+    manifest = _reflect(cfg, student, tokenizer, train, folder, acc, progress, teacher)
     return list(next(s for s in plan_stages(manifest, cfg.curriculum) if s.index == index).example_ids)
 
 

@@ -11,6 +11,12 @@ Resumable and multi-process:
   * once every row exists, the main process fuses the scores and writes `manifest.jsonl`
     (one row per example: id, scores, ranks, fused score, position, kept, stage, output)
     and `summary.json`, atomically. (Multi-node runs need a shared run directory.)
+  * scorers relative to the teacher (teacher_ce, ce_gap) add one teacher forward over the
+    references, no generation, in the main process: `teacher_stats.jsonl`, keyed on the
+    teacher's fingerprint, the data and the lengths (`teacher_meta.json`), recomputed when any
+    of them changes. A forward rather than the teacher cache: the cached top-k log-probabilities
+    miss the reference token wherever the teacher ranks it below k, and the cache is built after
+    the selection it would serve.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from srd.generation.decoding import Decoding
 from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
-from srd.reflect.scorers import check_scorers, get_scorer
+from srd.reflect.scorers import check_scorers, get_scorer, needs_teacher
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -215,6 +221,35 @@ def _reflect_rows(
     return measured[0]
 
 
+def teacher_stats(
+    cfg: RunConfig, teacher: Any, tokenizer: Any, examples: Sequence[Example], out_dir: Path, dtype: torch.dtype
+) -> dict[str, dict[str, float]]:
+    """Example id -> {"teacher_ce": the teacher's mean CE on the reference}, from
+    `out_dir/teacher_stats.jsonl` when it was computed for this teacher, data and lengths, else
+    measured now (one forward per row) and saved atomically."""
+    fmt, mp, ml = cfg.data.prompt_format, cfg.data.max_prompt_len, cfg.data.max_len
+    meta = {
+        "teacher": model_fingerprint(teacher),
+        "data": data_fingerprint(examples),
+        **precision_entry("dtype", dtype),
+        "prompt_format": fmt,
+        "max_prompt_len": mp,
+        "max_len": ml,
+    }
+    meta_path, rows_path = out_dir / "teacher_meta.json", out_dir / "teacher_stats.jsonl"
+    if meta_path.exists() and rows_path.exists() and json.loads(meta_path.read_text()) == meta:
+        return {r["id"]: {"teacher_ce": r["teacher_ce"]} for r in read_jsonl(rows_path)}
+    s2s = is_seq2seq(teacher)
+    enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in examples]
+    device = next(teacher.parameters()).device
+    with cast_for_inference(teacher, dtype) as model:
+        stats = sequence_stats(model.to(device), tokenizer, enc, batch_size=cfg.reflect.batch_size)
+    rows = [{"id": ex.id, "teacher_ce": st["ce"]} for ex, st in zip(examples, stats)]
+    atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(meta_path, meta)
+    return {r["id"]: {"teacher_ce": r["teacher_ce"]} for r in rows}
+
+
 def _row_seeds_of(seed: int, examples: Sequence[Example], rows: Sequence[Example]) -> list[int]:
     """The sampling seed of each of `rows`: `row_seeds(seed, n)` by position in the whole
     training set, so a row keeps its seed in any process or rerun."""
@@ -324,13 +359,20 @@ def reflect(
     scorers: Sequence[str] | None = None,
     keep_ratio: float | None = None,
     progress: bool = True,
+    teacher: Any = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) reflection into `out_dir` and return the manifest rows."""
+    """Run (or resume) reflection into `out_dir` and return the manifest rows. `teacher` is
+    needed only by scorers relative to the teacher (`needs_teacher`)."""
     from accelerate.utils import gather_object
 
     acc, out_dir = accelerator, Path(out_dir)
     scorers = list(scorers or cfg.reflect.scorers)
     check_scorers(scorers)
+    if needs_teacher(scorers) and teacher is None:
+        raise ReflectionError(
+            f"reflect.scorers {scorers} measure the teacher's cross-entropy, but no teacher was given: "
+            "set model.teacher"
+        )
     keep_ratio = cfg.reflect.keep_ratio if keep_ratio is None else keep_ratio
     manifest_path = out_dir / "manifest.jsonl"
     ids = [ex.id for ex in examples]
@@ -378,6 +420,12 @@ def reflect(
         missing = [i for i in ids if i not in rows]
         if missing:
             raise ReflectionError(f"reflection rows missing for {len(missing)} examples (e.g. {missing[:3]})")
+        if needs_teacher(scorers):
+            t1 = time.perf_counter()
+            extra = teacher_stats(cfg, teacher, tokenizer, examples, out_dir, dtype)
+            rows = {i: {**r, "stats": {**r["stats"], **extra[i]}} for i, r in rows.items()}
+            elapsed += time.perf_counter() - t1
+            measured += time.perf_counter() - t1
         c = cfg.curriculum
         manifest = build_manifest(
             examples,

@@ -8,6 +8,14 @@ measured with the student (see `srd.reflect.reflect.sequence_stats`):
                 the student's own output with reflect.ce_target=student_output)
     entropy     mean predictive entropy of the student over the reference tokens
     ref_tokens  number of reference tokens (+ EOS)
+    teacher_ce  the teacher's mean cross-entropy on the reference; measured (one teacher forward
+                per row, no generation) only when a scorer declares needs_teacher
+
+Scorers relative to the teacher (beyond the paper): raw difficulty drops the rows that are hard
+for any model (open-ended prompts with long references) together with the rows the student can
+still learn. `teacher_ce` ranks the rows the teacher itself cannot do as the hardest, so they are
+the ones dropped; `ce_gap` (student CE minus teacher CE) measures how far the student is from
+the teacher on a row rather than how hard the row is.
 
 Verifiable scorers (beyond the paper, which names this as its limitation: ROUGE-L and CE
 cannot tell a functionally wrong answer from a right one):
@@ -52,6 +60,7 @@ class Scorer:
     # scores); "average": tied examples share their mean rank, so a pass/fail scorer adds
     # nothing between two examples it cannot tell apart (srd.reflect.fusion.ranks)
     ties: str = "ordinal"
+    needs_teacher: bool = False  # whether reflection must measure the teacher's CE (stats["teacher_ce"])
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -66,12 +75,18 @@ def register_scorer(
     description: str = "",
     reference_ok: RefCheck | None = None,
     ties: str = "ordinal",
+    needs_teacher: bool = False,
 ) -> None:
     if name in SCORERS:
         raise ValueError(f"scorer {name!r} is already registered")
     if ties not in ("ordinal", "average"):
         raise ValueError(f"ties must be 'ordinal' or 'average', got {ties!r}")
-    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok, ties)
+    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok, ties, needs_teacher)
+
+
+def needs_teacher(names: Sequence[str]) -> bool:
+    """Whether any of these scorers reads the teacher's statistics."""
+    return any(get_scorer(n).needs_teacher for n in names)
 
 
 def check_scorers(names: Sequence[str]) -> None:
@@ -115,6 +130,24 @@ register_scorer(
     higher_is_easier=False,
     needs_generation=False,
     description="the student's mean predictive entropy over the reference (traditional curriculum)",
+)
+
+
+register_scorer(
+    "teacher_ce",
+    lambda ex, out, stats: float(stats["teacher_ce"]),
+    higher_is_easier=False,
+    needs_generation=False,
+    needs_teacher=True,
+    description="the teacher's mean per-token cross-entropy on the reference: rows the teacher cannot do rank hardest",
+)
+register_scorer(
+    "ce_gap",
+    lambda ex, out, stats: float(stats["ce"]) - float(stats["teacher_ce"]),
+    higher_is_easier=False,
+    needs_generation=False,
+    needs_teacher=True,
+    description="the student's CE minus the teacher's on the reference: how far the student is from the teacher",
 )
 
 
