@@ -22,7 +22,8 @@ Presets:
        each model at its best dev checkpoint; DollyEval + SelfInst greedy and sampled (seeds 10,
        20); ablation rows against the same KD baseline: lambda 1, random order, tau fixed 1,
        lambda 0.9, the traditional curriculum, re-reflection before each stage; two selections
-       relative to the teacher (ce_gap instead of ce; teacher_ce added); two temperature
+       relative to the teacher (ce_gap instead of ce; teacher_ce added); a cut stratified by
+       reference length; two temperature
        controls with no reflection and no selection (method=scheduled_kd: KD's 20 epochs on all
        rows in three stages with SRD's alpha 0.3 -> 0.1 and tau 1 -> 2, or tau fixed at 2); the
        teacher and the initial student evaluated last. Pick rows with --variants, seeds with --seeds.
@@ -199,6 +200,8 @@ PRESETS["paper-cpu"] = {
         # its gap to the teacher's, or the teacher's own CE added so that rows it cannot do drop first
         "cegap": {"reflect.scorers": ["rouge_l", "ce_gap"]},
         "teacherce": {"reflect.scorers": ["rouge_l", "ce", "teacher_ce"]},
+        # the cut that keeps the data's mix of reference lengths (the easiest 75% of each quarter)
+        "strat": {"reflect.stratify": "reference_length"},
         # the temperature controls (no reflection, no selection): KD's 20 epochs on all rows in
         # three equal stages with SRD's alpha 0.3 -> 0.1, and tau rising 1 -> 2 or fixed at 2
         "kdrise": {"method": "scheduled_kd", "curriculum.epochs_per_stage": round(20 / 3, 4)},
@@ -219,6 +222,7 @@ PRESETS["paper-cpu"] = {
         "rereflect": "re-reflection before each stage",
         "cegap": "learnability: rank by student CE minus teacher CE instead of student CE",
         "teacherce": "teacher CE added to the fusion (rows the teacher cannot do drop first)",
+        "strat": "cut stratified by reference length (the easiest 75% of each length quarter)",
         "kdrise": "control: KD with SRD's tau 1 -> 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
         "kdtau2": "control: KD with tau fixed at 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
     },
@@ -296,7 +300,7 @@ def plan(overrides: list[str]) -> dict[str, Any]:
     pure functions: stage sizes from the kept count, steps from the loop's batch plan)."""
     from srd.config import load_config
     from srd.curriculum import sample_passes
-    from srd.reflect.fusion import n_kept, partition_sizes
+    from srd.reflect.fusion import n_kept, n_kept_stratified, partition_sizes
     from srd.train.loop import StagePlan
 
     cfg = load_config(None, overrides)
@@ -316,7 +320,8 @@ def plan(overrides: list[str]) -> dict[str, Any]:
         ).total_steps
 
     keep = 1.0 if cfg.method == "traditional" else cfg.reflect.keep_ratio
-    sizes = partition_sizes(n_kept(n, keep), c.num_stages)
+    kept = n_kept_stratified(n, keep, cfg.reflect.strata) if cfg.reflect.stratify != "none" else n_kept(n, keep)
+    sizes = partition_sizes(kept, c.num_stages)
     cumulative = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     if cfg.method == "scheduled_kd":  # every stage on all the rows
         cumulative = [n] * c.num_stages

@@ -236,6 +236,11 @@ class ReflectConfig:
     # rows whose reference fails a scorer's own check (answer_match: no final answer;
     # tests_pass: the reference code fails its asserts) are reported, and dropped when true
     drop_invalid_references: bool = True
+    # beyond the paper: "reference_length" keeps the easiest keep_ratio of each of `strata`
+    # equal-count groups of reference length instead of the easiest keep_ratio overall, so
+    # the kept rows keep the data's mix of short and long references
+    stratify: Literal["none", "reference_length"] = "none"
+    strata: int = 4  # groups for stratify=reference_length
 
     def __post_init__(self) -> None:
         # the names are checked against the scorer registry by reflection itself and before a
@@ -245,6 +250,7 @@ class ReflectConfig:
         _check(self.rrf_k >= 0, "reflect.rrf_k must be >= 0")
         _check(0.0 < self.keep_ratio <= 1.0, f"reflect.keep_ratio must be in (0, 1], got {self.keep_ratio}")
         _check(self.batch_size > 0, "reflect.batch_size must be > 0")
+        _check(self.strata >= 1, "reflect.strata must be >= 1")
 
 
 @dataclass(kw_only=True)

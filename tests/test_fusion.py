@@ -154,3 +154,22 @@ def test_custom_scorer_plugs_in_by_name():
         assert cfg.reflect.scorers == ["rouge_l", "ce", "_test_len"]
     finally:
         SCORERS.pop("_test_len")
+
+
+def test_length_strata_and_the_stratified_cut():
+    from srd.reflect.fusion import length_strata, n_kept_stratified
+
+    ids = [f"e{i}" for i in range(8)]
+    lengths = [5, 100, 7, 90, 6, 95, 8, 80]  # four short rows, four long ones
+    assert length_strata(lengths, ids, 2) == [0, 1, 0, 1, 0, 1, 0, 1]
+    # every short row is easier than every long one: a global cut at lambda 0.5 keeps only short rows
+    fused = [1.0, 0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4]
+    _, stage = select_and_partition(fused, ids, keep_ratio=0.5, n_stages=2)
+    assert [i for i, s in enumerate(stage) if s is not None] == [0, 2, 4, 6]
+    # stratified: the easiest half of each stratum, then staged easy -> hard over all kept rows
+    ranking, stage = select_and_partition(fused, ids, keep_ratio=0.5, n_stages=2, strata=length_strata(lengths, ids, 2))
+    assert ranking == [0, 2, 4, 6, 7, 5, 3, 1]
+    assert {i: s for i, s in enumerate(stage) if s is not None} == {0: 1, 2: 1, 7: 2, 5: 2}
+    assert n_kept_stratified(8, 0.5, 2) == 4 and n_kept_stratified(200, 0.75, 4) == 148
+    with pytest.raises(ValueError, match="strata labels"):
+        select_and_partition(fused, ids, keep_ratio=0.5, n_stages=2, strata=[0, 1])

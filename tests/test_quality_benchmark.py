@@ -193,6 +193,8 @@ def test_paper_cpu_plan_steps_and_equal_evaluation_schedules():
     assert [s["examples"] for s in quality.plan(commands["lambda1"])["stages"]] == [67, 134, 200]
     assert [s["examples"] for s in quality.plan(commands["tcl"])["stages"]] == [67, 134, 200]  # no filtering
     assert [s["examples"] for s in quality.plan(commands["lambda09"])["stages"]] == [60, 120, 180]
+    # the stratified cut keeps floor(0.75 x 50) of each reference-length quarter: 148 rows
+    assert [s["examples"] for s in quality.plan(commands["strat"])["stages"]] == [50, 99, 148]
     # the temperature controls: KD's 20 epochs on all 200 rows in three stages (167 steps each)
     for control in ("kdrise", "kdtau2"):
         pl = quality.plan(commands[control])

@@ -318,6 +318,19 @@ def test_scorers_relative_to_the_teacher(tmp_path, tiny_models, srd_data, monkey
     assert "teacher_ce" in capsys.readouterr().err
 
 
+def test_stratified_cut_keeps_each_reference_length_group(tmp_path, tiny_models, srd_data):
+    args = _args("reflect", tiny_models, srd_data, tmp_path, "reflect.stratify=reference_length", "reflect.strata=2")
+    assert main(args) == 0
+    manifest = _manifest(tmp_path / "x")
+    by_stratum = {s: [r for r in manifest if r["stratum"] == s] for s in (0, 1)}
+    assert [len(rows) for rows in by_stratum.values()] == [10, 10]
+    # the shorter references form stratum 0; each stratum keeps its easiest 75% (floor: 7 of 10)
+    assert max(r["stats"]["ref_tokens"] for r in by_stratum[0]) <= min(r["stats"]["ref_tokens"] for r in by_stratum[1])
+    for rows in by_stratum.values():
+        kept = [r for r in rows if r["kept"]]
+        assert len(kept) == 7 and min(r["fused"] for r in kept) >= max(r["fused"] for r in rows if not r["kept"])
+
+
 def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data, monkeypatch, capsys):
     """compare.baseline + eval: SRD, the KD baseline at 1/0.6 of SRD's sample passes, four evaluated
     models, comparison table with p-values, report with plots; a rerun recomputes nothing."""

@@ -3,6 +3,11 @@
 SRD paper Sec. 3.2: rank examples by each difficulty signal, fuse the ranks with
 reciprocal rank fusion f_i = sum_s 1 / (k + rank_s(i)) (k = 60; higher f = easier),
 keep the easiest lambda fraction, and split it into n consecutive stages, easy -> hard.
+
+Beyond the paper, the cut can keep each stratum's share (`strata`: one label per example, e.g.
+`length_strata` of the reference lengths): the easiest lambda of every stratum is kept instead
+of the easiest lambda overall, so that a kind of row that is hard for any model (long open-ended
+references) is not dropped as a block; the kept rows are then ordered and staged as before.
 """
 
 from __future__ import annotations
@@ -69,6 +74,24 @@ def partition_sizes(n: int, n_stages: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n_stages)]
 
 
+def length_strata(lengths: Sequence[float], ids: Sequence[str], n_strata: int) -> list[int]:
+    """Stratum 0..n_strata-1 of each example by its length: equal-count groups from shortest to
+    longest (ties by id), sizes as `partition_sizes`."""
+    order = sorted(range(len(lengths)), key=lambda i: (float(lengths[i]), str(ids[i])))
+    label = [0] * len(order)
+    start = 0
+    for s, size in enumerate(partition_sizes(len(order), n_strata)):
+        for i in order[start : start + size]:
+            label[i] = s
+        start += size
+    return label
+
+
+def n_kept_stratified(n: int, keep_ratio: float, n_strata: int) -> int:
+    """How many `select_and_partition` keeps of n examples in `length_strata`'s n_strata groups."""
+    return sum(n_kept(size, keep_ratio) for size in partition_sizes(n, n_strata))
+
+
 def select_and_partition(
     fused: Sequence[float],
     ids: Sequence[str],
@@ -77,16 +100,27 @@ def select_and_partition(
     n_stages: int,
     order: str = "easy_to_hard",
     seed: int = 0,
+    strata: Sequence[int] | None = None,
 ) -> tuple[list[int], list[int | None]]:
     """Choose the kept examples and the stage of each.
 
     Returns (ranking, stage): `ranking` is every index easy -> hard by fused score;
     `stage[i]` is the 1-based stage of index i, or None if it was filtered out. The
-    easiest floor(lambda N) are kept whatever the order; `order` decides which kept
-    examples come first in the curriculum (easy_to_hard, hard_to_easy, or random).
+    easiest floor(lambda N) are kept whatever the order (with `strata`, the easiest
+    floor(lambda N_s) of every stratum s); `order` decides which kept examples come first in
+    the curriculum (easy_to_hard, hard_to_easy, or random).
     """
     ranking = easy_to_hard(fused, ids)
-    kept = ranking[: n_kept(len(ranking), keep_ratio)]
+    if strata is None:
+        kept = ranking[: n_kept(len(ranking), keep_ratio)]
+    else:
+        if len(strata) != len(ranking):
+            raise ValueError(f"{len(strata)} strata labels for {len(ranking)} examples")
+        members: dict[int, list[int]] = {}
+        for i in ranking:  # easy -> hard within each stratum
+            members.setdefault(int(strata[i]), []).append(i)
+        chosen = {i for group in members.values() for i in group[: n_kept(len(group), keep_ratio)]}
+        kept = [i for i in ranking if i in chosen]
     if order == "hard_to_easy":
         kept = kept[::-1]
     elif order == "random":

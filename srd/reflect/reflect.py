@@ -41,7 +41,7 @@ from srd.generation.decode import iter_responses, length_batches, row_seeds
 from srd.generation.decoding import Decoding
 from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
-from srd.reflect.fusion import ranks, reciprocal_rank_fusion, select_and_partition
+from srd.reflect.fusion import length_strata, ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import check_scorers, get_scorer, needs_teacher
 from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -277,12 +277,14 @@ def build_manifest(
     order: str,
     seed: int,
     drop_invalid_references: bool = True,
+    strata: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score, rank, fuse, select and partition. One manifest row per example, input order.
 
     Rows whose reference fails a scorer's own check get `reference_ok: false`; with
     `drop_invalid_references` they are ranked (for the record) but never kept, and lambda
-    applies to the valid rows."""
+    applies to the valid rows. `strata`: keep the easiest lambda of each of that many
+    equal-count groups of reference length (stats["ref_tokens"]), not of all rows."""
     ids = [ex.id for ex in examples]
     scores = {
         s: [get_scorer(s).fn(ex, rows[ex.id]["student_output"], rows[ex.id]["stats"]) for ex in examples]
@@ -296,12 +298,15 @@ def build_manifest(
     }
     fused = reciprocal_rank_fusion([by_scorer[s] for s in scorers], k=rrf_k)
     valid = [i for i in range(len(ids)) if ref_ok[i] or not drop_invalid_references]
+    valid_ids = [ids[i] for i in valid]
+    groups = length_strata([rows[i]["stats"]["ref_tokens"] for i in valid_ids], valid_ids, strata) if strata else None
     sub_ranking, sub_stage = select_and_partition(
-        fused[valid], [ids[i] for i in valid], keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed
+        fused[valid], valid_ids, keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed, strata=groups
     )
     stage: list[int | None] = [None] * len(ids)
     for j, i in enumerate(valid):
         stage[i] = sub_stage[j]
+    stratum_of = {i: groups[j] for j, i in enumerate(valid)} if groups else {}
     invalid = sorted(set(range(len(ids))) - set(valid), key=lambda i: (-float(fused[i]), ids[i]))
     ranking = [valid[j] for j in sub_ranking] + invalid  # valid rows easy -> hard, then the dropped invalid ones
     position = np.empty(len(ids), dtype=np.int64)
@@ -317,6 +322,7 @@ def build_manifest(
             "kept": stage[i] is not None,
             "stage": stage[i],
             "reference_ok": ref_ok[i],
+            **({"stratum": stratum_of.get(i)} if groups else {}),
             "student_output": rows[ex.id]["student_output"],
             "stats": rows[ex.id]["stats"],
         }
@@ -437,6 +443,7 @@ def reflect(
             order=c.order,
             seed=cfg.seed,
             drop_invalid_references=cfg.reflect.drop_invalid_references,
+            strata=cfg.reflect.strata if cfg.reflect.stratify == "reference_length" else None,
         )
         n_bad = sum(not r["reference_ok"] for r in manifest)
         if n_bad:
