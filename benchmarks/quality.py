@@ -196,12 +196,6 @@ PRESETS["paper-cpu"] = {
         "lambda09": {"reflect.keep_ratio": 0.9},
         "tcl": {"method": "traditional"},
         "rereflect": {"curriculum.re_reflect": True},
-        # selections relative to the teacher (issue 35; chosen on dev): the student's CE replaced by
-        # its gap to the teacher's, or the teacher's own CE added so that rows it cannot do drop first
-        "cegap": {"reflect.scorers": ["rouge_l", "ce_gap"]},
-        "teacherce": {"reflect.scorers": ["rouge_l", "ce", "teacher_ce"]},
-        # the cut that keeps the data's mix of reference lengths (the easiest 75% of each quarter)
-        "strat": {"reflect.stratify": "reference_length"},
         # the temperature controls (no reflection, no selection): KD's 20 epochs on all rows in
         # three equal stages with SRD's alpha 0.3 -> 0.1, and tau rising 1 -> 2 or fixed at 2
         "kdrise": {"method": "scheduled_kd", "curriculum.epochs_per_stage": round(20 / 3, 4)},
@@ -211,6 +205,12 @@ PRESETS["paper-cpu"] = {
             "curriculum.tau_schedule": "fixed",
             "curriculum.tau_start": 2.0,
         },
+        # selections relative to the teacher (issue 35; chosen on dev): the student's CE replaced by
+        # its gap to the teacher's, or the teacher's own CE added so that rows it cannot do drop first
+        "cegap": {"reflect.scorers": ["rouge_l", "ce_gap"]},
+        "teacherce": {"reflect.scorers": ["rouge_l", "ce", "teacher_ce"]},
+        # the cut that keeps the data's mix of reference lengths (the easiest 75% of each quarter)
+        "strat": {"reflect.stratify": "reference_length"},
     },
     "labels": {
         "": "paper settings",
@@ -220,11 +220,11 @@ PRESETS["paper-cpu"] = {
         "lambda09": "lambda = 0.9",
         "tcl": "traditional curriculum (length + entropy, no filtering)",
         "rereflect": "re-reflection before each stage",
+        "kdrise": "control: KD with SRD's tau 1 -> 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
+        "kdtau2": "control: KD with tau fixed at 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
         "cegap": "learnability: rank by student CE minus teacher CE instead of student CE",
         "teacherce": "teacher CE added to the fusion (rows the teacher cannot do drop first)",
         "strat": "cut stratified by reference length (the easiest 75% of each length quarter)",
-        "kdrise": "control: KD with SRD's tau 1 -> 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
-        "kdtau2": "control: KD with tau fixed at 2 and alpha 0.3 -> 0.1 over 20 epochs, all rows",
     },
     "own_reflection": ["tcl", "kdrise", "kdtau2"],  # kd*: no reflection at all
     "sampled_seeds": [10, 20],  # every trained model is also evaluated sampled at T = 1
