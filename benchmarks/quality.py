@@ -673,6 +673,46 @@ def seed_table(
     ]
 
 
+def trained_rows_table(
+    finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]], preset: dict[str, Any]
+) -> list[str]:
+    """Markdown: what each row's selection kept, by reference length (tokens, EOS included, from
+    the reflection manifest of its first seed): all rows, the kept and the dropped ones, and each
+    curriculum slice; rows with no reflection (KD, the controls) train on all of them."""
+    out = []
+    for (div, variant), by_seed in finished.items():
+        seed = sorted(by_seed)[0]
+        path = by_seed[seed][1] / "reflection" / "manifest.jsonl"
+        if not path.exists():
+            continue
+        manifest = [json.loads(line) for line in path.read_text().splitlines()]
+
+        def mean_tokens(rows: list[dict[str, Any]]) -> str:
+            return f"{statistics.fmean(r['stats']['ref_tokens'] for r in rows):.1f} ({len(rows)})" if rows else "-"
+
+        kept = [r for r in manifest if r["kept"]]
+        slices = sorted({r["stage"] for r in kept})
+        out.append(
+            f"| {_row_label(preset, div, variant)} | {seed} | {mean_tokens(manifest)} | {mean_tokens(kept)} | "
+            f"{mean_tokens([r for r in manifest if not r['kept']])} | "
+            + " / ".join(mean_tokens([r for r in kept if r["stage"] == x]) for x in slices)
+            + " |"
+        )
+    if not out:
+        return []
+    return [
+        "## What the selection kept: mean reference tokens (rows)",
+        "",
+        "From each row's reflection manifest (its first training seed). KD and the temperature controls train on "
+        "all rows. Baby Step trains stage i on slices 1..i.",
+        "",
+        "| row | seed | all rows | kept | dropped | slices 1 / 2 / 3 |",
+        "|---|---|---|---|---|---|",
+        *out,
+        "",
+    ]
+
+
 def benchmark_examples(first: Path) -> dict[str, list[Any]]:
     """Benchmark name -> its evaluated rows, from the first run's saved config (data folder, limit)."""
     from srd.config import load_config
@@ -701,6 +741,7 @@ def seed_sections(
     lines: list[str] = []
     for m in modes:
         lines += seed_table(finished, m, preset)
+    lines += trained_rows_table(finished, preset)
     if not examples:
         return lines
     refs_all = [("teacher", "teacher"), ("initial", "student before KD")]

@@ -297,6 +297,7 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
         "KD's checkpoint",
         "control: KD with SRD's tau 1 -> 2",
         "## Over training seeds, sampled",
+        "## What the selection kept: mean reference tokens (rows)",
         "## Answer lengths, greedy (fkl; words; training seeds 42 pooled)",
         "## dev, sampled, by reference length and topic",
         "| reference 0-10 words |",
