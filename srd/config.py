@@ -212,10 +212,15 @@ class DevEvalConfig:
 
     num_examples: int = 32  # dev rows generated for ROUGE-L (0 = no generation)
     max_new_tokens: int = 128  # answer length cap for dev ROUGE-L
+    # empty: greedy dev answers; else sampled at temperature 1 (top-k 0, top-p 1) once per seed,
+    # each dev row with its own seed derived from it, and ROUGE-L averaged over all of them (the
+    # paper's test protocol, so that the checkpoint is chosen the way it is tested)
+    seeds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.num_examples >= 0, "dev_eval.num_examples must be >= 0")
         _check(self.max_new_tokens > 0, "dev_eval.max_new_tokens must be > 0")
+        _check(len(set(self.seeds)) == len(self.seeds), "dev_eval.seeds must not repeat a seed")
 
 
 @dataclass(kw_only=True)

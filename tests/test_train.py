@@ -525,3 +525,33 @@ def test_a_stage_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path
     assert [r["step"] for r in _rows(logs / "train.jsonl")] == [1, 2, 3, 4]
     assert 9.0 not in [r["loss"] for r in _rows(logs / "train.jsonl")]
     assert [r["step"] for r in _rows(logs / "eval.jsonl")].count(0) == 1
+
+
+def test_dev_rouge_sampled_with_dev_eval_seeds(tmp_path, tiny_models, tiny_data, monkeypatch):
+    """dev_eval.seeds: dev answers sampled at T = 1 (top-k 0, top-p 1), once per seed, each row with
+    its own seed from row_seeds, the same at every evaluation; ROUGE-L over all of them."""
+    import srd.train.loop as loop_mod
+    from srd.generation.decode import row_seeds
+
+    calls = []
+    real = loop_mod.generate_responses
+
+    def spy(model, tokenizer, prompts, decoding, **kwargs):
+        calls.append((decoding, kwargs.get("seeds")))
+        return real(model, tokenizer, prompts, decoding, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "generate_responses", spy)
+    assert (
+        main(_args(tiny_models, tiny_data, tmp_path, "llama", "dev_eval.seeds=[10, 20]", "generation.temperature=0.5"))
+        == 0
+    )
+    assert len(calls) == 4  # two evaluations (steps 0 and 4) x two seeds
+    for decoding, _ in calls:
+        assert decoding.do_sample and decoding.temperature == 1.0 and decoding.top_k == 0 and decoding.top_p == 1.0
+    assert [s for _, s in calls] == [row_seeds(10, 2), row_seeds(20, 2)] * 2
+    evals = _rows(tmp_path / "t" / "logs" / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["dev_rougeL"] <= 100 for e in evals)
+    # greedy by default: no seeds, no sampling
+    calls.clear()
+    assert main(_args(tiny_models, tiny_data, tmp_path / "g", "llama")) == 0
+    assert calls and all(not d.do_sample and s is None for d, s in calls)

@@ -224,13 +224,21 @@ def evaluate_dev(
         prompts = [
             encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len) for i in rows
         ]
-        g = cfg.generation
+        g, seeds = cfg.generation, cfg.dev_eval.seeds
+        scores = []
         with decoding_model(module, student, device, cfg, accelerator) as model:
-            # greedy, with the decode loop whatever generation.backend says (a vLLM engine would
-            # restart at every evaluation: the weights change in between)
-            decoding = Decoding.of(g, max_new_tokens=cfg.dev_eval.max_new_tokens, do_sample=False, backend="loop")
-            answers = generate_responses(model, tokenizer, prompts, decoding)
-        scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
+            # with the decode loop whatever generation.backend says (a vLLM engine would restart
+            # at every evaluation: the weights change in between); greedy, or sampled at T = 1
+            # with one seed per (dev row, dev_eval seed), the same at every evaluation
+            sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if seeds else {}
+            decoding = Decoding.of(
+                g, max_new_tokens=cfg.dev_eval.max_new_tokens, backend="loop", **{"do_sample": False, **sampling}
+            )
+            for seed in seeds or [None]:
+                all_rows = row_seeds(seed, n_gen) if seed is not None else None
+                per_row = None if all_rows is None else [all_rows[i] for i in rows]
+                answers = generate_responses(model, tokenizer, prompts, decoding, seeds=per_row)
+                scores += [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
     return metrics
 
