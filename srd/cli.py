@@ -212,8 +212,9 @@ def _add_evaluation_commands(sub: Any) -> None:
         "temperature 1 over --seeds (the paper: 10 20 30 40 50) unless --greedy; summarisation, translation, "
         "math and code are greedy. Writes per-example JSONL and summary.json/summary.md to --out (default: "
         "RUN/eval/<sampled|greedy>/ for a run directory, runs/eval/<run>-<stage>-<final|best>-<mode>/ for one of "
-        "its checkpoints, runs/eval/<model>-<mode>/ otherwise). Finished benchmarks are reused when rerun; a "
-        "folder holding another model's answers is refused.",
+        "its checkpoints, runs/eval/<folder name>-<hash of its path>-<mode>/ for another local model, "
+        "runs/eval/<hub id>-<mode>/ otherwise). Finished benchmarks are reused when rerun; a folder holding another "
+        "model's answers (by name, or by a fingerprint of its weights) is refused.",
     )
     ev.add_argument(
         "target",
@@ -425,7 +426,13 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
 
 def _eval(args: argparse.Namespace) -> int:
     from srd.config import load_config
-    from srd.eval.evaluate import check_benchmarks, evaluate_model, model_key, resolve_eval_target, summary_markdown
+    from srd.eval.evaluate import (
+        check_benchmarks,
+        default_eval_name,
+        evaluate_model,
+        resolve_eval_target,
+        summary_markdown,
+    )
     from srd.models.load import check_model_spec
     from srd.rundir import RunDir
     from srd.runtime import make_accelerator
@@ -442,9 +449,7 @@ def _eval(args: argparse.Namespace) -> int:
     elif run_dir is not None:
         out = RunDir(run_dir).eval(mode)
     else:
-        key = model_key(model_spec)  # a run's checkpoint: <run>-<stage>-<final|best>, not just "final"
-        name = key.replace("/stages/", "-").replace("/", "-") if "/stages/" in key else Path(model_spec).name
-        out = Path("runs") / "eval" / f"{name or model_spec}-{mode}"
+        out = Path("runs") / "eval" / f"{default_eval_name(model_spec)}-{mode}"
     summary = evaluate_model(
         model_spec, cfg, out, accelerator=acc, progress=not args.no_progress, benchmarks=benchmarks
     )

@@ -241,7 +241,8 @@ def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # 
     for name in ("final", "best"):
         shutil.copytree(spec, run / name)
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "final"), **kw)
-    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "run/stages/stage-3/final"}
+    record = json.loads((out / "decoding.json").read_text())
+    assert record == {"dtype": "float32", "model": "run/stages/stage-3/final", "fingerprint": record["fingerprint"]}
     with pytest.raises(ev.EvalError, match=r"holds the evaluation of run/stages/stage-3/final.*stage-3/best.*--out"):
         ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "best"), **kw)
     (tmp_path / "other").mkdir()  # another run's checkpoint of the same stage is another model
@@ -259,10 +260,47 @@ def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # 
     ev.evaluate(
         load_model(spec).eval(), tok, [bench], out, model_name=str(tmp_path / "other/run/stages/stage-3/final"), **kw
     )
+    fp = {"fingerprint": json.loads((out / "decoding.json").read_text())["fingerprint"]}
     (out / "decoding.json").unlink()  # a folder from before either record
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name="some/hub-id", **kw)
-    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "some/hub-id"}
+    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "some/hub-id", **fp}
     assert ev.model_key("some/hub-id") == "some/hub-id" and ev.model_key(spec) == "llama-student"
+
+
+def test_two_models_with_one_name_never_share_scores(tmp_path, tiny_models, srd_data, monkeypatch, capsys):  # noqa: F811
+    """`srd eval a/student` then `srd eval b/student` (other weights): each gets its own default
+    folder and its own answers; the same --out for both is refused by the weights' fingerprint."""
+    from srd.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    for run, spec in (("a", "llama-student"), ("b", "llama-teacher")):
+        shutil.copytree(tiny_models[spec], tmp_path / run / "student")
+    common = [
+        "--benchmarks",
+        str(srd_data["dev"]),
+        "--greedy",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
+    for run in ("a", "b"):
+        assert main(["eval", f"{run}/student", *common]) == 0
+    folders = sorted((tmp_path / "runs" / "eval").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("student-") and f.name.endswith("-greedy") for f in folders)
+    records = [json.loads((f / "decoding.json").read_text()) for f in folders]
+    assert records[0]["fingerprint"] != records[1]["fingerprint"]
+    assert main(["eval", "a/student", "--out", "shared", *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "b/student", "--out", "shared", *common]) == 2  # same name, other weights
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "other weights" in line]
+    # a folder retrained in place is another model too
+    shutil.rmtree(tmp_path / "a" / "student")
+    shutil.copytree(tiny_models["llama-teacher"], tmp_path / "a" / "student")
+    assert main(["eval", "a/student", "--out", "shared", *common]) == 2
+    assert load_model(str(tmp_path / "b" / "student")) is not None
 
 
 def test_eval_of_a_run_checkpoint_goes_to_a_folder_named_by_its_run(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
@@ -294,7 +332,8 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     kw.update(max_new_tokens=3, accelerator=acc, progress=False)
     bench, out = str(srd_data["dev"]), tmp_path / "eval"
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)
-    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32"}
+    record = json.loads((out / "decoding.json").read_text())
+    assert record == {"dtype": "float32", "fingerprint": record["fingerprint"]}
     with pytest.raises(ev.EvalError, match=r"decoded with float32 weights.*eval.dtype=float32.*--out"):
         ev.evaluate(load_model(spec, dtype=torch.bfloat16).eval(), tok, [bench], out, **kw)
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)  # same precision: resumes
@@ -305,7 +344,8 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     bf = tmp_path / "bf16"
     args = ["eval", spec, "--benchmarks", bench, "--greedy", "--limit", "2", "--max-new-tokens", "3"]
     assert main([*args, "--out", str(bf), "--dtype", "bfloat16", "--no-progress"]) == 0
-    assert json.loads((bf / "decoding.json").read_text()) == {"dtype": "bfloat16", "model": "llama-student"}
+    record = json.loads((bf / "decoding.json").read_text())
+    assert record == {"dtype": "bfloat16", "model": "llama-student", "fingerprint": record["fingerprint"]}
     assert main([*args, "--out", str(bf), "--no-progress"]) == 2  # float32 into a bf16 folder: refused
 
 

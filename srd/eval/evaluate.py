@@ -14,6 +14,7 @@ seed gives the same answers in one process or eight, in one go or resumed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -27,6 +28,7 @@ from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
 from srd.generation.decode import iter_responses, row_seeds
 from srd.generation.decoding import Decoding
+from srd.models.features import model_fingerprint
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
 from srd.utils import atomic_write_json, atomic_write_text
@@ -172,13 +174,30 @@ def model_key(spec: str) -> str:
     return path.resolve().name
 
 
-def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool) -> None:
+def default_eval_name(spec: str) -> str:
+    """The folder name `srd eval` writes a model's results under (runs/eval/<name>-<mode>) when no
+    --out is given: a run's checkpoint by its run, stage and kind (`a-stage-1-best`); another local
+    folder by its name and a hash of its absolute path, so that two folders called `student` (or
+    two runs' `final`) never share one; a Hub id or alias as given, `/` replaced."""
+    key = model_key(spec)
+    if "/stages/" in key:
+        return key.replace("/stages/", "-").replace("/", "-")
+    path = Path(spec)
+    if path.exists():
+        resolved = str(path.resolve())
+        return f"{path.resolve().name}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+    return spec.replace("/", "-")
+
+
+def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, fingerprint: str | None = None) -> None:
     """An evaluation folder's answers all come from one model (`key`, see model_key; None: not
     checked) with its weights in one precision, both recorded in decoding.json: resuming answers
     decoded in float32 with bf16 (or back), or a run's best/ after its final/ (eval.checkpoint),
     would mix two models' outputs in one score or reuse the other one's. Folders from before
     eval.dtype existed hold float32 answers; from before the model was recorded, they are taken to
-    hold the model that resumes them."""
+    hold the model that resumes them. `fingerprint` (srd.models.features.model_fingerprint of
+    the loaded weights) is recorded too: two models with the same name (two folders called
+    `student`, a folder retrained in place) are told apart by their weights."""
     path = out_dir / "decoding.json"
     record = json.loads(path.read_text()) if path.exists() else {}
     earlier = record.get("dtype")
@@ -196,7 +215,18 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool) -> No
             "another folder (srd eval --out), delete that one, or go back to the model it holds (in srd run, "
             "eval.checkpoint: final and best are different models)"
         )
-    complete = {"dtype": earlier or dtype, **({} if key is None else {"model": key}), **record}
+    if fingerprint is not None and record.get("fingerprint", fingerprint) != fingerprint:
+        raise EvalError(
+            f"{out_dir} holds the evaluation of {record.get('model', 'a model')} with other weights (fingerprint "
+            f"{record['fingerprint']}, this model's is {fingerprint}): evaluate into another folder (srd eval "
+            "--out), or delete that one to evaluate this model there"
+        )
+    complete = {
+        "dtype": earlier or dtype,
+        **({} if key is None else {"model": key}),
+        **({} if fingerprint is None else {"fingerprint": fingerprint}),
+        **record,
+    }
     if write and complete != record:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, complete)
@@ -233,7 +263,8 @@ def evaluate(
     out_dir = Path(out_dir)
     model.to(accelerator.device)
     key = None if model_name is None else model_key(model_name)
-    _check_folder(out_dir, dtype_name(next(model.parameters()).dtype), key, accelerator.is_main_process)
+    fingerprint = model_fingerprint(model)
+    _check_folder(out_dir, dtype_name(next(model.parameters()).dtype), key, accelerator.is_main_process, fingerprint)
     accelerator.wait_for_everyone()
     summary_path = out_dir / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
