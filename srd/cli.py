@@ -76,6 +76,15 @@ EVAL_FLAGS: list[tuple[str, str, dict]] = [
         },
     ),
     ("--greedy", "eval.greedy", {"action": "store_true", "help": "greedy decoding everywhere (no seeds)"}),
+    (
+        "--allow-code-execution",
+        "allow_code_execution",
+        {
+            "action": "store_true",
+            "help": "run the model's programs for mbpp (also needs SRD_ALLOW_CODE_EXECUTION=1; sandboxed against "
+            "accidents, not attackers)",
+        },
+    ),
     ("--limit", "eval.limit", {"type": int, "help": "only the first N rows of each benchmark"}),
     ("--batch-size", "eval.batch_size", {"type": int, "help": "prompts decoded together (default 16)"}),
     ("--max-new-tokens", "eval.max_new_tokens", {"type": int, "help": "override each benchmark's token budget"}),
@@ -280,6 +289,11 @@ def _add_model_commands(sub: Any) -> None:
     for flag, key, kw in PRUNE_FLAGS:
         pr.add_argument(flag, dest=key, default=None, help=f"alias of {key}=...", **_metavar(flag, kw))
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --out folder that srd did not write (refused otherwise)",
+    )
 
 
 def quiet_library_logs() -> None:
@@ -303,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from srd.reflect.reflect import ReflectionError
     from srd.report import ReportError
     from srd.train.checkpoint import CheckpointError
+    from srd.utils import FolderError
 
     if args.command is None:
         _parser().print_help()
@@ -315,7 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_cpu_allocator()  # vocabulary-sized tensors reuse freed pages (SRD_CPU_MALLOC=0: off)
     try:
         return _dispatch(args)
-    except (CheckpointError, ConfigError, DataError, EvalError, ModelError, ReflectionError, ReportError) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        EvalError,
+        FolderError,
+        ModelError,
+        ReflectionError,
+        ReportError,
+    ) as e:
         print(f"srd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -420,7 +444,14 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
             "srd prune writes the student to the folder model.student names, which is the teacher here: "
             "name a folder (--out DIR or model.student=DIR)"
         )
-    report = make_student(m.teacher, m.student, cfg.prune, data_dir=cfg.data.data_dir, progress=not args.no_progress)
+    report = make_student(
+        m.teacher,
+        m.student,
+        cfg.prune,
+        data_dir=cfg.data.data_dir,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
     return report, m.student
 
 
@@ -441,7 +472,9 @@ def _eval(args: argparse.Namespace) -> int:
     benchmarks = cfg.eval.benchmarks or DEFAULT_EVAL_BENCHMARKS
     model_spec, run_dir = resolve_eval_target(args.target)
     check_model_spec(model_spec)  # the model and every benchmark's rows before any weights are read
-    check_benchmarks(benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit)
+    check_benchmarks(
+        benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit, allow_code_execution=cfg.allow_code_execution
+    )
     acc = make_accelerator("auto")
     mode = "greedy" if cfg.eval.greedy else "sampled"
     if args.out:

@@ -422,6 +422,12 @@ class RunConfig:
     # curriculum.num_stages stages with SRD's tau and alpha schedules (no reflection, no
     # selection, no order): the control that tells SRD's curation from its temperature.
     method: Literal["srd", "baseline", "traditional", "gkd", "scheduled_kd"] = "srd"
+    # run model-written programs and the data's own test code (mbpp, reflect.scorers tests_pass);
+    # also needs SRD_ALLOW_CODE_EXECUTION=1 in the environment (docs/evaluation.md: the sandbox)
+    allow_code_execution: bool = False
+    # write into an existing non-empty run folder that srd did not create (nothing in it is
+    # deleted); without it such a folder is refused
+    overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -437,7 +443,11 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        _check(
+            bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"),
+            f"name must be one plain folder name (no '/', '\\', '.' or '..'), so that the run folder lies inside "
+            f"output_dir; got {self.name!r}",
+        )
         if self.on_policy.ratio is None:
             self.on_policy.ratio = 0.5 if self.method == "gkd" else 0.0
         _check(

@@ -17,6 +17,75 @@ from typing import Any
 import numpy as np
 import torch
 
+# Every temporary srd writes carries one of these tags (`.<name>.<random>.srd-tmp` files,
+# `.<name>.srd-tmp` folders, `.<name>.srd-old` folders of replace_dir), and every folder srd
+# creates for a run or a student holds MARKER: so a restart removes only what srd can prove it
+# wrote (remove_stale_temporaries), and a user's `notes.old/` or `.draft.tmp` is never touched.
+TMP_TAG = ".srd-tmp"
+OLD_TAG = ".srd-old"
+MARKER = ".srd-folder.json"
+
+
+class FolderError(ValueError):
+    """A folder srd would write into holds files srd did not write; the message says the ways on."""
+
+
+def tmp_sibling(path: Path) -> Path:
+    """Where srd builds `path` before moving it into place: `.<name>.srd-tmp` beside it."""
+    return path.with_name(f".{path.name}{TMP_TAG}")
+
+
+def is_srd_temporary(path: Path) -> bool:
+    """A name only srd's temporaries have (hidden, carrying TMP_TAG or ending in OLD_TAG)."""
+    return path.name.startswith(".") and (TMP_TAG in path.name or path.name.endswith(OLD_TAG))
+
+
+def mark_srd_folder(path: Path, kind: str) -> None:
+    """Create `path` if needed and record that srd owns it (`kind`: run, student, ...)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).exists():
+        atomic_write_json(path / MARKER, {"written_by": "srd", "kind": kind})
+
+
+def is_srd_folder(path: Path) -> bool:
+    marker = path / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("written_by") == "srd"
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def claim_folder(
+    path: Path,
+    kind: str,
+    *,
+    overwrite: bool,
+    legacy: bool = False,
+    how: str = "overwrite=true",
+    replaces: bool = False,
+) -> None:
+    """Make `path` srd's before writing into it: a missing or empty folder, or one srd marked (or,
+    with `legacy`, one an older srd wrote before markers existed) is marked and used; any other
+    non-empty folder is refused unless `overwrite` (`how` names the switch in the message;
+    `replaces`: the caller then replaces the whole folder, and the message says so)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FolderError(f"{path} is a file, not a folder: choose another path")
+    foreign = path.is_dir() and any(path.iterdir()) and not is_srd_folder(path) and not legacy
+    if foreign and not overwrite:
+        what = (
+            "to replace it and everything in it"
+            if replaces
+            else "to write into it anyway (srd's files replace those of the same name; nothing else there is deleted)"
+        )
+        raise FolderError(f"{path} already holds files srd did not write; choose another folder, or pass {how} {what}")
+    try:
+        mark_srd_folder(path, kind)
+    except OSError as e:
+        raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half.
@@ -26,7 +95,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_TAG)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -44,19 +113,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete what a killed srd process can leave under `root`: atomic writers' `.<name>.*.tmp`
-    files, half-written `.<name>.tmp` folders, `<name>.old` folders of replace_dir and the
-    teacher cache's unrenamed `.shard-*.npy`. Call it only while no srd process writes there
-    (a run's start); returns what was removed."""
-    stale = [
-        p
-        for p in root.rglob("*")
-        if (
-            p.name.startswith(".")
-            and (p.name.endswith(".tmp") or (p.name.startswith(".shard-") and p.suffix == ".npy"))
-        )
-        or (p.name.endswith(".old") and p.is_dir())
-    ]
+    """Delete what a killed srd process can leave under `root`, which must be a folder srd marked
+    (else nothing is touched): atomic writers' `.<name>.<random>.srd-tmp` files, half-written
+    `.<name>.srd-tmp` folders, replace_dir's `.<name>.srd-old` folders and the teacher cache's
+    unrenamed `.shard-*.srd-tmp.npy`. Call it only while no srd process writes there (a run's
+    start); returns what was removed."""
+    if not is_srd_folder(root):
+        return []
+    stale = [p for p in root.rglob("*") if is_srd_temporary(p)]
     removed = []
     for p in sorted(stale, key=lambda q: len(q.parts)):  # parents first; children go with them
         if p.is_dir():
@@ -71,9 +135,9 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written directory into place, replacing any old one.
 
     A crash leaves either the old directory or the new one under `final_dir` (plus,
-    at worst, a stale `*.old` directory that the next call removes).
+    at worst, a stale `.<name>.srd-old` directory that the next call removes).
     """
-    old = final_dir.with_name(final_dir.name + ".old")
+    old = final_dir.with_name(f".{final_dir.name}{OLD_TAG}")
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():

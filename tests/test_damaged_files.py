@@ -114,19 +114,30 @@ def test_damaged_manifest_is_rebuilt_from_the_reflection_rows(tmp_path, tiny_mod
 
 
 def test_a_run_start_removes_what_a_killed_process_left_half_written(tmp_path):
-    from srd.utils import remove_stale_temporaries
+    """Only srd's own temporaries, and only inside a folder srd marked: a user's `notes.old/`,
+    `.draft.tmp` or `.shard-notes.npy` stay, and an unmarked folder is not touched at all."""
+    from srd.utils import mark_srd_folder, remove_stale_temporaries
 
     run = tmp_path / "run"
-    keep = [run / "config.yaml", run / "stages" / "stage-1" / "final" / "model.safetensors", run / ".keep-me"]
+    keep = [
+        run / "config.yaml",
+        run / "stages" / "stage-1" / "final" / "model.safetensors",
+        run / ".keep-me",
+        run / "notes.old" / "mine.txt",  # a user's files with the names older srd versions removed
+        run / ".draft.tmp",
+        run / "teacher-cache" / ".shard-notes.npy",
+    ]
     stale = [
-        run / ".results.json.k2j3.tmp",
-        run / "stages" / "stage-1" / "checkpoints" / ".step-000004.tmp" / "model.safetensors",
-        run / "stages" / "stage-1" / "final.old" / "model.safetensors",
-        run / "teacher-cache" / ".shard-00001.ids.npy",
+        run / ".results.json.k2j3.srd-tmp",
+        run / "stages" / "stage-1" / "checkpoints" / ".step-000004.srd-tmp" / "model.safetensors",
+        run / "stages" / "stage-1" / ".final.srd-old" / "model.safetensors",
+        run / "teacher-cache" / ".shard-00001.ids.srd-tmp.npy",
     ]
     for f in keep + stale:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
+    assert remove_stale_temporaries(run) == [] and all(f.exists() for f in keep + stale)  # not srd's folder
+    mark_srd_folder(run, "run")
     removed = remove_stale_temporaries(run)
     assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)
-    assert not (run / "stages" / "stage-1" / "checkpoints" / ".step-000004.tmp").exists() and len(removed) == 4
+    assert not (run / "stages" / "stage-1" / "checkpoints" / ".step-000004.srd-tmp").exists() and len(removed) == 4

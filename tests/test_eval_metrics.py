@@ -12,6 +12,12 @@ from srd.metrics.sandbox import extract_code, run_tests
 from srd.metrics.text import corpus_bleu, rouge_l
 
 
+@pytest.fixture(autouse=True)
+def _code_execution_allowed(monkeypatch):
+    """These tests are about the sandbox itself: the user allowed code execution."""
+    monkeypatch.setenv("SRD_ALLOW_CODE_EXECUTION", "1")
+
+
 def test_rouge_l_by_hand():
     # LCS("the cat sat on the mat", "the cat on the mat") = 5; P = 5/6, R = 5/5
     p, r = 5 / 6, 1.0

@@ -32,6 +32,12 @@ def test_answer_match(prediction, reference, expected):
     assert get_scorer("answer_match").fn(_math(reference), prediction, {}) == expected
 
 
+@pytest.fixture(autouse=True)
+def _code_execution_allowed(monkeypatch):
+    """These tests are about the sandbox itself: the user allowed code execution."""
+    monkeypatch.setenv("SRD_ALLOW_CODE_EXECUTION", "1")
+
+
 def test_answer_match_reference_check():
     check = get_scorer("answer_match").reference_ok
     assert check(_math("42"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from srd.utils import MARKER
 from tests.test_srd_run import (
     _args,
     srd_data,  # noqa: F401 (a fixture)
@@ -151,5 +152,5 @@ def _compare(ref: Path, run: Path) -> None:
         mine = run / log.relative_to(ref)
         assert _log_rows(mine) == _log_rows(log), mine
     assert (run / "report.md").exists() and (run / "comparison.md").exists()
-    stray = [p for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith((".tmp", ".old"))]
+    stray = [p for p in run.rglob("*") if (p.name.startswith(".") and p.name != MARKER) or "srd-tmp" in p.name]
     assert not stray, stray

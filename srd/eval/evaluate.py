@@ -28,6 +28,7 @@ from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
 from srd.generation.decode import iter_responses, row_seeds
 from srd.generation.decoding import Decoding
+from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
@@ -232,10 +233,22 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
         atomic_write_json(path, complete)
 
 
-def check_benchmarks(benchmarks: Sequence[str], *, data_dir: str | None = None, limit: int | None = None) -> None:
-    """Resolve every benchmark and parse its rows now, before a model is loaded to answer them."""
+def check_benchmarks(
+    benchmarks: Sequence[str],
+    *,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    allow_code_execution: bool = False,
+) -> None:
+    """Resolve every benchmark and parse its rows now, before a model is loaded to answer them;
+    a benchmark scored by running code (mbpp) only when code execution is allowed."""
     for spec in benchmarks:
         bench = resolve_benchmark(spec)
+        if bench.metric == "pass_at_1":
+            try:
+                require_code_execution(allow_code_execution, f"benchmark {bench.name}")
+            except CodeExecutionRefused as e:
+                raise EvalError(str(e)) from None
         load_examples(bench.data, data_dir=data_dir, limit=limit)
 
 

@@ -10,6 +10,11 @@ Defences, in the spirit of the reliability guard of OpenAI's human-eval harness:
   * sockets are disabled (no network), as are `ctypes` loading and interpreter exits.
 This stops accidents and careless code, not a determined attacker: run untrusted models'
 code in a container or VM as well.
+
+Nothing runs unless the user asked twice, as bigcode-evaluation-harness asks: the config key
+`allow_code_execution: true` (`srd eval --allow-code-execution`), checked before any weights
+load, and the environment variable SRD_ALLOW_CODE_EXECUTION=1, checked again here before every
+program.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +109,29 @@ _HARNESS = textwrap.dedent(
 )
 
 
+ENV_VAR = "SRD_ALLOW_CODE_EXECUTION"
+
+
+class CodeExecutionRefused(PermissionError):
+    """Model-written or data-supplied code would run, and the user has not allowed it."""
+
+
+def require_code_execution(allowed_by_config: bool, what: str) -> None:
+    """Refuse (CodeExecutionRefused, one line with the two switches) unless both the config key
+    and the environment variable allow running `what`'s code on this machine."""
+    missing = []
+    if not allowed_by_config:
+        missing.append("allow_code_execution=true (srd eval --allow-code-execution)")
+    if os.environ.get(ENV_VAR) != "1":
+        missing.append(f"the environment variable {ENV_VAR}=1")
+    if missing:
+        raise CodeExecutionRefused(
+            f"{what} runs model-written programs and the data's own test code on this machine, which srd does only "
+            f"when asked: set {' and '.join(missing)}. The sandbox guards against accidents, not attackers "
+            "(docs/evaluation.md): run untrusted models' code in a container too"
+        )
+
+
 @dataclass
 class TestResult:
     passed: int
@@ -119,43 +148,74 @@ class TestResult:
 def run_tests(
     code: str, tests: Sequence[str], *, setup: str = "", timeout_s: float = 10.0, memory_mb: int = 1024
 ) -> TestResult:
-    """Run `setup + code`, then each test (an assert statement) in a sandboxed subprocess."""
+    """Run `setup + code`, then each test (an assert statement) in a sandboxed subprocess; only
+    with SRD_ALLOW_CODE_EXECUTION=1 in the environment (CodeExecutionRefused otherwise)."""
+    require_code_execution(True, "running generated code")
     read_fd, write_fd = os.pipe()
     payload = json.dumps({"code": code, "tests": list(tests), "setup": setup})
+    deadline = time.monotonic() + timeout_s
     with tempfile.TemporaryDirectory(prefix="srd-sandbox-") as workdir:
         env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "HOME": workdir}
         cpu = max(1, int(timeout_s) + 1)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _HARNESS, str(write_fd), str(memory_mb << 20), str(cpu)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=env,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-        os.close(write_fd)
-        try:
-            _, stderr = proc.communicate(payload.encode(), timeout=timeout_s)
-            status = None
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            stderr, status = b"", "timeout"
-        finally:
-            _kill_group(proc)  # nothing it started may outlive it
-        with os.fdopen(read_fd) as f:
-            raw = f.read()
+        # stderr goes to a file in the sandbox (capped by its file-size limit), not to a pipe the
+        # evaluator would have to hold in memory
+        with open(os.path.join(workdir, ".stderr"), "w+b") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _HARNESS, str(write_fd), str(memory_mb << 20), str(cpu)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=workdir,
+                env=env,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+            os.close(write_fd)
+            try:
+                proc.communicate(payload.encode(), timeout=timeout_s)
+                status = None
+            except subprocess.TimeoutExpired:
+                status = "timeout"
+            finally:
+                _kill_group(proc)  # nothing it started may outlive it
+            proc.wait(timeout=5)
+            raw = _read_until(read_fd, deadline + 1.0, limit=1 << 20)  # a writer left behind cannot block us
+            err.seek(max(0, os.fstat(err.fileno()).st_size - 300))
+            stderr = err.read()
     if status == "timeout":
         return TestResult(0, len(tests), "timeout", f"exceeded {timeout_s:.0f} s")
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError:
+        outcomes = data["outcomes"]
+        if not (
+            isinstance(outcomes, list) and len(outcomes) == len(tests) and all(x in (True, False) for x in outcomes)
+        ):
+            raise ValueError("malformed outcomes")
+    except (ValueError, TypeError, KeyError):  # no result, or not one the harness writes
         return TestResult(0, len(tests), "crashed", stderr.decode(errors="replace")[-300:] or f"exit {proc.returncode}")
-    outcomes = [bool(x) for x in data["outcomes"]]
     passed = sum(outcomes)
     return TestResult(passed, len(tests), "ok" if passed == len(tests) else "failed", data.get("error"), outcomes)
+
+
+def _read_until(fd: int, deadline: float, *, limit: int) -> str:
+    """Read the result pipe until its writers close it, the deadline passes or `limit` bytes came:
+    a descendant holding the pipe open cannot stall the evaluator, nor flood its memory."""
+    import select
+
+    chunks, size = [], 0
+    try:
+        while size < limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)[:limit].decode(errors="replace")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from srd.utils import replace_dir
+from srd.utils import replace_dir, tmp_sibling
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -24,7 +24,7 @@ def save_model_dir(
     A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
     alone in `out/adapter/` (what the next curriculum stage continues from). `state_dict`:
     the full weights of a sharded (FSDP) model, gathered by srd.train.distributed."""
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_sibling(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -96,7 +96,12 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             file=sys.stderr,
         )
     if cfg.eval.benchmarks:  # a typo in a benchmark is found now, not after hours of training
-        check_benchmarks(cfg.eval.benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit)
+        check_benchmarks(
+            cfg.eval.benchmarks,
+            data_dir=cfg.data.data_dir,
+            limit=cfg.eval.limit,
+            allow_code_execution=cfg.allow_code_execution,
+        )
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
         return results

@@ -25,7 +25,7 @@ from srd.recipes.train import load_models, prepare_run_dir
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import train_stage
-from srd.utils import replace_dir
+from srd.utils import TMP_TAG, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def heal_student(
     if not summary["complete"]:
         raise RuntimeError(f"healing stopped at step {summary['steps']}; rerun the same command to resume")
     # export <out>/heal/final -> <out> (model files only; prune.json is written by the caller)
-    tmp = out / ".healed.tmp"
+    tmp = out / f".healed{TMP_TAG}"
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(RunDir(run_dir).as_stage.final, tmp)

@@ -80,7 +80,9 @@ def _needs_teacher(cfg: RunConfig) -> bool:
 
 def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
     if cfg.method not in ("baseline", "gkd", "scheduled_kd"):
-        check_scorers(_reflection_args(cfg).get("scorers", cfg.reflect.scorers))
+        check_scorers(
+            _reflection_args(cfg).get("scorers", cfg.reflect.scorers), allow_code_execution=cfg.allow_code_execution
+        )
         if _reflection_needs_teacher(cfg) and cfg.model.teacher is None:
             raise ConfigError(
                 f"reflect.scorers {cfg.reflect.scorers} rank rows by the teacher's cross-entropy, but model.teacher "

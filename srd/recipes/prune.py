@@ -16,13 +16,19 @@ from srd.data.sources import load_examples, load_mixture
 from srd.models.load import ModelError, load_model, load_tokenizer
 from srd.models.prune import PERPLEXITY_BATCH_SIZE, perplexity, perplexity_batches, prune_model
 from srd.recipes.heal import heal_student
-from srd.utils import atomic_write_json
+from srd.utils import atomic_write_json, claim_folder, mark_srd_folder
 
 log = logging.getLogger(__name__)
 
 
 def make_student(
-    teacher_spec: str, out: str, prune: PruneConfig, *, data_dir: str | None = None, progress: bool = True
+    teacher_spec: str,
+    out: str,
+    prune: PruneConfig,
+    *,
+    data_dir: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`srd prune`: choose prune.layers of the teacher's layers by measured perplexity (or take
     prune.keep), save the student to `out`, report.
@@ -30,17 +36,28 @@ def make_student(
     With prune.heal_steps > 0 the pruned student is kept in `<out>/pruned/`, healed by KD from
     the teacher on prune.heal_data (see srd.recipes.heal) in `<out>/heal/`, and the healed
     student is saved to `<out>`. The result is cached: a folder whose prune.json records the
-    same request is reused, and an interrupted healing run resumes.
+    same request is reused, and an interrupted healing run resumes. An existing non-empty `out`
+    that srd did not write is refused before any weights load, unless `overwrite`.
     """
     if prune.layers is None and not prune.keep:
         raise ConfigError("srd prune needs the number of layers to keep: prune.layers=N (--layers N) or prune.keep")
+    claim_folder(
+        Path(out),
+        "student",
+        overwrite=overwrite,
+        legacy=(Path(out) / "prune.json").is_file(),
+        how="--overwrite",
+        replaces=prune.heal_steps <= 0,
+    )
     if prune.heal_steps > 0:  # before any weights (prune_model checks the teacher and its texts)
         load_mixture(list(prune.heal_data), data_dir=data_dir)
     measure = dict(data=prune.data, num_texts=prune.num_texts, max_len=prune.max_len, data_dir=data_dir)
     search = dict(method=prune.method, candidates=prune.candidates, keep=prune.keep, progress=progress)
     n_layers = prune.layers or len(prune.keep or [])
     if prune.heal_steps <= 0:
-        return prune_model(teacher_spec, n_layers, out, **measure, **search)
+        report = prune_model(teacher_spec, n_layers, out, **measure, **search)
+        mark_srd_folder(Path(out), "student")  # the saved model folder replaced the marked one
+        return report
     out_dir = Path(out)
     pruned = prune_model(teacher_spec, n_layers, str(out_dir / "pruned"), **measure, **search)
     request = {

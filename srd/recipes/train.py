@@ -17,12 +17,14 @@ from srd.models.load import check_model_spec
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import train_stage
-from srd.utils import atomic_write_text, remove_stale_temporaries
+from srd.utils import atomic_write_text, claim_folder, remove_stale_temporaries
 
 # Keys that may change between an interrupted run and its resumption.
 # train.grad_accum may change with the number of processes (the checkpoint checks that
 # processes x grad_accum, the micro-batches per step, stays the same).
 RESUME_SAFE_KEYS = {
+    "overwrite",
+    "allow_code_execution",
     "train.stop_after_steps",
     "train.num_threads",
     "train.eval_every",
@@ -50,8 +52,10 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory, or check that an existing one belongs to this config."""
     run_dir = cfg.run_dir
     saved = RunDir(run_dir).config
-    if run_dir.exists():  # what a killed run left half-written; the finished parts stay
-        remove_stale_temporaries(run_dir)
+    # srd writes only into a folder it created (or one an older srd wrote: its config.yaml),
+    # and removes only its own temporaries there: what a killed run left half-written
+    claim_folder(run_dir, "run", overwrite=cfg.overwrite, legacy=saved.is_file())
+    remove_stale_temporaries(run_dir)
     if saved.exists():
         old = _flatten(yaml.safe_load(saved.read_text()) or {})
         new = _flatten(to_dict(cfg))

@@ -373,7 +373,7 @@ def reflect(
 
     acc, out_dir = accelerator, Path(out_dir)
     scorers = list(scorers or cfg.reflect.scorers)
-    check_scorers(scorers)
+    check_scorers(scorers, allow_code_execution=cfg.allow_code_execution)
     if needs_teacher(scorers) and teacher is None:
         raise ReflectionError(
             f"reflect.scorers {scorers} measure the teacher's cross-entropy, but no teacher was given: "

@@ -61,6 +61,7 @@ class Scorer:
     # nothing between two examples it cannot tell apart (srd.reflect.fusion.ranks)
     ties: str = "ordinal"
     needs_teacher: bool = False  # whether reflection must measure the teacher's CE (stats["teacher_ce"])
+    runs_code: bool = False  # executes model-written or data-supplied code (needs allow_code_execution)
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -76,12 +77,15 @@ def register_scorer(
     reference_ok: RefCheck | None = None,
     ties: str = "ordinal",
     needs_teacher: bool = False,
+    runs_code: bool = False,
 ) -> None:
     if name in SCORERS:
         raise ValueError(f"scorer {name!r} is already registered")
     if ties not in ("ordinal", "average"):
         raise ValueError(f"ties must be 'ordinal' or 'average', got {ties!r}")
-    SCORERS[name] = Scorer(name, fn, higher_is_easier, needs_generation, description, reference_ok, ties, needs_teacher)
+    SCORERS[name] = Scorer(
+        name, fn, higher_is_easier, needs_generation, description, reference_ok, ties, needs_teacher, runs_code
+    )
 
 
 def needs_teacher(names: Sequence[str]) -> bool:
@@ -89,11 +93,19 @@ def needs_teacher(names: Sequence[str]) -> bool:
     return any(get_scorer(n).needs_teacher for n in names)
 
 
-def check_scorers(names: Sequence[str]) -> None:
-    """reflect.scorers names registered scorers (a ConfigError naming the valid ones otherwise)."""
+def check_scorers(names: Sequence[str], *, allow_code_execution: bool = False) -> None:
+    """reflect.scorers names registered scorers (a ConfigError naming the valid ones otherwise),
+    and a scorer that runs code only when allowed (srd.metrics.sandbox.require_code_execution)."""
+    from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
+
     for name in names:
         if name not in SCORERS:
             raise ConfigError(f"reflect.scorers: {name!r} is not registered; choose from {sorted(SCORERS)}")
+        if SCORERS[name].runs_code:
+            try:
+                require_code_execution(allow_code_execution, f"reflect.scorers {name}")
+            except CodeExecutionRefused as e:
+                raise ConfigError(str(e)) from None
 
 
 def get_scorer(name: str) -> Scorer:
@@ -204,4 +216,5 @@ register_scorer(
     description="100 x the fraction of the task's asserts the student's code passes (sandboxed)",
     reference_ok=_tests_reference_ok,
     ties="average",
+    runs_code=True,
 )

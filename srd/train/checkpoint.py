@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from srd.models.save import is_peft
-from srd.utils import atomic_write_json, replace_dir
+from srd.utils import TMP_TAG, atomic_write_json, replace_dir, tmp_sibling
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -40,7 +40,7 @@ def link_model_dir(src: Path, out: Path, skip: tuple[str, ...] = ("metrics.json"
     has none), put in place atomically. Safe because srd never rewrites a model folder's file in
     place: `save_model_dir` replaces the whole folder, so the other one keeps the old files.
     `skip`: names left out (best/'s metrics.json)."""
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_sibling(out)
     if tmp.exists():
         shutil.rmtree(tmp)
 
@@ -190,7 +190,7 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
 
 
 def tmp_checkpoint_dir(ckpt_root: Path, step: int) -> Path:
-    return ckpt_root / f".step-{step:06d}.tmp"
+    return ckpt_root / f".step-{step:06d}{TMP_TAG}"
 
 
 def finish_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:

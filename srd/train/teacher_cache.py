@@ -37,7 +37,7 @@ from srd.data.tokenize import Encoded, collate, pad_id
 from srd.losses.kd import SparseTeacher
 from srd.models.features import target_features
 from srd.train.checkpoint import CheckpointError
-from srd.utils import atomic_write_json
+from srd.utils import TMP_TAG, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class TeacherCache:
         time since `since` to build.json; returns the time it finished."""
         shard = 1 + max((v[0] for v in self.index.values()), default=-1)
         for name, parts in (("ids", ids), ("buckets", buckets)):
-            tmp = self.folder / f".shard-{shard:05d}.{name}.npy"
+            tmp = self.folder / f".shard-{shard:05d}.{name}{TMP_TAG}.npy"
             np.save(tmp, np.concatenate(parts))
             tmp.replace(self.folder / f"shard-{shard:05d}.{name}.npy")
         added = {i: [shard, row, n] for i, (row, n) in where.items()}

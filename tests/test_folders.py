@@ -1,0 +1,120 @@
+"""srd never deletes or replaces what it did not write: run folders, names, `srd prune --out`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import srd.models
+import srd.models.load
+import srd.models.prune
+import srd.recipes.pipeline
+import srd.recipes.prune
+import srd.recipes.train
+from srd.cli import main
+from srd.utils import MARKER, is_srd_folder
+from tests.test_srd_run import _args, srd_data  # noqa: F401 (a fixture)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under root (relative path -> sha256): the user's files before and after."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def _users_folder(root: Path) -> Path:
+    for name, text in {
+        "notes.txt": "mine",
+        "project.old/plan.md": "my plan",  # names older srd versions removed at a run's start
+        ".draft.tmp": "draft",
+        "deep/.x.tmp": "x",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("weights were read")
+
+    for module in (srd.models, srd.models.load, srd.models.prune, srd.recipes.prune):
+        monkeypatch.setattr(module, "load_model", fail)
+    for module in (srd.recipes.train, srd.recipes.pipeline):
+        monkeypatch.setattr(module, "load_models", fail)
+
+
+def test_a_run_never_touches_a_folder_srd_did_not_create(tmp_path, tiny_models, srd_data, no_weights, capsys):  # noqa: F811
+    user = _users_folder(tmp_path / "out" / "x")  # _args: output_dir=<out>, name=x
+    before = _tree(tmp_path)
+    for cmd in ("run", "train", "reflect"):
+        assert main(_args(cmd, tiny_models, srd_data, tmp_path / "out")) == 2, cmd
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error" in line]
+        assert len(lines) == 1 and str(user) in lines[0] and "overwrite=true" in lines[0] and "Traceback" not in err
+        assert _tree(tmp_path) == before and not (user / MARKER).exists()
+
+
+def test_overwrite_writes_into_it_and_deletes_nothing_of_the_users(tmp_path, tiny_models, srd_data):  # noqa: F811
+    user = _users_folder(tmp_path / "out" / "x")
+    before = _tree(user)
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "out", "overwrite=true")) == 0
+    after = _tree(user)
+    assert all(after.get(k) == v for k, v in before.items())  # every file of the user's, unchanged
+    assert is_srd_folder(user) and (user / "reflection" / "manifest.jsonl").exists()
+    # the folder is srd's now: the same command resumes without the switch
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path / "out")) == 0
+    assert all(_tree(user).get(k) == v for k, v in before.items())
+
+
+def test_a_run_folder_of_an_older_srd_resumes(tmp_path, tiny_models, srd_data):  # noqa: F811
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    (tmp_path / "x" / MARKER).unlink()  # written before markers existed: its config.yaml says whose it is
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    assert is_srd_folder(tmp_path / "x")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\\\b", ""])
+def test_a_run_name_is_one_plain_folder_name(tmp_path, tiny_models, srd_data, name, no_weights, capsys):  # noqa: F811
+    before = _tree(tmp_path)
+    assert main(_args("run", tiny_models, srd_data, tmp_path / "out", f"name={name}")) == 2
+    err = capsys.readouterr().err
+    assert "name must be one plain folder name" in err and "Traceback" not in err
+    assert _tree(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, tiny_models, srd_data, no_weights, capsys):  # noqa: F811
+    (tmp_path / "out").write_text("a file")
+    assert main(_args("run", tiny_models, srd_data, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "out" in err
+
+
+def test_prune_out_onto_a_folder_srd_did_not_write(tmp_path, tiny_models, monkeypatch, capsys):
+    out = _users_folder(tmp_path / "student")
+    before = _tree(tmp_path)
+    args = ["prune", "--teacher", str(tiny_models["llama-teacher"]), "--layers", "1", "--out", str(out)]
+    args += ["--num-texts", "2", "--max-len", "96", "--data", str(_texts(tmp_path))]
+    before = _tree(out)
+    with monkeypatch.context() as m:
+        for module in (srd.models, srd.models.load, srd.models.prune, srd.recipes.prune):
+            m.setattr(module, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds files srd did not write" in err and "--overwrite" in err and "Traceback" not in err
+    assert _tree(out) == before
+    assert main([*args, "--overwrite"]) == 0  # the user asked: the pruned student replaces the folder
+    assert (out / "prune.json").exists() and is_srd_folder(out) and not (out / "notes.txt").exists()
+    assert main(args) == 0  # srd's student now: reused without the switch
+
+
+def _texts(tmp_path: Path) -> Path:
+    path = tmp_path / "texts.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": f"{w} is a word that people say often."} for w in ("hi", "yes")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
