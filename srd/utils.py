@@ -26,6 +26,21 @@ OLD_TAG = ".srd-old"
 MARKER = ".srd-folder.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def follow_umask(path: Path) -> None:
+    """Give a folder made by tempfile.mkdtemp (0700) the mode any new folder gets (0755 under the
+    usual umask), so that a team can read what srd wrote."""
+    os.chmod(path, 0o777 & ~_UMASK)
+
+
 class FolderError(ValueError):
     """A folder srd would write into holds files srd did not write; the message says the ways on."""
 
@@ -97,6 +112,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_TAG)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; srd's files follow the umask like any file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

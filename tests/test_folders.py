@@ -118,3 +118,20 @@ def _texts(tmp_path: Path) -> Path:
     rows = [{"instruction": f"Say {w}.", "output": f"{w} is a word that people say often."} for w in ("hi", "yes")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def test_files_srd_writes_follow_the_umask(tmp_path, tiny_models, srd_data):  # noqa: F811
+    """A team can read what srd wrote: files and folders get the modes any new file and folder get
+    (0644 / 0755 under umask 022), not mkstemp's 0600 or mkdtemp's 0700."""
+    import os
+
+    from srd.utils import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert main(_args("reflect", tiny_models, srd_data, tmp_path)) == 0
+    for p in [tmp_path / "x", *(tmp_path / "x").rglob("*")]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert p.stat().st_mode & 0o777 == want, p

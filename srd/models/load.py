@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from srd.utils import TMP_TAG, atomic_write_text, cache_dir, file_fingerprint, replace_dir
+from srd.utils import TMP_TAG, atomic_write_text, cache_dir, file_fingerprint, follow_umask, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def gguf_to_hf(gguf_path: str | Path) -> Path:
     model.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_TAG))
+    follow_umask(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / ".complete", f"converted from {gguf_path}\n")
