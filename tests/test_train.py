@@ -555,3 +555,34 @@ def test_dev_rouge_sampled_with_dev_eval_seeds(tmp_path, tiny_models, tiny_data,
     calls.clear()
     assert main(_args(tiny_models, tiny_data, tmp_path / "g", "llama")) == 0
     assert calls and all(not d.do_sample and s is None for d, s in calls)
+
+
+class _Payload:
+    """Unpickling this runs code: what a run folder from someone else could hold."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_resume_never_unpickles_code_from_a_checkpoint(tmp_path, tiny_models, tiny_data, capsys):
+    """Optimizer, scheduler and RNG states load with weights_only=True: a checkpoint whose rng
+    file would run code on unpickling is refused with one line, and the code does not run."""
+    args = _args(tiny_models, tiny_data, tmp_path, "llama")
+    assert main([*args, "train.stop_after_steps=2"]) == 0
+    ckpts = sorted((tmp_path / "t" / "checkpoints").glob("step-*"))
+    assert ckpts
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _Payload(str(marker))}, ckpts[-1] / "rng_0.pt")
+    # a crafted folder carries matching digests (a flipped byte alone is caught by them)
+    from srd.train.checkpoint import file_digests
+
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    (ckpts[-1] / "state.json").write_text(json.dumps({**state, "files": file_digests(ckpts[-1])}))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "rng_0.pt" in err and "does not load" in err and "Traceback" not in err
+    assert not marker.exists()

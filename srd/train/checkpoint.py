@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,27 @@ def verify_checkpoint(ckpt: Path) -> None:
             )
         if _sha256(path) != want["sha256"]:
             raise CheckpointError(f"checkpoint file {path} has changed since it was saved (corrupted); {way_on(ckpt)}")
+
+
+def load_state(path: Path, map_location: Any = None, allowed: Sequence[Any] = ()) -> Any:
+    """Optimizer, scheduler or RNG state saved by torch.save, loaded with weights_only=True:
+    tensors, plain Python values and NumPy arrays (the RNG state) only, so a checkpoint folder
+    from someone else cannot run code when a run resumes from it. Anything else is refused with
+    one line naming the file. `allowed`: more plain-data classes the caller vouches for (DeepSpeed's
+    ZeRO records)."""
+    import numpy as np
+
+    reconstruct = np.ndarray((0,)).__reduce__()[0]  # numpy's array constructor for pickles
+    safe = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *allowed]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values, which srd does not load (loading them "
+            f"could run code: {str(e).splitlines()[0][:160]}); delete {path.parent} to restart from the previous "
+            "checkpoint, or the stage's checkpoints/ folder to restart the stage"
+        ) from None
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:

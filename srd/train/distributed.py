@@ -217,6 +217,16 @@ def zero_layout(acc: Any) -> dict[str, int]:
     return {"stage": int(acc.state.deepspeed_plugin.zero_stage), "processes": int(acc.num_processes)}
 
 
+def zero_safe_globals() -> list[Any]:
+    """The DeepSpeed classes a ZeRO optimizer state file holds besides tensors (plain data records),
+    allowed when it is loaded with weights_only=True."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def zero_files(folder: Path, zero: dict[str, int]) -> list[Path]:
     return [folder / f"optimizer.zero{zero['stage']}.rank{r}.pt" for r in range(zero["processes"])]
 

@@ -554,24 +554,23 @@ class _StageRun:
         where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo processes report "cpu:<rank>"
         if self.deepspeed:  # every process reads every partition's file (ZeRO picks its own)
             ckpt.load_weights(acc.unwrap_model(module).student, latest)
-            parts = [
-                torch.load(f, map_location=where, weights_only=False) for f in distributed.zero_files(latest, self.zero)
-            ]
+            allowed = distributed.zero_safe_globals()
+            parts = [ckpt.load_state(f, where, allowed) for f in distributed.zero_files(latest, self.zero)]
             optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
         else:
-            saved_opt = torch.load(latest / "optimizer.pt", map_location=where, weights_only=False)
+            saved_opt = ckpt.load_state(latest / "optimizer.pt", where)
             if self.sharded:
                 distributed.load_full_state_dict(module, ckpt.read_weights(latest))
                 distributed.load_full_optimizer_state(module, optimizer, saved_opt)
             else:
                 ckpt.load_weights(acc.unwrap_model(module).student, latest)
                 optimizer.load_state_dict(saved_opt)
-        self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
+        self.scheduler.load_state_dict(ckpt.load_state(latest / "scheduler.pt"))
         rng_file = latest / f"rng_{acc.process_index}.pt"
         if not rng_file.exists():  # resumed on more processes than wrote the checkpoint
             log.warning("%s missing: process %d continues from rank 0's RNG state", rng_file.name, acc.process_index)
             rng_file = latest / "rng_0.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(ckpt.load_state(rng_file))
         self.state = saved
         self.cache_s += float(saved.get("teacher_cache_s", 0.0))  # built before the interruption
         if acc.is_main_process:
