@@ -102,6 +102,37 @@ def claim_folder(
         raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path, skip: tuple[str, ...] = ("state.json",)) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `folder` but those named in `skip`."""
+    return {
+        str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name not in skip
+    }
+
+
+def digest_mismatch(folder: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """The first recorded file of `folder` that is missing or differs from its record (size, then
+    SHA-256), as `name (why)`; None when all match."""
+    for name, want in sorted(recorded.items()):
+        f = folder / name
+        if not f.is_file():
+            return f"{name} (missing)"
+        if f.stat().st_size != want["size"]:
+            return f"{name} ({f.stat().st_size} bytes, {want['size']} recorded)"
+        if sha256_file(f) != want["sha256"]:
+            return f"{name} (its SHA-256 differs from the one recorded)"
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half.
 

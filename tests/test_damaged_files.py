@@ -100,6 +100,38 @@ def test_damaged_final_weights_of_a_finished_stage_name_the_stage_to_retrain(tmp
     assert f"weights file {stage1 / 'final' / 'model.safetensors'} is damaged" in err and f"delete {stage1}" in err
 
 
+def test_a_flipped_byte_in_saved_weights_or_a_cache_shard_is_found(tmp_path, tiny_models, srd_data, capsys):  # noqa: F811
+    """final/, best/ and teacher-cache shards carry the size and SHA-256 of their files: one
+    flipped byte (which safetensors and NumPy would load silently) is named with the way on."""
+    from srd.models.load import load_model
+
+    extra = ("loss.teacher_top_k=4", "train.save_every=1", "dev_eval.num_examples=2")
+    args = _run_args("run", tiny_models, srd_data, tmp_path, *extra)
+    assert main([*args, "train.stop_after_steps=4"]) == 0  # stage 1 done, stage 2 paused
+    stage1 = tmp_path / "x" / "stages" / "stage-1"
+    for folder in (stage1 / "final", stage1 / "best"):
+        assert json.loads((folder / "srd-digests.json").read_text())["files"]["model.safetensors"]["sha256"]
+    weights = stage1 / "final" / "model.safetensors"
+    original = weights.read_bytes()
+    _flip(weights)
+    assert main(args) == 2  # stage 2 continues from stage 1's final weights
+    err = _error(capsys)
+    assert f"weights file {weights} is damaged" in err and "SHA-256" in err and f"delete {stage1}" in err
+    import pytest
+
+    from srd.models.load import ModelError
+
+    with pytest.raises(ModelError, match="model.safetensors.*SHA-256.*srd-digests.json"):
+        load_model(str(stage1 / "final"))  # what srd eval and the experiment's evaluation load
+    weights.write_bytes(original)
+    load_model(str(stage1 / "best"))
+    shard = sorted((tmp_path / "x" / "teacher-cache").glob("shard-*.buckets.npy"))[0]
+    _flip(shard)
+    assert main(args) == 2
+    err = _error(capsys)
+    assert f"teacher cache file {shard} is damaged" in err and "SHA-256" in err
+
+
 def test_damaged_manifest_is_rebuilt_from_the_reflection_rows(tmp_path, tiny_models, srd_data):  # noqa: F811
     """The manifest is derived (scores, ranks, stages from the saved answers): a damaged copy is
     rewritten on the next run, identical, and no answer is generated again."""

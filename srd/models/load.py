@@ -10,6 +10,7 @@ there afterwards.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 import tempfile
@@ -20,7 +21,16 @@ from typing import Any
 
 import torch
 
-from srd.utils import TMP_TAG, atomic_write_text, cache_dir, file_fingerprint, follow_umask, replace_dir
+from srd.models.save import MODEL_DIGESTS
+from srd.utils import (
+    TMP_TAG,
+    atomic_write_text,
+    cache_dir,
+    digest_mismatch,
+    file_fingerprint,
+    follow_umask,
+    replace_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +222,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
     if spec.startswith("random:"):
         return random_model(spec, load_tokenizer(spec, trust_remote_code=trust_remote_code), dtype=dtype)
     path = resolve_model_path(spec)
+    check_digests(Path(path))
     try:
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -220,6 +231,25 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
         return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"could not load model {spec!r} from {path}: {e}") from e
+
+
+def check_digests(folder: Path) -> None:
+    """A model folder srd saved carries the size and SHA-256 of each file (srd-digests.json): any
+    file that no longer matches is a ModelError naming it, before the weights are read."""
+    record = folder / MODEL_DIGESTS
+    if not (folder.is_dir() and record.is_file()):
+        return
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{record} is damaged ({type(e).__name__}); the folder's files cannot be checked") from None
+    bad = digest_mismatch(folder, files)
+    if bad:
+        raise ModelError(
+            f"model folder {folder}: {bad}, against {MODEL_DIGESTS} written when srd saved it: the file is damaged or "
+            "was changed. Copy the folder again from where it came from, or retrain it (for a run's stage: delete "
+            "the stage's folder and rerun the same command)"
+        )
 
 
 def is_seq2seq(model: Any) -> bool:

@@ -9,7 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from srd.utils import replace_dir, tmp_sibling
+from srd.utils import atomic_write_json, file_digests, replace_dir, tmp_sibling
+
+# in every model folder srd saves: the size and SHA-256 of each of its files, checked when it loads
+MODEL_DIGESTS = "srd-digests.json"
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -19,7 +22,8 @@ def is_peft(model: nn.Module) -> bool:
 def save_model_dir(
     model: nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> None:
-    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically.
+    """Save a loadable HF model folder (config, safetensors, tokenizer) atomically, with the size
+    and SHA-256 of every file in MODEL_DIGESTS (load_model checks them: a flipped byte is found).
 
     A peft (LoRA) model is saved merged, so the folder loads anywhere, with the adapter
     alone in `out/adapter/` (what the next curriculum stage continues from). `state_dict`:
@@ -37,4 +41,5 @@ def save_model_dir(
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / MODEL_DIGESTS, {"files": file_digests(tmp, skip=(MODEL_DIGESTS,))})
     replace_dir(tmp, out)

@@ -11,7 +11,6 @@ the error names it and the way on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -25,8 +24,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from srd.models.save import is_peft
-from srd.utils import TMP_TAG, atomic_write_json, replace_dir, tmp_sibling
+from srd.models.save import MODEL_DIGESTS, is_peft
+from srd.utils import (
+    TMP_TAG,
+    atomic_write_json,
+    digest_mismatch,
+    file_digests,
+    replace_dir,
+    sha256_file,
+    tmp_sibling,
+)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -72,9 +79,23 @@ def _load_adapter(model: nn.Module, folder: Path) -> None:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every *.safetensors shard in `folder`, as one state dict."""
+    """Every *.safetensors shard in `folder`, as one state dict; a folder srd saved has each
+    shard's size and SHA-256 in srd-digests.json, checked first (a flipped byte is found)."""
     state: dict[str, torch.Tensor] = {}
+    record = Path(folder) / MODEL_DIGESTS
+    recorded = {}
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())["files"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{record} is damaged ({type(e).__name__}); {_folder_way_on(Path(folder))}") from None
     for shard in sorted(Path(folder).glob("*.safetensors")):
+        bad = digest_mismatch(Path(folder), {shard.name: recorded[shard.name]}) if shard.name in recorded else None
+        if bad:
+            raise CheckpointError(
+                f"weights file {shard} is damaged ({bad.removeprefix(shard.name).strip(' ()')}); "
+                f"{_folder_way_on(Path(folder))}"
+            )
         try:
             state.update(load_file(shard))
         except Exception as e:  # safetensors raises its own error types for a cut or garbled file
@@ -139,23 +160,6 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / 'state.json'} is damaged ({e}); {way_on(ckpt)}") from e
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "sha256"}} of every file under `folder` but state.json."""
-    return {
-        str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != "state.json"
-    }
-
-
 def way_on(ckpt: Path) -> str:
     """What to do about a damaged checkpoint: resume from the one before it, or restart its stage."""
     earlier = [d for step, d in list_checkpoints(ckpt.parent) if d != ckpt and d.name < ckpt.name]
@@ -182,7 +186,7 @@ def verify_checkpoint(ckpt: Path) -> None:
                 f"checkpoint file {path} is {size:,} bytes but was saved with {want['size']:,} (cut short or "
                 f"overwritten); {way_on(ckpt)}"
             )
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             raise CheckpointError(f"checkpoint file {path} has changed since it was saved (corrupted); {way_on(ckpt)}")
 
 

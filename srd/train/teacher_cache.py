@@ -13,6 +13,7 @@ processing). A temperature that was not cached cannot be served (the cache is re
 `loss.teacher_top_k=0`, the default, keeps the dense teacher).
 
 Layout of <run>/teacher-cache/: meta.json (teacher fingerprint, k, temperatures, tokenisation),
+digests.json (size and SHA-256 of every shard file, checked before a shard is used),
 shards `shard-NNNNN.ids.npy` (n, k) int32 and `shard-NNNNN.buckets.npy` (n, k + T) float32 (the
 top-k logits, then one tail logit per cached temperature), loaded with mmap, index.json
 (example id -> shard, first row, rows), written last and atomically, and build.json (the seconds
@@ -37,7 +38,7 @@ from srd.data.tokenize import Encoded, collate, pad_id
 from srd.losses.kd import SparseTeacher
 from srd.models.features import target_features
 from srd.train.checkpoint import CheckpointError
-from srd.utils import TMP_TAG, atomic_write_json
+from srd.utils import TMP_TAG, atomic_write_json, digest_mismatch, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,14 @@ class TeacherCache:
         """Write one shard (arrays first, then the index that points into them: atomic) and add the
         time since `since` to build.json; returns the time it finished."""
         shard = 1 + max((v[0] for v in self.index.values()), default=-1)
+        digests = self._digests()
         for name, parts in (("ids", ids), ("buckets", buckets)):
             tmp = self.folder / f".shard-{shard:05d}.{name}{TMP_TAG}.npy"
             np.save(tmp, np.concatenate(parts))
-            tmp.replace(self.folder / f"shard-{shard:05d}.{name}.npy")
+            final = self.folder / f"shard-{shard:05d}.{name}.npy"
+            digests[final.name] = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+            tmp.replace(final)
+        atomic_write_json(self.folder / "digests.json", digests)  # before the index names the shard
         added = {i: [shard, row, n] for i, (row, n) in where.items()}
         atomic_write_json(self.folder / "index.json", {**self.index, **added})
         self._load_index()
@@ -170,9 +175,23 @@ class TeacherCache:
         atomic_write_json(self.folder / "build.json", {"seconds": self.build_seconds(self.folder) + now - since})
         return now
 
+    def _digests(self) -> dict[str, dict[str, Any]]:
+        """shard file name -> {"size", "sha256"} of every shard written (digests.json)."""
+        path = self.folder / "digests.json"
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._damaged(path, str(e)) from e
+
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
             paths = [self.folder / f"shard-{shard:05d}.{name}.npy" for name in ("ids", "buckets")]
+            recorded = self._digests()
+            for path in paths:  # a flipped byte is found before the rows are used
+                if path.name in recorded:
+                    bad = digest_mismatch(self.folder, {path.name: recorded[path.name]})
+                    if bad:
+                        raise self._damaged(path, bad.removeprefix(path.name).strip(" ()"))
             arrays = []
             for path in paths:
                 try:
