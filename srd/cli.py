@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from srd.reflect.reflect import ReflectionError
     from srd.report import ReportError
     from srd.train.checkpoint import CheckpointError
-    from srd.utils import FolderError
+    from srd.utils import DamagedFileError, FolderError
 
     if args.command is None:
         _parser().print_help()
@@ -333,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         CheckpointError,
         ConfigError,
+        DamagedFileError,
         DataError,
         EvalError,
         FolderError,

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from srd.utils import read_user_text
+
 
 class ConfigError(ValueError):
     """A configuration problem, with the key path and a suggested fix in the message."""
@@ -594,17 +596,40 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last silently: a recipe that sets train.lr twice would train with whichever came later)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or start from defaults) and apply dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        text = read_user_text(path, ConfigError, "config file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except yaml.YAMLError as e:  # one line: what and where, not PyYAML's excerpt of the file
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}{where}: not a valid recipe ({what})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of options at the top level")
         data = _float_strings(loaded)

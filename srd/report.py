@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from srd.eval.evaluate import load_example_scores
 from srd.reflect.reflect import time_split
 from srd.rundir import RunDir, StageDir
-from srd.utils import atomic_write_text, read_jsonl
+from srd.utils import atomic_write_text, read_json, read_jsonl
 
 
 class ReportError(ValueError):
@@ -18,7 +17,7 @@ class ReportError(ValueError):
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def train_wall_time(run: Path) -> float | None:
@@ -536,7 +535,11 @@ def write_report(run: Path) -> Path:
     matplotlib.use("Agg")
     if not RunDir(run).config.exists():
         raise ReportError(f"{run} is not a run directory (no config.yaml)")
-    plots = RunDir(run).report_assets
+    rd = RunDir(run)
+    for record in (rd.results, rd.reflection_summary, rd.experiment):  # a damaged one is named before
+        if record.exists():  # anything is written
+            _read_json(record)
+    plots = rd.report_assets
     plots.mkdir(parents=True, exist_ok=True)
     md = [f"# Report: {run.name}", ""]
     if RunDir(run).results.exists():

@@ -80,11 +80,13 @@ def claim_folder(
     legacy: bool = False,
     how: str = "overwrite=true",
     replaces: bool = False,
+    create: bool = True,
 ) -> None:
     """Make `path` srd's before writing into it: a missing or empty folder, or one srd marked (or,
     with `legacy`, one an older srd wrote before markers existed) is marked and used; any other
     non-empty folder is refused unless `overwrite` (`how` names the switch in the message;
-    `replaces`: the caller then replaces the whole folder, and the message says so)."""
+    `replaces`: the caller then replaces the whole folder, and the message says so; `create=False`:
+    only check, and let the caller mark the folder once its other checks passed)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FolderError(f"{path} is a file, not a folder: choose another path")
@@ -96,10 +98,56 @@ def claim_folder(
             else "to write into it anyway (srd's files replace those of the same name; nothing else there is deleted)"
         )
         raise FolderError(f"{path} already holds files srd did not write; choose another folder, or pass {how} {what}")
+    if not create:
+        return
     try:
         mark_srd_folder(path, kind)
     except OSError as e:
         raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+
+
+def read_user_text(path: str | os.PathLike, error: type[Exception], what: str) -> str:
+    """The text of a file the user named, or `error` with one line saying why not (missing, a
+    folder, unreadable, not UTF-8) and which file: never a traceback from open()."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file: name the file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(
+            f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+class DamagedFileError(ValueError):
+    """A record srd wrote (JSON, YAML) no longer parses; the message names it and the way on,
+    `why` says only what is wrong (for callers that know a better way on)."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON record srd wrote, or DamagedFileError naming it (cut short, garbled, not UTF-8)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        why = str(e).splitlines()[0][:120]
+        raise DamagedFileError(
+            f"{path} is damaged ({why}); it is a record srd wrote: delete it and rerun the same command to rebuild "
+            "what it records, or delete the folder that holds it to start that part over",
+            why,
+        ) from None
 
 
 def sha256_file(path: Path) -> str:

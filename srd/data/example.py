@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srd.utils import read_user_text
+
 
 class DataError(ValueError):
     """Bad input data: the message names the file, the row and the fix."""
@@ -89,33 +91,43 @@ def example_from_row(
             raise DataError(f"{where}: field 'output' must be a string or a non-empty list of strings")
     elif not isinstance(out, str):
         raise DataError(f"{where}: field 'output' must be a string or a list of strings, got {type(out).__name__}")
+    for fld, text in (("instruction", values["instruction"]), ("input", inp), *(("output", o) for o in _texts(out))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{where}: field {fld!r} holds a character that is not valid Unicode ({e.reason}, "
+                f"{text[e.start]!r} at position {e.start}); remove or replace it"
+            ) from None
     ex_id = str(row.get("id", row.get("task_id", f"{Path(source).stem}-{line}")))
     meta = {k: v for k, v in row.items() if k in ("topic", "category", "task_id", "test_list", "test_setup_code")}
     return Example(id=ex_id, instruction=values["instruction"], input=inp, output=out, meta=meta)
 
 
+def _texts(out: str | list[str]) -> list[str]:
+    return out if isinstance(out, list) else [out]
+
+
 def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
     """(line number, parsed row) pairs from a .jsonl file or a .json list."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
+    text = read_user_text(path, DataError, "data file")
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e}); a .json file must hold a list of objects") from e
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold a list of objects (use .jsonl for one per line)")
         yield from ((i + 1, row) for i, row in enumerate(data))
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
 
 
 def read_examples(

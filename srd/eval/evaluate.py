@@ -32,7 +32,7 @@ from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
-from srd.utils import atomic_write_json, atomic_write_text
+from srd.utils import atomic_write_json, atomic_write_text, read_json
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -42,7 +42,7 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
     run = RunDir(Path(target))
     if run.results.exists():
         # relative to the run directory, so it works from any working directory
-        results = json.loads(run.results.read_text())
+        results = read_json(run.results)
         best = results.get("best_checkpoint")
         if best and _run_checkpoint_setting(run) == "best":
             return str(run.stage(best["stage"]).best), run.path
@@ -200,7 +200,7 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
     the loaded weights) is recorded too: two models with the same name (two folders called
     `student`, a folder retrained in place) are told apart by their weights."""
     path = out_dir / "decoding.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = read_json(path) if path.exists() else {}
     earlier = record.get("dtype")
     if earlier is None and out_dir.is_dir() and any(p.name != "decoding.json" for p in out_dir.iterdir()):
         earlier = "float32"
@@ -280,7 +280,7 @@ def evaluate(
     _check_folder(out_dir, dtype_name(next(model.parameters()).dtype), key, accelerator.is_main_process, fingerprint)
     accelerator.wait_for_everyone()
     summary_path = out_dir / "summary.json"
-    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary: dict[str, Any] = read_json(summary_path) if summary_path.exists() else {}
     summary.setdefault("benchmarks", {})
     for spec in benchmarks:
         bench = resolve_benchmark(spec)

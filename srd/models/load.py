@@ -155,9 +155,67 @@ def resolve_model_path(spec: str) -> str:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is not a model folder (no config.json); give a Hub id, a folder or a .gguf file")
         return str(path)
-    if spec.startswith((".", "/", "~")) or not HUB_ID.fullmatch(spec):
+    if spec.startswith((".", "/", "~")) or not HUB_ID.fullmatch(spec) or _looks_local(spec):
         raise ModelError(missing_model_message(spec))
     return spec  # a Hub id
+
+
+def _looks_local(spec: str) -> bool:
+    """A missing `a/b` whose first part is a folder here (`runs/my-run`, `students/x`) is a local
+    folder that does not exist, not a Hub id: it is not sent to the Hub (minutes of retries)."""
+    first = spec.split("/", 1)[0]
+    return "/" in spec and Path(first).is_dir()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_model_folder(folder: Path) -> None:
+    """What a local model folder must hold, read from headers and file lists only: a tokenizer,
+    and weights whose safetensors headers are whole and whose files are as long as the headers
+    say. A ModelError names the folder or file and the way on."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{folder} has config.json but no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the tokenizer "
+            "from the model it was made from (tokenizer.save_pretrained), or give the folder that has it"
+        )
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any(folder.glob("*.bin")):
+        raise ModelError(f"{folder} has no weights (*.safetensors or *.bin): copy them, or give the complete folder")
+    for shard in shards:
+        why = _safetensors_problem(shard)
+        if why:
+            raise ModelError(f"weights file {shard} is damaged ({why}): copy it again, or retrain or rebuild the model")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole, from its header alone (None when it can)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"its header claims {n} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not readable"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"cut short: {size} bytes of {need}"
+    return None
+
+
+def check_gguf_file(path: Path) -> None:
+    """A .gguf file starts with the GGUF magic bytes."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 # `name` or `namespace/name` (what the Hub accepts); anything else that is not on disk is a
@@ -187,8 +245,9 @@ def missing_model_message(spec: str) -> str:
 
 def check_model_spec(spec: str) -> None:
     """Raise ModelError now if `spec` cannot be loaded for a reason visible without reading any
-    weights (a missing folder or file, a folder without config.json, an unknown alias or
-    random-init shape): a run finds it before loading its other model. Hub ids pass."""
+    weights (a missing folder or file, a folder without config.json or tokenizer, a weights file
+    cut short, a .gguf that is not one, an unknown alias or random-init shape): a run finds it
+    before loading its other model. Hub ids pass."""
     if spec.startswith("random:"):
         _random_spec(spec)
         return
@@ -197,10 +256,13 @@ def check_model_spec(spec: str) -> None:
         return
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.exists():
+        if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist")
+        check_gguf_file(path)
         return
-    resolve_model_path(spec)
+    resolved = resolve_model_path(spec)
+    if Path(resolved).is_dir():
+        check_model_folder(Path(resolved))
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import re
@@ -31,9 +30,9 @@ from tqdm.auto import tqdm
 
 from srd.data.sources import load_examples
 from srd.data.tokenize import collate, encode_examples, pad_id
-from srd.models.load import ModelError, check_model_spec, load_model, load_tokenizer
+from srd.models.load import ModelError, check_model_spec, load_model, load_tokenizer, resolve_model_path
 from srd.models.save import save_model_dir
-from srd.utils import atomic_write_json
+from srd.utils import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +162,33 @@ def choose_layers(
     return PruneResult(keep, ppl, full, single, trace)
 
 
+def check_layer_request(teacher_spec: str, n_layers: int, keep: Sequence[int] | None) -> None:
+    """The layers asked for exist in the teacher, read from its config alone (no weights): a
+    ModelError naming the teacher's layer count otherwise."""
+    if teacher_spec.startswith("random:"):
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(teacher_spec))
+    except (OSError, ValueError):
+        return  # a Hub id not reachable now: the load reports it
+    total = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not total:
+        return
+    if not 0 < n_layers < total:
+        raise ModelError(
+            f"the teacher {teacher_spec} has {total} decoder layers: prune.layers (--layers) must be between 1 and "
+            f"{total - 1}, got {n_layers}"
+        )
+    bad = sorted(i for i in keep or [] if not 0 <= i < total)
+    if bad or len(set(keep or [])) != len(keep or []):
+        raise ModelError(
+            f"prune.keep (--keep) {list(keep or [])}: layer indices must be distinct and in 0..{total - 1} for the "
+            f"teacher {teacher_spec}" + (f" ({', '.join(map(str, bad))} is not)" if bad else "")
+        )
+
+
 def prune_model(
     teacher_spec: str,
     n_layers: int,
@@ -184,6 +210,7 @@ def prune_model(
     records the same request is reused; one made with other settings is refused."""
     out_dir = Path(out)
     check_model_spec(teacher_spec)  # before any weights: the teacher exists, the texts parse
+    check_layer_request(teacher_spec, n_layers, keep)
     texts = load_examples(data, data_dir=data_dir, limit=num_texts)
     request = {
         "teacher": teacher_spec,
@@ -197,7 +224,7 @@ def prune_model(
     }
     report_path = out_dir / "prune.json"
     if report_path.exists():
-        report = json.loads(report_path.read_text())
+        report = read_json(report_path)
         if report.get("request") == request:
             log.info("reusing the pruned student in %s", out_dir)
             return report

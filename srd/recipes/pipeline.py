@@ -15,7 +15,6 @@ reflection 5-7% of the baseline's time, total -35%).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -29,7 +28,7 @@ from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, StageSummary, train_stage
 from srd.train.teacher_cache import TeacherCache
-from srd.utils import atomic_write_json
+from srd.utils import atomic_write_json, read_json
 
 
 class StageResult(TypedDict):
@@ -138,7 +137,7 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
     run = RunDir(run_dir)
     manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress, teacher)
     if acc.is_main_process:
-        summary = json.loads(run.reflection_summary.read_text())
+        summary = read_json(run.reflection_summary)
         acc.print(
             f"reflection: {summary['examples']} examples, {summary['kept']} kept, "
             f"stages {summary['stage_sizes']}, {summary['wall_time_s']:.0f} s{time_split(summary)}"
@@ -175,7 +174,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
         else:
             manifest = _reflect(cfg, student, tokenizer, train, run.reflection, acc, progress, teacher)
             stages = plan_stages(manifest, cfg.curriculum)
-            results["reflection_s"] = json.loads(run.reflection_summary.read_text())["wall_time_s"]
+            results["reflection_s"] = read_json(run.reflection_summary)["wall_time_s"]
         results["stages"] = []
         final = _train_curriculum(cfg, stages, run, results["stages"], student, train, common)
         if final is None:  # paused on purpose (train.stop_after_steps): resume later
@@ -186,9 +185,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
     results["train_s"] = round(sum(s["wall_time_s"] for s in results["stages"]), 3)
     # curriculum.re_reflect: the student reflects again before stages 2..n, time the method costs
     again = [folder / "summary.json" for folder in run.re_reflections()]
-    results["reflection_s"] = round(
-        results["reflection_s"] + sum(json.loads(f.read_text())["wall_time_s"] for f in again), 3
-    )
+    results["reflection_s"] = round(results["reflection_s"] + sum(read_json(f)["wall_time_s"] for f in again), 3)
     # the cache's own record counts shards built by an interrupted invocation too, which no
     # stage's checkpoint may have saved (a cache made before build.json existed records none)
     cache_s = sum(s.get("teacher_cache_s", 0.0) for s in results["stages"])
@@ -284,7 +281,7 @@ def best_checkpoint(run_dir: Path, stage_names: list[str]) -> dict[str, Any] | N
     for name in stage_names:
         folder = RunDir(run_dir).stage(name).best
         path = folder / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics = read_json(path) if path.exists() else {}
         if "dev_rougeL" in metrics and (best is None or metrics["dev_rougeL"] >= best["dev_rougeL"]):
             best = {"model": str(folder), "stage": name, "step": metrics["step"], "dev_rougeL": metrics["dev_rougeL"]}
     return best

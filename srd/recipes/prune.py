@@ -4,7 +4,6 @@ that answers."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,16 @@ import torch
 
 from srd.config import ConfigError, PruneConfig
 from srd.data.sources import load_examples, load_mixture
-from srd.models.load import ModelError, load_model, load_tokenizer
-from srd.models.prune import PERPLEXITY_BATCH_SIZE, perplexity, perplexity_batches, prune_model
+from srd.models.load import ModelError, check_model_spec, load_model, load_tokenizer
+from srd.models.prune import (
+    PERPLEXITY_BATCH_SIZE,
+    check_layer_request,
+    perplexity,
+    perplexity_batches,
+    prune_model,
+)
 from srd.recipes.heal import heal_student
-from srd.utils import atomic_write_json, claim_folder, mark_srd_folder
+from srd.utils import atomic_write_json, claim_folder, mark_srd_folder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +53,14 @@ def make_student(
         legacy=(Path(out) / "prune.json").is_file(),
         how="--overwrite",
         replaces=prune.heal_steps <= 0,
+        create=False,  # marked below, once the teacher, the layers and the data passed their checks
     )
     if prune.heal_steps > 0:  # before any weights (prune_model checks the teacher and its texts)
         load_mixture(list(prune.heal_data), data_dir=data_dir)
+    check_model_spec(teacher_spec)
+    check_layer_request(teacher_spec, prune.layers or len(prune.keep or []), prune.keep)
+    load_examples(prune.data, data_dir=data_dir, limit=prune.num_texts)
+    mark_srd_folder(Path(out), "student")
     measure = dict(data=prune.data, num_texts=prune.num_texts, max_len=prune.max_len, data_dir=data_dir)
     search = dict(method=prune.method, candidates=prune.candidates, keep=prune.keep, progress=progress)
     n_layers = prune.layers or len(prune.keep or [])
@@ -69,7 +79,7 @@ def make_student(
     }
     report_path = out_dir / "prune.json"
     if report_path.exists():
-        report = json.loads(report_path.read_text())
+        report = read_json(report_path)
         if report.get("request") == request:
             log.info("reusing the healed student in %s", out_dir)
             return report

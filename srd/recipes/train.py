@@ -17,7 +17,7 @@ from srd.models.load import check_model_spec
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import train_stage
-from srd.utils import atomic_write_text, claim_folder, remove_stale_temporaries
+from srd.utils import DamagedFileError, atomic_write_text, claim_folder, remove_stale_temporaries
 
 # Keys that may change between an interrupted run and its resumption.
 # train.grad_accum may change with the number of processes (the checkpoint checks that
@@ -57,7 +57,14 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     claim_folder(run_dir, "run", overwrite=cfg.overwrite, legacy=saved.is_file())
     remove_stale_temporaries(run_dir)
     if saved.exists():
-        old = _flatten(yaml.safe_load(saved.read_text()) or {})
+        try:
+            old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+            raise DamagedFileError(
+                f"{saved} is damaged ({str(e).splitlines()[0][:120]}); it is the config srd saved for this run: "
+                "restore it, or delete the run folder to start over",
+                str(e),
+            ) from None
         new = _flatten(to_dict(cfg))
         # a run written by an older srd lacks options added since: they count as their defaults
         defaults = _flatten(to_dict(RunConfig(method=cfg.method)))

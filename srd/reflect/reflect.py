@@ -43,7 +43,7 @@ from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import length_strata, ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import check_scorers, get_scorer, needs_teacher
-from srd.utils import atomic_write_json, atomic_write_text, read_jsonl
+from srd.utils import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _check_meta(folder: Path, meta: dict[str, Any]) -> None:
     path = folder / "meta.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    old = read_json(path)
     changed = [k for k in meta if old.get(k) != meta[k]]
     if changed:
         raise ReflectionError(
@@ -237,7 +237,7 @@ def teacher_stats(
         "max_len": ml,
     }
     meta_path, rows_path = out_dir / "teacher_meta.json", out_dir / "teacher_stats.jsonl"
-    if meta_path.exists() and rows_path.exists() and json.loads(meta_path.read_text()) == meta:
+    if meta_path.exists() and rows_path.exists() and read_json(meta_path) == meta:
         return {r["id"]: {"teacher_ce": r["teacher_ce"]} for r in read_jsonl(rows_path)}
     s2s = is_seq2seq(teacher)
     enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in examples]
@@ -455,7 +455,7 @@ def reflect(
                 "dropped" if cfg.reflect.drop_invalid_references else "kept (reflect.drop_invalid_references=false)",
             )
         atomic_write_text(manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
-        prev = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
+        prev = read_json(out_dir / "summary.json") if (out_dir / "summary.json").exists() else {}
         summary = {
             **summarize(manifest, scorers),
             "scorers": scorers,

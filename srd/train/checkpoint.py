@@ -11,7 +11,6 @@ the error names it and the way on.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -27,9 +26,11 @@ from torch import nn
 from srd.models.save import MODEL_DIGESTS, is_peft
 from srd.utils import (
     TMP_TAG,
+    DamagedFileError,
     atomic_write_json,
     digest_mismatch,
     file_digests,
+    read_json,
     replace_dir,
     sha256_file,
     tmp_sibling,
@@ -86,7 +87,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     recorded = {}
     if record.is_file():
         try:
-            recorded = json.loads(record.read_text())["files"]
+            recorded = read_json(record)["files"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{record} is damaged ({type(e).__name__}); {_folder_way_on(Path(folder))}") from None
     for shard in sorted(Path(folder).glob("*.safetensors")):
@@ -155,9 +156,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     try:
-        return json.loads((ckpt / "state.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return read_json(ckpt / "state.json")
+    except OSError as e:
         raise CheckpointError(f"{ckpt / 'state.json'} is damaged ({e}); {way_on(ckpt)}") from e
+    except DamagedFileError as e:
+        raise CheckpointError(f"{ckpt / 'state.json'} is damaged ({e.why}); {way_on(ckpt)}") from None
 
 
 def way_on(ckpt: Path) -> str:

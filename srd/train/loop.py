@@ -52,7 +52,7 @@ from srd.train import distributed
 from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule
 from srd.train.teacher_cache import TeacherCache
-from srd.utils import append_jsonl, atomic_write_json, rng_state, seed_everything, set_rng_state
+from srd.utils import append_jsonl, atomic_write_json, read_json, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def train_stage(
     out_dir = Path(out_dir)
     done = StageDir(out_dir).done
     if done.exists():
-        return json.loads(done.read_text())
+        return read_json(done)
     acc = accelerator or make_accelerator(cfg.train.precision, cfg.train.sharding)
     run = _StageRun(
         cfg,

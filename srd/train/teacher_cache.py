@@ -23,7 +23,6 @@ its build was interrupted and resumed).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -38,7 +37,7 @@ from srd.data.tokenize import Encoded, collate, pad_id
 from srd.losses.kd import SparseTeacher
 from srd.models.features import target_features
 from srd.train.checkpoint import CheckpointError
-from srd.utils import TMP_TAG, atomic_write_json, digest_mismatch, sha256_file
+from srd.utils import TMP_TAG, DamagedFileError, atomic_write_json, digest_mismatch, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class TeacherCache:
         self.folder = Path(folder)
         self.meta = meta
         meta_path = self.folder / "meta.json"
-        if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        if meta_path.exists() and read_json(meta_path) != meta:
             log.warning("teacher cache %s was made for another teacher or settings: rebuilding it", self.folder)
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -94,16 +93,16 @@ class TeacherCache:
     def _load_index(self) -> None:
         path = self.folder / "index.json"
         try:
-            self.index: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._damaged(path, str(e)) from e
+            self.index: dict[str, list[int]] = read_json(path) if path.exists() else {}
+        except DamagedFileError as e:
+            raise self._damaged(path, e.why) from None
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def build_seconds(folder: Path) -> float:
         """Seconds spent computing the shards in `folder` (0 where none are recorded)."""
         path = Path(folder) / "build.json"
-        return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+        return float(read_json(path)["seconds"]) if path.exists() else 0.0
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if i not in self.index]
@@ -179,9 +178,9 @@ class TeacherCache:
         """shard file name -> {"size", "sha256"} of every shard written (digests.json)."""
         path = self.folder / "digests.json"
         try:
-            return json.loads(path.read_text()) if path.exists() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._damaged(path, str(e)) from e
+            return read_json(path) if path.exists() else {}
+        except DamagedFileError as e:
+            raise self._damaged(path, e.why) from None
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
