@@ -276,10 +276,13 @@ def share_reflection(base: Path, run: Path) -> None:
     variant run, so it fuses other scorers over the same answers without generating them again."""
     import shutil
 
+    from srd.utils import TMP_TAG, mark_srd_folder
+
     src, dst = base / "reflection", run / "reflection"
     if dst.exists() or not (src / "meta.json").exists():
         return
-    tmp = run / ".reflection.tmp"
+    mark_srd_folder(run, "run")  # srd's run folder, which `srd run` then fills
+    tmp = run / f".reflection{TMP_TAG}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in [src / "meta.json", *sorted(src.glob("outputs.rank*.jsonl"))]:
