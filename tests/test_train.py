@@ -517,8 +517,11 @@ def test_the_cpu_allocator_keeps_large_tensors_off_mmap(setting):
 def test_a_stage_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path, tiny_models, tiny_data):
     """Rows an attempt wrote before it was killed (no checkpoint yet) are dropped when the stage
     starts over, so the logs hold each step and evaluation once."""
+    from srd.utils import mark_srd_folder
+
     logs = tmp_path / "t" / "logs"
     logs.mkdir(parents=True)
+    mark_srd_folder(tmp_path / "t", "run")  # the attempt's run folder, as srd made it
     (logs / "train.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
     (logs / "eval.jsonl").write_text(json.dumps({"step": 0, "dev_loss": 9.0}) + "\n")
     assert main(_args(tiny_models, tiny_data, tmp_path, "llama")) == 0
