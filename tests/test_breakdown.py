@@ -59,6 +59,8 @@ def test_buckets_and_groups():
         "topic open_qa",
     ]
     assert g["all"] == ["a", "b", "c", "d"] and g["topic open_qa"] == ["a", "b"] and g["reference > 80 words"] == ["d"]
+    many = [Example(id=f"t{i}", instruction="q", output="w", meta={"topic": f"app {i}"}) for i in range(13)]
+    assert not [k for k in groups(many) if k.startswith("topic")]  # too many topics to say anything
 
 
 def test_lengths_and_scores_average_over_decoding_and_training_seeds(tmp_path):

@@ -30,6 +30,9 @@ from srd.eval.evaluate import load_example_scores
 
 # reference-length buckets in words (upper bounds inclusive; None: no bound). On DollyEval they
 # hold 95 / 145 / 122 / 138 of the 500 rows (median reference 33 words, mean 72)
+# a benchmark's rows are split by topic only when it has at most this many (DollyEval: 8)
+MAX_TOPICS = 12
+
 LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((0, 10), (11, 30), (31, 80), (81, None))
 
 
@@ -81,7 +84,8 @@ def reference_words(ex: Example) -> int:
 
 def groups(examples: Sequence[Example]) -> dict[str, list[str]]:
     """Group name -> the ids in it: `all`, one per reference-length bucket (in bucket order), and
-    `topic <t>` for every topic or category the rows carry (DollyEval's topic, for example)."""
+    `topic <t>` for every topic or category the rows carry (DollyEval's topic, for example),
+    when there are at most MAX_TOPICS of them."""
     out: dict[str, list[str]] = {"all": [ex.id for ex in examples]}
     for low, _ in LENGTH_BUCKETS:
         label = bucket_label(low)
@@ -93,6 +97,8 @@ def groups(examples: Sequence[Example]) -> dict[str, list[str]]:
         topic = ex.meta.get("topic") or ex.meta.get("category")
         if isinstance(topic, str) and topic:
             topics.setdefault(f"topic {topic}", []).append(ex.id)
+    if len(topics) > MAX_TOPICS:  # SelfInst names an app per row: groups of 1-10 rows say nothing
+        return out
     return out | dict(sorted(topics.items()))
 
 
