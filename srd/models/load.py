@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from srd.models.save import MODEL_DIGESTS
+from srd.models.save import MODEL_DIGESTS, read_model_digests
 from srd.utils import (
     TMP_TAG,
     atomic_write_text,
@@ -298,14 +298,13 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
 def check_digests(folder: Path) -> None:
     """A model folder srd saved carries the size and SHA-256 of each file (srd-digests.json): any
     file that no longer matches is a ModelError naming it, before the weights are read."""
-    record = folder / MODEL_DIGESTS
-    if not (folder.is_dir() and record.is_file()):
+    if not folder.is_dir():
         return
     try:
-        files = json.loads(record.read_text())["files"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{record} is damaged ({type(e).__name__}); the folder's files cannot be checked") from None
-    bad = digest_mismatch(folder, files)
+        files = read_model_digests(folder)
+    except ValueError as e:
+        raise ModelError(f"{e}; the folder's files cannot be checked") from None
+    bad = digest_mismatch(folder, files) if files else None
     if bad:
         raise ModelError(
             f"model folder {folder}: {bad}, against {MODEL_DIGESTS} written when srd saved it: the file is damaged or "

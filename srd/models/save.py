@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,21 @@ from srd.utils import atomic_write_json, file_digests, replace_dir, tmp_sibling
 
 # in every model folder srd saves: the size and SHA-256 of each of its files, checked when it loads
 MODEL_DIGESTS = "srd-digests.json"
+
+
+def read_model_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """The {file: {"size", "sha256"}} record save_model_dir left in `folder` ({} where there is
+    none); ValueError when the record itself is damaged."""
+    record = Path(folder) / MODEL_DIGESTS
+    if not record.is_file():
+        return {}
+    try:
+        files = json.loads(record.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record} is damaged ({type(e).__name__})") from None
+    if not isinstance(files, dict):
+        raise ValueError(f"{record} is damaged (no file list)")
+    return files
 
 
 def is_peft(model: nn.Module) -> bool:

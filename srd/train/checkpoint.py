@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from srd.models.save import MODEL_DIGESTS, is_peft
+from srd.models.save import is_peft, read_model_digests
 from srd.utils import (
     TMP_TAG,
     DamagedFileError,
@@ -83,13 +83,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every *.safetensors shard in `folder`, as one state dict; a folder srd saved has each
     shard's size and SHA-256 in srd-digests.json, checked first (a flipped byte is found)."""
     state: dict[str, torch.Tensor] = {}
-    record = Path(folder) / MODEL_DIGESTS
-    recorded = {}
-    if record.is_file():
-        try:
-            recorded = read_json(record)["files"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{record} is damaged ({type(e).__name__}); {_folder_way_on(Path(folder))}") from None
+    try:
+        recorded = read_model_digests(Path(folder))
+    except ValueError as e:
+        raise CheckpointError(f"{e}; {_folder_way_on(Path(folder))}") from None
     for shard in sorted(Path(folder).glob("*.safetensors")):
         bad = digest_mismatch(Path(folder), {shard.name: recorded[shard.name]}) if shard.name in recorded else None
         if bad:
