@@ -69,7 +69,7 @@ def prepare_example(bench: Benchmark, ex: Example) -> Example:
 def score_examples(bench: Benchmark, examples: Sequence[Example], predictions: Sequence[str]) -> list[float]:
     """Per-example scores (x100 for ROUGE-L; 0/100 for answers and tests; BLEU per sentence)."""
     from srd.metrics.answers import answers_match
-    from srd.metrics.sandbox import extract_code, run_tests
+    from srd.metrics.sandbox import defined_names, extract_code, run_tests
     from srd.metrics.text import corpus_bleu, rouge_l
 
     if bench.metric == "rouge_l":
@@ -83,7 +83,10 @@ def score_examples(bench: Benchmark, examples: Sequence[Example], predictions: S
         for p, ex in zip(predictions, examples):
             tests = list(ex.meta.get("test_list") or [])
             setup = ex.meta.get("test_setup_code") or ""
-            out.append(100.0 * run_tests(extract_code(p), tests, setup=setup).all_passed if tests else 0.0)
+            names = defined_names(extract_code(ex.target))  # what the reference defines: the names its tests call
+            out.append(
+                100.0 * run_tests(extract_code(p), tests, setup=setup, entry_points=names).all_passed if tests else 0.0
+            )
         return out
     raise ValueError(f"unknown metric {bench.metric!r}")
 

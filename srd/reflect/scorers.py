@@ -183,20 +183,25 @@ def _tests(ex: Example) -> tuple[list[str], str]:
 
 
 def _tests_pass(ex: Example, out: str, stats: dict[str, Any]) -> float:
-    from srd.metrics.sandbox import extract_code, run_tests
+    from srd.metrics.sandbox import defined_names, extract_code, run_tests
 
     tests, setup = _tests(ex)
     if not tests:
         return float("nan")  # nothing to check: ranks as the hardest
-    result = run_tests(extract_code(out), tests, setup=setup, timeout_s=TESTS_TIMEOUT_S)
+    names = defined_names(extract_code(ex.target))  # what the reference defines: the names its tests call
+    result = run_tests(extract_code(out), tests, setup=setup, timeout_s=TESTS_TIMEOUT_S, entry_points=names)
     return 100.0 * result.passed / result.total
 
 
 def _tests_reference_ok(ex: Example) -> bool:
-    from srd.metrics.sandbox import extract_code, run_tests
+    from srd.metrics.sandbox import defined_names, extract_code, run_tests
 
     tests, setup = _tests(ex)
-    return bool(tests) and run_tests(extract_code(ex.target), tests, setup=setup, timeout_s=TESTS_TIMEOUT_S).all_passed
+    code = extract_code(ex.target)
+    return (
+        bool(tests)
+        and run_tests(code, tests, setup=setup, timeout_s=TESTS_TIMEOUT_S, entry_points=defined_names(code)).all_passed
+    )
 
 
 register_scorer(
