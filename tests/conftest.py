@@ -55,14 +55,14 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def make_llama(vocab: int, layers: int = 2, seed: int = 0):
+def make_llama(vocab: int, layers: int = 2, seed: int = 0, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -153,6 +153,23 @@ def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
         "t5-student": make_t5(len(tokenizer), layers=1, seed=6),
         "bart-teacher": make_bart(len(tokenizer), layers=2, seed=7),
         "bart-student": make_bart(len(tokenizer), layers=1, seed=8),
+    }.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def wide_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """llama-teacher (2 layers) and llama-student (1) as wide as SmolLM2-135M (576): at this width
+    a bf16 row's logits depend on the rows computed beside it, as in real models (at the tiny
+    models' 64 they do not), so the tests of resumed bf16 work use these."""
+    root = tmp_path_factory.mktemp("wide-models")
+    out = {}
+    for name, model in {
+        "llama-teacher": make_llama(len(tokenizer), layers=2, seed=11, hidden=576),
+        "llama-student": make_llama(len(tokenizer), layers=1, seed=12, hidden=576),
     }.items():
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

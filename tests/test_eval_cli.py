@@ -143,9 +143,10 @@ def test_eval_sharded_over_two_processes_matches_one(tmp_path, tiny_models, srd_
 
 @pytest.mark.parametrize("seeds", [None, [10]], ids=["greedy", "sampled"])
 def test_interrupted_evaluation_resumes_per_answer(tmp_path, tiny_models, srd_data, monkeypatch, seeds):  # noqa: F811
-    """A benchmark killed after 2 answers keeps them (partial file); the rerun generates only
-    the others, with another batch size, and ends with the uninterrupted predictions (sampled
-    answers too: each example has its own seed)."""
+    """A benchmark killed after 2 answers keeps them (partial file); the rerun generates the
+    block they belong to again (here all rows: one block), with another batch size, keeps the 2
+    and ends with the uninterrupted predictions (sampled answers too: each example has its own
+    seed)."""
     from accelerate import Accelerator
 
     import srd.eval.evaluate as ev
@@ -181,15 +182,74 @@ def test_interrupted_evaluation_resumes_per_answer(tmp_path, tiny_models, srd_da
         ev, "iter_responses", lambda m, t, prompts, *a, **k: given.append(len(prompts)) or real(m, t, prompts, *a, **k)
     )
     ev.evaluate(model, tok, [bench], tmp_path / "cut", **{**kw, "batch_size": 2})
-    assert given == [n - 2]  # only the missing answers are generated
+    assert given == [n]  # the cut block again, whole
     assert (tmp_path / "cut" / name / f"{key}.jsonl").read_text() == whole
     assert not partial.exists()
 
 
+def test_work_blocks_cut_rows_by_count_and_process_only():
+    from srd.generation import work_blocks
+
+    assert work_blocks(10, size=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert work_blocks(10, 0, 2) == [[0, 1, 2, 3, 4]] and work_blocks(10, 1, 2) == [[5, 6, 7, 8, 9]]
+    assert work_blocks(10, 1, 2, size=3) == [[3, 4, 5], [9]]  # blocks 1 and 3 of 0..3
+    assert work_blocks(0) == [] and work_blocks(3, 2, 4) == [[2]] and work_blocks(3, 3, 4) == []
+
+
+def test_a_resumed_evaluation_generates_the_cut_block_as_in_one_go(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """Rows are generated in blocks; a rerun skips finished blocks and generates the cut one
+    again whole, with the very prompts, in the very order, of the uninterrupted run: the same
+    batches, so the same answers in bf16 too (where a row's logits depend on its batch-mates)."""
+    from accelerate import Accelerator
+
+    import srd.eval.evaluate as ev
+    import srd.generation.decode as decode
+    from srd.models import load_model, load_tokenizer
+
+    monkeypatch.setattr(decode, "WORK_BLOCK", 3)
+    model = load_model(str(tiny_models["llama-student"])).eval()
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    kw = dict(seeds=None, limit=8, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=2)
+    kw.update(max_new_tokens=4, no_repeat_ngram_size=0, accelerator=Accelerator(cpu=True), progress=False)
+    bench = str(srd_data["train"])  # 20 rows
+    real, calls = ev.iter_responses, []
+
+    def recorded(m, t, prompts, *a, **k):
+        calls.append([list(p) for p in prompts])
+        return real(m, t, prompts, *a, **k)
+
+    monkeypatch.setattr(ev, "iter_responses", recorded)
+    ev.evaluate(model, tok, [bench], tmp_path / "whole", **kw)
+    whole, calls = calls, []
+    assert [len(c) for c in whole] == [3, 3, 2]
+
+    answered = []
+
+    def dies(m, t, prompts, *a, **k):  # killed after 4 answers: block 1 done, block 2 cut
+        for pair in real(m, t, prompts, *a, **k):
+            if len(answered) == 4:
+                raise KeyboardInterrupt
+            answered.append(pair)
+            yield pair
+
+    monkeypatch.setattr(ev, "iter_responses", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(model, tok, [bench], tmp_path / "cut", **kw)
+    calls = []
+    monkeypatch.setattr(ev, "iter_responses", recorded)
+    ev.evaluate(model, tok, [bench], tmp_path / "cut", **kw)
+    assert calls == whole[1:]  # block 2 whole again, then block 3: the uninterrupted run's prompts
+    name = ev.resolve_benchmark(bench).name
+    assert (tmp_path / "cut" / name / "greedy.jsonl").read_text() == (
+        tmp_path / "whole" / name / "greedy.jsonl"
+    ).read_text()
+
+
 def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
     """Resuming with fewer processes: every process's partial file counts (rows are numbered in
-    the dataset, not per process); lines of the older per-process numbering are ignored (those
-    answers are generated again); all partial files go once the results are saved."""
+    the dataset, not per process: the kept answer stays, its block is generated again whole);
+    lines of the older per-process numbering are ignored (those answers are generated again);
+    all partial files go once the results are saved."""
     from accelerate import Accelerator
 
     import srd.eval.evaluate as ev
@@ -216,7 +276,7 @@ def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_d
     ev.evaluate(model, tok, [bench], tmp_path / "out", **kw)
     rows = [json.loads(x) for x in (folder / "greedy.jsonl").read_text().splitlines()]
     assert (
-        given == [len(rows) - 1]
+        given == [len(rows)]
         and rows[1]["prediction"] == "kept by process 1"
         and rows[0]["prediction"] != "old numbering"
     )

@@ -141,8 +141,10 @@ def test_ablation_switches_reach_the_stages(tmp_path, tiny_models, srd_data):
 
 @pytest.mark.parametrize("sampling", [[], ["generation.do_sample=true"]], ids=["greedy", "sampled"])
 def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data, monkeypatch, sampling):
-    """An interrupted reflection keeps its saved groups, generates only the rest, and ends with
-    the uninterrupted manifest (sampled answers too: each training row has its own seed)."""
+    """An interrupted reflection keeps its saved groups, generates the cut block again whole (so
+    that every answer is batched as in one go: in bf16 a batch's rows change each other's
+    logits), saves only the rows it lacked, and ends with the uninterrupted manifest (sampled
+    answers too: each training row has its own seed)."""
     real, given = reflect_mod.iter_responses, []
 
     def flaky(*args, **kwargs):  # interrupted at the 11th answer: 2 groups of 4 were saved
@@ -161,7 +163,9 @@ def test_reflection_resumes_without_regenerating(tmp_path, tiny_models, srd_data
         f.write('{"id": "r99", "student_out')  # a torn line from a crash mid-write
     monkeypatch.setattr(reflect_mod, "iter_responses", lambda *a, **k: given.append(len(a[2])) or real(*a, **k))
     assert main(_args("reflect", tiny_models, srd_data, tmp_path, *sampling)) == 0
-    assert given == [20, 12]  # the rerun generated only the 12 unsaved examples
+    assert given == [20, 20]  # the rerun generated the block (here all 20 rows) again, whole
+    saved = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert len(saved) == len(set(saved)) == 20  # the 8 kept, the torn line dropped, the 12 missing added
     assert len(_manifest(tmp_path / "x")) == 20
     # a fresh run in another folder gives the same manifest
     assert main(_args("reflect", tiny_models, srd_data, tmp_path / "fresh", *sampling)) == 0

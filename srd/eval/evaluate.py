@@ -6,10 +6,11 @@ Layout under the output folder (a run's `eval/` by default):
 
 Finished (benchmark, seed) files are reused when the command is rerun, so an interrupted
 evaluation continues; within a (benchmark, seed), every answer is kept in
-`<benchmark>/<greedy|seed-S>.rank<R>.partial` as it finishes and only the missing ones are
-generated on the rerun (with any number of processes). Prompts are sharded over accelerate
-processes and gathered. Sampled answers are seeded per example (`row_seeds`), so the same
-seed gives the same answers in one process or eight, in one go or resumed.
+`<benchmark>/<greedy|seed-S>.rank<R>.partial` as it finishes, and the rerun generates again
+only the blocks of rows (`work_blocks`: up to 1,024) that miss answers, whole, so that it gives
+the answers of an uninterrupted run in bf16 too. Blocks are shared over accelerate processes
+and gathered. Sampled answers are seeded per example (`row_seeds`), so the same seed gives the
+same answers in one go or resumed, and (in float32) in one process or eight.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from srd.config import RunConfig, load_config
 from srd.data.prompts import encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
-from srd.generation.decode import iter_responses, row_seeds
+from srd.generation.decode import iter_responses, row_seeds, work_blocks
 from srd.generation.decoding import Decoding
 from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
@@ -103,18 +104,20 @@ def _run_one(
 ) -> tuple[list[str], float]:
     """Predictions for every example (sharded over processes) and the wall time.
 
-    Each answer is appended to the process's partial file (next to `partial`) as it finishes;
-    a rerun, with any number of processes, generates only the missing ones. A sampled run
-    gives example i the seed `row_seeds(seed, n)[i]`, so (with the `loop` and `vllm` backends)
-    its answer is the same whatever the batch, the process count or the point of resumption."""
+    Each answer is appended to the process's partial file (next to `partial`) as it finishes.
+    The rows are generated in blocks (`work_blocks`); a rerun generates again each block that
+    is missing answers, whole, and keeps the answers it already had, so a resumed evaluation
+    gives the answers of one in one go, in bf16 too. A sampled run gives example i the seed
+    `row_seeds(seed, n)[i]`, so (with the `loop` and `vllm` backends) its answer does not
+    depend on the process it runs in either (in float32; in bf16 another process count cuts
+    other blocks, and can change a few answers)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(examples)))[rank::world]
+    blocks = work_blocks(len(examples), rank, world)
+    mine = [i for block in blocks for i in block]
     done = _read_partials(partial)
-    todo = [i for i in mine if i not in done]
-    prompts = [encode_prompt(tokenizer, examples[i], fmt, max_prompt_len) for i in todo]
     every_seed = None if seed is None else row_seeds(seed, len(examples))
     outs = {i: done[i][0] for i in mine if i in done}
     spent = sum(done[i][1] for i in outs)
@@ -129,25 +132,33 @@ def _run_one(
     own = partial_path(partial, rank)
     own.parent.mkdir(parents=True, exist_ok=True)
     last = time.perf_counter()
+    decoding = Decoding(
+        max_new_tokens=max_new_tokens or bench.max_new_tokens,
+        batch_size=batch_size,
+        do_sample=seed is not None,  # instruction following samples at temperature 1, top-k 0, top-p 1
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        stop_strings=tuple(bench.stop_strings),
+        backend=backend,
+        static_cache_len=max_prompt_len + (max_new_tokens or bench.max_new_tokens),
+    )
     with open(own, "a", encoding="utf-8") as f:
-        decoding = Decoding(
-            max_new_tokens=max_new_tokens or bench.max_new_tokens,
-            batch_size=batch_size,
-            do_sample=seed is not None,  # instruction following samples at temperature 1, top-k 0, top-p 1
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            stop_strings=tuple(bench.stop_strings),
-            backend=backend,
-            static_cache_len=max_prompt_len + (max_new_tokens or bench.max_new_tokens),
-        )
-        seeds = None if every_seed is None else [every_seed[i] for i in todo]
-        for j, text in iter_responses(model, tokenizer, prompts, decoding, seed=seed, seeds=seeds):
-            now = time.perf_counter()
-            outs[todo[j]] = text
-            # each answer is kept as it finishes, with the time since the previous one
-            f.write(json.dumps({"row": todo[j], "prediction": text, "s": now - last}) + "\n")
-            f.flush()
-            last = now
-            bar.update(1)
+        for block in blocks:
+            if all(i in outs for i in block):
+                continue
+            # a block cut short is generated whole again: its rows batched as in one go (bf16)
+            prompts = [encode_prompt(tokenizer, examples[i], fmt, max_prompt_len) for i in block]
+            seeds = None if every_seed is None else [every_seed[i] for i in block]
+            for j, text in iter_responses(model, tokenizer, prompts, decoding, seed=seed, seeds=seeds):
+                i = block[j]
+                if i in outs:
+                    continue  # kept from before the interruption
+                now = time.perf_counter()
+                outs[i] = text
+                # each answer is kept as it finishes, with the time since the previous one
+                f.write(json.dumps({"row": i, "prediction": text, "s": now - last}) + "\n")
+                f.flush()
+                last = now
+                bar.update(1)
     bar.close()
     pairs = gather_object(list(outs.items()))
     elapsed = max(gather_object([spent + time.perf_counter() - t0]))

@@ -9,6 +9,7 @@ from srd.generation.decode import (
     iter_responses,
     register_backend,
     row_seeds,
+    work_blocks,
 )
 from srd.generation.decoding import Decoding
 from srd.generation.stops import cut_at_stop
@@ -21,4 +22,5 @@ __all__ = [
     "iter_responses",
     "register_backend",
     "row_seeds",
+    "work_blocks",
 ]

@@ -159,6 +159,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+WORK_BLOCK = 1024  # rows: the most a resumed generation repeats
+
+
+def work_blocks(n: int, rank: int = 0, world: int = 1, size: int | None = None) -> list[list[int]]:
+    """Process `rank`'s share of rows 0..n-1: consecutive blocks of at most `size` rows (fewer
+    where that gives every process a block), block b to process b % world.
+
+    A block is the unit a caller generates as one stream and repeats whole when it was cut
+    short. In bf16 a row's logits depend on the rows decoded beside it (from about the width of
+    a 135M model), so a rerun that generated only the missing rows of a block would batch them
+    differently and could answer some of them differently; a whole block, given the same
+    rows in the same order, is batched the same and answers the same. The blocks depend on n
+    and the process count only, so a resumed run with the same process count reproduces an
+    uninterrupted one."""
+    size = max(1, min(size or WORK_BLOCK, -(-n // max(1, world))))
+    blocks = [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+    return blocks[rank::world]
+
+
 def row_seeds(seed: int, n: int) -> list[int]:
     """n sampling seeds derived from `seed`: one per prompt (position i gets the i-th)."""
     rng = np.random.default_rng([seed & (2**64 - 1), 0x5EED])

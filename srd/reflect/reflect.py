@@ -37,7 +37,7 @@ from srd.config import RunConfig
 from srd.data.example import Example
 from srd.data.prompts import encode_prompt
 from srd.data.tokenize import Encoded, collate, encode_example, pad_id
-from srd.generation.decode import iter_responses, length_batches, row_seeds
+from srd.generation.decode import iter_responses, length_batches, row_seeds, work_blocks
 from srd.generation.decoding import Decoding
 from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
@@ -165,16 +165,20 @@ def _reflect_rows(
     generate: bool,
     progress: bool,
     seeds: Sequence[int] | None = None,
+    written: set[str] | frozenset[str] = frozenset(),
 ) -> float:
     """Generate + measure `todo`, appending rows to `out_file` every CHUNK finished examples;
     the seconds spent measuring and saving (the rest of the call is generation).
 
     Generation streams over all of `todo` (continuous batching keeps the batch full); answers
-    are measured and saved in groups as they finish, so an interruption loses at most one group."""
+    are measured and saved in groups as they finish, so an interruption loses at most one group.
+    Rows in `written` (saved before an interruption) are generated and measured with the rest,
+    so that every group is batched as in one go, but not saved again."""
     g, r = cfg.generation, cfg.reflect
     fmt, mp, ml = cfg.data.prompt_format, cfg.data.max_prompt_len, cfg.data.max_len
     s2s = is_seq2seq(student)
-    bar = tqdm(total=len(todo), desc="reflection", unit="ex", disable=not progress, dynamic_ncols=True)
+    left = sum(ex.id not in written for ex in todo)
+    bar = tqdm(total=left, desc="reflection", unit="ex", disable=not progress, dynamic_ncols=True)
 
     measured = [0.0]
 
@@ -188,11 +192,15 @@ def _reflect_rows(
             own_enc = [encode_example(tokenizer, ex, fmt=fmt, max_prompt_len=mp, max_len=ml, seq2seq=s2s) for ex in own]
             for s, o in zip(stats, sequence_stats(student, tokenizer, own_enc, batch_size=r.batch_size)):
                 s["ce_reference"], s["ce"] = s["ce"], o["ce"]
-        lines = [json.dumps({"id": ex.id, "student_output": o, "stats": s}) + "\n" for (ex, o), s in zip(group, stats)]
+        lines = [
+            json.dumps({"id": ex.id, "student_output": o, "stats": s}) + "\n"
+            for (ex, o), s in zip(group, stats)
+            if ex.id not in written
+        ]
         with open(out_file, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()
-        bar.update(len(group))
+        bar.update(len(lines))
         measured[0] += time.perf_counter() - t0
 
     group_size = max(CHUNK, g.batch_size)
@@ -398,24 +406,31 @@ def reflect(
     _check_meta(out_dir, meta)
     t0 = time.perf_counter()
     done = _read_rows(out_dir)
-    todo = [ex for ex in examples if ex.id not in done]
-    mine = todo[acc.process_index :: acc.num_processes]
+    # blocks of rows, each a stream of its own, generated again whole if cut short: a resumed
+    # reflection batches every answer as one in one go does (bf16 answers depend on the batch)
+    blocks = [
+        [examples[i] for i in block]
+        for block in work_blocks(len(examples), acc.process_index, acc.num_processes)
+        if any(examples[i].id not in done for i in block)
+    ]
     measure_s = 0.0
-    if mine:
+    if blocks:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
         _drop_torn_tail(own_file)
         with cast_for_inference(student.to(acc.device), dtype) as model:  # the student trains on in float32
-            measure_s = _reflect_rows(
-                cfg,
-                model,
-                tokenizer,
-                mine,
-                own_file,
-                generate=meta["settings"]["scorers_need_generation"],
-                progress=progress and acc.is_main_process,
-                # sampled answers: one seed per training row, the same in any process or rerun
-                seeds=_row_seeds_of(cfg.seed, examples, mine) if cfg.generation.do_sample else None,
-            )
+            for block in blocks:
+                measure_s += _reflect_rows(
+                    cfg,
+                    model,
+                    tokenizer,
+                    block,
+                    own_file,
+                    generate=meta["settings"]["scorers_need_generation"],
+                    progress=progress and acc.is_main_process,
+                    # sampled answers: one seed per training row, the same in any process or rerun
+                    seeds=_row_seeds_of(cfg.seed, examples, block) if cfg.generation.do_sample else None,
+                    written=set(done),
+                )
     own = time.perf_counter() - t0
     times = gather_object([(own, measure_s)])  # (wall, measuring) per process
     elapsed = max(w for w, _ in times)
