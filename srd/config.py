@@ -408,6 +408,7 @@ class EvalConfig:
             _check(m in EVAL_MODELS, f"eval.models: {m!r} is not one of {list(EVAL_MODELS)}")
         _check(self.limit is None or self.limit > 0, "eval.limit must be a positive integer or null")
         _check(len(self.seeds) > 0, "eval.seeds must list at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds must not repeat a seed (each is one sampling pass)")
         _check(self.max_new_tokens is None or self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
 

@@ -31,6 +31,8 @@ def train_wall_time(run: Path) -> float | None:
 
 def _eval_summary(run: Path, eval_name: str) -> dict[str, Any]:
     path = RunDir(run).eval(eval_name) / "summary.json"
+    if not Path(run).is_dir():
+        raise ReportError(f"{run} is not a folder: name a run folder (output_dir/name) or an srd eval output folder")
     if not path.exists():
         raise ReportError(f"{path} does not exist: evaluate the run first (srd eval {run})")
     return _read_json(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -99,11 +100,33 @@ def claim_folder(
         )
         raise FolderError(f"{path} already holds files srd did not write; choose another folder, or pass {how} {what}")
     if not create:
+        check_writable(path)
         return
     try:
         mark_srd_folder(path, kind)
     except OSError as e:
         raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """FolderError unless `path` can be made and written (tried: permissions alone do not tell,
+    e.g. for root, or under /proc); leaves the disk as it found it."""
+    path = Path(path)
+    made: list[Path] = []
+    try:
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            made.append(p)
+        probe = path / f".probe{TMP_TAG}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def read_user_text(path: str | os.PathLike, error: type[Exception], what: str) -> str:
@@ -119,7 +142,7 @@ def read_user_text(path: str | os.PathLike, error: type[Exception], what: str) -
     except OSError as e:
         raise error(f"{what} {path} cannot be read ({e.strerror})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise error(

@@ -60,6 +60,13 @@ def world(tmp_path, tiny_models, monkeypatch):
     _write(fake / "config.yaml", "name: fake\noutput_dir: runs\n")
     _write(fake / "results.json", '{"broken')
     _write(fake / "eval" / "greedy" / "summary.json", '{"broken')
+
+    import huggingface_hub
+
+    def offline(*a, **k):  # as on a machine without a network, at once
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     return w
 
 
@@ -158,6 +165,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("report: not a run folder", ["report", "notes"], ["notes"]),
     ("config: a repeated key", ["config", "dup.yaml"], ["dup.yaml, line 3", "twice"]),
     ("config: a folder", ["config", "folder"], ["folder", "is a folder"]),
+    ("prune: an output folder that cannot be made", [*PRUNE[:5], "--out", "afile/sub", *PRUNE[7:]], ["afile/sub"]),
+    ("eval: a repeated seed", ["eval", "student", "--benchmarks", "train.jsonl", "--seeds", "1", "1"], ["eval.seeds"]),
+    ("a Hub id, offline and not cached", _run("model.student=someone/nope"), ["someone/nope", "cannot be reached"]),
+    ("eval: a Hub id, offline", ["eval", "someone/nope", "--benchmarks", "train.jsonl"], ["someone/nope", "Hub"]),
+    ("compare: a run that does not exist", ["compare", "runs/none", "runs/fake"], ["runs/none", "not a folder"]),
 ]
 
 

@@ -219,3 +219,49 @@ def test_cast_for_inference_casts_and_puts_the_weights_back(tokenizer):
     assert inference_dtype_of("auto", bf16_training=True) == torch.bfloat16
     assert inference_dtype_of("auto", bf16_training=False) == torch.float32
     assert inference_dtype_of("bfloat16", bf16_training=False) == torch.bfloat16
+
+
+def test_a_hub_model_is_checked_once_before_any_run_folder_is_written(monkeypatch):
+    """A Hub id passes when its config is in the local cache or the Hub knows it; otherwise one
+    line says why (unknown, gated, unreachable), after one request, not a download's retries."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from srd.models.load import ModelError, check_hub_model
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+
+    def answer(error):
+        def model_info(repo, timeout):
+            asked.append((repo, timeout))
+            if error is not None:
+                raise error
+
+        return model_info
+
+    monkeypatch.setattr(huggingface_hub, "model_info", answer(None))
+    check_hub_model("org/known")
+    for error, words in [
+        (_hub_error(RepositoryNotFoundError), "not a model on the Hugging Face Hub"),
+        (_hub_error(GatedRepoError), "gated"),
+        (ConnectionError("offline"), "cannot be reached"),
+    ]:
+        monkeypatch.setattr(huggingface_hub, "model_info", answer(error))
+        with pytest.raises(ModelError, match=words):
+            check_hub_model("org/x")
+    assert len(asked) == 4 and all(t == 10 for _, t in asked)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: "/cache/config.json")
+    monkeypatch.setattr(huggingface_hub, "model_info", answer(AssertionError("the cache answers first")))
+    check_hub_model("org/cached")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
+        check_hub_model("org/x")
+
+
+def _hub_error(cls):
+    """A huggingface_hub HTTP error as model_info raises it (built without an HTTP response)."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, cls.__name__)
+    return error

@@ -33,7 +33,7 @@ from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
-from srd.utils import atomic_write_json, atomic_write_text, read_json
+from srd.utils import atomic_write_json, atomic_write_text, check_writable, read_json
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -210,6 +210,9 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
     hold the model that resumes them. `fingerprint` (srd.models.features.model_fingerprint of
     the loaded weights) is recorded too: two models with the same name (two folders called
     `student`, a folder retrained in place) are told apart by their weights."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"{out_dir} is a file, not a folder: evaluate into another folder (srd eval --out)")
+    check_writable(out_dir)  # before any weights load
     path = out_dir / "decoding.json"
     record = read_json(path) if path.exists() else {}
     earlier = record.get("dtype")

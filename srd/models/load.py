@@ -247,7 +247,7 @@ def check_model_spec(spec: str) -> None:
     """Raise ModelError now if `spec` cannot be loaded for a reason visible without reading any
     weights (a missing folder or file, a folder without config.json or tokenizer, a weights file
     cut short, a .gguf that is not one, an unknown alias or random-init shape): a run finds it
-    before loading its other model. Hub ids pass."""
+    before loading its other model. A Hub id passes when it is cached or the Hub knows it."""
     if spec.startswith("random:"):
         _random_spec(spec)
         return
@@ -263,6 +263,47 @@ def check_model_spec(spec: str) -> None:
     resolved = resolve_model_path(spec)
     if Path(resolved).is_dir():
         check_model_folder(Path(resolved))
+    else:
+        check_hub_model(resolved)
+
+
+def check_hub_model(repo_id: str) -> None:
+    """ModelError (one line) unless `repo_id` is in the local Hugging Face cache, or the Hub
+    answers that it exists: asked once, without the retries a download makes (about 50 s
+    before transformers gives up offline), and before any run folder records the config."""
+    import os
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except HFValidationError:
+        raise ModelError(
+            f"model {repo_id!r} is not a local path, an alias or a Hub id (namespace/name): check the spelling"
+        ) from None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelError(
+            f"model {repo_id!r} is not a local path and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+        )
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        raise ModelError(
+            f"model {repo_id!r} is gated on the Hugging Face Hub: accept its terms there and log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"model {repo_id!r} is not a local path and not a model on the Hugging Face Hub (or a private one you "
+            "cannot see): check the name, or the path if you meant a folder"
+        ) from None
+    except Exception as e:  # no network, a proxy, a timeout: whatever the HTTP stack raises
+        raise ModelError(
+            f"model {repo_id!r} is not a local path, not in the Hugging Face cache, and the Hub cannot be reached "
+            f"({type(e).__name__}): check the name, or download it where there is a network "
+            f"(hf download {repo_id}) and copy the cache or the folder here"
+        ) from None
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
