@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         curriculum = Curriculum.from_reflected(
             reflected,
             batch_size=args.batch_size * args.grad_accum,
-            curriculum=CurriculumConfig(epochs_per_stage=args.epochs_per_stage),
+            curriculum=CurriculumConfig(epochs_per_stage=args.epochs_per_stage, lr_schedule="global"),
             seed=args.seed,
         )
         for arm, cur in (("trl", None), ("trl+srd", curriculum)):

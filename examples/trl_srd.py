@@ -73,8 +73,8 @@ def main() -> None:
     # SRD 2: Baby Step order (stage i = stages 1..i, 2 epochs each), tau 1 -> 2, alpha 0.3 -> 0.1
     curriculum = Curriculum.from_reflected(
         reflected,
-        batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        curriculum=CurriculumConfig(epochs_per_stage=2),
+        args=args,  # SRD: rows per optimizer step read from the trainer's arguments (batch x accumulation x processes)
+        curriculum=CurriculumConfig(epochs_per_stage=2, lr_schedule="global"),  # SRD: the trainer's LR schedule
         seed=args.seed,
     )
     trainer = SRDGKDTrainer(

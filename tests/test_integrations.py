@@ -47,7 +47,9 @@ def test_curriculum_order_is_the_cumulative_union_in_whole_steps():
     step's rows cut at its end), never a dropped row, and a stage ends on an optimizer step."""
     stages = np.array([1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 1])
     positions = np.array([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 4])
-    c = CurriculumConfig(num_stages=3, epochs_per_stage=2, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1)
+    c = CurriculumConfig(
+        num_stages=3, epochs_per_stage=2, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1, lr_schedule="global"
+    )
     cur = Curriculum.from_stages(stages, positions, c, batch_size=3, seed=0)
     assert cur.taus == (1.0, 1.5, 2.0) and cur.alphas == pytest.approx((0.3, 0.2, 0.1))
     assert cur.stage_steps == (8 // 3, 14 // 3, 20 // 3)  # 2 x 4, 2 x 7, 2 x 10 rows, whole steps of 3
@@ -86,6 +88,22 @@ def test_examples_from_the_dataset_formats_trl_takes(tokenizer):
         examples_from_dataset(datasets.Dataset.from_dict({"text": ["a"]}))
 
 
+def test_chat_content_parts_are_text_and_a_missing_content_is_refused():
+    """TRL's content parts become their text (not the text of a Python list); a message with no
+    content, or an image part, is a one-line DataError naming the row."""
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "red, "}, {"type": "text", "text": "blue"}]}]
+    ds = datasets.Dataset.from_list([{"prompt": "Name two colors.", "completion": parts}])
+    assert examples_from_dataset(ds)[0].output == "red, blue"
+    text = [{"type": "text", "text": "Hi"}]
+    for user, content, words in [
+        ("Hi", None, "no text content"),
+        (text, [{"type": "image", "image": "x.png"}], "'image' part"),
+    ]:
+        bad = [{"role": "user", "content": user}, {"role": "assistant", "content": content}]
+        with pytest.raises(DataError, match=f"dataset row 0: .*{words}"):
+            examples_from_dataset(datasets.Dataset.from_list([{"messages": bad}]))
+
+
 def test_reflect_dataset_adds_the_manifest_as_columns(tmp_path, tiny_models):
     ds = _prompt_completion(12)
     tok, out = _reflect_tiny(tmp_path, tiny_models, ds)
@@ -119,7 +137,7 @@ def _encoded_rows(tokenizer, ds):
     ]
 
 
-def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, seen=None, **extra):
+def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, seen=None, attach=None, **extra):
     from trl.experimental.gkd import GKDConfig
 
     from srd.data.tokenize import collate
@@ -136,7 +154,7 @@ def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, 
         return collate([encoded[i] for i in ids], tok.pad_token_id)
 
     torch.manual_seed(0)
-    args = GKDConfig(
+    settings = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=1,
@@ -155,8 +173,8 @@ def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, 
         report_to=[],
         disable_tqdm=True,
         seed=0,
-        **extra,
     )
+    args = GKDConfig(**{**settings, **extra})
     trainer = SRDGKDTrainer(
         model=load_model(str(tiny_models["llama-student"])),
         teacher_model=load_model(str(tiny_models["llama-teacher"])),
@@ -165,7 +183,7 @@ def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, 
         data_collator=collator,
         processing_class=tok,
     )
-    cur.attach(trainer)
+    (attach or cur).attach(trainer)
     return trainer
 
 
@@ -184,11 +202,15 @@ def _sequential_args(out) -> dict:
     )
 
 
+_CURRICULUM = CurriculumConfig(
+    num_stages=3, epochs_per_stage=1, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1, lr_schedule="global"
+)
+
+
 @pytest.fixture
 def reflected_tiny(tmp_path, tiny_models):
     tok, reflected = _reflect_tiny(tmp_path, tiny_models, _prompt_completion(12))
-    c = CurriculumConfig(num_stages=3, epochs_per_stage=1, tau_start=1, tau_end=2, alpha_start=0.3, alpha_end=0.1)
-    return tok, reflected, Curriculum.from_reflected(reflected, batch_size=2, curriculum=c)
+    return tok, reflected, Curriculum.from_reflected(reflected, batch_size=2, curriculum=_CURRICULUM)
 
 
 def test_gkd_trainer_sees_each_stage_and_its_tau_and_alpha_reach_the_loss(
@@ -251,7 +273,8 @@ def test_gkd_curriculum_resumed_from_a_checkpoint_ends_where_an_unbroken_run_end
     tok, reflected, cur = reflected_tiny
     whole = _gkd_trainer(tmp_path / "a", tiny_models, tok, reflected, cur)
     whole.train()
-    part = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur, max_steps=4)
+    part = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur)
+    part.add_callback(_StopAt(4))
     part.train()  # stopped in stage 2 (steps 1..4), a checkpoint at step 4
     # the same command without the stop, from the checkpoint
     resumed = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur)
@@ -261,6 +284,86 @@ def test_gkd_curriculum_resumed_from_a_checkpoint_ends_where_an_unbroken_run_end
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     stages = [r["srd_stage"] for r in resumed.state.log_history if "loss" in r]
     assert stages[-1] == 3 and stages[:4] == [1, 2, 2, 2]
+
+
+def _stop_at_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _StopAt(_stop_at_base()):
+    """Stops training after optimizer step `step`, as a killed run would (its checkpoint saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_a_resume_on_another_plan_is_refused(tmp_path, tiny_models, reflected_tiny):
+    """Each checkpoint carries the plan's fingerprint; resuming it with another plan (here the
+    same reflection shuffled with another seed) stops with the fix instead of training on."""
+    tok, reflected, cur = reflected_tiny
+    part = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
+    part.add_callback(_StopAt(2))
+    part.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / "srd-plan.json").read_text())["fingerprint"] == cur.fingerprint
+    other = Curriculum.from_reflected(reflected, batch_size=2, curriculum=_CURRICULUM, seed=1)
+    assert other.fingerprint != cur.fingerprint
+    with pytest.raises(ValueError, match="another curriculum plan"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, other).train(resume_from_checkpoint=str(checkpoint))
+    _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_attach_refuses_what_would_silently_break_the_plan(tmp_path, tiny_models, reflected_tiny):
+    """Rows per step taken from the trainer (and checked), the plan's length, data skipping on
+    resume, batch search, and a dataset the trainer changed (packing: with SFTTrainer)."""
+    tok, reflected, cur = reflected_tiny
+    derived = Curriculum.from_reflected(
+        reflected, args=_gkd_trainer(tmp_path, tiny_models, tok, reflected, cur).args, curriculum=_CURRICULUM
+    )
+    assert derived == cur  # 2 rows per step: per-device 2 x accumulation 1 x 1 process
+    for extra, words in [
+        ({"gradient_accumulation_steps": 2}, "consumes 4 .*gradient_accumulation_steps 2"),
+        ({"max_steps": 3}, "max_steps=3, and the curriculum is 8 steps"),
+        ({"ignore_data_skip": True}, "ignore_data_skip=False"),
+        ({"auto_find_batch_size": True}, "auto_find_batch_size=False"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, **extra)
+    short = Curriculum(cur.order[:-2], (1, 3, 3), cur.taus, cur.alphas, cur.batch_size)
+    with pytest.raises(ValueError, match="the trainer's dataset has 16 rows and the curriculum 14"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, attach=short)
+    with pytest.raises(ValueError, match="args=...|batch_size=..."):
+        Curriculum.from_reflected(reflected, curriculum=_CURRICULUM)
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"num_stages": 2}, "reflected into 3 stages and the curriculum has num_stages=2"),
+        ({"order": "hard_to_easy"}, "curriculum.order=hard_to_easy"),
+        ({"lr_schedule": "per_stage"}, "lr_schedule='global'"),
+        ({"re_reflect": True}, "re_reflect=False"),
+    ],
+)
+def test_curriculum_settings_a_trainer_cannot_apply_are_refused(reflected_tiny, change, words):
+    _, reflected, _ = reflected_tiny
+    c = CurriculumConfig(**{**vars(_CURRICULUM), **change})
+    with pytest.raises(ValueError, match=words):
+        Curriculum.from_reflected(reflected, batch_size=2, curriculum=c)
+
+
+def _order_only(cur: Curriculum) -> Curriculum:
+    """The same plan at tau 1 and alpha 0: a curriculum of the order alone (SFT)."""
+    import dataclasses
+
+    n = len(cur.stage_steps)
+    return dataclasses.replace(cur, taus=(1.0,) * n, alphas=(0.0,) * n)
 
 
 def test_plain_trainer_takes_the_curriculum_as_an_sft_curriculum(tmp_path, tiny_models, reflected_tiny):
@@ -291,6 +394,9 @@ def test_plain_trainer_takes_the_curriculum_as_an_sft_curriculum(tmp_path, tiny_
         cur.attach(trainer(train_sampling_strategy="random"))
     with pytest.raises(ValueError, match="num_train_epochs=1"):
         cur.attach(trainer(num_train_epochs=2))
+    with pytest.raises(ValueError, match="Trainer's loss does not read the stage's tau"):
+        cur.attach(trainer())  # no teacher: tau and alpha would be logged and never used
+    cur = _order_only(cur)
     t = trainer()
     cur.attach(t)
     t.train()
@@ -317,7 +423,11 @@ def test_distillation_trainer_reads_the_curriculum_in_order_at_each_stage_tau(tm
             "srd_position": list(range(1, n + 1)),
         }
     )
-    cur = Curriculum.from_reflected(ds, batch_size=2, curriculum=CurriculumConfig(num_stages=3, epochs_per_stage=1))
+    c = CurriculumConfig(num_stages=3, epochs_per_stage=1, alpha_start=0, alpha_end=0, lr_schedule="global")
+    cur = Curriculum.from_reflected(ds, batch_size=2, curriculum=c)
+    with_ce = Curriculum.from_reflected(
+        ds, batch_size=2, curriculum=CurriculumConfig(**{**vars(c), "alpha_start": 0.3})
+    )
 
     def trainer(shuffle: bool):
         args = DistillationConfig(
@@ -342,6 +452,8 @@ def test_distillation_trainer_reads_the_curriculum_in_order_at_each_stage_tau(tm
 
     with pytest.raises(ValueError, match="shuffle_dataset=False"):
         cur.attach(trainer(shuffle=True))
+    with pytest.raises(ValueError, match="DistillationTrainer's loss does not read the stage's alpha"):
+        with_ce.attach(trainer(shuffle=False))  # its loss has no CE term
     t = trainer(shuffle=False)
     prompts, temps = [], []
     generate, loss = t._generate_and_score_completions, t._compute_loss
@@ -393,6 +505,11 @@ def test_sft_trainer_reads_the_curriculum_in_order(tmp_path, tiny_models, reflec
 
     with pytest.raises(ValueError, match="shuffle_dataset=False"):
         cur.attach(trainer(shuffle_dataset=True))
+    with pytest.raises(ValueError, match="SFTTrainer's loss does not read the stage's tau"):
+        cur.attach(trainer())
+    with pytest.raises(ValueError, match="packing=False"):
+        _order_only(cur).attach(trainer(packing=True))
+    cur = _order_only(cur)
     t = trainer()
     assert not t.args.shuffle_dataset  # TRL's default
     seen: list[list[int]] = []

@@ -2,10 +2,11 @@
 the Baby-Step curriculum fed to a Trainer in order, with each stage's tau and alpha.
 
     reflected = reflect_dataset(train_ds, student=model, tokenizer=tok, out_dir="runs/my-reflection")
-    curriculum = Curriculum.from_reflected(reflected, batch_size=8 * grad_accum * processes)
+    curriculum = Curriculum.from_reflected(reflected, args=training_args,
+                                           curriculum=CurriculumConfig(lr_schedule="global"))
     trainer = SomeTrainer(..., train_dataset=curriculum.dataset(reflected),
                           args=...(num_train_epochs=1, train_sampling_strategy="sequential"))
-    curriculum.attach(trainer)     # sets trainer.srd_tau / srd_alpha per stage, logs stage, tau, alpha
+    curriculum.attach(trainer)     # checks the trainer; sets srd_tau / srd_alpha per stage and logs them
     trainer.train()
 
 The curriculum is an explicit order of rows: for stage i, `epochs_per_stage` passes over the
@@ -33,6 +34,25 @@ from srd.curriculum import stage_alphas, stage_taus
 from srd.data.example import DataError, Example
 
 
+def _content(message: dict[str, Any]) -> str:
+    """A chat message's content as text: a string, or TRL's content parts ({"type": "text",
+    "text": ...}) joined; anything else (no content, an image part) is a DataError."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(
+                    f"a {message.get('role', 'chat')} message has a {kind!r} part: only text parts are supported"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"a {message.get('role', 'chat')} message has no text content ({content!r})")
+
+
 def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
     """A prompt or completion cell as text: a string as it is; a list of chat messages through
     the tokenizer's chat template (a prompt ends with the generation prompt) or, for a
@@ -40,11 +60,12 @@ def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        messages = [{**m, "content": _content(m)} for m in value]
         if not prompt:
-            return "".join(str(m["content"]) for m in value)
+            return "".join(m["content"] for m in messages)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("conversational rows need a tokenizer with a chat template to render their prompt")
-        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise DataError(f"expected text or a list of chat messages, got {type(value).__name__}")
 
 
@@ -74,11 +95,8 @@ def examples_from_dataset(dataset: Any, tokenizer: Any = None, *, id_column: str
                 last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
                 if last is None:
                     raise DataError("the conversation has no assistant message to learn")
-                ex = Example(
-                    id=ex_id,
-                    instruction=_text(msgs[:last], tokenizer, prompt=True),
-                    output=str(msgs[last]["content"]),
-                )
+                output = _content(msgs[last])
+                ex = Example(id=ex_id, instruction=_text(msgs[:last], tokenizer, prompt=True), output=output)
             elif {"instruction", "output"} <= columns:
                 ex = Example(
                     id=ex_id, instruction=row["instruction"], input=row.get("input") or "", output=row["output"]
@@ -172,18 +190,32 @@ class Curriculum:
         cls,
         dataset: Any,
         *,
-        batch_size: int,
+        args: Any = None,
+        batch_size: int | None = None,
         curriculum: CurriculumConfig | None = None,
         seed: int = 0,
     ) -> Curriculum:
-        """The curriculum of a dataset returned by `reflect_dataset`. `batch_size`: rows per
-        optimizer step over all processes (per-device batch x gradient accumulation x processes)."""
+        """The curriculum of a dataset returned by `reflect_dataset`, for a trainer with these
+        `args` (its TrainingArguments / GKDConfig / SFTConfig ...: the rows an optimizer step
+        consumes are read from them, `rows_per_step`), or for `batch_size` rows per step over
+        all processes. `curriculum` (default: CurriculumConfig(lr_schedule="global")) must have
+        the reflection's number of stages."""
+        if (args is None) == (batch_size is None):
+            raise ValueError("give the trainer's arguments (args=...) or the rows per optimizer step (batch_size=...)")
         if "srd_stage" not in dataset.column_names:
             raise ValueError("the dataset has no srd_stage column: pass it through reflect_dataset first")
-        c = curriculum or CurriculumConfig()
+        c = curriculum or CurriculumConfig(lr_schedule="global")
         stages = np.asarray(dataset["srd_stage"])
+        reflected = int(stages.max(initial=0))
+        if reflected != c.num_stages:
+            raise ValueError(
+                f"the dataset was reflected into {reflected} stages and the curriculum has num_stages={c.num_stages}: "
+                f"use CurriculumConfig(num_stages={reflected}), or reflect again with "
+                f"overrides=['curriculum.num_stages={c.num_stages}']"
+            )
         positions = np.asarray(dataset["srd_position"])
-        return cls.from_stages(stages, positions, c, batch_size=batch_size, seed=seed)
+        rows = rows_per_step(args) if batch_size is None else batch_size
+        return cls.from_stages(stages, positions, c, batch_size=rows, seed=seed)
 
     @classmethod
     def from_stages(
@@ -192,6 +224,7 @@ class Curriculum:
         """From per-row stage numbers (0 = dropped) and curriculum positions: pure, no model."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        _check_applicable(c)
         rng = np.random.default_rng(seed)
         order: list[int] = []
         steps: list[int] = []
@@ -229,14 +262,114 @@ class Curriculum:
     def total_steps(self) -> int:
         return sum(self.stage_steps)
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the plan (order, stage steps, tau, alpha, rows per step)."""
+        import hashlib
+        import json
+
+        plan = [list(self.order), list(self.stage_steps), list(self.taus), list(self.alphas), self.batch_size]
+        return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+
     def attach(self, trainer: Any) -> CurriculumCallback:
-        """Add the callback that sets `trainer.srd_tau` / `trainer.srd_alpha` (and the trainer's
-        own `temperature` where it has one) at every step, and logs stage, tau and alpha."""
-        check_sequential(trainer)
+        """Add the callback that sets `trainer.srd_tau` / `trainer.srd_alpha` (and the
+        temperature of a trainer whose loss reads it) at every step, and logs stage, tau and
+        alpha. Refuses (ValueError, with the fix) every trainer setting that would reorder,
+        drop or repeat the plan's rows, or leave its tau or alpha unread (`check_trainer`)."""
+        check_trainer(self, trainer)
         cb = CurriculumCallback(self, trainer)
         trainer.add_callback(cb)
         cb.apply(trainer.state.global_step)
         return cb
+
+
+def rows_per_step(args: Any) -> int:
+    """Rows one optimizer step consumes over all processes, from a trainer's arguments:
+    per-device batch x gradient accumulation x number of processes."""
+    world = int(getattr(args, "world_size", 1) or 1)
+    return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * world
+
+
+def _check_applicable(c: CurriculumConfig) -> None:
+    """Refuse the CurriculumConfig fields a trainer-side curriculum cannot apply."""
+    if c.order != "easy_to_hard":
+        raise ValueError(
+            f"curriculum order={c.order!r} decides which slices the stages hold, which reflection does: pass "
+            f"overrides=['curriculum.order={c.order}'] to reflect_dataset and keep the default here"
+        )
+    if c.lr_schedule != "global":
+        raise ValueError(
+            "the trainer's own learning-rate schedule runs across all stages (srd run can restart it per stage): "
+            "use CurriculumConfig(lr_schedule='global') to say so"
+        )
+    if c.re_reflect:
+        raise ValueError("re-reflection before each stage runs in srd run only: set re_reflect=False")
+
+
+def _honours(trainer: Any) -> set[str]:
+    """What a trainer's loss reads of the stage: 'tau' and/or 'alpha'."""
+    declared = getattr(type(trainer), "srd_honours", None)
+    if declared is not None:
+        return set(declared)
+    if type(trainer).__name__ == "DistillationTrainer":  # TRL: its loss reads self.temperature, has no CE term
+        return {"tau"}
+    return set()
+
+
+def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
+    """Refuse (ValueError, with the fix) a trainer that would silently break the plan: read rows
+    out of order, drop or repeat some, step with another batch, stop early or late, skip data
+    on resume the wrong way, or log a tau or alpha its loss never reads."""
+    check_sequential(trainer)
+    args, name = trainer.args, type(trainer).__name__
+    rows = rows_per_step(args)
+    if rows != curriculum.batch_size:
+        raise ValueError(
+            f"the curriculum was planned for {curriculum.batch_size} rows per optimizer step, and this trainer "
+            f"consumes {rows} (per_device_train_batch_size {args.per_device_train_batch_size} x "
+            f"gradient_accumulation_steps {args.gradient_accumulation_steps} x {getattr(args, 'world_size', 1)} "
+            "processes): build it with Curriculum.from_reflected(..., args=trainer.args)"
+        )
+    if args.max_steps is not None and args.max_steps > 0 and args.max_steps != curriculum.total_steps:
+        raise ValueError(
+            f"max_steps={args.max_steps}, and the curriculum is {curriculum.total_steps} steps: set max_steps=-1 "
+            "(a longer run repeats stage 1 at the last tau, a shorter one cuts the later stages)"
+        )
+    for key, why in (
+        ("ignore_data_skip", "a resumed run would read the rows from the first again"),
+        ("auto_find_batch_size", "it changes the batch, and so the rows per step, after an out-of-memory error"),
+        ("packing", "packing joins rows, which moves every stage boundary"),
+    ):
+        if getattr(args, key, False):
+            raise ValueError(f"set {key}=False: {why}")
+    data = getattr(trainer, "train_dataset", None)
+    if data is not None:
+        try:
+            n = len(data)
+        except TypeError:
+            raise ValueError(
+                "the trainer's dataset has no length (a streaming or iterable dataset): the curriculum is an order "
+                "of rows; materialise it (curriculum.dataset(reflected))"
+            ) from None
+        if n != len(curriculum.order):
+            raise ValueError(
+                f"the trainer's dataset has {n} rows and the curriculum {len(curriculum.order)}: the trainer's own "
+                "preparation dropped or added rows (a length filter, packing), which moves every stage boundary; "
+                "give it curriculum.dataset(reflected) with rows that fit its max_length"
+            )
+    honoured = _honours(trainer)
+    if len(set(curriculum.taus)) > 1 or curriculum.taus[0] != 1.0:
+        if "tau" not in honoured:
+            raise ValueError(
+                f"{name}'s loss does not read the stage's tau {list(curriculum.taus)}: use "
+                "srd.integrations.trl.SRDGKDTrainer (or TRL's DistillationTrainer), or tau_start=tau_end=1 for a "
+                "curriculum of the order alone"
+            )
+    if any(a != 0.0 for a in curriculum.alphas) and "alpha" not in honoured:
+        raise ValueError(
+            f"{name}'s loss does not read the stage's alpha {list(curriculum.alphas)}: use "
+            "srd.integrations.trl.SRDGKDTrainer, or alpha_start=alpha_end=0"
+        )
 
 
 def check_sequential(trainer: Any) -> None:
@@ -281,11 +414,37 @@ class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
         c, t = self.curriculum, self.trainer
         i = c.stage_at(step)
         t.srd_stage, t.srd_tau, t.srd_alpha = i, c.taus[i - 1], c.alphas[i - 1]
-        if hasattr(t, "temperature"):  # TRL's distillation trainers read their temperature from here
+        if type(t).__name__ == "DistillationTrainer":  # its loss reads self.temperature (GKD's only samples at it)
             t.temperature = t.srd_tau
 
+    PLAN = "srd-plan.json"  # in every checkpoint folder the trainer saves
+
+    def _checkpoint(self, args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{step}"
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step > 0:  # resumed: the checkpoint must have been trained on this very plan
+            import json
+
+            saved = self._checkpoint(args, state.global_step) / self.PLAN
+            if saved.exists():
+                earlier = json.loads(saved.read_text()).get("fingerprint")
+                if earlier != self.curriculum.fingerprint:
+                    raise ValueError(
+                        f"{saved.parent} was trained on another curriculum plan ({earlier}; this one is "
+                        f"{self.curriculum.fingerprint}): resume with the same reflection, curriculum, seed and "
+                        "rows per step, or start a new output_dir"
+                    )
         self.apply(state.global_step)  # a resumed run starts in the stage of its checkpoint
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = self._checkpoint(args, state.global_step)
+        if state.is_world_process_zero and folder.is_dir():
+            from srd.utils import atomic_write_json
+
+            c = self.curriculum
+            plan = {"fingerprint": c.fingerprint, "stage_steps": list(c.stage_steps), "batch_size": c.batch_size}
+            atomic_write_json(folder / self.PLAN, plan)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.apply(state.global_step)

@@ -8,11 +8,11 @@ What each trainer honours (TRL 1.16):
   by tau^2; TRL's own loss is always at temperature 1, its `temperature` only samples) and
   alpha (alpha CE + (1 - alpha) tau^2 JSD_beta on the batch's labels).
 - `transformers.Trainer` (and TRL's `SFTTrainer`, which reads rows with the same sampler): the
-  curriculum order only (no teacher: an SFT curriculum); tau and alpha are set on the trainer
-  but nothing reads them.
+  curriculum order only (no teacher: an SFT curriculum); `attach` refuses a tau other than 1
+  or an alpha other than 0, which nothing would read.
 - TRL's `DistillationTrainer` (on-policy), with `shuffle_dataset=False`: the curriculum order
   and tau, as the temperature its loss reads (without a tau^2 factor; its sampling temperature
-  is fixed at construction); alpha is not used (its loss has no CE term).
+  is fixed at construction); `attach` refuses an alpha other than 0 (its loss has no CE term).
 
 `beta` keeps GKD's meaning (0 = forward KL, 1 = reverse KL), `lmbda` its share of on-policy
 batches; alpha applies to every batch, so set the curriculum's alphas to 0 (`alpha_start=0,
@@ -22,8 +22,8 @@ alpha_end=0`) for GKD's on-policy batches to be pure distillation, as the paper 
     from srd.integrations.trl import SRDGKDTrainer
 
     reflected = reflect_dataset(ds, student=student, tokenizer=tok, out_dir="runs/gkd-reflection")
-    curriculum = Curriculum.from_reflected(reflected, batch_size=args.per_device_train_batch_size
-                                           * args.gradient_accumulation_steps)
+    curriculum = Curriculum.from_reflected(reflected, args=args,
+                                           curriculum=CurriculumConfig(lr_schedule="global"))
     trainer = SRDGKDTrainer(model=student, teacher_model=teacher, args=args,
                             train_dataset=curriculum.dataset(reflected), processing_class=tok)
     curriculum.attach(trainer)
@@ -48,6 +48,7 @@ class SRDGKDTrainer(GKDTrainer):
     and alpha from the curriculum callback (`srd_tau`, `srd_alpha`; 1 and 0 without one, which
     is TRL's own loss)."""
 
+    srd_honours = ("tau", "alpha")  # what its loss reads of a curriculum stage (srd.integrations.hf)
     srd_tau: float = 1.0
     srd_alpha: float = 0.0
     srd_stage: int = 0
