@@ -303,6 +303,46 @@ class _StopAt(_stop_at_base()):
             control.should_training_stop = True
 
 
+def test_prepare_curriculum_needs_no_hand_computed_number(tmp_path, tiny_models):
+    """One call from the trainer's arguments: reflection into the curriculum's stages, the plan
+    at the trainer's rows per step (per-device 2 x accumulation 2) and seed; attach accepts it."""
+    from transformers import TrainingArguments
+
+    from srd.integrations.hf import prepare_curriculum, rows_per_step
+    from srd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    student = load_model(str(tiny_models["llama-student"]))
+    args = TrainingArguments(**{**_sequential_args(tmp_path / "t"), "gradient_accumulation_steps": 2, "seed": 3})
+    c = CurriculumConfig(num_stages=2, epochs_per_stage=2, tau_start=1, tau_end=1, alpha_start=0, alpha_end=0,
+                         lr_schedule="global")  # fmt: skip
+    rows, cur = prepare_curriculum(
+        _prompt_completion(12),
+        args=args,
+        student=student,
+        tokenizer=tok,
+        out_dir=tmp_path / "refl",
+        curriculum=c,
+        overrides=["generation.max_new_tokens=4", "train.precision=fp32"],
+        progress=False,
+    )
+    assert rows_per_step(args) == cur.batch_size == 4 and len(cur.stage_steps) == 2
+    assert len(rows) == len(cur.order) == 4 * cur.total_steps and max(rows["srd_stage"]) == 2
+    reflected = reflect_dataset(  # resumed from out_dir: nothing generated again
+        _prompt_completion(12),
+        student=student,
+        tokenizer=tok,
+        out_dir=tmp_path / "refl",
+        overrides=["generation.max_new_tokens=4", "train.precision=fp32", "curriculum.num_stages=2"],
+        progress=False,
+    )
+    assert cur == Curriculum.from_reflected(reflected, batch_size=4, curriculum=c, seed=3)  # the trainer's seed
+    assert cur != Curriculum.from_reflected(reflected, batch_size=4, curriculum=c, seed=0)
+    from transformers import Trainer
+
+    cur.attach(Trainer(model=student, args=args, train_dataset=rows))  # its checks pass
+
+
 def test_a_resume_on_another_plan_is_refused(tmp_path, tiny_models, reflected_tiny):
     """Each checkpoint carries the plan's fingerprint; resuming it with another plan (here the
     same reflection shuffled with another seed) stops with the fix instead of training on."""

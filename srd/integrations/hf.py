@@ -1,11 +1,10 @@
 """SRD for Hugging Face `datasets` and any `transformers.Trainer`: reflection on a Dataset, and
 the Baby-Step curriculum fed to a Trainer in order, with each stage's tau and alpha.
 
-    reflected = reflect_dataset(train_ds, student=model, tokenizer=tok, out_dir="runs/my-reflection")
-    curriculum = Curriculum.from_reflected(reflected, args=training_args,
-                                           curriculum=CurriculumConfig(lr_schedule="global"))
-    trainer = SomeTrainer(..., train_dataset=curriculum.dataset(reflected),
-                          args=...(num_train_epochs=1, train_sampling_strategy="sequential"))
+    args = SomeConfig(..., num_train_epochs=1, train_sampling_strategy="sequential")
+    rows, curriculum = prepare_curriculum(train_ds, args=args, student=model, tokenizer=tok,
+                                          out_dir="runs/my-reflection")
+    trainer = SomeTrainer(..., args=args, train_dataset=rows)
     curriculum.attach(trainer)     # checks the trainer; sets srd_tau / srd_alpha per stage and logs them
     trainer.train()
 
@@ -170,6 +169,37 @@ def reflect_dataset(
             out = out.remove_columns(name)
         out = out.add_column(name, values)
     return out
+
+
+def prepare_curriculum(
+    dataset: Any,
+    *,
+    args: Any,
+    student: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    curriculum: CurriculumConfig | None = None,
+    overrides: Sequence[str] = (),
+    id_column: str | None = None,
+    progress: bool = True,
+) -> tuple[Any, Curriculum]:
+    """Reflection and the curriculum in one call, from the trainer's own arguments: returns the
+    rows in training order (give them to the trainer as `train_dataset`) and the Curriculum
+    (then `curriculum.attach(trainer)`). The reflection splits into the curriculum's number of
+    stages; the plan's rows per step and shuffling seed come from `args`. Resumable: rerun
+    with the same `out_dir`."""
+    c = curriculum or CurriculumConfig(lr_schedule="global")
+    reflected = reflect_dataset(
+        dataset,
+        student=student,
+        tokenizer=tokenizer,
+        out_dir=out_dir,
+        overrides=[f"curriculum.num_stages={c.num_stages}", *overrides],
+        id_column=id_column,
+        progress=progress,
+    )
+    plan = Curriculum.from_reflected(reflected, args=args, curriculum=c, seed=int(getattr(args, "seed", 0)))
+    return plan.dataset(reflected), plan
 
 
 @dataclass(frozen=True)
