@@ -88,6 +88,12 @@ def test_examples_from_the_dataset_formats_trl_takes(tokenizer):
         examples_from_dataset(datasets.Dataset.from_dict({"text": ["a"]}))
 
 
+def test_a_streaming_dataset_is_one_clear_error():
+    streaming = datasets.Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}).to_iterable_dataset()
+    with pytest.raises(DataError, match="streaming .*streaming=False"):
+        examples_from_dataset(streaming)
+
+
 def test_chat_content_parts_are_text_and_a_missing_content_is_refused():
     """TRL's content parts become their text (not the text of a Python list); a message with no
     content, or an image part, is a one-line DataError naming the row."""
@@ -341,6 +347,27 @@ def test_prepare_curriculum_needs_no_hand_computed_number(tmp_path, tiny_models)
     from transformers import Trainer
 
     cur.attach(Trainer(model=student, args=args, train_dataset=rows))  # its checks pass
+
+
+def test_gradient_accumulation_resumed_in_the_middle_of_a_stage_ends_where_an_unbroken_run_ends(
+    tmp_path, tiny_models, reflected_tiny
+):
+    """1 row per device x 2 accumulation steps (the plan's 2 rows per step), stopped at step 3 in
+    the middle of stage 2 and resumed: the weights and stages of an unbroken run."""
+    tok, reflected, cur = reflected_tiny
+    accum = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "save_steps": 3}
+    whole = _gkd_trainer(tmp_path / "a", tiny_models, tok, reflected, cur, **accum)
+    whole.train()
+    part = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur, **accum)
+    part.add_callback(_StopAt(3))
+    part.train()
+    assert cur.stage_at(2) == 2 and cur.stage_at(3) == 2  # step 3 is inside stage 2
+    resumed = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur, **accum)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
+    a, b = dict(whole.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    stages = [r["srd_stage"] for r in resumed.state.log_history if "loss" in r]
+    assert stages == [cur.stage_at(s) for s in range(cur.total_steps)]
 
 
 def test_a_resume_on_another_plan_is_refused(tmp_path, tiny_models, reflected_tiny):

@@ -77,6 +77,11 @@ def examples_from_dataset(dataset: Any, tokenizer: Any = None, *, id_column: str
     - instruction / input / output (Alpaca-style; reflect with the `alpaca` prompt format).
 
     Ids come from `id_column` when given, else the row index."""
+    if not hasattr(dataset, "__len__"):
+        raise DataError(
+            "a streaming (iterable) dataset: reflection ranks every row, so it needs them all; load it with "
+            "streaming=False, or take the rows you train on (Dataset.from_list(list(dataset.take(n))))"
+        )
     columns = set(dataset.column_names)
     examples = []
     for i, row in enumerate(dataset):
@@ -136,13 +141,13 @@ def reflect_dataset(
     from srd.reflect.reflect import reflect
     from srd.runtime import make_accelerator
 
+    examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)  # first: a bad dataset is one line
     columns = set(dataset.column_names)
     fmt = "alpaca" if {"instruction", "output"} <= columns and "prompt" not in columns else "plain"
     if isinstance(config, RunConfig):
         cfg = with_overrides(config, overrides)
     else:
         cfg = load_config(config, [f"data.prompt_format={fmt}", *overrides])
-    examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     manifest = reflect(
         cfg,
