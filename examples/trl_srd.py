@@ -6,12 +6,14 @@ and each curriculum stage's temperature and CE weight reaching GKD's loss.
         --out runs/students/smollm2-20l-healed      # once; `make demo` builds it too
     .venv/bin/python examples/trl_srd.py [ROWS]     # 48 rows: 18 optimizer steps; rerun to resume
 
-Everything a TRL user adds to a GKDTrainer script is marked `# SRD`.
+Everything a TRL user adds to a GKDTrainer script is marked `# SRD`. Other models, data and
+output folder: `--teacher`, `--student`, `--data` (a named set or a JSONL file), `--out` (the
+test suite runs it so on tiny models).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from datasets import Dataset
@@ -25,37 +27,45 @@ from srd.integrations.trl import SRDGKDTrainer  # SRD
 from srd.models import load_model, load_tokenizer
 from srd.models.load import native_bf16
 
-ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 48  # Dolly training rows
-OUT = Path("runs/trl-srd")
-STUDENT = "runs/students/smollm2-20l-healed"
+
+def _options() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="SRD inside TRL's GKDTrainer")
+    p.add_argument("rows", nargs="?", type=int, default=48, help="training rows (default 48)")
+    p.add_argument("--teacher", default="smollm2-135m-instruct")
+    p.add_argument("--student", default="runs/students/smollm2-20l-healed")
+    p.add_argument("--data", default="dolly", help="a named set or a JSONL file (instruction / input / output)")
+    p.add_argument("--out", default="runs/trl-srd")
+    return p.parse_args()
 
 
-def dolly_conversations(n: int) -> Dataset:
-    """The first n Dolly training rows as conversations (the format GKDTrainer's collator takes)."""
+def dolly_conversations(n: int, data: str = "dolly") -> Dataset:
+    """The first n training rows as conversations (the format GKDTrainer's collator takes)."""
     rows = []
-    for ex in load_examples("dolly", limit=n):
+    for ex in load_examples(data, limit=n):
         user = f"{ex.instruction}\n\n{ex.input}" if ex.input else ex.instruction
         rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": ex.target}]})
     return Dataset.from_list(rows)
 
 
 def main() -> None:
-    tokenizer = load_tokenizer(STUDENT)
-    student = load_model(STUDENT)
-    teacher = load_model("smollm2-135m-instruct")
-    train = dolly_conversations(ROWS)
+    opt = _options()
+    out = Path(opt.out)
+    tokenizer = load_tokenizer(opt.student)
+    student = load_model(opt.student)
+    teacher = load_model(opt.teacher)
+    train = dolly_conversations(opt.rows, opt.data)
 
     # SRD 1: the student answers every prompt; ROUGE-L + CE, reciprocal rank fusion, the easiest
-    # 75% kept in 3 stages (columns srd_* added; resumable in OUT/reflection)
+    # 75% kept in 3 stages (columns srd_* added; resumable in <out>/reflection)
     reflected = reflect_dataset(
         train,
         student=student,
         tokenizer=tokenizer,
-        out_dir=OUT / "reflection",
+        out_dir=out / "reflection",
         overrides=["generation.max_new_tokens=96"],
     )
     args = GKDConfig(
-        output_dir=str(OUT / "gkd"),
+        output_dir=str(out / "gkd"),
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=1e-4,
@@ -87,8 +97,8 @@ def main() -> None:
     curriculum.attach(trainer)  # SRD: tau / alpha per stage, logged as srd_stage, srd_tau, srd_alpha
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
     trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(OUT / "final"))
-    print(f"stages of {curriculum.stage_steps} optimizer steps; the student is in {OUT / 'final'}")
+    trainer.save_model(str(out / "final"))
+    print(f"stages of {curriculum.stage_steps} optimizer steps; the student is in {out / 'final'}")
 
 
 if __name__ == "__main__":

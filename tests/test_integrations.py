@@ -595,3 +595,38 @@ def test_sft_trainer_reads_the_curriculum_in_order(tmp_path, tiny_models, reflec
     assert [r["srd_stage"] for r in t.state.log_history if "loss" in r] == [
         cur.stage_at(s) for s in range(cur.total_steps)
     ]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_the_trl_example_runs_on_tiny_models(tmp_path, tiny_models):
+    """examples/trl_srd.py as users run it (its own command line, TRL's own chat collator),
+    on tiny models with a chat template: reflection, the plan from the trainer's arguments,
+    every stage trained, a checkpoint with the plan's fingerprint, the final student saved."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    models = {}
+    for name in ("llama-teacher", "llama-student"):
+        models[name] = shutil.copytree(tiny_models[name], tmp_path / name)
+        config = json.loads((models[name] / "tokenizer_config.json").read_text())
+        config["chat_template"] = CHAT_TEMPLATE
+        (models[name] / "tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "examples" / "trl_srd.py"), "32", "--teacher", str(models["llama-teacher"])]
+    cmd += ["--student", str(models["llama-student"]), "--data", str(data), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stages of (2, 4, 6) optimizer steps" in done.stdout
+    assert (out / "final" / "model.safetensors").exists()
+    plans = sorted((out / "gkd").glob("checkpoint-*/srd-plan.json"))
+    assert plans and json.loads(plans[-1].read_text())["stage_steps"] == [2, 4, 6]
