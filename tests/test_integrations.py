@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -630,3 +631,27 @@ def test_the_trl_example_runs_on_tiny_models(tmp_path, tiny_models):
     assert (out / "final" / "model.safetensors").exists()
     plans = sorted((out / "gkd").glob("checkpoint-*/srd-plan.json"))
     assert plans and json.loads(plans[-1].read_text())["stage_steps"] == [2, 4, 6]
+
+
+def test_two_processes_take_the_plan_from_the_trainer_and_refuse_a_hand_typed_batch(tmp_path, tiny_models):
+    """Under torchrun with 2 processes a step consumes 2 x the per-device rows: a plan typed for
+    one process is refused (it would end after half its steps, its later stages early), and one
+    made from the trainer's arguments trains every step of every stage on both processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tests" / "assets" / "curriculum_two_processes.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29623"]
+    cmd += [str(script), str(tiny_models["llama-student"]), str(tmp_path / "out")]
+    done = subprocess.run(
+        cmd, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"')]
+    assert len(lines) == 2
+    for r in lines:
+        assert "planned for 2 rows per optimizer step" in r["refused"] and "consumes 4" in r["refused"]
+        assert r["rows_per_step"] == 4 and r["steps"] == r["plan_steps"] == 2 + 4 + 6
+        assert r["stages"] == [1] * 2 + [2] * 4 + [3] * 6
