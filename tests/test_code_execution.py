@@ -315,6 +315,55 @@ def test_what_a_forger_or_an_escape_would_need_is_refused(layer, code):
     _fails(code)
 
 
+_ALWAYS = (
+    "class Yes:\n    def __eq__(self, other):\n        return True\n"
+    "    def __ne__(self, other):\n        return False\n"
+    "    def __lt__(self, other):\n        return True\n    def __contains__(self, other):\n        return True\n"
+    "    def __bool__(self):\n        return True\n"
+    "class Four(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+    "class Tup(tuple):\n    def __eq__(self, other):\n        return True\n"
+)
+
+
+@pytest.mark.parametrize(
+    "answer,test",
+    [
+        ("Yes()", "assert f(1) == 5"),
+        ("Yes()", "assert not (f(1) != 5)"),
+        ("Yes()", "assert f(1) < 0"),
+        ("Yes()", "assert 3 in f(1)"),
+        ("Yes()", "assert [f(1)] == [5]"),
+        ("Four(4)", "assert f(1) == 5"),  # a subclass of int is compared by its int value
+        ("Four(4)", "assert {1: f(1)} == {1: 5}"),
+        ("Tup((1,))", "assert f(1) == (2,)"),
+    ],
+)
+def test_an_object_that_says_yes_to_every_comparison_fails(layer, answer, test):
+    """Tests compare values, not the program's objects: an answer whose ==, !=, <, or `in`
+    always agrees (or an int or tuple subclass that lies about its value) fails."""
+    _fails(_ALWAYS + f"def f(x):\n    return {answer}", [test])
+
+
+def test_comparing_by_value_keeps_what_python_calls_equal(allowed):
+    code = (
+        "import collections\nP = collections.namedtuple('P', 'x y')\n"
+        "def f():\n    return P(1, 2)\n"
+        "def g():\n    return collections.Counter('aab')\n"
+        "def h():\n    return collections.OrderedDict([(1, [2.0, {3}])])\n"
+    )
+    tests = [
+        "assert f() == (1, 2)",
+        "assert g() == {'a': 2, 'b': 1}",
+        "assert h() == {1: [2, {3}]}",  # 2.0 == 2, nested
+        "assert f() != (2, 1) and (1, 2) == f()",
+        "assert 'b' in g() and 1 in f() and 'ell' in 'hello'",
+        "assert f() < (1, 3) and 2.5 >= 2",
+        "assert [1, 2] != (1, 2)",  # a list is not a tuple, as in Python
+    ]
+    res = run_tests(code, tests)
+    assert res.all_passed, res
+
+
 def test_the_programs_own_audit_hook_is_not_added(layer):
     code = "import sys\ncalled = []\nsys.addaudithook(lambda event, args: called.append(event))\nimport json"
     assert run_tests(code, ["assert called == []"]).all_passed

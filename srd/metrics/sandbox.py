@@ -15,9 +15,9 @@ Three layers, each with its tests (tests/test_code_execution.py, tests/test_eval
 The verdict cannot be written by the program: the harness keeps a random token the program
 cannot read (frames, memory and the evaluator's environment are out of its reach) and the
 evaluator accepts only outcomes that follow it; tests run with the real builtins, not names
-the program rebound. What stays possible, and is documented: a program can still pass a test
-dishonestly by returning an object whose `==` always says yes, or by rewriting a standard
-module the test uses while the test runs. It guards against accidents and careless or
+the program rebound, and their comparisons are made on values copied into plain builtins, not
+by the program's objects (an answer whose `==` always says yes fails). What stays possible,
+and is documented: rewriting a standard module a test uses while the test runs. It guards against accidents and careless or
 adversarial samples, not a determined attacker with an interpreter bug: run untrusted
 models' code in a container or VM as well.
 
@@ -176,6 +176,130 @@ _HARNESS = textwrap.dedent(
             for module in (posix, sys.modules.get("os")):
                 if module is not None and hasattr(module, name):
                     delattr(module, name)
+        # Comparisons in the tests are made on the values, not by the program's objects: an object
+        # whose `==` (or `<`, `in`) always says yes would pass any test. Each side is copied into
+        # plain builtins first (the builtin type's own methods read a subclass's value), and a
+        # side of a type that is neither builtin nor a container of builtins compares unequal
+        # with a builtin one. The tests are rewritten and compiled now, before the program runs.
+        import ast
+
+        _tuple, _list, _dict, _set, _frozenset, _float = tuple, list, dict, set, frozenset, float
+        _issubclass, _ValueError, _TypeError = issubclass, ValueError, TypeError
+
+        class Unknown(Exception):
+            pass
+
+        def canon(x, depth=0):
+            t = _type(x)
+            if x is None or t is _int or t is _float or t is _str or t is _bytes or t is bool or t is complex:
+                return x
+            if depth > 100:
+                raise Unknown()
+            if _issubclass(t, _int):
+                return _int.__int__(x)
+            if _issubclass(t, _float):
+                return _float.__float__(x)
+            if _issubclass(t, _str):
+                return _str.__str__(x)
+            if _issubclass(t, _bytes):
+                return _bytes.__bytes__(x)
+            if _issubclass(t, _tuple) or _issubclass(t, _list):
+                items = []
+                for item in (_tuple.__iter__(x) if _issubclass(t, _tuple) else _list.__iter__(x)):
+                    items.append(canon(item, depth + 1))
+                return ("tuple" if _issubclass(t, _tuple) else "list", _tuple(items))
+            if _issubclass(t, _dict):
+                pairs = []
+                for key, value in _dict.items(x):
+                    pairs.append((canon(key, depth + 1), canon(value, depth + 1)))
+                return ("dict", _frozenset(pairs))
+            if _issubclass(t, _set) or _issubclass(t, _frozenset):
+                items = []
+                for item in _set.__iter__(x) if _issubclass(t, _set) else _frozenset.__iter__(x):
+                    items.append(canon(item, depth + 1))
+                return ("set", _frozenset(items))
+            raise Unknown()
+
+        def both(a, b):
+            try:
+                ca = canon(a)
+            except Unknown:
+                ca = Unknown
+            try:
+                cb = canon(b)
+            except Unknown:
+                cb = Unknown
+            return ca, cb
+
+        def same(a, b):
+            ca, cb = both(a, b)
+            if ca is Unknown and cb is Unknown:
+                return a == b  # neither side is a value: two of the program's own objects
+            if ca is Unknown or cb is Unknown:
+                return False
+            return ca == cb
+
+        def order(op, a, b):
+            ca, cb = both(a, b)
+            if ca is Unknown or cb is Unknown:
+                return op(a, b) if ca is Unknown and cb is Unknown else False
+            return op(ca, cb)
+
+        def contains(a, b):  # a in b
+            ca, cb = both(a, b)
+            if ca is Unknown and cb is Unknown:
+                return a in b
+            if ca is Unknown or cb is Unknown:
+                return False
+            if _type(cb) is _str or _type(cb) is _bytes:
+                return _type(ca) is _type(cb) and ca in cb
+            if _type(cb) is _tuple and cb[0] == "dict":
+                return ca in [k for k, _ in cb[1]]
+            if _type(cb) is _tuple:
+                return ca in cb[1]
+            return False
+
+        import operator
+
+        ORDER = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+
+        class ByValue(ast.NodeTransformer):
+            def visit_Compare(self, node):
+                self.generic_visit(node)
+                if len(node.ops) != 1:
+                    return node
+                op, left, right = node.ops[0], node.left, node.comparators[0]
+
+                def call(name, *args):
+                    return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=list(args), keywords=[])
+
+                if isinstance(op, (ast.Eq, ast.NotEq)):
+                    new = call("__srd_same__", left, right)
+                elif isinstance(op, (ast.In, ast.NotIn)):
+                    new = call("__srd_in__", left, right)
+                elif type(op) in ORDER:
+                    new = call("__srd_order__", ast.Constant(value=list(ORDER).index(type(op))), left, right)
+                else:
+                    return node
+                if isinstance(op, (ast.NotEq, ast.NotIn)):
+                    new = ast.UnaryOp(op=ast.Not(), operand=new)
+                return ast.copy_location(new, node)
+
+        orders = [ORDER[k] for k in ORDER]
+        helpers = {
+            "__srd_same__": same,
+            "__srd_in__": contains,
+            "__srd_order__": lambda i, a, b: order(orders[i], a, b),
+        }
+        compiled = []
+        for test in tests:
+            try:
+                tree = ast.fix_missing_locations(ByValue().visit(ast.parse(test)))
+                compiled.append(_compile(tree, "<test>", "exec", dont_inherit=True, optimize=0))
+            except (SyntaxError, _ValueError, _TypeError):
+                compiled.append(None)  # a test that does not parse fails
+        del ast, operator
+
         sys.modules.pop("_signal", None)
         snapshot = dict(vars(builtins))
         sys.addaudithook(hook)
@@ -199,14 +323,15 @@ _HARNESS = textwrap.dedent(
                 if name not in snapshot or name in entry:  # a test's own builtins stay the real ones
                     base[name] = value
         bits = []
-        for test in tests:
+        for code in compiled:
             ok = "0"
-            if ran:
+            if ran and code is not None:
                 namespace = dict(base)
+                namespace.update(helpers)
                 namespace["__builtins__"] = dict(snapshot)
                 namespace["__name__"] = "__main__"
                 try:
-                    _exec(_compile(test, "<test>", "exec", dont_inherit=True, optimize=0), namespace)
+                    _exec(code, namespace)
                     ok = "1"
                 except _Base:
                     pass
