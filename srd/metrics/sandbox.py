@@ -17,9 +17,9 @@ cannot read (frames, memory and the evaluator's environment are out of its reach
 evaluator accepts only outcomes that follow it; tests run with the real builtins, not names
 the program rebound, and their comparisons are made on values copied into plain builtins, not
 by the program's objects (an answer whose `==` always says yes fails). What stays possible,
-and is documented: rewriting a standard module a test uses while the test runs. It guards against accidents and careless or
-adversarial samples, not a determined attacker with an interpreter bug: run untrusted
-models' code in a container or VM as well.
+and is documented: rewriting a standard module a test uses while the test runs. It guards
+against accidents and careless or adversarial samples, not a determined attacker with an
+interpreter bug: run untrusted models' code in a container or VM as well.
 
 Nothing runs unless the user asked twice, as bigcode-evaluation-harness asks: the config key
 `allow_code_execution: true` (`srd eval --allow-code-execution`), checked before any weights
