@@ -15,6 +15,9 @@ from srd.config import CurriculumConfig
 from srd.integrations.hf import Curriculum
 from srd.models import load_model, load_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for the tests' helpers
+from tests.test_integrations import _sequential_args  # noqa: E402
+
 student, out = sys.argv[1], Path(sys.argv[2])
 tok = load_tokenizer(student)
 n = 24
@@ -33,19 +36,7 @@ def collator(features):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
 
 
-args = TrainingArguments(
-    output_dir=str(out),
-    per_device_train_batch_size=2,
-    num_train_epochs=1,
-    train_sampling_strategy="sequential",
-    use_cpu=True,
-    report_to=[],
-    logging_steps=1,
-    save_strategy="no",
-    disable_tqdm=True,
-    remove_unused_columns=False,
-    learning_rate=1e-3,
-)
+args = TrainingArguments(**_sequential_args(out), remove_unused_columns=False, learning_rate=1e-3)
 c = CurriculumConfig(num_stages=3, epochs_per_stage=1, tau_start=1, tau_end=1, alpha_start=0, alpha_end=0,
                      lr_schedule="global")  # fmt: skip
 one_process = Curriculum.from_reflected(rows, batch_size=2, curriculum=c)  # per-device batch, as typed by hand
