@@ -514,7 +514,8 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         finished.setdefault((div, variant), {})[seed] = (base / "baseline", run)
         what = preset.get("labels", {}).get(variant)
         run_label = f"{div}, seed {seed}" + (f", {what}" if what and any(r[3] for r in runs) else "")
-        label = f"KD+SRD ({run_label})"
+        scheduled = preset.get("variants", {}).get(variant, {}).get("method") == "scheduled_kd"
+        label = f"{'KD, scheduled' if scheduled else 'KD+SRD'} ({run_label})"  # a control has no SRD
         for m in modes:
             kd, srd = _scores(base / "baseline", m), _scores(run, m)
             if not (kd and srd):
