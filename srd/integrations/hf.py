@@ -21,6 +21,8 @@ Which trainers honour tau and alpha is the trainer's business (`srd.integrations
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,9 +302,6 @@ class Curriculum:
     @property
     def fingerprint(self) -> str:
         """A digest of the plan (order, stage steps, tau, alpha, rows per step)."""
-        import hashlib
-        import json
-
         plan = [list(self.order), list(self.stage_steps), list(self.taus), list(self.alphas), self.batch_size]
         return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
 
@@ -341,14 +340,18 @@ def _check_applicable(c: CurriculumConfig) -> None:
         raise ValueError("re-reflection before each stage runs in srd run only: set re_reflect=False")
 
 
+def _loss_reads_temperature(trainer: Any) -> bool:
+    """TRL's DistillationTrainer: its loss reads self.temperature (it has no CE term; GKD's
+    `temperature` only samples)."""
+    return type(trainer).__name__ == "DistillationTrainer"
+
+
 def _honours(trainer: Any) -> set[str]:
     """What a trainer's loss reads of the stage: 'tau' and/or 'alpha'."""
     declared = getattr(type(trainer), "srd_honours", None)
     if declared is not None:
         return set(declared)
-    if type(trainer).__name__ == "DistillationTrainer":  # TRL: its loss reads self.temperature, has no CE term
-        return {"tau"}
-    return set()
+    return {"tau"} if _loss_reads_temperature(trainer) else set()
 
 
 def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
@@ -449,7 +452,7 @@ class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
         c, t = self.curriculum, self.trainer
         i = c.stage_at(step)
         t.srd_stage, t.srd_tau, t.srd_alpha = i, c.taus[i - 1], c.alphas[i - 1]
-        if type(t).__name__ == "DistillationTrainer":  # its loss reads self.temperature (GKD's only samples at it)
+        if _loss_reads_temperature(t):
             t.temperature = t.srd_tau
 
     PLAN = "srd-plan.json"  # in every checkpoint folder the trainer saves
@@ -459,11 +462,11 @@ class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step > 0:  # resumed: the checkpoint must have been trained on this very plan
-            import json
+            from srd.utils import read_json
 
             saved = self._checkpoint(args, state.global_step) / self.PLAN
             if saved.exists():
-                earlier = json.loads(saved.read_text()).get("fingerprint")
+                earlier = read_json(saved).get("fingerprint")
                 if earlier != self.curriculum.fingerprint:
                     raise ValueError(
                         f"{saved.parent} was trained on another curriculum plan ({earlier}; this one is "

@@ -285,7 +285,7 @@ _HARNESS = textwrap.dedent(
                     new = ast.UnaryOp(op=ast.Not(), operand=new)
                 return ast.copy_location(new, node)
 
-        orders = [ORDER[k] for k in ORDER]
+        orders = list(ORDER.values())
         helpers = {
             "__srd_same__": same,
             "__srd_in__": contains,

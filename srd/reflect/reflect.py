@@ -417,6 +417,7 @@ def reflect(
     if blocks:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
         _drop_torn_tail(own_file)
+        written = set(done)  # saved before an interruption: generated again with their block, not saved
         with cast_for_inference(student.to(acc.device), dtype) as model:  # the student trains on in float32
             for block in blocks:
                 measure_s += _reflect_rows(
@@ -429,7 +430,7 @@ def reflect(
                     progress=progress and acc.is_main_process,
                     # sampled answers: one seed per training row, the same in any process or rerun
                     seeds=_row_seeds_of(cfg.seed, examples, block) if cfg.generation.do_sample else None,
-                    written=set(done),
+                    written=written,
                 )
     own = time.perf_counter() - t0
     times = gather_object([(own, measure_s)])  # (wall, measuring) per process
