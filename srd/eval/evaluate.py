@@ -212,7 +212,8 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
     `student`, a folder retrained in place) are told apart by their weights."""
     if out_dir.exists() and not out_dir.is_dir():
         raise EvalError(f"{out_dir} is a file, not a folder: evaluate into another folder (srd eval --out)")
-    check_writable(out_dir)  # before any weights load
+    if write:  # the process that writes probes (another one's probe folders could vanish under it)
+        check_writable(out_dir)
     path = out_dir / "decoding.json"
     record = read_json(path) if path.exists() else {}
     earlier = record.get("dtype")
