@@ -184,9 +184,9 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     cached, cache_s = None, None
-    if impl.endswith("-cache"):  # what srd.train.teacher_cache stores for this batch, built once
+    if impl.endswith("-cache"):  # what srd.train.teacher_store stores for this batch, built once
         from srd.losses.kd import SparseTeacher
-        from srd.train.teacher_cache import feature_buckets
+        from srd.train.teacher_store import feature_buckets
 
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
@@ -347,7 +347,7 @@ def loss_benchmark(args: argparse.Namespace, chunk: int = 1024, vocab: int | Non
 
     s16, t16 = s.bfloat16(), t.bfloat16()
     from srd.losses.kd import student_buckets_with_ce
-    from srd.train.teacher_cache import at_temperature, sparse_buckets
+    from srd.train.teacher_store import at_temperature, sparse_buckets
 
     def sparse_autograd(a, tau, cached):  # the cache path by autograd: gather, scatter, logsumexp
         lq = F.log_softmax(a.float() / tau, dim=-1)

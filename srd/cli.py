@@ -155,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "environment:\n"
         "  SRD_DATA_DIR         folder of named data sets (before ../shared/data)\n"
         "  SRD_CACHE_DIR        converted models (default ~/.cache/srd)\n"
+        "  SRD_TEACHER_STORE    the teacher store (default $SRD_CACHE_DIR/teacher-store; loss.teacher_store)\n"
         "  SRD_CPU_BF16=0       train.precision=auto stays fp32 on CPUs with native bf16\n"
         "  SRD_CPU_MALLOC=0     keep glibc's default allocator on CPUs (less resident memory, slower)\n"
         "  SRD_VLLM_GPU_MEMORY  share of GPU memory for the vLLM backend (default 0.5)",
@@ -166,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_evaluation_commands(sub)
     _add_model_commands(sub)
+    _add_store_command(sub)
     sub.add_parser("divergences", help="list the registered divergences")
     return p
 
@@ -296,6 +298,30 @@ def _add_model_commands(sub: Any) -> None:
     )
 
 
+def _add_store_command(sub: Any) -> None:
+    """srd store."""
+    st = sub.add_parser(
+        "store",
+        help="list the teacher store's entries (loss.teacher_top_k), check them, set damaged shards aside",
+        description="The teacher store keeps the teacher's top-k logits of every training row a run with "
+        "loss.teacher_top_k > 0 computed, for every later run with the same teacher and k. List its entries "
+        "(teacher, k, rows, bytes per target position, build time); --verify checks every shard against its "
+        "recorded size and SHA-256 (after copying a store to another machine, say).",
+    )
+    st.add_argument(
+        "--store",
+        default=None,
+        help="the store's folder (default: $SRD_TEACHER_STORE, else <srd cache folder>/teacher-store)",
+    )
+    st.add_argument("--verify", action="store_true", help="check every shard file; exit 1 if one is damaged")
+    st.add_argument(
+        "--set-aside",
+        action="store_true",
+        help="with --verify: move damaged shards into <entry>/damaged/ and forget their rows "
+        "(the next run computes them again)",
+    )
+
+
 def quiet_library_logs() -> None:
     """Drop two library messages every run printed that tell a user nothing: rouge-score's
     'Using default tokenizer.' (absl, INFO) and DeepSpeed's 'Setting accelerator to CPU'
@@ -361,6 +387,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _store(args: argparse.Namespace) -> int:
+    from srd.config import ConfigError
+    from srd.train.teacher_store import TeacherStore, default_store, entries
+
+    if args.set_aside and not args.verify:
+        raise ConfigError("--set-aside works with --verify (srd store --verify --set-aside)")
+    root = Path(args.store).expanduser() if args.store else default_store()
+    if args.store and not root.is_dir():
+        raise ConfigError(f"--store {root}: no such folder")
+    found = entries(root)
+    print(f"teacher store {root}: {len(found)} {'entry' if len(found) == 1 else 'entries'}")
+    damaged: list[str] = []
+    for folder in found:
+        store = TeacherStore.open(folder)
+        s = store.summary()
+        taus = ", ".join(f"{t:g}" for t in s["taus"]) or "-"
+        print(
+            f"  {s['entry']}: teacher {s['teacher']} ({s['teacher_dtype']}), k {s['top_k']}, vocabulary {s['vocab']}, "
+            f"temperatures {taus}: {s['rows']} rows, {s['positions']} target positions, "
+            f"{s['bytes'] / 2**20:.1f} MiB ({s['bytes_per_position']:.0f} bytes per position; "
+            f"{s['bytes_on_disk'] / 2**20:.1f} MiB on disk), built in {s['build_seconds']:.0f} s"
+        )
+        if args.verify:
+            bad = store.verify(set_aside=args.set_aside)
+            damaged += bad
+            for line in bad:
+                print(f"    damaged: {line}{' (set aside)' if args.set_aside else ''}")
+    if args.verify:
+        if damaged and not args.set_aside:
+            print(f"{len(damaged)} damaged file(s); srd store --verify --set-aside moves their shards aside")
+            return 1
+        print("every shard matches its recorded size and SHA-256" if not damaged else "damaged shards set aside")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from srd.config import load_config
@@ -398,6 +459,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = write_report(Path(args.run))
         print(f"report: {path}")
         return 0
+    if args.command == "store":
+        return _store(args)
     if args.command == "config":
         from srd.config import dump_config, load_config
 

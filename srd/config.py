@@ -103,10 +103,14 @@ class LossConfig:
     # divergence, and the teacher-cache path; no effect in fp32); auto: on GPUs, not on CPUs,
     # where those passes were measured to cost more than the memory is worth
     recompute_log_probs: bool | Literal["auto"] = "auto"
-    # > 0: compute the teacher's top-k logits once per training example, cache them on disk
-    # (<run>/teacher-cache) and take the divergence over those k tokens + one bucket for the
-    # rest, without a teacher forward in training steps (exact at tau 1 but for the bucketing)
+    # > 0: compute the teacher's top-k logits once per training row, keep them in the teacher
+    # store (shared by every run with the same teacher and k) and take the divergence over those k
+    # tokens + one bucket for the rest, without a teacher forward in training steps or dev loss
+    # (exact at tau 1 but for the bucketing)
     teacher_top_k: int = 0
+    # the teacher store's folder (loss.teacher_top_k > 0); null: $SRD_TEACHER_STORE, else
+    # <srd cache folder>/teacher-store. Several processes or machines: a folder they all see
+    teacher_store: str | None = None
 
     def __post_init__(self) -> None:
         from srd.losses import DIVERGENCES

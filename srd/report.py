@@ -207,6 +207,15 @@ def _stage_dirs(run: Path) -> list[Path]:
     return [run] if StageDir(run).logs.exists() else []
 
 
+def _top_k(run: Path) -> str:
+    import yaml
+
+    try:
+        return str(yaml.safe_load(RunDir(run).config.read_text())["loss"]["teacher_top_k"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return "k"
+
+
 def _plot_reflection(run: Path, plots: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
@@ -469,11 +478,11 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     names = []
     phases = [("reflection", timing.get("reflection_s", 0.0)), ("SRD training", timing.get("train_s", 0.0))]
     if timing.get("teacher_cache_s"):
-        phases.append(("SRD teacher cache", timing["teacher_cache_s"]))
+        phases.append(("SRD teacher rows (store)", timing["teacher_cache_s"]))
     if "baseline_train_s" in timing:
         phases.append(("KD baseline training", timing["baseline_train_s"]))
     if timing.get("baseline_teacher_cache_s"):
-        phases.append(("KD baseline teacher cache", timing["baseline_teacher_cache_s"]))
+        phases.append(("KD baseline teacher rows (store)", timing["baseline_teacher_cache_s"]))
     phases += [(f"eval: {m}", s) for m, s in timing.get("eval_s", {}).items()]
     md += (
         ["### Wall time", "", "| phase | wall time (s) |", "|---|---|"]
@@ -481,7 +490,7 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
         + [""]
     )
     if timing.get("srd_time_fraction"):
-        cached = " (teacher caches included)" if timing.get("teacher_cache_s") else ""
+        cached = " (the teacher rows each trained on included)" if timing.get("teacher_cache_s") else ""
         md += [
             f"SRD (reflection included) took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's "
             f"training time{cached} ({timing['srd_sample_passes']:.0f} vs {timing['baseline_sample_passes']:.0f} "
@@ -551,7 +560,7 @@ def write_report(run: Path) -> Path:
             "",
             f"Wall time: total {res['total_s']:.0f} s = reflection {res['reflection_s']:.0f} s + "
             f"training {res['train_s']:.0f} s"
-            + (f" + teacher cache {res['teacher_cache_s']:.0f} s" if res.get("teacher_cache_s") else "")
+            + (f" + teacher rows {res['teacher_cache_s']:.0f} s" if res.get("teacher_cache_s") else "")
             + f"; {res['sample_passes']:.0f} sample passes."
             + (
                 f" On-policy batches (ratio {res['on_policy_ratio']:g}): {res['generation_s']:.0f} s of the training "
@@ -560,8 +569,10 @@ def write_report(run: Path) -> Path:
                 else ""
             )
             + (
-                f" The teacher cache ({res['teacher_cache_s']:.0f} s) was built before the stages' training loops "
-                "and is counted in the total, not in the training time."
+                f" The teacher rows (top-{_top_k(run)} logits from the teacher store) cost "
+                f"{res['teacher_cache_s']:.0f} s to build, counted in the total, not in the training time; "
+                f"this run built {res.get('teacher_built_s', res['teacher_cache_s']):.0f} s of them, the rest was "
+                "found in the store."
                 if res.get("teacher_cache_s")
                 else ""
             ),

@@ -4,7 +4,7 @@
       config.yaml                     the resolved config
       reflection/                     manifest.jsonl, summary.json (srd run / srd reflect)
       reflection-stage-<i>/           curriculum.re_reflect: the ranking before stage i
-      teacher-cache/                  the teacher's top-k logits (loss.teacher_top_k)
+      teacher-store.json              rows taken from the teacher store (loss.teacher_top_k)
       stages/<stage>/                 StageDir: one per curriculum stage, or stages/baseline/
       results.json                    srd run: timings, stage sizes, the best checkpoint
       baseline/                       compare.baseline: the KD baseline, itself a RunDir
@@ -98,8 +98,10 @@ class RunDir:
         return sorted(found, key=lambda f: int(f.name.rsplit("-", 1)[1]))
 
     @property
-    def teacher_cache(self) -> Path:
-        return self.path / "teacher-cache"
+    def teacher_store(self) -> Path:
+        """What the run took from the teacher store: the entry, the seconds it spent building rows,
+        and what each row it trained on cost to build (teacher-store.json)."""
+        return self.path / "teacher-store.json"
 
     @property
     def stages(self) -> Path:

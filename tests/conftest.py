@@ -245,3 +245,12 @@ def run_cli_in_processes(args: list[str], n: int = 2, port: int = 29517, timeout
         out, err = proc.communicate()
         pytest.fail(f"srd {' '.join(args[:1])} in {n} processes did not finish in {timeout} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(autouse=True)
+def teacher_store(tmp_path_factory, monkeypatch):
+    """Each test its own teacher store (inherited by the processes it starts): a row another test
+    built is never found, and nothing is written into the user's cache folder."""
+    root = tmp_path_factory.mktemp("teacher-store")
+    monkeypatch.setenv("SRD_TEACHER_STORE", str(root))
+    return root

@@ -74,18 +74,15 @@ def test_damaged_state_json_is_named(tmp_path, tiny_models, tiny_data, capsys):
     assert f"{state} is damaged" in _error(capsys)
 
 
-def test_damaged_teacher_cache_shard_names_the_folder_to_delete(tmp_path, tiny_models, srd_data, capsys):  # noqa: F811
+def test_damaged_teacher_store_shard_names_the_way_on(tmp_path, tiny_models, srd_data, capsys, teacher_store):  # noqa: F811
     args = _run_args("run", tiny_models, srd_data, tmp_path, "loss.teacher_top_k=4", "train.save_every=1")
     assert main([*args, "train.stop_after_steps=1"]) == 0
-    cache = tmp_path / "x" / "teacher-cache"
-    shard = sorted(cache.glob("shard-*.buckets.npy"))[0]
+    shard = sorted(teacher_store.glob("*/shard-*.logits.npy"))[0]
     _cut(shard, 0.6)
     assert main(args) == 2
     err = _error(capsys)
-    assert f"teacher cache file {shard} is damaged" in err and f"delete the folder {cache}" in err
-    import shutil
-
-    shutil.rmtree(cache)  # the way on: the cache is rebuilt and the run finishes
+    assert f"teacher store file {shard} is damaged" in err and "srd store" in err and "--set-aside" in err
+    assert main(["store", "--verify", "--set-aside"]) == 0  # the way on: its rows are computed again
     assert main(args) == 0
 
 
@@ -100,8 +97,14 @@ def test_damaged_final_weights_of_a_finished_stage_name_the_stage_to_retrain(tmp
     assert f"weights file {stage1 / 'final' / 'model.safetensors'} is damaged" in err and f"delete {stage1}" in err
 
 
-def test_a_flipped_byte_in_saved_weights_or_a_cache_shard_is_found(tmp_path, tiny_models, srd_data, capsys):  # noqa: F811
-    """final/, best/ and teacher-cache shards carry the size and SHA-256 of their files: one
+def test_a_flipped_byte_in_saved_weights_or_a_store_shard_is_found(
+    tmp_path,
+    tiny_models,
+    srd_data,  # noqa: F811
+    capsys,
+    teacher_store,
+):
+    """final/, best/ and teacher-store shards carry the size and SHA-256 of their files: one
     flipped byte (which safetensors and NumPy would load silently) is named with the way on."""
     from srd.models.load import load_model
 
@@ -125,11 +128,11 @@ def test_a_flipped_byte_in_saved_weights_or_a_cache_shard_is_found(tmp_path, tin
         load_model(str(stage1 / "final"))  # what srd eval and the experiment's evaluation load
     weights.write_bytes(original)
     load_model(str(stage1 / "best"))
-    shard = sorted((tmp_path / "x" / "teacher-cache").glob("shard-*.buckets.npy"))[0]
+    shard = sorted(teacher_store.glob("*/shard-*.logits.npy"))[-1]  # stage 2's rows, read when it continues
     _flip(shard)
     assert main(args) == 2
     err = _error(capsys)
-    assert f"teacher cache file {shard} is damaged" in err and "SHA-256" in err
+    assert f"teacher store file {shard} is damaged" in err and "SHA-256" in err
 
 
 def test_damaged_manifest_is_rebuilt_from_the_reflection_rows(tmp_path, tiny_models, srd_data):  # noqa: F811

@@ -655,3 +655,54 @@ def test_two_processes_take_the_plan_from_the_trainer_and_refuse_a_hand_typed_ba
         assert "planned for 2 rows per optimizer step" in r["refused"] and "consumes 4" in r["refused"]
         assert r["rows_per_step"] == 4 and r["steps"] == r["plan_steps"] == 2 + 4 + 6
         assert r["stages"] == [1] * 2 + [2] * 4 + [3] * 6
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_loss_from_the_teacher_store_is_the_dense_loss_when_k_covers_all_but_one_token(
+    tiny_models, reflected_tiny, tmp_path, beta
+):
+    """use_teacher_store: with k = V - 1 the buckets are the teacher's whole distribution, so the
+    stored loss equals the dense one (to the store's float16 precision) for forward KL, JSD and
+    reverse KL, at a curriculum temperature, CE term included."""
+    from srd.data.tokenize import collate
+    from srd.integrations.trl import use_teacher_store
+
+    tok, reflected, cur = reflected_tiny
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, beta=beta)
+    batch = collate(_encoded_rows(tok, reflected)[:2], tok.pad_token_id)
+    trainer.srd_tau, trainer.srd_alpha = 1.5, 0.25
+    dense = float(trainer.compute_loss(trainer.model, batch).detach())
+    store = use_teacher_store(trainer, top_k=len(tok) - 1)
+    assert store.shard_taus(0) == [1.0, 1.5, 2.0]  # SRD's and the attached curriculum's
+    stored = float(trainer.compute_loss(trainer.model, batch).detach())
+    assert stored == pytest.approx(dense, rel=2e-3)
+
+
+def test_a_gkd_run_from_the_teacher_store_never_runs_the_teacher_and_a_second_run_builds_nothing(
+    tiny_models, reflected_tiny, tmp_path, teacher_store
+):
+    from srd.integrations.trl import use_teacher_store
+
+    tok, reflected, cur = reflected_tiny
+    trainer = _gkd_trainer(tmp_path / "a", tiny_models, tok, reflected, cur)
+    store = use_teacher_store(trainer, top_k=8)
+    assert store.root == teacher_store and len(store.index) == 9  # the 9 kept rows, once each
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran despite the store")
+
+    trainer.teacher_model.forward = no_teacher
+    trainer.train()
+    assert all(r["loss"] > 0 for r in trainer.state.log_history if "loss" in r)
+    again = _gkd_trainer(tmp_path / "b", tiny_models, tok, reflected, cur)
+    shards = dict(store.shards)
+    assert use_teacher_store(again, top_k=8).shards == shards  # nothing computed
+
+
+def test_the_teacher_store_refuses_on_policy_batches(tiny_models, reflected_tiny, tmp_path):
+    from srd.integrations.trl import use_teacher_store
+
+    tok, reflected, cur = reflected_tiny
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, lmbda=0.5)
+    with pytest.raises(ValueError, match="lmbda=0.5: on-policy batches"):
+        use_teacher_store(trainer)

@@ -38,8 +38,8 @@ PHASES = [
         lambda r: (r / "reflection" / "meta.json").exists() and not (r / "reflection" / "summary.json").exists(),
     ),
     (
-        "teacher cache",
-        lambda r: (r / "teacher-cache" / "meta.json").exists() and not (r / "stages" / "stage-1" / "logs").exists(),
+        "teacher store",  # between the reflection and the first stage's loop: the store's rows are built
+        lambda r: (r / "reflection" / "summary.json").exists() and not (r / "stages" / "stage-1" / "logs").exists(),
     ),
     *[
         (
@@ -82,6 +82,7 @@ VARIANTS = {
 def _command(tiny_models, data, out: Path, variant: str = "fp32") -> list[str]:
     extra = [
         "loss.teacher_top_k=4",
+        f"loss.teacher_store={out / 'store'}",  # its own: the soak run builds its rows, under kills
         "train.save_every=1",
         "train.precision=fp32",
         "compare.baseline=true",

@@ -440,6 +440,7 @@ class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
     def __init__(self, curriculum: Curriculum, trainer: Any) -> None:
         self.curriculum = curriculum
         self.trainer = trainer
+        trainer.srd_curriculum_taus = list(curriculum.taus)  # what a teacher store must hold (srd.integrations.trl)
         log = trainer.log
 
         def log_with_stage(logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:

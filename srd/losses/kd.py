@@ -33,7 +33,7 @@ def _identity(x: Tensor) -> Tensor:
 @dataclass
 class SparseTeacher:
     """A cached teacher: per target position its top-k token ids and k + 1 bucket logits (the
-    top-k logits and one logit standing for all other tokens; see srd.train.teacher_cache)."""
+    top-k logits and one logit standing for all other tokens; see srd.train.teacher_store)."""
 
     ids: Tensor  # (N, k) int64
     buckets: Tensor  # (N, k + 1) float32

@@ -160,6 +160,34 @@ def resolve_model_path(spec: str) -> str:
     return spec  # a Hub id
 
 
+def model_files_key(spec: str, *extra: Any) -> str | None:
+    """A hash of the files a model spec loads from (names, sizes, modification times) and `extra`,
+    without reading the weights: the same key means the same files as when it was recorded.
+    None where the files are not on this machine (a Hub id not in the local cache)."""
+    import hashlib
+
+    if spec.startswith("random:"):
+        return None
+    if spec in BUNDLED_MODELS:
+        folder = bundled_gguf_path(spec)
+    else:
+        folder = Path(spec).expanduser()
+        if not folder.exists():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                hit = try_to_load_from_cache(spec, "config.json")
+            except Exception:  # not a valid repo id, or no cache: no key, the teacher loads
+                return None
+            if not isinstance(hit, str):
+                return None
+            folder = Path(hit).parent
+    files = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.is_file())
+    listing = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    blob = json.dumps([str(folder.resolve()), listing, [str(x) for x in extra]]).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
 def _looks_local(spec: str) -> bool:
     """A missing `a/b` whose first part is a folder here (`runs/my-run`, `students/x`) is a local
     folder that does not exist, not a Hub id: it is not sent to the Hub (minutes of retries)."""

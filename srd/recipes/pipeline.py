@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from srd.config import ConfigError, RunConfig
-from srd.curriculum import Stage, plan_full_stages, plan_stages, stage_alphas
+from srd.curriculum import Stage, plan_full_stages, plan_stages, stage_alphas, stage_taus
 from srd.recipes.train import check_inputs, load_models, prepare_run_dir
 from srd.reflect.reflect import reflect, time_split
 from srd.reflect.scorers import check_scorers, needs_teacher
@@ -27,7 +27,6 @@ from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, StageSummary, train_stage
-from srd.train.teacher_cache import TeacherCache
 from srd.utils import atomic_write_json, read_json
 
 
@@ -61,8 +60,9 @@ class RunResults(TypedDict, total=False):
     complete: bool
     reflection_s: float  # reflection, re-reflections included
     train_s: float
-    teacher_cache_s: float
-    total_s: float  # reflection + training + the teacher cache: what the method cost
+    teacher_cache_s: float  # what the teacher rows it trained on cost to build (loss.teacher_top_k)
+    teacher_built_s: float  # of which this run built (the rest was found in the teacher store)
+    total_s: float  # reflection + training + the teacher rows: what the method cost
     sample_passes: float  # examples x epochs, summed over stages
     generation_s: float  # on-policy sampling inside training
     on_policy_ratio: float
@@ -91,7 +91,13 @@ def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, 
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
-    student, teacher, tokenizer = load_models(cfg, need_teacher=need_teacher)
+    # a KD-only teacher whose rows are all in the teacher store is not loaded (the reflection's
+    # teacher scorers and on-policy batches need the model: load_models checks)
+    kd_only = need_teacher and not _reflection_needs_teacher(cfg)
+    taus = stage_taus(cfg.curriculum) if cfg.method not in ("baseline", "gkd") else [cfg.loss.tau]
+    student, teacher, tokenizer = load_models(
+        cfg, need_teacher=need_teacher, data=(train, dev) if kd_only else None, accelerator=acc, taus=taus
+    )
     return acc, run_dir, student, teacher, tokenizer, train, dev
 
 
@@ -186,12 +192,14 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
     # curriculum.re_reflect: the student reflects again before stages 2..n, time the method costs
     again = [folder / "summary.json" for folder in run.re_reflections()]
     results["reflection_s"] = round(results["reflection_s"] + sum(read_json(f)["wall_time_s"] for f in again), 3)
-    # the cache's own record counts shards built by an interrupted invocation too, which no
-    # stage's checkpoint may have saved (a cache made before build.json existed records none)
-    cache_s = sum(s.get("teacher_cache_s", 0.0) for s in results["stages"])
-    results["teacher_cache_s"] = round(max(cache_s, TeacherCache.build_seconds(run.teacher_cache)), 3)
-    # the teacher cache is built before each stage's loop starts: it is not in train_s, but it is
-    # time the method costs (the baseline builds its own when it uses one)
+    # the teacher store: what the rows this run trained on cost to build, whether this run built
+    # them or found them stored by another run (so a method's time does not depend on which ran
+    # first), and what this run itself spent building (shards of an interrupted invocation too)
+    built_s = sum(s.get("teacher_cache_s", 0.0) for s in results["stages"])
+    record = read_json(run.teacher_store) if run.teacher_store.exists() else {}
+    results["teacher_built_s"] = round(max(built_s, float(record.get("built_s", 0.0))), 3)
+    results["teacher_cache_s"] = round(sum(record.get("rows_cost_s", {}).values()), 3) if record else 0.0
+    # the rows are built before each stage's loop starts: not in train_s, but time the method costs
     results["total_s"] = round(results["train_s"] + results["reflection_s"] + results["teacher_cache_s"], 3)
     results["sample_passes"] = round(sum(s["examples"] * s["epochs"] for s in results["stages"]), 3)
     results["generation_s"] = round(sum(s.get("generation_s", 0.0) for s in results["stages"]), 3)

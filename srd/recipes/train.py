@@ -5,6 +5,8 @@ Reads top to bottom: run directory -> models -> data -> train_stage -> summary.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,16 @@ import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
+from srd.data.tokenize import encode_examples
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
-from srd.models.load import check_model_spec
+from srd.models.load import check_model_spec, inference_dtype_of, is_seq2seq
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
-from srd.train.loop import train_stage
+from srd.train.loop import teacher_source_key, train_stage
+from srd.train.teacher_store import StoredTeacher, check_store_root, find_source, store_root
 from srd.utils import DamagedFileError, atomic_write_text, claim_folder, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 # Keys that may change between an interrupted run and its resumption.
 # train.grad_accum may change with the number of processes (the checkpoint checks that
@@ -106,31 +112,78 @@ def check_inputs(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[l
         check_model_spec(m.teacher)
         if m.teacher_adapter and not Path(m.teacher_adapter).expanduser().exists():
             raise ConfigError(f"model.teacher_adapter: {m.teacher_adapter} does not exist (a PEFT adapter folder)")
+    if need_teacher and cfg.loss.teacher_top_k:
+        check_store_root(store_root(cfg.loss.teacher_store))
     return data
 
 
-def load_models(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[Any, Any, Any]:
+def load_models(
+    cfg: RunConfig,
+    *,
+    need_teacher: bool | None = None,
+    data: tuple[Sequence[Any], Sequence[Any]] | None = None,
+    accelerator: Any = None,
+    taus: Sequence[float] = (),
+) -> tuple[Any, Any, Any]:
     """(student, teacher or None, tokenizer); tokenizers checked before any compute.
 
-    The teacher is loaded when `need_teacher` (default: loss.alpha < 1, i.e. some KD term).
+    The teacher is loaded when `need_teacher` (default: loss.alpha < 1, i.e. some KD term). With
+    loss.teacher_top_k, `data` (training and dev examples), the `accelerator` and the run's
+    temperatures `taus`: where the teacher store already holds every row at those temperatures
+    for these teacher files, the teacher is a StoredTeacher and its weights are never read.
     """
     m = cfg.model
     tokenizer = load_tokenizer(m.student, trust_remote_code=m.trust_remote_code)
     teacher = None
     if need_teacher is None:
         need_teacher = cfg.loss.alpha < 1.0
+    if need_teacher and m.teacher is None:
+        raise ConfigError("this run has a KD term (alpha < 1) but model.teacher is null; name a teacher")
     if need_teacher:
-        if m.teacher is None:
-            raise ConfigError("this run has a KD term (alpha < 1) but model.teacher is null; name a teacher")
         check_tokenizers(load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code), tokenizer)
+    student = load_model(m.student, trust_remote_code=m.trust_remote_code)
+    if need_teacher and data is not None and accelerator is not None:
+        teacher = stored_teacher(cfg, tokenizer, student, data, accelerator, taus)
+    if need_teacher and teacher is None:
         teacher = load_model(m.teacher, trust_remote_code=m.trust_remote_code)
         if m.teacher_adapter:
             teacher = merge_adapter(teacher, m.teacher_adapter)
-    student = load_model(m.student, trust_remote_code=m.trust_remote_code)
-    aligned_vocab_size(tokenizer, student, *([teacher] if teacher is not None else []))
+    aligned_vocab_size(
+        tokenizer, student, *([teacher] if teacher is not None and not isinstance(teacher, StoredTeacher) else [])
+    )
     if cfg.lora.enabled:
         student = add_lora(student, cfg.lora, seed=cfg.seed)
     return student, teacher, tokenizer
+
+
+def stored_teacher(
+    cfg: RunConfig,
+    tokenizer: Any,
+    student: Any,
+    data: tuple[Sequence[Any], Sequence[Any]],
+    acc: Any,
+    taus: Sequence[float],
+) -> StoredTeacher | None:
+    """The teacher store's entry for these teacher files, where it holds every training and dev
+    row of the run at every temperature in `taus` (and the run needs the teacher for nothing
+    else: no on-policy batches); None otherwise (the teacher is loaded)."""
+    if not cfg.loss.teacher_top_k or cfg.on_policy.ratio or cfg.method == "gkd":
+        return None
+    dtype = inference_dtype_of(cfg.model.teacher_dtype, bf16_training=acc.mixed_precision == "bf16")
+    source = teacher_source_key(cfg, dtype)
+    store = find_source(store_root(cfg.loss.teacher_store), source) if source else None
+    if store is None or store.meta.get("vocab") != len(tokenizer) or store.meta.get("top_k") != cfg.loss.teacher_top_k:
+        return None
+    d = cfg.data
+    kw = dict(fmt=d.prompt_format, max_prompt_len=d.max_prompt_len, max_len=d.max_len, seq2seq=is_seq2seq(student))
+    train, dev = data
+    rows = encode_examples(tokenizer, list(train), **kw) + encode_examples(
+        tokenizer, list(dev)[: d.dev_limit or None], **kw
+    )
+    if store.missing(rows, [cfg.loss.tau, *taus]):
+        return None
+    log.info("teacher store %s holds every row of this run: the teacher's weights are not loaded", store.folder)
+    return StoredTeacher(store)
 
 
 def add_lora(model: Any, lora: Any, *, seed: int = 0) -> Any:
@@ -183,7 +236,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
-    student, teacher, tokenizer = load_models(cfg)
+    student, teacher, tokenizer = load_models(cfg, data=(train, dev), accelerator=acc)
     acc.print(
         f"srd train: {len(train)} training examples from {cfg.data.train}; "
         f"{len(dev)} dev examples (dev loss on the first {min(cfg.data.dev_limit or len(dev), len(dev))}, "

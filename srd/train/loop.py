@@ -43,7 +43,7 @@ from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
 from srd.models.features import compile_blocks, model_fingerprint, teacher_features
-from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, model_files_key, precision_entry
 from srd.models.save import save_model_dir
 from srd.rundir import RunDir, StageDir
 from srd.runtime import make_accelerator
@@ -51,8 +51,16 @@ from srd.train import checkpoint as ckpt
 from srd.train import distributed
 from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule
-from srd.train.teacher_cache import TeacherCache
-from srd.utils import append_jsonl, atomic_write_json, read_json, rng_state, seed_everything, set_rng_state
+from srd.train.teacher_store import StoredTeacher, TeacherStore, record_source, row_key, store_root
+from srd.utils import (
+    DamagedFileError,
+    append_jsonl,
+    atomic_write_json,
+    read_json,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +194,11 @@ def evaluate_dev(
     spec: _LossSpec,
     accelerator: Any,
     student: Any = None,
+    store: TeacherStore | None = None,
 ) -> dict[str, float]:
     """Dev loss (same objective) and ROUGE-L of greedy answers on the first dev rows.
-    `student`: the unsharded model to generate with (default: the module's own student)."""
+    `student`: the unsharded model to generate with (default: the module's own student);
+    `store`: the teacher store the dev rows' teacher side is read from (else the teacher runs)."""
     from accelerate.utils import gather_object
 
     student = accelerator.unwrap_model(module).student if student is None else student
@@ -208,7 +218,8 @@ def evaluate_dev(
             for i in range(0, n_batches * bs, bs):
                 rows = local[i : i + bs]
                 batch = {k: v.to(device) for k, v in collate(rows or dev_encoded[:1], pad_id(tokenizer)).items()}
-                _, sums = _micro_loss(module, teacher, batch, spec, accelerator, 1.0)
+                cached = store.rows(rows or dev_encoded[:1], device, spec.tau) if store is not None else None
+                _, sums = _micro_loss(module, teacher, batch, spec, accelerator, 1.0, cached=cached)
                 if rows:  # a process short of rows ran a padding forward: not counted
                     ce, kd, n = ce + sums.ce.item(), kd + sums.kd.item(), n + sums.n_tokens
         totals = torch.tensor([ce, kd, float(n)], device=device)
@@ -262,51 +273,104 @@ def on_accelerators(setting: bool | str, device: Any) -> bool:
 
 
 def cache_temperatures(cfg: RunConfig, tau: float, stage_taus: Sequence[float] = ()) -> list[float]:
-    """Every temperature the teacher cache must serve: this stage's `tau`, loss.tau, and
-    `stage_taus` (the temperatures of the run's other stages, given by the caller: one cache
-    serves every stage of a curriculum)."""
+    """Every temperature the teacher store must serve this run: this stage's `tau`, loss.tau, and
+    `stage_taus` (the temperatures of the run's other stages, given by the caller: one build serves
+    every stage of a curriculum)."""
     return sorted({round(float(t), 9) for t in (*stage_taus, cfg.loss.tau, tau)})
 
 
-def teacher_cache_meta(
-    cfg: RunConfig, teacher: Any, tokenizer: Any, s2s: bool, tau: float, stage_taus: Sequence[float] = ()
-) -> dict[str, Any]:
-    """What a teacher cache's rows depend on (a cache made for other values is rebuilt): the
-    teacher's weights and the precision they ran in, k, the temperatures, the tokenisation."""
+# stored with every row whatever the run asks for (a tail logit each: 2 bytes per position), so
+# that a KD baseline at tau 1 and SRD's stages at 1, 1.5 and 2 share the same rows
+STORE_TAUS = (1.0, 1.5, 2.0)
 
-    d = cfg.data
+
+def teacher_store_meta(cfg: RunConfig, teacher: Any, tokenizer: Any) -> dict[str, Any]:
+    """What a teacher store entry's rows depend on besides the rows themselves (whose key holds
+    their tokens): the teacher's weights and the precision they ran in, k, the vocabulary."""
+
     # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint
     return {
         **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
         "teacher": model_fingerprint(teacher),
         "top_k": cfg.loss.teacher_top_k,
-        "taus": cache_temperatures(cfg, tau, stage_taus),
         "vocab": len(tokenizer),
-        "tokenisation": [d.prompt_format, d.max_prompt_len, d.max_len, d.instruction_suffix, s2s],
     }
 
 
-def _teacher_cache(
-    cfg: RunConfig,
-    teacher: Any,
-    tokenizer: Any,
-    enc: Sequence[Encoded],
-    acc: Any,
-    s2s: bool,
-    tau: float,
-    stage_taus: Sequence[float],
-) -> Any:
-    """Build (main process) or reuse the run's teacher cache for these examples; (cache, seconds)."""
+def _teacher_store(
+    cfg: RunConfig, teacher: Any, tokenizer: Any, rows: Sequence[Encoded], acc: Any, taus: Sequence[float]
+) -> tuple[TeacherStore, float]:
+    """Build (main process) the rows the store lacks, then open it on every process; (store,
+    seconds this call spent building). The run's teacher-store.json adds the seconds of each shard
+    as it is written (an interrupted build's too) and what every row the run uses cost."""
 
-    meta = teacher_cache_meta(cfg, teacher, tokenizer, s2s, tau, stage_taus)
-    folder = RunDir(cfg.run_dir).teacher_cache
-    t0 = time.perf_counter()
+    root = store_root(cfg.loss.teacher_store)
+    meta = teacher_store_meta(cfg, teacher, tokenizer)
+    record_path = RunDir(cfg.run_dir).teacher_store
+    seconds = 0.0
     if acc.is_main_process:
-        n = TeacherCache(folder, meta).build(teacher, tokenizer, enc, batch_size=cfg.train.batch_size)
-        if n:
-            log.info("teacher cache: %d examples added in %.0f s (%s)", n, time.perf_counter() - t0, folder)
+        store = TeacherStore(root, meta)
+        try:
+            record = read_json(record_path) if record_path.exists() else {}
+        except DamagedFileError:  # derived bookkeeping: start it again (the rows are in the store)
+            log.warning("%s is damaged: the run's teacher time restarts from this build", record_path)
+            record = {}
+        record.update(store=str(root), entry=store.folder.name)
+        record.setdefault("built_s", 0.0)
+
+        def on_shard(s: float) -> None:
+            record["built_s"] = round(record["built_s"] + s, 3)
+            atomic_write_json(record_path, record)
+
+        done = store.build(
+            teacher, tokenizer, rows, sorted({*taus, *STORE_TAUS}), batch_size=cfg.train.batch_size, on_shard=on_shard
+        )
+        seconds = done.seconds
+        if done.rows:
+            log.info("teacher store: %d rows added in %.0f s (%s)", done.rows, seconds, store.folder)
+        _add_costs(record, store, rows)
+        atomic_write_json(record_path, record)
+        source = teacher_source_key(cfg, next(teacher.parameters()).dtype)
+        if source is not None:
+            record_source(root, source, store.folder.name)
     acc.wait_for_everyone()
-    return TeacherCache(folder, meta), time.perf_counter() - t0
+    return TeacherStore(root, meta), seconds
+
+
+def teacher_source_key(cfg: RunConfig, dtype: Any) -> str | None:
+    """The key of the teacher's files (and adapter's, and the precision it runs in) under which
+    the store remembers its entry (models.load.model_files_key)."""
+    m = cfg.model
+    adapter = model_files_key(m.teacher_adapter) if m.teacher_adapter else None
+    if m.teacher is None or (m.teacher_adapter and adapter is None):
+        return None
+    return model_files_key(m.teacher, adapter, str(dtype), cfg.loss.teacher_top_k)
+
+
+def _add_costs(record: dict[str, Any], store: TeacherStore, rows: Sequence[Encoded]) -> None:
+    costs = record.setdefault("rows_cost_s", {})
+    for e in rows:
+        costs[row_key(e)] = round(store.cost_seconds([e]), 4)
+
+
+def _record_rows(cfg: RunConfig, store: TeacherStore, rows: Sequence[Encoded], acc: Any, taus: Sequence[float]) -> None:
+    """A run served by the store alone: every row must be there (the caller checked); record
+    their cost as _teacher_store does."""
+    lacking = store.missing(rows, taus)
+    if lacking:
+        raise ckpt.CheckpointError(
+            f"the teacher store entry {store.folder} lacks {len(lacking)} of this stage's rows, though the run "
+            "found them all at its start (was the entry changed meanwhile?); rerun the same command: the "
+            "teacher is then loaded and the rows are computed"
+        )
+    if acc.is_main_process:
+        path = RunDir(cfg.run_dir).teacher_store
+        record = read_json(path) if path.exists() else {}
+        record.update(store=str(store.root), entry=store.folder.name)
+        record.setdefault("built_s", 0.0)
+        _add_costs(record, store, rows)
+        atomic_write_json(path, record)
+    acc.wait_for_everyone()
 
 
 class StageSummary(TypedDict):
@@ -323,7 +387,7 @@ class StageSummary(TypedDict):
     kd_scale: float  # the factor on the divergence: tau^2 under loss.tau_squared=all
     wall_time_s: float  # training time, earlier (resumed) invocations included
     generation_s: float  # of which on-policy sampling
-    teacher_cache_s: float  # building the teacher cache (not in wall_time_s)
+    teacher_cache_s: float  # building the rows the teacher store lacked (not in wall_time_s)
     on_policy_ratio: float
     tokens: int
     best_metric: float | None  # dev ROUGE-L, else minus the dev loss
@@ -456,9 +520,18 @@ class _StageRun:
         self.latest = ckpt.latest_checkpoint(self.dirs.checkpoints)
         if self.latest is not None:  # a damaged file is named now, before any work, never skipped silently
             ckpt.verify_checkpoint(self.latest)
-        self.cache, self.cache_s = None, 0.0
+        self.store: TeacherStore | None = None
+        self.cache_s = 0.0
         if lcfg.teacher_top_k and self.uses_teacher:
-            self.cache, self.cache_s = _teacher_cache(cfg, teacher, tokenizer, self.enc, acc, self.s2s, tau, stage_taus)
+            taus = cache_temperatures(cfg, tau, stage_taus)
+            rows = [*self.enc, *self.dev_enc]  # the dev loss is read from the store too
+            if isinstance(teacher, StoredTeacher):  # every row stored: the teacher was never loaded
+                if cfg.on_policy.ratio:
+                    raise ConfigError("on-policy batches (on_policy.ratio > 0) need the teacher model, not its store")
+                self.store = teacher.store
+                _record_rows(cfg, self.store, rows, acc, taus)
+            else:
+                self.store, self.cache_s = _teacher_store(cfg, teacher, tokenizer, rows, acc, taus)
         self.state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "elapsed_s": 0.0, "tokens": 0}
         self.micro_per_step = tcfg.grad_accum * acc.num_processes
         self.ratio = float(cfg.on_policy.ratio or 0.0)
@@ -502,7 +575,7 @@ class _StageRun:
             distributed.shard_student(module)
         if tcfg.compile:
             compile_blocks(student)
-            if self.uses_teacher:
+            if self.uses_teacher and not isinstance(teacher, StoredTeacher):
                 compile_blocks(teacher)
         optimizer = _optimizer(module, tcfg.lr, tcfg.weight_decay)
         self.scheduler = _scheduler(optimizer, tcfg, self.plan.total_steps, lr_window)
@@ -514,7 +587,7 @@ class _StageRun:
         if not self.sharded:  # DeepSpeed: `module` becomes its engine (ZeRO partitions the optimizer state)
             module, optimizer = acc.prepare(module, optimizer)
         self.module, self.optimizer = module, optimizer
-        if self.uses_teacher:
+        if self.uses_teacher and not isinstance(teacher, StoredTeacher):
             teacher_dtype = inference_dtype_of(cfg.model.teacher_dtype, bf16_training=acc.mixed_precision == "bf16")
             teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
 
@@ -639,6 +712,7 @@ class _StageRun:
             self.spec,
             acc,
             self.student,
+            self.store,
         )
         key = metrics.get("dev_rougeL", -metrics.get("dev_loss", float("nan")))
         improved = state["best_metric"] is None or key > state["best_metric"]
@@ -706,8 +780,8 @@ class _StageRun:
             n_tokens += int(batch["attention_mask"].sum())
             sync = j == len(local) - 1
             ctx = acc.no_sync(module) if not (sync or self.sharded or self.deepspeed) else contextlib.nullcontext()
-            cache = self.cache
-            cached = cache.rows([e.id for e in encs], device, self.tau) if cache is not None and not on_policy else None
+            store = self.store
+            cached = store.rows(encs, device, self.tau) if store is not None and not on_policy else None
             if self.deepspeed:  # the step's last micro-batch reduces the gradients and steps (clipping included)
                 module.set_gradient_accumulation_boundary(sync)
             with ctx:
