@@ -461,7 +461,8 @@ def _timing(base: Path, run: Path, variant: str, preset: dict[str, Any]) -> dict
         t["reflection_s"] = base_exp["timing"]["reflection_s"] + t["reflection_s"]
     t["srd_sample_passes"] = json.loads((run / "results.json").read_text())["sample_passes"]
     t["srd_total_s"] = t["reflection_s"] + t["train_s"] + t["teacher_cache_s"]
-    # the KD baseline builds its own teacher cache when the preset uses one
+    # with loss.teacher_top_k each method counts what its teacher rows cost to build (teacher_cache_s),
+    # whether it built them or found them in the teacher store (where the other method or seed put them)
     t["kd_total_s"] = t["baseline_train_s"] + t.get("baseline_teacher_cache_s", 0.0)
     t["srd_time_fraction"] = t["srd_total_s"] / t["kd_total_s"]
     t["eval_s"] = {"KD": _eval_seconds(base, "baseline"), "KD+SRD": _eval_seconds(run, "final")}

@@ -288,3 +288,16 @@ def test_throughput_stopped_by_sigterm_records_the_finished_rows(tmp_path, tiny_
     text = record.read_text()
     assert "| naive |" in text and "| srd |" not in text
     assert "stopped by SIGTERM (a time limit) before: srd, srd-keep" in text
+
+
+@needs_shared
+def test_teacher_store_script_records_size_reuse_fidelity_integrity_and_memory(tmp_path, tiny_models):
+    record = tmp_path / "store.md"
+    args = ["--teacher", str(tiny_models["llama-teacher"]), "--student", str(tiny_models["llama-student"])]
+    args += ["--rows", "6", "--k", "8", "--batch", "3", "--steps", "1", "--record", str(record)]
+    assert _module("teacher_store").main(args) == 0
+    text = record.read_text()
+    assert "| rows built, second run (same rows, another order) | 0 in" in text
+    assert "bytes per target position | **" in text and "| 1.5 |" in text
+    assert "the copy as made: no damaged file" in text and "1 damaged file(s) named" in text
+    assert "| store: the student alone |" in text and "Peak memory saved" in text
