@@ -8,7 +8,9 @@ and each curriculum stage's temperature and CE weight reaching GKD's loss.
 
 Everything a TRL user adds to a GKDTrainer script is marked `# SRD`. Other models, data and
 output folder: `--teacher`, `--student`, `--data` (a named set or a JSONL file), `--out` (the
-test suite runs it so on tiny models).
+test suite runs it so on tiny models). SRD's own settings are an `SRDConfig`, read from the same
+command line as TRL scripts read theirs (`--srd_keep_ratio 0.5 --srd_epochs_per_stage 4`, ...;
+`--help` lists them).
 """
 
 from __future__ import annotations
@@ -17,25 +19,33 @@ import argparse
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.gkd import GKDConfig
 
-from srd.config import CurriculumConfig
 from srd.data import load_examples
-from srd.integrations.hf import Curriculum, reflect_dataset  # SRD
+from srd.integrations.hf import SRDConfig, prepare_curriculum  # SRD
 from srd.integrations.trl import SRDGKDTrainer  # SRD
 from srd.models import load_model, load_tokenizer
 from srd.models.load import native_bf16
 
 
-def _options() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="SRD inside TRL's GKDTrainer")
+def _options() -> tuple[argparse.Namespace, SRDConfig]:
+    p = argparse.ArgumentParser(description="SRD inside TRL's GKDTrainer", add_help=False)
     p.add_argument("rows", nargs="?", type=int, default=48, help="training rows (default 48)")
     p.add_argument("--teacher", default="smollm2-135m-instruct")
     p.add_argument("--student", default="runs/students/smollm2-20l-healed")
     p.add_argument("--data", default="dolly", help="a named set or a JSONL file (instruction / input / output)")
     p.add_argument("--out", default="runs/trl-srd")
-    return p.parse_args()
+    opt, rest = p.parse_known_args()
+    # SRD: its settings as TRL's are set (HfArgumentParser / TrlParser); this example's defaults:
+    # 2 epochs per stage and answers of up to 96 tokens, to run in minutes on a CPU
+    srd_parser = HfArgumentParser(SRDConfig, parents=[p])
+    srd_parser.set_defaults(srd_epochs_per_stage=2.0, srd_max_new_tokens=96)
+    srd, *_ = srd_parser.parse_args_into_dataclasses(rest, look_for_args_file=False)  # the rest: the options above
+    if srd.srd_reflection_dir == SRDConfig.srd_reflection_dir:
+        srd.srd_reflection_dir = str(Path(opt.out) / "reflection")
+    return opt, srd
 
 
 def dolly_conversations(n: int, data: str = "dolly") -> Dataset:
@@ -48,22 +58,12 @@ def dolly_conversations(n: int, data: str = "dolly") -> Dataset:
 
 
 def main() -> None:
-    opt = _options()
+    opt, srd = _options()
     out = Path(opt.out)
     tokenizer = load_tokenizer(opt.student)
     student = load_model(opt.student)
     teacher = load_model(opt.teacher)
     train = dolly_conversations(opt.rows, opt.data)
-
-    # SRD 1: the student answers every prompt; ROUGE-L + CE, reciprocal rank fusion, the easiest
-    # 75% kept in 3 stages (columns srd_* added; resumable in <out>/reflection)
-    reflected = reflect_dataset(
-        train,
-        student=student,
-        tokenizer=tokenizer,
-        out_dir=out / "reflection",
-        overrides=["generation.max_new_tokens=96"],
-    )
     args = GKDConfig(
         output_dir=str(out / "gkd"),
         per_device_train_batch_size=4,
@@ -80,18 +80,16 @@ def main() -> None:
         use_cpu=True,
         bf16=native_bf16("cpu"),  # bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16)
     )
-    # SRD 2: Baby Step order (stage i = stages 1..i, 2 epochs each), tau 1 -> 2, alpha 0.3 -> 0.1
-    curriculum = Curriculum.from_reflected(
-        reflected,
-        args=args,  # SRD: rows per optimizer step read from the trainer's arguments (batch x accumulation x processes)
-        curriculum=CurriculumConfig(epochs_per_stage=2, lr_schedule="global"),  # SRD: the trainer's LR schedule
-        seed=args.seed,
-    )
+    # SRD: the student answers every prompt; ROUGE-L + CE, reciprocal rank fusion, the easiest 75%
+    # kept in 3 stages (resumable in the reflection folder); then the Baby Step order (stage i =
+    # stages 1..i, 2 epochs each), tau 1 -> 2, alpha 0.3 -> 0.1, planned for the rows an optimizer
+    # step of these arguments consumes (batch x accumulation x processes) and their seed
+    rows, curriculum = prepare_curriculum(train, args=args, student=student, tokenizer=tokenizer, srd=srd)
     trainer = SRDGKDTrainer(
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=curriculum.dataset(reflected),  # SRD
+        train_dataset=rows,  # SRD: the rows in the curriculum's order
         processing_class=tokenizer,
     )
     curriculum.attach(trainer)  # SRD: tau / alpha per stage, logged as srd_stage, srd_tau, srd_alpha

@@ -706,3 +706,96 @@ def test_the_teacher_store_refuses_on_policy_batches(tiny_models, reflected_tiny
     trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, lmbda=0.5)
     with pytest.raises(ValueError, match="lmbda=0.5: on-policy batches"):
         use_teacher_store(trainer)
+
+
+def test_srd_config_is_read_beside_the_trainers_config_and_drives_prepare_curriculum(tmp_path, tiny_models):
+    """SRDConfig on the command line (or in a YAML file) beside TRL's own config, parsed by
+    HfArgumentParser as TRL scripts do; its fields reach the reflection and the plan."""
+    from transformers import HfArgumentParser, Trainer, TrainingArguments
+    from trl import TrlParser
+    from trl.experimental.gkd import GKDConfig
+
+    from srd.integrations.hf import SRDConfig, prepare_curriculum
+    from srd.models import load_model, load_tokenizer
+
+    (tmp_path / "recipe.yaml").write_text("output_dir: out\nuse_cpu: true\nsrd_keep_ratio: 0.25\nsrd_num_stages: 2\n")
+    gkd, from_yaml = TrlParser((GKDConfig, SRDConfig)).parse_args_and_config(
+        ["--config", str(tmp_path / "recipe.yaml")]
+    )
+    assert from_yaml.srd_keep_ratio == 0.25 and from_yaml.srd_num_stages == 2 and gkd.beta == 0.5  # GKD's own beta
+    argv = ["--output_dir", str(tmp_path / "t"), "--per_device_train_batch_size", "2", "--report_to", "none"]
+    argv += ["--train_sampling_strategy", "sequential", "--use_cpu", "true", "--num_train_epochs", "1"]
+    argv += ["--srd_num_stages", "2", "--srd_keep_ratio", "0.5", "--srd_epochs_per_stage", "1", "--srd_tau_end", "1"]
+    argv += ["--srd_alpha_start", "0", "--srd_alpha_end", "0", "--srd_max_new_tokens", "4"]
+    argv += ["--srd_reflection_dir", str(tmp_path / "refl"), "--srd_overrides", "train.precision=fp32"]
+    args, srd = HfArgumentParser((TrainingArguments, SRDConfig)).parse_args_into_dataclasses(argv)
+    assert srd.srd_scorers == ["rouge_l", "ce"] and srd.srd_overrides == ["train.precision=fp32"]
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    student = load_model(str(tiny_models["llama-student"]))
+    rows, cur = prepare_curriculum(_prompt_completion(12), args=args, student=student, tokenizer=tok, srd=srd)
+    assert len(cur.stage_steps) == 2 and len(cur.rows) == 6 and cur.taus == (1.0, 1.0) and cur.batch_size == 2
+    assert json.loads((tmp_path / "refl" / "meta.json").read_text())["settings"]["generation"]["max_new_tokens"] == 4
+    cur.attach(Trainer(model=student, args=args, train_dataset=rows))
+    with pytest.raises(ValueError, match="not both"):
+        prepare_curriculum(_prompt_completion(12), args=args, student=student, tokenizer=tok, srd=srd,
+                           curriculum=CurriculumConfig(lr_schedule="global"))  # fmt: skip
+
+
+def test_sft_trainer_tokenises_each_row_once_and_attach_expands_it_into_the_plan(tmp_path, tiny_models, reflected_tiny):
+    """distinct_dataset + attach(expand=True): SFTTrainer prepares each kept row once (9 rows, not
+    the plan's 24), and trains on them in the plan's order, as from the expanded dataset."""
+    from trl import SFTConfig, SFTTrainer
+
+    from srd.models import load_model
+
+    tok, reflected, cur = reflected_tiny
+    cur = _order_only(cur)
+    distinct = cur.distinct_dataset(reflected).select_columns(["prompt", "completion"])
+    args = SFTConfig(**{**_sequential_args(tmp_path / "sft-once"), "max_length": 64})
+    t = SFTTrainer(model=load_model(str(tiny_models["llama-student"])), args=args, train_dataset=distinct,
+                   processing_class=tok)  # fmt: skip
+    assert len(t.train_dataset) == len(cur.rows) == 9 < len(cur.order)  # tokenised once per row
+    with pytest.raises(ValueError, match="the trainer's dataset has 9 rows and the curriculum"):
+        cur.attach(t)  # the distinct rows without expand=True: refused, not trained out of plan
+    seen: list[list[int]] = []
+    collate = t.data_collator
+    t.data_collator = lambda features: (seen.extend(list(f["input_ids"]) for f in features), collate(features))[1]
+    cur.attach(t, expand=True)
+    t.train()
+    ordered = cur.dataset(reflected)
+    assert len(seen) == len(ordered) and all(tok.decode(i).startswith(r["prompt"]) for i, r in zip(seen, ordered))
+    short = SFTTrainer(model=load_model(str(tiny_models["llama-student"])), args=args,
+                       train_dataset=distinct.select(range(8)), processing_class=tok)  # fmt: skip
+    with pytest.raises(ValueError, match="expand=True: the trainer's dataset has 8 rows"):
+        cur.attach(short, expand=True)
+
+
+def test_dataloader_workers_keep_the_curriculum_order(tmp_path, tiny_models, reflected_tiny):
+    """Two dataloader worker processes collate the batches: the rows still arrive in the plan's
+    order, stage by stage."""
+    from transformers import Trainer, TrainingArguments
+
+    from srd.data.tokenize import collate
+    from srd.models import load_model
+
+    tok, reflected, cur = reflected_tiny
+    cur = _order_only(cur)
+    encoded = _encoded_rows(tok, reflected)
+    rows = reflected.add_column("row", list(range(len(reflected))))
+    seen: list[int] = []
+
+    def collator(features):  # runs in the worker processes
+        batch = collate([encoded[f["row"]] for f in features], tok.pad_token_id)
+        return {**batch, "row": torch.tensor([f["row"] for f in features])}
+
+    class Recording(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.extend(inputs.pop("row").tolist())  # in the main process, in training order
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    args = {**_sequential_args(tmp_path / "workers"), "remove_unused_columns": False, "dataloader_num_workers": 2}
+    t = Recording(model=load_model(str(tiny_models["llama-student"])), args=TrainingArguments(**args),
+                  train_dataset=cur.dataset(rows), data_collator=collator)  # fmt: skip
+    cur.attach(t)
+    t.train()
+    assert seen == list(cur.order)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +150,24 @@ def reflect_dataset(
         cfg = with_overrides(config, overrides)
     else:
         cfg = load_config(config, [f"data.prompt_format={fmt}", *overrides])
+    from accelerate.state import AcceleratorState, is_initialized
+
+    cfg = _as_the_trainer_runs(cfg)
+    ours = not is_initialized()
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
-    manifest = reflect(
-        cfg,
-        student=student,
-        tokenizer=tokenizer,
-        examples=examples,
-        out_dir=Path(out_dir),
-        accelerator=acc,
-        progress=progress,
-    )
+    try:
+        manifest = reflect(
+            cfg,
+            student=student,
+            tokenizer=tokenizer,
+            examples=examples,
+            out_dir=Path(out_dir),
+            accelerator=acc,
+            progress=progress,
+        )
+    finally:
+        if ours:  # leave accelerate as found: the trainer made next sets its own mixed precision
+            AcceleratorState._reset_state()
     by_id = {r["id"]: r for r in manifest}
     rows = [by_id[e.id] for e in examples]
     columns = {
@@ -178,13 +186,82 @@ def reflect_dataset(
     return out
 
 
+def _help(text: str) -> dict[str, Any]:
+    return {"metadata": {"help": text}}
+
+
+@dataclass
+class SRDConfig:
+    """SRD's settings the way TRL's are set: a dataclass that `transformers.HfArgumentParser` and
+    `trl.TrlParser` read from the command line or a YAML file beside the trainer's own config
+    (`TrlParser((ScriptArguments, GKDConfig, ModelConfig, SRDConfig))`). Every field starts with
+    `srd_`, so none collides with a trainer's (GKD has its own `temperature`, `beta`,
+    `max_new_tokens`). `prepare_curriculum(..., srd=SRDConfig(...))` applies it."""
+
+    srd_reflection_dir: str = field(
+        default="srd-reflection", **_help("folder of the reflection (resumable: rerun with the same folder)")
+    )
+    srd_keep_ratio: float = field(default=0.75, **_help("share of the rows kept, easiest first (the paper's lambda)"))
+    srd_num_stages: int = field(default=3, **_help("curriculum stages, easy -> hard (the paper's n)"))
+    srd_epochs_per_stage: float = field(default=8.0, **_help("passes over stages 1..i in stage i"))
+    srd_tau_start: float = field(default=1.0, **_help("KD temperature of the first stage"))
+    srd_tau_end: float = field(default=2.0, **_help("KD temperature of the last stage"))
+    srd_alpha_start: float = field(default=0.3, **_help("CE weight of the first stage"))
+    srd_alpha_end: float = field(default=0.1, **_help("CE weight of the last stage"))
+    srd_scorers: list[str] = field(
+        default_factory=lambda: ["rouge_l", "ce"], **_help("difficulty signals fused by reciprocal rank fusion")
+    )
+    srd_rrf_k: float = field(default=60.0, **_help("k of reciprocal rank fusion, sum 1 / (k + rank)"))
+    srd_max_new_tokens: int = field(default=128, **_help("length cap of the student's answers in reflection"))
+    srd_generation_batch_size: int = field(default=16, **_help("answers generated at once in reflection"))
+    srd_overrides: list[str] = field(
+        default_factory=list, **_help("any other srd setting as key=value (srd config --reference lists them)")
+    )
+
+    def curriculum(self) -> CurriculumConfig:
+        """The CurriculumConfig of these settings (the trainer's own learning-rate schedule)."""
+        return CurriculumConfig(
+            num_stages=self.srd_num_stages,
+            epochs_per_stage=self.srd_epochs_per_stage,
+            tau_start=self.srd_tau_start,
+            tau_end=self.srd_tau_end,
+            alpha_start=self.srd_alpha_start,
+            alpha_end=self.srd_alpha_end,
+            lr_schedule="global",
+        )
+
+    def overrides(self) -> list[str]:
+        """The reflection's settings as srd config overrides."""
+        return [
+            f"reflect.keep_ratio={self.srd_keep_ratio}",
+            f"reflect.scorers=[{', '.join(self.srd_scorers)}]",
+            f"reflect.rrf_k={self.srd_rrf_k}",
+            f"generation.max_new_tokens={self.srd_max_new_tokens}",
+            f"generation.batch_size={self.srd_generation_batch_size}",
+            *self.srd_overrides,
+        ]
+
+
+def _as_the_trainer_runs(cfg: RunConfig) -> RunConfig:
+    """A trainer's config made before reflection (TRL scripts parse theirs first) has set up
+    accelerate in this process with its own mixed precision, which cannot change any more:
+    reflect in that precision (and so in the precision the trainer will train in)."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return cfg
+    precision = "bf16" if AcceleratorState().mixed_precision == "bf16" else "fp32"
+    return cfg if cfg.train.precision == precision else with_overrides(cfg, [f"train.precision={precision}"])
+
+
 def prepare_curriculum(
     dataset: Any,
     *,
     args: Any,
     student: Any,
     tokenizer: Any,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
+    srd: SRDConfig | None = None,
     curriculum: CurriculumConfig | None = None,
     overrides: Sequence[str] = (),
     id_column: str | None = None,
@@ -194,7 +271,15 @@ def prepare_curriculum(
     rows in training order (give them to the trainer as `train_dataset`) and the Curriculum
     (then `curriculum.attach(trainer)`). The reflection splits into the curriculum's number of
     stages; the plan's rows per step and shuffling seed come from `args`. Resumable: rerun
-    with the same `out_dir`."""
+    with the same `out_dir`. `srd`: an SRDConfig (its curriculum, reflection settings and
+    folder), instead of `curriculum` and `out_dir`."""
+    if srd is not None:
+        if curriculum is not None:
+            raise ValueError("give srd=SRDConfig(...) or curriculum=CurriculumConfig(...), not both")
+        curriculum, overrides = srd.curriculum(), [*srd.overrides(), *overrides]
+        out_dir = out_dir if out_dir is not None else srd.srd_reflection_dir
+    if out_dir is None:
+        raise ValueError("give out_dir= (the reflection's folder) or srd=SRDConfig(srd_reflection_dir=...)")
     c = curriculum or CurriculumConfig(lr_schedule="global")
     reflected = reflect_dataset(
         dataset,
@@ -305,11 +390,37 @@ class Curriculum:
         plan = [list(self.order), list(self.stage_steps), list(self.taus), list(self.alphas), self.batch_size]
         return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
 
-    def attach(self, trainer: Any) -> CurriculumCallback:
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """The distinct dataset rows the plan trains on, in dataset order."""
+        return tuple(sorted(set(self.order)))
+
+    def distinct_dataset(self, reflected: Any) -> Any:
+        """Each row the plan trains on once (`rows`): give it to a trainer that tokenises its
+        dataset when it is built (SFTTrainer) and attach with `expand=True`, so that every row is
+        tokenised once, not once per pass of the plan (about 12x with the paper's settings)."""
+        return reflected.select(list(self.rows))
+
+    def attach(self, trainer: Any, *, expand: bool = False) -> CurriculumCallback:
         """Add the callback that sets `trainer.srd_tau` / `trainer.srd_alpha` (and the
         temperature of a trainer whose loss reads it) at every step, and logs stage, tau and
         alpha. Refuses (ValueError, with the fix) every trainer setting that would reorder,
-        drop or repeat the plan's rows, or leave its tau or alpha unread (`check_trainer`)."""
+        drop or repeat the plan's rows, or leave its tau or alpha unread (`check_trainer`).
+
+        `expand=True`: the trainer was given `distinct_dataset(reflected)` and has prepared
+        (tokenised) it; its prepared rows are put in the plan's order here (a `select`, no copy)."""
+        if expand:
+            data = getattr(trainer, "train_dataset", None)
+            if data is None or not hasattr(data, "select"):
+                raise ValueError("expand=True needs the trainer's train_dataset to be a datasets.Dataset")
+            if len(data) != len(self.rows):
+                raise ValueError(
+                    f"expand=True: the trainer's dataset has {len(data)} rows and the plan trains on {len(self.rows)} "
+                    "distinct rows: give the trainer curriculum.distinct_dataset(reflected), and keep rows that fit "
+                    "its max_length (its preparation dropped or added rows)"
+                )
+            at = {row: i for i, row in enumerate(self.rows)}
+            trainer.train_dataset = data.select([at[i] for i in self.order])
         check_trainer(self, trainer)
         cb = CurriculumCallback(self, trainer)
         trainer.add_callback(cb)
