@@ -551,6 +551,21 @@ def test_a_run_config_takes_overrides_like_a_recipe():
         with_overrides(cfg, ["reflect.keep_ratio=2"])
 
 
+def test_a_run_config_with_another_prompt_template_than_the_trainers_is_refused(tmp_path, tiny_models):
+    """RunConfig's default Alpaca template on prompt/completion rows (which the trainer sees as
+    they are) would rank answers to other prompts: refused with the fix, which then works."""
+    from srd.config import RunConfig
+    from srd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    kw = dict(student=load_model(str(tiny_models["llama-student"])), tokenizer=tok, out_dir=tmp_path / "refl",
+              config=RunConfig(), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="data.prompt_format is 'alpaca'.*data.prompt_format=plain"):
+        reflect_dataset(_prompt_completion(6), **kw)
+    fix = ["data.prompt_format=plain", "generation.max_new_tokens=4", "train.precision=fp32"]
+    assert "srd_stage" in reflect_dataset(_prompt_completion(6), overrides=fix, **kw).column_names
+
+
 def test_sft_trainer_reads_the_curriculum_in_order(tmp_path, tiny_models, reflected_tiny):
     """TRL's SFTTrainer (prompt / completion rows, tokenised by TRL itself): with its defaults
     (shuffle_dataset=False) and a sequential sampler, it trains on the rows in the curriculum's
@@ -794,6 +809,11 @@ def test_dataloader_workers_keep_the_curriculum_order(tmp_path, tiny_models, ref
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     args = {**_sequential_args(tmp_path / "workers"), "remove_unused_columns": False, "dataloader_num_workers": 2}
+    out_of_order = Recording(model=load_model(str(tiny_models["llama-student"])),
+                             args=TrainingArguments(**args, dataloader_in_order=False), train_dataset=cur.dataset(rows),
+                             data_collator=collator)  # fmt: skip
+    with pytest.raises(ValueError, match="set dataloader_in_order=True"):
+        cur.attach(out_of_order)
     t = Recording(model=load_model(str(tiny_models["llama-student"])), args=TrainingArguments(**args),
                   train_dataset=cur.dataset(rows), data_collator=collator)  # fmt: skip
     cur.attach(t)

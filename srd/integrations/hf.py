@@ -148,6 +148,14 @@ def reflect_dataset(
     fmt = "alpaca" if {"instruction", "output"} <= columns and "prompt" not in columns else "plain"
     if isinstance(config, RunConfig):
         cfg = with_overrides(config, overrides)
+        if cfg.data.prompt_format != fmt:
+            seen = "in the Alpaca template" if fmt == "alpaca" else "as they are (chat ones through the chat template)"
+            raise ValueError(
+                f"the RunConfig's data.prompt_format is {cfg.data.prompt_format!r}, but the trainer sees these rows' "
+                f"prompts {seen}: "
+                f"reflection would rank answers to other prompts than the ones trained on; set "
+                f"data.prompt_format={fmt} (overrides=['data.prompt_format={fmt}'])"
+            )
     else:
         cfg = load_config(config, [f"data.prompt_format={fmt}", *overrides])
     from accelerate.state import AcceleratorState, is_initialized
@@ -491,6 +499,11 @@ def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
     ):
         if getattr(args, key, False):
             raise ValueError(f"set {key}=False: {why}")
+    if getattr(args, "dataloader_in_order", True) is False and getattr(args, "dataloader_num_workers", 0):
+        raise ValueError(
+            "set dataloader_in_order=True: with dataloader workers, False yields batches as they are ready, "
+            "out of the curriculum's order"
+        )
     data = getattr(trainer, "train_dataset", None)
     if data is not None:
         try:
