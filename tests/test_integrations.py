@@ -89,6 +89,41 @@ def test_examples_from_the_dataset_formats_trl_takes(tokenizer):
         examples_from_dataset(datasets.Dataset.from_dict({"text": ["a"]}))
 
 
+def test_a_prompt_only_dataset_takes_the_teachers_answers_as_references(tmp_path, tiny_models, monkeypatch):
+    """DistillationTrainer's own format: without a teacher, one line saying to pass it; with it,
+    the teacher answers every prompt once (saved, reused by a rerun), its answers are the
+    references the student is ranked against, and they come back as srd_reference."""
+    import srd.generation.decode as decode
+    from srd.models import load_model, load_tokenizer
+
+    prompts = datasets.Dataset.from_dict({"prompt": _prompt_completion(12)["prompt"]})
+    with pytest.raises(DataError, match="dataset row 0: a prompt-only row .*teacher=teacher"):
+        examples_from_dataset(prompts)
+    tok = load_tokenizer(str(tiny_models["llama-student"]))
+    kw = dict(student=load_model(str(tiny_models["llama-student"])), tokenizer=tok, out_dir=tmp_path / "refl",
+              overrides=["generation.max_new_tokens=6", "generation.no_repeat_ngram_size=0", "train.precision=fp32"],
+              progress=False)  # fmt: skip
+    with pytest.raises(DataError, match="prompt-only"):
+        reflect_dataset(prompts, **kw)
+    teacher = load_model(str(tiny_models["llama-teacher"]))
+    real, calls = decode.iter_responses, []
+    monkeypatch.setattr(decode, "iter_responses", lambda model, *a, **k: (calls.append(model), real(model, *a, **k))[1])
+    out = reflect_dataset(prompts, teacher=teacher, **kw)
+    refs = [json.loads(x) for x in (tmp_path / "refl" / "teacher_references.jsonl").read_text().splitlines()]
+    assert sorted(int(r["id"]) for r in refs) == list(range(12))
+    assert out["srd_reference"] == [{r["id"]: r["reference"] for r in refs}[str(i)] for i in range(12)]
+    said = [bool(r.strip()) for r in out["srd_reference"]]  # a random tiny teacher says nothing to some
+    assert 0 < sum(said) and sum(out["srd_kept"]) == max(1, int(0.75 * sum(said))) and out.column_names[0] == "prompt"
+    assert all(stage == 0 for stage, s in zip(out["srd_stage"], said) if not s)  # nothing to score: left out
+    assert sorted(out["srd_position"]) == list(range(1, 13))
+    assert calls.count(teacher) == 1
+    again = reflect_dataset(prompts, teacher=teacher, **kw)  # rerun: no answer generated again
+    assert calls.count(teacher) == 1 and np.array_equal(again["srd_fused"], out["srd_fused"], equal_nan=True)
+    other = load_model(str(tiny_models["llama-student"]))
+    with pytest.raises(ValueError, match="another teacher's answers"):
+        reflect_dataset(prompts, teacher=other, **kw)
+
+
 def test_a_streaming_dataset_is_one_clear_error():
     streaming = datasets.Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}).to_iterable_dataset()
     with pytest.raises(DataError, match="streaming .*streaming=False"):

@@ -21,8 +21,10 @@ Which trainers honour tau and alpha is the trainer's business (`srd.integrations
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ import numpy as np
 from srd.config import CurriculumConfig, RunConfig, load_config, with_overrides
 from srd.curriculum import stage_alphas, stage_taus
 from srd.data.example import DataError, Example
+
+log = logging.getLogger(__name__)
 
 
 def _content(message: dict[str, Any]) -> str:
@@ -70,11 +74,20 @@ def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
     raise DataError(f"expected text or a list of chat messages, got {type(value).__name__}")
 
 
-def examples_from_dataset(dataset: Any, tokenizer: Any = None, *, id_column: str | None = None) -> list[Example]:
+def examples_from_dataset(
+    dataset: Any,
+    tokenizer: Any = None,
+    *,
+    id_column: str | None = None,
+    references: dict[str, str] | None = None,
+) -> list[Example]:
     """srd Examples from a `datasets.Dataset` in one of the formats TRL's trainers take:
 
     - prompt / completion (text, or lists of chat messages): the prompt is used as it is
       (`data.prompt_format=plain`), a conversational one rendered with the chat template;
+    - prompt only (DistillationTrainer's format), with `references` (row id -> a reference
+      answer, e.g. the teacher's: reflect_dataset(..., teacher=...) makes them; a row whose
+      reference is empty is left out);
     - messages (a conversation): everything before the last assistant message is the prompt;
     - instruction / input / output (Alpaca-style; reflect with the `alpaca` prompt format).
 
@@ -96,6 +109,17 @@ def examples_from_dataset(dataset: Any, tokenizer: Any = None, *, id_column: str
                     instruction=_text(row["prompt"], tokenizer, prompt=True),
                     output=_text(row["completion"], tokenizer, prompt=False),
                 )
+            elif is_prompt_only(dataset):
+                if references is None:
+                    raise DataError(
+                        "a prompt-only row has no reference answer to score the student against: pass the "
+                        "teacher (reflect_dataset(..., teacher=teacher)), whose answers become the references"
+                    )
+                if ex_id not in references:
+                    raise DataError(f"no reference answer for id {ex_id!r}")
+                ex = Example(
+                    id=ex_id, instruction=_text(row["prompt"], tokenizer, prompt=True), output=references[ex_id]
+                )
             elif "messages" in columns:
                 msgs = row["messages"]
                 last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
@@ -113,12 +137,72 @@ def examples_from_dataset(dataset: Any, tokenizer: Any = None, *, id_column: str
                 )
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
+        if references is not None and ex.instruction.strip() and not ex.target.strip():
+            continue  # an empty reference (the teacher said nothing): nothing to score against, left out
         if not ex.instruction.strip() or not ex.target.strip():
             raise DataError(f"{where}: an empty prompt or completion; drop the row or fill it in")
         examples.append(ex)
     if len({e.id for e in examples}) != len(examples):
         raise DataError(f"id column {id_column!r} repeats a value: ids must be unique")
     return examples
+
+
+def is_prompt_only(dataset: Any) -> bool:
+    """A prompt column and nothing to learn from (DistillationTrainer's own format)."""
+    columns = set(dataset.column_names)
+    return "prompt" in columns and not columns & {"completion", "messages", "output"}
+
+
+def teacher_references(
+    dataset: Any,
+    *,
+    teacher: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    cfg: RunConfig,
+    id_column: str | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """The teacher's answer to every prompt of a prompt-only dataset (decoded as reflection
+    decodes: the `generation` settings, greedy by default), row id -> text. Saved as they finish
+    in out_dir/teacher_references.jsonl and reused by a rerun (keyed on the teacher's weights and
+    the decoding settings in teacher_references.meta.json)."""
+    from srd.data.prompts import encode_prompt
+    from srd.generation.decode import iter_responses
+    from srd.generation.decoding import Decoding
+    from srd.models.features import model_fingerprint
+    from srd.utils import append_jsonl, atomic_write_json, read_json, read_jsonl
+
+    g, mp = cfg.generation, cfg.data.max_prompt_len
+    meta = {"teacher": model_fingerprint(teacher), "generation": dataclasses.asdict(g), "max_prompt_len": mp}
+    meta_path, rows_path = out_dir / "teacher_references.meta.json", out_dir / "teacher_references.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if meta_path.exists() and read_json(meta_path) != meta:
+        raise ValueError(
+            f"{rows_path} holds another teacher's answers, or answers decoded with other settings: give "
+            "reflect_dataset another out_dir (or move that folder away)"
+        )
+    atomic_write_json(meta_path, meta)
+    done = {r["id"]: r["reference"] for r in read_jsonl(rows_path, missing_ok=True)}
+    prompts = []
+    for i, row in enumerate(dataset):
+        try:
+            prompts.append((str(row[id_column]) if id_column else str(i), _text(row["prompt"], tokenizer, prompt=True)))
+        except DataError as e:
+            raise DataError(f"dataset row {i}: {e}") from None
+    todo = [(i, p) for i, p in prompts if i not in done]
+    if todo:
+        from tqdm.auto import tqdm
+
+        encoded = [encode_prompt(tokenizer, Example(id=i, instruction=p, output=""), "plain", mp) for i, p in todo]
+        bar = tqdm(total=len(todo), desc="teacher references", unit="ex", disable=not progress)
+        answers = iter_responses(teacher, tokenizer, encoded, Decoding.of(g, static_cache_len=mp + g.max_new_tokens))
+        for j, text in answers:
+            append_jsonl(rows_path, [{"id": todo[j][0], "reference": text}])
+            done[todo[j][0]] = text
+            bar.update(1)
+        bar.close()
+    return {i: done[i] for i, _ in prompts}  # in dataset order
 
 
 def reflect_dataset(
@@ -131,11 +215,16 @@ def reflect_dataset(
     overrides: Sequence[str] = (),
     id_column: str | None = None,
     progress: bool = True,
+    teacher: Any = None,
 ) -> Any:
     """Selective reflection on a `datasets.Dataset`: the student answers every prompt, the
     examples are scored (ROUGE-L and CE by default), fused and split into stages, and the
     dataset comes back with the columns srd_rouge_l, srd_ce, srd_fused, srd_position (1 =
     easiest), srd_kept and srd_stage (0 = dropped). Resumable: rerun with the same `out_dir`.
+
+    A prompt-only dataset (DistillationTrainer's format) needs `teacher`: its answers to the
+    prompts are the references the student is scored against (teacher_references), and come
+    back as the column srd_reference.
 
     `config`: a YAML recipe or RunConfig for the reflect/curriculum/generation settings
     (default: srd's defaults with `data.prompt_format=plain` for prompt/completion data);
@@ -143,7 +232,9 @@ def reflect_dataset(
     from srd.reflect.reflect import reflect
     from srd.runtime import make_accelerator
 
-    examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)  # first: a bad dataset is one line
+    prompt_only = is_prompt_only(dataset) and teacher is not None  # the teacher's answers become the references
+    if not prompt_only:
+        examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)  # first: a bad dataset is one line
     columns = set(dataset.column_names)
     fmt = "alpaca" if {"instruction", "output"} <= columns and "prompt" not in columns else "plain"
     if isinstance(config, RunConfig):
@@ -160,6 +251,13 @@ def reflect_dataset(
         cfg = load_config(config, [f"data.prompt_format={fmt}", *overrides])
     from accelerate.state import AcceleratorState, is_initialized
 
+    references: dict[str, str] = {}
+    if prompt_only:
+        references = teacher_references(
+            dataset, teacher=teacher, tokenizer=tokenizer, out_dir=Path(out_dir), cfg=cfg, id_column=id_column,
+            progress=progress,
+        )  # fmt: skip
+        examples = examples_from_dataset(dataset, tokenizer, id_column=id_column, references=references)
     cfg = _as_the_trainer_runs(cfg)
     ours = not is_initialized()
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
@@ -177,7 +275,13 @@ def reflect_dataset(
         if ours:  # leave accelerate as found: the trainer made next sets its own mixed precision
             AcceleratorState._reset_state()
     by_id = {r["id"]: r for r in manifest}
-    rows = [by_id[e.id] for e in examples]
+    ids = list(references) if prompt_only else [e.id for e in examples]  # every row, in dataset order
+    left_out = [i for i in ids if i not in by_id]  # prompt-only rows whose reference answer is empty
+    for n, i in enumerate(left_out, start=len(manifest) + 1):
+        by_id[i] = {"scores": {}, "fused": float("nan"), "position": n, "kept": False, "stage": 0}
+    if left_out:
+        log.warning("%d of the teacher's answers are empty: those rows are left out (srd_stage 0)", len(left_out))
+    rows = [by_id[i] for i in ids]
     columns = {
         "srd_rouge_l": [float(r["scores"].get("rouge_l", float("nan"))) for r in rows],
         "srd_ce": [float(r["scores"].get("ce", float("nan"))) for r in rows],
@@ -186,6 +290,8 @@ def reflect_dataset(
         "srd_kept": [bool(r["kept"]) for r in rows],
         "srd_stage": [int(r["stage"] or 0) for r in rows],
     }
+    if prompt_only:
+        columns["srd_reference"] = [references[i] for i in ids]
     out = dataset
     for name, values in columns.items():
         if name in out.column_names:
