@@ -6,8 +6,10 @@
 Backends: `hf` (plain `generate`), `loop` (srd's decode loop with continuous batching:
 finished rows leave the batch and waiting prompts join it), `static` (`generate` with one
 static KV cache size and batch size for the whole call, compiled by transformers on a GPU;
-pass --backends hf loop static). All take the same length-sorted, left-padded prompts (at most
-`batch` decoding together) and the same rules (stop at EOS and `###`, no-repeat n-grams,
+pass --backends hf loop static), `static-compiled` (the same, compiled on a CPU too:
+transformers' CompileConfig told to compile on every device, torch.compile's inductor; the
+compilation happens in the warm-up call and is reported apart). All take the same length-sorted,
+left-padded prompts (at most `batch` decoding together) and the same rules (stop at EOS and `###`, no-repeat n-grams,
 greedy or sampling). Reported: wall time, generated
 tokens per second, the speed-up, and for greedy decoding how many answers are identical
 (finished rows leaving the batch changes matmul shapes, so a near-tie can rarely flip).
@@ -154,6 +156,24 @@ def _profile_lines(prof, what: str, wall: float, device: str, top: int = 10) -> 
     return lines
 
 
+@contextlib.contextmanager
+def _compiled_everywhere(model, on: bool):
+    """transformers compiles `generate`'s static-cache forward on GPUs only; `on`: on any device."""
+    if not on:
+        yield
+        return
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers' own switch for devices other than GPUs / TPUs
+    before = model.generation_config.compile_config
+    model.generation_config.compile_config = config
+    try:
+        yield
+    finally:
+        model.generation_config.compile_config = before
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -161,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="number of prompts (default: the preset's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static", "vllm"])
+    p.add_argument(
+        "--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static", "static-compiled", "vllm"]
+    )
     p.add_argument(
         "--answer-tokens",
         default=None,
@@ -230,14 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     def measure(bs: int, name: str, backend: str) -> None:
         """One backend at one batch size and precision: its row (and profile / phase lines)."""
         label = backend if len(dtypes) == 1 else f"{backend} {name}"
-        with cast_for_inference(model, dtype_from_name(name)):
+        compiled = backend == "static-compiled"
+        backend = "static" if compiled else backend
+        with cast_for_inference(model, dtype_from_name(name)), _compiled_everywhere(model, compiled):
             # warm-up (allocator, kernels) on one small batch; static: on the longest prompts with the full
             # length, so the warm-up compiles the graph (cache size, batch size) that the timed run uses
             if backend == "static":
                 longest = sorted(prompts, key=len, reverse=True)[:bs]
+                tw = time.perf_counter()
                 generate_responses(
                     model, tokenizer, longest, max_new_tokens=cfg["max_new_tokens"], batch_size=bs, backend=backend
                 )
+                if compiled:
+                    phase_lines.append(
+                        f"Batch {bs}, {label}: the warm-up call (one batch of the longest prompts, compiling the "
+                        f"graph) took {time.perf_counter() - tw:.1f} s, not in the row's wall time."
+                    )
             else:
                 generate_responses(model, tokenizer, prompts[:bs], max_new_tokens=8, batch_size=bs, backend=backend)
             if device == "cuda":
@@ -292,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"the {wall:.1f} s wall time (sampling, stop checks, cache joins) {wall - ps - ds:.1f} s."
                 )
             n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-            answers[(bs, backend, name)] = texts
+            answers[(bs, "static-compiled" if compiled else backend, name)] = texts
             score = sum(rouge_l(t, ex.references) for t, ex in zip(texts, examples)) / len(texts)  # x100 already
             rows.append((bs, label, backend == "hf" and name == dtypes[0], wall, n_tokens, score))
             print(f"batch {bs} {label}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")

@@ -10,7 +10,7 @@
 # the SmolLM2 tokenizer (vocabulary 49,152), so no weights travel. What it runs, each step with
 # its own time limit so that one failure or overrun cannot cost the others:
 #   1. benchmarks/throughput.py --preset gpu: KD step, 16 x 512, bf16 (hand-written, srd, compiled,
-#      compiled keeping float32 log-probs instead of bf16 logits, teacher-cached, TRL)
+#      compiled keeping float32 log-probs instead of bf16 logits, from the teacher store's rows, TRL)
 #   2. benchmarks/generation.py --preset gpu: decode loop and static-cache `generate` (compiled,
 #      CUDA graphs) vs plain `generate`, sampling up to 256 new tokens, the random-init model's
 #      EOS logit raised so that answers end after the Dolly references' mean length (geometric)

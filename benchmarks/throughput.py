@@ -22,10 +22,11 @@ prompt, forward KL (tau 1, no CE term), AdamW:
             value per row kept for backward and the float32 log-probabilities rebuilt there, or
             float32 log-probabilities kept (the other rows follow `auto`: true on a GPU, false
             on a CPU); not in the default list
-  srd-cache, srd-keep-cache  srd / srd-keep trained from the teacher's top-64 cache
+  srd-cache, srd-keep-cache  srd / srd-keep trained from the teacher store's top-64 rows
             (loss.teacher_top_k=64): the teacher's buckets for the batch are computed once before
-            the timed steps (as the cache is built once and reused over SRD's epochs; its build
-            time is reported apart), so a step runs no teacher forward
+            the timed steps, in the store's form (uint16 ids, float16 logits; as the store is built
+            once and reused over SRD's epochs; the build time is reported apart), so a step runs
+            no teacher forward
   trl       TRL's GKDTrainer (trl.experimental.gkd) run through its own `train()` loop, off-policy
             (lmbda=0) forward KL (beta=0), temperature 1, AdamW, no gradient clipping, fed the same
             batch by a collator; timed per optimizer step by a callback. Needs `pip install trl`
@@ -185,13 +186,19 @@ def run_impl(impl: str, cfg: dict, profile: bool = False) -> dict:
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     cached, cache_s = None, None
     if impl.endswith("-cache"):  # what srd.train.teacher_store stores for this batch, built once
+        import numpy as np
+
         from srd.losses.kd import SparseTeacher
-        from srd.train.teacher_store import feature_buckets
+        from srd.train.teacher_store import compress, feature_buckets
 
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
             feats, head = teacher_features(teacher, batch)
-            cached = SparseTeacher(*feature_buckets(feats, head, vocab, CACHE_TOP_K))
+            # as the store serves them: uint16 ids and float16 logits, read back as int64 / float32
+            ids, logits = compress(*feature_buckets(feats, head, vocab, CACHE_TOP_K), vocab)
+            cached = SparseTeacher(
+                torch.from_numpy(ids.astype(np.int64)).to(device), torch.from_numpy(logits).float().to(device)
+            )
         if device == "cuda":
             torch.cuda.synchronize()
         cache_s = time.perf_counter() - t0
