@@ -1,6 +1,7 @@
 """Run by tests/test_integrations.py under torchrun with 2 CPU processes (gloo): a plan made for
 one process is refused, a plan made from the trainer's arguments trains every step of every
-stage. Prints one JSON line per process."""
+stage. Each process writes its result to <out>/result-rank<R>.json (two processes printing to one
+pipe can interleave their lines)."""
 
 import json
 import sys
@@ -56,5 +57,6 @@ t = trainer(plan)
 plan.attach(t)
 t.train()
 stages_logged = [r["srd_stage"] for r in t.state.log_history if "loss" in r]
-print(json.dumps({"refused": refused, "rows_per_step": plan.batch_size, "steps": t.state.global_step,
-                  "plan_steps": plan.total_steps, "stages": stages_logged}), flush=True)  # fmt: skip
+result = {"refused": refused, "rows_per_step": plan.batch_size, "steps": t.state.global_step,
+          "plan_steps": plan.total_steps, "stages": stages_logged}  # fmt: skip
+(out / f"result-rank{t.args.process_index}.json").write_text(json.dumps(result))
