@@ -170,6 +170,18 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("a Hub id, offline and not cached", _run("model.student=someone/nope"), ["someone/nope", "cannot be reached"]),
     ("eval: a Hub id, offline", ["eval", "someone/nope", "--benchmarks", "train.jsonl"], ["someone/nope", "Hub"]),
     ("compare: a run that does not exist", ["compare", "runs/none", "runs/fake"], ["runs/none", "not a folder"]),
+    ("store: a folder that does not exist", ["store", "--store", "nowhere"], ["nowhere", "no such folder"]),
+    ("store: --set-aside without --verify", ["store", "--set-aside"], ["--set-aside", "--verify"]),
+    (
+        "a teacher store that is a file",
+        _run("loss.teacher_top_k=4", "loss.teacher_store=train.jsonl"),
+        ["teacher store", "train.jsonl", "is a file"],
+    ),  # fmt: skip
+    (
+        "a teacher store holding other files",
+        _run("loss.teacher_top_k=4", "loss.teacher_store=notes"),
+        ["teacher store", "notes", "srd did not write"],
+    ),  # fmt: skip
 ]
 
 
