@@ -79,7 +79,7 @@ from srd.utils import (
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 1: the per-run float32 cache of srd <= 0.4 (<run>/teacher-cache), not read any more
+FORMAT = 2  # 1 was the per-run float32 cache (<run>/teacher-cache) before the store; not read any more
 
 
 def default_store() -> Path:
