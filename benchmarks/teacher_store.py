@@ -160,19 +160,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from srd.models.features import model_fingerprint
-    from srd.models.load import load_tokenizer, precision_entry
-    from srd.train.teacher_store import TeacherStore
+    from srd.models.load import load_tokenizer
+    from srd.train.teacher_store import TeacherStore, entry_meta
 
     tokenizer = load_tokenizer(args.student)
     teacher, student = _load(args.teacher, args.dtype), _load(args.student, "float32")
     enc = _encoded(tokenizer, args.rows)
-    meta = {
-        **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
-        "teacher": model_fingerprint(teacher),
-        "top_k": args.k,
-        "vocab": len(tokenizer),
-    }
+    meta = entry_meta(teacher, len(tokenizer), args.k)
     work = Path(tempfile.mkdtemp(prefix="srd-store-bench-"))
     try:
         store = TeacherStore(work / "store", meta)

@@ -48,10 +48,8 @@ import torch.nn.functional as F
 
 from srd.data.tokenize import Encoded
 from srd.losses.kd import kd_loss_sums
-from srd.models.features import model_fingerprint
-from srd.models.load import precision_entry
 from srd.train.loop import STORE_TAUS
-from srd.train.teacher_store import TeacherStore, store_root
+from srd.train.teacher_store import TeacherStore, entry_meta, store_root
 
 try:
     from trl.experimental.gkd import GKDTrainer
@@ -163,13 +161,9 @@ def use_teacher_store(
     tokenizer = trainer.processing_class
     curriculum_taus = [float(t) for t in getattr(trainer, "srd_curriculum_taus", ())]
     wanted = sorted({*(taus if taus is not None else STORE_TAUS), *curriculum_taus, float(trainer.srd_tau)})
-    meta = {
-        **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
-        "teacher": model_fingerprint(teacher),
-        "top_k": int(top_k),
-        "vocab": len(tokenizer),
-    }
-    entry = TeacherStore(store_root(str(store) if store is not None else None), meta)
+    entry = TeacherStore(
+        store_root(str(store) if store is not None else None), entry_meta(teacher, len(tokenizer), top_k)
+    )
     dataset, collate = trainer.train_dataset, trainer.data_collator
     size = batch_size or trainer.args.per_device_train_batch_size
     rows: list[Encoded] = []

@@ -14,12 +14,11 @@ import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
-from srd.data.tokenize import encode_examples
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec, inference_dtype_of, is_seq2seq
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
-from srd.train.loop import teacher_source_key, train_stage
+from srd.train.loop import encode_stage_rows, teacher_source_key, train_stage
 from srd.train.teacher_store import StoredTeacher, check_store_root, find_source, store_root
 from srd.utils import DamagedFileError, atomic_write_text, claim_folder, remove_stale_temporaries
 
@@ -174,13 +173,8 @@ def stored_teacher(
     store = find_source(store_root(cfg.loss.teacher_store), source) if source else None
     if store is None or store.meta.get("vocab") != len(tokenizer) or store.meta.get("top_k") != cfg.loss.teacher_top_k:
         return None
-    d = cfg.data
-    kw = dict(fmt=d.prompt_format, max_prompt_len=d.max_prompt_len, max_len=d.max_len, seq2seq=is_seq2seq(student))
-    train, dev = data
-    rows = encode_examples(tokenizer, list(train), **kw) + encode_examples(
-        tokenizer, list(dev)[: d.dev_limit or None], **kw
-    )
-    if store.missing(rows, [cfg.loss.tau, *taus]):
+    enc, dev_enc = encode_stage_rows(cfg, tokenizer, *data, is_seq2seq(student))
+    if store.missing([*enc, *dev_enc], [cfg.loss.tau, *taus]):
         return None
     log.info("teacher store %s holds every row of this run: the teacher's weights are not loaded", store.folder)
     return StoredTeacher(store)

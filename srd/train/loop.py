@@ -42,8 +42,8 @@ from srd.generation.decoding import Decoding
 from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
-from srd.models.features import compile_blocks, model_fingerprint, teacher_features
-from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, model_files_key, precision_entry
+from srd.models.features import compile_blocks, teacher_features
+from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, model_files_key
 from srd.models.save import save_model_dir
 from srd.rundir import RunDir, StageDir
 from srd.runtime import make_accelerator
@@ -51,7 +51,7 @@ from srd.train import checkpoint as ckpt
 from srd.train import distributed
 from srd.train.onpolicy import on_policy_flags, sample_responses
 from srd.train.step import DistillModule
-from srd.train.teacher_store import StoredTeacher, TeacherStore, record_source, row_key, store_root
+from srd.train.teacher_store import StoredTeacher, TeacherStore, entry_meta, record_source, store_root
 from srd.utils import (
     DamagedFileError,
     append_jsonl,
@@ -272,6 +272,18 @@ def on_accelerators(setting: bool | str, device: Any) -> bool:
     return torch.device(device).type != "cpu"
 
 
+def encode_stage_rows(
+    cfg: RunConfig, tokenizer: Any, train: Sequence[Example], dev: Sequence[Example], s2s: bool
+) -> tuple[list[Encoded], list[Encoded]]:
+    """The token rows a stage trains on and measures its dev loss on (the first data.dev_limit dev
+    examples): what the loss reads, and what the teacher store keys its rows by."""
+    d = cfg.data
+    kw = dict(fmt=d.prompt_format, max_prompt_len=d.max_prompt_len, max_len=d.max_len, seq2seq=s2s)
+    return encode_examples(tokenizer, list(train), **kw), encode_examples(
+        tokenizer, list(dev)[: d.dev_limit or None], **kw
+    )
+
+
 def cache_temperatures(cfg: RunConfig, tau: float, stage_taus: Sequence[float] = ()) -> list[float]:
     """Every temperature the teacher store must serve this run: this stage's `tau`, loss.tau, and
     `stage_taus` (the temperatures of the run's other stages, given by the caller: one build serves
@@ -285,16 +297,8 @@ STORE_TAUS = (1.0, 1.5, 2.0)
 
 
 def teacher_store_meta(cfg: RunConfig, teacher: Any, tokenizer: Any) -> dict[str, Any]:
-    """What a teacher store entry's rows depend on besides the rows themselves (whose key holds
-    their tokens): the teacher's weights and the precision they ran in, k, the vocabulary."""
-
-    # a bf16 teacher whose weights are bf16 values has a float32 twin of the same fingerprint
-    return {
-        **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
-        "teacher": model_fingerprint(teacher),
-        "top_k": cfg.loss.teacher_top_k,
-        "vocab": len(tokenizer),
-    }
+    """The teacher store entry this run's teacher and loss.teacher_top_k read and write."""
+    return entry_meta(teacher, len(tokenizer), cfg.loss.teacher_top_k)
 
 
 def _teacher_store(
@@ -310,13 +314,7 @@ def _teacher_store(
     seconds = 0.0
     if acc.is_main_process:
         store = TeacherStore(root, meta)
-        try:
-            record = read_json(record_path) if record_path.exists() else {}
-        except DamagedFileError:  # derived bookkeeping: start it again (the rows are in the store)
-            log.warning("%s is damaged: the run's teacher time restarts from this build", record_path)
-            record = {}
-        record.update(store=str(root), entry=store.folder.name)
-        record.setdefault("built_s", 0.0)
+        record = _store_record(record_path, store)
 
         def on_shard(s: float) -> None:
             record["built_s"] = round(record["built_s"] + s, 3)
@@ -328,7 +326,7 @@ def _teacher_store(
         seconds = done.seconds
         if done.rows:
             log.info("teacher store: %d rows added in %.0f s (%s)", done.rows, seconds, store.folder)
-        _add_costs(record, store, rows)
+        record["rows_cost_s"].update(store.row_costs(rows))
         atomic_write_json(record_path, record)
         source = teacher_source_key(cfg, next(teacher.parameters()).dtype)
         if source is not None:
@@ -347,10 +345,17 @@ def teacher_source_key(cfg: RunConfig, dtype: Any) -> str | None:
     return model_files_key(m.teacher, adapter, str(dtype), cfg.loss.teacher_top_k)
 
 
-def _add_costs(record: dict[str, Any], store: TeacherStore, rows: Sequence[Encoded]) -> None:
-    costs = record.setdefault("rows_cost_s", {})
-    for e in rows:
-        costs[row_key(e)] = round(store.cost_seconds([e]), 4)
+def _store_record(path: Path, store: TeacherStore) -> dict[str, Any]:
+    """The run's teacher-store.json (what it took from the store), pointed at `store`'s entry."""
+    try:
+        record = read_json(path) if path.exists() else {}
+    except DamagedFileError:  # derived bookkeeping: start it again (the rows are in the store)
+        log.warning("%s is damaged: the run's teacher time restarts from this build", path)
+        record = {}
+    record.update(store=str(store.root), entry=store.folder.name)
+    record.setdefault("built_s", 0.0)
+    record.setdefault("rows_cost_s", {})
+    return record
 
 
 def _record_rows(cfg: RunConfig, store: TeacherStore, rows: Sequence[Encoded], acc: Any, taus: Sequence[float]) -> None:
@@ -365,10 +370,8 @@ def _record_rows(cfg: RunConfig, store: TeacherStore, rows: Sequence[Encoded], a
         )
     if acc.is_main_process:
         path = RunDir(cfg.run_dir).teacher_store
-        record = read_json(path) if path.exists() else {}
-        record.update(store=str(store.root), entry=store.folder.name)
-        record.setdefault("built_s", 0.0)
-        _add_costs(record, store, rows)
+        record = _store_record(path, store)
+        record["rows_cost_s"].update(store.row_costs(rows))
         atomic_write_json(path, record)
     acc.wait_for_everyone()
 
@@ -546,10 +549,7 @@ class _StageRun:
         self.s2s = is_seq2seq(self.student)
         if self.s2s and (cfg.on_policy.ratio or 0) > 0:
             raise ConfigError("on-policy sampling (on_policy.ratio > 0) supports decoder-only students only")
-        d = cfg.data
-        kw = dict(fmt=d.prompt_format, max_prompt_len=d.max_prompt_len, max_len=d.max_len, seq2seq=self.s2s)
-        self.enc = encode_examples(self.tokenizer, train_examples, **kw)
-        self.dev_enc = encode_examples(self.tokenizer, list(dev_examples)[: d.dev_limit or None], **kw)
+        self.enc, self.dev_enc = encode_stage_rows(cfg, self.tokenizer, train_examples, dev_examples, self.s2s)
         self.n_targets = [e.n_loss_targets for e in self.enc]  # what the loss counts
 
     def _build_module(self, lr_window: tuple[int, int] | None) -> None:

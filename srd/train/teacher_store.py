@@ -60,7 +60,8 @@ import torch
 
 from srd.data.tokenize import Encoded, collate, pad_id
 from srd.losses.kd import SparseTeacher
-from srd.models.features import target_features
+from srd.models.features import model_fingerprint, target_features
+from srd.models.load import precision_entry
 from srd.train.checkpoint import CheckpointError
 from srd.utils import (
     TMP_TAG,
@@ -141,6 +142,19 @@ def row_key(e: Encoded) -> str:
     h.update(b"|")
     h.update(np.asarray(e.labels, dtype=np.int64).tobytes())
     return h.hexdigest()[:32]
+
+
+def entry_meta(teacher: Any, vocab: int, top_k: int) -> dict[str, Any]:
+    """What an entry's rows depend on besides the rows themselves (whose key holds their tokens):
+    the teacher's weights and the precision they ran in, k, the vocabulary size. A bf16 teacher
+    whose weights are bf16 values has a float32 twin of the same fingerprint, so the precision is
+    part of the key (float32 adds nothing)."""
+    return {
+        **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
+        "teacher": model_fingerprint(teacher),
+        "top_k": int(top_k),
+        "vocab": int(vocab),
+    }
 
 
 def entry_name(meta: dict[str, Any]) -> str:
@@ -251,16 +265,18 @@ class TeacherStore:
         ids = torch.from_numpy(np.concatenate(id_parts).astype(np.int64)).to(device)
         return SparseTeacher(ids, torch.from_numpy(np.concatenate(logit_parts)).float().to(device))
 
-    def cost_seconds(self, encoded: Sequence[Encoded]) -> float:
-        """What computing these rows cost when they were built (each shard's seconds shared over
-        its positions): a run's teacher time whether it built its rows or found them stored."""
-        total = 0.0
+    def row_costs(self, encoded: Sequence[Encoded]) -> dict[str, float]:
+        """Row key -> what computing the row cost when it was built (its shard's seconds shared
+        over the shard's positions), for the stored rows among these: a run's teacher time whether
+        it built its rows or found them stored."""
+        costs = {}
         for e in encoded:
-            where = self.index.get(row_key(e))
+            key = row_key(e)
+            where = self.index.get(key)
             if where is not None:
                 s = self.shards[str(where[0])]
-                total += float(s["seconds"]) * where[2] / max(int(s["positions"]), 1)
-        return total
+                costs[key] = round(float(s["seconds"]) * where[2] / max(int(s["positions"]), 1), 4)
+        return costs
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._arrays:
