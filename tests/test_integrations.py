@@ -124,6 +124,27 @@ def test_a_prompt_only_dataset_takes_the_teachers_answers_as_references(tmp_path
         reflect_dataset(prompts, teacher=other, **kw)
 
 
+def test_reflect_dataset_writes_only_into_a_folder_of_its_own(tmp_path, tiny_models):
+    """A user's folder with their own files is refused before anything is written into it; srd's
+    own reflection folder (marked) is reused."""
+    from srd.models import load_model, load_tokenizer
+    from srd.utils import FolderError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "draft.txt").write_text("mine")
+    student = str(tiny_models["llama-student"])
+    kw = dict(student=load_model(student), tokenizer=load_tokenizer(student),
+              overrides=["generation.max_new_tokens=4", "train.precision=fp32"], progress=False)  # fmt: skip
+    with pytest.raises(FolderError, match="already holds files srd did not write"):
+        reflect_dataset(_prompt_completion(6), out_dir=mine, **kw)
+    assert [p.name for p in mine.iterdir()] == ["draft.txt"]
+    with pytest.raises(FolderError, match="is a file"):
+        reflect_dataset(_prompt_completion(6), out_dir=mine / "draft.txt", **kw)
+    first = reflect_dataset(_prompt_completion(6), out_dir=tmp_path / "refl", **kw)
+    assert reflect_dataset(_prompt_completion(6), out_dir=tmp_path / "refl", **kw)["srd_fused"] == first["srd_fused"]
+
+
 def test_a_streaming_dataset_is_one_clear_error():
     streaming = datasets.Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}).to_iterable_dataset()
     with pytest.raises(DataError, match="streaming .*streaming=False"):

@@ -205,6 +205,21 @@ def teacher_references(
     return {i: done[i] for i, _ in prompts}  # in dataset order
 
 
+def _claim_reflection_folder(out_dir: Path) -> None:
+    """reflect_dataset writes only into a new or empty folder, one srd marked, or one an older srd
+    reflected into (its meta.json): never among a user's own files."""
+    from srd.utils import FolderError, is_srd_folder, is_srd_temporary, mark_srd_folder
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FolderError(f"out_dir {out_dir} is a file, not a folder: choose another path for the reflection")
+    theirs = out_dir.is_dir() and any(not is_srd_temporary(p) for p in out_dir.iterdir())
+    if theirs and not is_srd_folder(out_dir) and not (out_dir / "meta.json").is_file():
+        raise FolderError(
+            f"out_dir {out_dir} already holds files srd did not write: choose a new or empty folder for the reflection"
+        )
+    mark_srd_folder(out_dir, "reflection")
+
+
 def reflect_dataset(
     dataset: Any,
     *,
@@ -232,6 +247,7 @@ def reflect_dataset(
     from srd.reflect.reflect import reflect
     from srd.runtime import make_accelerator
 
+    _claim_reflection_folder(Path(out_dir))
     prompt_only = is_prompt_only(dataset) and teacher is not None  # the teacher's answers become the references
     if not prompt_only:
         examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)  # first: a bad dataset is one line
