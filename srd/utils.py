@@ -110,23 +110,35 @@ def claim_folder(
 
 def check_writable(path: str | os.PathLike) -> None:
     """FolderError unless `path` can be made and written (tried: permissions alone do not tell,
-    e.g. for root, or under /proc); leaves the disk as it found it."""
+    e.g. for root, or under /proc); leaves the disk as it found it. Safe when several processes
+    check the same path at once (the ranks of one run): each probes with a file of its own, and a
+    folder another one made for its check and removed meanwhile is tried again (a folder made
+    while another process probed in it may then stay, empty)."""
     path = Path(path)
-    made: list[Path] = []
-    try:
-        missing = [p for p in [path, *path.parents] if not p.exists()]
-        for p in reversed(missing):
-            p.mkdir()
-            made.append(p)
-        probe = path / f".probe{TMP_TAG}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
-    finally:
-        for p in reversed(made):
-            with contextlib.suppress(OSError):
-                p.rmdir()
+    why = ""
+    for _ in range(5):
+        made: list[Path] = []
+        try:
+            missing = [p for p in [path, *path.parents] if not p.exists()]
+            for p in reversed(missing):
+                try:
+                    p.mkdir()
+                except FileExistsError:  # another process made it a moment ago
+                    continue
+                made.append(p)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".probe.", suffix=TMP_TAG)
+            os.close(fd)
+            os.unlink(probe)
+            return
+        except FileNotFoundError as e:  # a folder on the way was removed by another process's check
+            why = e.strerror
+        except OSError as e:
+            raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+        finally:
+            for p in reversed(made):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+    raise FolderError(f"{path} cannot be written ({why}): choose a folder you can write to")
 
 
 def read_user_text(path: str | os.PathLike, error: type[Exception], what: str) -> str:

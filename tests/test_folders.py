@@ -135,3 +135,36 @@ def test_files_srd_writes_follow_the_umask(tmp_path, tiny_models, srd_data):  # 
     for p in [tmp_path / "x", *(tmp_path / "x").rglob("*")]:
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert p.stat().st_mode & 0o777 == want, p
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_the_writable_check_holds_when_the_ranks_of_a_run_make_it_at_once(tmp_path, exists):
+    """Every rank of a torchrun run checks the same store folder before loading weights: checks
+    made at the same moment must all pass (none removes the file or the folder another is probing
+    with) and leave no file behind (a folder one made while another probed in it may stay, empty)."""
+    import threading
+
+    from srd.utils import check_writable
+
+    errors: list[BaseException] = []
+    for round_ in range(40):
+        target = tmp_path / f"r{round_}" / "store"
+        if exists:
+            target.mkdir(parents=True)
+        start = threading.Barrier(6)
+
+        def check(target=target, start=start):
+            start.wait()
+            try:
+                check_writable(target)
+            except BaseException as e:  # noqa: BLE001 - collected and reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=check) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not exists or target.is_dir()
+        assert not [p for p in (tmp_path / f"r{round_}").rglob("*") if not p.is_dir()]
+    assert not errors, errors[:3]
