@@ -156,6 +156,38 @@ def _profile_lines(prof, what: str, wall: float, device: str, top: int = 10) -> 
     return lines
 
 
+def read_bandwidth(device: str) -> float:
+    """This machine's memory read bandwidth in bytes/s: the best of 5 sums of a 512 MiB bf16
+    tensor (with the run's threads), after one warm-up read."""
+    import torch
+
+    x = torch.ones(256 * 2**20, dtype=torch.bfloat16, device=device)
+    best = float("inf")
+    for i in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return x.numel() * x.element_size() / best
+
+
+def step_weight_bytes(model, dtype) -> int:
+    """Bytes of weights one decode step reads: every parameter once, in `dtype` (floating ones),
+    except an input embedding that is not also the output layer (a step gathers only its rows)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    skip = set() if head is not None and head.weight is emb.weight else {id(emb.weight)}
+    size = dtype.itemsize if hasattr(dtype, "itemsize") else 4
+    return sum(
+        p.numel() * (size if p.is_floating_point() else p.element_size())
+        for p in model.parameters()
+        if id(p) not in skip
+    )
+
+
 @contextlib.contextmanager
 def _compiled_everywhere(model, on: bool):
     """transformers compiles `generate`'s static-cache forward on GPUs only; `on`: on any device."""
@@ -202,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--phases",
         action="store_true",
-        help="time the decode loop's forward passes by kind (prefill of joining prompts, decode steps); "
+        help="time the decode loop's forward passes by kind (prefill of joining prompts, decode steps) and "
+        "compare the decode steps with the time to read the weights once per step at this machine's measured "
+        "read bandwidth; "
         "the timing itself synchronises the device after every forward",
     )
     p.add_argument(
@@ -247,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         length_note = shorten_answers(model, tokenizer, examples, prompts, target, cfg["max_new_tokens"])
     rows, answers, phase_lines, profile_lines = [], {}, [], []
+    bandwidth = read_bandwidth(device) if args.phases else 0.0
     runs = [(bs, name, backend) for name in dtypes for bs in cfg["batch_sizes"] for backend in args.backends]
 
     def measure(bs: int, name: str, backend: str) -> None:
@@ -316,10 +351,17 @@ def main(argv: list[str] | None = None) -> int:
                 profile_lines.extend(_profile_lines(prof, f"batch {bs}, {label}", wall, device))
             if args.phases and backend == "loop":
                 (pn, ps, pt), (dn, ds, dr) = phases["prefill"], phases["decode"]
+                weights = step_weight_bytes(model, dtype_from_name(name))
+                bound = dn * weights / bandwidth  # every decode step reads the weights once
                 phase_lines.append(
                     f"Batch {bs}, {label}, forward passes by kind: prefill {ps:.1f} s in {pn} calls ({pt} prompt "
-                    f"tokens); decode {ds:.1f} s in {dn} steps (mean {dr / max(dn, 1):.1f} live rows); the rest of "
-                    f"the {wall:.1f} s wall time (sampling, stop checks, cache joins) {wall - ps - ds:.1f} s."
+                    f"tokens); decode {ds:.1f} s in {dn} steps (mean {dr / max(dn, 1):.1f} live rows, "
+                    f"{1e3 * ds / max(dn, 1):.1f} ms a step); the rest of "
+                    f"the {wall:.1f} s wall time (sampling, stop checks, cache joins) {wall - ps - ds:.1f} s. "
+                    f"Weight-reading limit: a step reads {weights / 1e6:.0f} MB of weights, "
+                    f"{1e3 * weights / bandwidth:.1f} ms at this machine's {bandwidth / 1e9:.1f} GB/s, "
+                    "so the decode steps ran at "
+                    f"{100 * bound / max(ds, 1e-9):.0f}% of that limit ({bound:.1f} s of {ds:.1f} s)."
                 )
             n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
             answers[(bs, "static-compiled" if compiled else backend, name)] = texts

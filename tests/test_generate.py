@@ -268,3 +268,65 @@ def test_every_configurable_backend_is_registered():
     from srd.generation.decode import BACKENDS
 
     assert set(GENERATION_BACKENDS) == set(BACKENDS)
+
+
+@pytest.mark.parametrize("room", [2, 64])
+def test_the_decode_cache_growing_in_place_gives_the_plain_caches_logits(tokenizer, monkeypatch, room):
+    """The loop's cache writes each step's column into spare room (and keeps it through rows
+    leaving, rows joining and the trim of shared padding) instead of concatenating: every step's
+    logits and every answer must be what transformers' own DynamicCache gives, with the room
+    running out and refilled many times (room 2) or seldom (64)."""
+    from transformers import DynamicCache
+
+    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    eos = tokenizer.eos_token_id
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, len(tokenizer), (int(n),), generator=rng).tolist() for n in torch.randint(2, 14, (11,))]
+    kwargs = dict(max_new_tokens=9, batch_size=4, no_repeat_ngram_size=0)
+    real = gen.step_logits
+
+    def run(cache_factory):
+        seen = []
+
+        def step_logits(model, **inputs):
+            out = real(model, **inputs)
+            seen.append(out.clone())
+            # rows end at different steps, the longest prompts' too (then the others' padding is trimmed)
+            ends = inputs["input_ids"][:, -1] % 3 == 0
+            out[ends] = -1e9
+            out[ends, eos] = 0.0
+            return out
+
+        monkeypatch.setattr(gen, "step_logits", step_logits)
+        monkeypatch.setattr(gen, "decode_cache", cache_factory)
+        texts = generate_responses(model, tokenizer, prompts, **kwargs)
+        return texts, seen
+
+    monkeypatch.setattr(gen, "ROOM", room)
+    reused = []
+    layer_class = type(gen.decode_cache(model.config).layers[0])
+    real_update = layer_class.update
+
+    def update(self, k, v, *a, **kw):
+        before = getattr(self, "_kbuf", None)
+        out = real_update(self, k, v, *a, **kw)
+        reused.append(before is self._kbuf)
+        return out
+
+    monkeypatch.setattr(layer_class, "update", update)
+    trims = []
+    real_drop = layer_class.drop_front
+
+    def drop_front(self, columns):
+        trims.append(columns)
+        return real_drop(self, columns)
+
+    monkeypatch.setattr(layer_class, "drop_front", drop_front)
+    roomy, roomy_logits = run(gen.decode_cache)
+    plain, plain_logits = run(lambda config: DynamicCache(config=config))
+    assert roomy == plain and any(roomy)
+    assert len(roomy_logits) == len(plain_logits) > len(prompts)
+    for a, b in zip(roomy_logits, plain_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert any(reused) and not all(reused)  # columns written in place, and new buffers when needed
+    assert trims and all(n > 0 for n in trims)
