@@ -627,51 +627,89 @@ def _row_label(preset: dict[str, Any], div: str, variant: str) -> str:
     return f"{what or variant} ({div})"
 
 
+def _seed_cells(pairs: list[tuple[int, Path, Path]], mode: str, bench: str) -> str:
+    """Cells of one seed-table row for (seed, A run folder, B run folder) pairs: B minus A per seed,
+    the mean and sd over seeds, how many seeds have B above A, and the pooled paired test."""
+    from srd.eval.breakdown import example_scores
+    from srd.report import paired_difference
+
+    per = []
+    for _, a_run, b_run in pairs:
+        a, c = example_scores(a_run / "eval" / mode, bench), example_scores(b_run / "eval" / mode, bench)
+        ids = set(a) & set(c)
+        per.append(statistics.fmean(c[i] - a[i] for i in ids) if ids else float("nan"))
+    pooled = paired_difference(
+        example_scores([a_run / "eval" / mode for _, a_run, _ in pairs], bench),
+        example_scores([b_run / "eval" / mode for _, _, b_run in pairs], bench),
+    )
+    spread = f" (sd {statistics.stdev(per):.2f})" if len(per) > 1 else ""
+    mark = "**" if pooled["significant"] else ""
+    return (
+        f"{', '.join(str(seed) for seed, _, _ in pairs)} | "
+        + " / ".join(f"{x:+.2f}" for x in per)
+        + f" | {statistics.fmean(per):+.2f}{spread} | {sum(x > 0 for x in per)} of {len(per)} | "
+        f"{mark}{pooled['diff']:+.2f}{mark} [{pooled['low']:+.2f}, {pooled['high']:+.2f}], p = {pooled['p']:.2g} |"
+    )
+
+
+SEEDS_LEGEND = (
+    "Per seed: the mean per-example difference. Pooled: per-example scores averaged over the training seeds "
+    "(and decoding seeds), then the mean difference [95% bootstrap interval] and the two-sided Wilcoxon p; "
+    "bold: p < 0.05. A claim holds across seeds when the pooled test is significant and every seed has its sign."
+)
+
+
 def seed_table(
     finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]], mode: str, preset: dict[str, Any]
 ) -> list[str]:
     """Markdown: every row's difference from KD seed by seed, their mean and spread over seeds, how
     many seeds agree in sign, and one paired test on per-example scores averaged over the seeds
     (both the decoding seeds and the training seeds), so that a claim needs to hold across seeds."""
-    from srd.eval.breakdown import example_scores
-    from srd.report import paired_difference
-
     out = []
     for (div, variant), by_seed in finished.items():
-        seeds = sorted(by_seed)
-        benches = list(_scores(by_seed[seeds[0]][1], mode))
-        for b in benches:
-            per = []
-            for seed in seeds:
-                kd, srd = by_seed[seed]
-                a, c = example_scores(kd / "eval" / mode, b), example_scores(srd / "eval" / mode, b)
-                ids = set(a) & set(c)
-                per.append(statistics.fmean(c[i] - a[i] for i in ids) if ids else float("nan"))
-            pooled = paired_difference(
-                example_scores([by_seed[x][0] / "eval" / mode for x in seeds], b),
-                example_scores([by_seed[x][1] / "eval" / mode for x in seeds], b),
-            )
-            spread = f" (sd {statistics.stdev(per):.2f})" if len(per) > 1 else ""
-            positive = sum(x > 0 for x in per)
-            mark = "**" if pooled["significant"] else ""
-            out.append(
-                f"| {_row_label(preset, div, variant)} | {b} | {', '.join(map(str, seeds))} | "
-                + " / ".join(f"{x:+.2f}" for x in per)
-                + f" | {statistics.fmean(per):+.2f}{spread} | {positive} of {len(per)} | "
-                f"{mark}{pooled['diff']:+.2f}{mark} [{pooled['low']:+.2f}, {pooled['high']:+.2f}], "
-                f"p = {pooled['p']:.2g} |"
-            )
+        pairs = [(seed, *by_seed[seed]) for seed in sorted(by_seed)]
+        for b in _scores(pairs[0][2], mode):
+            out.append(f"| {_row_label(preset, div, variant)} | {b} | " + _seed_cells(pairs, mode, b))
     if not out:
         return []
     return [
         f"## Over training seeds, {mode}: each row minus KD of the same seed",
         "",
-        "Per seed: the mean per-example difference. Pooled: per-example scores averaged over the training seeds "
-        "(and decoding seeds), then the mean difference [95% bootstrap interval] and the two-sided Wilcoxon p; "
-        "bold: p < 0.05. A claim holds across seeds when the pooled test is significant and every seed has its sign.",
+        SEEDS_LEGEND,
         "",
         "| row | benchmark | training seeds | difference per seed | mean (sd over seeds) | seeds above KD "
         "| pooled over seeds |",
+        "|---|---|---|---|---|---|---|",
+        *out,
+        "",
+    ]
+
+
+def versus_table(
+    finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]], mode: str, preset: dict[str, Any]
+) -> list[str]:
+    """Markdown: the paper's KD+SRD minus every other row (a temperature control, another
+    selection) directly, on the training seeds both have: whether the curation adds anything to
+    the temperature schedule is this difference, not the two rows' differences from KD."""
+    out = []
+    for (div, variant), by_seed in finished.items():
+        base = finished.get((div, ""), {})
+        seeds = sorted(set(by_seed) & set(base))
+        if not variant or not seeds:
+            continue
+        pairs = [(seed, by_seed[seed][1], base[seed][1]) for seed in seeds]
+        for b in _scores(pairs[0][2], mode):
+            out.append(f"| {_row_label(preset, div, variant)} | {b} | " + _seed_cells(pairs, mode, b))
+    if not out:
+        return []
+    return [
+        f"## The paper's KD+SRD minus each other row, {mode}, over training seeds",
+        "",
+        "Positive: the paper's KD+SRD scored higher than the row (a control or another selection) on the same "
+        "examples. " + SEEDS_LEGEND,
+        "",
+        "| row | benchmark | training seeds | KD+SRD minus the row, per seed | mean (sd over seeds) "
+        "| seeds with KD+SRD above | pooled over seeds |",
         "|---|---|---|---|---|---|---|",
         *out,
         "",
@@ -746,6 +784,8 @@ def seed_sections(
     lines: list[str] = []
     for m in modes:
         lines += seed_table(finished, m, preset)
+    for m in modes:
+        lines += versus_table(finished, m, preset)
     lines += trained_rows_table(finished, preset)
     if not examples:
         return lines

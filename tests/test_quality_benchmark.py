@@ -304,6 +304,7 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     ]:
         assert want in text, want
     assert "Run `" not in text and "significant" in text and "], p = " in text
+    assert "## The paper's KD+SRD minus each other row, sampled" in text
     # a rerun of the same command reuses everything: no step is trained again
     logs = sorted(out.glob("**/logs/train.jsonl"))
     before = {p: p.read_text() for p in logs}
@@ -351,3 +352,44 @@ def test_trl_quality_compares_trl_alone_with_trl_plus_srd(tmp_path, tiny_models)
     assert {r["srd_stage"] for r in srd_state["log_history"] if "srd_stage" in r} <= {1, 2, 3}
     before = (out / "trl+srd" / "train_s.json").read_text()
     assert module.main(args) == 0 and (out / "trl+srd" / "train_s.json").read_text() == before  # reused
+
+
+def _fake_run(folder: Path, mode: str, scores: dict[str, float]) -> Path:
+    """A run folder with one benchmark's per-example scores in eval/<mode> (what the record reads)."""
+    (folder / "eval" / mode / "b").mkdir(parents=True)
+    (folder / "eval" / mode / "b" / "greedy.jsonl").write_text(
+        "".join(json.dumps({"id": i, "score": v}) + "\n" for i, v in scores.items())
+    )
+    mean = sum(scores.values()) / len(scores)
+    (folder / "eval" / mode / "summary.json").write_text(json.dumps({"benchmarks": {"b": {"rouge_l": mean}}}))
+    return folder
+
+
+def test_the_record_sets_srd_against_each_other_row_directly(tmp_path):
+    """Per seed: SRD minus KD, the row minus KD, and SRD minus the row, with their signs; pooled
+    over two training seeds. SRD is 3 above KD on every example, the control 1 above: SRD minus the
+    control is +2 in each seed, and the seed counts say so."""
+    quality = _quality_module()
+    ids = [f"e{i}" for i in range(30)]
+    finished = {}
+    for seed in (1, 2):
+        kd = {i: 10.0 + n % 7 + seed for n, i in enumerate(ids)}
+        root = tmp_path / f"s{seed}"
+        runs = {
+            name: _fake_run(root / name, "greedy", {i: kd[i] + shift for i in ids})
+            for name, shift in (("kd", 0.0), ("srd", 3.0), ("control", 1.0))
+        }
+        finished.setdefault(("fkl", ""), {})[seed] = (runs["kd"], runs["srd"])
+        finished.setdefault(("fkl", "kdrise"), {})[seed] = (runs["kd"], runs["control"])
+    preset = {"labels": {"kdrise": "the control"}}
+    seeds = "\n".join(quality.seed_table(finished, "greedy", preset))
+    versus = "\n".join(quality.versus_table(finished, "greedy", preset))
+    assert "| KD+SRD (fkl) | b | 1, 2 | +3.00 / +3.00 | +3.00 (sd 0.00) | 2 of 2 | **+3.00** [+3.00, +3.00]" in seeds
+    assert "| the control (fkl) | b | 1, 2 | +1.00 / +1.00 | +1.00 (sd 0.00) | 2 of 2 |" in seeds
+    assert (
+        "| the control (fkl) | b | 1, 2 | +2.00 / +2.00 | +2.00 (sd 0.00) | 2 of 2 | **+2.00** [+2.00, +2.00]" in versus
+    )
+    assert "KD+SRD (fkl) |" not in versus  # the base row is not set against itself
+    # a row on a seed the base row lacks is left out of the direct comparison
+    del finished[("fkl", "")][2]
+    assert "| the control (fkl) | b | 1 | +2.00 |" in "\n".join(quality.versus_table(finished, "greedy", preset))
