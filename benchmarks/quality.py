@@ -659,6 +659,14 @@ SEEDS_LEGEND = (
 )
 
 
+def _seed_section(title: str, intro: str, columns: str, rows: list[str]) -> list[str]:
+    """A seed table's markdown: title, intro, header (row, benchmark, seeds, `columns`, pooled)."""
+    if not rows:
+        return []
+    head = f"| row | benchmark | training seeds | {columns} | pooled over seeds |"
+    return [title, "", intro, "", head, "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def seed_table(
     finished: dict[tuple[str, str], dict[int, tuple[Path, Path]]], mode: str, preset: dict[str, Any]
 ) -> list[str]:
@@ -670,19 +678,12 @@ def seed_table(
         pairs = [(seed, *by_seed[seed]) for seed in sorted(by_seed)]
         for b in _scores(pairs[0][2], mode):
             out.append(f"| {_row_label(preset, div, variant)} | {b} | " + _seed_cells(pairs, mode, b))
-    if not out:
-        return []
-    return [
+    return _seed_section(
         f"## Over training seeds, {mode}: each row minus KD of the same seed",
-        "",
         SEEDS_LEGEND,
-        "",
-        "| row | benchmark | training seeds | difference per seed | mean (sd over seeds) | seeds above KD "
-        "| pooled over seeds |",
-        "|---|---|---|---|---|---|---|",
-        *out,
-        "",
-    ]
+        "difference per seed | mean (sd over seeds) | seeds above KD",
+        out,
+    )
 
 
 def versus_table(
@@ -700,20 +701,13 @@ def versus_table(
         pairs = [(seed, by_seed[seed][1], base[seed][1]) for seed in seeds]
         for b in _scores(pairs[0][2], mode):
             out.append(f"| {_row_label(preset, div, variant)} | {b} | " + _seed_cells(pairs, mode, b))
-    if not out:
-        return []
-    return [
+    return _seed_section(
         f"## The paper's KD+SRD minus each other row, {mode}, over training seeds",
-        "",
         "Positive: the paper's KD+SRD scored higher than the row (a control or another selection) on the same "
         "examples. " + SEEDS_LEGEND,
-        "",
-        "| row | benchmark | training seeds | KD+SRD minus the row, per seed | mean (sd over seeds) "
-        "| seeds with KD+SRD above | pooled over seeds |",
-        "|---|---|---|---|---|---|---|",
-        *out,
-        "",
-    ]
+        "KD+SRD minus the row, per seed | mean (sd over seeds) | seeds with KD+SRD above",
+        out,
+    )
 
 
 def trained_rows_table(
