@@ -330,3 +330,38 @@ def test_the_decode_cache_growing_in_place_gives_the_plain_caches_logits(tokeniz
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert any(reused) and not all(reused)  # columns written in place, and new buffers when needed
     assert trims and all(n > 0 for n in trims)
+
+
+def test_fill_holes_moves_only_the_rows_that_fill_finished_ones():
+    assert gen.fill_holes([0, 1, 2]) == [0, 1, 2]
+    assert gen.fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3]  # row 1 finished: row 5 takes its place
+    assert gen.fill_holes([3, 4]) == [4, 3]
+    assert gen.fill_holes([]) == []
+    for keep in ([1, 2, 4, 6, 7], [0, 3, 5, 6]):
+        order = gen.fill_holes(keep)
+        assert sorted(order) == keep and all(r == j or r >= len(keep) for j, r in enumerate(order))
+
+
+@pytest.mark.parametrize("order", [[0, 5, 2, 3], [2, 0, 1], [3, 3, 1], [1, 1, 0, 2, 3, 4, 5, 0]])
+def test_the_decode_cache_selects_rows_as_a_dynamic_cache_does(order):
+    """Any row selection (the loop's hole filling, or an arbitrary one, repeats included) leaves
+    the growing cache holding what transformers' DynamicLayer holds, before and after more steps."""
+    from transformers.cache_utils import DynamicLayer
+
+    plain = DynamicLayer()
+    roomy = type(gen.decode_cache(make_llama(40, layers=1).config).layers[0])()
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 1, 1):
+        k, v = torch.randn(6, 2, n, 4, generator=g), torch.randn(6, 2, n, 4, generator=g)
+        roomy.update(k, v)
+        plain.update(k, v)
+    roomy.drop_front(2)
+    plain.keys, plain.values = plain.keys[..., 2:, :], plain.values[..., 2:, :]
+    index = torch.tensor(order)
+    roomy.batch_select_indices(index)
+    plain.batch_select_indices(index)
+    for _ in range(2):
+        k, v = torch.randn(len(order), 2, 1, 4, generator=g), torch.randn(len(order), 2, 1, 4, generator=g)
+        got, want = roomy.update(k, v), plain.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)

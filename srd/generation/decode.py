@@ -103,12 +103,13 @@ def _roomy_layer_class() -> type:
 
     class RoomyLayer(DynamicLayer):
         """A DynamicLayer whose keys and values are a window [start, end) of a buffer with spare
-        columns after it: a decode step writes its column in place instead of copying the whole
-        cache into a new tensor (DynamicLayer's torch.cat, 8% of a CPU decode step at batch 16; a copy per
-        ROOM steps here); rows leaving the batch keep the spare columns, and the loop's trim of
-        leading padding only moves `start`. `keys`/`values` stay plain tensors of the cached
-        length, so whatever reads or reassigns them works as with a DynamicLayer; a tensor
-        assigned from outside simply starts a new buffer at the next update."""
+        columns after it. A decode step writes its column in place instead of copying the whole
+        cache into a new tensor (DynamicLayer's torch.cat, 8% of a CPU decode step at batch 16; a
+        copy per ROOM steps here). When rows leave the batch only the rows that fill their places
+        are copied (fill_holes), and the loop's trim of leading padding only moves `start`.
+        `keys`/`values` stay plain tensors of the cached length, so whatever reads or reassigns
+        them works as with a DynamicLayer; a tensor assigned from outside simply starts a new
+        buffer at the next update."""
 
         _view: torch.Tensor | None = None
 
@@ -141,11 +142,17 @@ def _roomy_layer_class() -> type:
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if not self._mine():
+            if not self._mine() or len(indices) > self._kbuf.shape[0]:  # (more rows than it has: copied)
                 return super().batch_select_indices(indices)
-            self._kbuf = self._kbuf[indices, ..., self._start :, :]  # the window and the spare columns
-            self._vbuf = self._vbuf[indices, ..., self._start :, :]
-            self._start, self._end = 0, self._end - self._start
+            # only the rows whose place changes are copied (the right side is read whole before
+            # anything is written, so any order is safe); the buffer then ends after the kept rows
+            moved = [j for j, r in enumerate(indices.tolist()) if r != j]
+            if moved:
+                dst = torch.tensor(moved, device=indices.device)
+                src = indices[dst]
+                self._kbuf[dst] = self._kbuf[src]
+                self._vbuf[dst] = self._vbuf[src]
+            self._kbuf, self._vbuf = self._kbuf[: len(indices)], self._vbuf[: len(indices)]
             self._window()
 
         def drop_front(self, columns: int) -> None:
@@ -173,6 +180,16 @@ def decode_cache(config: Any) -> Any:
     cache = DynamicCache(config=config)
     cache.layers = [_ROOMY[0]() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def fill_holes(keep: list[int]) -> list[int]:
+    """The batch rows to keep (ascending) in the order that moves the fewest: a kept row among
+    the first len(keep) stays where it is, and the kept rows beyond fill the holes that finished
+    rows left there. The decode cache then copies only those rows, not every row that stays."""
+    k = len(keep)
+    stay = {r for r in keep if r < k}
+    tail = [r for r in keep if r >= k]
+    return [j if j in stay else tail.pop() for j in range(k)]
 
 
 def _mergeable(cache: Any) -> bool:
@@ -421,6 +438,7 @@ def decode_stream(
         for row in finished:
             yield row, new.pop(row)
         if len(keep) < len(live):
+            keep = fill_holes(keep)
             live = [live[r] for r in keep]
             if not live:
                 cache = None
