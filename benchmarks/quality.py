@@ -211,6 +211,9 @@ PRESETS["paper-cpu"] = {
         "teacherce": {"reflect.scorers": ["rouge_l", "ce", "teacher_ce"]},
         # the cut that keeps the data's mix of reference lengths (the easiest 75% of each quarter)
         "strat": {"reflect.stratify": "reference_length"},
+        # SRD's selection and stages at the better control's temperature (tau 2 throughout): whether
+        # the curation adds anything to a plain higher temperature (the kdtau2 control)
+        "tau2": {"curriculum.tau_schedule": "fixed", "curriculum.tau_start": 2.0},
     },
     "labels": {
         "": "paper settings",
@@ -225,6 +228,7 @@ PRESETS["paper-cpu"] = {
         "cegap": "learnability: rank by student CE minus teacher CE instead of student CE",
         "teacherce": "teacher CE added to the fusion (rows the teacher cannot do drop first)",
         "strat": "cut stratified by reference length (the easiest 75% of each length quarter)",
+        "tau2": "tau fixed at 2 (the kdtau2 control's temperature, with SRD's selection and stages)",
     },
     "own_reflection": ["tcl", "kdrise", "kdtau2"],  # kd*: no reflection at all
     "sampled_seeds": [10, 20],  # every trained model is also evaluated sampled at T = 1
