@@ -18,7 +18,8 @@
 #      (greedy, 256 new tokens, the paper's reflection settings): wall time of the whole step
 #   4. benchmarks/throughput.py --preset gpu --profile (where a step's kernel time goes),
 #      --loss-only (forward KL, hand-written backward vs autograd; CE + KL separate vs fused; bf16
-#      logits kept vs float32 log-probs) and generation.py --profile (hf and loop: host vs device time)
+#      logits kept vs float32 log-probs) and generation.py --profile --phases (hf and loop: host vs
+#      device time; the loop's decode steps against the weight-reading limit)
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
@@ -135,7 +136,7 @@ echo "== 4. profile and loss"
 timeout -k 10 180 $PY benchmarks/throughput.py --preset gpu --teacher "$T" --student "$S" --profile "${PROF_ARGS[@]}" \
     --record "$OUT/profile.md" || echo "profile: exit $?"
 timeout -k 10 60 $PY benchmarks/throughput.py --preset gpu --loss-only --record "$OUT/loss.md" || echo "loss: exit $?"
-timeout -k 10 90 $PY benchmarks/generation.py --preset gpu --model "$S" "${GPROF_ARGS[@]}" --backends hf loop --profile \
+timeout -k 10 90 $PY benchmarks/generation.py --preset gpu --model "$S" "${GPROF_ARGS[@]}" --backends hf loop --profile --phases \
     --record "$OUT/generation-profile.md" || echo "generation profile: exit $?"
 fi
 

@@ -111,6 +111,7 @@ def test_generation_script_compares_backends(tmp_path, tiny_models):
         assert "torch operators' own host time" in section and "| operator (self host time) |" in section
         assert "`aten::" in section
     assert "Batch 2, loop, forward passes by kind: prefill" in text and " steps (mean " in text
+    assert "Weight-reading limit: a step reads " in text and "% of that limit" in text
     assert "| static |" in text and "identical between hf and static" in text
     assert "| 2 | hf |" in text and "| 2 | loop |" in text and "greedy answers identical" in text
 
@@ -301,3 +302,22 @@ def test_teacher_store_script_records_size_reuse_fidelity_integrity_and_memory(t
     assert "bytes per target position | **" in text and "| 1.5 |" in text
     assert "the copy as made: no damaged file" in text and "1 damaged file(s) named" in text
     assert "| store: the student alone |" in text and "Peak memory saved" in text
+
+
+def test_a_decode_step_reads_every_weight_once_and_an_untied_embedding_not_at_all():
+    """The weight-reading limit's bytes: all parameters in the decode precision; an input
+    embedding that is also the output layer once, one that is not, not at all (a step gathers
+    only its rows)."""
+    import torch
+
+    from tests.conftest import make_llama
+
+    gen = _module("generation")
+    tied = make_llama(100, layers=1)
+    n = sum(p.numel() for p in tied.parameters())
+    assert gen.step_weight_bytes(tied, torch.bfloat16) == 2 * n
+    assert gen.step_weight_bytes(tied, torch.float32) == 4 * n
+    untied = make_llama(100, layers=1)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    emb = untied.get_input_embeddings().weight.numel()
+    assert gen.step_weight_bytes(untied, torch.bfloat16) == 2 * (sum(p.numel() for p in untied.parameters()) - emb)
