@@ -321,3 +321,39 @@ def test_a_decode_step_reads_every_weight_once_and_an_untied_embedding_not_at_al
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     emb = untied.get_input_embeddings().weight.numel()
     assert gen.step_weight_bytes(untied, torch.bfloat16) == 2 * (sum(p.numel() for p in untied.parameters()) - emb)
+
+
+def test_dev_noise_scores_each_model_under_each_nuisance_setting(tmp_path, tiny_models, monkeypatch):
+    """dev_noise.py on tiny models: a row per setting (greedy per batch size, float32, a sampled
+    seed each), each model's spread, and the second model's difference from the first. (Tiny
+    models score 0 ROUGE-L against real references, so the score here is the answer's length.)"""
+    import json
+
+    import srd.metrics.text
+
+    monkeypatch.setattr(srd.metrics.text, "rouge_l", lambda answer, refs: float(len(answer)))
+
+    from srd.config import dump_config, load_config
+    from tests.conftest import ROWS
+
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
+    config = tmp_path / "config.yaml"
+    overrides = [f"data.dev={dev}", "data.dev_limit=4", "dev_eval.num_examples=3", "dev_eval.max_new_tokens=4"]
+    config.write_text(dump_config(load_config(None, [*overrides, "generation.dtype=bfloat16"])))
+    record = tmp_path / "noise.md"
+    student, teacher = tiny_models["llama-student"], tiny_models["llama-teacher"]
+    args = ["--config", str(config), "--models", f"a={student}", f"b={teacher}", "--batch-sizes", "1", "3"]
+    assert _module("dev_noise").main([*args, "--seeds", "5", "6", "--record", str(record)]) == 0
+    text = record.read_text()
+    for setting in ("greedy, bfloat16, batch 1", "greedy, bfloat16, batch 3", "greedy, float32, batch 1"):
+        assert f"| {setting} |" in text
+    assert "| sampled T = 1, seed 5 |" in text and "| sampled T = 1, seed 6 |" in text
+    assert "3 dev rows of" in text and "| a |" in text and "| b |" in text and "Each model minus `a`" in text
+    table = [r.split(" | ") for r in text.splitlines() if r.startswith(("| greedy", "| sampled"))]
+    minus = next(r for r in text.splitlines() if r.startswith("| b | ") and "of 5 |" in r).split(" | ")[1:-1]
+    assert len(table) == len(minus) == 5 and any(float(d) for d in minus)
+    for row, d in zip(table, minus):  # b minus a, setting by setting
+        assert float(d) == pytest.approx(float(row[2].rstrip(" |")) - float(row[1]), abs=0.011)
+    with pytest.raises(SystemExit, match="label=model"):
+        _module("dev_noise").main(["--config", str(config), "--models", str(student)])
