@@ -16,7 +16,9 @@ generation.dtype), once per nuisance setting:
   sampled dev score, and so the standard error of a mean over k seeds.
 
 Reported per model: every score, their range and standard deviation; with several models, each
-model's difference from the first under every setting, and whether the sign holds.
+model's difference from the first under every setting, whether the sign holds, and a paired test
+over the dev rows (mean difference, 95% bootstrap interval, Wilcoxon p) on the first greedy
+setting and on each row's score averaged over the sampled seeds.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from srd.metrics.text import rouge_l
     from srd.models import load_model, load_tokenizer
     from srd.models.load import cast_for_inference, inference_dtype_of
+    from srd.report import difference_cell, paired_difference
 
     cfg = load_config(args.config)
     models = []
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.append((f"greedy, float32, batch {args.batch_sizes[0]}", torch.float32, args.batch_sizes[0], None))
     settings += [(f"sampled T = 1, seed {s}", dtype, args.batch_sizes[0], s) for s in args.seeds]
     scores: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, list[float]]] = {}  # model -> setting -> per-dev-row scores
     seconds: dict[str, float] = {}
     for label, spec in models:
         tokenizer = load_tokenizer(spec)
@@ -94,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 answers = generate_responses(
                     model, tokenizer, prompts, decoding, seeds=None if seed is None else row_seeds(seed, len(dev))
                 )
-            scores.setdefault(label, {})[name] = statistics.fmean(
-                rouge_l(a, ex.references) for a, ex in zip(answers, dev)
-            )
+            rows.setdefault(label, {})[name] = [rouge_l(a, ex.references) for a, ex in zip(answers, dev)]
+            scores.setdefault(label, {})[name] = statistics.fmean(rows[label][name])
             print(f"{label}, {name}: {scores[label][name]:.2f}", flush=True)
         seconds[label] = time.perf_counter() - t0
     names = [s[0] for s in settings]
@@ -136,6 +139,24 @@ def main(argv: list[str] | None = None) -> int:
             d = [scores[lab][n] - scores[ref][n] for n in names]
             held = sum(x > 0 for x in d) if statistics.fmean(d) > 0 else sum(x < 0 for x in d)
             lines.append(f"| {lab} | " + " | ".join(f"{x:+.2f}" for x in d) + f" | {held} of {len(d)} |")
+
+        def per_row(lab: str, settings_: list[str]) -> dict[str, float]:
+            return {str(i): statistics.fmean(rows[lab][n][i] for n in settings_) for i in range(len(dev))}
+
+        tests = [(greedy[0], [greedy[0]])] if greedy else []
+        if sampled:
+            tests.append((f"sampled, each row's mean over {len(sampled)} seeds", sampled))
+        lines += [
+            "",
+            f"Paired over the {len(dev)} dev rows, each model minus `{ref}` (mean difference [95% bootstrap "
+            "interval], two-sided Wilcoxon p):",
+            "",
+            "| model | " + " | ".join(t for t, _ in tests) + " |",
+            "|---|" + "---|" * len(tests),
+        ]
+        for lab, _ in models[1:]:
+            cells = [difference_cell(paired_difference(per_row(ref, ns), per_row(lab, ns))) for _, ns in tests]
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     save_record("\n".join(lines) + "\n", args.record, "cpu" if not torch.cuda.is_available() else "gpu", "dev-noise")
     return 0
 

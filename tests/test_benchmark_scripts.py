@@ -355,5 +355,11 @@ def test_dev_noise_scores_each_model_under_each_nuisance_setting(tmp_path, tiny_
     assert len(table) == len(minus) == 5 and any(float(d) for d in minus)
     for row, d in zip(table, minus):  # b minus a, setting by setting
         assert float(d) == pytest.approx(float(row[2].rstrip(" |")) - float(row[1]), abs=0.011)
+    # the paired tests over dev rows: the first greedy setting, and each row's mean over the seeds
+    paired = next(r for r in text.split("Paired over the 3 dev rows")[1].splitlines() if r.startswith("| b | "))
+    greedy_cell, sampled_cell = paired.split(" | ")[1:3]
+    assert float(greedy_cell.split(" [")[0]) == pytest.approx(float(minus[0]), abs=0.011)
+    assert float(sampled_cell.split(" [")[0]) == pytest.approx((float(minus[3]) + float(minus[4])) / 2, abs=0.011)
+    assert "], p = " in greedy_cell and "sampled, each row's mean over 2 seeds" in text
     with pytest.raises(SystemExit, match="label=model"):
         _module("dev_noise").main(["--config", str(config), "--models", str(student)])
