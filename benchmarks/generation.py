@@ -180,9 +180,8 @@ def step_weight_bytes(model, dtype) -> int:
     except an input embedding that is not also the output layer (a step gathers only its rows)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     skip = set() if head is not None and head.weight is emb.weight else {id(emb.weight)}
-    size = dtype.itemsize if hasattr(dtype, "itemsize") else 4
     return sum(
-        p.numel() * (size if p.is_floating_point() else p.element_size())
+        p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
         for p in model.parameters()
         if id(p) not in skip
     )

@@ -32,6 +32,7 @@ their samples depend on how prompts were batched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -98,7 +99,9 @@ def _pad_left(t: torch.Tensor, n: int, dim: int, value: int | float = 0) -> torc
 ROOM = 64  # columns a decode cache grows by at once
 
 
+@functools.cache
 def _roomy_layer_class() -> type:
+    """RoomyLayer, made on first use (transformers is imported only when decoding)."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
@@ -166,19 +169,15 @@ def _roomy_layer_class() -> type:
     return RoomyLayer
 
 
-_ROOMY: list[type] = []
-
-
 def decode_cache(config: Any) -> Any:
     """A DynamicCache for the decode loop: its plain dynamic layers grow in place (RoomyLayer);
     sliding-window layers stay transformers' own."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if not _ROOMY:
-        _ROOMY.append(_roomy_layer_class())
+    roomy = _roomy_layer_class()
     cache = DynamicCache(config=config)
-    cache.layers = [_ROOMY[0]() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [roomy() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -197,7 +196,7 @@ def _mergeable(cache: Any) -> bool:
     static ones, whose columns are not one per position)."""
     from transformers.cache_utils import DynamicLayer
 
-    plain = (DynamicLayer, *_ROOMY)
+    plain = (DynamicLayer, _roomy_layer_class())
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) in plain and layer.is_initialized for layer in layers)
 
