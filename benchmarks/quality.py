@@ -458,6 +458,7 @@ def _timing(base: Path, run: Path, variant: str, preset: dict[str, Any]) -> dict
     run_exp = json.loads((run / "experiment.json").read_text())
     t = {**base_exp["timing"]}
     t.update({k: v for k, v in run_exp["timing"].items() if v is not None})
+    t["dev_eval_s"] = run_exp["timing"].get("dev_eval_s")  # the row's own, never its base run's
     t.setdefault("teacher_cache_s", 0.0)
     if variant and variant not in preset.get("own_reflection", []):
         # the answers were the base run's: count its generation time, plus the variant's own
@@ -551,9 +552,12 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         if any(srd_stages) and kd_steps:
             (srd_cell, srd_s), (kd_cell, kd_s) = median_steps(srd_stages), median_steps([kd_steps])
             steps.append(f"| {run_label} | {srd_cell} | {kd_cell} | {100 * srd_s / kd_s:.0f}% |")
+        srd_dev, kd_dev = t.get("dev_eval_s"), t.get("baseline_dev_eval_s")
         times.append(
             f"| {run_label} | {t['reflection_s']:.0f} | {t['teacher_cache_s']:.0f} | {t['train_s']:.0f} | "
-            f"{t['srd_total_s']:.0f} | {t.get('baseline_teacher_cache_s', 0.0):.0f} | {t['baseline_train_s']:.0f} | "
+            f"{'-' if srd_dev is None else f'{srd_dev:.0f}'} | {t['srd_total_s']:.0f} | "
+            f"{t.get('baseline_teacher_cache_s', 0.0):.0f} | {t['baseline_train_s']:.0f} | "
+            f"{'-' if kd_dev is None else f'{kd_dev:.0f}'} | "
             f"{t['kd_total_s']:.0f} | {100 * t['srd_time_fraction']:.0f}% | "
             f"{t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
             + ", ".join(f"{m} {s:.0f}" for m, s in t["eval_s"].items())
@@ -579,10 +583,16 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         lines += [
             "## Wall time (s)",
             "",
-            "| run | reflection | teacher cache | SRD training | SRD total | KD teacher cache | KD training | KD total "
-            "| SRD total / KD total | sample passes SRD / KD | evaluation (all decodings) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| run | reflection | teacher cache | SRD training | of which dev evaluations | SRD total "
+            "| KD teacher cache | KD training | of which dev evaluations | KD total | SRD total / KD total "
+            "| sample passes SRD / KD | evaluation (all decodings) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *times,
+            "",
+            "Training: the stages' own clocks (optimizer steps, dev evaluations, checkpoints). A `-` in a dev "
+            "evaluation column marks a run made before that column was recorded: its stage clocks also leave out "
+            "each stage's first and last dev evaluation and last checkpoint, which favours the method with more "
+            "stages.",
             "",
         ]
     if evaluated:  # final weights, or with eval.checkpoint=best each method's best dev ROUGE-L checkpoint

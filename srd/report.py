@@ -276,9 +276,10 @@ def _dev_series(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]
 
 def dev_over_time(run: Path) -> list[tuple[float, float]]:
     """(seconds, dev ROUGE-L) of every dev evaluation of a run, on the method's own clock: its
-    reflection and teacher cache first (results.json), then each stage's training time at the
-    evaluated step (the step's elapsed_s in train.jsonl; step 0 at the stage's start), stage after
-    stage. Empty when the run generated no dev answers."""
+    reflection and teacher cache first (results.json), then each stage's clock when the score was
+    known (the evaluation's elapsed_s in eval.jsonl; in runs older than that field, the evaluated
+    step's elapsed_s in train.jsonl, step 0 at the stage's start), stage after stage. Empty when
+    the run generated no dev answers."""
     res = _read_json(RunDir(run).results) if RunDir(run).results.exists() else {}
     offset = float(res.get("reflection_s") or 0.0) + float(res.get("teacher_cache_s") or 0.0)
     points: list[tuple[float, float]] = []
@@ -286,10 +287,10 @@ def dev_over_time(run: Path) -> list[tuple[float, float]]:
         elapsed = {r["step"]: r["elapsed_s"] for r in read_jsonl(StageDir(d).train_log, missing_ok=True)}
         for e in read_jsonl(StageDir(d).eval_log, missing_ok=True):
             if "dev_rougeL" in e:
-                points.append(
-                    (offset + elapsed.get(e["step"], 0.0 if e["step"] == 0 else float("nan")), e["dev_rougeL"])
-                )
-        offset += max(elapsed.values(), default=0.0)
+                at = e.get("elapsed_s", elapsed.get(e["step"], 0.0 if e["step"] == 0 else float("nan")))
+                points.append((offset + at, e["dev_rougeL"]))
+        done = StageDir(d).done
+        offset += _read_json(done)["wall_time_s"] if done.exists() else max(elapsed.values(), default=0.0)
     return [p for p in points if math.isfinite(p[0])]
 
 

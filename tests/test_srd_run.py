@@ -441,9 +441,16 @@ def test_eval_checkpoint_best_evaluates_the_best_dev_rouge_checkpoints(tmp_path,
     assert "dev_over_time.png" in report and (run / "report" / "dev_over_time.png").stat().st_size > 0
     srd_curve, kd_curve = dev_over_time(run), dev_over_time(run / "baseline")
     assert len(srd_curve) == 4 and len(kd_curve) == 2  # stage-1 start and end, the end of stages 2 and 3
-    assert srd_curve[0][0] == pytest.approx(srd_res["reflection_s"] + srd_res["teacher_cache_s"])
-    assert srd_curve[-1][0] == pytest.approx(srd_res["total_s"], abs=0.01)  # the last step ends the method
-    assert [x for x, _ in srd_curve] == sorted(x for x, _ in srd_curve) and kd_curve[0][0] == 0.0
+    # each point when its score was known: after its own evaluation, on the stage clocks that add up
+    # to the method's time (the first evaluation and the last count)
+    first_eval = json.loads((run / "stages" / "stage-1" / "logs" / "eval.jsonl").read_text().splitlines()[0])
+    assert first_eval["elapsed_s"] > 0
+    start = srd_res["reflection_s"] + srd_res["teacher_cache_s"]
+    assert srd_curve[0][0] == pytest.approx(start + first_eval["elapsed_s"])
+    last_stage = srd_res["stages"][-1]
+    assert srd_res["total_s"] - last_stage["wall_time_s"] < srd_curve[-1][0] <= srd_res["total_s"]
+    assert 0 < srd_res["dev_eval_s"] < srd_res["train_s"] and 0 < base_res["dev_eval_s"] < base_res["train_s"]
+    assert [x for x, _ in srd_curve] == sorted(x for x, _ in srd_curve) and kd_curve[0][0] > 0.0
     from srd.eval.evaluate import resolve_eval_target
 
     # srd eval RUN evaluates what the run evaluated: here its best checkpoint

@@ -560,6 +560,37 @@ def test_dev_rouge_sampled_with_dev_eval_seeds(tmp_path, tiny_models, tiny_data,
     assert calls and all(not d.do_sample and s is None for d, s in calls)
 
 
+def test_stage_clock_counts_every_dev_evaluation_also_across_a_resume(tmp_path, tiny_models, tiny_data, monkeypatch):
+    """wall_time_s is the stage's whole clock: the dev evaluation at step 0 and the one after the
+    last step count (the method's time includes them), dev_eval_s says how much of it they were,
+    and a resumed stage adds to what its checkpoint had counted. Each evaluation here is made to
+    take 0.3 s more, so a clock that misses one is short by at least that."""
+    import time
+
+    import srd.train.loop as loop_mod
+
+    real = loop_mod.evaluate_dev
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "evaluate_dev", slow)
+    extra = ("train.eval_every=2",)  # evaluations at steps 0, 2 and 4
+    assert main([*_args(tiny_models, tiny_data, tmp_path, "llama", *extra), "train.stop_after_steps=3"]) == 0
+    assert main(_args(tiny_models, tiny_data, tmp_path, "llama", *extra)) == 0
+    run = tmp_path / "t"
+    done = json.loads((run / "done.json").read_text())
+    evals = _rows(run / "logs" / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert 0.9 <= done["dev_eval_s"] < done["wall_time_s"]
+    # each score is stamped with the stage clock when it was known: after its own evaluation
+    steps = {r["step"]: r["elapsed_s"] for r in _rows(run / "logs" / "train.jsonl")}
+    assert evals[0]["elapsed_s"] >= 0.3 and steps[1] > evals[0]["elapsed_s"]
+    assert steps[2] + 0.3 <= evals[1]["elapsed_s"] < steps[3]
+    assert steps[4] + 0.3 <= evals[2]["elapsed_s"] <= done["wall_time_s"]
+
+
 class _Payload:
     """Unpickling this runs code: what a run folder from someone else could hold."""
 

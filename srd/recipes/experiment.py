@@ -110,6 +110,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     timing: dict[str, Any] = {
         "reflection_s": results["reflection_s"],
         "train_s": results["train_s"],
+        "dev_eval_s": results.get("dev_eval_s", 0.0),
         "teacher_cache_s": results.get("teacher_cache_s", 0.0),
     }
     models = {"teacher": cfg.model.teacher, "initial": cfg.model.student, "final": _evaluated(cfg, results, "this run")}
@@ -121,6 +122,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             return {**results, "complete": False}
         timing["baseline_train_s"] = base["train_s"]
         timing["baseline_teacher_cache_s"] = base.get("teacher_cache_s", 0.0)
+        timing["baseline_dev_eval_s"] = base.get("dev_eval_s", 0.0)
         base_total = base.get("total_s", base["train_s"])
         timing["srd_time_fraction"] = round(results["total_s"] / base_total, 4) if base_total else None
         timing["srd_sample_passes"] = results["sample_passes"]

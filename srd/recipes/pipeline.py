@@ -39,7 +39,8 @@ class StageResult(TypedDict):
     tau: float
     alpha: float
     epochs: float  # passes over the stage's examples
-    wall_time_s: float
+    wall_time_s: float  # steps, dev evaluations and checkpoints
+    dev_eval_s: float
     generation_s: float
     teacher_cache_s: float
     best_metric: float | None
@@ -59,7 +60,8 @@ class RunResults(TypedDict, total=False):
     stages: list[StageResult]
     complete: bool
     reflection_s: float  # reflection, re-reflections included
-    train_s: float
+    train_s: float  # every stage's clock: optimizer steps, dev evaluations, checkpoints
+    dev_eval_s: float  # of which dev evaluations
     teacher_cache_s: float  # what the teacher rows it trained on cost to build (loss.teacher_top_k)
     teacher_built_s: float  # of which this run built (the rest was found in the teacher store)
     total_s: float  # reflection + training + the teacher rows: what the method cost
@@ -189,6 +191,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
         return {**results, "complete": False}
     results["complete"] = True
     results["train_s"] = round(sum(s["wall_time_s"] for s in results["stages"]), 3)
+    results["dev_eval_s"] = round(sum(s.get("dev_eval_s", 0.0) for s in results["stages"]), 3)
     # curriculum.re_reflect: the student reflects again before stages 2..n, time the method costs
     again = [folder / "summary.json" for folder in run.re_reflections()]
     results["reflection_s"] = round(results["reflection_s"] + sum(read_json(f)["wall_time_s"] for f in again), 3)
@@ -321,6 +324,7 @@ def _stage_result(name: str, summary: StageSummary, n_examples: int) -> StageRes
         "alpha": summary["alpha"],
         "epochs": summary["steps"] / max(summary["steps_per_epoch"], 1),
         "wall_time_s": summary["wall_time_s"],
+        "dev_eval_s": summary.get("dev_eval_s", 0.0),
         "generation_s": summary.get("generation_s", 0.0),
         "teacher_cache_s": summary.get("teacher_cache_s", 0.0),
         "best_metric": summary["best_metric"],

@@ -388,7 +388,8 @@ class StageSummary(TypedDict):
     alpha: float
     divergence: str
     kd_scale: float  # the factor on the divergence: tau^2 under loss.tau_squared=all
-    wall_time_s: float  # training time, earlier (resumed) invocations included
+    wall_time_s: float  # the stage's clock: steps, dev evaluations, checkpoints; resumed invocations included
+    dev_eval_s: float  # of which dev evaluations (the one at step 0 included)
     generation_s: float  # of which on-policy sampling
     teacher_cache_s: float  # building the rows the teacher store lacked (not in wall_time_s)
     on_policy_ratio: float
@@ -451,6 +452,7 @@ def train_stage(
     run.resume()
     run.open_writer()
     start, total = run.state["step"], run.plan.total_steps
+    run.start_clock()
     if start == 0 and eval_at_start and run.latest is None:
         run.evaluate(0)  # the starting point, for before/after comparisons
     stop_at = total if cfg.train.stop_after_steps is None else min(total, start + cfg.train.stop_after_steps)
@@ -462,7 +464,6 @@ def train_stage(
         unit="step",
         dynamic_ncols=True,
     )
-    run.start_clock()
     tcfg = cfg.train
     for step in range(start, stop_at):
         row = run.train_step(step)
@@ -659,7 +660,14 @@ class _StageRun:
     def start_clock(self) -> None:
         self.t_run, self.elapsed0 = time.perf_counter(), self.state["elapsed_s"]
         self.state.setdefault("generation_s", 0.0)
+        self.state.setdefault("dev_eval_s", 0.0)
         self.state["teacher_cache_s"] = self.cache_s
+
+    def tick(self) -> float:
+        """The stage's clock now (earlier invocations included), also kept in the state that
+        checkpoints save, so that a resumed stage counts what came before."""
+        self.state["elapsed_s"] = self.elapsed0 + time.perf_counter() - self.t_run
+        return self.state["elapsed_s"]
 
     def _full_weights(self, needed: bool = True) -> dict[str, Any] | None:
         """FSDP: the gathered full weights (a collective: every process calls it); else None."""
@@ -702,6 +710,7 @@ class _StageRun:
         cfg, acc, state = self.cfg, self.acc, self.state
         if not self.dev_enc and not (cfg.dev_eval.num_examples and self.dev_examples):
             return
+        t0 = time.perf_counter()
         metrics = evaluate_dev(
             self.module,
             self.teacher,
@@ -721,8 +730,11 @@ class _StageRun:
         if improved:
             state.update(best_metric=key, best_step=step)
         weights = self._full_weights(improved)  # collective
+        state["dev_eval_s"] = state.get("dev_eval_s", 0.0) + time.perf_counter() - t0
+        elapsed = self.tick()
         if acc.is_main_process:
-            append_jsonl(self.dirs.eval_log, [{"step": step, **metrics}])
+            # elapsed_s: the stage's clock when this score was known (the evaluation's own time in it)
+            append_jsonl(self.dirs.eval_log, [{"step": step, **metrics, "elapsed_s": round(elapsed, 3)}])
             for k, v in metrics.items():
                 self.writer.add_scalar(f"dev/{k}", v, step)
             if improved:
@@ -830,7 +842,7 @@ class _StageRun:
         dt = time.perf_counter() - t0
         state["tokens"] += int(n_tokens)
         state["generation_s"] += gen_s
-        state["elapsed_s"] = self.elapsed0 + time.perf_counter() - self.t_run
+        self.tick()
         done_steps = step + 1
         row = {
             "step": done_steps,
@@ -863,6 +875,7 @@ class _StageRun:
             self.writer.flush()
             self.writer.close()
         lcfg = self.cfg.loss
+        self.tick()  # the last evaluation and checkpoint count too
         summary: StageSummary = {
             "complete": final_step >= self.plan.total_steps,
             "steps": final_step,
@@ -874,6 +887,7 @@ class _StageRun:
             "divergence": lcfg.divergence,
             "kd_scale": self.spec.kd_scale,
             "wall_time_s": round(state["elapsed_s"], 3),
+            "dev_eval_s": round(state.get("dev_eval_s", 0.0), 3),
             "generation_s": round(state.get("generation_s", 0.0), 3),
             "teacher_cache_s": round(self.cache_s, 3),
             "on_policy_ratio": self.ratio,
