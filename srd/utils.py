@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -77,68 +76,70 @@ def claim_folder(
     path: Path,
     kind: str,
     *,
-    overwrite: bool,
+    overwrite: bool = False,
     legacy: bool = False,
-    how: str = "overwrite=true",
+    how: str | None = "overwrite=true",
     replaces: bool = False,
     create: bool = True,
+    label: str = "",
+    choose: str = "choose another folder",
 ) -> None:
     """Make `path` srd's before writing into it: a missing or empty folder, or one srd marked (or,
     with `legacy`, one an older srd wrote before markers existed) is marked and used; any other
-    non-empty folder is refused unless `overwrite` (`how` names the switch in the message;
-    `replaces`: the caller then replaces the whole folder, and the message says so; `create=False`:
-    only check, and let the caller mark the folder once its other checks passed)."""
+    non-empty folder is refused unless `overwrite` (`how` names the switch in the message, None
+    when there is none; `replaces`: the caller then replaces the whole folder, and the message says
+    so; `create=False`: only check, and let the caller mark the folder once its other checks
+    passed). srd's own temporaries (another process marking the same new folder at this moment)
+    do not make a folder someone else's. `label` names the folder's role in messages ("teacher
+    store"), `choose` the way out ("choose a new or empty folder (loss.teacher_store)")."""
     path = Path(path)
+    name = f"{label} {path}" if label else str(path)
     if path.exists() and not path.is_dir():
-        raise FolderError(f"{path} is a file, not a folder: choose another path")
-    foreign = path.is_dir() and any(path.iterdir()) and not is_srd_folder(path) and not legacy
+        raise FolderError(f"{name} is a file, not a folder: choose another path")
+    foreign = (
+        path.is_dir()
+        and any(not is_srd_temporary(p) for p in path.iterdir())
+        and not is_srd_folder(path)
+        and not legacy
+    )
     if foreign and not overwrite:
         what = (
             "to replace it and everything in it"
             if replaces
             else "to write into it anyway (srd's files replace those of the same name; nothing else there is deleted)"
         )
-        raise FolderError(f"{path} already holds files srd did not write; choose another folder, or pass {how} {what}")
-    if not create:
-        check_writable(path)
-        return
+        switch = f", or pass {how} {what}" if how else ""
+        raise FolderError(f"{name} already holds files srd did not write; {choose}{switch}")
     try:
+        if not create:
+            check_writable(path)
+            return
         mark_srd_folder(path, kind)
     except OSError as e:
-        raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+        raise FolderError(f"{name} cannot be written ({e.strerror}): choose a folder you can write to") from None
 
 
 def check_writable(path: str | os.PathLike) -> None:
     """FolderError unless `path` can be made and written (tried: permissions alone do not tell,
-    e.g. for root, or under /proc); leaves the disk as it found it. Safe when several processes
-    check the same path at once (the ranks of one run): each probes with a file of its own, and a
-    folder another one made for its check and removed meanwhile is tried again (a folder made
-    while another process probed in it may then stay, empty)."""
+    e.g. for root, or under /proc); leaves the disk as it found it. A folder that exists is tried
+    with a file of its own; a missing one, by making a folder of its own in its nearest existing
+    parent and writing a file there. So it never makes or removes `path` itself, and the ranks of
+    one run may check the same path at the same moment."""
     path = Path(path)
-    why = ""
-    for _ in range(5):
-        made: list[Path] = []
-        try:
-            missing = [p for p in [path, *path.parents] if not p.exists()]
-            for p in reversed(missing):
-                try:
-                    p.mkdir()
-                except FileExistsError:  # another process made it a moment ago
-                    continue
-                made.append(p)
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    try:
+        if existing == path:
             fd, probe = tempfile.mkstemp(dir=path, prefix=".probe.", suffix=TMP_TAG)
             os.close(fd)
             os.unlink(probe)
             return
-        except FileNotFoundError as e:  # a folder on the way was removed by another process's check
-            why = e.strerror
-        except OSError as e:
-            raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
+        folder = Path(tempfile.mkdtemp(dir=existing, prefix=".probe.", suffix=TMP_TAG))
+        try:
+            (folder / "probe").write_bytes(b"")
         finally:
-            for p in reversed(made):
-                with contextlib.suppress(OSError):
-                    p.rmdir()
-    raise FolderError(f"{path} cannot be written ({why}): choose a folder you can write to")
+            shutil.rmtree(folder, ignore_errors=True)
+    except OSError as e:
+        raise FolderError(f"{path} cannot be written ({e.strerror}): choose a folder you can write to") from None
 
 
 def read_user_text(path: str | os.PathLike, error: type[Exception], what: str) -> str:

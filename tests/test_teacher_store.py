@@ -257,6 +257,28 @@ def test_two_builders_never_compute_a_row_twice(tmp_path, tiny_models, tokenizer
     assert len(store.shards) == 1 and len(store.index) == 10
 
 
+def test_a_new_entry_writes_its_meta_under_the_lock_a_build_holds(tmp_path, tokenizer):
+    """A build holding an entry's lock removes the temporaries it finds in the entry's folder (a
+    killed build's); a second run opening the same new entry at that moment must not have its
+    meta.json half-written there, so it waits for the lock before writing it."""
+    import threading
+
+    from srd.train.teacher_store import TeacherStore, _locked, entry_name
+    from srd.utils import mark_srd_folder
+
+    mark_srd_folder(tmp_path, "teacher-store")
+    folder = tmp_path / entry_name(_meta(tokenizer))
+    folder.mkdir(parents=True)
+    opened: list[TeacherStore] = []
+    with _locked(folder / "lock"):
+        t = threading.Thread(target=lambda: opened.append(TeacherStore(tmp_path, _meta(tokenizer))))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not (folder / "meta.json").exists() and not opened
+    t.join(30)
+    assert opened and json.loads((folder / "meta.json").read_text()) == opened[0].meta
+
+
 def _build_in_a_process(root: str, teacher_path: str, _: int) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -208,16 +208,16 @@ def teacher_references(
 def _claim_reflection_folder(out_dir: Path) -> None:
     """reflect_dataset writes only into a new or empty folder, one srd marked, or one an older srd
     reflected into (its meta.json): never among a user's own files."""
-    from srd.utils import FolderError, is_srd_folder, is_srd_temporary, mark_srd_folder
+    from srd.utils import claim_folder
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FolderError(f"out_dir {out_dir} is a file, not a folder: choose another path for the reflection")
-    theirs = out_dir.is_dir() and any(not is_srd_temporary(p) for p in out_dir.iterdir())
-    if theirs and not is_srd_folder(out_dir) and not (out_dir / "meta.json").is_file():
-        raise FolderError(
-            f"out_dir {out_dir} already holds files srd did not write: choose a new or empty folder for the reflection"
-        )
-    mark_srd_folder(out_dir, "reflection")
+    claim_folder(
+        out_dir,
+        "reflection",
+        legacy=(out_dir / "meta.json").is_file(),
+        how=None,
+        label="out_dir",
+        choose="choose a new or empty folder for the reflection",
+    )
 
 
 def reflect_dataset(

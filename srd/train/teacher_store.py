@@ -66,14 +66,11 @@ from srd.train.checkpoint import CheckpointError
 from srd.utils import (
     TMP_TAG,
     DamagedFileError,
-    FolderError,
     atomic_write_json,
     cache_dir,
-    check_writable,
+    claim_folder,
     digest_mismatch,
-    is_srd_folder,
     is_srd_temporary,
-    mark_srd_folder,
     read_json,
     sha256_file,
 )
@@ -205,7 +202,11 @@ class TeacherStore:
         else:
             _claim_root(self.root)
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta_path, self.meta)
+            # under the lock: a build holding it removes the temporaries it finds in the folder, and
+            # the atomic writer's temporary for meta.json must not be one of them
+            with _locked(self.folder / "lock"):
+                if not meta_path.exists():
+                    atomic_write_json(meta_path, self.meta)
         self._reload()
 
     @classmethod
@@ -500,23 +501,14 @@ def check_store_root(root: Path) -> None:
 def _claim_root(root: Path, create: bool = True) -> None:
     """Mark `root` as a teacher store: a new or empty folder, or one srd already marked
     (`create=False`: only check that it could be, leaving the disk as it is)."""
-    if root.exists() and not root.is_dir():
-        raise FolderError(f"teacher store {root} is a file, not a folder: choose another path (loss.teacher_store)")
-    # (another run marking the same new store at this moment shows only its temporary marker file)
-    if root.is_dir() and any(not is_srd_temporary(p) for p in root.iterdir()) and not is_srd_folder(root):
-        raise FolderError(
-            f"teacher store {root} already holds files srd did not write; choose a new or empty folder "
-            "(loss.teacher_store, or $SRD_TEACHER_STORE)"
-        )
-    try:
-        if not create:
-            check_writable(root)
-            return
-        mark_srd_folder(root, "teacher-store")
-    except OSError as e:
-        raise FolderError(
-            f"teacher store {root} cannot be written ({e.strerror}): choose a folder you can write to"
-        ) from None
+    claim_folder(
+        root,
+        "teacher-store",
+        how=None,
+        create=create,
+        label="teacher store",
+        choose="choose a new or empty folder (loss.teacher_store, or $SRD_TEACHER_STORE)",
+    )
 
 
 def entries(root: Path) -> list[Path]:
