@@ -91,11 +91,11 @@ def claim_folder(
     so; `create=False`: only check, and let the caller mark the folder once its other checks
     passed). srd's own temporaries (another process marking the same new folder at this moment)
     do not make a folder someone else's. `label` names the folder's role in messages ("teacher
-    store"), `choose` the way out ("choose a new or empty folder (loss.teacher_store)")."""
+    store"), `choose` the way out in both refusals ("choose a new or empty folder (loss.teacher_store)")."""
     path = Path(path)
     name = f"{label} {path}" if label else str(path)
     if path.exists() and not path.is_dir():
-        raise FolderError(f"{name} is a file, not a folder: choose another path")
+        raise FolderError(f"{name} is a file, not a folder: {choose}")
     foreign = (
         path.is_dir()
         and any(not is_srd_temporary(p) for p in path.iterdir())

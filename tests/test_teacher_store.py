@@ -330,6 +330,14 @@ def test_a_store_folder_holding_someone_elses_files_is_refused(tmp_path, tiny_mo
     assert f"srd train: error: teacher store {mine} already holds files srd did not write" in err
     assert "Loading weights" not in err  # found before any weights are read
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    # a file where the store should be: one line naming the setting to change, the file untouched
+    args = _args(
+        "train", tiny_models, srd_data, tmp_path, "loss.teacher_top_k=8", f"loss.teacher_store={mine / 'thesis.tex'}"
+    )
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"teacher store {mine / 'thesis.tex'} is a file, not a folder" in err and "loss.teacher_store" in err
+    assert "Loading weights" not in err and (mine / "thesis.tex").read_text() == "x"
 
 
 def test_a_store_keeps_the_precision_its_teacher_ran_in(tiny_models, tokenizer):
