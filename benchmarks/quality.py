@@ -416,6 +416,22 @@ def step_seconds(stage_dirs: list[Path]) -> list[float]:
     return out
 
 
+def speed_spread(stage_dirs: list[Path], block: int = 25) -> float | None:
+    """How far the machine's speed moved during these stages: the median tokens/s of the fastest
+    block of `block` optimizer steps over the slowest's (each stage's first two steps, which load
+    and warm up, left out; tokens/s, so that stages of longer rows compare). About 1.1 on a steady
+    machine; None without a full block."""
+    medians = []
+    for d in stage_dirs:
+        log = d / "logs" / "train.jsonl"
+        if not log.exists():
+            continue
+        rates = [json.loads(line).get("tokens_per_s") for line in log.read_text().splitlines()][2:]
+        rates = [r for r in rates if r]
+        medians += [statistics.median(rates[i : i + block]) for i in range(0, len(rates) - block + 1, block)]
+    return max(medians) / min(medians) if medians and min(medians) > 0 else None
+
+
 def median_steps(stages: list[list[float]]) -> tuple[str, float]:
     """Training seconds estimated stage by stage as steps x that stage's median step (a stage that
     shared the machine moves only its own median), as a cell (`56 x 3.61 + 104 x 2.99 = 513`) and
@@ -551,7 +567,12 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         kd_steps = step_seconds([base / "baseline" / "stages" / "baseline"])
         if any(srd_stages) and kd_steps:
             (srd_cell, srd_s), (kd_cell, kd_s) = median_steps(srd_stages), median_steps([kd_steps])
-            steps.append(f"| {run_label} | {srd_cell} | {kd_cell} | {100 * srd_s / kd_s:.0f}% |")
+            spreads = [
+                speed_spread(sorted((run / "stages").glob("stage-*"))),
+                speed_spread([base / "baseline" / "stages" / "baseline"]),
+            ]
+            spread = " / ".join("-" if x is None else f"{x:.2f}" for x in spreads)
+            steps.append(f"| {run_label} | {srd_cell} | {kd_cell} | {100 * srd_s / kd_s:.0f}% | {spread} |")
         srd_dev, kd_dev = t.get("dev_eval_s"), t.get("baseline_dev_eval_s")
         times.append(
             f"| {run_label} | {t['reflection_s']:.0f} | {t['teacher_cache_s']:.0f} | {t['train_s']:.0f} | "
@@ -616,10 +637,14 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
     if steps:
         lines += [
             "Training time from the median step of each stage (robust to a machine shared with other work for "
-            "part of a stage):",
+            "part of a stage). Speed spread: the median tokens/s of the fastest block of 25 steps over the "
+            "slowest's, across the method's stages (SRD / KD); about 1.1 on a steady machine. Where it is well "
+            "above that, the machine's speed moved during the run, and neither its seconds nor its median step "
+            "compare with another run's:",
             "",
-            "| run | SRD: each stage's steps x its median s/step | KD steps x median s/step | SRD / KD |",
-            "|---|---|---|---|",
+            "| run | SRD: each stage's steps x its median s/step | KD steps x median s/step | SRD / KD "
+            "| speed spread |",
+            "|---|---|---|---|---|",
             *steps,
             "",
         ]
