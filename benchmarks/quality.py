@@ -416,22 +416,6 @@ def step_seconds(stage_dirs: list[Path]) -> list[float]:
     return out
 
 
-def speed_spread(stage_dirs: list[Path], block: int = 25) -> float | None:
-    """How far the machine's speed moved during these stages: the median tokens/s of the fastest
-    block of `block` optimizer steps over the slowest's (each stage's first two steps, which load
-    and warm up, left out; tokens/s, so that stages of longer rows compare). About 1.1 on a steady
-    machine; None without a full block."""
-    medians = []
-    for d in stage_dirs:
-        log = d / "logs" / "train.jsonl"
-        if not log.exists():
-            continue
-        rates = [json.loads(line).get("tokens_per_s") for line in log.read_text().splitlines()][2:]
-        rates = [r for r in rates if r]
-        medians += [statistics.median(rates[i : i + block]) for i in range(0, len(rates) - block + 1, block)]
-    return max(medians) / min(medians) if medians and min(medians) > 0 else None
-
-
 def median_steps(stages: list[list[float]]) -> tuple[str, float]:
     """Training seconds estimated stage by stage as steps x that stage's median step (a stage that
     shared the machine moves only its own median), as a cell (`56 x 3.61 + 104 x 2.99 = 513`) and
@@ -502,7 +486,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
     """The markdown record of every finished run: scores, differences against KD (mean, 95%
     bootstrap interval, Wilcoxon p), wall times, the evaluated checkpoints, dev curves."""
     from srd.eval.evaluate import load_example_scores
-    from srd.report import difference_cell, paired_difference
+    from srd.report import difference_cell, paired_difference, speed_spread
 
     preset = PRESETS[args.preset]
     modes = _modes(preset)

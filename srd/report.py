@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,44 @@ class ReportError(ValueError):
 
 def _read_json(path: Path) -> Any:
     return read_json(path)
+
+
+SPREAD_WARN = 1.4  # a method's speed spread above this makes its seconds unfit for comparison
+
+
+def speed_spread(stage_dirs: list[Path], block: int = 25) -> float | None:
+    """How far the machine's speed moved while these stages trained: the median tokens/s of the
+    fastest block of `block` optimizer steps over the slowest's, across the stages (each stage's
+    first two steps, which load and warm up, left out; tokens/s, so that stages of longer rows
+    compare). About 1.1 on a steady machine; None without a full block."""
+    medians = []
+    for d in stage_dirs:
+        log = StageDir(d).train_log
+        if not log.exists():
+            continue
+        rates = [r for r in (row.get("tokens_per_s") for row in read_jsonl(log)[2:]) if r]
+        medians += [statistics.median(rates[i : i + block]) for i in range(0, len(rates) - block + 1, block)]
+    return max(medians) / min(medians) if medians and min(medians) > 0 else None
+
+
+def run_speed_spread(run: Path) -> float | None:
+    """speed_spread over every stage of a run folder (stages/*)."""
+    stages = RunDir(run).stages
+    return speed_spread(sorted(p for p in stages.iterdir() if p.is_dir())) if stages.is_dir() else None
+
+
+def speed_caveat(run: Path) -> str | None:
+    """A sentence when the machine's speed moved during a run or its KD baseline, else None."""
+    spreads = {"SRD": run_speed_spread(run), "the KD baseline": run_speed_spread(RunDir(run).baseline.path)}
+    moved = {k: v for k, v in spreads.items() if v is not None and v > SPREAD_WARN}
+    if not moved:
+        return None
+    which = ", ".join(f"{v:.1f}x in {k}" for k, v in moved.items())
+    return (
+        f"Timing caveat: the machine's speed moved during the runs (tokens/s of the fastest block of 25 optimizer "
+        f"steps over the slowest: {which}; a steady machine gives about 1.1), so their wall times do not "
+        "compare: rerun both on a machine that nothing else uses, or compare sample passes."
+    )
 
 
 def train_wall_time(run: Path) -> float | None:
@@ -498,6 +537,9 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
             "sample passes).",
             "",
         ]
+    caveat = speed_caveat(run)
+    if caveat:
+        md += [f"**{caveat}**", ""]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(phases) + 1.2))
     ax.barh([k for k, _ in phases][::-1], [v for _, v in phases][::-1], color="tab:orange")
     ax.set_xlabel("wall time (s)")

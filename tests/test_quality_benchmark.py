@@ -393,26 +393,3 @@ def test_the_record_sets_srd_against_each_other_row_directly(tmp_path):
     # a row on a seed the base row lacks is left out of the direct comparison
     del finished[("fkl", "")][2]
     assert "| the control (fkl) | b | 1 | +2.00 |" in "\n".join(quality.versus_table(finished, "greedy", preset))
-
-
-def test_speed_spread_flags_a_machine_whose_speed_moved(tmp_path):
-    """The fastest 25-step block's median tokens/s over the slowest's, across stages, without each
-    stage's first two steps: 1.0 when steady, 2.0 when the second block ran at half the speed, and
-    None without a full block."""
-    quality = _quality_module()
-
-    def stage(name, rates):
-        d = tmp_path / name / "logs"
-        d.mkdir(parents=True)
-        rows = [{"step": i + 1, "elapsed_s": float(i + 1), "tokens_per_s": r} for i, r in enumerate(rates)]
-        (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return tmp_path / name
-
-    warm_up = [1.0, 3.0]  # loading and the first step: left out
-    steady = stage("steady", warm_up + [100.0] * 50)
-    assert quality.speed_spread([steady]) == 1.0
-    slowed = stage("slowed", warm_up + [100.0] * 25 + [50.0] * 25)
-    assert quality.speed_spread([slowed]) == 2.0
-    other = stage("other-stage", warm_up + [80.0] * 30)  # a block of its own, compared across stages
-    assert quality.speed_spread([steady, other]) == 1.25
-    assert quality.speed_spread([stage("short", warm_up + [100.0] * 24)]) is None

@@ -1,4 +1,4 @@
-"""srd report's plots: no empty panel whatever the run logged."""
+"""srd report: no empty plot panel whatever the run logged; the timing caveat when the machine's speed moved."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib.image
 
-from srd.report import _plot_training
+from srd.report import _plot_training, speed_caveat, speed_spread
 
 
 def _stage(run: Path, name: str, evals: list[dict]) -> None:
@@ -38,3 +38,34 @@ def test_training_plot_has_a_dev_panel_only_when_there_is_a_dev_curve(tmp_path):
         widths[case] = _width(plots / "training.png")
     # two panels (loss + dev ROUGE-L, or loss + dev CE when no answers were generated), else one
     assert widths["rouge"] == widths["ce"] > 1.5 * widths["none"]
+
+
+def _rates(run: Path, stage: str, rates: list[float]) -> Path:
+    logs = run / "stages" / stage / "logs"
+    logs.mkdir(parents=True)
+    rows = [{"step": i + 1, "elapsed_s": float(i + 1), "tokens_per_s": r} for i, r in enumerate(rates)]
+    (logs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run / "stages" / stage
+
+
+def test_speed_spread_measures_how_far_the_machine_speed_moved(tmp_path):
+    """The fastest 25-step block's median tokens/s over the slowest's, across stages, each stage's
+    first two steps left out: 1.0 steady, 2.0 when the second block ran at half speed, None
+    without a full block (26 rows: a full block only if the warm-up counted)."""
+    warm_up = [1.0, 3.0]
+    steady = _rates(tmp_path / "a", "stage-1", warm_up + [100.0] * 50)
+    assert speed_spread([steady]) == 1.0
+    assert speed_spread([_rates(tmp_path / "b", "stage-1", warm_up + [100.0] * 25 + [50.0] * 25)]) == 2.0
+    assert speed_spread([steady, _rates(tmp_path / "a", "stage-2", warm_up + [80.0] * 30)]) == 1.25
+    assert speed_spread([_rates(tmp_path / "c", "stage-1", warm_up + [100.0] * 24)]) is None
+
+
+def test_the_timing_caveat_names_the_method_whose_speed_moved(tmp_path):
+    run = tmp_path / "run"
+    _rates(run, "stage-1", [100.0] * 27)
+    _rates(run / "baseline", "baseline", [100.0] * 52)
+    assert speed_caveat(run) is None  # both steady
+    (run / "baseline" / "stages").rename(tmp_path / "steady-baseline")
+    _rates(run / "baseline", "baseline", [100.0] * 27 + [40.0] * 25)
+    caveat = speed_caveat(run)
+    assert caveat is not None and "2.5x in the KD baseline" in caveat and "in SRD" not in caveat

@@ -381,7 +381,7 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     assert "## Comparison" in report and "timing.png" in report and "comparison.png" in report
     assert (run / "report" / "comparison.png").stat().st_size > 0
     out = capsys.readouterr().out
-    assert "report: " in out and "of the KD baseline's training time" in out
+    assert "report: " in out and "of the KD baseline's time" in out
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a finished evaluation was recomputed")

@@ -22,7 +22,7 @@ from srd.config import ConfigError, RunConfig, from_dict, to_dict
 from srd.eval.benchmarks import resolve_benchmark
 from srd.eval.evaluate import check_benchmarks, evaluate_model
 from srd.recipes.pipeline import run_pipeline
-from srd.report import compare_runs, method_label, write_report
+from srd.report import compare_runs, method_label, speed_caveat, write_report
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.utils import atomic_write_json, atomic_write_text
@@ -186,10 +186,15 @@ def _print_headline(cfg: RunConfig, timing: dict[str, Any], report: Path) -> Non
     if comparison.exists():
         print(comparison.read_text(), end="")
     if timing.get("srd_time_fraction"):
+        srd_s = timing["reflection_s"] + timing["train_s"] + timing.get("teacher_cache_s", 0.0)
+        kd_s = timing["baseline_train_s"] + timing.get("baseline_teacher_cache_s", 0.0)
         print(
-            f"\n{cfg.method} took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's training time "
-            f"({timing['reflection_s'] + timing['train_s']:.0f} s incl. reflection {timing['reflection_s']:.0f} s, "
-            f"vs {timing['baseline_train_s']:.0f} s), with {timing['srd_sample_passes']:.0f} vs "
-            f"{timing['baseline_sample_passes']:.0f} sample passes"
+            f"\n{cfg.method} took {100 * timing['srd_time_fraction']:.0f}% of the KD baseline's time "
+            f"({srd_s:.0f} s incl. reflection {timing['reflection_s']:.0f} s, vs {kd_s:.0f} s; teacher rows "
+            f"included), with {timing['srd_sample_passes']:.0f} vs {timing['baseline_sample_passes']:.0f} "
+            "sample passes"
         )
+        caveat = speed_caveat(cfg.run_dir)
+        if caveat:
+            print(caveat)
     print(f"report: {report}")
