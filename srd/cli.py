@@ -251,8 +251,12 @@ def _add_evaluation_commands(sub: Any) -> None:
         "scores, their average, the gain relative to the first run, wall-clock training time and its reduction, "
         "and a Wilcoxon signed-rank test on per-example scores against the first run.",
     )
-    cmp.add_argument("runs", nargs="+", help="run directories (the first is the reference, e.g. the KD baseline)")
-    cmp.add_argument("--eval", default="sampled", help="which eval folder of each run: sampled or greedy")
+    cmp.add_argument(
+        "runs",
+        nargs="+",
+        help="run directories or `srd eval` output folders (the first is the reference, e.g. the KD baseline)",
+    )
+    cmp.add_argument("--eval", default="sampled", help="which eval folder of each run folder: sampled or greedy")
     cmp.add_argument("--out", default=None, help="also write the table to this markdown file")
 
     rep = sub.add_parser(

@@ -68,8 +68,14 @@ def train_wall_time(run: Path) -> float | None:
     return None
 
 
+def _eval_dir(run: Path, eval_name: str) -> Path:
+    """Where a compared run's per-example results are: an `srd eval` output folder itself (it holds
+    summary.json), else the run folder's eval/<eval_name>/."""
+    return Path(run) if (Path(run) / "summary.json").exists() else RunDir(run).eval(eval_name)
+
+
 def _eval_summary(run: Path, eval_name: str) -> dict[str, Any]:
-    path = RunDir(run).eval(eval_name) / "summary.json"
+    path = _eval_dir(run, eval_name) / "summary.json"
     if not Path(run).is_dir():
         raise ReportError(f"{run} is not a folder: name a run folder (output_dir/name) or an srd eval output folder")
     if not path.exists():
@@ -133,11 +139,37 @@ def difference_cell(d: dict[str, Any]) -> str:
     return f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], p = {d['p']:.2g}, {words}"
 
 
+def _short_names(paths: list[Path]) -> list[str]:
+    """Each folder's name, with as many parent folders as it takes to tell them apart
+    (runs/a/eval/greedy and runs/b/eval/greedy: a/eval/greedy and b/eval/greedy)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
 def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[str] | None = None) -> str:
     """Markdown: scores per benchmark, average, gain and time reduction vs the first run, p-values."""
     summaries = [_eval_summary(r, eval_name) for r in runs]
     benches = list(dict.fromkeys(b for s in summaries for b in s["benchmarks"]))
-    names = labels or [r.name for r in runs]
+    names = labels or _short_names(runs)
+    for b in benches:  # one decoding per benchmark, or the table would set unlike scores side by side
+        seen = {
+            name: (s["benchmarks"][b].get("sampling"), s["benchmarks"][b].get("max_new_tokens"))
+            for name, s in zip(names, summaries)
+            if b in s["benchmarks"]
+        }
+        if len(set(seen.values())) > 1:
+            how = "; ".join(
+                f"{n}: {'sampled' if sampled else 'greedy'}, {tokens} new tokens"
+                for n, (sampled, tokens) in seen.items()
+            )
+            raise ReportError(
+                f"{b} was decoded differently in the compared runs ({how}): compare evaluations made with the same "
+                "decoding (srd eval --greedy or --seeds, --max-new-tokens)"
+            )
     ref = runs[0]
     ref_avg: float | None = None
     ref_time = train_wall_time(ref)
@@ -169,11 +201,11 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
         "| run | " + " | ".join(benches) + " |",
         "|" + "---|" * (len(benches) + 1),
     ]
-    ref_eval = RunDir(ref).eval(eval_name)
+    ref_eval = _eval_dir(ref, eval_name)
     for run, name in zip(runs[1:], names[1:]):
         cells = []
         for b in benches:
-            a, c = load_example_scores(ref_eval, b), load_example_scores(RunDir(run).eval(eval_name), b)
+            a, c = load_example_scores(ref_eval, b), load_example_scores(_eval_dir(run, eval_name), b)
             d = paired_difference(a, c)
             cells.append(f"{difference_cell(d)} (n = {d['n']})" if d["n"] else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -429,3 +429,30 @@ def test_eval_takes_config_keys_like_the_other_commands(tmp_path, tiny_models, s
     ]
     assert len(answers[0]) == 2 and answers[0] == answers[1] == answers[2]
     assert main(["eval", spec, "eval.nope=1", "--out", str(tmp_path / "bad")]) == 2
+
+
+def _eval_output(folder, sampling: bool, scores: dict[str, float]):
+    """An `srd eval` output folder: summary.json and one benchmark's per-example file."""
+    (folder / "dolly-eval").mkdir(parents=True)
+    name = "seed-10.jsonl" if sampling else "greedy.jsonl"
+    rows = [{"id": k, "prediction": "x", "score": v} for k, v in scores.items()]
+    (folder / "dolly-eval" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mean = sum(scores.values()) / len(scores)
+    bench = {"data": "dolly-eval", "mean": mean, "n": len(scores), "sampling": sampling, "max_new_tokens": 128}
+    (folder / "summary.json").write_text(json.dumps({"benchmarks": {"dolly-eval": bench}}))
+    return folder
+
+
+def test_compare_takes_srd_eval_output_folders_and_refuses_unlike_decodings(tmp_path, capsys):
+    """`srd eval MODEL --out DIR` folders compare directly (two folders of one name are told apart
+    by their parents); a greedy folder set against a sampled one is refused, not tabled."""
+    ids = [f"r{i}" for i in range(12)]
+    a = _eval_output(tmp_path / "a" / "sampled", True, {k: 10.0 + i for i, k in enumerate(ids)})
+    b = _eval_output(tmp_path / "b" / "sampled", True, {k: 12.0 + i for i, k in enumerate(ids)})
+    assert main(["compare", str(a), str(b)]) == 0
+    table = capsys.readouterr().out
+    assert "| a/sampled | 15.50 |" in table and "| b/sampled | +2.00 [+2.00, +2.00]" in table
+    greedy = _eval_output(tmp_path / "c" / "greedy", False, {k: 11.0 for k in ids})
+    assert main(["compare", str(a), str(greedy)]) == 2
+    err = capsys.readouterr().err
+    assert "dolly-eval was decoded differently" in err and "(sampled: sampled, 128 new tokens; greedy: greedy" in err
