@@ -935,8 +935,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     if not args.report_only:
+        import torch
+
         from srd.config import load_config
         from srd.recipes.experiment import run_experiment
+        from srd.utils import tune_cpu_allocator
+
+        if not torch.cuda.is_available():  # as the srd CLI does (SRD_CPU_MALLOC=0: glibc's default)
+            tune_cpu_allocator()
 
         progress = not args.no_progress
         for (name, o), (_, _, _, variant) in zip(commands, runs):
