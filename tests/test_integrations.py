@@ -466,6 +466,41 @@ def test_attach_refuses_what_would_silently_break_the_plan(tmp_path, tiny_models
         Curriculum.from_reflected(reflected, curriculum=_CURRICULUM)
 
 
+def test_rows_per_step_counts_what_one_optimizer_step_reads():
+    """Per-device batch x DataParallel GPUs x accumulation x data-parallel processes; under
+    split_batches one batch is split among the processes; tensor parallelism leaves fewer
+    processes reading rows."""
+    from types import SimpleNamespace as NS
+
+    from srd.integrations.hf import data_parallel_size, rows_per_step
+
+    base = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3, "world_size": 4, "n_gpu": 1}
+    assert rows_per_step(NS(**base)) == 24
+    assert rows_per_step(NS(**{**base, "world_size": 1, "n_gpu": 2})) == 12  # one process driving two GPUs
+    assert rows_per_step(NS(**base, accelerator_config=NS(split_batches=True))) == 6
+    assert rows_per_step(NS(**base), data_parallel=2) == 12
+
+    class TensorParallel:
+        args = NS(**base)
+
+        def get_tp_size(self):
+            return 2
+
+    assert data_parallel_size(TensorParallel()) == 2
+
+
+def test_attach_refuses_a_plan_for_the_processes_that_do_not_read_rows(tmp_path, tiny_models, reflected_tiny,
+                                                                      monkeypatch):  # fmt: skip
+    """A plan from the trainer's arguments counts every process; with model parallelism only
+    the data-parallel ones read rows, and attach says which batch_size to build for."""
+    import srd.integrations.hf as hf
+
+    tok, reflected, cur = reflected_tiny
+    monkeypatch.setattr(hf, "data_parallel_size", lambda trainer: 2)
+    with pytest.raises(ValueError, match="consumes 4 .*x 2 processes.*batch_size=4 .*leaves 2 of 1 processes"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
+
+
 @pytest.mark.parametrize(
     "change,words",
     [

@@ -558,11 +558,29 @@ class Curriculum:
         return cb
 
 
-def rows_per_step(args: Any) -> int:
+def rows_per_step(args: Any, data_parallel: int | None = None) -> int:
     """Rows one optimizer step consumes over all processes, from a trainer's arguments:
-    per-device batch x gradient accumulation x number of processes."""
-    world = int(getattr(args, "world_size", 1) or 1)
-    return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * world
+    per-device batch x the GPUs one process drives (DataParallel, `n_gpu`) x gradient
+    accumulation x the data-parallel processes (`data_parallel`, default all of `world_size`:
+    a trainer with tensor, context or sequence parallelism has fewer, data_parallel_size). Under
+    accelerate's `split_batches` the per-device batch is the whole batch, split among the
+    processes, so the processes do not multiply it."""
+    world = int(getattr(args, "world_size", 1) or 1) if data_parallel is None else data_parallel
+    n_gpu = max(1, int(getattr(args, "n_gpu", 1) or 1))
+    per_process = int(args.per_device_train_batch_size) * n_gpu * int(args.gradient_accumulation_steps)
+    split = bool(getattr(getattr(args, "accelerator_config", None), "split_batches", False))
+    return per_process if split else per_process * world
+
+
+def data_parallel_size(trainer: Any) -> int:
+    """The processes that each read their own rows: world_size over the trainer's tensor, context
+    and sequence parallel sizes (transformers' Trainer.get_tp_size / get_cp_size / get_sp_size)."""
+    world = int(getattr(trainer.args, "world_size", 1) or 1)
+    for name in ("get_tp_size", "get_cp_size", "get_sp_size"):
+        size = getattr(trainer, name, None)
+        if callable(size):
+            world //= max(1, int(size()))
+    return max(1, world)
 
 
 def _check_applicable(c: CurriculumConfig) -> None:
@@ -601,13 +619,26 @@ def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
     on resume the wrong way, or log a tau or alpha its loss never reads."""
     check_sequential(trainer)
     args, name = trainer.args, type(trainer).__name__
-    rows = rows_per_step(args)
+    data_parallel = data_parallel_size(trainer)
+    rows = rows_per_step(args, data_parallel)
     if rows != curriculum.batch_size:
+        n_gpu = max(1, int(getattr(args, "n_gpu", 1) or 1))
+        split = bool(getattr(getattr(args, "accelerator_config", None), "split_batches", False))
+        how = (
+            f"per_device_train_batch_size {args.per_device_train_batch_size}"
+            + (f" x {n_gpu} GPUs of DataParallel" if n_gpu > 1 else "")
+            + f" x gradient_accumulation_steps {args.gradient_accumulation_steps}"
+            + (" (split_batches: one batch split among the processes)" if split else f" x {data_parallel} processes")
+        )
+        fix = (
+            "build it with Curriculum.from_reflected(..., args=trainer.args)"
+            if rows == rows_per_step(args)
+            else f"build it with batch_size={rows} (its tensor, context or sequence parallelism leaves "
+            f"{data_parallel} of {getattr(args, 'world_size', 1)} processes reading rows)"
+        )
         raise ValueError(
             f"the curriculum was planned for {curriculum.batch_size} rows per optimizer step, and this trainer "
-            f"consumes {rows} (per_device_train_batch_size {args.per_device_train_batch_size} x "
-            f"gradient_accumulation_steps {args.gradient_accumulation_steps} x {getattr(args, 'world_size', 1)} "
-            "processes): build it with Curriculum.from_reflected(..., args=trainer.args)"
+            f"consumes {rows} ({how}): {fix}"
         )
     if args.max_steps is not None and args.max_steps > 0 and args.max_steps != curriculum.total_steps:
         raise ValueError(
