@@ -257,7 +257,11 @@ def _add_evaluation_commands(sub: Any) -> None:
         help="run directories or `srd eval` output folders (the first is the reference, e.g. the KD baseline)",
     )
     cmp.add_argument("--eval", default="sampled", help="which eval folder of each run folder: sampled or greedy")
-    cmp.add_argument("--out", default=None, help="also write the table to this markdown file")
+    cmp.add_argument(
+        "--out",
+        default=None,
+        help="also write the table to this markdown file (a new one, or one srd compare wrote before)",
+    )
 
     rep = sub.add_parser(
         "report",
@@ -453,9 +457,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         table = compare_runs([Path(r) for r in args.runs], eval_name=args.eval)
         print(table, end="")
         if args.out:
-            from srd.utils import atomic_write_text
+            from srd.report import write_comparison_file
 
-            atomic_write_text(args.out, table)
+            write_comparison_file(Path(args.out), table)
         return 0
     if args.command == "report":
         from srd.report import write_report

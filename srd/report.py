@@ -212,6 +212,26 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
     return "\n".join(lines) + "\n"
 
 
+COMPARISON_MARK = "<!-- written by srd compare -->"
+
+
+def write_comparison_file(path: Path, table: str) -> None:
+    """`srd compare --out`: write the table to a new file, or replace one that srd compare wrote
+    (it begins with COMPARISON_MARK); any other file is the user's and is refused, untouched."""
+    path = Path(path)
+    if path.is_dir():
+        raise ReportError(f"{path} is a folder: give --out a file name, e.g. {path / 'comparison.md'}")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(len(COMPARISON_MARK.encode()))
+        if head != COMPARISON_MARK.encode():
+            raise ReportError(
+                f"{path} already exists and srd compare did not write it: choose another --out "
+                "(srd replaces only a table it wrote)"
+            )
+    atomic_write_text(path, f"{COMPARISON_MARK}\n{table}")
+
+
 def length_table(models: list[tuple[str, Any]], examples: dict[str, list[Any]]) -> list[str]:
     """Markdown: for every (label, eval folder or folders, one per training seed) model, per
     benchmark of `examples` (name -> its rows), the mean answer words against the mean reference

@@ -65,7 +65,7 @@ def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F81
     assert main(["compare", str(kd), str(srd), "--out", str(tmp_path / "table.md")]) == 0
     table = capsys.readouterr().out
     assert "| run | dev | gsm8k | average |" in table and "Wilcoxon" in table and "p = " in table
-    assert (tmp_path / "table.md").read_text() == table
+    assert (tmp_path / "table.md").read_text() == "<!-- written by srd compare -->\n" + table
     assert main(["report", str(srd)]) == 0
     report = (srd / "report.md").read_text()
     for png in ("reflection_scores.png", "stage_sizes.png", "training.png", "schedule.png", "eval_sampled.png"):
@@ -456,3 +456,24 @@ def test_compare_takes_srd_eval_output_folders_and_refuses_unlike_decodings(tmp_
     assert main(["compare", str(a), str(greedy)]) == 2
     err = capsys.readouterr().err
     assert "dolly-eval was decoded differently" in err and "(sampled: sampled, 128 new tokens; greedy: greedy" in err
+
+
+def test_compare_out_replaces_only_a_table_it_wrote(tmp_path, capsys):
+    """--out writes a new file and replaces its own table on a rerun; a file of the user's at that
+    path (or a folder) is refused in one line and left as it was."""
+    ids = [f"r{i}" for i in range(6)]
+    a = _eval_output(tmp_path / "a", True, {k: 10.0 + i for i, k in enumerate(ids)})
+    b = _eval_output(tmp_path / "b", True, {k: 11.0 + i for i, k in enumerate(ids)})
+    out = tmp_path / "table.md"
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    assert main(["compare", str(b), str(a), "--out", str(out)]) == 0  # its own table: replaced
+    assert out.read_text().splitlines()[3].startswith("| b | 13.50 |")  # b first now
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--out", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.md already exists and srd compare did not write it" in err and len(err.strip().splitlines()) == 1
+    assert notes.read_text() == "my notes\n"
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
