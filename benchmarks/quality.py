@@ -486,7 +486,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
     """The markdown record of every finished run: scores, differences against KD (mean, 95%
     bootstrap interval, Wilcoxon p), wall times, the evaluated checkpoints, dev curves."""
     from srd.eval.evaluate import load_example_scores
-    from srd.report import difference_cell, paired_difference, speed_spread
+    from srd.report import difference_cell, paired_difference, run_speed_spread
 
     preset = PRESETS[args.preset]
     modes = _modes(preset)
@@ -551,10 +551,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         kd_steps = step_seconds([base / "baseline" / "stages" / "baseline"])
         if any(srd_stages) and kd_steps:
             (srd_cell, srd_s), (kd_cell, kd_s) = median_steps(srd_stages), median_steps([kd_steps])
-            spreads = [
-                speed_spread(sorted((run / "stages").glob("stage-*"))),
-                speed_spread([base / "baseline" / "stages" / "baseline"]),
-            ]
+            spreads = [run_speed_spread(run), run_speed_spread(base / "baseline")]
             spread = " / ".join("-" if x is None else f"{x:.2f}" for x in spreads)
             steps.append(f"| {run_label} | {srd_cell} | {kd_cell} | {100 * srd_s / kd_s:.0f}% | {spread} |")
         srd_dev, kd_dev = t.get("dev_eval_s"), t.get("baseline_dev_eval_s")

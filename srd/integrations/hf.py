@@ -566,10 +566,18 @@ def rows_per_step(args: Any, data_parallel: int | None = None) -> int:
     accelerate's `split_batches` the per-device batch is the whole batch, split among the
     processes, so the processes do not multiply it."""
     world = int(getattr(args, "world_size", 1) or 1) if data_parallel is None else data_parallel
-    n_gpu = max(1, int(getattr(args, "n_gpu", 1) or 1))
-    per_process = int(args.per_device_train_batch_size) * n_gpu * int(args.gradient_accumulation_steps)
-    split = bool(getattr(getattr(args, "accelerator_config", None), "split_batches", False))
-    return per_process if split else per_process * world
+    per_process = int(args.per_device_train_batch_size) * _n_gpu(args) * int(args.gradient_accumulation_steps)
+    return per_process if _split_batches(args) else per_process * world
+
+
+def _n_gpu(args: Any) -> int:
+    """GPUs one process drives (DataParallel); 1 on a CPU."""
+    return max(1, int(getattr(args, "n_gpu", 1) or 1))
+
+
+def _split_batches(args: Any) -> bool:
+    """accelerate's split_batches: the processes share one batch instead of each reading its own."""
+    return bool(getattr(getattr(args, "accelerator_config", None), "split_batches", False))
 
 
 def data_parallel_size(trainer: Any) -> int:
@@ -622,13 +630,16 @@ def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
     data_parallel = data_parallel_size(trainer)
     rows = rows_per_step(args, data_parallel)
     if rows != curriculum.batch_size:
-        n_gpu = max(1, int(getattr(args, "n_gpu", 1) or 1))
-        split = bool(getattr(getattr(args, "accelerator_config", None), "split_batches", False))
+        n_gpu = _n_gpu(args)
         how = (
             f"per_device_train_batch_size {args.per_device_train_batch_size}"
             + (f" x {n_gpu} GPUs of DataParallel" if n_gpu > 1 else "")
             + f" x gradient_accumulation_steps {args.gradient_accumulation_steps}"
-            + (" (split_batches: one batch split among the processes)" if split else f" x {data_parallel} processes")
+            + (
+                " (split_batches: one batch split among the processes)"
+                if _split_batches(args)
+                else f" x {data_parallel} processes"
+            )
         )
         fix = (
             "build it with Curriculum.from_reflected(..., args=trainer.args)"
