@@ -235,21 +235,27 @@ def write_comparison_file(path: Path, table: str) -> None:
 def length_table(models: list[tuple[str, Any]], examples: dict[str, list[Any]]) -> list[str]:
     """Markdown: for every (label, eval folder or folders, one per training seed) model, per
     benchmark of `examples` (name -> its rows), the mean answer words against the mean reference
-    words on the same rows, their ratio, and the share of answers shorter than their reference."""
+    words on the same rows, their ratio, the share of answers shorter than their reference, the
+    median answer words and the share of answers that loop until the token limit (a few such
+    answers move a mean; the median shows whether the typical answer changed)."""
     from srd.eval.breakdown import length_summary
 
     benches = list(examples)
     lines = [
-        "| model | " + " | ".join(f"{b}: answer / reference words (ratio, shorter)" for b in benches) + " |",
+        "| model | "
+        + " | ".join(f"{b}: answer / reference words (ratio, shorter; median answer, looping)" for b in benches)
+        + " |",
         "|---|" + "---|" * len(benches),
     ]
     for label, folder in models:
         cells = []
         for b in benches:
             s = length_summary(folder, b, examples[b])
-            share = f"{100 * s['shorter_share']:.0f}%" if s["n"] else ""
             cells.append(
-                f"{s['answer_words']:.1f} / {s['reference_words']:.1f} ({s['ratio']:.2f}, {share})" if s["n"] else "-"
+                f"{s['answer_words']:.1f} / {s['reference_words']:.1f} ({s['ratio']:.2f}, "
+                f"{100 * s['shorter_share']:.0f}%; {s['median_answer_words']:.0f}, {100 * s['loop_share']:.0f}%)"
+                if s["n"]
+                else "-"
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines

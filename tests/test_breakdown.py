@@ -15,6 +15,7 @@ from srd.eval.breakdown import (
     example_scores,
     groups,
     length_summary,
+    loops,
 )
 from srd.report import breakdown_table, length_table
 
@@ -89,5 +90,28 @@ def test_breakdown_pairs_each_group_and_the_tables_show_it(tmp_path):
     line = next(x for x in table if x.startswith("| topic open_qa |"))
     assert "| 2 | 12 | 20.00 (5) | -10.00 [-10.00, -10.00]" in line and line.endswith("(40) |")
     lengths = length_table([("KD", kd), ("SRD", [srd])], {"b": EXAMPLES})
-    assert lengths[2] == "| KD | 5.0 / 43.2 (0.12, 75%) |"
-    assert lengths[3] == "| SRD | 40.0 / 43.2 (0.92, 50%) |"
+    assert lengths[2] == "| KD | 5.0 / 43.2 (0.12, 75%; 5, 0%) |"
+    assert lengths[3] == "| SRD | 40.0 / 43.2 (0.92, 50%; 40, 100%) |"  # 40 x "w": one distinct 4-gram
+
+
+def test_looping_answers_and_the_median_length(tmp_path):
+    loop = "1. The fish are a type of animal. " + " ".join(f"{i}. The fish are a type of animal." for i in range(2, 9))
+    prose = "Camels store fat in their humps and can drink a great deal of water at once when they find it."
+    assert loops(loop) and not loops(prose)
+    assert not loops("a a a a a a a a a a a")  # 11 words: too short to call a loop
+    assert loops(" ".join(["a"] * 12))
+    # one seed loops on row d (64 words), the other answers it in one: d's words are their mean, 32.5
+    folder = _eval(
+        tmp_path / "m",
+        "b",
+        {
+            "a": [("x", 0.0), ("x", 0.0)],
+            "b": [("x y", 0.0), ("x y", 0.0)],
+            "c": [(prose, 0.0), (prose, 0.0)],
+            "d": [(loop, 0.0), ("x", 0.0)],
+        },
+    )
+    s = length_summary(folder, "b", EXAMPLES)
+    assert s["loop_share"] == pytest.approx(1 / 8)  # one answer of eight
+    assert s["median_answer_words"] == pytest.approx((2 + 20) / 2)  # rows: 1, 2, 20, 32.5 words
+    assert s["answer_words"] == pytest.approx((1 + 2 + 20 + 32.5) / 4)  # the loop pulls the mean up

@@ -9,7 +9,8 @@ prediction, score) next to the benchmark's rows and splits them:
     example_scores(eval_dirs, bench)   per-example score averaged over decoding and training seeds
     groups(examples)                   example id -> its groups: all, reference-length bucket,
                                        and the row's `topic` / `category` where the data has one
-    length_summary(...)                per model: mean answer words against the references'
+    length_summary(...)                per model: mean and median answer words against the
+                                       references', and the share of answers caught in a loop
     breakdown(...)                     per group: both models' mean score and answer words, and
                                        their per-example scores for a paired test
 
@@ -36,8 +37,25 @@ MAX_TOPICS = 12
 LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((0, 10), (11, 30), (31, 80), (81, None))
 
 
+# an answer "loops" when fewer than this share of its word 4-grams are distinct (at least
+# LOOP_MIN_WORDS words): it repeats itself until the token limit cuts it, so its length says how
+# long the limit is, not how long the model meant to write. Such answers pull a mean length up
+# (on DollyEval a KD student's looping answers are 1 in 6 and about three times the median length)
+LOOP_DISTINCT = 0.6
+LOOP_MIN_WORDS = 12
+
+
 def words(text: str) -> int:
     return len(text.split())
+
+
+def loops(text: str) -> bool:
+    """Whether an answer repeats itself: fewer than LOOP_DISTINCT of its word 4-grams distinct."""
+    w = text.split()
+    if len(w) < LOOP_MIN_WORDS:
+        return False
+    grams = [tuple(w[i : i + 4]) for i in range(len(w) - 3)]
+    return len(set(grams)) < LOOP_DISTINCT * len(grams)
 
 
 def bucket_label(n_words: int) -> str:
@@ -104,19 +122,24 @@ def groups(examples: Sequence[Example]) -> dict[str, list[str]]:
 
 def length_summary(eval_dir: Path | Sequence[Path], bench: str, examples: Sequence[Example]) -> dict[str, float]:
     """One model on one benchmark: mean answer words, mean reference words (over the same rows),
-    their ratio, and the share of answers shorter than their reference."""
+    their ratio, the share of answers shorter than their reference, the median answer words (each
+    row's answer words averaged over the seeds first), and the share of all answers (every seed's)
+    that loop (`loops`)."""
     answers = answer_words(eval_dir, bench)
     refs = {ex.id: reference_words(ex) for ex in examples if ex.id in answers}
     if not refs:
         return {"n": 0}
     mean_answer = statistics.fmean(answers[i] for i in refs)
     mean_ref = statistics.fmean(refs.values())
+    texts = [row.get("prediction", "") for f in _folders(eval_dir) for row in _rows(f, bench) if row["id"] in refs]
     return {
         "n": len(refs),
         "answer_words": mean_answer,
+        "median_answer_words": statistics.median(answers[i] for i in refs),
         "reference_words": mean_ref,
         "ratio": mean_answer / mean_ref if mean_ref else float("nan"),
         "shorter_share": sum(answers[i] < refs[i] for i in refs) / len(refs),
+        "loop_share": sum(map(loops, texts)) / len(texts),
     }
 
 
