@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,6 +312,25 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     before = {p: p.read_text() for p in logs}
     assert quality.main(args) == 0
     assert {p: p.read_text() for p in sorted(out.glob("**/logs/train.jsonl"))} == before
+    # dev_choice.py decodes each row's best checkpoint on the dev rows again: the same scores the
+    # runs logged, kept per model, and a paired test of each row against the first
+    spec = importlib.util.spec_from_file_location("dev_choice_bench", ROOT / "benchmarks" / "dev_choice.py")
+    dev_choice = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev_choice)
+    choice = tmp_path / "dev-choice.md"
+    rows = ["--rows", "paper", "kd", "lambda1", "kdrise", "tau2"]
+    argv = ["--out", str(out), "--preset", "paper-cpu", *rows, "--seeds", "42", "--record", str(choice)]
+    assert dev_choice.main(argv) == 0
+    text = choice.read_text()
+    assert "Fidelity: 4 of 4 decoded means equal the logged best dev score" in text
+    assert "| tau2 | - | - | - | - |" in text  # never run: left out, not an error
+    assert re.search(r"\| kd \| 42 \| [+-]\d+\.\d\d \[", text) and "`paper` stays" in text
+    kept = sorted(p.name for p in (out / "dev-rows").iterdir())
+    assert kept == sorted(f"{n}-greedy.json" for n in [names[0], f"{names[0]}-kd", names[1], control.name])
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "dev-rows").iterdir()}
+    assert dev_choice.main(argv) == 0 and {p: p.stat().st_mtime_ns for p in (out / "dev-rows").iterdir()} == mtimes
+    with pytest.raises(SystemExit, match="--rows nope: not a row of preset paper-cpu"):
+        dev_choice.main(["--out", str(out), "--preset", "paper-cpu", "--rows", "paper", "nope", "--seeds", "42"])
 
 
 def test_trl_quality_compares_trl_alone_with_trl_plus_srd(tmp_path, tiny_models):

@@ -1,0 +1,226 @@
+"""Choose between rows of a quality table on dev data only, over training seeds.
+
+A run's log keeps only its mean dev ROUGE-L, and on 200 dev rows two checkpoints less than about
+0.5-0.7 apart are not ranked by it (benchmarks/dev_noise.py). This script decodes every finished
+row's best checkpoint on the dev rows again, the way the run's dev evaluation did (its config: dev
+set and rows, prompt template, generation settings and precision, greedy, the decode loop), keeps
+each dev row's score, and tests each row against a reference row with both sources of variance:
+per-row scores averaged over the training seeds both rows finished, paired (mean difference, 95%
+bootstrap interval, Wilcoxon p), and the sign of the mean difference seed by seed.
+
+    python benchmarks/dev_choice.py --out runs/quality-paper-cpu --preset paper-cpu \\
+        --rows paper kd kdtau2 cegap strat --seeds 42 7 1
+
+Rows: `kd` (the base run's KD baseline), `paper` (the base run's SRD, the preset's own settings)
+and the preset's variant names. The first row is the reference. Rule printed with the table: a row
+replaces the reference only if it is ahead with p < 0.05 and on every seed. Decoded scores are
+kept in <out>/dev-rows/ (one file per model, keyed on its weights file's size and time), so a
+rerun after another seed finishes decodes only the new models. `--sampled-seeds` scores each dev
+row by its mean over sampled answers at T = 1 instead (a dev score closer to the paper's test
+protocol; these are still the checkpoints the greedy dev score chose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import PRESETS, run_names  # noqa: E402
+
+
+def best_checkpoint(run: Path, kd: bool) -> tuple[Path, float] | None:
+    """(best checkpoint folder, its logged dev ROUGE-L) of a finished run (kd: its KD baseline), or None."""
+    results = run / "baseline" / "results.json" if kd else run / "results.json"
+    if not results.exists():
+        return None
+    r = json.loads(results.read_text())
+    best = r.get("best_checkpoint") or {}
+    if not r.get("complete") or not best.get("model"):
+        return None
+    # the path was written relative to the folder the run started in: take it from the run's name on
+    model = Path(best["model"])
+    parts = model.parts
+    if run.name in parts:
+        model = run.joinpath(*parts[parts.index(run.name) + 1 :])
+    return model, float(best["dev_rougeL"])
+
+
+def _weights_key(model: Path) -> str:
+    files = sorted(model.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{model}: no *.safetensors weights (a finished run's best checkpoint has them)")
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int]) -> list[float]:
+    """Each dev row's ROUGE-L (x100) as the run's dev evaluation computes it; with sampled seeds,
+    each row's mean over one sampled answer per seed."""
+    import torch
+
+    from srd.data.prompts import encode_prompt
+    from srd.data.sources import load_examples
+    from srd.generation.decode import generate_responses, row_seeds
+    from srd.generation.decoding import Decoding
+    from srd.metrics.text import rouge_l
+    from srd.models import load_model, load_tokenizer
+    from srd.models.load import cast_for_inference, inference_dtype_of
+
+    dev = load_examples(cfg.data.dev, limit=cfg.data.dev_limit, data_dir=cfg.data.data_dir)
+    dev = dev[: min(cfg.dev_eval.num_examples, len(dev))]
+    dtype = inference_dtype_of(cfg.generation.dtype, bf16_training=cfg.train.precision == "bf16")
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), dtype=torch.float32).eval()
+    prompts = [encode_prompt(tokenizer, ex, cfg.data.prompt_format, cfg.data.max_prompt_len) for ex in dev]
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sampled_seeds else {}
+    decoding = Decoding.of(
+        cfg.generation, max_new_tokens=cfg.dev_eval.max_new_tokens, backend="loop", **{"do_sample": False, **sampling}
+    )
+    per_seed = []
+    with cast_for_inference(model, dtype):
+        for seed in sampled_seeds or [None]:
+            seeds = None if seed is None else row_seeds(seed, len(dev))
+            answers = generate_responses(model, tokenizer, prompts, decoding, seeds=seeds)
+            per_seed.append([rouge_l(a, ex.references) for a, ex in zip(answers, dev)])
+    return [statistics.fmean(col) for col in zip(*per_seed)]
+
+
+def cached_scores(cache: Path, cfg: Any, model: Path, sampled_seeds: list[int]) -> tuple[list[float], bool]:
+    """(per-row dev scores, whether they were decoded now), from <cache> when the same weights and
+    setting were decoded before."""
+    from srd.utils import atomic_write_text
+
+    key = {"weights": _weights_key(model), "sampled_seeds": sampled_seeds, "dev": cfg.data.dev}
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return kept["scores"], False
+    scores = dev_scores(cfg, model, sampled_seeds)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache, json.dumps({"model": str(model), "key": key, "scores": scores}) + "\n")
+    return scores, True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the quality runs' folder (quality.py --out)")
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--rows", nargs="+", required=True, help="kd, paper, or variant names; the first is the reference")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds")
+    p.add_argument("--divergence", default="fkl")
+    p.add_argument("--sampled-seeds", type=int, nargs="*", default=[], help="score dev rows sampled at T = 1")
+    p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
+    args = p.parse_args(argv)
+
+    from benchmarks.common import header, save_record
+    from srd.config import load_config
+    from srd.report import difference_cell, paired_difference
+
+    preset = PRESETS[args.preset]
+    out = Path(args.out)
+    known = {"kd", "paper", *(v for v in preset.get("variants", {}) if v)}
+    for row in args.rows:
+        if row not in known:
+            raise SystemExit(f"--rows {row}: not a row of preset {args.preset} (rows: {', '.join(sorted(known))})")
+    base_cfg = out / run_names(args.preset, [args.divergence], [args.seeds[0]])[0][0] / "config.yaml"
+    if not base_cfg.exists():
+        raise SystemExit(f"{base_cfg} not found: --out must hold the base run of seed {args.seeds[0]}")
+    cfg = load_config(base_cfg)
+    setting = (
+        f"sampled at T = 1, each dev row's mean over seeds {args.sampled_seeds}" if args.sampled_seeds else "greedy"
+    )
+
+    per: dict[str, dict[int, dict[str, float]]] = {}  # row -> seed -> {dev row index: score}
+    logged: dict[str, dict[int, float]] = {}
+    decoded: dict[str, dict[int, float]] = {}
+    t0 = time.perf_counter()
+    for row in args.rows:
+        variant = "" if row in ("kd", "paper") else row
+        for seed in args.seeds:
+            name = run_names(args.preset, [args.divergence], [seed], [variant])[0][0]
+            found = best_checkpoint(out / name, kd=row == "kd")
+            if found is None:
+                print(f"{row}, seed {seed}: {out / name} not finished, left out", flush=True)
+                continue
+            model, dev = found
+            tag = "sampled-" + "-".join(map(str, args.sampled_seeds)) if args.sampled_seeds else "greedy"
+            cache = out / "dev-rows" / f"{name}{'-kd' if row == 'kd' else ''}-{tag}.json"
+            scores, new = cached_scores(cache, cfg, model, args.sampled_seeds)
+            per.setdefault(row, {})[seed] = {str(i): s for i, s in enumerate(scores)}
+            logged.setdefault(row, {})[seed] = dev
+            decoded.setdefault(row, {})[seed] = statistics.fmean(scores)
+            print(
+                f"{row}, seed {seed}: {decoded[row][seed]:.2f} (logged {dev:.2f}){' decoded now' if new else ''}",
+                flush=True,
+            )
+    if args.rows[0] not in per:
+        raise SystemExit(f"the reference row {args.rows[0]} has no finished seed in {out}")
+
+    ref = args.rows[0]
+    lines = header("Choosing on dev, over training seeds") + [
+        f"Runs in `{out}` (preset `{args.preset}`, {args.divergence}); dev: {cfg.dev_eval.num_examples} rows of "
+        f"`{cfg.data.dev}`, at most {cfg.dev_eval.max_new_tokens} new tokens, {setting}. Each row's best "
+        "checkpoint (chosen by the run's greedy dev ROUGE-L) decoded again; ROUGE-L x100.",
+        "",
+        "| row | " + " | ".join(f"seed {s}: decoded (logged best)" for s in args.seeds) + " | mean over seeds |",
+        "|---|" + "---|" * (len(args.seeds) + 1),
+    ]
+    for row in args.rows:
+        cells = [
+            f"{decoded[row][s]:.2f} ({logged[row][s]:.2f})" if s in decoded.get(row, {}) else "-" for s in args.seeds
+        ]
+        mean = f"{statistics.fmean(decoded[row].values()):.2f}" if row in decoded else "-"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} |")
+    lines += [
+        "",
+        f"Each row minus `{ref}` on the seeds both finished: per dev row, the mean over those seeds; paired over "
+        "the dev rows (mean difference [95% bootstrap interval], two-sided Wilcoxon p); then the sign seed by seed.",
+        "",
+        "| row | seeds | paired, seeds pooled | minus the reference, seed by seed | same sign |",
+        "|---|---|---|---|---|",
+    ]
+    chosen = []
+    for row in args.rows[1:]:
+        seeds = [s for s in args.seeds if s in per.get(row, {}) and s in per[ref]]
+        if not seeds:
+            lines.append(f"| {row} | - | - | - | - |")
+            continue
+        pooled = {i: {r: statistics.fmean(per[r][s][i] for s in seeds) for r in (ref, row)} for i in per[ref][seeds[0]]}
+        d = paired_difference({i: v[ref] for i, v in pooled.items()}, {i: v[row] for i, v in pooled.items()})
+        by_seed = [decoded[row][s] - decoded[ref][s] for s in seeds]
+        same = sum((x > 0) == (d["diff"] > 0) and x != 0 for x in by_seed)
+        lines.append(
+            f"| {row} | {', '.join(map(str, seeds))} | {difference_cell(d)} | "
+            + ", ".join(f"{x:+.2f}" for x in by_seed)
+            + f" | {same} of {len(seeds)} |"
+        )
+        if d["significant"] and d["diff"] > 0 and same == len(seeds):
+            chosen.append(row)
+    match = sum(abs(decoded[r][s] - logged[r][s]) < 0.005 for r in decoded for s in decoded[r])
+    total = sum(len(v) for v in decoded.values())
+    lines += [
+        "",
+        f"Rule: a row replaces `{ref}` only if it is ahead with p < 0.05 and on every seed. "
+        + (f"Chosen: {', '.join(chosen)}." if chosen else f"No row meets it: `{ref}` stays."),
+        "",
+        f"Fidelity: {match} of {total} decoded means equal the logged best dev score to 0.01"
+        + (
+            " (greedy: the same answers the run's dev evaluation gave)."
+            if not args.sampled_seeds
+            else " (sampled: not expected to)."
+        ),
+        f"Decoding took {time.perf_counter() - t0:.0f} s this time (models already in {out / 'dev-rows'} are read).",
+    ]
+    save_record("\n".join(lines) + "\n", args.record, args.preset, "dev-choice")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
