@@ -15,7 +15,8 @@ Rows: `kd` (the base run's KD baseline), `paper` (the base run's SRD, the preset
 and the preset's variant names. The first row is the reference. Rule printed with the table: a row
 replaces the reference only if it is ahead with p < 0.05 and on every seed. Decoded scores are
 kept in <out>/dev-rows/ (one file per model, keyed on its weights file's size and time), so a
-rerun after another seed finishes decodes only the new models. `--sampled-seeds` scores each dev
+rerun after another seed finishes decodes only the new models; runs that kept their own dev answers
+(logs/dev-answers/, srd since 2026-12-06) are read, not decoded. `--sampled-seeds` scores each dev
 row by its mean over sampled answers at T = 1 instead (a dev score closer to the paper's test
 protocol; these are still the checkpoints the greedy dev score chose).
 """
@@ -92,11 +93,34 @@ def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int]) -> list[floa
     return [statistics.fmean(col) for col in zip(*per_seed)]
 
 
+def logged_answers(model: Path, sampled_seeds: list[int]) -> list[float] | None:
+    """The per-row dev scores the run itself kept for its best checkpoint (logs/dev-answers/, written
+    since 2026-12-06), when they are of the setting asked for; else None."""
+    from srd.rundir import StageDir
+
+    metrics = model / "metrics.json"
+    if not metrics.exists():
+        return None
+    kept = StageDir(model.parent).dev_answers(int(json.loads(metrics.read_text())["step"]))
+    if not kept.exists():
+        return None
+    rows = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]
+    if {r["seed"] for r in rows} != set(sampled_seeds or [None]):
+        return None
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        per.setdefault(r["id"], []).append(r["score"])
+    return [statistics.fmean(v) for v in per.values()]
+
+
 def cached_scores(cache: Path, cfg: Any, model: Path, sampled_seeds: list[int]) -> tuple[list[float], bool]:
-    """(per-row dev scores, whether they were decoded now), from <cache> when the same weights and
-    setting were decoded before."""
+    """(per-row dev scores, whether they were decoded now): the run's own kept dev answers where it
+    has them, else from <cache> when the same weights and setting were decoded before, else decoded."""
     from srd.utils import atomic_write_text
 
+    logged = logged_answers(model, sampled_seeds)
+    if logged is not None:
+        return logged, False
     key = {"weights": _weights_key(model), "sampled_seeds": sampled_seeds, "dev": cfg.data.dev}
     if cache.exists():
         kept = json.loads(cache.read_text())

@@ -45,6 +45,10 @@ class StageDir:
     def eval_log(self) -> Path:
         return self.logs / "eval.jsonl"
 
+    def dev_answers(self, step: int) -> Path:
+        """The dev answers and their scores of the evaluation at `step` (one JSON row each)."""
+        return self.logs / "dev-answers" / f"step-{step:06d}.jsonl"
+
     @property
     def tensorboard(self) -> Path:
         return self.path / "tb"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -320,8 +321,15 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     choice = tmp_path / "dev-choice.md"
     rows = ["--rows", "paper", "kd", "lambda1", "kdrise", "tau2"]
     argv = ["--out", str(out), "--preset", "paper-cpu", *rows, "--seeds", "42", "--record", str(choice)]
+    assert dev_choice.main(argv) == 0  # read from the dev answers each run kept
+    assert not (out / "dev-rows").exists()
+    read = [line for line in choice.read_text().splitlines() if line.startswith("| ")]
+    # runs without kept answers (srd before 2026-12-06) are decoded again, to the same scores
+    for kept_answers in list(out.glob("**/logs/dev-answers")):
+        shutil.rmtree(kept_answers)
     assert dev_choice.main(argv) == 0
     text = choice.read_text()
+    assert [line for line in text.splitlines() if line.startswith("| ")] == read
     assert "Fidelity: 4 of 4 decoded means equal the logged best dev score" in text
     assert "| tau2 | - | - | - | - |" in text  # never run: left out, not an error
     assert re.search(r"\| kd \| 42 \| [+-]\d+\.\d\d \[", text) and "`paper` stays" in text

@@ -273,10 +273,19 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, tiny_
     def losses(out):
         return [json.loads(r)["loss"] for r in (out / "x" / "logs" / "train.jsonl").read_text().splitlines()]
 
-    proc = run_cli_in_processes(args(tmp_path / "two", "train.grad_accum=1"), port=29531)
+    dev = "dev_eval.num_examples=3"  # three dev rows over two processes: one answers two, the other one
+    proc = run_cli_in_processes(args(tmp_path / "two", "train.grad_accum=1", dev), port=29531)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(args(tmp_path / "one", "train.grad_accum=2")) == 0
+    assert main(args(tmp_path / "one", "train.grad_accum=2", dev)) == 0
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    # the dev answers of both processes are gathered into one file, in dev-row order
+    for out in (tmp_path / "one", tmp_path / "two"):
+        logged = [json.loads(r) for r in (out / "x" / "logs" / "eval.jsonl").read_text().splitlines()]
+        for e in logged:
+            kept = (out / "x" / "logs" / "dev-answers" / f"step-{e['step']:06d}.jsonl").read_text().splitlines()
+            rows = [json.loads(r) for r in kept]
+            assert [r["id"] for r in rows] == ["dev-1", "dev-2", "dev-3"]
+            assert sum(r["score"] for r in rows) / 3 == pytest.approx(e["dev_rougeL"])
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
     # 2 processes -> pause at step 2 -> resume in 1 process (grad_accum 2): same result
@@ -554,10 +563,18 @@ def test_dev_rouge_sampled_with_dev_eval_seeds(tmp_path, tiny_models, tiny_data,
     assert [s for _, s in calls] == [row_seeds(10, 2), row_seeds(20, 2)] * 2
     evals = _rows(tmp_path / "t" / "logs" / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["dev_rougeL"] <= 100 for e in evals)
+    # every evaluation's answers are kept, each seed's in turn, and their scores make the logged mean
+    for e in evals:
+        kept = _rows(tmp_path / "t" / "logs" / "dev-answers" / f"step-{e['step']:06d}.jsonl")
+        assert [(r["seed"], r["id"]) for r in kept] == [(s, i) for s in (10, 20) for i in ("dev-1", "dev-2")]
+        assert sum(r["score"] for r in kept) / 4 == pytest.approx(e["dev_rougeL"])
+        assert all(isinstance(r["prediction"], str) for r in kept)
     # greedy by default: no seeds, no sampling
     calls.clear()
     assert main(_args(tiny_models, tiny_data, tmp_path / "g", "llama")) == 0
     assert calls and all(not d.do_sample and s is None for d, s in calls)
+    kept = _rows(tmp_path / "g" / "t" / "logs" / "dev-answers" / "step-000004.jsonl")
+    assert [r["seed"] for r in kept] == [None, None]
 
 
 def test_stage_clock_counts_every_dev_evaluation_also_across_a_resume(tmp_path, tiny_models, tiny_data, monkeypatch):

@@ -56,6 +56,7 @@ from srd.utils import (
     DamagedFileError,
     append_jsonl,
     atomic_write_json,
+    atomic_write_text,
     read_json,
     rng_state,
     seed_everything,
@@ -195,10 +196,13 @@ def evaluate_dev(
     accelerator: Any,
     student: Any = None,
     store: TeacherStore | None = None,
+    answers: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Dev loss (same objective) and ROUGE-L of greedy answers on the first dev rows.
     `student`: the unsharded model to generate with (default: the module's own student);
-    `store`: the teacher store the dev rows' teacher side is read from (else the teacher runs)."""
+    `store`: the teacher store the dev rows' teacher side is read from (else the teacher runs);
+    `answers`: a list the dev answers are appended to on the main process, in dev-row order
+    (each seed's in turn): {"id", "seed" (None: greedy), "prediction", "score"}."""
     from accelerate.utils import gather_object
 
     student = accelerator.unwrap_model(module).student if student is None else student
@@ -245,12 +249,22 @@ def evaluate_dev(
             decoding = Decoding.of(
                 g, max_new_tokens=cfg.dev_eval.max_new_tokens, backend="loop", **{"do_sample": False, **sampling}
             )
+            kept = []
             for seed in seeds or [None]:
                 all_rows = row_seeds(seed, n_gen) if seed is not None else None
                 per_row = None if all_rows is None else [all_rows[i] for i in rows]
-                answers = generate_responses(model, tokenizer, prompts, decoding, seeds=per_row)
-                scores += [rouge_l(a, dev_examples[i].references) for a, i in zip(answers, rows)]
+                texts = generate_responses(model, tokenizer, prompts, decoding, seeds=per_row)
+                row_scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(texts, rows)]
+                scores += row_scores
+                kept += [(seed, i, a, sc) for a, i, sc in zip(texts, rows, row_scores)]
         metrics["dev_rougeL"] = mean(gather_object(scores))
+        if answers is not None:
+            order = {seed: k for k, seed in enumerate(seeds or [None])}
+            every = sorted(gather_object(kept), key=lambda r: (order[r[0]], r[1]))
+            if accelerator.is_main_process:
+                answers += [
+                    {"id": dev_examples[i].id, "seed": seed, "prediction": a, "score": sc} for seed, i, a, sc in every
+                ]
     return metrics
 
 
@@ -711,6 +725,7 @@ class _StageRun:
         if not self.dev_enc and not (cfg.dev_eval.num_examples and self.dev_examples):
             return
         t0 = time.perf_counter()
+        answers: list[dict[str, Any]] = []
         metrics = evaluate_dev(
             self.module,
             self.teacher,
@@ -722,6 +737,7 @@ class _StageRun:
             acc,
             self.student,
             self.store,
+            answers,
         )
         key = metrics.get("dev_rougeL", -metrics.get("dev_loss", float("nan")))
         improved = state["best_metric"] is None or key > state["best_metric"]
@@ -735,6 +751,10 @@ class _StageRun:
         if acc.is_main_process:
             # elapsed_s: the stage's clock when this score was known (the evaluation's own time in it)
             append_jsonl(self.dirs.eval_log, [{"step": step, **metrics, "elapsed_s": round(elapsed, 3)}])
+            if answers:  # each dev answer and its score: to read, and for paired tests between checkpoints
+                atomic_write_text(
+                    self.dirs.dev_answers(step), "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+                )
             for k, v in metrics.items():
                 self.writer.add_scalar(f"dev/{k}", v, step)
             if improved:
