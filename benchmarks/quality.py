@@ -211,6 +211,9 @@ PRESETS["paper-cpu"] = {
         "teacherce": {"reflect.scorers": ["rouge_l", "ce", "teacher_ce"]},
         # the cut that keeps the data's mix of reference lengths (the easiest 75% of each quarter)
         "strat": {"reflect.stratify": "reference_length"},
+        # the same cut, and every stage with the data's mix of lengths too: Baby Step trains stage
+        # 1's rows in every stage, and easy -> hard over all rows makes stage 1 mostly short references
+        "stratstages": {"reflect.stratify": "reference_length_stages"},
         # SRD's selection and stages at the better control's temperature (tau 2 throughout): whether
         # the curation adds anything to a plain higher temperature (the kdtau2 control)
         "tau2": {"curriculum.tau_schedule": "fixed", "curriculum.tau_start": 2.0},
@@ -228,6 +231,7 @@ PRESETS["paper-cpu"] = {
         "cegap": "learnability: rank by student CE minus teacher CE instead of student CE",
         "teacherce": "teacher CE added to the fusion (rows the teacher cannot do drop first)",
         "strat": "cut stratified by reference length (the easiest 75% of each length quarter)",
+        "stratstages": "cut and stages stratified by reference length (each stage: the next easiest of every quarter)",
         "tau2": "tau fixed at 2 (the kdtau2 control's temperature, with SRD's selection and stages)",
     },
     "own_reflection": ["tcl", "kdrise", "kdtau2"],  # kd*: no reflection at all
@@ -753,7 +757,7 @@ def trained_rows_table(
             f"| {_row_label(preset, div, variant)} | {seed} | {mean_tokens(manifest)} | {mean_tokens(kept)} | "
             f"{mean_tokens([r for r in manifest if not r['kept']])} | "
             + " / ".join(mean_tokens([r for r in kept if r["stage"] == x]) for x in slices)
-            + " |"
+            + f" | {_as_trained(by_seed[seed][1], manifest)} |"
         )
     if not out:
         return []
@@ -761,13 +765,35 @@ def trained_rows_table(
         "## What the selection kept: mean reference tokens (rows)",
         "",
         "From each row's reflection manifest (its first training seed). KD and the temperature controls train on "
-        "all rows. Baby Step trains stage i on slices 1..i.",
+        "all rows, each for the same epochs: their training data is the `all rows` column. Baby Step trains stage i "
+        "on slices 1..i, so the first slice is seen in every stage: `as trained` weights each row by the epochs it "
+        "was trained for (from each stage's examples.json), the reference length the student learned from.",
         "",
-        "| row | seed | all rows | kept | dropped | slices 1 / 2 / 3 |",
-        "|---|---|---|---|---|---|",
+        "| row | seed | all rows | kept | dropped | slices 1 / 2 / 3 | as trained |",
+        "|---|---|---|---|---|---|---|",
         *out,
         "",
     ]
+
+
+def _as_trained(run: Path, manifest: list[dict[str, Any]]) -> str:
+    """Mean reference tokens over the rows a run trained on, each weighted by its epochs (the sum over
+    the stages that trained it), from results.json and each stage's examples.json; `-` if unknown."""
+    tokens = {r["id"]: r["stats"]["ref_tokens"] for r in manifest}
+    results = run / "results.json"
+    if not results.exists():
+        return "-"
+    weight: dict[str, float] = {}
+    for stage in json.loads(results.read_text()).get("stages", []):
+        ids = run / "stages" / stage["stage"] / "examples.json"
+        if not ids.exists():
+            return "-"
+        for i in json.loads(ids.read_text())["ids"]:
+            weight[i] = weight.get(i, 0.0) + float(stage["epochs"])
+    total = sum(w for i, w in weight.items() if i in tokens)
+    if not total:
+        return "-"
+    return f"{sum(tokens[i] * w for i, w in weight.items() if i in tokens) / total:.1f}"
 
 
 def benchmark_examples(first: Path) -> dict[str, list[Any]]:

@@ -249,9 +249,12 @@ class ReflectConfig:
     drop_invalid_references: bool = True
     # beyond the paper: "reference_length" keeps the easiest keep_ratio of each of `strata`
     # equal-count groups of reference length instead of the easiest keep_ratio overall, so
-    # the kept rows keep the data's mix of short and long references
-    stratify: Literal["none", "reference_length"] = "none"
-    strata: int = 4  # groups for stratify=reference_length
+    # the kept rows keep the data's mix of short and long references; "reference_length_stages"
+    # also splits each group into the stages on its own, so every stage keeps that mix too (Baby
+    # Step trains the first stage's rows in every stage: easiest-first slices, short references
+    # mostly, are then no longer what the student sees most)
+    stratify: Literal["none", "reference_length", "reference_length_stages"] = "none"
+    strata: int = 4  # groups for stratify=reference_length(_stages)
 
     def __post_init__(self) -> None:
         # the names are checked against the scorer registry by reflection itself and before a

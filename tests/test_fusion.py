@@ -173,3 +173,22 @@ def test_length_strata_and_the_stratified_cut():
     assert n_kept_stratified(8, 0.5, 2) == 4 and n_kept_stratified(200, 0.75, 4) == 148
     with pytest.raises(ValueError, match="strata labels"):
         select_and_partition(fused, ids, keep_ratio=0.5, n_stages=2, strata=[0, 1])
+    # stratified stages: each stratum's kept rows staged on their own, so each stage has one short
+    # row and one long one (the same kept rows as the stratified cut)
+    _, staged = select_and_partition(
+        fused, ids, keep_ratio=0.5, n_stages=2, strata=length_strata(lengths, ids, 2), stratify_stages=True
+    )
+    assert {i: s for i, s in enumerate(staged) if s is not None} == {0: 1, 2: 2, 7: 1, 5: 2}
+    # in any order: reversed, the harder row of each stratum comes first
+    _, back = select_and_partition(
+        fused,
+        ids,
+        keep_ratio=0.5,
+        n_stages=2,
+        order="hard_to_easy",
+        strata=length_strata(lengths, ids, 2),
+        stratify_stages=True,
+    )
+    assert {i: s for i, s in enumerate(back) if s is not None} == {0: 2, 2: 1, 7: 2, 5: 1}
+    with pytest.raises(ValueError, match="stratify_stages needs strata"):
+        select_and_partition(fused, ids, keep_ratio=0.5, n_stages=2, stratify_stages=True)

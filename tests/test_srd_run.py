@@ -333,6 +333,14 @@ def test_stratified_cut_keeps_each_reference_length_group(tmp_path, tiny_models,
     for rows in by_stratum.values():
         kept = [r for r in rows if r["kept"]]
         assert len(kept) == 7 and min(r["fused"] for r in kept) >= max(r["fused"] for r in rows if not r["kept"])
+    # reference_length_stages: the same kept rows, each stratum's staged on its own (7 rows: 3 / 2 / 2)
+    staged = _args("reflect", tiny_models, srd_data, tmp_path / "s", "reflect.stratify=reference_length_stages")
+    assert main([*staged, "reflect.strata=2"]) == 0
+    again = {r["id"]: r for r in _manifest(tmp_path / "s" / "x")}
+    assert {i for i, r in again.items() if r["kept"]} == {r["id"] for r in manifest if r["kept"]}
+    for s in (0, 1):
+        rows = sorted((r for r in again.values() if r["stratum"] == s and r["kept"]), key=lambda r: -r["fused"])
+        assert [r["stage"] for r in rows] == [1, 1, 1, 2, 2, 3, 3]
 
 
 def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data, monkeypatch, capsys):

@@ -101,6 +101,7 @@ def select_and_partition(
     order: str = "easy_to_hard",
     seed: int = 0,
     strata: Sequence[int] | None = None,
+    stratify_stages: bool = False,
 ) -> tuple[list[int], list[int | None]]:
     """Choose the kept examples and the stage of each.
 
@@ -108,7 +109,10 @@ def select_and_partition(
     `stage[i]` is the 1-based stage of index i, or None if it was filtered out. The
     easiest floor(lambda N) are kept whatever the order (with `strata`, the easiest
     floor(lambda N_s) of every stratum s); `order` decides which kept examples come first in
-    the curriculum (easy_to_hard, hard_to_easy, or random).
+    the curriculum (easy_to_hard, hard_to_easy, or random). `stratify_stages` (with `strata`):
+    each stratum's kept examples are split into the stages on their own, in that order, so
+    every stage holds each stratum's share (stage 1: the easiest third of every stratum)
+    instead of the easiest third overall.
     """
     ranking = easy_to_hard(fused, ids)
     if strata is None:
@@ -127,10 +131,19 @@ def select_and_partition(
         kept = [kept[i] for i in np.random.default_rng(seed).permutation(len(kept))]
     elif order != "easy_to_hard":
         raise ValueError(f"unknown curriculum order {order!r}")
+    if stratify_stages and strata is None:
+        raise ValueError("stratify_stages needs strata")
     stage: list[int | None] = [None] * len(ranking)
-    start = 0
-    for s, size in enumerate(partition_sizes(len(kept), n_stages), start=1):
-        for i in kept[start : start + size]:
-            stage[i] = s
-        start += size
+    slices = [kept]
+    if stratify_stages:  # each stratum's kept rows in curriculum order, split on their own
+        by_stratum: dict[int, list[int]] = {}
+        for i in kept:
+            by_stratum.setdefault(int(strata[i]), []).append(i)
+        slices = [by_stratum[k] for k in sorted(by_stratum)]
+    for rows in slices:
+        start = 0
+        for s, size in enumerate(partition_sizes(len(rows), n_stages), start=1):
+            for i in rows[start : start + size]:
+                stage[i] = s
+            start += size
     return ranking, stage

@@ -286,13 +286,15 @@ def build_manifest(
     seed: int,
     drop_invalid_references: bool = True,
     strata: int | None = None,
+    stratify_stages: bool = False,
 ) -> list[dict[str, Any]]:
     """Score, rank, fuse, select and partition. One manifest row per example, input order.
 
     Rows whose reference fails a scorer's own check get `reference_ok: false`; with
     `drop_invalid_references` they are ranked (for the record) but never kept, and lambda
     applies to the valid rows. `strata`: keep the easiest lambda of each of that many
-    equal-count groups of reference length (stats["ref_tokens"]), not of all rows."""
+    equal-count groups of reference length (stats["ref_tokens"]), not of all rows; with
+    `stratify_stages`, split each group into the stages on its own too."""
     ids = [ex.id for ex in examples]
     scores = {
         s: [get_scorer(s).fn(ex, rows[ex.id]["student_output"], rows[ex.id]["stats"]) for ex in examples]
@@ -309,7 +311,14 @@ def build_manifest(
     valid_ids = [ids[i] for i in valid]
     groups = length_strata([rows[i]["stats"]["ref_tokens"] for i in valid_ids], valid_ids, strata) if strata else None
     sub_ranking, sub_stage = select_and_partition(
-        fused[valid], valid_ids, keep_ratio=keep_ratio, n_stages=n_stages, order=order, seed=seed, strata=groups
+        fused[valid],
+        valid_ids,
+        keep_ratio=keep_ratio,
+        n_stages=n_stages,
+        order=order,
+        seed=seed,
+        strata=groups,
+        stratify_stages=stratify_stages,
     )
     stage: list[int | None] = [None] * len(ids)
     for j, i in enumerate(valid):
@@ -459,7 +468,8 @@ def reflect(
             order=c.order,
             seed=cfg.seed,
             drop_invalid_references=cfg.reflect.drop_invalid_references,
-            strata=cfg.reflect.strata if cfg.reflect.stratify == "reference_length" else None,
+            strata=cfg.reflect.strata if cfg.reflect.stratify != "none" else None,
+            stratify_stages=cfg.reflect.stratify == "reference_length_stages",
         )
         n_bad = sum(not r["reference_ok"] for r in manifest)
         if n_bad:
