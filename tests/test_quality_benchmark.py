@@ -308,6 +308,16 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
         assert want in text, want
     assert "Run `" not in text and "significant" in text and "], p = " in text
     assert "## The paper's KD+SRD minus each other row, sampled" in text
+    # the references each row trained on, weighted by epochs: lambda = 1 keeps every row, so its
+    # `as trained` mean is over all rows, each weighted by the stages that trained it
+    manifest = [
+        json.loads(line) for line in (out / names[1] / "reflection" / "manifest.jsonl").read_text().splitlines()
+    ]
+    epochs = {s["stage"]: s["epochs"] for s in json.loads((out / names[1] / "results.json").read_text())["stages"]}
+    weight = {r["id"]: sum(e for st, e in epochs.items() if int(st.split("-")[1]) >= r["stage"]) for r in manifest}
+    want = sum(r["stats"]["ref_tokens"] * weight[r["id"]] for r in manifest) / sum(weight.values())
+    line = next(x for x in text.splitlines() if x.startswith("| no selection (lambda = 1)") and x.count("|") == 8)
+    assert line.endswith(f"| {want:.1f} |")
     # a rerun of the same command reuses everything: no step is trained again
     logs = sorted(out.glob("**/logs/train.jsonl"))
     before = {p: p.read_text() for p in logs}
