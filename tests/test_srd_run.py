@@ -354,6 +354,8 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
         "eval.limit=3",
         "eval.max_new_tokens=4",
         "eval.batch_size=2",
+        "dev_eval.num_examples=3",  # dev ROUGE-L, and each dev answer kept
+        "dev_eval.max_new_tokens=4",
     ]
     assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
     run = tmp_path / "x"
@@ -388,6 +390,14 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     report = (run / "report.md").read_text()
     assert "## Comparison" in report and "timing.png" in report and "comparison.png" in report
     assert (run / "report" / "comparison.png").stat().st_size > 0
+    # the dev difference that chose the two checkpoints, paired over the dev rows each run kept
+    from srd.report import best_dev_rows, difference_cell, paired_difference
+
+    kd_rows, srd_rows = best_dev_rows(run / "baseline"), best_dev_rows(run)
+    assert kd_rows and sorted(kd_rows) == sorted(srd_rows)
+    assert sum(srd_rows.values()) / len(srd_rows) == pytest.approx(srd_res["best_checkpoint"]["dev_rougeL"])
+    pair = next(line for line in report.splitlines() if line.startswith("Dev ROUGE-L at the two best checkpoints"))
+    assert difference_cell(paired_difference(kd_rows, srd_rows)) in pair and "KD+SRD minus KD" in pair
     out = capsys.readouterr().out
     assert "report: " in out and "of the KD baseline's time" in out
 
