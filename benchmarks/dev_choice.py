@@ -14,7 +14,7 @@ bootstrap interval, Wilcoxon p), and the sign of the mean difference seed by see
 Rows: `kd` (the base run's KD baseline), `paper` (the base run's SRD, the preset's own settings)
 and the preset's variant names. The first row is the reference. Rule printed with the table: a row
 replaces the reference only if it is ahead with p < 0.05 and on every seed. Decoded scores are
-kept in <out>/dev-rows/ (one file per model, keyed on its weights file's size and time), so a
+kept in <out>/dev-rows/ (one file per model, keyed on its files' names, sizes and times), so a
 rerun after another seed finishes decodes only the new models; runs that kept their own dev answers
 (logs/dev-answers/, srd since 2026-12-06) are read, not decoded. `--sampled-seeds` scores each dev
 row by its mean over sampled answers at T = 1 instead (a dev score closer to the paper's test
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality import PRESETS, run_names  # noqa: E402
 
 
-def best_checkpoint(run: Path, kd: bool) -> tuple[Path, float] | None:
-    """(best checkpoint folder, its logged dev ROUGE-L) of a finished run (kd: its KD baseline), or None."""
-    results = run / "baseline" / "results.json" if kd else run / "results.json"
+def best_checkpoint(run: Path) -> tuple[Path, float] | None:
+    """(best checkpoint folder, its logged dev ROUGE-L) of a finished run (or KD baseline) folder, or None."""
+    results = run / "results.json"
     if not results.exists():
         return None
     r = json.loads(results.read_text())
@@ -52,13 +52,6 @@ def best_checkpoint(run: Path, kd: bool) -> tuple[Path, float] | None:
     if run.name in parts:
         model = run.joinpath(*parts[parts.index(run.name) + 1 :])
     return model, float(best["dev_rougeL"])
-
-
-def _weights_key(model: Path) -> str:
-    files = sorted(model.glob("*.safetensors"))
-    if not files:
-        raise SystemExit(f"{model}: no *.safetensors weights (a finished run's best checkpoint has them)")
-    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int]) -> list[float]:
@@ -93,35 +86,20 @@ def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int]) -> list[floa
     return [statistics.fmean(col) for col in zip(*per_seed)]
 
 
-def logged_answers(model: Path, sampled_seeds: list[int]) -> list[float] | None:
-    """The per-row dev scores the run itself kept for its best checkpoint (logs/dev-answers/, written
-    since 2026-12-06), when they are of the setting asked for; else None."""
-    from srd.rundir import StageDir
-
-    metrics = model / "metrics.json"
-    if not metrics.exists():
-        return None
-    kept = StageDir(model.parent).dev_answers(int(json.loads(metrics.read_text())["step"]))
-    if not kept.exists():
-        return None
-    rows = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]
-    if {r["seed"] for r in rows} != set(sampled_seeds or [None]):
-        return None
-    per: dict[str, list[float]] = {}
-    for r in rows:
-        per.setdefault(r["id"], []).append(r["score"])
-    return [statistics.fmean(v) for v in per.values()]
-
-
-def cached_scores(cache: Path, cfg: Any, model: Path, sampled_seeds: list[int]) -> tuple[list[float], bool]:
-    """(per-row dev scores, whether they were decoded now): the run's own kept dev answers where it
-    has them, else from <cache> when the same weights and setting were decoded before, else decoded."""
+def cached_scores(cache: Path, cfg: Any, run: Path, model: Path, sampled_seeds: list[int]) -> tuple[list[float], bool]:
+    """(per-row dev scores, whether they were decoded now): the dev answers the run (its folder, or
+    its KD baseline's) kept for its best checkpoint where it has them in this setting, else from
+    <cache> when the same model files and setting were decoded before, else decoded."""
+    from srd.models.load import model_files_key
+    from srd.report import best_dev_rows
     from srd.utils import atomic_write_text
 
-    logged = logged_answers(model, sampled_seeds)
+    logged = best_dev_rows(run, sampled_seeds)
     if logged is not None:
-        return logged, False
-    key = {"weights": _weights_key(model), "sampled_seeds": sampled_seeds, "dev": cfg.data.dev}
+        return list(logged.values()), False
+    if not list(model.glob("*.safetensors")):
+        raise SystemExit(f"{model}: no *.safetensors weights (a finished run's best checkpoint has them)")
+    key = {"weights": model_files_key(str(model)), "sampled_seeds": sampled_seeds, "dev": cfg.data.dev}
     if cache.exists():
         kept = json.loads(cache.read_text())
         if kept.get("key") == key:
@@ -169,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         variant = "" if row in ("kd", "paper") else row
         for seed in args.seeds:
             name = run_names(args.preset, [args.divergence], [seed], [variant])[0][0]
-            found = best_checkpoint(out / name, kd=row == "kd")
+            trained = out / name / "baseline" if row == "kd" else out / name
+            found = best_checkpoint(trained)
             if found is None:
                 print(f"{row}, seed {seed}: {out / name} not finished, left out", flush=True)
                 continue
             model, dev = found
             tag = "sampled-" + "-".join(map(str, args.sampled_seeds)) if args.sampled_seeds else "greedy"
             cache = out / "dev-rows" / f"{name}{'-kd' if row == 'kd' else ''}-{tag}.json"
-            scores, new = cached_scores(cache, cfg, model, args.sampled_seeds)
+            scores, new = cached_scores(cache, cfg, trained, model, args.sampled_seeds)
             per.setdefault(row, {})[seed] = {str(i): s for i, s in enumerate(scores)}
             logged.setdefault(row, {})[seed] = dev
             decoded.setdefault(row, {})[seed] = statistics.fmean(scores)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -559,9 +560,10 @@ def _plot_scores(series: list[tuple[str, Path]], plots: Path) -> str:
     return "comparison.png"
 
 
-def best_dev_rows(run: Path) -> dict[str, float] | None:
-    """Each dev row's ROUGE-L at a run's best checkpoint (averaged over dev_eval seeds), from the
-    answers its dev evaluation kept (logs/dev-answers/); None where the run kept none."""
+def best_dev_rows(run: Path, seeds: Sequence[int] | None = None) -> dict[str, float] | None:
+    """Each dev row's ROUGE-L at a run's best checkpoint (averaged over dev_eval seeds), in dev-row
+    order, from the answers its dev evaluation kept (logs/dev-answers/); None where the run kept
+    none. `seeds`: only answers decoded with exactly these dev_eval seeds (empty: greedy), else None."""
     rd = RunDir(run)
     if not rd.results.exists():
         return None
@@ -571,8 +573,11 @@ def best_dev_rows(run: Path) -> dict[str, float] | None:
     kept = rd.stage(best["stage"]).dev_answers(int(best["step"]))
     if not kept.exists():
         return None
+    rows = read_jsonl(kept)
+    if seeds is not None and {row["seed"] for row in rows} != set(seeds or [None]):
+        return None
     per: dict[str, list[float]] = {}
-    for row in read_jsonl(kept):
+    for row in rows:
         per.setdefault(str(row["id"]), []).append(float(row["score"]))
     return {i: statistics.fmean(v) for i, v in per.items()}
 
