@@ -240,7 +240,6 @@ def evaluate_dev(
             encode_prompt(tokenizer, dev_examples[i], cfg.data.prompt_format, cfg.data.max_prompt_len) for i in rows
         ]
         g, seeds = cfg.generation, cfg.dev_eval.seeds
-        scores = []
         with decoding_model(module, student, device, cfg, accelerator) as model:
             # with the decode loop whatever generation.backend says (a vLLM engine would restart
             # at every evaluation: the weights change in between); greedy, or sampled at T = 1
@@ -254,13 +253,12 @@ def evaluate_dev(
                 all_rows = row_seeds(seed, n_gen) if seed is not None else None
                 per_row = None if all_rows is None else [all_rows[i] for i in rows]
                 texts = generate_responses(model, tokenizer, prompts, decoding, seeds=per_row)
-                row_scores = [rouge_l(a, dev_examples[i].references) for a, i in zip(texts, rows)]
-                scores += row_scores
-                kept += [(seed, i, a, sc) for a, i, sc in zip(texts, rows, row_scores)]
-        metrics["dev_rougeL"] = mean(gather_object(scores))
+                kept += [(seed, i, a, rouge_l(a, dev_examples[i].references)) for a, i in zip(texts, rows)]
+        gathered = gather_object(kept)  # one collective: the scores and, for `answers`, the texts
+        metrics["dev_rougeL"] = mean([r[3] for r in gathered])
         if answers is not None:
             order = {seed: k for k, seed in enumerate(seeds or [None])}
-            every = sorted(gather_object(kept), key=lambda r: (order[r[0]], r[1]))
+            every = sorted(gathered, key=lambda r: (order[r[0]], r[1]))
             if accelerator.is_main_process:
                 answers += [
                     {"id": dev_examples[i].id, "seed": seed, "prediction": a, "score": sc} for seed, i, a, sc in every
