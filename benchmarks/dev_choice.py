@@ -19,6 +19,12 @@ rerun after another seed finishes decodes only the new models; runs that kept th
 (logs/dev-answers/, srd since 2026-12-06) are read, not decoded. `--sampled-seeds` scores each dev
 row by its mean over sampled answers at T = 1 instead (a dev score closer to the paper's test
 protocol; these are still the checkpoints the greedy dev score chose).
+
+`--fresh N` scores the N dev rows after the ones the runs evaluated on instead (rows 200-999 of
+dolly-dev for paper-cpu, with N = 800): no checkpoint was chosen on them, so a row's score there is
+free of the upward bias of having been picked as the best of its dev curve, and four times as many
+rows separate smaller differences. The record also gives each row's difference by the reference's
+length, so that a change in answer length cannot hide in the mean.
 """
 
 from __future__ import annotations
@@ -54,21 +60,37 @@ def best_checkpoint(run: Path) -> tuple[Path, float] | None:
     return model, float(best["dev_rougeL"])
 
 
-def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int]) -> list[float]:
-    """Each dev row's ROUGE-L (x100) as the run's dev evaluation computes it; with sampled seeds,
-    each row's mean over one sampled answer per seed."""
+def dev_rows(cfg: Any, fresh: int) -> list[Any]:
+    """The dev examples scored: the run's own dev rows (the first dev_eval.num_examples of its dev
+    set), or with `fresh` the `fresh` rows after them."""
+    from srd.data.sources import load_examples
+
+    n = cfg.dev_eval.num_examples
+    if not fresh:
+        dev = load_examples(cfg.data.dev, limit=cfg.data.dev_limit, data_dir=cfg.data.data_dir)
+        return dev[: min(n, len(dev))]
+    dev = load_examples(cfg.data.dev, limit=None, data_dir=cfg.data.data_dir)
+    if len(dev) < n + fresh:
+        raise SystemExit(
+            f"--fresh {fresh}: the dev set {cfg.data.dev} has {len(dev)} rows, {n} of them the runs' own dev rows; "
+            f"use --fresh {len(dev) - n} or less"
+        )
+    return dev[n : n + fresh]
+
+
+def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int], dev: list[Any]) -> tuple[list[float], list[float]]:
+    """Each dev row's ROUGE-L (x100) as the run's dev evaluation computes it, and its answer's
+    words; with sampled seeds, each row's mean over one sampled answer per seed."""
     import torch
 
     from srd.data.prompts import encode_prompt
-    from srd.data.sources import load_examples
+    from srd.eval.breakdown import words
     from srd.generation.decode import generate_responses, row_seeds
     from srd.generation.decoding import Decoding
     from srd.metrics.text import rouge_l
     from srd.models import load_model, load_tokenizer
     from srd.models.load import cast_for_inference, inference_dtype_of
 
-    dev = load_examples(cfg.data.dev, limit=cfg.data.dev_limit, data_dir=cfg.data.data_dir)
-    dev = dev[: min(cfg.dev_eval.num_examples, len(dev))]
     dtype = inference_dtype_of(cfg.generation.dtype, bf16_training=cfg.train.precision == "bf16")
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), dtype=torch.float32).eval()
@@ -77,37 +99,83 @@ def dev_scores(cfg: Any, model_dir: Path, sampled_seeds: list[int]) -> list[floa
     decoding = Decoding.of(
         cfg.generation, max_new_tokens=cfg.dev_eval.max_new_tokens, backend="loop", **{"do_sample": False, **sampling}
     )
-    per_seed = []
+    per_seed, lengths = [], []
     with cast_for_inference(model, dtype):
         for seed in sampled_seeds or [None]:
             seeds = None if seed is None else row_seeds(seed, len(dev))
             answers = generate_responses(model, tokenizer, prompts, decoding, seeds=seeds)
             per_seed.append([rouge_l(a, ex.references) for a, ex in zip(answers, dev)])
-    return [statistics.fmean(col) for col in zip(*per_seed)]
+            lengths.append([words(a) for a in answers])
+    return [statistics.fmean(col) for col in zip(*per_seed)], [statistics.fmean(col) for col in zip(*lengths)]
 
 
-def cached_scores(cache: Path, cfg: Any, run: Path, model: Path, sampled_seeds: list[int]) -> tuple[list[float], bool]:
-    """(per-row dev scores, whether they were decoded now): the dev answers the run (its folder, or
-    its KD baseline's) kept for its best checkpoint where it has them in this setting, else from
-    <cache> when the same model files and setting were decoded before, else decoded."""
+def cached_scores(
+    cache: Path, cfg: Any, run: Path, model: Path, sampled_seeds: list[int], dev: list[Any], fresh: int
+) -> tuple[list[float], list[float] | None, bool]:
+    """(per-row dev scores, per-row answer words where known, whether they were decoded now): the
+    dev answers the run (its folder, or its KD baseline's) kept for its best checkpoint where it
+    has them in this setting (its own dev rows only), else from <cache> when the same
+    model files, rows and setting were decoded before, else decoded."""
+    from srd.eval.breakdown import words
     from srd.models.load import model_files_key
-    from srd.report import best_dev_rows
+    from srd.report import best_dev_answers
     from srd.utils import atomic_write_text
 
-    logged = best_dev_rows(run, sampled_seeds)
+    logged = None if fresh else best_dev_answers(run, sampled_seeds)
     if logged is not None:
-        return list(logged.values()), False
+        per: dict[str, list[tuple[float, int]]] = {}  # dev row -> (score, answer words) per dev_eval seed
+        for r in logged:
+            per.setdefault(str(r["id"]), []).append((float(r["score"]), words(r["prediction"])))
+        return (
+            [statistics.fmean(s for s, _ in v) for v in per.values()],
+            [statistics.fmean(w for _, w in v) for v in per.values()],
+            False,
+        )
     if not list(model.glob("*.safetensors")):
         raise SystemExit(f"{model}: no *.safetensors weights (a finished run's best checkpoint has them)")
     key = {"weights": model_files_key(str(model)), "sampled_seeds": sampled_seeds, "dev": cfg.data.dev}
+    if fresh:  # (keys of the runs' own rows stay as they were: caches written before still match)
+        key["rows"] = [dev[0].id, dev[-1].id, len(dev)]
     if cache.exists():
         kept = json.loads(cache.read_text())
         if kept.get("key") == key:
-            return kept["scores"], False
-    scores = dev_scores(cfg, model, sampled_seeds)
+            return kept["scores"], kept.get("words"), False
+    scores, lengths = dev_scores(cfg, model, sampled_seeds, dev)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache, json.dumps({"model": str(model), "key": key, "scores": scores}) + "\n")
-    return scores, True
+    atomic_write_text(cache, json.dumps({"model": str(model), "key": key, "scores": scores, "words": lengths}) + "\n")
+    return scores, lengths, True
+
+
+def by_length(
+    per: dict[str, dict[int, dict[str, float]]], rows: list[str], seeds: list[int], dev: list[Any]
+) -> list[str]:
+    """Markdown: each row minus the first by the reference's length (srd's reference-length
+    buckets), per dev row the mean over the seeds both finished, paired."""
+    from srd.eval.breakdown import groups
+    from srd.report import paired_difference
+
+    index = {ex.id: str(i) for i, ex in enumerate(dev)}
+    buckets = {k: [index[i] for i in ids] for k, ids in groups(dev).items() if k.startswith("reference")}
+    ref = rows[0]
+    lines = [
+        "",
+        f"By the reference's length: each row minus `{ref}`, seeds pooled as above (mean difference, Wilcoxon p).",
+        "",
+        "| row | " + " | ".join(f"{k} (n = {len(v)})" for k, v in buckets.items()) + " |",
+        "|---|" + "---|" * len(buckets),
+    ]
+    for row in rows[1:]:
+        both = [s for s in seeds if s in per.get(row, {}) and s in per.get(ref, {})]
+        if not both:
+            continue
+        cells = []
+        for ids in buckets.values():
+            a = {i: statistics.fmean(per[ref][s][i] for s in both) for i in ids}
+            b = {i: statistics.fmean(per[row][s][i] for s in both) for i in ids}
+            d = paired_difference(a, b)
+            cells.append(f"{d['diff']:+.2f} (p = {d['p']:.2g})" if d["n"] else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds")
     p.add_argument("--divergence", default="fkl")
     p.add_argument("--sampled-seeds", type=int, nargs="*", default=[], help="score dev rows sampled at T = 1")
+    p.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score the N dev rows after the runs' own (rows no checkpoint was chosen on) instead of those",
+    )
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
     args = p.parse_args(argv)
 
     from benchmarks.common import header, save_record
     from srd.config import load_config
+    from srd.eval.breakdown import reference_words
     from srd.report import difference_cell, paired_difference
 
     preset = PRESETS[args.preset]
@@ -135,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if not base_cfg.exists():
         raise SystemExit(f"{base_cfg} not found: --out must hold the base run of seed {args.seeds[0]}")
     cfg = load_config(base_cfg)
+    if args.fresh < 0:
+        raise SystemExit(f"--fresh {args.fresh}: give a number of dev rows, at least 1 (or leave it out)")
+    dev = dev_rows(cfg, args.fresh)
     setting = (
         f"sampled at T = 1, each dev row's mean over seeds {args.sampled_seeds}" if args.sampled_seeds else "greedy"
     )
@@ -142,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     per: dict[str, dict[int, dict[str, float]]] = {}  # row -> seed -> {dev row index: score}
     logged: dict[str, dict[int, float]] = {}
     decoded: dict[str, dict[int, float]] = {}
+    answer_words: dict[str, dict[int, list[float]]] = {}  # row -> seed -> each dev row's answer words
     t0 = time.perf_counter()
     for row in args.rows:
         variant = "" if row in ("kd", "paper") else row
@@ -152,35 +232,56 @@ def main(argv: list[str] | None = None) -> int:
             if found is None:
                 print(f"{row}, seed {seed}: {out / name} not finished, left out", flush=True)
                 continue
-            model, dev = found
+            model, best_dev = found
             tag = "sampled-" + "-".join(map(str, args.sampled_seeds)) if args.sampled_seeds else "greedy"
+            tag += f"-fresh{args.fresh}" if args.fresh else ""
             cache = out / "dev-rows" / f"{name}{'-kd' if row == 'kd' else ''}-{tag}.json"
-            scores, new = cached_scores(cache, cfg, trained, model, args.sampled_seeds)
+            scores, lengths, new = cached_scores(cache, cfg, trained, model, args.sampled_seeds, dev, args.fresh)
             per.setdefault(row, {})[seed] = {str(i): s for i, s in enumerate(scores)}
-            logged.setdefault(row, {})[seed] = dev
+            if lengths is not None:
+                answer_words.setdefault(row, {})[seed] = lengths
+            logged.setdefault(row, {})[seed] = best_dev
             decoded.setdefault(row, {})[seed] = statistics.fmean(scores)
             print(
-                f"{row}, seed {seed}: {decoded[row][seed]:.2f} (logged {dev:.2f}){' decoded now' if new else ''}",
+                f"{row}, seed {seed}: {decoded[row][seed]:.2f} (logged {best_dev:.2f}){' decoded now' if new else ''}",
                 flush=True,
             )
     if args.rows[0] not in per:
         raise SystemExit(f"the reference row {args.rows[0]} has no finished seed in {out}")
 
     ref = args.rows[0]
+    n = cfg.dev_eval.num_examples
+    scored = (
+        f"the {len(dev)} rows of `{cfg.data.dev}` after the runs' own {n} (rows {n}-{n + len(dev) - 1}: no "
+        "checkpoint was chosen on them)"
+        if args.fresh
+        else f"{len(dev)} rows of `{cfg.data.dev}` (the runs' own dev rows)"
+    )
     lines = header("Choosing on dev, over training seeds") + [
-        f"Runs in `{out}` (preset `{args.preset}`, {args.divergence}); dev: {cfg.dev_eval.num_examples} rows of "
-        f"`{cfg.data.dev}`, at most {cfg.dev_eval.max_new_tokens} new tokens, {setting}. Each row's best "
-        "checkpoint (chosen by the run's greedy dev ROUGE-L) decoded again; ROUGE-L x100.",
+        f"Runs in `{out}` (preset `{args.preset}`, {args.divergence}); dev: {scored}, at most "
+        f"{cfg.dev_eval.max_new_tokens} new tokens, {setting}. Each row's best checkpoint (chosen by the run's "
+        "greedy dev ROUGE-L on its own dev rows) decoded again; ROUGE-L x100.",
         "",
-        "| row | " + " | ".join(f"seed {s}: decoded (logged best)" for s in args.seeds) + " | mean over seeds |",
-        "|---|" + "---|" * (len(args.seeds) + 1),
+        "| row | "
+        + " | ".join(f"seed {s}: decoded (logged best)" if not args.fresh else f"seed {s}" for s in args.seeds)
+        + " | mean over seeds | median answer words |",
+        "|---|" + "---|" * (len(args.seeds) + 2),
     ]
     for row in args.rows:
         cells = [
-            f"{decoded[row][s]:.2f} ({logged[row][s]:.2f})" if s in decoded.get(row, {}) else "-" for s in args.seeds
+            "-"
+            if s not in decoded.get(row, {})
+            else f"{decoded[row][s]:.2f}"
+            if args.fresh
+            else f"{decoded[row][s]:.2f} ({logged[row][s]:.2f})"
+            for s in args.seeds
         ]
         mean = f"{statistics.fmean(decoded[row].values()):.2f}" if row in decoded else "-"
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} |")
+        # over dev rows and seeds; only where decoded here (kept dev answers give scores alone)
+        counts = [w for by_row in answer_words.get(row, {}).values() for w in by_row]
+        median = f"{statistics.median(counts):g}" if counts else "-"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} | {median} |")
+    lines += ["", f"The references' median: {statistics.median(reference_words(ex) for ex in dev):g} words."]
     lines += [
         "",
         f"Each row minus `{ref}` on the seeds both finished: per dev row, the mean over those seeds; paired over "
@@ -206,19 +307,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         if d["significant"] and d["diff"] > 0 and same == len(seeds):
             chosen.append(row)
+    lines += by_length(per, args.rows, args.seeds, dev)
     match = sum(abs(decoded[r][s] - logged[r][s]) < 0.005 for r in decoded for s in decoded[r])
     total = sum(len(v) for v in decoded.values())
+    fidelity = (
+        []
+        if args.fresh
+        else [
+            "",
+            f"Fidelity: {match} of {total} decoded means equal the logged best dev score to 0.01"
+            + (
+                " (greedy: the same answers the run's dev evaluation gave)."
+                if not args.sampled_seeds
+                else " (sampled: not expected to)."
+            ),
+        ]
+    )
     lines += [
         "",
         f"Rule: a row replaces `{ref}` only if it is ahead with p < 0.05 and on every seed. "
         + (f"Chosen: {', '.join(chosen)}." if chosen else f"No row meets it: `{ref}` stays."),
-        "",
-        f"Fidelity: {match} of {total} decoded means equal the logged best dev score to 0.01"
-        + (
-            " (greedy: the same answers the run's dev evaluation gave)."
-            if not args.sampled_seeds
-            else " (sampled: not expected to)."
-        ),
+        *fidelity,
         f"Decoding took {time.perf_counter() - t0:.0f} s this time (models already in {out / 'dev-rows'} are read).",
     ]
     save_record("\n".join(lines) + "\n", args.record, args.preset, "dev-choice")

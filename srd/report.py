@@ -564,6 +564,18 @@ def best_dev_rows(run: Path, seeds: Sequence[int] | None = None) -> dict[str, fl
     """Each dev row's ROUGE-L at a run's best checkpoint (averaged over dev_eval seeds), in dev-row
     order, from the answers its dev evaluation kept (logs/dev-answers/); None where the run kept
     none. `seeds`: only answers decoded with exactly these dev_eval seeds (empty: greedy), else None."""
+    rows = best_dev_answers(run, seeds)
+    if rows is None:
+        return None
+    per: dict[str, list[float]] = {}
+    for row in rows:
+        per.setdefault(str(row["id"]), []).append(float(row["score"]))
+    return {i: statistics.fmean(v) for i, v in per.items()}
+
+
+def best_dev_answers(run: Path, seeds: Sequence[int] | None = None) -> list[dict[str, Any]] | None:
+    """The answers a run's dev evaluation kept at its best checkpoint ({"id", "seed", "prediction",
+    "score"} per dev row and dev_eval seed, in dev-row order), or None (as best_dev_rows)."""
     rd = RunDir(run)
     if not rd.results.exists():
         return None
@@ -576,10 +588,7 @@ def best_dev_rows(run: Path, seeds: Sequence[int] | None = None) -> dict[str, fl
     rows = read_jsonl(kept)
     if seeds is not None and {row["seed"] for row in rows} != set(seeds or [None]):
         return None
-    per: dict[str, list[float]] = {}
-    for row in rows:
-        per.setdefault(str(row["id"]), []).append(float(row["score"]))
-    return {i: statistics.fmean(v) for i, v in per.items()}
+    return rows
 
 
 def dev_pair_line(run: Path) -> str | None:

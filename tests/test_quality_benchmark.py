@@ -350,6 +350,25 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     assert dev_choice.main(argv) == 0 and {p: p.stat().st_mtime_ns for p in (out / "dev-rows").iterdir()} == mtimes
     with pytest.raises(SystemExit, match="--rows nope: not a row of preset paper-cpu"):
         dev_choice.main(["--out", str(out), "--preset", "paper-cpu", "--rows", "paper", "nope", "--seeds", "42"])
+    # --fresh N: the N dev rows after the runs' own (no checkpoint was chosen on them), decoded for
+    # every model (kept dev answers are of the runs' own rows), kept apart from the own-row scores
+    extra = [dict(r, output=r["output"] + " " + r["output"]) for r in ROWS[:3]]
+    dev.write_text(dev.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    fresh = tmp_path / "fresh.md"
+    argv = ["--out", str(out), "--preset", "paper-cpu", *rows, "--seeds", "42", "--fresh", "3", "--record", str(fresh)]
+    assert dev_choice.main(argv) == 0
+    text = fresh.read_text()
+    assert "the 3 rows of " in text and "(rows 4-6: no checkpoint was chosen on them)" in text
+    assert "Fidelity" not in text and "By the reference's length" in text and "| kd |" in text
+    assert sorted(p.name for p in (out / "dev-rows").iterdir()) == sorted(
+        [*kept, *(k.replace("-greedy", "-greedy-fresh3") for k in kept)]
+    )
+    own = json.loads((out / "dev-rows" / f"{names[0]}-greedy.json").read_text())
+    new = json.loads((out / "dev-rows" / f"{names[0]}-greedy-fresh3.json").read_text())
+    assert len(own["scores"]) == 4 and len(new["scores"]) == 3 and len(new["words"]) == 3
+    assert new["key"]["rows"][-1] == 3 and "rows" not in own["key"]
+    with pytest.raises(SystemExit, match=r"--fresh 4: the dev set .* has 7 rows, 4 of them the runs' own dev rows"):
+        dev_choice.main([*argv[:-4], "--fresh", "4"])
 
 
 def test_trl_quality_compares_trl_alone_with_trl_plus_srd(tmp_path, tiny_models):
