@@ -214,6 +214,9 @@ PRESETS["paper-cpu"] = {
         # the same cut, and every stage with the data's mix of lengths too: Baby Step trains stage
         # 1's rows in every stage, and easy -> hard over all rows makes stage 1 mostly short references
         "stratstages": {"reflect.stratify": "reference_length_stages"},
+        # issue 35's last selection: re-reflection before each stage with the selection seed 42's dev
+        # chose among cegap, teacherce and strat (strat; the rule was fixed before its score existed)
+        "stratre": {"reflect.stratify": "reference_length", "curriculum.re_reflect": True},
         # SRD's selection and stages at the better control's temperature (tau 2 throughout): whether
         # the curation adds anything to a plain higher temperature (the kdtau2 control)
         "tau2": {"curriculum.tau_schedule": "fixed", "curriculum.tau_start": 2.0},
@@ -232,6 +235,7 @@ PRESETS["paper-cpu"] = {
         "teacherce": "teacher CE added to the fusion (rows the teacher cannot do drop first)",
         "strat": "cut stratified by reference length (the easiest 75% of each length quarter)",
         "stratstages": "cut and stages stratified by reference length (each stage: the next easiest of every quarter)",
+        "stratre": "cut stratified by reference length, re-reflection before each stage",
         "tau2": "tau fixed at 2 (the kdtau2 control's temperature, with SRD's selection and stages)",
     },
     "own_reflection": ["tcl", "kdrise", "kdtau2"],  # kd*: no reflection at all
