@@ -367,6 +367,12 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     new = json.loads((out / "dev-rows" / f"{names[0]}-greedy-fresh3.json").read_text())
     assert len(own["scores"]) == 4 and len(new["scores"]) == 3 and len(new["words"]) == 3
     assert new["key"]["rows"][-1] == 3 and "rows" not in own["key"]
+    # by reference length: the first fresh row's reference has 12 words, the other two 8 each
+    kd = json.loads((out / "dev-rows" / f"{names[0]}-kd-greedy-fresh3.json").read_text())["scores"]
+    table = text.split("By the reference's length", 1)[1]
+    assert "| reference 0-10 words (n = 2) | reference 11-30 words (n = 1) |" in table
+    cells = next(x for x in table.splitlines() if x.startswith("| kd |")).split(" | ")
+    assert cells[2].startswith(f"{kd[0] - new['scores'][0]:+.2f} (p = ")
     with pytest.raises(SystemExit, match=r"--fresh 4: the dev set .* has 7 rows, 4 of them the runs' own dev rows"):
         dev_choice.main([*argv[:-4], "--fresh", "4"])
 
