@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| row | "
         + " | ".join(f"seed {s}: decoded (logged best)" if not args.fresh else f"seed {s}" for s in args.seeds)
-        + " | mean over seeds | median answer words |",
+        + " | mean over seeds | median answer words, seed by seed |",
         "|---|" + "---|" * (len(args.seeds) + 2),
     ]
     for row in args.rows:
@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.seeds
         ]
         mean = f"{statistics.fmean(decoded[row].values()):.2f}" if row in decoded else "-"
-        # over dev rows and seeds; only where decoded here (kept dev answers give scores alone)
-        counts = [w for by_row in answer_words.get(row, {}).values() for w in by_row]
-        median = f"{statistics.median(counts):g}" if counts else "-"
+        # each seed's median over the dev rows (with sampled seeds, of each row's mean over them)
+        by_seed = answer_words.get(row, {})
+        median = ", ".join(f"{statistics.median(by_seed[s]):g}" if s in by_seed else "-" for s in args.seeds)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} | {median} |")
     lines += ["", f"The references' median: {statistics.median(reference_words(ex) for ex in dev):g} words."]
     lines += [
