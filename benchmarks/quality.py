@@ -515,7 +515,14 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
     for name, div, seed, variant in runs:
         run = out / name
         base = out / name.removesuffix(f"-{variant}") if variant else run  # where the KD baseline is
-        if not (_scores(base / "baseline", modes[0]) and _scores(run, modes[0])):
+        # finished: every mode evaluated on every benchmark, for the run and its KD baseline (a
+        # summary lists a benchmark once all its decoding seeds are written): a record rewritten
+        # while an evaluation is running leaves that run out rather than reading its partial files
+        evaluated_all = all(
+            _scores(x, modes[0]) and all(set(_scores(x, m)) == set(_scores(x, modes[0])) for m in modes)
+            for x in (base / "baseline", run)
+        )
+        if not evaluated_all:
             unfinished.append(f"Run `{name}` is not finished (rerun the command to resume it).")
             # what it has done so far: the dev curves of its stages (and of the KD baseline)
             if not variant and (base / "baseline" / "stages").exists():
@@ -661,11 +668,21 @@ def _seed_cells(pairs: list[tuple[int, Path, Path]], mode: str, bench: str) -> s
     from srd.eval.breakdown import example_scores
     from srd.report import paired_difference
 
-    per = []
-    for _, a_run, b_run in pairs:
+    per, scored = [], []
+    for pair in pairs:
+        _, a_run, b_run = pair
+        # a seed whose evaluation of this benchmark in this mode is still running (not yet in its
+        # summary: some decoding seeds' files may be written, others not) is left out of the cell
+        if not all(bench in _scores(run, mode) for run in (a_run, b_run)):
+            continue
         a, c = example_scores(a_run / "eval" / mode, bench), example_scores(b_run / "eval" / mode, bench)
         ids = set(a) & set(c)
-        per.append(statistics.fmean(c[i] - a[i] for i in ids) if ids else float("nan"))
+        if ids:
+            per.append(statistics.fmean(c[i] - a[i] for i in ids))
+            scored.append(pair)
+    pairs = scored
+    if not pairs:
+        return "- | - | - | - | - |"
     pooled = paired_difference(
         example_scores([a_run / "eval" / mode for _, a_run, _ in pairs], bench),
         example_scores([b_run / "eval" / mode for _, _, b_run in pairs], bench),

@@ -458,3 +458,25 @@ def test_the_record_sets_srd_against_each_other_row_directly(tmp_path):
     # a row on a seed the base row lacks is left out of the direct comparison
     del finished[("fkl", "")][2]
     assert "| the control (fkl) | b | 1 | +2.00 |" in "\n".join(quality.versus_table(finished, "greedy", preset))
+
+
+def test_seed_cells_leave_out_a_seed_still_being_evaluated(tmp_path):
+    """A record rewritten while one seed's evaluation in a mode is still running (its run has
+    finished training; some decoding seeds' files written, the summary not yet) gives the seeds
+    whose evaluation finished, and a cell of dashes when none has: never a partial evaluation."""
+    quality = _quality_module()
+
+    def scores(folder: Path, values: list[float]) -> Path:
+        (folder / "eval" / "sampled" / "b").mkdir(parents=True)
+        rows = [{"id": f"x{i}", "score": v} for i, v in enumerate(values)]
+        (folder / "eval" / "sampled" / "b" / "seed-10.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "eval" / "sampled" / "summary.json").write_text(json.dumps({"benchmarks": {"b": {}}}))
+        return folder
+
+    a42, b42 = scores(tmp_path / "a42", [1.0, 2.0, 3.0, 4.0]), scores(tmp_path / "b42", [2.0, 2.0, 5.0, 4.0])
+    # seed 7's B: still running, one decoding seed's file written and no summary yet
+    a7, b7 = scores(tmp_path / "a7", [1.0, 1.0, 1.0, 1.0]), scores(tmp_path / "b7", [9.0, 9.0, 9.0, 9.0])
+    (b7 / "eval" / "sampled" / "summary.json").unlink()
+    cells = quality._seed_cells([(7, a7, b7), (42, a42, b42)], "sampled", "b").split(" | ")
+    assert cells[:4] == ["42", "+0.75", "+0.75", "1 of 1"] and cells[4].startswith("+0.75 [")
+    assert quality._seed_cells([(7, a7, b7)], "sampled", "b") == "- | - | - | - | - |"
