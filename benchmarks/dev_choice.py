@@ -118,19 +118,14 @@ def cached_scores(
     model files, rows and setting were decoded before, else decoded."""
     from srd.eval.breakdown import words
     from srd.models.load import model_files_key
-    from srd.report import best_dev_answers
+    from srd.report import best_dev_answers, mean_by_id
     from srd.utils import atomic_write_text
 
     logged = None if fresh else best_dev_answers(run, sampled_seeds)
     if logged is not None:
-        per: dict[str, list[tuple[float, int]]] = {}  # dev row -> (score, answer words) per dev_eval seed
-        for r in logged:
-            per.setdefault(str(r["id"]), []).append((float(r["score"]), words(r["prediction"])))
-        return (
-            [statistics.fmean(s for s, _ in v) for v in per.values()],
-            [statistics.fmean(w for _, w in v) for v in per.values()],
-            False,
-        )
+        scores = mean_by_id(logged, lambda r: float(r["score"]))
+        lengths = mean_by_id(logged, lambda r: words(r["prediction"]))
+        return list(scores.values()), list(lengths.values()), False
     if not list(model.glob("*.safetensors")):
         raise SystemExit(f"{model}: no *.safetensors weights (a finished run's best checkpoint has them)")
     key = {"weights": model_files_key(str(model)), "sampled_seeds": sampled_seeds, "dev": cfg.data.dev}
@@ -144,6 +139,13 @@ def cached_scores(
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"model": str(model), "key": key, "scores": scores, "words": lengths}) + "\n")
     return scores, lengths, True
+
+
+def pooled(per: dict[str, dict[int, dict[str, float]]], row: str, seeds: list[int]) -> dict[str, float]:
+    """Dev row -> `row`'s score there, the mean over `seeds` (the per-row score a paired test over
+    training seeds uses)."""
+    first = per[row][seeds[0]]
+    return {i: statistics.fmean(per[row][s][i] for s in seeds) for i in first}
 
 
 def by_length(
@@ -168,11 +170,10 @@ def by_length(
         both = [s for s in seeds if s in per.get(row, {}) and s in per.get(ref, {})]
         if not both:
             continue
+        a, b = pooled(per, ref, both), pooled(per, row, both)
         cells = []
         for ids in buckets.values():
-            a = {i: statistics.fmean(per[ref][s][i] for s in both) for i in ids}
-            b = {i: statistics.fmean(per[row][s][i] for s in both) for i in ids}
-            d = paired_difference(a, b)
+            d = paired_difference({i: a[i] for i in ids}, {i: b[i] for i in ids})
             cells.append(f"{d['diff']:+.2f} (p = {d['p']:.2g})" if d["n"] else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
@@ -296,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if not seeds:
             lines.append(f"| {row} | - | - | - | - |")
             continue
-        pooled = {i: {r: statistics.fmean(per[r][s][i] for s in seeds) for r in (ref, row)} for i in per[ref][seeds[0]]}
-        d = paired_difference({i: v[ref] for i, v in pooled.items()}, {i: v[row] for i, v in pooled.items()})
+        d = paired_difference(pooled(per, ref, seeds), pooled(per, row, seeds))
         by_seed = [decoded[row][s] - decoded[ref][s] for s in seeds]
         same = sum((x > 0) == (d["diff"] > 0) and x != 0 for x in by_seed)
         lines.append(

@@ -518,11 +518,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         # finished: every mode evaluated on every benchmark, for the run and its KD baseline (a
         # summary lists a benchmark once all its decoding seeds are written): a record rewritten
         # while an evaluation is running leaves that run out rather than reading its partial files
-        evaluated_all = all(
-            _scores(x, modes[0]) and all(set(_scores(x, m)) == set(_scores(x, modes[0])) for m in modes)
-            for x in (base / "baseline", run)
-        )
-        if not evaluated_all:
+        if not all(_evaluated_all(x, modes) for x in (base / "baseline", run)):
             unfinished.append(f"Run `{name}` is not finished (rerun the command to resume it).")
             # what it has done so far: the dev curves of its stages (and of the KD baseline)
             if not variant and (base / "baseline" / "stages").exists():
@@ -652,6 +648,12 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             "",
         ]
     return "\n".join(lines)
+
+
+def _evaluated_all(folder: Path, modes: list[str]) -> bool:
+    """Whether every mode's evaluation of `folder` lists the same benchmarks, at least one."""
+    done = [set(_scores(folder, m)) for m in modes]
+    return bool(done[0]) and all(d == done[0] for d in done)
 
 
 def _row_label(preset: dict[str, Any], div: str, variant: str) -> str:

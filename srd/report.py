@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -565,11 +565,14 @@ def best_dev_rows(run: Path, seeds: Sequence[int] | None = None) -> dict[str, fl
     order, from the answers its dev evaluation kept (logs/dev-answers/); None where the run kept
     none. `seeds`: only answers decoded with exactly these dev_eval seeds (empty: greedy), else None."""
     rows = best_dev_answers(run, seeds)
-    if rows is None:
-        return None
+    return None if rows is None else mean_by_id(rows, lambda row: float(row["score"]))
+
+
+def mean_by_id(rows: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> dict[str, float]:
+    """Kept answers ({"id", ...} per dev row and seed) -> each id's mean of `value`, in first-seen order."""
     per: dict[str, list[float]] = {}
     for row in rows:
-        per.setdefault(str(row["id"]), []).append(float(row["score"]))
+        per.setdefault(str(row["id"]), []).append(value(row))
     return {i: statistics.fmean(v) for i, v in per.items()}
 
 
