@@ -115,3 +115,20 @@ def test_looping_answers_and_the_median_length(tmp_path):
     assert s["loop_share"] == pytest.approx(1 / 8)  # one answer of eight
     assert s["median_answer_words"] == pytest.approx((2 + 20) / 2)  # rows: 1, 2, 20, 32.5 words
     assert s["answer_words"] == pytest.approx((1 + 2 + 20 + 32.5) / 4)  # the loop pulls the mean up
+
+
+def test_only_the_answer_files_the_evaluation_wrote_are_read(tmp_path):
+    folder = _eval(tmp_path / "e", "b", {"a": [("x y", 10.0), ("x", 30.0)]})
+    # a copy and another tool's file beside the answers: never read as this model's answers
+    (folder / "b" / "seed-0 (copy).jsonl").write_text(json.dumps({"id": "a", "prediction": "z", "score": 99.0}) + "\n")
+    (folder / "b" / "other.jsonl").write_text(json.dumps({"id": "a", "prediction": "z", "score": 99.0}) + "\n")
+    assert example_scores(folder, "b") == {"a": 20.0}
+    assert answer_words(folder, "b") == {"a": 1.5}
+    # with a summary, only the decodings it lists: seed-1 is not finished there
+    summary = {"benchmarks": {"b": {"per_seed": {"seed-0": 10.0}}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert example_scores(folder, "b") == {"a": 10.0}
+    assert example_scores(folder, "other-bench") == {}
+    (folder / "b" / "seed-0.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"seed-0\.jsonl is missing.*rerun `srd eval`"):
+        example_scores(folder, "b")

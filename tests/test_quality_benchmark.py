@@ -426,7 +426,9 @@ def _fake_run(folder: Path, mode: str, scores: dict[str, float]) -> Path:
         "".join(json.dumps({"id": i, "score": v}) + "\n" for i, v in scores.items())
     )
     mean = sum(scores.values()) / len(scores)
-    (folder / "eval" / mode / "summary.json").write_text(json.dumps({"benchmarks": {"b": {"rouge_l": mean}}}))
+    (folder / "eval" / mode / "summary.json").write_text(
+        json.dumps({"benchmarks": {"b": {"mean": mean, "per_seed": {"greedy": mean}}}})
+    )
     return folder
 
 
@@ -470,7 +472,9 @@ def test_seed_cells_leave_out_a_seed_still_being_evaluated(tmp_path):
         (folder / "eval" / "sampled" / "b").mkdir(parents=True)
         rows = [{"id": f"x{i}", "score": v} for i, v in enumerate(values)]
         (folder / "eval" / "sampled" / "b" / "seed-10.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / "eval" / "sampled" / "summary.json").write_text(json.dumps({"benchmarks": {"b": {}}}))
+        (folder / "eval" / "sampled" / "summary.json").write_text(
+            json.dumps({"benchmarks": {"b": {"per_seed": {"seed-10": 0.0}}}})
+        )
         return folder
 
     a42, b42 = scores(tmp_path / "a42", [1.0, 2.0, 3.0, 4.0]), scores(tmp_path / "b42", [2.0, 2.0, 5.0, 4.0])

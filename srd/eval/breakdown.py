@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.data.example import Example
-from srd.eval.evaluate import load_example_scores
+from srd.eval.evaluate import answer_files, load_example_scores
 
 # reference-length buckets in words (upper bounds inclusive; None: no bound). On DollyEval they
 # hold 95 / 145 / 122 / 138 of the 500 rows (median reference 33 words, mean 72)
@@ -67,7 +67,7 @@ def bucket_label(n_words: int) -> str:
 
 def _rows(eval_dir: Path, bench: str) -> list[dict[str, Any]]:
     rows = []
-    for path in sorted((Path(eval_dir) / bench).glob("*.jsonl")):
+    for path in answer_files(Path(eval_dir), bench):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -375,10 +376,32 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ANSWER_FILE = re.compile(r"(greedy|seed-\d+)\.jsonl")
+
+
+def answer_files(eval_dir: Path, bench: str) -> list[Path]:
+    """The per-example files of one benchmark that this evaluation wrote: those its summary.json
+    lists (the decodings that finished), or, in a folder without one, every `greedy.jsonl` /
+    `seed-<S>.jsonl`. Any other file there (a copy, another tool's output) is never read as an
+    answer of this model."""
+    eval_dir = Path(eval_dir)
+    summary = eval_dir / "summary.json"
+    if not summary.exists():
+        return sorted(p for p in (eval_dir / bench).glob("*.jsonl") if ANSWER_FILE.fullmatch(p.name))
+    entry = read_json(summary).get("benchmarks", {}).get(bench)
+    files = [eval_dir / bench / f"{key}.jsonl" for key in sorted((entry or {}).get("per_seed", {}))]
+    for path in files:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing, but {summary} lists it: rerun `srd eval` into {eval_dir} to decode it again"
+            )
+    return files
+
+
 def load_example_scores(eval_dir: Path, bench: str) -> dict[str, float]:
     """Per-example score averaged over the seeds (or greedy) of one benchmark."""
     totals: dict[str, list[float]] = {}
-    for path in sorted((eval_dir / bench).glob("*.jsonl")):
+    for path in answer_files(eval_dir, bench):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             totals.setdefault(row["id"], []).append(float(row["score"]))
