@@ -494,6 +494,14 @@ def models_dirs(run: Path) -> list[tuple[str, Path]]:
     ]
 
 
+def scores_by_benchmark(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """Benchmark -> example id -> score, for every benchmark of one evaluation folder with finished
+    answers: a folder beside them with none (another tool's, one still being decoded) is left out,
+    not drawn as a zero bar."""
+    benches = sorted(p.name for p in Path(eval_dir).iterdir() if p.is_dir())
+    return {b: v for b in benches if (v := load_example_scores(Path(eval_dir), b))}
+
+
 def _plot_scores(series: list[tuple[str, Path]], plots: Path) -> str:
     """comparison.png: each model's mean score per benchmark with its 95% bootstrap interval over
     examples (left), and each model's paired difference from the first trained model, KD, with
@@ -502,10 +510,7 @@ def _plot_scores(series: list[tuple[str, Path]], plots: Path) -> str:
     import numpy as np
     from scipy.stats import bootstrap
 
-    scores = {
-        label: {b.name: load_example_scores(folder, b.name) for b in folder.iterdir() if b.is_dir()}
-        for label, folder in series
-    }
+    scores = {label: scores_by_benchmark(folder) for label, folder in series}
     benches = list(dict.fromkeys(b for s in scores.values() for b in s))
     labels = list(scores)
     reference = next((x for x in labels if x in ("KD", "GKD")), None)

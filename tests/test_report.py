@@ -69,3 +69,23 @@ def test_the_timing_caveat_names_the_method_whose_speed_moved(tmp_path):
     _rates(run / "baseline", "baseline", [100.0] * 27 + [40.0] * 25)
     caveat = speed_caveat(run)
     assert caveat is not None and "2.5x in the KD baseline" in caveat and "in SRD" not in caveat
+
+
+def test_scores_by_benchmark_reads_finished_answers_only(tmp_path):
+    from srd.report import scores_by_benchmark
+
+    ev = tmp_path / "eval" / "greedy"
+    for bench, rows in (("b", {"x": 10.0, "y": 30.0}), ("c", {"x": 5.0})):
+        (ev / bench).mkdir(parents=True)
+        (ev / bench / "greedy.jsonl").write_text(
+            "".join(json.dumps({"id": i, "score": v}) + "\n" for i, v in rows.items())
+        )
+    (ev / "summary.json").write_text(json.dumps({"benchmarks": {"b": {"per_seed": {"greedy": 20.0}}}}))
+    # c: answers written, not yet in the summary (being evaluated); notes: another tool's folder
+    (ev / "notes").mkdir()
+    (ev / "notes" / "greedy.jsonl").write_text(json.dumps({"id": "x", "score": 99.0}) + "\n")
+    assert scores_by_benchmark(ev) == {"b": {"x": 10.0, "y": 30.0}}
+    (ev / "summary.json").write_text(
+        json.dumps({"benchmarks": {"b": {"per_seed": {"greedy": 20.0}}, "c": {"per_seed": {"greedy": 5.0}}}})
+    )
+    assert scores_by_benchmark(ev) == {"b": {"x": 10.0, "y": 30.0}, "c": {"x": 5.0}}
