@@ -381,15 +381,17 @@ ANSWER_FILE = re.compile(r"(greedy|seed-\d+)\.jsonl")
 
 def answer_files(eval_dir: Path, bench: str) -> list[Path]:
     """The per-example files of one benchmark that this evaluation wrote: those its summary.json
-    lists (the decodings that finished), or, in a folder without one, every `greedy.jsonl` /
-    `seed-<S>.jsonl`. Any other file there (a copy, another tool's output) is never read as an
-    answer of this model."""
+    lists (the decodings that finished; none for a benchmark it does not list), or, in a folder
+    whose summary lists no decodings or that has none, every `greedy.jsonl` / `seed-<S>.jsonl`.
+    Any other file there (a copy, another tool's output) is never read as an answer of this model."""
     eval_dir = Path(eval_dir)
     summary = eval_dir / "summary.json"
-    if not summary.exists():
+    entry = read_json(summary).get("benchmarks", {}).get(bench) if summary.exists() else {}
+    if entry is None:  # not (yet) evaluated on this benchmark
+        return []
+    if "per_seed" not in entry:  # no summary, or one that does not list its decodings
         return sorted(p for p in (eval_dir / bench).glob("*.jsonl") if ANSWER_FILE.fullmatch(p.name))
-    entry = read_json(summary).get("benchmarks", {}).get(bench)
-    files = [eval_dir / bench / f"{key}.jsonl" for key in sorted((entry or {}).get("per_seed", {}))]
+    files = [eval_dir / bench / f"{key}.jsonl" for key in sorted(entry["per_seed"])]
     for path in files:
         if not path.exists():
             raise FileNotFoundError(
