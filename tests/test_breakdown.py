@@ -17,6 +17,7 @@ from srd.eval.breakdown import (
     length_summary,
     loops,
 )
+from srd.eval.evaluate import EvalError
 from srd.report import breakdown_table, length_table
 
 
@@ -130,5 +131,5 @@ def test_only_the_answer_files_the_evaluation_wrote_are_read(tmp_path):
     assert example_scores(folder, "b") == {"a": 10.0}
     assert example_scores(folder, "other-bench") == {}
     (folder / "b" / "seed-0.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match=r"seed-0\.jsonl is missing.*rerun `srd eval`"):
+    with pytest.raises(EvalError, match=r"seed-0\.jsonl is missing.*rerun `srd eval`"):
         example_scores(folder, "b")

@@ -458,6 +458,25 @@ def test_compare_takes_srd_eval_output_folders_and_refuses_unlike_decodings(tmp_
     assert "dolly-eval was decoded differently" in err and "(sampled: sampled, 128 new tokens; greedy: greedy" in err
 
 
+def test_compare_names_a_listed_answer_file_that_is_gone_in_one_line(tmp_path, capsys):
+    """A per-example file that summary.json lists but that was removed: one line naming it and the
+    fix, exit 2; a stray file beside the answers changes nothing."""
+    ids = [f"r{i}" for i in range(6)]
+    a = _eval_output(tmp_path / "a", True, {k: 10.0 + i for i, k in enumerate(ids)})
+    b = _eval_output(tmp_path / "b", True, {k: 11.0 + i for i, k in enumerate(ids)})
+    for folder in (a, b):
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["benchmarks"]["dolly-eval"]["per_seed"] = {"seed-10": 0.0}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    (b / "dolly-eval" / "seed-10 (copy).jsonl").write_text(json.dumps({"id": "r0", "score": 99.0}) + "\n")
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "| b | +1.00 [+1.00, +1.00]" in capsys.readouterr().out
+    (b / "dolly-eval" / "seed-10.jsonl").unlink()
+    assert main(["compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "seed-10.jsonl is missing" in err and "rerun `srd eval`" in err
+
+
 def test_compare_out_replaces_only_a_table_it_wrote(tmp_path, capsys):
     """--out writes a new file and replaces its own table on a rerun; a file of the user's at that
     path (or a folder) is refused in one line and left as it was."""

@@ -394,7 +394,7 @@ def answer_files(eval_dir: Path, bench: str) -> list[Path]:
     files = [eval_dir / bench / f"{key}.jsonl" for key in sorted(entry["per_seed"])]
     for path in files:
         if not path.exists():
-            raise FileNotFoundError(
+            raise EvalError(
                 f"{path} is missing, but {summary} lists it: rerun `srd eval` into {eval_dir} to decode it again"
             )
     return files
