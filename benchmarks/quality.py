@@ -924,8 +924,8 @@ def main(argv: list[str] | None = None) -> int:
         "--references",
         nargs="*",
         default=["teacher", "initial"],
-        choices=["teacher", "initial"],
-        help="reference models evaluated once, in the first run (default: the teacher and the student before KD)",
+        help="reference models evaluated once, in the first run: teacher, initial, or none when given bare "
+        "(default: the teacher and the student before KD)",
     )
     p.add_argument(
         "--variants",
@@ -936,6 +936,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", action="append", default=[], help="a paragraph for the record's Notes section")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.train_limit=200)")
     args = p.parse_args(argv)
+    # a bare --references swallows the key=value overrides after it: they are overrides, not models
+    args.overrides += [r for r in args.references if "=" in r]
+    args.references = [r for r in args.references if "=" not in r]
+    bad = sorted(set(args.references) - {"teacher", "initial"})
+    if bad:
+        p.error(f"--references {' '.join(bad)}: choose from teacher, initial (or give --references bare for none)")
 
     preset = dict(PRESETS[args.preset])
     if args.random_init:

@@ -112,6 +112,13 @@ def test_quality_references_choose_the_models_evaluated_once(capsys):
     assert """'eval.models=["final"]'""" in variant  # the variant compares against the base run's KD
     assert quality.main(["--preset", "gsm8k", "--dry-run"]) == 0
     assert """'eval.models=["teacher", "initial", "baseline", "final"]'""" in capsys.readouterr().out
+    # a bare --references followed by an override: no reference models, and the override kept
+    assert quality.main(["--preset", "gsm8k", "--dry-run", "--variants", "none", "--references", "train.lr=0.5"]) == 0
+    first = capsys.readouterr().out
+    assert """'eval.models=["baseline", "final"]'""" in first and "train.lr=0.5" in first
+    with pytest.raises(SystemExit):
+        quality.main(["--preset", "gsm8k", "--dry-run", "--references", "teachr"])
+    assert "--references teachr: choose from teacher, initial" in capsys.readouterr().err
 
 
 def test_quality_variants_share_reflection_and_the_baseline(tmp_path, tiny_models):
