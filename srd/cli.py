@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import typing
 from collections.abc import Sequence
@@ -236,7 +237,7 @@ def _add_evaluation_commands(sub: Any) -> None:
         "overrides",
         nargs="*",
         help="key=value overrides of the eval, data and generation sections (e.g. eval.limit=50 eval.greedy=true); "
-        "put them before the flags",
+        "before or after the flags",
     )
     ev.add_argument("--config", default=None, help="a YAML recipe to take the eval / data / generation settings from")
     for flag, key, kw in EVAL_FLAGS:
@@ -338,8 +339,40 @@ def quiet_library_logs() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
 
 
+# a dotted key=value (train.lr=1e-4): always an override, never a benchmark, a seed or a data set
+_OVERRIDE_TOKEN = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$")
+
+
+def _list_flags() -> set[str]:
+    """The flags that take several values (--benchmarks a b, --seeds 1 2, --heal-data x y)."""
+    return {flag for flag, _, kw in (*EVAL_FLAGS, *PRUNE_FLAGS) if kw.get("nargs") in ("+", "*")}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with the overrides a list flag would swallow given back: in `srd eval M
+    --benchmarks dolly-eval eval.limit=50` argparse reads eval.limit=50 as one more benchmark (and
+    after --seeds, as a bad integer); a dotted key=value there is an override, so it is taken out of
+    the list and added to the command's overrides, in the order given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    list_flags, kept, moved, in_list = _list_flags(), [], [], False
+    for token in argv:
+        if token.startswith("-") and not _NEGATIVE_NUMBER.match(token):
+            in_list = token in list_flags
+            kept.append(token)
+        elif in_list and _OVERRIDE_TOKEN.match(token):
+            moved.append(token)
+        else:
+            kept.append(token)
+    parser = _parser()
+    args = parser.parse_args(kept)
+    if moved:
+        args.overrides = [*args.overrides, *moved]  # list flags exist only on commands that take overrides
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from srd.cli import main
+from srd.cli import main, parse_args
 from srd.report import difference_cell, paired_difference, wilcoxon_p
 from tests.conftest import run_cli_in_processes
 from tests.test_srd_run import _args, srd_data  # noqa: F401  (fixture)
@@ -71,6 +71,23 @@ def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F81
     for png in ("reflection_scores.png", "stage_sizes.png", "training.png", "schedule.png", "eval_sampled.png"):
         assert (srd / "report" / png).stat().st_size > 5000 and png in report
     assert "## Reflection" in report and "## Evaluation" in report
+
+
+def test_overrides_after_a_list_flag_stay_overrides(capsys):
+    # argparse alone would read eval.limit=5 as a benchmark, and after --seeds as a bad integer
+    args = parse_args(["eval", "m", "eval.greedy=false", "--benchmarks", "dolly-eval", "eval.limit=5", "--seeds", "1"])
+    assert args.overrides == ["eval.greedy=false", "eval.limit=5"]
+    assert getattr(args, "eval.benchmarks") == ["dolly-eval"] and getattr(args, "eval.seeds") == [1]
+    args = parse_args(["eval", "m", "--seeds", "-1", "2", "eval.limit=5", "--greedy"])
+    assert getattr(args, "eval.seeds") == [-1, 2] and args.overrides == ["eval.limit=5"]
+    args = parse_args(["prune", "--heal-data", "samsum", "xsum", "prune.layers=20", "--out", "s"])
+    assert getattr(args, "prune.heal_data") == ["samsum", "xsum"] and args.overrides == ["prune.layers=20"]
+    # a file name without a dotted key is still a benchmark; a swallowed plain word still fails as before
+    args = parse_args(["eval", "m", "--benchmarks", "rows.jsonl", "mine=1.jsonl"])
+    assert getattr(args, "eval.benchmarks") == ["rows.jsonl", "mine=1.jsonl"] and args.overrides == []
+    with pytest.raises(SystemExit):
+        parse_args(["eval", "m", "--seeds", "1", "x"])
+    assert "invalid int value: 'x'" in capsys.readouterr().err
 
 
 def test_compare_without_eval_is_a_clear_error(tmp_path, two_runs, capsys):
