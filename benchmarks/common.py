@@ -101,11 +101,45 @@ def header(title: str) -> list[str]:
     ]
 
 
+def _recorded_by(path: Path) -> str | None:
+    """The command a record names in its header (`Recorded <when> by `<command>`.`), or None."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f.read(4096).splitlines():
+                if line.startswith("Recorded ") and " by `" in line:
+                    return line.split(" by `", 1)[1].rsplit("`", 1)[0]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def default_record_path(name: str, command: str, folder: Path | None = None) -> Path:
+    """benchmarks/results/<name>.md, unless a record there names another command (another
+    benchmark run the same day): then the first free <name>-2.md, -3, ... A rerun of the same
+    command (e.g. `--report-only` after its run) rewrites its own record; it never replaces
+    another run's."""
+    folder = folder or ROOT / "benchmarks" / "results"
+
+    def run_of(cmd: str | None) -> list[str] | None:  # a record rewritten from its finished runs is the same run's
+        return None if cmd is None else [a for a in cmd.split() if a != "--report-only"]
+
+    candidate, n = folder / f"{name}.md", 1
+    while candidate.exists() and run_of(_recorded_by(candidate)) != run_of(command):
+        n += 1
+        candidate = folder / f"{name}-{n}.md"
+    return candidate
+
+
 def save_record(text: str, path: str | None, preset: str, kind: str) -> Path:
-    """Write the record (default benchmarks/results/<date>-<preset>-<kind>.md) and print it."""
+    """Write the record and print it. Without a path: benchmarks/results/<date>-<preset>-<kind>.md,
+    or a free `-N` name beside it where that file is another command's record."""
     from srd.utils import atomic_write_text
 
-    record = Path(path or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{preset}-{kind}.md")
+    record = (
+        Path(path)
+        if path
+        else default_record_path(f"{dt.date.today().isoformat()}-{preset}-{kind}", command_line(sys.argv))
+    )
     record.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(record, text)
     print(text)

@@ -50,7 +50,6 @@ Presets:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -957,10 +956,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--variants {' '.join(unknown)}: preset {args.preset} has {[v for v in variants if v] or 'none'}")
         variants = [v for v in variants if not v or v in args.variants]
     runs = run_names(args.preset + suffix, divergences, seeds, variants if len(variants) > 1 else None)
-    record = Path(
-        args.record
-        or ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{args.preset}{suffix}-quality.md"
-    )
     # references_last: the teacher and the initial student are evaluated after every trained
     # model (quality.py's last phase), so the comparisons come first in a long preset
     references = () if preset.get("references_last") else tuple(args.references)
@@ -1018,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
             if preset.get("sampled_seeds"):
                 evaluate_models(commands[0][1], refs, preset["sampled_seeds"], progress)
     text = write_record(args, runs, out, None if args.report_only else time.perf_counter() - t0)
-    save_record(text, str(record), args.preset, "quality")
+    save_record(text, args.record, args.preset + suffix, "quality")
     return 0
 
 

@@ -194,6 +194,32 @@ def test_record_header_elides_note_paragraphs():
     assert command_line(argv) == "python benchmarks/quality.py --preset cpu --note '...' --note '...'"
 
 
+def test_a_default_record_name_never_replaces_another_commands_record(tmp_path, monkeypatch, capsys):
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(common.sys, "argv", ["benchmarks/quality.py", "--preset", "cpu"])
+
+    def write(body: str) -> Path:
+        return common.save_record("\n".join([*common.header("Quality"), body]) + "\n", None, "cpu", "quality")
+
+    first = write("first run")
+    assert first.parent == tmp_path / "benchmarks" / "results" and first.name.endswith("-cpu-quality.md")
+    # the same command again, or with --report-only after the run, rewrites its own record
+    monkeypatch.setattr(common.sys, "argv", ["benchmarks/quality.py", "--preset", "cpu", "--report-only"])
+    assert write("first run, rewritten") == first and "rewritten" in first.read_text()
+    # another command the same day gets the next free name; the first record stays as it was
+    monkeypatch.setattr(common.sys, "argv", ["benchmarks/quality.py", "--preset", "cpu", "--seeds", "7"])
+    second = write("second run")
+    assert second.name == first.name.replace(".md", "-2.md") and "rewritten" in first.read_text()
+    # a file that is no record (no header) is not replaced either; a given --record path is
+    hand = tmp_path / "benchmarks" / "results" / "notes.md"
+    hand.write_text("my notes\n")
+    assert common.default_record_path("notes", "python x.py") == hand.with_name("notes-2.md")
+    assert common.save_record("x\n", str(hand), "cpu", "quality") == hand and hand.read_text() == "x\n"
+    capsys.readouterr()
+
+
 def test_pad_fraction_counts_padding_to_a_multiple_of_8():
     pad_fraction = _module("padding").pad_fraction
     lengths = [8, 8, 3, 16]
