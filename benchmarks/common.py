@@ -113,12 +113,12 @@ def _recorded_by(path: Path) -> str | None:
     return None
 
 
-def default_record_path(name: str, command: str, folder: Path | None = None) -> Path:
+def default_record_path(name: str, command: str) -> Path:
     """benchmarks/results/<name>.md, unless a record there names another command (another
     benchmark run the same day): then the first free <name>-2.md, -3, ... A rerun of the same
     command (e.g. `--report-only` after its run) rewrites its own record; it never replaces
     another run's."""
-    folder = folder or ROOT / "benchmarks" / "results"
+    folder = ROOT / "benchmarks" / "results"
 
     def run_of(cmd: str | None) -> list[str] | None:  # a record rewritten from its finished runs is the same run's
         return None if cmd is None else [a for a in cmd.split() if a != "--report-only"]
