@@ -356,6 +356,24 @@ def plan(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def bf16_notice(overrides: list[str], native: bool) -> str | None:
+    """A line for the start of a run whose config pins bf16 (train.precision, eval.dtype) on a CPU
+    that has no native bf16, where both run on a slow path: the preset's records were made in bf16,
+    so it stays pinned (a resume keeps one precision), and the line names the float32 switch."""
+    if native:
+        return None
+    pinned = {k: v for k, v in (x.split("=", 1) for x in overrides if "=" in x)}
+    slow = [k for k, v in (("train.precision", "bf16"), ("eval.dtype", "bfloat16")) if pinned.get(k) == v]
+    if not slow:
+        return None
+    return (
+        f"note: this run pins {' and '.join(f'{k}={pinned[k]}' for k in slow)}, but this CPU has no native bf16 "
+        "(AVX512-BF16 or AMX), where bf16 runs several times slower than float32. To run in float32 instead "
+        "(faster here; scores not comparable digit for digit with bf16 records), start it with "
+        "train.precision=fp32 eval.dtype=float32 and a new --out."
+    )
+
+
 def plan_table(commands: list[tuple[str, list[str]]]) -> list[str]:
     """Markdown: every run's stages (examples / optimizer steps / dev evaluations) and its baseline."""
     lines = [
@@ -985,11 +1003,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from srd.config import load_config
+        from srd.models.load import native_bf16
         from srd.recipes.experiment import run_experiment
         from srd.utils import tune_cpu_allocator
 
         if not torch.cuda.is_available():  # as the srd CLI does (SRD_CPU_MALLOC=0: glibc's default)
             tune_cpu_allocator()
+            notice = bf16_notice(commands[0][1], native_bf16("cpu"))
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
 
         progress = not args.no_progress
         for (name, o), (_, _, _, variant) in zip(commands, runs):

@@ -491,3 +491,23 @@ def test_seed_cells_leave_out_a_seed_still_being_evaluated(tmp_path):
     cells = quality._seed_cells([(7, a7, b7), (42, a42, b42)], "sampled", "b").split(" | ")
     assert cells[:4] == ["42", "+0.75", "+0.75", "1 of 1"] and cells[4].startswith("+0.75 [")
     assert quality._seed_cells([(7, a7, b7)], "sampled", "b") == "- | - | - | - | - |"
+
+
+def test_bf16_notice_names_the_float32_switch_only_where_bf16_is_pinned_on_a_cpu_without_it():
+    quality = _quality_module()
+    preset = quality.PRESETS["paper-cpu"]
+    o = quality.overrides_for(preset, "fkl", 42, "paper-cpu-fkl-s42", Path("runs/q"), True, [])
+    notice = quality.bf16_notice(o, native=False)
+    assert "train.precision=bf16 and eval.dtype=bfloat16" in notice
+    assert "train.precision=fp32 eval.dtype=float32" in notice
+    assert quality.bf16_notice(o, native=True) is None
+    # the last value of a key wins, as in the run's own overrides
+    fp32 = quality.overrides_for(
+        preset, "fkl", 42, "x", Path("runs/q"), True, ["train.precision=fp32", "eval.dtype=float32"]
+    )
+    assert quality.bf16_notice(fp32, native=False) is None
+    half = quality.overrides_for(preset, "fkl", 42, "x", Path("runs/q"), True, ["train.precision=fp32"])
+    assert "pins eval.dtype=bfloat16," in quality.bf16_notice(half, native=False)
+    # the cpu preset leaves precision to auto: nothing to say
+    cpu = quality.overrides_for(quality.PRESETS["cpu"], "fkl", 1, "x", Path("runs/q"), True, [])
+    assert quality.bf16_notice(cpu, native=False) is None
