@@ -356,18 +356,18 @@ def plan(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def bf16_notice(overrides: list[str], native: bool) -> str | None:
-    """A line for the start of a run whose config pins bf16 (train.precision, eval.dtype) on a CPU
-    that has no native bf16, where both run on a slow path: the preset's records were made in bf16,
-    so it stays pinned (a resume keeps one precision), and the line names the float32 switch."""
+def bf16_notice(cfg: Any, native: bool) -> str | None:
+    """A line for the start of a run whose resolved config pins bf16 (train.precision, eval.dtype)
+    on a CPU that has no native bf16, where both run on a slow path: the preset's records were made
+    in bf16, so it stays pinned (a resume keeps one precision), and the line names the float32 switch."""
     if native:
         return None
-    pinned = {k: v for k, v in (x.split("=", 1) for x in overrides if "=" in x)}
-    slow = [k for k, v in (("train.precision", "bf16"), ("eval.dtype", "bfloat16")) if pinned.get(k) == v]
-    if not slow:
+    pinned = [f"train.precision={cfg.train.precision}"] if cfg.train.precision == "bf16" else []
+    pinned += [f"eval.dtype={cfg.eval.dtype}"] if cfg.eval.dtype == "bfloat16" else []
+    if not pinned:
         return None
     return (
-        f"note: this run pins {' and '.join(f'{k}={pinned[k]}' for k in slow)}, but this CPU has no native bf16 "
+        f"note: this run pins {' and '.join(pinned)}, but this CPU has no native bf16 "
         "(AVX512-BF16 or AMX), where bf16 runs several times slower than float32. To run in float32 instead "
         "(faster here; scores not comparable digit for digit with bf16 records), start it with "
         "train.precision=fp32 eval.dtype=float32 and a new --out."
@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():  # as the srd CLI does (SRD_CPU_MALLOC=0: glibc's default)
             tune_cpu_allocator()
-            notice = bf16_notice(commands[0][1], native_bf16("cpu"))
+            notice = bf16_notice(load_config(None, commands[0][1]), native_bf16("cpu"))
             if notice:
                 print(notice, file=sys.stderr, flush=True)
 

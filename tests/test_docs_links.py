@@ -13,7 +13,7 @@ LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
 def _markdown_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True)
     if out.returncode == 0 and out.stdout.strip():
-        return [ROOT / p for p in out.stdout.split()]
+        return [ROOT / p for p in out.stdout.splitlines()]
     return [p for p in ROOT.rglob("*.md") if ".venv" not in p.parts]  # not a git checkout
 
 

@@ -494,20 +494,21 @@ def test_seed_cells_leave_out_a_seed_still_being_evaluated(tmp_path):
 
 
 def test_bf16_notice_names_the_float32_switch_only_where_bf16_is_pinned_on_a_cpu_without_it():
+    from srd.config import load_config
+
     quality = _quality_module()
     preset = quality.PRESETS["paper-cpu"]
-    o = quality.overrides_for(preset, "fkl", 42, "paper-cpu-fkl-s42", Path("runs/q"), True, [])
-    notice = quality.bf16_notice(o, native=False)
+
+    def cfg(preset, extra):
+        return load_config(None, quality.overrides_for(preset, "fkl", 42, "x", Path("runs/q"), True, extra))
+
+    notice = quality.bf16_notice(cfg(preset, []), native=False)
     assert "train.precision=bf16 and eval.dtype=bfloat16" in notice
     assert "train.precision=fp32 eval.dtype=float32" in notice
-    assert quality.bf16_notice(o, native=True) is None
+    assert quality.bf16_notice(cfg(preset, []), native=True) is None
     # the last value of a key wins, as in the run's own overrides
-    fp32 = quality.overrides_for(
-        preset, "fkl", 42, "x", Path("runs/q"), True, ["train.precision=fp32", "eval.dtype=float32"]
-    )
-    assert quality.bf16_notice(fp32, native=False) is None
-    half = quality.overrides_for(preset, "fkl", 42, "x", Path("runs/q"), True, ["train.precision=fp32"])
-    assert "pins eval.dtype=bfloat16," in quality.bf16_notice(half, native=False)
+    assert quality.bf16_notice(cfg(preset, ["train.precision=fp32", "eval.dtype=float32"]), native=False) is None
+    half = quality.bf16_notice(cfg(preset, ["train.precision=fp32"]), native=False)
+    assert "pins eval.dtype=bfloat16," in half
     # the cpu preset leaves precision to auto: nothing to say
-    cpu = quality.overrides_for(quality.PRESETS["cpu"], "fkl", 1, "x", Path("runs/q"), True, [])
-    assert quality.bf16_notice(cpu, native=False) is None
+    assert quality.bf16_notice(cfg(quality.PRESETS["cpu"], []), native=False) is None
