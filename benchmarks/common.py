@@ -89,16 +89,65 @@ def command_line(argv: list[str], elide: tuple[str, ...] = ("--note",)) -> str:
     return " ".join(["python", *out])
 
 
-def header(title: str) -> list[str]:
-    """The first lines of a record: title, when and by which command, on which machine."""
+MACHINES_LOG = "machines.jsonl"
+
+
+def log_machine(folder: Path) -> None:
+    """Append this process's machine (after its allocator is set) to `<folder>/machines.jsonl`,
+    one line per start of a benchmark that runs there: a record rewritten later from those runs
+    (`--report-only`, perhaps on another machine) names the machines that made them."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = {"at": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": command_line(sys.argv), **machine()}
+    with (folder / MACHINES_LOG).open("a", encoding="utf-8") as f:  # one short line: appended whole
+        f.write(json.dumps(entry) + "\n")
+
+
+def logged_machines(folder: Path) -> list[str]:
+    """One line per machine in `<folder>/machines.jsonl`, in order of first use: when it started
+    a run there (first and last start, how many) and what it was. Unreadable lines are skipped."""
+    import json
+
+    seen: dict[str, list[str]] = {}
+    try:
+        text = (folder / MACHINES_LOG).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            at = str(entry.pop("at"))
+            entry.pop("command", None)
+        except (ValueError, KeyError, AttributeError):
+            continue
+        seen.setdefault(", ".join(f"{k} {v}" for k, v in entry.items()), []).append(at)
     return [
+        f"{ats[0]}{f' to {ats[-1]}' if len(ats) > 1 else ''} ({len(ats)} start{'s' if len(ats) > 1 else ''}): {desc}."
+        for desc, ats in seen.items()
+    ]
+
+
+def header(title: str, runs: Path | None = None, wrote_only: bool = False) -> list[str]:
+    """The first lines of a record: title, when and by which command, on which machine. With
+    `runs` (a folder where log_machine logged the machines that ran there), those machines too;
+    `wrote_only`: this process only wrote the record from finished runs (its machine is not theirs)."""
+    this = ", ".join(f"{k} {v}" for k, v in machine().items())
+    lines = [
         f"# {title}",
         "",
         f"Recorded {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{command_line(sys.argv)}`.",
         "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".",
+        f"{'Machine that wrote this record' if wrote_only else 'Machine'}: {this}.",
         "",
     ]
+    logged = logged_machines(runs) if runs is not None else []
+    if logged:
+        lines += [f"Machines that ran these runs (each start, from `{runs}/{MACHINES_LOG}`):", ""]
+        lines += [f"- {m}" for m in logged] + [""]
+    elif wrote_only:
+        lines += ["The runs logged no machine (they predate the log); the line above is not theirs.", ""]
+    return lines
 
 
 def _recorded_by(path: Path) -> str | None:

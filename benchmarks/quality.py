@@ -60,7 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, save_record  # noqa: E402
+from benchmarks.common import header, log_machine, save_record  # noqa: E402
 
 HEALED_STUDENT = "runs/students/smollm2-20l-healed"
 
@@ -515,7 +515,11 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
 
     preset = PRESETS[args.preset]
     modes = _modes(preset)
-    lines = header(f"Quality benchmark, preset `{args.preset}`{' (random-init shapes)' if args.random_init else ''}")
+    lines = header(
+        f"Quality benchmark, preset `{args.preset}`{' (random-init shapes)' if args.random_init else ''}",
+        runs=out,
+        wrote_only=args.report_only,
+    )
     first = out / runs[0][0]
     cfg_path = first / "config.yaml"
     if cfg_path.exists():
@@ -1012,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             notice = bf16_notice(load_config(None, commands[0][1]), native_bf16("cpu"))
             if notice:
                 print(notice, file=sys.stderr, flush=True)
+        log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
 
         progress = not args.no_progress
         for (name, o), (_, _, _, variant) in zip(commands, runs):

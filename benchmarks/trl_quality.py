@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, save_record  # noqa: E402
+from benchmarks.common import header, log_machine, save_record  # noqa: E402
 
 HEALED_STUDENT = "runs/students/smollm2-20l-healed"
 
@@ -227,7 +227,9 @@ def write_record(args: argparse.Namespace, out: Path) -> str:
     from srd.eval.evaluate import load_example_scores
     from srd.report import difference_cell, paired_difference
 
-    lines = header("TRL's GKDTrainer alone against TRL + srd's selection and curriculum")
+    lines = header(
+        "TRL's GKDTrainer alone against TRL + srd's selection and curriculum", runs=out, wrote_only=args.report_only
+    )
     lines += [
         f"Rows: {args.rows} of `{args.data}`; {args.epochs_per_stage} epochs per SRD stage against "
         f"{2.5 * args.epochs_per_stage:g} epochs for TRL alone; batch {args.batch_size} x {args.grad_accum}; "
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if not args.report_only:
+        log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
         from srd.config import CurriculumConfig
         from srd.integrations.hf import Curriculum, reflect_dataset
         from srd.models import load_model, load_tokenizer

@@ -389,3 +389,25 @@ def test_dev_noise_scores_each_model_under_each_nuisance_setting(tmp_path, tiny_
     assert "], p = " in greedy_cell and "sampled, each row's mean over 2 seeds" in text
     with pytest.raises(SystemExit, match="label=model"):
         _module("dev_noise").main(["--config", str(config), "--models", str(student)])
+
+
+def test_logged_machines_group_starts_per_machine_and_skip_broken_lines(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common.sys, "argv", ["benchmarks/quality.py", "--preset", "cpu"])
+    common.log_machine(tmp_path)
+    first = json.loads((tmp_path / common.MACHINES_LOG).read_text())
+    assert first["command"] == "python benchmarks/quality.py --preset cpu" and "cpu_malloc" in first
+    other = dict(first, at="2030-01-02 03:04", cpu="Another CPU", cpu_malloc="default")
+    with (tmp_path / common.MACHINES_LOG).open("a") as f:
+        f.write(json.dumps(other) + "\n" + "{not json\n" + json.dumps(dict(other, at="2030-01-03 00:00")) + "\n")
+    lines = common.logged_machines(tmp_path)
+    assert len(lines) == 2 and lines[0].startswith(f"{first['at']} (1 start): python ")
+    assert lines[1].startswith("2030-01-02 03:04 to 2030-01-03 00:00 (2 starts): ") and "cpu Another CPU" in lines[1]
+    assert "command" not in lines[1] and common.logged_machines(tmp_path / "nowhere") == []
+    # a record header from those runs names them; the writing process is labelled as only that
+    head = "\n".join(common.header("T", runs=tmp_path, wrote_only=True))
+    assert "Machine that wrote this record: " in head and head.count("\n- ") == 2
+    assert "predate the log" in "\n".join(common.header("T", runs=tmp_path / "nowhere", wrote_only=True))

@@ -62,7 +62,7 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     for label in ["| teacher |", "| student before KD |", "KD (fkl, seed 1)", "KD+SRD (fkl, seed 2)", "p = "]:
         assert label in text
     assert not (tmp_path / "runs" / "cpu-fkl-s2" / "references").exists()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-fkl-s1", "cpu-fkl-s2"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-fkl-s1", "cpu-fkl-s2", "machines.jsonl"]
     assert "SRD total / KD" in text and "Run `" not in text  # every run finished
     assert "cpu-fkl-s2/baseline/stages/baseline/final` | `" in text and "cpu-fkl-s2/stages/stage-3/final` |" in text
     # the runs used the preset's settings where not overridden
@@ -73,6 +73,12 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     assert quality.main([*args, "--report-only", "--note", "A note.", "--note", "Another."]) == 0
     text = record.read_text()
     assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note.\n\nAnother.\n" in text
+    # the rewriting process's machine is labelled as such; the runs' own machine (allocator
+    # included) comes from the log their start wrote, not from the process that rewrote them
+    assert "\nMachine that wrote this record: " in text and "\nMachine: " not in text
+    ran_on = text.split("Machines that ran these runs", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert len(ran_on) == 1 and ran_on[0].startswith("- ") and "(1 start): python " in ran_on[0]
+    assert "cpu_malloc tuned" in ran_on[0] or "cpu_malloc default" in ran_on[0]
     # each row over the two training seeds: both seeds' differences, their spread and one pooled test
     seed_row = next(x for x in text.splitlines() if x.startswith("| KD+SRD (fkl, dense teacher) | dev | 1, 2 |"))
     assert " of 2 | " in seed_row and "(sd " in seed_row and "], p = " in seed_row
@@ -268,7 +274,8 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     assert quality.main(args) == 0
     base = out / "paper-cpu-fkl-s42"
     names = ["paper-cpu-fkl-s42", "paper-cpu-fkl-s42-lambda1", "paper-cpu-fkl-s42-tcl"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "paper-cpu-fkl-s42-kdrise"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([*names, "paper-cpu-fkl-s42-kdrise"])
+    assert len((out / "machines.jsonl").read_text().splitlines()) == 2  # a start that paused, one that resumed
     # the temperature control reflected nothing and trained every stage on all the rows
     control = out / "paper-cpu-fkl-s42-kdrise"
     assert not (control / "reflection").exists()
