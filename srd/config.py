@@ -49,7 +49,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     """Training and dev data: a named set (`dolly`, `dolly-dev`, `gsm8k`, ...), a local
-    .jsonl/.json file, or `hf:<hub id>[:split]`. See `srd.data.sources`."""
+    .jsonl / .json / .csv / .tsv / .parquet file, or `hf:<hub id>[:split]`. See `srd.data.sources`."""
 
     # one data spec, or a list of them mixed together (ids get a "<spec>:" prefix;
     # train_limit then applies to each) -- e.g. [gsm8k, samsum, xsum] for healing data

@@ -89,6 +89,56 @@ def test_json_list_files(tmp_path):
         read_examples(p)
 
 
+def test_csv_and_tsv_files_with_a_header_row(tmp_path):
+    p = tmp_path / "d.csv"
+    # a quoted field may hold the delimiter and a line break; blank lines are skipped; a BOM is dropped
+    p.write_text('\ufeffinstruction,context,response\n"Say hi, twice",,"hi\nhi"\n\nName a colour,,red\n', "utf-8")
+    a, b = load_examples(str(p))
+    assert (a.instruction, a.input, a.target) == ("Say hi, twice", "", "hi\nhi")
+    assert (b.target, b.id) == ("red", "d-5")  # ids from the line where the row starts
+    t = tmp_path / "d.tsv"
+    t.write_text("question\tanswer\nWhat is 2+2?\t4, of course\n")
+    assert read_examples(t)[0].target == "4, of course"
+    # a row with an unquoted delimiter: the line where it starts (after the 2-line row) and the fix
+    p.write_text('instruction,output\n"a",\n"two\nlines",b\nc,d,e\n')
+    with pytest.raises(DataError, match=r"d\.csv, line 5: 3 fields where the header has 2; quote a field"):
+        read_examples(p)
+    p.write_text("instruction,output\n,b\n")
+    with pytest.raises(DataError, match=r"d\.csv, line 2: field 'instruction' must be a non-empty string"):
+        read_examples(p)
+    p.write_text("prompt,output,output\nx,y,z\n")
+    with pytest.raises(DataError, match=r"line 1: the header names \['output'\] twice"):
+        read_examples(p)
+    p.write_text("")
+    with pytest.raises(DataError, match="no header row"):
+        read_examples(p)
+    p.write_text("prompt,output\nx,y\n")
+    with pytest.raises(DataError, match=r"d\.csv, line 2: no instruction field.*found columns \['output', 'prompt'\]"):
+        read_examples(p)
+
+
+def test_parquet_files_name_rows_not_lines(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    table = pa.table({"instruction": ["a", "b", "c"], "output": [["x", "y"], ["z"], ["w"]], "id": ["1", "2", "1"]})
+    pq.write_table(table, p, row_group_size=2)
+    with pytest.raises(DataError, match=r"d\.parquet, row 3: id '1' repeats row 1"):
+        read_examples(p)
+    pq.write_table(table.slice(0, 2), p)
+    first, second = load_examples(str(p))
+    assert first.references == ["x", "y"] and second.target == "z"
+    pq.write_table(pa.table({"instruction": ["a", ""], "output": ["x", "y"]}), p)
+    with pytest.raises(DataError, match=r"d\.parquet, row 2: field 'instruction' must be a non-empty string"):
+        read_examples(p)
+    p.write_text('{"instruction": "not parquet"}\n')
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
+        read_examples(p)
+    with pytest.raises(DataError, match="does not exist"):
+        read_examples(tmp_path / "none.parquet")
+
+
 def test_unknown_spec_lists_named_sets():
     with pytest.raises(DataError, match="named sets: .*dolly"):
         load_examples("not-a-set")

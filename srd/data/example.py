@@ -1,4 +1,4 @@
-"""The `Example` record and readers for local JSONL / JSON files."""
+"""The `Example` record and readers for local data files (JSONL, JSON, CSV / TSV, Parquet)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def example_from_row(
     `mapping` maps Example fields to column names (e.g. {"input": "context"}); without
     it the aliases in FIELD_ALIASES are tried.
     """
-    where = f"{source}, line {line}"
+    where = f"{source}, {row_word(source)} {line}"
     if not isinstance(row, dict):
         raise DataError(
             f"{where}: expected a JSON object with instruction/input/output fields, got {type(row).__name__}"
@@ -108,10 +108,78 @@ def _texts(out: str | list[str]) -> list[str]:
     return out if isinstance(out, list) else [out]
 
 
+# Local data files srd reads: JSON lines, a JSON list, CSV / TSV with a header row, Parquet.
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def row_word(source: str | Path) -> str:
+    """How an error names a row of `source`: 'row' in a Parquet file (it has no lines), else 'line'."""
+    return "row" if str(source).endswith(".parquet") else "line"
+
+
+def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    """(line where the row starts, {header: value}) from a CSV / TSV file with a header row; a row
+    whose field count differs from the header's is an error (an unquoted delimiter in a field)."""
+    import csv
+    import io
+
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: no header row; the first line must name the columns (instruction,input,output)")
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise DataError(f"{path}, line 1: the header names {repeated} twice; each column needs its own name")
+        start = reader.line_num + 1
+        for fields in reader:
+            if fields:  # blank lines are skipped, as in .jsonl
+                if len(fields) != len(header):
+                    raise DataError(
+                        f"{path}, line {start}: {len(fields)} fields where the header has {len(header)}; "
+                        f"quote a field that holds the delimiter ({delimiter!r}) or a line break"
+                    )
+                yield start, dict(zip(header, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: not valid {path.suffix[1:].upper()} ({e})") from None
+
+
+def _parquet_rows(path: Path) -> Iterable[tuple[int, Any]]:
+    """(row number from 1, row) from a Parquet file, through pyarrow (installed with `datasets`)."""
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file: name the file inside it")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet needs pyarrow: pip install pyarrow (or srd[hub]), or convert it to .jsonl"
+        ) from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's own errors: not Parquet, truncated, unreadable
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
 def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
-    """(line number, parsed row) pairs from a .jsonl file or a .json list."""
+    """(line number, parsed row) pairs from a .jsonl file, a .json list, a .csv / .tsv file with a
+    header row, or (row number, row) from a .parquet file."""
     path = Path(path)
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
     text = read_user_text(path, DataError, "data file")
+    if path.suffix in (".csv", ".tsv"):
+        yield from _csv_rows(path, text)
+        return
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -133,13 +201,14 @@ def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
 def read_examples(
     path: str | Path, *, mapping: dict[str, str] | None = None, require_output: bool = True, limit: int | None = None
 ) -> list[Example]:
-    """Read and validate a JSONL/JSON file of examples; ids must be unique."""
+    """Read and validate a local data file of examples (DATA_SUFFIXES); ids must be unique."""
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for line, row in read_rows(path):
         ex = example_from_row(row, source=str(path), line=line, mapping=mapping, require_output=require_output)
         if ex.id in seen:
-            raise DataError(f"{path}, line {line}: id {ex.id!r} repeats line {seen[ex.id]}; ids must be unique")
+            word = row_word(path)
+            raise DataError(f"{path}, {word} {line}: id {ex.id!r} repeats {word} {seen[ex.id]}; ids must be unique")
         seen[ex.id] = line
         examples.append(ex)
         if limit is not None and len(examples) >= limit:

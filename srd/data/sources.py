@@ -4,7 +4,7 @@ A data spec is one of
   * a named set (`dolly`, `dolly-dev`, `dolly-eval`, `self-inst`, `gsm8k`, ...), looked up
     in: the explicit `data_dir`, then `$SRD_DATA_DIR`, then `../shared/data` (next to the
     working directory or to this checkout), then the Hub;
-  * a path to a .jsonl / .json file;
+  * a path to a .jsonl / .json / .csv / .tsv / .parquet file;
   * `hf:<dataset id>[:<config>]:<split>` for any Hub dataset with instruction/input/output
     columns (or a column mapping).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from srd.data.example import DataError, Example, example_from_row, read_examples, read_rows
+from srd.data.example import DATA_SUFFIXES, DataError, Example, example_from_row, read_examples, read_rows
 
 
 @dataclass(frozen=True)
@@ -278,10 +278,10 @@ def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None =
             ns.hub_id, config=ns.hub_config, split=ns.hub_split, rows=ns.hub_rows, limit=limit, ns=ns, **extra
         )
     path = Path(spec).expanduser()
-    if path.suffix in (".jsonl", ".json") or path.exists():
+    if path.suffix in DATA_SUFFIXES or path.exists():
         return read_examples(path, limit=limit)
     raise DataError(
-        f"data spec {spec!r} is not a named set, a .jsonl/.json file, or hf:<id>[:config]:split; "
+        f"data spec {spec!r} is not a named set, a {'/'.join(DATA_SUFFIXES)} file, or hf:<id>[:config]:split; "
         f"named sets: {', '.join(sorted(NAMED_SETS))}"
     )
 
@@ -293,7 +293,7 @@ def load_mixture(specs: str | list[str], *, data_dir: str | None = None, limit: 
         return load_examples(specs, data_dir=data_dir, limit=limit)
     out: list[Example] = []
     for spec in specs:
-        name = Path(spec).stem if spec.endswith((".jsonl", ".json")) else spec
+        name = Path(spec).stem if spec.endswith(DATA_SUFFIXES) else spec
         for ex in load_examples(spec, data_dir=data_dir, limit=limit):
             out.append(
                 Example(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from srd.data.example import Example
+from srd.data.example import DATA_SUFFIXES, Example
 
 COT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -48,7 +48,8 @@ def resolve_benchmark(spec: str) -> Benchmark:
     """A named benchmark, or a data file / named data set scored with ROUGE-L by sampling."""
     if spec in BENCHMARKS:
         return BENCHMARKS[spec]
-    name = spec.rsplit("/", 1)[-1].removesuffix(".jsonl").removesuffix(".json")
+    name = spec.rsplit("/", 1)[-1]
+    name = next((name.removesuffix(x) for x in DATA_SUFFIXES if name.endswith(x)), name)
     return Benchmark(name, spec, "rouge_l", True, 256)
 
 
