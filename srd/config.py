@@ -644,8 +644,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return _build(data, overrides or [])
     except ConfigError as e:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{e}{where}") from e
+        raise ConfigError(f"{e}{_error_origin(str(e), path, overrides or [])}") from e
+
+
+def _error_origin(message: str, path: Path | None, overrides: list[str]) -> str:
+    """Where to fix a bad option: the command-line override(s) the message names (a key, or the
+    unknown part of one), else the recipe file. Users look for `lr: abc` in a recipe that never
+    held it otherwise."""
+    import re
+
+    subject = re.sub(r"\[[^\]]*\]", "", message.split(";", 1)[0])  # not the lists of valid keys or values
+    blamed = []
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        parts = key.split(".")
+        unknown = [f"'{'.'.join(parts[:i])}'" for i in range(1, len(parts))]  # "unknown config key 'nosuch'"
+        if key and (re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", subject) or any(u in subject for u in unknown)):
+            blamed.append(override)
+    if blamed:
+        return f" (from the command line: {' '.join(blamed)})"
+    return f" (in {path})" if path is not None else ""
 
 
 def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:

@@ -78,6 +78,25 @@ def test_bad_values_have_clear_errors(override, message):
         load_config(None, [override])
 
 
+def test_an_error_points_at_the_override_that_caused_it_else_at_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 1.0e-4\n")
+    other = ["train.epochs=2", "seed=3"]  # named nowhere in the messages: never blamed
+    cases = [
+        (["train.lr=abc"], "train.lr must be a number, got 'abc' (from the command line: train.lr=abc)"),
+        (["nosuch.key=1"], "(from the command line: nosuch.key=1)"),  # the message names only 'nosuch'
+        (["train.foo=1"], "unknown config key 'train.foo'"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(recipe, [*other, *bad])
+        assert message in str(e.value) and str(e.value).endswith(f"(from the command line: {bad[0]})")
+    # a bad value in the recipe itself: the recipe, whatever the overrides
+    recipe.write_text("train:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"train\.lr must be a number, got 'abc' \(in .*r\.yaml\)$"):
+        load_config(recipe, other)
+
+
 def test_sft_without_teacher_is_valid():
     cfg = load_config(None, ["model.teacher=null", "loss.alpha=1.0"])
     assert cfg.model.teacher is None
