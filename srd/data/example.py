@@ -40,9 +40,11 @@ class Example:
 
 
 # Column names accepted for each field, in order of preference. `prompt` rows of the
-# MiniLLM/DistiLLM files also carry instruction/input/output, which are used.
+# MiniLLM/DistiLLM files (the rendered Alpaca prompt) also carry instruction/input/output, which
+# are used; `prompt` alone is TRL's prompt/completion text format (the prompt as the model sees
+# it: data.prompt_format=plain).
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
-    "instruction": ("instruction", "question", "text", "query"),
+    "instruction": ("instruction", "question", "text", "query", "prompt"),
     "input": ("input", "context"),
     "output": ("output", "response", "answer", "completion", "target"),
 }
@@ -68,6 +70,18 @@ def example_from_row(
             if col in row and row[col] is not None:
                 values[fld] = row[col]
                 break
+    conversational = [
+        c
+        for c in ("messages", "prompt", "completion")
+        if isinstance(row.get(c), list) and any(isinstance(m, dict) for m in row[c])
+    ]
+    if conversational:
+        raise DataError(
+            f"{where}: {conversational[0]!r} holds chat messages (TRL's conversational format); data files "
+            "take text: instruction/input/output, or prompt/completion as text with data.prompt_format=plain. "
+            "Render the conversations with the chat template first, or give them as a datasets.Dataset to "
+            "srd.integrations.hf.reflect_dataset, which renders them (docs/trl.md)"
+        )
     if "instruction" not in values:
         raise DataError(
             f"{where}: no instruction field; expected one of {list(FIELD_ALIASES['instruction'])} "
