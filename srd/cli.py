@@ -578,7 +578,11 @@ def _eval(args: argparse.Namespace) -> int:
     model_spec, run_dir = resolve_eval_target(args.target)
     check_model_spec(model_spec)  # the model and every benchmark's rows before any weights are read
     check_benchmarks(
-        benchmarks, data_dir=cfg.data.data_dir, limit=cfg.eval.limit, allow_code_execution=cfg.allow_code_execution
+        benchmarks,
+        data_dir=cfg.data.data_dir,
+        limit=cfg.eval.limit,
+        allow_code_execution=cfg.allow_code_execution,
+        fmt=cfg.data.prompt_format,
     )
     acc = make_accelerator("auto")
     mode = "greedy" if cfg.eval.greedy else "sampled"

@@ -139,22 +139,13 @@ def test_parquet_files_name_rows_not_lines(tmp_path):
         read_examples(tmp_path / "none.parquet")
 
 
-def test_trl_prompt_completion_text_rows_and_a_clear_error_for_conversations(tmp_path):
+def test_trl_prompt_completion_text_rows(tmp_path):
     p = _write(tmp_path / "trl.jsonl", [{"prompt": "The sky is", "completion": " blue."}])
     ex = read_examples(p)[0]
     assert (ex.instruction, ex.target) == ("The sky is", " blue.")
     # MiniLLM rows carry a rendered `prompt` beside their instruction: the instruction is used
     _write(p, [{"prompt": "### Instruction: x", "instruction": "x", "output": "y"}])
     assert read_examples(p)[0].instruction == "x"
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    for row, column in (
-        ({"messages": chat}, "messages"),
-        ({"prompt": chat[:1], "completion": chat[1:]}, "prompt"),
-        ({"instruction": "x", "completion": chat[1:]}, "completion"),
-    ):
-        _write(p, [{"instruction": "a", "output": "b"}, row])
-        with pytest.raises(DataError, match=rf"trl\.jsonl, line 2: '{column}' holds chat messages.*format=plain"):
-            read_examples(p)
     # a list of reference strings is not a conversation
     _write(p, [{"instruction": "a", "completion": ["b", "c"]}])
     assert read_examples(p)[0].references == ["b", "c"]

@@ -50,6 +50,91 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def message_text(message: Any) -> str:
+    """A chat message's content as text: a string, or TRL's content parts ({"type": "text",
+    "text": ...}) joined; anything else (no content, an image part) is a DataError."""
+    if not isinstance(message, dict):
+        raise DataError(f"a chat message must be an object with role and content, got {type(message).__name__}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(
+                    f"a {message.get('role', 'chat')} message has a {kind!r} part: only text parts are supported"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"a {message.get('role', 'chat')} message has no text content ({content!r})")
+
+
+def _chat(messages: list[Any]) -> list[dict[str, str]]:
+    """Chat messages as {"role", "content"} text pairs, checked one by one."""
+    out = []
+    for j, m in enumerate(messages):
+        try:
+            text = message_text(m)
+        except DataError as e:
+            raise DataError(f"message {j}: {e}") from None
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise DataError(f"message {j} has no role (system, user, assistant, ...)")
+        out.append({"role": m["role"], "content": text})
+    return out
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _conversation(row: dict[str, Any], require_output: bool) -> tuple[list[dict[str, str]], str | None] | None:
+    """(prompt messages, reference or None) of a conversational row (TRL's formats: a `messages`
+    column, whose last assistant message is the reference and everything before it the prompt;
+    or prompt / completion as lists of chat messages), None for a text row."""
+    if _is_chat(row.get("messages")):
+        msgs = _chat(row["messages"])
+        last = max((j for j, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            if require_output:
+                raise DataError("the conversation has no assistant message to learn from")
+            return msgs, None
+        if last == 0:
+            raise DataError("the conversation starts with its assistant message: there is no prompt before it")
+        return msgs[:last], msgs[last]["content"]
+    if _is_chat(row.get("prompt")):
+        completion = row.get("completion")
+        if completion is None:
+            return _chat(row["prompt"]), None
+        if _is_chat(completion):
+            return _chat(row["prompt"]), "".join(m["content"] for m in _chat(completion))
+        if isinstance(completion, str):
+            return _chat(row["prompt"]), completion
+        raise DataError(f"field 'completion' must be text or a list of chat messages, got {type(completion).__name__}")
+    return None
+
+
+def _example_from_conversation(row: dict[str, Any], source: str, line: int, require_output: bool) -> Example | None:
+    where = f"{source}, {row_word(source)} {line}"
+    try:
+        conv = _conversation(row, require_output)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    if conv is None:
+        return None
+    prompt, reference = conv
+    if reference is None and require_output:
+        raise DataError(f"{where}: no completion; training and evaluation need a reference response")
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    instruction = users[-1] if users else prompt[-1]["content"]
+    if not any(m["content"].strip() for m in prompt):
+        raise DataError(f"{where}: the prompt's messages are empty")
+    ex_id = str(row.get("id", f"{Path(source).stem}-{line}"))
+    meta = {k: v for k, v in row.items() if k in ("topic", "category")}
+    return Example(id=ex_id, instruction=instruction, output=reference or "", meta={**meta, "messages": prompt})
+
+
 def example_from_row(
     row: dict[str, Any], *, source: str, line: int, mapping: dict[str, str] | None = None, require_output: bool = True
 ) -> Example:
@@ -70,17 +155,14 @@ def example_from_row(
             if col in row and row[col] is not None:
                 values[fld] = row[col]
                 break
-    conversational = [
-        c
-        for c in ("messages", "prompt", "completion")
-        if isinstance(row.get(c), list) and any(isinstance(m, dict) for m in row[c])
-    ]
-    if conversational:
+    if not isinstance(values.get("instruction"), str):  # perhaps TRL's conversational rows
+        conversation = _example_from_conversation(row, source, line, require_output)
+        if conversation is not None:
+            return conversation
+    if _is_chat(values.get("output")) and isinstance(values.get("instruction"), str):
         raise DataError(
-            f"{where}: {conversational[0]!r} holds chat messages (TRL's conversational format); data files "
-            "take text: instruction/input/output, or prompt/completion as text with data.prompt_format=plain. "
-            "Render the conversations with the chat template first, or give them as a datasets.Dataset to "
-            "srd.integrations.hf.reflect_dataset, which renders them (docs/trl.md)"
+            f"{where}: the reference holds chat messages but the prompt is text; give both as chat messages "
+            "or both as text"
         )
     if "instruction" not in values:
         raise DataError(

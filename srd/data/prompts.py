@@ -60,13 +60,63 @@ def _shorten(tokenizer: Any, text: str, n_remove: int) -> str:
     return tokenizer.decode(ids[:keep], skip_special_tokens=True)
 
 
+def check_prompt_format(examples: list[Example], fmt: str, what: str) -> None:
+    """Conversations (read from chat-message rows) are rendered by the chat template only: one
+    line before any model loads, rather than a template that would flatten them."""
+    if fmt != "chat":
+        chat = next((ex for ex in examples if ex.meta.get("messages") is not None), None)
+        if chat is not None:
+            raise DataError(
+                f"{what}: example {chat.id} is a conversation (chat messages), which only "
+                f"data.prompt_format=chat renders (the tokenizer's chat template); this run uses {fmt!r}"
+            )
+
+
+def _encode_conversation(tokenizer: Any, ex: Example, max_prompt_len: int) -> list[int]:
+    """A conversation's prompt through the chat template, ending with the generation prompt. Too
+    long: the oldest turns go first (a leading system message stays), then the last message
+    loses text from its end."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"example {ex.id} is a conversation: rendering it needs a tokenizer with a chat template")
+    messages = [dict(m) for m in ex.meta["messages"]]
+
+    def encode() -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _tokenize_prompt(tokenizer, text, "chat")
+
+    ids = encode()
+    for _ in range(len(messages) + 16):
+        excess = len(ids) - max_prompt_len
+        if excess <= 0:
+            return ids
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first > 1:
+            del messages[first]
+        elif messages[-1]["content"]:
+            messages[-1]["content"] = _shorten(tokenizer, messages[-1]["content"], excess + 1)
+        else:
+            break
+        ids = encode()
+    if len(ids) <= max_prompt_len:
+        return ids
+    raise DataError(
+        f"example {ex.id}: the chat template alone needs {len(ids)} tokens, more than "
+        f"data.max_prompt_len={max_prompt_len}; raise data.max_prompt_len"
+    )
+
+
 def encode_prompt(tokenizer: Any, ex: Example, fmt: str, max_prompt_len: int) -> list[int]:
     """Token ids of the prompt, at most `max_prompt_len` long.
 
     Too-long prompts lose text from the end of the input (then of the instruction); the
     template, and in particular its `### Response:` tail, is always kept whole (the
     reference code cuts the tail off, so the model never sees where its answer starts).
+    A conversation (ex.meta["messages"]) is rendered by the chat template (see
+    _encode_conversation).
     """
+    if ex.meta.get("messages") is not None:
+        check_prompt_format([ex], fmt, "prompt")
+        return _encode_conversation(tokenizer, ex, max_prompt_len)
     instruction, input_text = ex.instruction, ex.input
     ids = _tokenize_prompt(tokenizer, render_prompt(instruction, input_text, fmt, tokenizer), fmt)
     for _ in range(16):  # re-tokenising can move a token boundary; a few rounds always converge

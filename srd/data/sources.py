@@ -307,10 +307,24 @@ def load_mixture(specs: str | list[str], *, data_dir: str | None = None, limit: 
 
 
 def with_instruction_suffix(examples: list[Example], suffix: str | None) -> list[Example]:
-    """Examples with `suffix` on a new line after each instruction (unchanged when None)."""
+    """Examples with `suffix` on a new line after each instruction (unchanged when None); in a
+    conversation, after its last user message."""
     if not suffix:
         return examples
     return [
-        Example(id=ex.id, instruction=f"{ex.instruction}\n{suffix}", input=ex.input, output=ex.output, meta=ex.meta)
+        Example(
+            id=ex.id,
+            instruction=f"{ex.instruction}\n{suffix}",
+            input=ex.input,
+            output=ex.output,
+            meta=ex.meta if ex.meta.get("messages") is None else {**ex.meta, "messages": _suffixed(ex, suffix)},
+        )
         for ex in examples
     ]
+
+
+def _suffixed(ex: Example, suffix: str) -> list[dict[str, str]]:
+    messages = [dict(m) for m in ex.meta["messages"]]
+    last_user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    messages[last_user]["content"] = f"{messages[last_user]['content']}\n{suffix}"
+    return messages

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import RunConfig, load_config
-from srd.data.prompts import encode_prompt
+from srd.data.prompts import check_prompt_format, encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
 from srd.generation.decode import iter_responses, row_seeds, work_blocks
@@ -255,9 +255,11 @@ def check_benchmarks(
     data_dir: str | None = None,
     limit: int | None = None,
     allow_code_execution: bool = False,
+    fmt: str = "alpaca",
 ) -> None:
     """Resolve every benchmark and parse its rows now, before a model is loaded to answer them;
-    a benchmark scored by running code (mbpp) only when code execution is allowed."""
+    a benchmark scored by running code (mbpp) only when code execution is allowed; conversations
+    only with the chat prompt format (`fmt`)."""
     for spec in benchmarks:
         bench = resolve_benchmark(spec)
         if bench.metric == "pass_at_1":
@@ -265,7 +267,7 @@ def check_benchmarks(
                 require_code_execution(allow_code_execution, f"benchmark {bench.name}")
             except CodeExecutionRefused as e:
                 raise EvalError(str(e)) from None
-        load_examples(bench.data, data_dir=data_dir, limit=limit)
+        check_prompt_format(load_examples(bench.data, data_dir=data_dir, limit=limit), fmt, f"benchmark {spec}")
 
 
 def evaluate(

@@ -34,28 +34,9 @@ import numpy as np
 
 from srd.config import CurriculumConfig, RunConfig, load_config, with_overrides
 from srd.curriculum import stage_alphas, stage_taus
-from srd.data.example import DataError, Example
+from srd.data.example import DataError, Example, message_text
 
 log = logging.getLogger(__name__)
-
-
-def _content(message: dict[str, Any]) -> str:
-    """A chat message's content as text: a string, or TRL's content parts ({"type": "text",
-    "text": ...}) joined; anything else (no content, an image part) is a DataError."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and content:
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise DataError(
-                    f"a {message.get('role', 'chat')} message has a {kind!r} part: only text parts are supported"
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise DataError(f"a {message.get('role', 'chat')} message has no text content ({content!r})")
 
 
 def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
@@ -65,7 +46,7 @@ def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
-        messages = [{**m, "content": _content(m)} for m in value]
+        messages = [{**m, "content": message_text(m)} for m in value]
         if not prompt:
             return "".join(m["content"] for m in messages)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -125,7 +106,7 @@ def examples_from_dataset(
                 last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
                 if last is None:
                     raise DataError("the conversation has no assistant message to learn")
-                output = _content(msgs[last])
+                output = message_text(msgs[last])
                 ex = Example(id=ex_id, instruction=_text(msgs[:last], tokenizer, prompt=True), output=output)
             elif {"instruction", "output"} <= columns:
                 ex = Example(

@@ -101,6 +101,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             data_dir=cfg.data.data_dir,
             limit=cfg.eval.limit,
             allow_code_execution=cfg.allow_code_execution,
+            fmt=cfg.data.prompt_format,
         )
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):

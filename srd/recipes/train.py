@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, to_dict
+from srd.data.prompts import check_prompt_format
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec, inference_dtype_of, is_seq2seq
@@ -93,6 +94,8 @@ def load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
     """(training examples, dev examples), every row of every file parsed and checked."""
     train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
+    check_prompt_format(train, cfg.data.prompt_format, f"data.train ({cfg.data.train})")
+    check_prompt_format(dev, cfg.data.prompt_format, f"data.dev ({cfg.data.dev})")
     return with_instruction_suffix(train, cfg.data.instruction_suffix), with_instruction_suffix(
         dev, cfg.data.instruction_suffix
     )
