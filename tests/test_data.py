@@ -132,6 +132,14 @@ def test_parquet_files_name_rows_not_lines(tmp_path):
     pq.write_table(pa.table({"instruction": ["a", ""], "output": ["x", "y"]}), p)
     with pytest.raises(DataError, match=r"d\.parquet, row 2: field 'instruction' must be a non-empty string"):
         read_examples(p)
+    # a damaged row group further on: one line, after the rows read before it
+    pq.write_table(pa.table({"instruction": ["a" * 50] * 2000, "output": ["b" * 50] * 2000}), p, row_group_size=1500)
+    damaged = bytearray(p.read_bytes())
+    start = pq.ParquetFile(p).metadata.row_group(1).column(0).data_page_offset
+    damaged[start + 20 : start + 60] = b"\xff" * 40
+    p.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"d\.parquet, after row 1024: not a readable Parquet file \([^\n]*\)$"):
+        read_examples(p)
     p.write_text('{"instruction": "not parquet"}\n')
     with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
         read_examples(p)

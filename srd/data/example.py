@@ -242,6 +242,10 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
         raise DataError(f"{path}, line {reader.line_num}: not valid {path.suffix[1:].upper()} ({e})") from None
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def _parquet_rows(path: Path) -> Iterable[tuple[int, Any]]:
     """(row number from 1, row) from a Parquet file, through pyarrow (installed with `datasets`)."""
     if not path.exists():
@@ -257,9 +261,15 @@ def _parquet_rows(path: Path) -> Iterable[tuple[int, Any]]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's own errors: not Parquet, truncated, unreadable
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    n = 0
-    for batch in pf.iter_batches(batch_size=1024):
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+    n, batches = 0, pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group further on
+            raise DataError(f"{path}, after row {n}: not a readable Parquet file ({_one_line(e)})") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             n += 1
             yield n, row
