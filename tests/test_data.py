@@ -138,7 +138,7 @@ def test_parquet_files_name_rows_not_lines(tmp_path):
     start = pq.ParquetFile(p).metadata.row_group(1).column(0).data_page_offset
     damaged[start + 20 : start + 60] = b"\xff" * 40
     p.write_bytes(bytes(damaged))
-    with pytest.raises(DataError, match=r"d\.parquet, after row 1024: not a readable Parquet file \([^\n]*\)$"):
+    with pytest.raises(DataError, match=r"d\.parquet, after row \d+: not a readable Parquet file \([^\n]*\)$"):
         read_examples(p)
     p.write_text('{"instruction": "not parquet"}\n')
     with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
