@@ -79,7 +79,7 @@ def test_a_conversation_is_rendered_by_the_chat_template_and_shortened_oldest_tu
     ex = read_examples(_write(tmp_path / "c.jsonl", [{"messages": [*turns, _turn("assistant", "Stop.")]}]))[0]
     whole = tok(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
     assert encode_prompt(tok, ex, "chat", 512) == whole["input_ids"]
-    # too long: the first user turn goes, then its answer; the system message and the last turn stay
+    # too long: the first user turn goes with its answer (whole turns); the system message and the last turn stay
     short = [SYSTEM, _turn("user", "What now?")]
     text = tok.apply_chat_template(short, tokenize=False, add_generation_prompt=True)
     short_ids = tok(text, add_special_tokens=False)
@@ -87,6 +87,12 @@ def test_a_conversation_is_rendered_by_the_chat_template_and_shortened_oldest_tu
     # still too long: the last message loses text from its end, the template stays whole
     ids = encode_prompt(tok, ex, "chat", len(short_ids["input_ids"]) - 2)
     assert len(ids) <= len(short_ids["input_ids"]) - 2 and tok.decode(ids).endswith("assistant: ")
+    # a template's own refusal (Gemma-style: no system role) is one line naming the example
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    tok.chat_template += "{% endif %}"
+    with pytest.raises(DataError, match=r"^example c-1: the tokenizer's chat template refused .*System role not supp"):
+        encode_prompt(tok, ex, "chat", 512)
+    tok.chat_template = TEMPLATE
     # another prompt format would flatten the conversation: refused, naming the example and the fix
     with pytest.raises(DataError, match=r"example c-1 is a conversation .* data\.prompt_format=chat .* 'alpaca'"):
         encode_prompt(tok, ex, "alpaca", 512)

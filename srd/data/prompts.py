@@ -81,7 +81,12 @@ def _encode_conversation(tokenizer: Any, ex: Example, max_prompt_len: int) -> li
     messages = [dict(m) for m in ex.meta["messages"]]
 
     def encode() -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (roles that must alternate, no system role, ...)
+            raise DataError(
+                f"example {ex.id}: the tokenizer's chat template refused the conversation ({' '.join(str(e).split())})"
+            ) from None
         return _tokenize_prompt(tokenizer, text, "chat")
 
     ids = encode()
@@ -92,6 +97,9 @@ def _encode_conversation(tokenizer: Any, ex: Example, max_prompt_len: int) -> li
         first = 1 if messages[0]["role"] == "system" else 0
         if len(messages) - first > 1:
             del messages[first]
+            # whole turns: the prompt goes on with a user message, as chat templates expect
+            while len(messages) - first > 1 and messages[first]["role"] != "user":
+                del messages[first]
         elif messages[-1]["content"]:
             messages[-1]["content"] = _shorten(tokenizer, messages[-1]["content"], excess + 1)
         else:
