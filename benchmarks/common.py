@@ -162,35 +162,83 @@ def _recorded_by(path: Path) -> str | None:
     return None
 
 
-def default_record_path(name: str, command: str) -> Path:
-    """benchmarks/results/<name>.md, unless a record there names another command (another
-    benchmark run the same day): then the first free <name>-2.md, -3, ... A rerun of the same
-    command (e.g. `--report-only` after its run) rewrites its own record; it never replaces
-    another run's."""
-    folder = ROOT / "benchmarks" / "results"
+_SEAL = "<!-- written by a benchmark script; sha256 of the text above: {} -->"
 
-    def run_of(cmd: str | None) -> list[str] | None:  # a record rewritten from its finished runs is the same run's
-        return None if cmd is None else [a for a in cmd.split() if a != "--report-only"]
 
-    candidate, n = folder / f"{name}.md", 1
-    while candidate.exists() and run_of(_recorded_by(candidate)) != run_of(command):
+def _sealed(text: str) -> str:
+    """`text` with a last line holding its SHA-256: a later rewrite can tell whether anyone
+    edited the record since (hand-written notes), and then leaves it alone."""
+    import hashlib
+
+    return f"{text}{_SEAL.format(hashlib.sha256(text.encode('utf-8')).hexdigest())}\n"
+
+
+def _untouched(path: Path) -> bool:
+    """Whether `path` is a record exactly as a benchmark script wrote it (its seal matches)."""
+    import hashlib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    body += "\n"
+    return last == _SEAL.format(hashlib.sha256(body.encode("utf-8")).hexdigest())
+
+
+def _same_run(a: str | None, b: str | None) -> bool:
+    """Two commands of the same run: a record rewritten from its finished runs is that run's."""
+
+    def run_of(cmd: str | None) -> list[str] | None:
+        return None if cmd is None else [x for x in cmd.split() if x != "--report-only"]
+
+    return a is not None and run_of(a) == run_of(b)
+
+
+def _replaceable(path: Path, command: str) -> bool:
+    """A record may be rewritten only by a rerun of the command that wrote it, and only if
+    nobody has edited it since: srd never replaces a file it did not write."""
+    return not path.exists() or (_same_run(_recorded_by(path), command) and _untouched(path))
+
+
+def _free_beside(path: Path, command: str) -> Path:
+    """`path`, or the first `-2`, `-3`, ... name beside it that this command may write."""
+    candidate, n = path, 1
+    while not _replaceable(candidate, command):
         n += 1
-        candidate = folder / f"{name}-{n}.md"
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
 
 
+def default_record_path(name: str, command: str) -> Path:
+    """benchmarks/results/<name>.md, unless a file there is another command's record, a record
+    edited since it was written, or no record at all: then the first such free <name>-2.md, -3,
+    ... A rerun of the same command (e.g. `--report-only` after its run) rewrites its own
+    untouched record; it never replaces another run's, nor anyone's notes."""
+    return _free_beside(ROOT / "benchmarks" / "results" / f"{name}.md", command)
+
+
 def save_record(text: str, path: str | None, preset: str, kind: str) -> Path:
-    """Write the record and print it. Without a path: benchmarks/results/<date>-<preset>-<kind>.md,
-    or a free `-N` name beside it where that file is another command's record."""
+    """Write the record (sealed: see _sealed) and print it. Without a path:
+    benchmarks/results/<date>-<preset>-<kind>.md; with or without one, a free `-N` name beside
+    it where that file may not be replaced (default_record_path), said on stderr."""
     from srd.utils import atomic_write_text
 
-    record = (
-        Path(path)
-        if path
-        else default_record_path(f"{dt.date.today().isoformat()}-{preset}-{kind}", command_line(sys.argv))
-    )
+    command = command_line(sys.argv)
+    default = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{preset}-{kind}.md"
+    wanted = Path(path) if path else default
+    record = _free_beside(wanted, command)
+    if record != wanted:
+        why = (
+            "was edited since it was written"
+            if _same_run(_recorded_by(wanted), command)
+            else "is another command's record"
+            if _recorded_by(wanted)
+            else "is not a benchmark record"
+        )
+        print(f"record: {wanted} {why}; it is left as it is and this record goes to {record}", file=sys.stderr)
     record.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, text)
+    atomic_write_text(record, _sealed(text))
     print(text)
     print(f"record: {record}")
     return record

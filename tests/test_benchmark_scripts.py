@@ -194,7 +194,7 @@ def test_record_header_elides_note_paragraphs():
     assert command_line(argv) == "python benchmarks/quality.py --preset cpu --note '...' --note '...'"
 
 
-def test_a_default_record_name_never_replaces_another_commands_record(tmp_path, monkeypatch, capsys):
+def test_a_record_never_replaces_another_commands_record_nor_an_edited_one(tmp_path, monkeypatch, capsys):
     from benchmarks import common
 
     monkeypatch.setattr(common, "ROOT", tmp_path)
@@ -212,12 +212,23 @@ def test_a_default_record_name_never_replaces_another_commands_record(tmp_path, 
     monkeypatch.setattr(common.sys, "argv", ["benchmarks/quality.py", "--preset", "cpu", "--seeds", "7"])
     second = write("second run")
     assert second.name == first.name.replace(".md", "-2.md") and "rewritten" in first.read_text()
-    # a file that is no record (no header) is not replaced either; a given --record path is
+    # a record edited by hand since it was written (notes added) is left as it is, even by its
+    # own command: the rewrite goes beside it, and stderr says where and why
+    monkeypatch.setattr(common.sys, "argv", ["benchmarks/quality.py", "--preset", "cpu"])
+    first.write_text(first.read_text() + "\n## Notes\n\nBy hand.\n")
+    edited = first.read_text()
+    capsys.readouterr()
+    third = write("first run, once more")
+    assert third.name == first.name.replace(".md", "-3.md") and first.read_text() == edited
+    assert "was edited since it was written; it is left as it is" in capsys.readouterr().err
+    # a rerun of that command rewrites its own untouched record (-3), not the edited one
+    assert write("first run, a fourth time") == third and "fourth" in third.read_text()
+    # a file that is no record, given as --record or in the default's place, is not replaced either
     hand = tmp_path / "benchmarks" / "results" / "notes.md"
     hand.write_text("my notes\n")
     assert common.default_record_path("notes", "python x.py") == hand.with_name("notes-2.md")
-    assert common.save_record("x\n", str(hand), "cpu", "quality") == hand and hand.read_text() == "x\n"
-    capsys.readouterr()
+    assert common.save_record("x\n", str(hand), "cpu", "quality") == hand.with_name("notes-2.md")
+    assert hand.read_text() == "my notes\n" and "is not a benchmark record" in capsys.readouterr().err
 
 
 def test_pad_fraction_counts_padding_to_a_multiple_of_8():
