@@ -41,6 +41,25 @@ ROWS = [
 ]
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def with_chat_template(tiny_models: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Copies of the tiny llama teacher and student in `folder` whose tokenizers have CHAT_TEMPLATE."""
+    import shutil
+
+    models = {}
+    for name in ("llama-teacher", "llama-student"):
+        models[name] = Path(shutil.copytree(tiny_models[name], folder / name))
+        config = json.loads((models[name] / "tokenizer_config.json").read_text())
+        config["chat_template"] = CHAT_TEMPLATE
+        (models[name] / "tokenizer_config.json").write_text(json.dumps(config))
+    return models
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

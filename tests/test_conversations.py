@@ -5,7 +5,6 @@ oldest turns dropped first when too long, and refused up front under another pro
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,9 @@ import pytest
 from srd.data import DataError, encode_prompt, read_examples
 from srd.data.prompts import check_prompt_format
 from srd.data.sources import with_instruction_suffix
-from tests.conftest import make_tokenizer
+from tests.conftest import CHAT_TEMPLATE, make_tokenizer, with_chat_template
 
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
+TEMPLATE = CHAT_TEMPLATE
 SYSTEM = {"role": "system", "content": "Be brief."}
 
 
@@ -110,12 +106,7 @@ def test_srd_reflect_and_train_on_a_conversation_file(tmp_path, tiny_models):
     reflection and one stage of training with data.prompt_format=chat."""
     from srd.cli import main
 
-    models = {}
-    for name in ("llama-teacher", "llama-student"):
-        models[name] = shutil.copytree(tiny_models[name], tmp_path / name)
-        config = json.loads((models[name] / "tokenizer_config.json").read_text())
-        config["chat_template"] = TEMPLATE
-        (models[name] / "tokenizer_config.json").write_text(json.dumps(config))
+    models = with_chat_template(tiny_models, tmp_path)
     rows = [
         {"messages": [SYSTEM, _turn("user", f"Count to {i}."), _turn("assistant", " ".join(map(str, range(1, i + 1))))]}
         for i in range(1, 9)

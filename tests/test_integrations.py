@@ -13,7 +13,7 @@ import torch
 from srd.config import CurriculumConfig
 from srd.data.example import DataError
 from srd.integrations.hf import Curriculum, examples_from_dataset, reflect_dataset
-from tests.conftest import ROWS
+from tests.conftest import ROWS, with_chat_template
 
 datasets = pytest.importorskip("datasets")
 
@@ -704,27 +704,15 @@ def test_sft_trainer_reads_the_curriculum_in_order(tmp_path, tiny_models, reflec
     ]
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-
 def test_the_trl_example_runs_on_tiny_models(tmp_path, tiny_models):
     """examples/trl_srd.py as users run it (its own command line, TRL's own chat collator),
     on tiny models with a chat template: reflection, the plan from the trainer's arguments,
     every stage trained, a checkpoint with the plan's fingerprint, the final student saved."""
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    models = {}
-    for name in ("llama-teacher", "llama-student"):
-        models[name] = shutil.copytree(tiny_models[name], tmp_path / name)
-        config = json.loads((models[name] / "tokenizer_config.json").read_text())
-        config["chat_template"] = CHAT_TEMPLATE
-        (models[name] / "tokenizer_config.json").write_text(json.dumps(config))
+    models = with_chat_template(tiny_models, tmp_path)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
     out = tmp_path / "out"
