@@ -96,6 +96,9 @@ def test_csv_and_tsv_files_with_a_header_row(tmp_path):
     a, b = load_examples(str(p))
     assert (a.instruction, a.input, a.target) == ("Say hi, twice", "", "hi\nhi")
     assert (b.target, b.id) == ("red", "d-5")  # ids from the line where the row starts
+    upper = tmp_path / "D.CSV"  # the kind of file comes from its suffix in any case
+    upper.write_text("instruction,output\na,b\n")
+    assert read_examples(upper)[0].target == "b"
     t = tmp_path / "d.tsv"
     t.write_text("question\tanswer\nWhat is 2+2?\t4, of course\n")
     assert read_examples(t)[0].target == "4, of course"

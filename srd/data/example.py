@@ -210,7 +210,7 @@ DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 def row_word(source: str | Path) -> str:
     """How an error names a row of `source`: 'row' in a Parquet file (it has no lines), else 'line'."""
-    return "row" if str(source).endswith(".parquet") else "line"
+    return "row" if str(source).lower().endswith(".parquet") else "line"
 
 
 def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
@@ -219,7 +219,7 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
     import csv
     import io
 
-    delimiter = "\t" if path.suffix == ".tsv" else ","
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
@@ -279,14 +279,15 @@ def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
     """(line number, parsed row) pairs from a .jsonl file, a .json list, a .csv / .tsv file with a
     header row, or (row number, row) from a .parquet file."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    kind = path.suffix.lower()  # DATA.CSV as data.csv
+    if kind == ".parquet":
         yield from _parquet_rows(path)
         return
     text = read_user_text(path, DataError, "data file")
-    if path.suffix in (".csv", ".tsv"):
+    if kind in (".csv", ".tsv"):
         yield from _csv_rows(path, text)
         return
-    if path.suffix == ".json":
+    if kind == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

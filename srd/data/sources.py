@@ -278,7 +278,7 @@ def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None =
             ns.hub_id, config=ns.hub_config, split=ns.hub_split, rows=ns.hub_rows, limit=limit, ns=ns, **extra
         )
     path = Path(spec).expanduser()
-    if path.suffix in DATA_SUFFIXES or path.exists():
+    if path.suffix.lower() in DATA_SUFFIXES or path.exists():
         return read_examples(path, limit=limit)
     raise DataError(
         f"data spec {spec!r} is not a named set, a {'/'.join(DATA_SUFFIXES)} file, or hf:<id>[:config]:split; "
@@ -293,7 +293,7 @@ def load_mixture(specs: str | list[str], *, data_dir: str | None = None, limit: 
         return load_examples(specs, data_dir=data_dir, limit=limit)
     out: list[Example] = []
     for spec in specs:
-        name = Path(spec).stem if spec.endswith(DATA_SUFFIXES) else spec
+        name = Path(spec).stem if spec.lower().endswith(DATA_SUFFIXES) else spec
         for ex in load_examples(spec, data_dir=data_dir, limit=limit):
             out.append(
                 Example(

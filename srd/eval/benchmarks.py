@@ -49,7 +49,7 @@ def resolve_benchmark(spec: str) -> Benchmark:
     if spec in BENCHMARKS:
         return BENCHMARKS[spec]
     name = spec.rsplit("/", 1)[-1]
-    name = next((name.removesuffix(x) for x in DATA_SUFFIXES if name.endswith(x)), name)
+    name = next((name[: -len(x)] for x in DATA_SUFFIXES if name.lower().endswith(x)), name)
     return Benchmark(name, spec, "rouge_l", True, 256)
 
 
