@@ -96,6 +96,12 @@ def test_csv_and_tsv_files_with_a_header_row(tmp_path):
     a, b = load_examples(str(p))
     assert (a.instruction, a.input, a.target) == ("Say hi, twice", "", "hi\nhi")
     assert (b.target, b.id) == ("red", "d-5")  # ids from the line where the row starts
+    import csv
+
+    long = tmp_path / "long.csv"  # one field longer than the csv module's default limit (128 KiB)
+    long.write_text("instruction,output\n" + "Summarise: " + "x" * 200_000 + ",ok\n")
+    limit = csv.field_size_limit()
+    assert read_examples(long)[0].target == "ok" and csv.field_size_limit() == limit  # the limit is restored
     upper = tmp_path / "D.CSV"  # the kind of file comes from its suffix in any case
     upper.write_text("instruction,output\na,b\n")
     assert read_examples(upper)[0].target == "b"

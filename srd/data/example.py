@@ -221,6 +221,7 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
 
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    limit = csv.field_size_limit(len(text) + 1)  # a long document in one field (the module's default: 128 KiB)
     try:
         header = next(reader, None)
         if not header:
@@ -240,6 +241,8 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path}, line {reader.line_num}: not valid {path.suffix[1:].upper()} ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _one_line(e: Exception) -> str:
