@@ -66,9 +66,23 @@ class DataConfig:
     instruction_suffix: str | None = None
     max_prompt_len: int = 256  # prompt tokens; longer prompts lose instruction/input text, never the template tail
     max_len: int = 512  # prompt + response tokens
+    # data.train / data.dev files and hf: sets whose columns srd does not know by name (named
+    # sets keep their own): the column that holds each field, tried before the known names
+    instruction_column: str | None = None  # known names: instruction, question, text, query, prompt
+    input_column: str | None = None  # known names: input, context
+    output_column: str | None = None  # the reference; known names: output, response, answer, completion, target
+
+    def columns(self) -> dict[str, str] | None:
+        """The column mapping (Example field -> column) the *_column options give, or None."""
+        named = {f: getattr(self, f"{f}_column") for f in ("instruction", "input", "output")}
+        mapping = {f: c for f, c in named.items() if c is not None}
+        return mapping or None
 
     def __post_init__(self) -> None:
         _check(bool(self.train), "data.train must name at least one data set")
+        for f in ("instruction", "input", "output"):
+            v = getattr(self, f"{f}_column")
+            _check(v is None or bool(str(v).strip()), f"data.{f}_column must name a column, or be null")
         _check(self.max_prompt_len > 0, "data.max_prompt_len must be > 0")
         _check(
             self.max_len > self.max_prompt_len,

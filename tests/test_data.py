@@ -126,6 +126,26 @@ def test_csv_and_tsv_files_with_a_header_row(tmp_path):
         read_examples(p)
 
 
+def test_column_options_name_the_columns_srd_does_not_know(tmp_path):
+    from srd.config import ConfigError, load_config
+    from srd.recipes.train import load_data
+
+    p = tmp_path / "odd.csv"
+    p.write_text("task_text,extra,gold\nSay hi,ignored,hi\n")
+    with pytest.raises(DataError, match=r"line 2: no instruction field.*data\.instruction_column=<column>"):
+        load_examples(str(p))
+    cfg = load_config(None, [f"data.train={p}", f"data.dev={p}", "data.instruction_column=task_text"])
+    with pytest.raises(DataError, match=r"line 2: no output field.*data\.output_column=<column>"):
+        load_data(cfg)
+    cfg = load_config(
+        None, [f"data.train={p}", f"data.dev={p}", "data.instruction_column=task_text"] + ["data.output_column=gold"]
+    )
+    (train, dev) = load_data(cfg)
+    assert (train[0].instruction, train[0].input, train[0].target) == ("Say hi", "", "hi") and dev == train
+    with pytest.raises(ConfigError, match="data.input_column must name a column"):
+        load_config(None, ["data.input_column=' '"])
+
+
 def test_parquet_files_name_rows_not_lines(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -167,7 +167,8 @@ def example_from_row(
     if "instruction" not in values:
         raise DataError(
             f"{where}: no instruction field; expected one of {list(FIELD_ALIASES['instruction'])} "
-            f"(found columns {sorted(row)}). Rename the column or pass a column mapping."
+            f"(found columns {sorted(row)}). Rename the column, or name it: data.instruction_column=<column> "
+            "(mapping= in Python)"
         )
     if not isinstance(values["instruction"], str) or not values["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' must be a non-empty string")
@@ -178,8 +179,8 @@ def example_from_row(
     if out is None:
         if require_output:
             raise DataError(
-                f"{where}: no output field; expected one of {list(FIELD_ALIASES['output'])}. "
-                "Training and evaluation need a reference response."
+                f"{where}: no output field; expected one of {list(FIELD_ALIASES['output'])}, or name it: "
+                "data.output_column=<column>. Training and evaluation need a reference response."
             )
         out = ""
     if isinstance(out, list):

@@ -253,15 +253,18 @@ def load_hub(
     return out
 
 
-def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
-    """Resolve a data spec (named set, file path, or hf:id[:config]:split) to Examples."""
+def load_examples(
+    spec: str, *, data_dir: str | None = None, limit: int | None = None, mapping: dict[str, str] | None = None
+) -> list[Example]:
+    """Resolve a data spec (named set, file path, or hf:id[:config]:split) to Examples.
+    `mapping` (Example field -> column) applies to files and Hub sets; named sets keep theirs."""
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if len(parts) == 1:
-            return load_hub(parts[0], limit=limit)
+            return load_hub(parts[0], limit=limit, mapping=mapping)
         if len(parts) == 2:
-            return load_hub(parts[0], split=parts[1], limit=limit)
-        return load_hub(parts[0], config=parts[1], split=parts[2], limit=limit)
+            return load_hub(parts[0], split=parts[1], limit=limit, mapping=mapping)
+        return load_hub(parts[0], config=parts[1], split=parts[2], limit=limit, mapping=mapping)
     if spec in NAMED_SETS:
         ns = NAMED_SETS[spec]
         for d in data_dirs(data_dir):
@@ -279,22 +282,28 @@ def load_examples(spec: str, *, data_dir: str | None = None, limit: int | None =
         )
     path = Path(spec).expanduser()
     if path.suffix.lower() in DATA_SUFFIXES or path.exists():
-        return read_examples(path, limit=limit)
+        return read_examples(path, limit=limit, mapping=mapping)
     raise DataError(
         f"data spec {spec!r} is not a named set, a {'/'.join(DATA_SUFFIXES)} file, or hf:<id>[:config]:split; "
         f"named sets: {', '.join(sorted(NAMED_SETS))}"
     )
 
 
-def load_mixture(specs: str | list[str], *, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+def load_mixture(
+    specs: str | list[str],
+    *,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    mapping: dict[str, str] | None = None,
+) -> list[Example]:
     """One data spec, or several concatenated; with several, ids become "<spec>:<id>" so
-    they stay unique, and `limit` applies to each set."""
+    they stay unique, and `limit` and `mapping` apply to each set."""
     if isinstance(specs, str):
-        return load_examples(specs, data_dir=data_dir, limit=limit)
+        return load_examples(specs, data_dir=data_dir, limit=limit, mapping=mapping)
     out: list[Example] = []
     for spec in specs:
         name = Path(spec).stem if spec.lower().endswith(DATA_SUFFIXES) else spec
-        for ex in load_examples(spec, data_dir=data_dir, limit=limit):
+        for ex in load_examples(spec, data_dir=data_dir, limit=limit, mapping=mapping):
             out.append(
                 Example(
                     id=f"{name}:{ex.id}", instruction=ex.instruction, input=ex.input, output=ex.output, meta=ex.meta

@@ -92,8 +92,9 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 
 def load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
     """(training examples, dev examples), every row of every file parsed and checked."""
-    train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
-    dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir) if cfg.data.dev else []
+    columns = cfg.data.columns()
+    train = load_mixture(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.train_limit, mapping=columns)
+    dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir, mapping=columns) if cfg.data.dev else []
     check_prompt_format(train, cfg.data.prompt_format, f"data.train ({cfg.data.train})")
     check_prompt_format(dev, cfg.data.prompt_format, f"data.dev ({cfg.data.dev})")
     return with_instruction_suffix(train, cfg.data.instruction_suffix), with_instruction_suffix(
