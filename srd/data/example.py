@@ -115,8 +115,9 @@ def _conversation(row: dict[str, Any], require_output: bool) -> tuple[list[dict[
     return None
 
 
-def _example_from_conversation(row: dict[str, Any], source: str, line: int, require_output: bool) -> Example | None:
-    where = f"{source}, {row_word(source)} {line}"
+def _example_from_conversation(
+    row: dict[str, Any], where: str, source: str, line: int, require_output: bool
+) -> Example | None:
     try:
         conv = _conversation(row, require_output)
     except DataError as e:
@@ -156,7 +157,7 @@ def example_from_row(
                 values[fld] = row[col]
                 break
     if not isinstance(values.get("instruction"), str):  # perhaps TRL's conversational rows
-        conversation = _example_from_conversation(row, source, line, require_output)
+        conversation = _example_from_conversation(row, where, source, line, require_output)
         if conversation is not None:
             return conversation
     if _is_chat(values.get("output")) and isinstance(values.get("instruction"), str):
