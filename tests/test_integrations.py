@@ -80,6 +80,10 @@ def test_examples_from_the_dataset_formats_trl_takes(tokenizer):
     )
     with pytest.raises(DataError, match="chat template"):
         examples_from_dataset(conv, tokenizer)
+    # the file readers' rules for a conversation: one line naming the row (it was transformers' ValueError)
+    first = datasets.Dataset.from_dict({"messages": [[{"role": "assistant", "content": "hi"}]]})
+    with pytest.raises(DataError, match="dataset row 0: the conversation starts with its assistant message"):
+        examples_from_dataset(first, tokenizer)
     alpaca = datasets.Dataset.from_list([dict(r, id=f"a{i}") for i, r in enumerate(ROWS[:2])])
     ex = examples_from_dataset(alpaca, id_column="id")
     assert ex[1].id == "a1" and ex[1].instruction == ROWS[1]["instruction"]

@@ -89,7 +89,7 @@ def _is_chat(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
-def _conversation(row: dict[str, Any], require_output: bool) -> tuple[list[dict[str, str]], str | None] | None:
+def conversation_parts(row: dict[str, Any], require_output: bool) -> tuple[list[dict[str, str]], str | None] | None:
     """(prompt messages, reference or None) of a conversational row (TRL's formats: a `messages`
     column, whose last assistant message is the reference and everything before it the prompt;
     or prompt / completion as lists of chat messages), None for a text row."""
@@ -119,7 +119,7 @@ def _example_from_conversation(
     row: dict[str, Any], where: str, source: str, line: int, require_output: bool
 ) -> Example | None:
     try:
-        conv = _conversation(row, require_output)
+        conv = conversation_parts(row, require_output)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
     if conv is None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from srd.config import CurriculumConfig, RunConfig, load_config, with_overrides
 from srd.curriculum import stage_alphas, stage_taus
-from srd.data.example import DataError, Example, message_text
+from srd.data.example import DataError, Example, conversation_parts, message_text
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,12 @@ def examples_from_dataset(
                 ex = Example(
                     id=ex_id, instruction=_text(row["prompt"], tokenizer, prompt=True), output=references[ex_id]
                 )
-            elif "messages" in columns:
-                msgs = row["messages"]
-                last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-                if last is None:
-                    raise DataError("the conversation has no assistant message to learn")
-                output = message_text(msgs[last])
-                ex = Example(id=ex_id, instruction=_text(msgs[:last], tokenizer, prompt=True), output=output)
+            elif "messages" in columns:  # the file readers' rule: the last assistant message is the reference
+                parts = conversation_parts({"messages": row["messages"]}, require_output=True)
+                if parts is None:
+                    raise DataError("the conversation has no messages")
+                prompt, output = parts
+                ex = Example(id=ex_id, instruction=_text(prompt, tokenizer, prompt=True), output=output)
             elif {"instruction", "output"} <= columns:
                 ex = Example(
                     id=ex_id, instruction=row["instruction"], input=row.get("input") or "", output=row["output"]
