@@ -67,7 +67,9 @@ class DataConfig:
     max_prompt_len: int = 256  # prompt tokens; longer prompts lose instruction/input text, never the template tail
     max_len: int = 512  # prompt + response tokens
     # data.train / data.dev files and hf: sets whose columns srd does not know by name (named
-    # sets keep their own): the column that holds each field, tried before the known names
+    # sets keep their own): the column that holds each field, read instead of the known names;
+    # every row must have it (a misspelt name stops the run; a null is an empty input, or a
+    # missing instruction or reference).
     instruction_column: str | None = None  # known names: instruction, question, text, query, prompt
     input_column: str | None = None  # known names: input, context
     output_column: str | None = None  # the reference; known names: output, response, answer, completion, target

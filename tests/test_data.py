@@ -146,6 +146,26 @@ def test_column_options_name_the_columns_srd_does_not_know(tmp_path):
         load_config(None, ["data.input_column=' '"])
 
 
+def test_a_named_column_is_the_only_one_read_for_its_field(tmp_path):
+    """data.*_column replaces the known names: a misspelt one is an error, not the known 'text'
+    column read instead; a null there is an empty input or a missing reference."""
+    p = _write(
+        tmp_path / "t.jsonl",
+        [
+            {"text": "the whole rendered row", "task": "Say hi", "ctx": None, "output": "hi"},
+            {"text": "another", "task": "Say bye", "ctx": "politely", "output": "bye"},
+        ],
+    )
+    with pytest.raises(DataError, match=r"t\.jsonl, line 1: no column 'taks', which data\.instruction_column names"):
+        load_examples(str(p), mapping={"instruction": "taks"})
+    exs = load_examples(str(p), mapping={"instruction": "task", "input": "ctx"})
+    assert [(e.instruction, e.input) for e in exs] == [("Say hi", ""), ("Say bye", "politely")]
+    assert [e.instruction for e in load_examples(str(p))] == ["the whole rendered row", "another"]
+    q = _write(tmp_path / "q.jsonl", [{"task": "Say hi", "gold": None, "output": "hi"}])
+    with pytest.raises(DataError, match=r"q\.jsonl, line 1: no output field"):
+        load_examples(str(q), mapping={"instruction": "task", "output": "gold"})
+
+
 def test_parquet_files_name_rows_not_lines(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -208,6 +228,16 @@ def test_hub_code_path_with_a_local_json_builder(tmp_path):
     assert [e.instruction for e in exs] == ["q1", "q2", "q3"]
     assert [e.target for e in exs] == ["a1", "a2", "a3"]
     assert exs[0].id == "json-train-1"
+    with pytest.raises(
+        DataError, match=r"hf:json:train, line 1: no column 'questoin'.*found columns \['answer', 'ctx'"
+    ):
+        load_hub(
+            "json",
+            split="train",
+            data_files=str(p),
+            mapping={"instruction": "questoin"},
+            cache_dir=str(tmp_path / "hf-cache"),
+        )
 
 
 def test_named_set_missing_locally_without_hub(tmp_path, monkeypatch):

@@ -137,12 +137,21 @@ def _example_from_conversation(
 
 
 def example_from_row(
-    row: dict[str, Any], *, source: str, line: int, mapping: dict[str, str] | None = None, require_output: bool = True
+    row: dict[str, Any],
+    *,
+    source: str,
+    line: int,
+    mapping: dict[str, str] | None = None,
+    require_output: bool = True,
+    strict: bool = False,
 ) -> Example:
     """Validate one raw row and turn it into an Example.
 
-    `mapping` maps Example fields to column names (e.g. {"input": "context"}); without
-    it the aliases in FIELD_ALIASES are tried.
+    `mapping` maps Example fields to column names (e.g. {"input": "context"}), tried before the
+    aliases in FIELD_ALIASES. With `strict` (a mapping the user gave: data.*_column), a mapped
+    field is read from its column alone, which every row must have: a misspelt name is an error,
+    never a silent fall back on another column. A null there is an empty input or a missing
+    instruction / reference.
     """
     where = f"{source}, {row_word(source)} {line}"
     if not isinstance(row, dict):
@@ -151,6 +160,15 @@ def example_from_row(
         )
     values: dict[str, Any] = {}
     for fld, aliases in FIELD_ALIASES.items():
+        if strict and mapping and fld in mapping:
+            if mapping[fld] not in row:
+                raise DataError(
+                    f"{where}: no column {mapping[fld]!r}, which data.{fld}_column names (mapping= in Python); "
+                    f"found columns {sorted(row)}"
+                )
+            if row[mapping[fld]] is not None:
+                values[fld] = row[mapping[fld]]
+            continue
         cols = ((mapping[fld],) + aliases) if mapping and fld in mapping else aliases
         for col in cols:
             if col in row and row[col] is not None:
@@ -313,11 +331,14 @@ def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
 def read_examples(
     path: str | Path, *, mapping: dict[str, str] | None = None, require_output: bool = True, limit: int | None = None
 ) -> list[Example]:
-    """Read and validate a local data file of examples (DATA_SUFFIXES); ids must be unique."""
+    """Read and validate a local data file of examples (DATA_SUFFIXES); ids must be unique. The
+    columns `mapping` names must be in every row (see example_from_row's `strict`)."""
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for line, row in read_rows(path):
-        ex = example_from_row(row, source=str(path), line=line, mapping=mapping, require_output=require_output)
+        ex = example_from_row(
+            row, source=str(path), line=line, mapping=mapping, require_output=require_output, strict=True
+        )
         if ex.id in seen:
             word = row_word(path)
             raise DataError(f"{path}, {word} {line}: id {ex.id!r} repeats {word} {seen[ex.id]}; ids must be unique")

@@ -223,7 +223,8 @@ def load_hub(
     """Load a Hugging Face dataset split and map its columns to Examples.
 
     `dataset_id` may also be a builder name such as "json" with `data_files=...` in
-    `load_kwargs` (how the tests exercise this path offline).
+    `load_kwargs` (how the tests exercise this path offline). The columns `mapping` names must
+    exist (a named set's own mapping, `ns.mapping`, falls back on the known names instead).
     """
     try:
         import datasets
@@ -247,7 +248,11 @@ def load_hub(
         if ns and ns.fixed_instruction:
             row["instruction"] = ns.fixed_instruction
         row.setdefault("id", f"{dataset_id.split('/')[-1]}-{split}-{(start or 0) + i - 1}")
-        out.append(example_from_row(row, source=source, line=i, mapping=mapping or (ns.mapping if ns else None)))
+        out.append(
+            example_from_row(
+                row, source=source, line=i, mapping=mapping or (ns.mapping if ns else None), strict=bool(mapping)
+            )
+        )
     if not out:
         raise DataError(f"{source}: no examples")
     return out
