@@ -40,6 +40,11 @@ def world(tmp_path, tiny_models, monkeypatch):
     )
     _write(w / "badtype.jsonl", '{"instruction": 5, "output": "y"}\n')
     _write(w / "empty.jsonl", "\n")
+    _write(w / "ragged.csv", "instruction,output\nSay hi.,hi\nSay a, b.,a\n")
+    _write(
+        w / "chat.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n",
+    )
     (w / "folder").mkdir()
     shutil.copytree(w / "student", w / "notok")
     for f in (w / "notok").glob("tokenizer*"):
@@ -103,6 +108,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("train data with a wrong type", _run("data.train=badtype.jsonl"), ["badtype.jsonl", "instruction"]),
     ("train data empty", _run("data.train=empty.jsonl"), ["empty.jsonl", "no examples"]),
     ("dev data is a folder", _run("data.dev=folder"), ["folder", "is a folder"]),
+    ("a misspelt column option", _run("data.instruction_column=instr"), ["train.jsonl, line 1", "'instr'"]),
+    ("CSV row with an unquoted comma", _run("data.train=ragged.csv"), ["ragged.csv, line 3", "quote"]),
+    ("a conversation under alpaca", _run("data.train=chat.jsonl"), ["chat", "data.prompt_format=chat"]),
     ("student without tokenizer", _run("model.student=notok"), ["notok", "tokenizer"]),
     ("teacher weights cut short", _run("model.teacher=cut"), ["cut/model.safetensors", "cut short"]),
     ("student without config.json", _run("model.student=noconfig"), ["noconfig", "config.json"]),
