@@ -84,6 +84,23 @@ def _eval_summary(run: Path, eval_name: str) -> dict[str, Any]:
     return _read_json(path)
 
 
+# decoding.json's per-benchmark settings that compared evaluations must share, and how an error names them
+_COMPARED_SETTINGS = {
+    "n": "number of rows (eval.limit)",
+    "rows": "set of rows (the benchmark file differs)",
+    "prompt_format": "prompt format (data.prompt_format)",
+    "max_prompt_len": "prompt length (data.max_prompt_len)",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
+}
+
+
+def _decoding_settings(run: Path, eval_name: str) -> dict[str, dict[str, Any]]:
+    """Each benchmark's decoding settings as the evaluation folder recorded them (srd eval's
+    decoding.json), {} for a folder from before that record."""
+    path = _eval_dir(run, eval_name) / "decoding.json"
+    return _read_json(path).get("benchmarks", {}) if path.exists() else {}
+
+
 def wilcoxon_p(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
     """Two-sided Wilcoxon signed-rank p-value on paired per-example scores (ids in both)."""
     from scipy.stats import wilcoxon
@@ -156,6 +173,7 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
     summaries = [_eval_summary(r, eval_name) for r in runs]
     benches = list(dict.fromkeys(b for s in summaries for b in s["benchmarks"]))
     names = labels or _short_names(runs)
+    settings = [_decoding_settings(r, eval_name) for r in runs]
     for b in benches:  # one decoding per benchmark, or the table would set unlike scores side by side
         seen = {
             name: (s["benchmarks"][b].get("sampling"), s["benchmarks"][b].get("max_new_tokens"))
@@ -171,6 +189,19 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
                 f"{b} was decoded differently in the compared runs ({how}): compare evaluations made with the same "
                 "decoding (srd eval --greedy or --seeds, --max-new-tokens)"
             )
+        recorded = {
+            n: {"n": s["benchmarks"][b].get("n"), **st.get(b, {})}
+            for n, st, s in zip(names, settings, summaries)
+            if b in s["benchmarks"]
+        }
+        for key, what in _COMPARED_SETTINGS.items():  # what the evaluations recorded (decoding.json)
+            values = {n: st[key] for n, st in recorded.items() if st.get(key) is not None}
+            if len(set(map(repr, values.values()))) > 1:
+                how = "; ".join(f"{n}: {v if key != 'rows' else v[:12]}" for n, v in values.items())
+                raise ReportError(
+                    f"{b} was evaluated with another {what} in the compared runs ({how}): compare evaluations of "
+                    "the same rows made with the same settings"
+                )
     ref = runs[0]
     ref_avg: float | None = None
     ref_time = train_wall_time(ref)

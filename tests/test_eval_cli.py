@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -319,6 +320,7 @@ def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # 
         shutil.copytree(spec, run / name)
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "final"), **kw)
     record = json.loads((out / "decoding.json").read_text())
+    assert record.pop("benchmarks").keys() == {"dev"}  # and each benchmark's decoding settings
     assert record == {"dtype": "float32", "model": "run/stages/stage-3/final", "fingerprint": record["fingerprint"]}
     with pytest.raises(ev.EvalError, match=r"holds the evaluation of run/stages/stage-3/final.*stage-3/best.*--out"):
         ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name=str(run / "best"), **kw)
@@ -340,7 +342,9 @@ def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # 
     fp = {"fingerprint": json.loads((out / "decoding.json").read_text())["fingerprint"]}
     (out / "decoding.json").unlink()  # a folder from before either record
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, model_name="some/hub-id", **kw)
-    assert json.loads((out / "decoding.json").read_text()) == {"dtype": "float32", "model": "some/hub-id", **fp}
+    record = json.loads((out / "decoding.json").read_text())
+    assert record.pop("benchmarks").keys() == {"dev"}
+    assert record == {"dtype": "float32", "model": "some/hub-id", **fp}
     assert ev.model_key("some/hub-id") == "some/hub-id" and ev.model_key(spec) == "llama-student"
 
 
@@ -410,6 +414,7 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     bench, out = str(srd_data["dev"]), tmp_path / "eval"
     ev.evaluate(load_model(spec).eval(), tok, [bench], out, **kw)
     record = json.loads((out / "decoding.json").read_text())
+    assert record.pop("benchmarks").keys() == {"dev"}
     assert record == {"dtype": "float32", "fingerprint": record["fingerprint"]}
     with pytest.raises(ev.EvalError, match=r"decoded with float32 weights.*eval.dtype=float32.*--out"):
         ev.evaluate(load_model(spec, dtype=torch.bfloat16).eval(), tok, [bench], out, **kw)
@@ -422,6 +427,7 @@ def test_evaluation_folder_keeps_one_precision(tmp_path, tiny_models, srd_data):
     args = ["eval", spec, "--benchmarks", bench, "--greedy", "--limit", "2", "--max-new-tokens", "3"]
     assert main([*args, "--out", str(bf), "--dtype", "bfloat16", "--no-progress"]) == 0
     record = json.loads((bf / "decoding.json").read_text())
+    assert record.pop("benchmarks").keys() == {ev.resolve_benchmark(bench).name}
     assert record == {"dtype": "bfloat16", "model": "llama-student", "fingerprint": record["fingerprint"]}
     assert main([*args, "--out", str(bf), "--no-progress"]) == 2  # float32 into a bf16 folder: refused
 
@@ -473,6 +479,21 @@ def test_compare_takes_srd_eval_output_folders_and_refuses_unlike_decodings(tmp_
     assert main(["compare", str(a), str(greedy)]) == 2
     err = capsys.readouterr().err
     assert "dolly-eval was decoded differently" in err and "(sampled: sampled, 128 new tokens; greedy: greedy" in err
+    fewer = _eval_output(tmp_path / "d" / "sampled", True, {k: 12.0 for k in ids[:6]})  # eval.limit=6
+    assert main(["compare", str(a), str(fewer)]) == 2
+    assert "dolly-eval was evaluated with another number of rows (eval.limit) in the compared runs" in (
+        capsys.readouterr().err
+    )
+    settings = {"n": 12, "rows": "ab" * 32, "prompt_format": "alpaca", "max_prompt_len": 256}
+    for folder, fmt in ((a, "alpaca"), (b, "chat")):  # recorded by srd eval since decoding.json holds them
+        record = {"benchmarks": {"dolly-eval": {**settings, "prompt_format": fmt}}}
+        (folder / "decoding.json").write_text(json.dumps(record))
+    assert main(["compare", str(a), str(b)]) == 2
+    assert "another prompt format (data.prompt_format) in the compared runs (a/sampled: alpaca; b/sampled: chat)" in (
+        capsys.readouterr().err
+    )
+    (b / "decoding.json").unlink()  # a folder from before the record: only what both recorded is compared
+    assert main(["compare", str(a), str(b)]) == 0
 
 
 def test_compare_names_a_listed_answer_file_that_is_gone_in_one_line(tmp_path, capsys):
@@ -513,3 +534,71 @@ def test_compare_out_replaces_only_a_table_it_wrote(tmp_path, capsys):
     assert notes.read_text() == "my notes\n"
     assert main(["compare", str(a), str(b), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_an_evaluation_folder_keeps_one_decoding_per_benchmark(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """Answers decoded (or kept, from an interrupted decoding) with one token budget, prompt
+    format, decoding or set of rows are never reused and reported under another: the rerun is
+    refused, naming what changed; the same settings resume. A folder from before the record is
+    checked against its summary."""
+    from accelerate import Accelerator
+
+    import srd.eval.evaluate as ev
+    from srd.models import load_model, load_tokenizer
+
+    spec = str(tiny_models["llama-student"])
+    model, tok = load_model(spec).eval(), load_tokenizer(spec)
+    bench = tmp_path / "bench.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": f"{w}."} for w in ("hi", "yes", "no")]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(seeds=None, limit=2, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=2)
+    kw.update(max_new_tokens=3, no_repeat_ngram_size=0, accelerator=Accelerator(cpu=True), progress=False)
+    out = tmp_path / "eval"
+
+    def run(**changes):
+        return ev.evaluate(model, tok, [str(bench)], out, **{**kw, **changes})
+
+    real = ev.iter_responses
+
+    def dies(*a, **k):  # interrupted after one kept answer
+        for pair in real(*a, **k):
+            yield pair
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "iter_responses", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ev, "iter_responses", real)
+    with pytest.raises(
+        ev.EvalError, match=r"bench holds answers decoded with other settings \(max_new_tokens 3, now 5\)"
+    ):
+        run(max_new_tokens=5)  # the kept answer had a 3-token budget
+    first = run()["benchmarks"]["bench"]
+    assert first["n"] == 2 and first["max_new_tokens"] == 3
+    for changes, what in [
+        (dict(max_new_tokens=5), "max_new_tokens 3, now 5"),
+        (dict(seeds=[1]), "sampling False, now True"),
+        (dict(limit=3), "n 2, now 3"),
+        (dict(fmt="plain"), "prompt_format 'alpaca', now 'plain'"),
+        (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size 0, now 2"),
+    ]:
+        with pytest.raises(ev.EvalError, match=re.escape(what) + r".*srd eval --out.*delete"):
+            run(**changes)
+    rows[0]["output"] = "hello."  # the file edited, the count kept
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ev.EvalError, match=r"the rows \(the benchmark file changed\)"):
+        run()
+    rows[0]["output"] = "hi."
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run()["benchmarks"]["bench"]["per_seed"] == first["per_seed"]
+    record = json.loads((out / "decoding.json").read_text())
+    del record["benchmarks"]  # a folder from before the record: its summary says 3 tokens, 2 rows
+    (out / "decoding.json").write_text(json.dumps(record))
+    with pytest.raises(ev.EvalError, match=r"max_new_tokens 3, now 5"):
+        run(max_new_tokens=5)
+    assert run()["benchmarks"]["bench"]["per_seed"] == first["per_seed"]
+    assert json.loads((out / "decoding.json").read_text())["benchmarks"]["bench"]["max_new_tokens"] == 3
+    shutil.rmtree(out / "bench")  # the way on the error names: the benchmark decoded again, nothing kept
+    again = run(max_new_tokens=5)["benchmarks"]["bench"]
+    assert again["max_new_tokens"] == 5 and list(again["per_seed"]) == ["greedy"]
+    assert json.loads((out / "decoding.json").read_text())["benchmarks"]["bench"]["max_new_tokens"] == 5

@@ -249,6 +249,55 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
         atomic_write_json(path, complete)
 
 
+def _rows_digest(examples: Sequence[Any]) -> str:
+    """SHA-256 of the rows a benchmark's answers belong to: ids, prompts (conversations too) and
+    references, in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        row = [ex.id, ex.instruction, ex.input, ex.output, ex.meta.get("messages")]
+        h.update(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def _check_bench_settings(
+    out_dir: Path, bench: str, settings: dict[str, Any], write: bool, entry: dict[str, Any] | None = None
+) -> None:
+    """A benchmark's answers in an evaluation folder all come from one decoding of one set of rows:
+    its settings are recorded in decoding.json before the first answer is kept, and a rerun with
+    other settings (another token budget, prompt format, greedy after sampled, another eval.limit,
+    an edited benchmark file) is refused, naming what changed. Without this, a finished decoding
+    or an interrupted one's kept answers would be reused and reported under the new settings.
+    A benchmark evaluated before the record existed is checked against what its summary `entry`
+    says (decoding, token budget, rows), then adopts the settings that resume it; one whose folder
+    was deleted starts again with the new settings."""
+    path = out_dir / "decoding.json"
+    record = read_json(path) if path.exists() else {}
+    fresh = not (out_dir / bench).exists()  # no answers, finished or kept (deleted to decode it again)
+    earlier = None if fresh else record.get("benchmarks", {}).get(bench)
+    if earlier is None and entry and entry.get("per_seed") and not fresh:
+        earlier = {k: entry[k] for k in ("sampling", "max_new_tokens", "n") if k in entry}
+        compared = {k: settings[k] for k in earlier}
+    else:
+        compared = settings
+    if earlier is not None and earlier != compared:
+        changed = [k for k in sorted(set(earlier) | set(compared)) if earlier.get(k) != compared.get(k)]
+        if "n" in changed and "rows" in changed:
+            changed.remove("rows")
+        what = "; ".join(
+            "the rows (the benchmark file changed)"
+            if k == "rows"
+            else f"{k} {earlier.get(k)!r}, now {compared.get(k)!r}"
+            for k in changed
+        )
+        raise EvalError(
+            f"{out_dir / bench} holds answers decoded with other settings ({what}): evaluate into another folder "
+            f"(srd eval --out), go back to those settings, or delete {out_dir / bench} to decode it again"
+        )
+    if write and record.get("benchmarks", {}).get(bench) != settings:
+        record.setdefault("benchmarks", {})[bench] = settings
+        atomic_write_json(path, record)
+
+
 def check_benchmarks(
     benchmarks: Sequence[str],
     *,
@@ -304,14 +353,25 @@ def evaluate(
         bench = resolve_benchmark(spec)
         examples = [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
         runs = list(seeds) if (seeds is not None and bench.sampling) else [None]
+        settings = {
+            "sampling": bool(bench.sampling and seeds is not None),
+            "max_new_tokens": max_new_tokens or bench.max_new_tokens,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
+            "prompt_format": fmt,
+            "max_prompt_len": max_prompt_len,
+            "n": len(examples),
+            "rows": _rows_digest(examples),
+        }
         entry = summary["benchmarks"].get(bench.name, {})
-        if entry.get("n") != len(examples):
-            entry = {}
+        _check_bench_settings(out_dir, bench.name, settings, accelerator.is_main_process, entry)
+        accelerator.wait_for_everyone()
+        if entry.get("n") != len(examples) or not (out_dir / bench.name).exists():
+            entry = {}  # never finished, or its answers deleted: no score of it is kept
         entry.update(
             describe(bench),
             # what this evaluation decoded with, not only the benchmark's defaults
-            sampling=bool(bench.sampling and seeds is not None),
-            max_new_tokens=max_new_tokens or bench.max_new_tokens,
+            sampling=settings["sampling"],
+            max_new_tokens=settings["max_new_tokens"],
             n=len(examples),
             per_seed=entry.get("per_seed", {}),
             wall_time_s=entry.get("wall_time_s", {}),
