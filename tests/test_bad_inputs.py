@@ -46,6 +46,10 @@ def world(tmp_path, tiny_models, monkeypatch):
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n",
     )
     (w / "folder").mkdir()
+    # an evaluation folder whose train benchmark was decoded with a 3-token budget
+    settings = {"sampling": False, "max_new_tokens": 3, "no_repeat_ngram_size": 0, "n": 4, "rows": "0" * 64}
+    _write(w / "prior" / "decoding.json", json.dumps({"benchmarks": {"train": settings}}))
+    _write(w / "prior" / "train" / "greedy.rank0.partial", "")
     shutil.copytree(w / "student", w / "notok")
     for f in (w / "notok").glob("tokenizer*"):
         f.unlink()
@@ -147,6 +151,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("reflect: student cut short", _run("model.student=cut", cmd="reflect"), ["cut/model.safetensors"]),
     ("eval: a .gguf that is not one", ["eval", "fake.gguf", "--benchmarks", "train.jsonl"], ["fake.gguf", "GGUF"]),
     ("eval: benchmark is a folder", ["eval", "student", "--benchmarks", "folder"], ["folder"]),
+    (
+        "eval: into a folder decoded with another token budget",
+        [*EVAL, "--out", "prior", "--max-new-tokens", "5"],
+        ["prior/train", "max_new_tokens 3, now 5", "--out"],
+    ),
     ("eval: mbpp not allowed", ["eval", "student", "--benchmarks", "mbpp"], ["mbpp", "SRD_ALLOW_CODE_EXECUTION"]),
     ("eval: missing run folder", ["eval", "runs/none", "--benchmarks", "train.jsonl"], ["runs/none"]),
     ("eval: model without tokenizer", ["eval", "notok", "--benchmarks", "train.jsonl"], ["notok", "tokenizer"]),

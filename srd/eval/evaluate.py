@@ -259,6 +259,52 @@ def _rows_digest(examples: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def _bench_settings(
+    bench: Benchmark,
+    examples: Sequence[Any],
+    seeds: Sequence[int] | None,
+    max_new_tokens: int | None,
+    no_repeat_ngram_size: int,
+    fmt: str,
+    max_prompt_len: int,
+) -> dict[str, Any]:
+    """What a benchmark's answers depend on besides the model: the decoding and the rows."""
+    return {
+        "sampling": bool(bench.sampling and seeds is not None),
+        "max_new_tokens": max_new_tokens or bench.max_new_tokens,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "prompt_format": fmt,
+        "max_prompt_len": max_prompt_len,
+        "n": len(examples),
+        "rows": _rows_digest(examples),
+    }
+
+
+def check_decodings(
+    out_dir: Path,
+    benchmarks: Sequence[str],
+    *,
+    seeds: Sequence[int] | None,
+    limit: int | None,
+    data_dir: str | None,
+    fmt: str,
+    max_prompt_len: int,
+    max_new_tokens: int | None,
+    no_repeat_ngram_size: int,
+) -> None:
+    """evaluate()'s check of each benchmark's recorded settings, made before a model is loaded
+    (reads only), so a refused rerun costs no loading time."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    summary = read_json(out_dir / "summary.json") if (out_dir / "summary.json").exists() else {}
+    for spec in benchmarks:
+        bench = resolve_benchmark(spec)
+        examples = [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
+        settings = _bench_settings(bench, examples, seeds, max_new_tokens, no_repeat_ngram_size, fmt, max_prompt_len)
+        _check_bench_settings(out_dir, bench.name, settings, False, summary.get("benchmarks", {}).get(bench.name, {}))
+
+
 def _check_bench_settings(
     out_dir: Path, bench: str, settings: dict[str, Any], write: bool, entry: dict[str, Any] | None = None
 ) -> None:
@@ -353,15 +399,7 @@ def evaluate(
         bench = resolve_benchmark(spec)
         examples = [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
         runs = list(seeds) if (seeds is not None and bench.sampling) else [None]
-        settings = {
-            "sampling": bool(bench.sampling and seeds is not None),
-            "max_new_tokens": max_new_tokens or bench.max_new_tokens,
-            "no_repeat_ngram_size": no_repeat_ngram_size,
-            "prompt_format": fmt,
-            "max_prompt_len": max_prompt_len,
-            "n": len(examples),
-            "rows": _rows_digest(examples),
-        }
+        settings = _bench_settings(bench, examples, seeds, max_new_tokens, no_repeat_ngram_size, fmt, max_prompt_len)
         entry = summary["benchmarks"].get(bench.name, {})
         _check_bench_settings(out_dir, bench.name, settings, accelerator.is_main_process, entry)
         accelerator.wait_for_everyone()
@@ -486,23 +524,28 @@ def evaluate_model(
     token budget, batch size), data.prompt_format / max_prompt_len / data_dir and
     generation.backend. What `srd eval` and `srd run`'s evaluations both do."""
     e, trust = cfg.eval, cfg.model.trust_remote_code
-    tokenizer = load_tokenizer(spec, trust_remote_code=trust)
-    model = load_model(spec, dtype=dtype_from_name(e.dtype), trust_remote_code=trust).eval()
-    return evaluate(
-        model,
-        tokenizer,
-        e.benchmarks if benchmarks is None else benchmarks,
-        out_dir,
+    benchmarks = e.benchmarks if benchmarks is None else benchmarks
+    settings = dict(
         seeds=None if e.greedy else e.seeds,
         limit=e.limit,
         data_dir=cfg.data.data_dir,
         fmt=cfg.data.prompt_format,
         max_prompt_len=cfg.data.max_prompt_len,
-        batch_size=e.batch_size,
         max_new_tokens=e.max_new_tokens,
         no_repeat_ngram_size=e.no_repeat_ngram_size,
+    )
+    check_decodings(out_dir, benchmarks, **settings)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust)
+    model = load_model(spec, dtype=dtype_from_name(e.dtype), trust_remote_code=trust).eval()
+    return evaluate(
+        model,
+        tokenizer,
+        benchmarks,
+        out_dir,
+        batch_size=e.batch_size,
         backend=cfg.generation.backend,
         accelerator=accelerator,
         progress=progress,
         model_name=spec,
+        **settings,
     )
