@@ -259,6 +259,11 @@ def _rows_digest(examples: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def _bench_examples(bench: Benchmark, data_dir: str | None, limit: int | None) -> list[Any]:
+    """A benchmark's rows as they are prompted (task-specific content added)."""
+    return [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
+
+
 def _bench_settings(
     bench: Benchmark,
     examples: Sequence[Any],
@@ -300,7 +305,7 @@ def check_decodings(
     summary = read_json(out_dir / "summary.json") if (out_dir / "summary.json").exists() else {}
     for spec in benchmarks:
         bench = resolve_benchmark(spec)
-        examples = [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
+        examples = _bench_examples(bench, data_dir, limit)
         settings = _bench_settings(bench, examples, seeds, max_new_tokens, no_repeat_ngram_size, fmt, max_prompt_len)
         _check_bench_settings(out_dir, bench.name, settings, False, summary.get("benchmarks", {}).get(bench.name, {}))
 
@@ -397,7 +402,7 @@ def evaluate(
     summary.setdefault("benchmarks", {})
     for spec in benchmarks:
         bench = resolve_benchmark(spec)
-        examples = [prepare_example(bench, ex) for ex in load_examples(bench.data, data_dir=data_dir, limit=limit)]
+        examples = _bench_examples(bench, data_dir, limit)
         runs = list(seeds) if (seeds is not None and bench.sampling) else [None]
         settings = _bench_settings(bench, examples, seeds, max_new_tokens, no_repeat_ngram_size, fmt, max_prompt_len)
         entry = summary["benchmarks"].get(bench.name, {})
