@@ -92,6 +92,40 @@ def command_line(argv: list[str], elide: tuple[str, ...] = ("--note",)) -> str:
 MACHINES_LOG = "machines.jsonl"
 
 
+_DELETE_OLD = ", or delete it yourself if it holds only this benchmark's runs from before srd marked them"
+
+
+def claim_out(folder: Path, kind: str, *, legacy_ok: bool = True) -> None:
+    """Make a benchmark's `--out` folder its own before anything is written there: a missing or
+    empty folder, or one this benchmark marked, is marked and used; one srd marked for something
+    else (a run, a student, another benchmark) or that holds files srd did not write is refused
+    with SystemExit naming it. `legacy_ok`: also accept an unmarked folder that an older version of
+    the benchmark filled (its machines log, or nothing but srd's own folders), as the long
+    resumable runs need; off for a benchmark that deletes runs in its folder."""
+    from srd.utils import FolderError, claim_folder, is_srd_folder, is_srd_temporary, srd_folder_kind
+
+    folder = Path(folder)
+    found = srd_folder_kind(folder) if folder.is_dir() else None
+    if found is not None and found != kind:
+        raise SystemExit(
+            f"error: --out {folder} is srd's {found or 'unnamed'} folder, not a {kind} folder: "
+            "choose a new or empty folder"
+        )
+    children = [p for p in folder.iterdir() if not is_srd_temporary(p)] if folder.is_dir() else []
+    legacy = legacy_ok and ((folder / MACHINES_LOG).is_file() or all(p.is_dir() and is_srd_folder(p) for p in children))
+    try:
+        claim_folder(
+            folder,
+            kind,
+            legacy=legacy,
+            how=None,
+            label="--out",
+            choose="choose a new or empty folder" + ("" if legacy_ok else _DELETE_OLD),
+        )
+    except FolderError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def log_machine(folder: Path) -> None:
     """Append this process's machine (after its allocator is set) to `<folder>/machines.jsonl`,
     one line per start of a benchmark that runs there: a record rewritten later from those runs

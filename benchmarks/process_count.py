@@ -70,7 +70,9 @@ def _rel(a: list[float], b: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--out", default="runs/process-count", help="folder for the runs (replaced)")
+    p.add_argument(
+        "--out", default="runs/process-count", help="folder for the runs (new, or this benchmark's own: runs replaced)"
+    )
     p.add_argument("--record", default=None)
     p.add_argument("--port", type=int, default=29561)
     p.add_argument(
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    from benchmarks.common import claim_out
+
+    claim_out(out, "process-count benchmark", legacy_ok=False)  # its runs are deleted below: only in its own folder
     rows, ref = [], None
     keys = ["one"] + [k for k in args.runs if k != "one"]
     for i, (label, n, extra) in enumerate(RUNS[k] for k in keys):
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| {label} | not run: DeepSpeed is not installed (`pip install deepspeed`) | | | | |")
             continue
         name = f"run{i}"
+        shutil.rmtree(out / name, ignore_errors=True)  # this benchmark's earlier run of the same name: measured afresh
         srd = [*PRESETS[args.preset], *extra, *args.overrides, f"output_dir={out}", f"name={name}"]
         launcher = ["-m", "srd.cli"]
         if n > 1:

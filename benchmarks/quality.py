@@ -60,7 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, log_machine, save_record  # noqa: E402
+from benchmarks.common import claim_out, header, log_machine, save_record  # noqa: E402
 
 HEALED_STUDENT = "runs/students/smollm2-20l-healed"
 
@@ -1016,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             notice = bf16_notice(load_config(None, commands[0][1]), native_bf16("cpu"))
             if notice:
                 print(notice, file=sys.stderr, flush=True)
+        claim_out(out, "quality benchmark")  # writes only into a folder of its own
         log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
 
         progress = not args.no_progress

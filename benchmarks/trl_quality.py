@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, log_machine, save_record  # noqa: E402
+from benchmarks.common import claim_out, header, log_machine, save_record  # noqa: E402
 
 HEALED_STUDENT = "runs/students/smollm2-20l-healed"
 
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if not args.report_only:
+        claim_out(out, "trl-quality benchmark")  # writes only into a folder of its own
         log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
         from srd.config import CurriculumConfig
         from srd.integrations.hf import Curriculum, reflect_dataset

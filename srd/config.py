@@ -710,3 +710,19 @@ def _float_strings(obj: Any) -> Any:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A folder srd made for a run: marked as one, or written by an older srd before folders were
+    marked (its config.yaml is a YAML mapping with a run config's name, output_dir and method).
+    Any other folder with a config.yaml is someone else's."""
+    from srd.utils import srd_folder_kind
+
+    path = Path(path)
+    if srd_folder_kind(path) == "run":
+        return True
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"name", "output_dir", "method"} <= set(saved)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from srd.config import is_run_folder
 from srd.eval.evaluate import load_example_scores
 from srd.reflect.reflect import time_split
 from srd.rundir import RunDir, StageDir
@@ -738,6 +739,11 @@ def write_report(run: Path) -> Path:
     matplotlib.use("Agg")
     if not RunDir(run).config.exists():
         raise ReportError(f"{run} is not a run directory (no config.yaml)")
+    if not is_run_folder(run):  # report.md and report/ are written there: only into a run srd made
+        raise ReportError(
+            f"{run} holds a config.yaml that srd did not write, so it is not an srd run: name the run folder "
+            "that srd train / srd run made"
+        )
     rd = RunDir(run)
     for record in (rd.results, rd.reflection_summary, rd.experiment):  # a damaged one is named before
         if record.exists():  # anything is written

@@ -62,14 +62,20 @@ def mark_srd_folder(path: Path, kind: str) -> None:
         atomic_write_json(path / MARKER, {"written_by": "srd", "kind": kind})
 
 
-def is_srd_folder(path: Path) -> bool:
+def srd_folder_kind(path: Path) -> str | None:
+    """The kind srd recorded when it marked `path` (run, student, ...); None when srd did not mark it."""
     marker = path / MARKER
     if not marker.is_file():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text()).get("written_by") == "srd"
+        record = json.loads(marker.read_text())
+        return str(record.get("kind", "")) if record.get("written_by") == "srd" else None
     except (ValueError, OSError, AttributeError):
-        return False
+        return None
+
+
+def is_srd_folder(path: Path) -> bool:
+    return srd_folder_kind(path) is not None
 
 
 def claim_folder(

@@ -66,7 +66,10 @@ def world(tmp_path, tiny_models, monkeypatch):
     _write(w / "afile", "a file")
     # a run folder srd wrote, whose records were damaged later
     fake = w / "runs" / "fake"
-    _write(fake / "config.yaml", "name: fake\noutput_dir: runs\n")
+    _write(fake / "config.yaml", "name: fake\noutput_dir: runs\nmethod: srd\n")
+    # another tool's run folder: its own config.yaml and report.md
+    _write(w / "theirs" / "config.yaml", "model: resnet50\nepochs: 90\n")
+    _write(w / "theirs" / "report.md", "# their report\n")
     _write(fake / "results.json", '{"broken')
     _write(fake / "eval" / "greedy" / "summary.json", '{"broken')
 
@@ -138,6 +141,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("mbpp not allowed", _run("eval.benchmarks=[mbpp]"), ["mbpp", "allow_code_execution"]),
     ("output_dir is a file", _run("output_dir=afile"), ["afile"]),
     ("a user's folder as the run folder", _run("output_dir=.", "name=notes"), ["notes", "overwrite=true"]),
+    (
+        "another tool's run folder (its own config.yaml) as the run folder",
+        _run("output_dir=.", "name=theirs"),
+        ["theirs", "srd did not write", "overwrite=true"],
+    ),
     ("scheduled_kd with re_reflect", _run("method=scheduled_kd", "curriculum.re_reflect=true"), ["re_reflect"]),
     ("repeated dev seeds", _run("dev_eval.seeds=[1, 1]"), ["dev_eval.seeds"]),
     (
@@ -180,6 +188,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("report: a damaged results.json", ["report", "runs/fake"], ["runs/fake/results.json", "damaged"]),
     ("report: not a run folder", ["report", "notes"], ["notes"]),
+    ("report: another tool's folder with a config.yaml", ["report", "theirs"], ["theirs", "srd did not write"]),
     ("config: a repeated key", ["config", "dup.yaml"], ["dup.yaml, line 3", "twice"]),
     ("config: a folder", ["config", "folder"], ["folder", "is a folder"]),
     ("prune: an output folder that cannot be made", [*PRUNE[:5], "--out", "afile/sub", *PRUNE[7:]], ["afile/sub"]),

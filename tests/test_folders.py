@@ -170,3 +170,60 @@ def test_the_writable_check_holds_when_the_ranks_of_a_run_make_it_at_once(tmp_pa
         else:
             assert not (tmp_path / f"r{round_}").exists()
     assert not errors, errors[:3]
+
+
+def _bench(name: str):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_benchmarks_out_folder_is_its_own(tmp_path, tiny_models, no_weights):
+    """process_count.py deleted its whole --out folder before running, whatever it held; the
+    quality scripts wrote runs and their machines log into any --out. Now each takes only a new
+    or empty folder, one it marked itself, or (the resumable quality runs) one an older version
+    of it filled; the rest is one line, with nothing touched."""
+    from benchmarks.common import claim_out
+
+    users = _users_folder(tmp_path / "users")
+    before = _tree(users)
+    marked_run = tmp_path / "run"
+    marked_run.mkdir()
+    (marked_run / MARKER).write_text(json.dumps({"written_by": "srd", "kind": "run"}))
+    (marked_run / "config.yaml").write_text("method: srd\n")
+    process_count = _bench("process_count")
+    for out, said in ((users, "holds files srd did not write"), (marked_run, "is srd's run folder")):
+        with pytest.raises(SystemExit, match=said):
+            process_count.main(["--preset", "cpu", "--out", str(out)])
+    assert _tree(users) == before and not (users / MARKER).exists()
+    assert sorted(p.name for p in marked_run.iterdir()) == [MARKER, "config.yaml"]
+    quality = _bench("quality")
+    args = ["--preset", "paper-cpu", "--variants", "none", f"model.student={tiny_models['llama-student']}"]
+    with pytest.raises(SystemExit, match="holds files srd did not write"):
+        quality.main([*args, "--out", str(users)])
+    assert _tree(users) == before and not (users / "machines.jsonl").exists()
+
+    # an older process-count folder (unmarked runs) is refused too: that script deletes runs there
+    old = tmp_path / "old-process-count"
+    (old / "run0").mkdir(parents=True)
+    (old / "run0" / MARKER).write_text(json.dumps({"written_by": "srd", "kind": "run"}))
+    with pytest.raises(SystemExit, match="delete it yourself"):
+        claim_out(old, "process-count benchmark", legacy_ok=False)
+    # ... while the quality runs, long and resumable, carry on in a folder an older version filled
+    claim_out(old, "quality benchmark")
+    legacy = tmp_path / "old-quality"
+    legacy.mkdir()
+    (legacy / "machines.jsonl").write_text("{}\n")
+    claim_out(legacy, "quality benchmark")
+    for folder in (old, legacy):
+        assert json.loads((folder / MARKER).read_text()) == {"written_by": "srd", "kind": "quality benchmark"}
+        claim_out(folder, "quality benchmark")  # its own, again
+    with pytest.raises(SystemExit, match="is srd's quality benchmark folder, not a trl-quality benchmark folder"):
+        claim_out(legacy, "trl-quality benchmark")
+    new = tmp_path / "new"
+    claim_out(new, "process-count benchmark", legacy_ok=False)
+    assert is_srd_folder(new)

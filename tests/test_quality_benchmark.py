@@ -62,7 +62,8 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     for label in ["| teacher |", "| student before KD |", "KD (fkl, seed 1)", "KD+SRD (fkl, seed 2)", "p = "]:
         assert label in text
     assert not (tmp_path / "runs" / "cpu-fkl-s2" / "references").exists()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-fkl-s1", "cpu-fkl-s2", "machines.jsonl"]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == [".srd-folder.json", "cpu-fkl-s1", "cpu-fkl-s2", "machines.jsonl"]  # the benchmark's own folder
     assert "SRD total / KD" in text and "Run `" not in text  # every run finished
     assert "cpu-fkl-s2/baseline/stages/baseline/final` | `" in text and "cpu-fkl-s2/stages/stage-3/final` |" in text
     # the runs used the preset's settings where not overridden

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from srd.config import ConfigError, RunConfig, dump_config, to_dict
+from srd.config import ConfigError, RunConfig, dump_config, is_run_folder, to_dict
 from srd.data.prompts import check_prompt_format
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
@@ -60,7 +60,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     saved = RunDir(run_dir).config
     # srd writes only into a folder it created (or one an older srd wrote: its config.yaml),
     # and removes only its own temporaries there: what a killed run left half-written
-    claim_folder(run_dir, "run", overwrite=cfg.overwrite, legacy=saved.is_file())
+    claim_folder(run_dir, "run", overwrite=cfg.overwrite, legacy=is_run_folder(run_dir))
     remove_stale_temporaries(run_dir)
     if saved.exists():
         try:
