@@ -102,15 +102,9 @@ def claim_out(folder: Path, kind: str, *, legacy_ok: bool = True) -> None:
     with SystemExit naming it. `legacy_ok`: also accept an unmarked folder that an older version of
     the benchmark filled (its machines log, or nothing but srd's own folders), as the long
     resumable runs need; off for a benchmark that deletes runs in its folder."""
-    from srd.utils import FolderError, claim_folder, is_srd_folder, is_srd_temporary, srd_folder_kind
+    from srd.utils import FolderError, claim_folder, is_srd_folder, is_srd_temporary
 
     folder = Path(folder)
-    found = srd_folder_kind(folder) if folder.is_dir() else None
-    if found is not None and found != kind:
-        raise SystemExit(
-            f"error: --out {folder} is srd's {found or 'unnamed'} folder, not a {kind} folder: "
-            "choose a new or empty folder"
-        )
     children = [p for p in folder.iterdir() if not is_srd_temporary(p)] if folder.is_dir() else []
     legacy = legacy_ok and ((folder / MACHINES_LOG).is_file() or all(p.is_dir() and is_srd_folder(p) for p in children))
     try:

@@ -90,10 +90,11 @@ def claim_folder(
     label: str = "",
     choose: str = "choose another folder",
 ) -> None:
-    """Make `path` srd's before writing into it: a missing or empty folder, or one srd marked (or,
-    with `legacy`, one an older srd wrote before markers existed) is marked and used; any other
-    non-empty folder is refused unless `overwrite` (`how` names the switch in the message, None
-    when there is none; `replaces`: the caller then replaces the whole folder, and the message says
+    """Make `path` srd's before writing into it: a missing or empty folder, or one srd marked as
+    this `kind` (or, with `legacy`, one an older srd wrote before markers existed) is marked and
+    used; any other non-empty folder, and one srd marked as another kind (a run's folder named as
+    a student's), is refused unless `overwrite` (then marked as this kind; `how` names the switch
+    in the message, None when there is none; `replaces`: the caller then replaces the whole folder, and the message says
     so; `create=False`: only check, and let the caller mark the folder once its other checks
     passed). srd's own temporaries (another process marking the same new folder at this moment)
     do not make a folder someone else's. `label` names the folder's role in messages ("teacher
@@ -102,6 +103,10 @@ def claim_folder(
     name = f"{label} {path}" if label else str(path)
     if path.exists() and not path.is_dir():
         raise FolderError(f"{name} is a file, not a folder: {choose}")
+    found = srd_folder_kind(path) if path.is_dir() else None
+    if found and found != kind and not overwrite:  # e.g. a run's folder named as a student's or a store
+        switch = f", or pass {how} {'to replace it' if replaces else 'to use it anyway'}" if how else ""
+        raise FolderError(f"{name} is srd's {found} folder, not a {kind} folder: {choose}{switch}")
     foreign = (
         path.is_dir()
         and any(not is_srd_temporary(p) for p in path.iterdir())
@@ -120,6 +125,8 @@ def claim_folder(
         if not create:
             check_writable(path)
             return
+        if found and found != kind:  # overwrite: the folder is now this kind's
+            atomic_write_json(path / MARKER, {"written_by": "srd", "kind": kind})
         mark_srd_folder(path, kind)
     except OSError as e:
         raise FolderError(f"{name} cannot be written ({e.strerror}): choose a folder you can write to") from None

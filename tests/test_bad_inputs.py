@@ -67,6 +67,10 @@ def world(tmp_path, tiny_models, monkeypatch):
     # a run folder srd wrote, whose records were damaged later
     fake = w / "runs" / "fake"
     _write(fake / "config.yaml", "name: fake\noutput_dir: runs\nmethod: srd\n")
+    # a finished run srd marked as its own
+    done = w / "runs" / "done"
+    _write(done / ".srd-folder.json", json.dumps({"written_by": "srd", "kind": "run"}))
+    _write(done / "config.yaml", "name: done\noutput_dir: runs\nmethod: srd\n")
     # another tool's run folder: its own config.yaml and report.md
     _write(w / "theirs" / "config.yaml", "model: resnet50\nepochs: 90\n")
     _write(w / "theirs" / "report.md", "# their report\n")
@@ -178,6 +182,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("prune: a layer index out of range", [*PRUNE[:3], "--keep", "0,1,99", *PRUNE[5:]], ["99", "prune.keep"]),
     ("prune: zero layers", [*PRUNE[:3], "--layers", "0", *PRUNE[5:]], ["prune.layers"]),
     ("prune: onto a user's folder", [*PRUNE[:5], "--out", "notes", *PRUNE[7:]], ["notes", "--overwrite"]),
+    (
+        "prune: onto a run's folder",
+        [*PRUNE[:5], "--out", "runs/done", *PRUNE[7:]],
+        ["runs/done", "srd's run folder, not a student folder", "--overwrite"],
+    ),
+    (
+        "a run's folder as the teacher store",
+        _run("loss.teacher_top_k=4", "loss.teacher_store=runs/done"),
+        ["teacher store runs/done", "srd's run folder, not a teacher-store folder"],
+    ),
     ("prune: teacher weights cut short", [PRUNE[0], "--teacher", "cut", *PRUNE[3:]], ["cut/model.safetensors"]),
     ("prune: texts are a folder", [*PRUNE[:7], "--data", "folder"], ["folder"]),
     ("prune: the teacher as the output", [*PRUNE[:5], "--out", "teacher", *PRUNE[7:]], ["teacher"]),
