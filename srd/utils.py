@@ -106,7 +106,8 @@ def claim_folder(
     found = srd_folder_kind(path) if path.is_dir() else None
     if found and found != kind and not overwrite:  # e.g. a run's folder named as a student's or a store
         switch = f", or pass {how} {'to replace it' if replaces else 'to use it anyway'}" if how else ""
-        raise FolderError(f"{name} is srd's {found} folder, not a {kind} folder: {choose}{switch}")
+        article = "an" if kind[:1] in "aeiou" else "a"
+        raise FolderError(f"{name} is srd's {found} folder, not {article} {kind} folder: {choose}{switch}")
     foreign = (
         path.is_dir()
         and any(not is_srd_temporary(p) for p in path.iterdir())

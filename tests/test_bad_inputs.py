@@ -182,6 +182,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("prune: a layer index out of range", [*PRUNE[:3], "--keep", "0,1,99", *PRUNE[5:]], ["99", "prune.keep"]),
     ("prune: zero layers", [*PRUNE[:3], "--layers", "0", *PRUNE[5:]], ["prune.layers"]),
     ("prune: onto a user's folder", [*PRUNE[:5], "--out", "notes", *PRUNE[7:]], ["notes", "--overwrite"]),
+    ("eval: into a user's folder", [*EVAL, "--out", "notes"], ["evaluation folder notes", "srd did not write"]),
+    ("eval: into a run's own folder", [*EVAL, "--out", "runs/done"], ["srd's run folder, not an evaluation folder"]),
     (
         "prune: onto a run's folder",
         [*PRUNE[:5], "--out", "runs/done", *PRUNE[7:]],

@@ -34,7 +34,7 @@ from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
-from srd.utils import atomic_write_json, atomic_write_text, check_writable, read_json
+from srd.utils import MARKER, atomic_write_json, atomic_write_text, claim_folder, read_json
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -202,6 +202,24 @@ def default_eval_name(spec: str) -> str:
     return spec.replace("/", "-")
 
 
+def claim_eval_folder(out_dir: Path, create: bool = True) -> None:
+    """FolderError unless srd may write an evaluation into `out_dir`: a new or empty folder, one
+    srd marked as an evaluation, or one an older srd evaluated into (its decoding.json,
+    summary.json, or an interrupted benchmark's kept answers). A user's folder, or one srd made
+    for something else (a run's own folder), is refused: summary.json, summary.md and a folder
+    per benchmark would replace theirs. `create=False`: only check (before a model loads)."""
+    claim_folder(
+        out_dir,
+        "evaluation",
+        legacy=any((out_dir / name).is_file() for name in ("decoding.json", "summary.json"))
+        or any(out_dir.glob("*/*.rank*.partial")),
+        how=None,
+        create=create,
+        label="evaluation folder",
+        choose="evaluate into a new or empty folder (srd eval --out)",
+    )
+
+
 def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, fingerprint: str | None = None) -> None:
     """An evaluation folder's answers all come from one model (`key`, see model_key; None: not
     checked) with its weights in one precision, both recorded in decoding.json: resuming answers
@@ -214,11 +232,11 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
     if out_dir.exists() and not out_dir.is_dir():
         raise EvalError(f"{out_dir} is a file, not a folder: evaluate into another folder (srd eval --out)")
     if write:  # the process that writes probes (another one's probe folders could vanish under it)
-        check_writable(out_dir)
+        claim_eval_folder(out_dir)
     path = out_dir / "decoding.json"
     record = read_json(path) if path.exists() else {}
     earlier = record.get("dtype")
-    if earlier is None and out_dir.is_dir() and any(p.name != "decoding.json" for p in out_dir.iterdir()):
+    if earlier is None and out_dir.is_dir() and any(p.name not in ("decoding.json", MARKER) for p in out_dir.iterdir()):
         earlier = "float32"
     if earlier is not None and earlier != dtype:
         raise EvalError(
@@ -300,6 +318,7 @@ def check_decodings(
     """evaluate()'s check of each benchmark's recorded settings, made before a model is loaded
     (reads only), so a refused rerun costs no loading time."""
     out_dir = Path(out_dir)
+    claim_eval_folder(out_dir, create=False)
     if not out_dir.is_dir():
         return
     summary = read_json(out_dir / "summary.json") if (out_dir / "summary.json").exists() else {}
