@@ -431,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _store(args: argparse.Namespace) -> int:
     from srd.config import ConfigError
     from srd.train.teacher_store import TeacherStore, default_store, entries
+    from srd.utils import srd_folder_kind
 
     if args.set_aside and not args.verify:
         raise ConfigError("--set-aside works with --verify (srd store --verify --set-aside)")
@@ -438,6 +439,10 @@ def _store(args: argparse.Namespace) -> int:
     if args.store and not root.is_dir():
         raise ConfigError(f"--store {root}: no such folder")
     found = entries(root)
+    if not found and root.is_dir() and srd_folder_kind(root) != "teacher-store" and any(root.iterdir()):
+        inner = root / "teacher-store"
+        hint = f": did you mean {inner}?" if srd_folder_kind(inner) == "teacher-store" else ""
+        raise ConfigError(f"--store {root} is not a teacher store (srd did not make it as one){hint}")
     print(f"teacher store {root}: {len(found)} {'entry' if len(found) == 1 else 'entries'}")
     damaged: list[str] = []
     for folder in found:

@@ -214,6 +214,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("compare: a run that does not exist", ["compare", "runs/none", "runs/fake"], ["runs/none", "not a folder"]),
     ("store: a folder that does not exist", ["store", "--store", "nowhere"], ["nowhere", "no such folder"]),
     ("store: --set-aside without --verify", ["store", "--set-aside"], ["--set-aside", "--verify"]),
+    ("store: a folder that is not a store", ["store", "--store", "notes"], ["notes", "not a teacher store"]),
     (
         "a teacher store that is a file",
         _run("loss.teacher_top_k=4", "loss.teacher_store=train.jsonl"),

@@ -496,3 +496,19 @@ def test_an_srd_experiment_on_stored_rows_never_loads_the_teacher(
     assert str(tiny_models["llama-teacher"]) not in loaded and loaded
     res = json.loads((tmp_path / "b" / "x" / "results.json").read_text())
     assert res["teacher_built_s"] == 0.0 and res["teacher_cache_s"] > 0
+
+
+def test_srd_store_on_a_folder_that_is_not_a_store_says_so(tmp_path, capsys):
+    """`srd store --store` on the cache folder above the store (or any other folder with files)
+    said "0 entries", as if the store were empty; now it says what the folder is not, and
+    where the store is when it lies just below."""
+    from srd.utils import mark_srd_folder
+
+    cache = tmp_path / "cache"
+    mark_srd_folder(cache / "teacher-store", "teacher-store")
+    (cache / "other.txt").write_text("x")
+    assert main(["store", "--store", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a teacher store" in err and f"did you mean {cache / 'teacher-store'}?" in err
+    assert main(["store", "--store", str(cache / "teacher-store")]) == 0
+    assert "0 entries" in capsys.readouterr().out
