@@ -637,3 +637,21 @@ def test_a_resume_never_unpickles_code_from_a_checkpoint(tmp_path, tiny_models, 
     err = capsys.readouterr().err
     assert "rng_0.pt" in err and "does not load" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_a_resumed_log_drops_later_rows_and_a_row_cut_short(tmp_path):
+    """On resume, the log rows after the checkpoint go, and so does a last row the kill cut in
+    half (it raised a JSON error before); a damaged row in the middle is named, not skipped."""
+    from srd.train.loop import _truncate_log
+    from srd.utils import DamagedFileError
+
+    log = tmp_path / "train.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    log.write_text("\n".join(rows) + '\n{"step": 6, "lo')
+    _truncate_log(log, 3)
+    assert log.read_text() == "\n".join(rows[:3]) + "\n"
+    _truncate_log(log, 3)  # nothing to drop: left as it is
+    assert log.read_text() == "\n".join(rows[:3]) + "\n"
+    log.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
+    with pytest.raises(DamagedFileError, match="train.jsonl, line 2: not a JSON row"):
+        _truncate_log(log, 1)

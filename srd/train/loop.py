@@ -143,13 +143,27 @@ def _scheduler(
 
 
 def _truncate_log(path: Path, max_step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from."""
+    """Drop log rows written after the checkpoint we resume from, and a last row a kill cut
+    short; the log is replaced atomically, so a kill now loses none of its earlier rows."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= max_step]
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for i, r in enumerate(rows):
+        try:
+            row = json.loads(r)
+        except ValueError:
+            if i == len(rows) - 1:  # written when the process was killed: its step comes again
+                continue
+            raise DamagedFileError(
+                f"{path}, line {i + 1}: not a JSON row; it is a log srd wrote: delete that line (or the file) "
+                "and rerun the same command",
+                "not a JSON row",
+            ) from None
+        if row.get("step", 0) <= max_step:
+            kept.append(r)
     if len(kept) != len(rows):
-        path.write_text("".join(r + "\n" for r in kept))
+        atomic_write_text(path, "".join(r + "\n" for r in kept))
 
 
 @dataclass
