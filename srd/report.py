@@ -36,7 +36,7 @@ def speed_spread(stage_dirs: list[Path], block: int = 25) -> float | None:
         log = StageDir(d).train_log
         if not log.exists():
             continue
-        rates = [r for r in (row.get("tokens_per_s") for row in read_jsonl(log)[2:]) if r]
+        rates = [r for r in (row.get("tokens_per_s") for row in read_jsonl(log, cut_ok=True)[2:]) if r]
         medians += [statistics.median(rates[i : i + block]) for i in range(0, len(rates) - block + 1, block)]
     return max(medians) / min(medians) if medians and min(medians) > 0 else None
 
@@ -414,8 +414,8 @@ def dev_over_time(run: Path) -> list[tuple[float, float]]:
     offset = float(res.get("reflection_s") or 0.0) + float(res.get("teacher_cache_s") or 0.0)
     points: list[tuple[float, float]] = []
     for d in _stage_dirs(run):
-        elapsed = {r["step"]: r["elapsed_s"] for r in read_jsonl(StageDir(d).train_log, missing_ok=True)}
-        for e in read_jsonl(StageDir(d).eval_log, missing_ok=True):
+        elapsed = {r["step"]: r["elapsed_s"] for r in read_jsonl(StageDir(d).train_log, missing_ok=True, cut_ok=True)}
+        for e in read_jsonl(StageDir(d).eval_log, missing_ok=True, cut_ok=True):
             if "dev_rougeL" in e:
                 at = e.get("elapsed_s", elapsed.get(e["step"], 0.0 if e["step"] == 0 else float("nan")))
                 points.append((offset + at, e["dev_rougeL"]))
@@ -430,14 +430,14 @@ def _plot_training(run: Path, plots: Path) -> list[str]:
     dirs = _stage_dirs(run)
     if not dirs:
         return []
-    evals = {d: read_jsonl(StageDir(d).eval_log, missing_ok=True) for d in dirs}
+    evals = {d: read_jsonl(StageDir(d).eval_log, missing_ok=True, cut_ok=True) for d in dirs}
     keys = {_dev_series(rows)[0] for rows in evals.values()} - {""}
     key = "dev_rougeL" if "dev_rougeL" in keys else ("dev_ce" if keys else "")
     fig, axes = plt.subplots(1, 2 if key else 1, figsize=(11 if key else 6, 3.8), squeeze=False)
     ax1 = axes[0][0]
     offset, boundaries, dev_x, dev_y, taus, alphas = 0, [], [], [], [], []
     for d in dirs:
-        rows = read_jsonl(StageDir(d).train_log, missing_ok=True)
+        rows = read_jsonl(StageDir(d).train_log, missing_ok=True, cut_ok=True)
         ax1.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=d.name, linewidth=1)
         for e in evals[d]:
             if key in e:

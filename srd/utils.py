@@ -341,12 +341,27 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
         f.flush()
 
 
-def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = False) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (blank lines skipped); [] for a missing file when `missing_ok`."""
+def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = False, cut_ok: bool = False) -> list[dict[str, Any]]:
+    """Rows of a JSONL record srd wrote (blank lines skipped); [] for a missing file when
+    `missing_ok`. A row that does not parse is DamagedFileError naming the file and line, except
+    with `cut_ok` a last row cut short (a log appended to when its process was killed)."""
     if missing_ok and not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if cut_ok and n == len(lines) - 1:
+                break
+            raise DamagedFileError(
+                f"{path}, line {i}: not a JSON row; it is a record srd wrote: delete it and rerun the same "
+                "command to rebuild what it records, or delete the folder that holds it to start that part over",
+                "not a JSON row",
+            ) from None
+    return rows
 
 
 def cache_dir() -> Path:

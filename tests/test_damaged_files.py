@@ -176,3 +176,23 @@ def test_a_run_start_removes_what_a_killed_process_left_half_written(tmp_path):
     removed = remove_stale_temporaries(run)
     assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)
     assert not (run / "stages" / "stage-1" / "checkpoints" / ".step-000004.srd-tmp").exists() and len(removed) == 4
+
+
+def test_a_log_row_cut_short_by_a_kill_is_dropped_and_a_garbled_one_named(tmp_path, tiny_models, tiny_data, capsys):
+    """A kill while a log row is appended leaves half a row: `srd report` reads the log without
+    it and the resumed run drops it (both raised a JSON traceback before); a garbled row in the
+    middle of a log is one line naming the file and the line."""
+    args = _train_args(tiny_models, tiny_data, tmp_path, "llama", "train.save_every=1")
+    assert main([*args, "train.stop_after_steps=2"]) == 0
+    log = tmp_path / "t" / "logs" / "train.jsonl"
+    rows = log.read_text()
+    log.write_text(rows + '{"step": 3, "lo')
+    assert main(["report", str(tmp_path / "t")]) == 0
+    assert main(args) == 0  # resumed from step 2: the cut row is gone, step 3 logged again
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[:2] == [1, 2] and len(steps) > 3
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbled", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "t")]) == 2
+    assert f"{log}, line 2: not a JSON row" in _error(capsys)
