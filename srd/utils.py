@@ -93,12 +93,13 @@ def claim_folder(
     """Make `path` srd's before writing into it: a missing or empty folder, or one srd marked as
     this `kind` (or, with `legacy`, one an older srd wrote before markers existed) is marked and
     used; any other non-empty folder, and one srd marked as another kind (a run's folder named as
-    a student's), is refused unless `overwrite` (then marked as this kind; `how` names the switch
-    in the message, None when there is none; `replaces`: the caller then replaces the whole folder, and the message says
-    so; `create=False`: only check, and let the caller mark the folder once its other checks
-    passed). srd's own temporaries (another process marking the same new folder at this moment)
-    do not make a folder someone else's. `label` names the folder's role in messages ("teacher
-    store"), `choose` the way out in both refusals ("choose a new or empty folder (loss.teacher_store)")."""
+    a student's), is refused unless `overwrite` (then marked as this kind). `how` names the switch
+    in the message, None when there is none; `replaces`: the caller then replaces the whole
+    folder, and the message says so; `create=False`: only check, and let the caller mark the
+    folder once its other checks passed. srd's own temporaries (another process marking the same
+    new folder at this moment) do not make a folder someone else's. `label` names the folder's
+    role in messages ("teacher store"), `choose` the way out in the refusals ("choose a new or
+    empty folder (loss.teacher_store)")."""
     path = Path(path)
     name = f"{label} {path}" if label else str(path)
     if path.exists() and not path.is_dir():
