@@ -1040,6 +1040,21 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_models(commands[0][1], refs, None, progress)
             if preset.get("sampled_seeds"):
                 evaluate_models(commands[0][1], refs, preset["sampled_seeds"], progress)
+    if args.report_only:  # every row is labelled by this command's settings: they must be the runs' own
+        from srd.config import load_config
+        from srd.recipes.train import config_differences
+
+        for name, o in commands:
+            saved = out / name / "config.yaml"
+            diffs = config_differences(saved, load_config(None, o)) if saved.exists() else []
+            if diffs:
+                print(
+                    f"error: {out / name} was trained with another config than this command gives it "
+                    f"({'; '.join(diffs[:4])}): rewrite the record with the preset, --variants and overrides "
+                    "that made the runs",
+                    file=sys.stderr,
+                )
+                return 2
     text = write_record(args, runs, out, None if args.report_only else time.perf_counter() - t0)
     save_record(text, args.record, args.preset + suffix, "quality")
     return 0

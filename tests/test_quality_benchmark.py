@@ -71,6 +71,10 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     assert "epochs_per_stage: 1.0" in cfg and "divergence: fkl" in cfg
     # the record can be rewritten from the finished runs without training
     record.unlink()
+    # rows are labelled by the command's settings: another batch size is not the runs' own
+    other = [a if a != "train.batch_size=2" else "train.batch_size=3" for a in args]
+    assert quality.main([*other, "--report-only"]) == 2 and not record.exists()
+    assert "train.batch_size: 2 -> 3" in capsys.readouterr().err
     assert quality.main([*args, "--report-only", "--note", "A note.", "--note", "Another."]) == 0
     text = record.read_text()
     assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note.\n\nAnother.\n" in text

@@ -54,6 +54,28 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_differences(saved: Path, cfg: RunConfig) -> list[str]:
+    """How the run config saved in `saved` (a run's config.yaml) differs from `cfg`, as `key: old
+    -> new`, leaving out what a resume may change (RESUME_SAFE_KEYS / _PREFIXES); [] when the
+    run is this config's. Options added since an older srd saved it count as their defaults."""
+    try:
+        old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+        raise DamagedFileError(
+            f"{saved} is damaged ({str(e).splitlines()[0][:120]}); it is the config srd saved for this run: "
+            "restore it, or delete the run folder to start over",
+            str(e),
+        ) from None
+    new = _flatten(to_dict(cfg))
+    defaults = _flatten(to_dict(RunConfig(method=cfg.method)))
+    old.update({k: defaults[k] for k in new if k not in old and k in defaults})
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)
+    ]
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory, or check that an existing one belongs to this config."""
     run_dir = cfg.run_dir
@@ -62,29 +84,12 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     # and removes only its own temporaries there: what a killed run left half-written
     claim_folder(run_dir, "run", overwrite=cfg.overwrite, legacy=is_run_folder(run_dir))
     remove_stale_temporaries(run_dir)
-    if saved.exists():
-        try:
-            old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-        except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
-            raise DamagedFileError(
-                f"{saved} is damaged ({str(e).splitlines()[0][:120]}); it is the config srd saved for this run: "
-                "restore it, or delete the run folder to start over",
-                str(e),
-            ) from None
-        new = _flatten(to_dict(cfg))
-        # a run written by an older srd lacks options added since: they count as their defaults
-        defaults = _flatten(to_dict(RunConfig(method=cfg.method)))
-        old.update({k: defaults[k] for k in new if k not in old and k in defaults})
-        diffs = [
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)
-        ]
-        if diffs:
-            raise ConfigError(
-                f"{run_dir} already holds a run with a different config ({'; '.join(diffs[:6])}). "
-                "Resume it with the same config, choose another name=..., or delete the folder to start over."
-            )
+    diffs = config_differences(saved, cfg) if saved.exists() else []
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} already holds a run with a different config ({'; '.join(diffs[:6])}). "
+            "Resume it with the same config, choose another name=..., or delete the folder to start over."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, dump_config(cfg))
     return run_dir
