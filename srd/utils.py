@@ -342,6 +342,18 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
         f.flush()
 
 
+def drop_torn_tail(path: str | os.PathLike) -> None:
+    """Cut a partial last line of an appended JSONL file (a kill mid-write), so that the rows
+    appended next start on a line of their own."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = False, cut_ok: bool = False) -> list[dict[str, Any]]:
     """Rows of a JSONL record srd wrote (blank lines skipped); [] for a missing file when
     `missing_ok`. A row that does not parse is DamagedFileError naming the file and line, except

@@ -123,6 +123,11 @@ def test_a_prompt_only_dataset_takes_the_teachers_answers_as_references(tmp_path
     assert calls.count(teacher) == 1
     again = reflect_dataset(prompts, teacher=teacher, **kw)  # rerun: no answer generated again
     assert calls.count(teacher) == 1 and np.array_equal(again["srd_fused"], out["srd_fused"], equal_nan=True)
+    path = tmp_path / "refl" / "teacher_references.jsonl"  # a kill tore its last row: decoded again
+    path.write_bytes(path.read_bytes().rstrip(b"\n")[:-5])
+    torn = reflect_dataset(prompts, teacher=teacher, **kw)
+    assert calls.count(teacher) == 2 and torn["srd_reference"] == out["srd_reference"]
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()][-1] == refs[-1]["id"]
     other = load_model(str(tiny_models["llama-student"]))
     with pytest.raises(ValueError, match="another teacher's answers"):
         reflect_dataset(prompts, teacher=other, **kw)

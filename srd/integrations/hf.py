@@ -151,7 +151,7 @@ def teacher_references(
     from srd.generation.decode import iter_responses
     from srd.generation.decoding import Decoding
     from srd.models.features import model_fingerprint
-    from srd.utils import append_jsonl, atomic_write_json, read_json, read_jsonl
+    from srd.utils import append_jsonl, atomic_write_json, drop_torn_tail, read_json, read_jsonl
 
     g, mp = cfg.generation, cfg.data.max_prompt_len
     meta = {"teacher": model_fingerprint(teacher), "generation": dataclasses.asdict(g), "max_prompt_len": mp}
@@ -163,6 +163,7 @@ def teacher_references(
             "reflect_dataset another out_dir (or move that folder away)"
         )
     atomic_write_json(meta_path, meta)
+    drop_torn_tail(rows_path)  # appended as they finish: a row a kill tore is decoded again
     done = {r["id"]: r["reference"] for r in read_jsonl(rows_path, missing_ok=True)}
     prompts = []
     for i, row in enumerate(dataset):

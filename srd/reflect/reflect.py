@@ -43,7 +43,7 @@ from srd.models.features import model_fingerprint, target_features
 from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, precision_entry
 from srd.reflect.fusion import length_strata, ranks, reciprocal_rank_fusion, select_and_partition
 from srd.reflect.scorers import check_scorers, get_scorer, needs_teacher
-from srd.utils import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from srd.utils import atomic_write_json, atomic_write_text, drop_torn_tail, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,6 @@ def _read_rows(folder: Path) -> dict[str, dict[str, Any]]:
                 continue
             rows[row["id"]] = row
     return rows
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a partial last line (a crash mid-write) so new rows start on a fresh line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _check_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -425,7 +415,7 @@ def reflect(
     measure_s = 0.0
     if blocks:
         own_file = out_dir / f"outputs.rank{acc.process_index}.jsonl"
-        _drop_torn_tail(own_file)
+        drop_torn_tail(own_file)
         written = set(done)  # saved before an interruption: generated again with their block, not saved
         with cast_for_inference(student.to(acc.device), dtype) as model:  # the student trains on in float32
             for block in blocks:
