@@ -301,6 +301,33 @@ def test_answers_kept_by_other_processes_are_reused(tmp_path, tiny_models, srd_d
     assert not list(folder.glob("*.partial"))
 
 
+def test_an_answer_kept_after_a_torn_line_starts_a_line_of_its_own(tmp_path, tiny_models, srd_data, monkeypatch):  # noqa: F811
+    """A kill tore the last line of the process's kept answers: the next answer kept must not be
+    glued to it (it was, and was lost at the next resume)."""
+    from accelerate import Accelerator
+
+    import srd.eval.evaluate as ev
+    from srd.models import load_model, load_tokenizer
+
+    spec = str(tiny_models["llama-student"])
+    kw = dict(seeds=None, limit=4, data_dir=None, fmt="alpaca", max_prompt_len=64, batch_size=4)
+    kw.update(max_new_tokens=3, no_repeat_ngram_size=0, accelerator=Accelerator(cpu=True), progress=False)
+    bench = str(srd_data["dev"])
+    own = tmp_path / "out" / ev.resolve_benchmark(bench).name / "greedy.rank0.partial"
+    own.parent.mkdir(parents=True)
+    own.write_text('{"row": 0, "predic')
+    real = ev.iter_responses
+
+    def one_then_killed(*a, **k):
+        yield next(iter(real(*a, **k)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "iter_responses", one_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(load_model(spec).eval(), load_tokenizer(spec), [bench], tmp_path / "out", **kw)
+    assert [sorted(json.loads(line)) for line in own.read_text().splitlines()] == [["prediction", "row", "s"]]
+
+
 def test_evaluation_folder_keeps_one_model(tmp_path, tiny_models, srd_data):  # noqa: F811
     """A folder with one model's answers refuses another model's (a run's best/ after its final/):
     the error names both and the ways on; the same model resumes, also from a moved run directory;

@@ -34,7 +34,7 @@ from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
 from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
-from srd.utils import MARKER, atomic_write_json, atomic_write_text, claim_folder, read_json
+from srd.utils import MARKER, atomic_write_json, atomic_write_text, claim_folder, drop_torn_tail, read_json
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -132,6 +132,7 @@ def _run_one(
     )
     own = partial_path(partial, rank)
     own.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(own)  # the next answer starts a line of its own, not the end of a torn one
     last = time.perf_counter()
     decoding = Decoding(
         max_new_tokens=max_new_tokens or bench.max_new_tokens,
