@@ -183,7 +183,7 @@ def _add_training_commands(sub: Any) -> None:
         "final/, logs/, tb/. Rerunning the same command resumes an interrupted run.",
     )
     t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml ('-' for defaults + overrides only)")
-    t.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    t.add_argument("overrides", nargs="*", default=[], help=OVERRIDE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
     r = sub.add_parser(
@@ -199,7 +199,7 @@ def _add_training_commands(sub: Any) -> None:
         "results.json, experiment.json) and resumes when rerun.",
     )
     r.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml ('-' for defaults + overrides only)")
-    r.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    r.add_argument("overrides", nargs="*", default=[], help=OVERRIDE_HELP)
     r.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
     rf = sub.add_parser(
@@ -211,7 +211,7 @@ def _add_training_commands(sub: Any) -> None:
         "redoing finished rows.",
     )
     rf.add_argument("config", help="YAML recipe ('-' for defaults + overrides only)")
-    rf.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    rf.add_argument("overrides", nargs="*", default=[], help=OVERRIDE_HELP)
     rf.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -236,6 +236,7 @@ def _add_evaluation_commands(sub: Any) -> None:
     ev.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # optional: a missing target is then the only argument named as required
         help="key=value overrides of the eval, data and generation sections (e.g. eval.limit=50 eval.greedy=true); "
         "before or after the flags",
     )
@@ -281,7 +282,7 @@ def _add_model_commands(sub: Any) -> None:
         description="Load a YAML recipe, apply overrides, validate, and print every option.",
     )
     c.add_argument("config", nargs="?", help="YAML recipe (omit, or '-', for the defaults + overrides)")
-    c.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    c.add_argument("overrides", nargs="*", default=[], help=OVERRIDE_HELP)
     c.add_argument(
         "--reference", action="store_true", help="print the reference of every option (docs/configuration.md)"
     )
@@ -296,7 +297,7 @@ def _add_model_commands(sub: Any) -> None:
         "commands (the flags below are aliases). Reuses the folder if it was built the same way.",
     )
     pr.add_argument("config", nargs="?", default=None, help="YAML recipe (omit, or '-', for the defaults + overrides)")
-    pr.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    pr.add_argument("overrides", nargs="*", default=[], help=OVERRIDE_HELP)
     for flag, key, kw in PRUNE_FLAGS:
         pr.add_argument(flag, dest=key, default=None, help=f"alias of {key}=...", **_metavar(flag, kw))
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
