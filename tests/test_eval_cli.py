@@ -629,3 +629,11 @@ def test_an_evaluation_folder_keeps_one_decoding_per_benchmark(tmp_path, tiny_mo
     again = run(max_new_tokens=5)["benchmarks"]["bench"]
     assert again["max_new_tokens"] == 5 and list(again["per_seed"]) == ["greedy"]
     assert json.loads((out / "decoding.json").read_text())["benchmarks"]["bench"]["max_new_tokens"] == 5
+
+
+def test_a_missing_target_or_recipe_is_the_only_argument_named_as_required(capsys):
+    """argparse named the optional key=value overrides as required too."""
+    for argv, name in ((["eval", "--greedy"], "target"), (["train"], "config"), (["run"], "config")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert capsys.readouterr().err.rstrip().endswith(f"the following arguments are required: {name}")
