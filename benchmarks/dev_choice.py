@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import PRESETS, run_names  # noqa: E402
+from benchmarks.quality import PRESETS, overrides_for, run_names  # noqa: E402
 
 
 def best_checkpoint(run: Path) -> tuple[Path, float] | None:
@@ -179,6 +179,44 @@ def by_length(
     return lines
 
 
+def check_variant_runs(out: Path, preset: dict[str, Any], args: argparse.Namespace) -> None:
+    """Each variant row is labelled by its name: refuse (SystemExit) a run whose saved config is
+    not what quality.py gives that variant now, with the overrides its seed's base run was given
+    (a variant redefined since it ran would be reported under the new definition)."""
+    import yaml
+
+    from srd.config import load_config, to_dict
+    from srd.recipes.train import RESUME_SAFE_KEYS as SAFE
+    from srd.recipes.train import RESUME_SAFE_PREFIXES as SAFE_PREFIXES
+    from srd.recipes.train import config_differences, flatten_config
+
+    for row in args.rows:
+        variant = "" if row in ("kd", "paper") else row
+        for seed in args.seeds if variant else []:
+            base_name = run_names(args.preset, [args.divergence], [seed])[0][0]
+            name = run_names(args.preset, [args.divergence], [seed], [variant])[0][0]
+            base, saved = out / base_name / "config.yaml", out / name / "config.yaml"
+            if not (base.exists() and saved.exists()):
+                continue
+            # the command's own key=value overrides: where the base run differs from the preset
+            given = flatten_config(yaml.safe_load(base.read_text(encoding="utf-8")) or {})
+            default = flatten_config(
+                to_dict(load_config(None, overrides_for(preset, args.divergence, seed, base_name, out, True, [])))
+            )
+            extra = [
+                f"{k}={json.dumps(v)}"
+                for k, v in given.items()
+                if k in default and default[k] != v and k not in SAFE and not k.startswith(SAFE_PREFIXES)
+            ]
+            wanted = load_config(None, overrides_for(preset, args.divergence, seed, name, out, False, extra, variant))
+            diffs = config_differences(saved, wanted)
+            if diffs:
+                raise SystemExit(
+                    f"{out / name} is not row {row} as preset {args.preset} defines it now ({'; '.join(diffs[:4])}): "
+                    "compare it with the code that ran it, or run the row again"
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the quality runs' folder (quality.py --out)")
@@ -212,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if not base_cfg.exists():
         raise SystemExit(f"{base_cfg} not found: --out must hold the base run of seed {args.seeds[0]}")
     cfg = load_config(base_cfg)
+    check_variant_runs(out, preset, args)
     if args.fresh < 0:
         raise SystemExit(f"--fresh {args.fresh}: give a number of dev rows, at least 1 (or leave it out)")
     dev = dev_rows(cfg, args.fresh)

@@ -369,6 +369,13 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
     assert dev_choice.main(argv) == 0 and {p: p.stat().st_mtime_ns for p in (out / "dev-rows").iterdir()} == mtimes
     with pytest.raises(SystemExit, match="--rows nope: not a row of preset paper-cpu"):
         dev_choice.main(["--out", str(out), "--preset", "paper-cpu", "--rows", "paper", "nope", "--seeds", "42"])
+    # a row is labelled by its name: a run that is not that row as the preset defines it is refused
+    saved = control / "config.yaml"
+    before = saved.read_text()
+    saved.write_text(before.replace("tau_end: 2.0", "tau_end: 3.0"))
+    with pytest.raises(SystemExit, match=r"is not row kdrise as preset paper-cpu defines it now.*tau_end: 3.0 -> 2.0"):
+        dev_choice.main(argv)
+    saved.write_text(before)
     # --fresh N: the N dev rows after the runs' own (no checkpoint was chosen on them), decoded for
     # every model (kept dev answers are of the runs' own rows), kept apart from the own-row scores
     extra = [dict(r, output=r["output"] + " " + r["output"]) for r in ROWS[:3]]

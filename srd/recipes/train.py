@@ -46,11 +46,11 @@ RESUME_SAFE_KEYS = {
 RESUME_SAFE_PREFIXES = ("eval.", "compare.", "prune.")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+        out.update(flatten_config(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
 
 
@@ -59,15 +59,15 @@ def config_differences(saved: Path, cfg: RunConfig) -> list[str]:
     -> new`, leaving out what a resume may change (RESUME_SAFE_KEYS / _PREFIXES); [] when the
     run is this config's. Options added since an older srd saved it count as their defaults."""
     try:
-        old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+        old = flatten_config(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
         raise DamagedFileError(
             f"{saved} is damaged ({str(e).splitlines()[0][:120]}); it is the config srd saved for this run: "
             "restore it, or delete the run folder to start over",
             str(e),
         ) from None
-    new = _flatten(to_dict(cfg))
-    defaults = _flatten(to_dict(RunConfig(method=cfg.method)))
+    new = flatten_config(to_dict(cfg))
+    defaults = flatten_config(to_dict(RunConfig(method=cfg.method)))
     old.update({k: defaults[k] for k in new if k not in old and k in defaults})
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
