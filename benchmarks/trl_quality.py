@@ -278,6 +278,34 @@ def write_record(args: argparse.Namespace, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# what the arms' weights depend on: a folder's arms were all trained with one set of these
+TRAINING_ARGS = (
+    "teacher", "student", "data", "data_dir", "rows", "epochs_per_stage", "batch_size", "grad_accum", "lr",
+    "max_len", "seed", "reflect_overrides",
+)  # fmt: skip
+SETTINGS = "settings.json"
+
+
+def check_settings(args: argparse.Namespace, out: Path) -> None:
+    """The arms in `out` are reused and resumed as they are, and the record labels them with this
+    command's arguments: refuse (SystemExit) a folder whose arms were trained with other ones
+    (recorded in out/settings.json at the first start), naming them; a new folder records them."""
+    from srd.utils import atomic_write_json, read_json
+
+    now = {k: getattr(args, k) for k in TRAINING_ARGS}
+    path = out / SETTINGS
+    if path.exists():
+        before = read_json(path)
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r}, now {now[k]!r}" for k in now if before.get(k) != now[k]]
+        if changed:
+            raise SystemExit(
+                f"error: {out} holds arms trained with other arguments ({'; '.join(changed)}): rerun with those, "
+                "or choose another --out"
+            )
+    elif not args.report_only:
+        atomic_write_json(path, now)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="smollm2-135m-instruct")
@@ -306,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if not args.report_only:
         claim_out(out, "trl-quality benchmark")  # writes only into a folder of its own
+    check_settings(args, out)
+    if not args.report_only:
         log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
         from srd.config import CurriculumConfig
         from srd.integrations.hf import Curriculum, reflect_dataset

@@ -443,6 +443,12 @@ def test_trl_quality_compares_trl_alone_with_trl_plus_srd(tmp_path, tiny_models)
     assert {r["srd_stage"] for r in srd_state["log_history"] if "srd_stage" in r} <= {1, 2, 3}
     before = (out / "trl+srd" / "train_s.json").read_text()
     assert module.main(args) == 0 and (out / "trl+srd" / "train_s.json").read_text() == before  # reused
+    # the arms were reused whatever the arguments: now other training arguments are refused, also
+    # for a record written from the finished arms
+    for extra in ([], ["--report-only"]):
+        with pytest.raises(SystemExit, match=r"holds arms trained with other arguments \(--lr 0.0001, now 0.5\)"):
+            module.main([*args, "--lr", "0.5", *extra])
+    assert (out / "trl+srd" / "train_s.json").read_text() == before
 
 
 def _fake_run(folder: Path, mode: str, scores: dict[str, float]) -> Path:
