@@ -243,7 +243,12 @@ def _add_evaluation_commands(sub: Any) -> None:
     ev.add_argument("--config", default=None, help="a YAML recipe to take the eval / data / generation settings from")
     for flag, key, kw in EVAL_FLAGS:
         ev.add_argument(flag, dest=key, default=None, **_metavar(flag, kw))
-    ev.add_argument("--out", default=None, help="output folder")
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="output folder: a new or empty one, or one srd evaluated into (default: runs/eval/<model>-<mode>, or "
+        "the run's eval/<mode>)",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     cmp = sub.add_parser(
