@@ -92,8 +92,7 @@ fi
 
 if want 3; then
 echo "== 3. reflection over $REFLECT_ROWS Dolly prompts"
-RUN=${TMPDIR:-/tmp}/srd-gpu-reflect
-rm -rf "$RUN"
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/srd-gpu-reflect.XXXXXX")  # a new folder of its own (nothing else removed)
 CMD=(-m srd.cli reflect --no-progress configs/gpt2-dolly-srd.yaml "model.teacher=$T" "model.student=$S"
      "data.train_limit=$REFLECT_ROWS" "generation.batch_size=$GEN_BS" "generation.max_new_tokens=$NEW"
      "output_dir=$RUN" name=reflect)
