@@ -473,6 +473,9 @@ def test_attach_refuses_what_would_silently_break_the_plan(tmp_path, tiny_models
         _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, attach=short)
     with pytest.raises(ValueError, match="args=...|batch_size=..."):
         Curriculum.from_reflected(reflected, curriculum=_CURRICULUM)
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)  # a second curriculum on it
+    with pytest.raises(ValueError, match="already has a curriculum attached"):
+        cur.attach(trainer)
 
 
 def test_rows_per_step_counts_what_one_optimizer_step_reads():

@@ -520,6 +520,12 @@ class Curriculum:
 
         `expand=True`: the trainer was given `distinct_dataset(reflected)` and has prepared
         (tokenised) it; its prepared rows are put in the plan's order here (a `select`, no copy)."""
+        handler = getattr(trainer, "callback_handler", None)
+        if any(isinstance(c, CurriculumCallback) for c in getattr(handler, "callbacks", [])):
+            raise ValueError(
+                "this trainer already has a curriculum attached: two would each set tau and alpha at every step "
+                "(and expand=True would reorder its rows twice); attach one curriculum to one trainer"
+            )
         if expand:
             data = getattr(trainer, "train_dataset", None)
             if data is None or not hasattr(data, "select"):
