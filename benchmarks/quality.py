@@ -1016,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             notice = bf16_notice(load_config(None, commands[0][1]), native_bf16("cpu"))
             if notice:
                 print(notice, file=sys.stderr, flush=True)
-        claim_out(out, "quality benchmark")  # writes only into a folder of its own
+        claim_out(out, "quality benchmark", own=("dev-rows",))  # only into a folder of its own (dev_choice.py's cache)
         log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
 
         progress = not args.no_progress

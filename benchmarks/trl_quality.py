@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if not args.report_only:
-        claim_out(out, "trl-quality benchmark")  # writes only into a folder of its own
+        claim_out(out, "trl-quality benchmark", own=("trl", "trl+srd", SETTINGS))  # only into a folder of its own
     check_settings(args, out)
     if not args.report_only:
         log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs

@@ -224,6 +224,16 @@ def test_a_benchmarks_out_folder_is_its_own(tmp_path, tiny_models, no_weights):
         claim_out(folder, "quality benchmark")  # its own, again
     with pytest.raises(SystemExit, match="is srd's quality benchmark folder, not a trl-quality benchmark folder"):
         claim_out(legacy, "trl-quality benchmark")
+    (old / "dev-rows").mkdir()  # dev_choice.py's cache beside the runs: still the benchmark's folder
+    claim_out(old, "quality benchmark", own=("dev-rows",))
+    trl = tmp_path / "old-trl"  # an older trl_quality.py folder: its arms (unmarked) and its reflection
+    for arm in ("trl", "trl+srd"):
+        (trl / arm).mkdir(parents=True)
+    (trl / "reflection").mkdir()
+    (trl / "reflection" / MARKER).write_text(json.dumps({"written_by": "srd", "kind": "reflection"}))
+    with pytest.raises(SystemExit, match="holds files srd did not write"):
+        claim_out(trl, "trl-quality benchmark")
+    claim_out(trl, "trl-quality benchmark", own=("trl", "trl+srd"))
     new = tmp_path / "new"
     claim_out(new, "process-count benchmark", legacy_ok=False)
     assert is_srd_folder(new)
