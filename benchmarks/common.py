@@ -100,15 +100,17 @@ def claim_out(folder: Path, kind: str, *, legacy_ok: bool = True, own: tuple[str
     empty folder, or one this benchmark marked, is marked and used; one srd marked for something
     else (a run, a student, another benchmark) or that holds files srd did not write is refused
     with SystemExit naming it. `legacy_ok`: also accept an unmarked folder that an older version of
-    the benchmark filled (its machines log, or nothing but srd's own folders and the names in
+    the benchmark filled (its machines log, or nothing but srd's own folders, runs of an older srd, and the names in
     `own`, what the benchmark writes there itself), as the long resumable runs need; off for a
     benchmark that deletes runs in its folder."""
+    from srd.config import is_run_folder
     from srd.utils import FolderError, claim_folder, is_srd_folder, is_srd_temporary
 
     folder = Path(folder)
     children = [p for p in folder.iterdir() if not is_srd_temporary(p)] if folder.is_dir() else []
     legacy = legacy_ok and (
-        (folder / MACHINES_LOG).is_file() or all(p.name in own or (p.is_dir() and is_srd_folder(p)) for p in children)
+        (folder / MACHINES_LOG).is_file()
+        or all(p.name in own or (p.is_dir() and (is_srd_folder(p) or is_run_folder(p))) for p in children)
     )
     try:
         claim_folder(
