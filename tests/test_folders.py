@@ -224,10 +224,13 @@ def test_a_benchmarks_out_folder_is_its_own(tmp_path, tiny_models, no_weights):
         claim_out(folder, "quality benchmark")  # its own, again
     with pytest.raises(SystemExit, match="is srd's quality benchmark folder, not a trl-quality benchmark folder"):
         claim_out(legacy, "trl-quality benchmark")
-    (old / "dev-rows").mkdir()  # dev_choice.py's cache beside the runs: still the benchmark's folder
-    (old / "unmarked").mkdir()  # and a run of an srd from before folders were marked
-    (old / "unmarked" / "config.yaml").write_text("name: unmarked\noutput_dir: old\nmethod: srd\n")
-    claim_out(old, "quality benchmark", own=("dev-rows",))
+    older = tmp_path / "older-quality"  # runs of an srd from before folders were marked, and
+    (older / "run" / "dev-rows").mkdir(parents=True)  # dev_choice.py's cache beside them
+    (older / "run" / "config.yaml").write_text("name: run\noutput_dir: older\nmethod: srd\n")
+    (older / "dev-rows").mkdir()
+    with pytest.raises(SystemExit, match="holds files srd did not write"):
+        claim_out(older, "quality benchmark")
+    claim_out(older, "quality benchmark", own=("dev-rows",))
     trl = tmp_path / "old-trl"  # an older trl_quality.py folder: its arms (unmarked) and its reflection
     for arm in ("trl", "trl+srd"):
         (trl / arm).mkdir(parents=True)
