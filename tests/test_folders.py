@@ -225,7 +225,7 @@ def test_a_benchmarks_out_folder_is_its_own(tmp_path, tiny_models, no_weights):
     with pytest.raises(SystemExit, match="is srd's quality benchmark folder, not a trl-quality benchmark folder"):
         claim_out(legacy, "trl-quality benchmark")
     older = tmp_path / "older-quality"  # runs of an srd from before folders were marked, and
-    (older / "run" / "dev-rows").mkdir(parents=True)  # dev_choice.py's cache beside them
+    (older / "run").mkdir(parents=True)  # dev_choice.py's cache beside them
     (older / "run" / "config.yaml").write_text("name: run\noutput_dir: older\nmethod: srd\n")
     (older / "dev-rows").mkdir()
     with pytest.raises(SystemExit, match="holds files srd did not write"):
