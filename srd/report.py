@@ -242,7 +242,21 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
             d = paired_difference(a, c)
             cells.append(f"{difference_cell(d)} (n = {d['n']})" if d["n"] else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    dtypes = {n: d for n, d in zip(names, (_decoding_dtype(r, eval_name) for r in runs)) if d}
+    if len(set(dtypes.values())) > 1:  # each score is its model's own, but not at one precision
+        lines += [
+            "",
+            "The runs were decoded with weights in different precisions ("
+            + "; ".join(f"{n}: {d}" for n, d in dtypes.items())
+            + "): part of a difference can come from the precision (srd eval --dtype).",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _decoding_dtype(run: Path, eval_name: str) -> str | None:
+    """The weights' precision an evaluation folder decoded with (decoding.json), None if unrecorded."""
+    path = _eval_dir(run, eval_name) / "decoding.json"
+    return _read_json(path).get("dtype") if path.exists() else None
 
 
 COMPARISON_MARK = "<!-- written by srd compare -->"

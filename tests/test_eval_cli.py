@@ -521,6 +521,12 @@ def test_compare_takes_srd_eval_output_folders_and_refuses_unlike_decodings(tmp_
     )
     (b / "decoding.json").unlink()  # a folder from before the record: only what both recorded is compared
     assert main(["compare", str(a), str(b)]) == 0
+    assert "different precisions" not in capsys.readouterr().out
+    # weights decoded in two precisions: tabled (each score is its model's own), and said
+    for folder, dtype in ((a, "float32"), (b, "bfloat16")):
+        (folder / "decoding.json").write_text(json.dumps({"dtype": dtype, "benchmarks": {"dolly-eval": settings}}))
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "different precisions (a/sampled: float32; b/sampled: bfloat16)" in capsys.readouterr().out
 
 
 def test_compare_names_a_listed_answer_file_that_is_gone_in_one_line(tmp_path, capsys):
