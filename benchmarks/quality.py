@@ -1046,7 +1046,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, o in commands:
             saved = out / name / "config.yaml"
-            diffs = config_differences(saved, load_config(None, o)) if saved.exists() else []
+            # the dev schedule too (a resume may change it; the record's rows assume one schedule)
+            diffs = (
+                config_differences(saved, load_config(None, o), also=("train.eval_every",)) if saved.exists() else []
+            )
             if diffs:
                 print(
                     f"error: {out / name} was trained with another config than this command gives it "

@@ -75,6 +75,8 @@ def test_quality_benchmark_runs_two_seeds_and_records(tmp_path, tiny_models, cap
     other = [a if a != "train.batch_size=2" else "train.batch_size=3" for a in args]
     assert quality.main([*other, "--report-only"]) == 2 and not record.exists()
     assert "train.batch_size: 2 -> 3" in capsys.readouterr().err
+    assert quality.main([*args, "train.eval_every=7", "--report-only"]) == 2  # another dev schedule
+    assert "train.eval_every" in capsys.readouterr().err
     assert quality.main([*args, "--report-only", "--note", "A note.", "--note", "Another."]) == 0
     text = record.read_text()
     assert "KD+SRD (fkl, seed 1)" in text and "## Notes\n\nA note.\n\nAnother.\n" in text

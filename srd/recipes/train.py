@@ -54,10 +54,11 @@ def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: Path, cfg: RunConfig) -> list[str]:
+def config_differences(saved: Path, cfg: RunConfig, also: tuple[str, ...] = ()) -> list[str]:
     """How the run config saved in `saved` (a run's config.yaml) differs from `cfg`, as `key: old
-    -> new`, leaving out what a resume may change (RESUME_SAFE_KEYS / _PREFIXES); [] when the
-    run is this config's. Options added since an older srd saved it count as their defaults."""
+    -> new`, leaving out what a resume may change (RESUME_SAFE_KEYS / _PREFIXES) but the keys in
+    `also`; [] when the run is this config's. Options added since an older srd saved it count as
+    their defaults."""
     try:
         old = flatten_config(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
@@ -72,7 +73,8 @@ def config_differences(saved: Path, cfg: RunConfig) -> list[str]:
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)
+        if old.get(k) != new.get(k)
+        and (k in also or (k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)))
     ]
 
 
