@@ -58,6 +58,7 @@ from srd.utils import (
     atomic_write_json,
     atomic_write_text,
     read_json,
+    read_jsonl,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -144,26 +145,15 @@ def _scheduler(
 
 def _truncate_log(path: Path, max_step: int) -> None:
     """Drop log rows written after the checkpoint we resume from, and a last row a kill cut
-    short; the log is replaced atomically, so a kill now loses none of its earlier rows."""
+    short (read_jsonl's cut_ok; a garbled row elsewhere is its DamagedFileError); the log is
+    replaced atomically, so a kill now loses none of its earlier rows."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = []
-    for i, r in enumerate(rows):
-        try:
-            row = json.loads(r)
-        except ValueError:
-            if i == len(rows) - 1:  # written when the process was killed: its step comes again
-                continue
-            raise DamagedFileError(
-                f"{path}, line {i + 1}: not a JSON row; it is a log srd wrote: delete that line (or the file) "
-                "and rerun the same command",
-                "not a JSON row",
-            ) from None
-        if row.get("step", 0) <= max_step:
-            kept.append(r)
-    if len(kept) != len(rows):
-        atomic_write_text(path, "".join(r + "\n" for r in kept))
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path, cut_ok=True)  # line by line as `lines`, a torn last one left out
+    kept = [line for line, row in zip(lines, rows) if row.get("step", 0) <= max_step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 @dataclass
