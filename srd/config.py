@@ -186,7 +186,8 @@ class TrainConfig:
         _check(self.min_lr <= self.lr, f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be > 0 or null")
-        _check(self.save_every >= 0 and self.eval_every >= 0, "train.save_every/eval_every must be >= 0")
+        for key in ("save_every", "eval_every"):
+            _check(getattr(self, key) >= 0, f"train.{key} must be >= 0 (0: only at the end), got {getattr(self, key)}")
         _check(self.keep_last >= 0, "train.keep_last must be >= 0 (0: none once a stage is done)")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
 
@@ -306,9 +307,10 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "curriculum.num_stages must be >= 1")
         _check(self.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0")
-        _check(self.tau_start > 0 and self.tau_end > 0, "curriculum.tau_start/tau_end must be > 0")
+        for key in ("tau_start", "tau_end"):
+            _check(getattr(self, key) > 0, f"curriculum.{key} must be > 0, got {getattr(self, key)}")
         for key in ("alpha_start", "alpha_end"):
-            _check(0.0 <= getattr(self, key) <= 1.0, f"curriculum.{key} must be in [0, 1]")
+            _check(0.0 <= getattr(self, key) <= 1.0, f"curriculum.{key} must be in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -646,6 +648,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist{_recipe_hint(path)}")
         text = read_user_text(path, ConfigError, "config file")
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
@@ -663,6 +667,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{e}{_error_origin(str(e), path, overrides or [])}") from e
 
 
+def _recipe_hint(path: Path) -> str:
+    """The way on for a recipe that is not there: the file the user probably meant (the name with
+    .yaml, or under configs/), else what the argument must be."""
+    names = [path.name] if path.suffix in (".yaml", ".yml") else [f"{path.name}.yaml", f"{path.name}.yml"]
+    for folder in dict.fromkeys([path.parent, Path("configs")]):
+        for name in names:
+            if (folder / name).is_file():
+                return f"; did you mean {folder / name}?"
+    return ": give a YAML recipe, or - to start from the defaults (then key=value options)"
+
+
 def _error_origin(message: str, path: Path | None, overrides: list[str]) -> str:
     """Where to fix a bad option: the command-line override(s) the message names (a key, or the
     unknown part of one), else the recipe file. Users look for `lr: abc` in a recipe that never
@@ -670,12 +685,15 @@ def _error_origin(message: str, path: Path | None, overrides: list[str]) -> str:
     import re
 
     subject = re.sub(r"\[[^\]]*\]", "", message.split(";", 1)[0])  # not the lists of valid keys or values
+    last = {override.split("=", 1)[0].strip(): override for override in overrides}  # a repeated key: the last counts
     blamed = []
-    for override in overrides:
-        key = override.split("=", 1)[0].strip()
+    for key, override in last.items():
         parts = key.split(".")
-        unknown = [f"'{'.'.join(parts[:i])}'" for i in range(1, len(parts))]  # "unknown config key 'nosuch'"
-        if key and (re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", subject) or any(u in subject for u in unknown)):
+        unknown = [f"'{'.'.join(parts[:i])}'" for i in range(1, len(parts) + 1)]  # "unknown config key 'nosuch'"
+        # a top-level key (name, method) is also a plain word: only the message's subject, not any "name"
+        before = r"(?<![\w.])" if "." in key else "^"
+        named = re.search(rf"{before}{re.escape(key)}(?![\w.])", subject)
+        if key and (named or any(u in subject for u in unknown)):
             blamed.append(override)
     if blamed:
         return f" (from the command line: {' '.join(blamed)})"

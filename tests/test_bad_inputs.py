@@ -61,6 +61,7 @@ def world(tmp_path, tiny_models, monkeypatch):
     _write(w / "dup.yaml", "train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
     _write(w / "latin1.yaml", "name: caf\xe9\n".encode("latin-1"))
     _write(w / "list.yaml", "- a\n- b\n")
+    _write(w / "configs" / "mine.yaml", "name: mine\n")
     _write(w / "notes" / "mine.txt", "the user's")
     (w / "students").mkdir()
     _write(w / "afile", "a file")
@@ -134,14 +135,31 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("recipe not UTF-8", ["run", "latin1.yaml"], ["latin1.yaml", "UTF-8"]),
     ("recipe is a list", ["run", "list.yaml"], ["list.yaml", "mapping"]),
     ("recipe missing", ["run", "nope.yaml"], ["nope.yaml", "does not exist"]),
+    ("recipe named without its folder", ["run", "mine"], ["mine does not exist", "did you mean configs/mine.yaml?"]),
     ("run name ..", _run("name=.."), ["name", "plain folder name"]),
     ("run name with a slash", _run("name=a/b"), ["name", "plain folder name"]),
     ("unknown key", _run("trian.lr=1"), ["trian"]),
     ("wrong type", _run("train.lr=fast"), ["train.lr"]),
     ("out of range", _run("reflect.keep_ratio=2"), ["reflect.keep_ratio"]),
+    (
+        "a temperature of zero",
+        _run("curriculum.tau_end=0"),
+        ["curriculum.tau_end must be > 0, got 0", "(from the command line: curriculum.tau_end=0)"],
+    ),
+    ("a negative dev interval", _run("train.eval_every=-5"), ["train.eval_every", "train.eval_every=-5)"]),
     ("unknown scorer", _run("reflect.scorers=[nope]"), ["nope", "rouge_l"]),
     ("code-running scorer not allowed", _run("reflect.scorers=[rouge_l, tests_pass]"), ["tests_pass", "SRD_ALLOW"]),
     ("unknown benchmark", _run("eval.benchmarks=[nope-bench]"), ["nope-bench"]),
+    (
+        "a data folder that is not there",
+        _run("eval.benchmarks=[dolly-eval]", "data.data_dir=nowhere"),
+        ["data.data_dir is nowhere, which is not a folder"],
+    ),
+    (
+        "eval: a data folder that is not there",
+        ["eval", "student", "--benchmarks", "dolly-eval", "--data-dir", "nowhere"],
+        ["data.data_dir is nowhere, which is not a folder"],
+    ),
     ("mbpp not allowed", _run("eval.benchmarks=[mbpp]"), ["mbpp", "allow_code_execution"]),
     ("output_dir is a file", _run("output_dir=afile"), ["afile"]),
     ("a user's folder as the run folder", _run("output_dir=.", "name=notes"), ["notes", "overwrite=true"]),

@@ -86,11 +86,16 @@ def test_an_error_points_at_the_override_that_caused_it_else_at_the_recipe(tmp_p
         (["train.lr=abc"], "train.lr must be a number, got 'abc' (from the command line: train.lr=abc)"),
         (["nosuch.key=1"], "(from the command line: nosuch.key=1)"),  # the message names only 'nosuch'
         (["train.foo=1"], "unknown config key 'train.foo'"),
+        (["nosuch=1"], "unknown config key 'nosuch'"),
+        (["curriculum.tau_start=0"], "curriculum.tau_start must be > 0, got 0"),
+        (["name=x", "model.student=s", "model.student="], "model.student must name a model"),  # the last one counts
+        (["name=a/b"], "name must be one plain folder name"),
     ]
     for bad, message in cases:
         with pytest.raises(ConfigError) as e:
             load_config(recipe, [*other, *bad])
-        assert message in str(e.value) and str(e.value).endswith(f"(from the command line: {bad[0]})")
+        # only the override at fault: not `name=x` for a message that says "must name a model"
+        assert message in str(e.value) and str(e.value).endswith(f"(from the command line: {bad[-1]})")
     # a bad value in the recipe itself: the recipe, whatever the overrides
     recipe.write_text("train:\n  lr: abc\n")
     with pytest.raises(ConfigError, match=r"train\.lr must be a number, got 'abc' \(in .*r\.yaml\)$"):

@@ -250,6 +250,22 @@ def test_named_set_missing_locally_without_hub(tmp_path, monkeypatch):
         load_examples("samsum")
 
 
+def test_a_chosen_data_folder_that_is_not_there_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    """A mistyped data.data_dir or $SRD_DATA_DIR does not pass in silence to another copy of the
+    set (../shared/data) or to the Hub."""
+    import srd.data.sources as sources
+
+    monkeypatch.setattr(sources, "load_hub", lambda *a, **k: pytest.fail("went to the Hub"))
+    monkeypatch.setenv("SRD_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(DataError, match=r"^\$SRD_DATA_DIR is .*typo, which is not a folder"):
+        load_examples("dolly-eval")
+    monkeypatch.setenv("SRD_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=r"^data.data_dir is .*elsewhere, which is not a folder"):
+        load_examples("dolly-eval", data_dir=str(tmp_path / "elsewhere"))
+    (tmp_path / "a.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    assert len(load_examples(str(tmp_path / "a.jsonl"), data_dir=str(tmp_path / "elsewhere"))) == 1  # no named set
+
+
 def test_evaluation_sets_fall_back_to_minillm_hub_files(tmp_path, monkeypatch):
     """Without a local copy, the paper's five instruction-following sets come from MiniLLM's Hub
     repos (valid.jsonl; S-NI and UnNI from the subsets with references of 11+ words)."""

@@ -187,12 +187,23 @@ def data_dirs(explicit: str | None = None) -> list[Path]:
     """Candidate folders for named sets, in lookup order."""
     dirs = []
     if explicit:
-        dirs.append(Path(explicit))
+        dirs.append(Path(explicit).expanduser())
     if os.environ.get("SRD_DATA_DIR"):
-        dirs.append(Path(os.environ["SRD_DATA_DIR"]))
+        dirs.append(Path(os.environ["SRD_DATA_DIR"]).expanduser())
     dirs.append(Path.cwd().parent / "shared" / "data")
     dirs.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     return dirs
+
+
+def _check_chosen_dirs(explicit: str | None) -> None:
+    """A data folder the user chose (data.data_dir, $SRD_DATA_DIR) must be one: a mistyped one
+    would otherwise pass in silence to the next candidate, another copy of the set, or the Hub."""
+    for what, value in (("data.data_dir", explicit), ("$SRD_DATA_DIR", os.environ.get("SRD_DATA_DIR"))):
+        if value and not Path(value).expanduser().is_dir():
+            raise DataError(
+                f"{what} is {value}, which is not a folder: name the folder that holds the named data sets, "
+                "or leave it unset"
+            )
 
 
 def _read_local_named(path: Path, name: str, ns: NamedSet, limit: int | None) -> list[Example]:
@@ -272,6 +283,7 @@ def load_examples(
         return load_hub(parts[0], config=parts[1], split=parts[2], limit=limit, mapping=mapping)
     if spec in NAMED_SETS:
         ns = NAMED_SETS[spec]
+        _check_chosen_dirs(data_dir)
         for d in data_dirs(data_dir):
             if (d / ns.local).exists():
                 return _read_local_named(d / ns.local, spec, ns, limit)
