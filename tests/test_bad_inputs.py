@@ -188,6 +188,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("eval: mbpp not allowed", ["eval", "student", "--benchmarks", "mbpp"], ["mbpp", "SRD_ALLOW_CODE_EXECUTION"]),
     ("eval: missing run folder", ["eval", "runs/none", "--benchmarks", "train.jsonl"], ["runs/none"]),
+    (
+        "eval: a run that has not finished",
+        ["eval", "runs/done", "--benchmarks", "train.jsonl"],
+        ["runs/done is an srd run that has not finished", "saved no model yet"],
+    ),
     ("eval: model without tokenizer", ["eval", "notok", "--benchmarks", "train.jsonl"], ["notok", "tokenizer"]),
     ("eval: weights cut short", ["eval", "cut", "--benchmarks", "train.jsonl"], ["cut/model.safetensors"]),
     ("eval: benchmark not UTF-8", [*EVAL[:3], "latin1.jsonl"], ["latin1.jsonl", "UTF-8"]),

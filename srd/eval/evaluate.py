@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from srd.config import RunConfig, load_config
+from srd.config import RunConfig, is_run_folder, load_config
 from srd.data.prompts import check_prompt_format, encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
@@ -32,7 +32,7 @@ from srd.generation.decode import iter_responses, row_seeds, work_blocks
 from srd.generation.decoding import Decoding
 from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
-from srd.models.load import dtype_from_name, dtype_name, load_model, load_tokenizer
+from srd.models.load import ModelError, dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
 from srd.utils import MARKER, atomic_write_json, atomic_write_text, claim_folder, drop_torn_tail, read_json
 
@@ -52,6 +52,17 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
     stage = run.as_stage  # an `srd train` run
     if stage.done.exists() and stage.final.exists():
         return str(stage.final), run.path
+    if is_run_folder(run.path):  # not a model folder: say what it is, not "no config.json"
+        saved = [
+            str(p)
+            for p in (*sorted(run.stages.glob("*/best")), *sorted(run.stages.glob("*/final")), stage.best)
+            if (p / "config.json").is_file()
+        ]
+        raise ModelError(
+            f"{target} is an srd run that has not finished (no {run.results.name} yet): rerun its command to "
+            "finish it"
+            + (f", or evaluate a model it saved ({', '.join(saved)})" if saved else "; it has saved no model yet")
+        )
     return target, None
 
 
