@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", default=None, help="markdown record path (default benchmarks/results/...)")
     args = p.parse_args(argv)
 
-    from benchmarks.common import header, save_record
+    from benchmarks.common import claim_out, header, save_record
     from srd.config import load_config
     from srd.eval.breakdown import reference_words
     from srd.report import difference_cell, paired_difference
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{base_cfg} not found: --out must hold the base run of seed {args.seeds[0]}")
     cfg = load_config(base_cfg)
     check_variant_runs(out, preset, args)
+    claim_out(out, "quality benchmark", own=("dev-rows",))  # its cache goes into quality.py's folder, no other
     if args.fresh < 0:
         raise SystemExit(f"--fresh {args.fresh}: give a number of dev rows, at least 1 (or leave it out)")
     dev = dev_rows(cfg, args.fresh)

@@ -231,6 +231,15 @@ def test_a_benchmarks_out_folder_is_its_own(tmp_path, tiny_models, no_weights):
     with pytest.raises(SystemExit, match="holds files srd did not write"):
         claim_out(older, "quality benchmark")
     claim_out(older, "quality benchmark", own=("dev-rows",))
+    # dev_choice.py writes its cache (dev-rows/) only into a quality folder, not another benchmark's
+    theirs = tmp_path / "trl-folder"
+    (theirs / "paper-cpu-fkl-s42").mkdir(parents=True)
+    (theirs / "paper-cpu-fkl-s42" / "config.yaml").write_text("name: paper-cpu-fkl-s42\noutput_dir: x\nmethod: srd\n")
+    claim_out(theirs, "trl-quality benchmark")
+    dev_choice = ["--out", str(theirs), "--preset", "paper-cpu", "--rows", "paper", "--seeds", "42"]
+    with pytest.raises(SystemExit, match="is srd's trl-quality benchmark folder, not a quality benchmark folder"):
+        _bench("dev_choice").main(dev_choice)
+    assert not (theirs / "dev-rows").exists()
     trl = tmp_path / "old-trl"  # an older trl_quality.py folder: its arms (unmarked) and its reflection
     for arm in ("trl", "trl+srd"):
         (trl / arm).mkdir(parents=True)
