@@ -476,6 +476,25 @@ def test_attach_refuses_what_would_silently_break_the_plan(tmp_path, tiny_models
     trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)  # a second curriculum on it
     with pytest.raises(ValueError, match="already has a curriculum attached"):
         cur.attach(trainer)
+    # what changes after attach is checked again when training starts, before any step
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
+    trainer.args.gradient_accumulation_steps = 2
+    with pytest.raises(ValueError, match="consumes 4 .*gradient_accumulation_steps 2"):
+        trainer.train()
+    trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
+    data = trainer.train_dataset
+
+    def fewer_rows():  # a trainer whose own dataloader reads fewer rows than its dataset holds
+        trainer.train_dataset = data.select(range(len(data) - 4))
+        try:
+            return type(trainer).get_train_dataloader(trainer)
+        finally:
+            trainer.train_dataset = data
+
+    trainer.get_train_dataloader = fewer_rows
+    with pytest.raises(ValueError, match="will take 6 optimizer steps and the curriculum is 8"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "out" / "checkpoint-2").exists()
 
 
 def test_rows_per_step_counts_what_one_optimizer_step_reads():

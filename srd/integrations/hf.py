@@ -737,6 +737,15 @@ class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
         return Path(args.output_dir) / f"checkpoint-{step}"
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # what attach checked may have changed since (the trainer's arguments or dataset set after it)
+        check_trainer(self.curriculum, self.trainer)
+        total = self.curriculum.total_steps
+        if state.max_steps != total:  # the trainer's own count, from its dataloader: whatever changed it
+            raise ValueError(
+                f"the trainer will take {state.max_steps} optimizer steps and the curriculum is {total}: how it "
+                "reads the rows (its dataloader, batch or dataset) differs from the plan; attach the curriculum "
+                "after the trainer's last change"
+            )
         if state.global_step > 0:  # resumed: the checkpoint must have been trained on this very plan
             from srd.utils import read_json
 
