@@ -377,6 +377,13 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         _check(self.layers is None or self.layers > 0, "prune.layers must be > 0")
+        if self.keep:
+            _check(len(set(self.keep)) == len(self.keep), f"prune.keep must not repeat a layer, got {self.keep}")
+            _check(
+                self.layers is None or self.layers == len(self.keep),
+                f"prune.layers={self.layers} and prune.keep={self.keep} ({len(self.keep)} layers) disagree: "
+                "give one of them (--layers N or --keep)",
+            )
         _check(self.candidates > 0, "prune.candidates must be > 0")
         _check(self.num_texts > 0 and self.max_len > 0, "prune.num_texts and prune.max_len must be > 0")
         _check(self.heal_steps >= 0, "prune.heal_steps must be >= 0")

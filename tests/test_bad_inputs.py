@@ -204,6 +204,12 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("prune: more layers than the teacher has", [*PRUNE[:3], "--layers", "40", *PRUNE[5:]], ["40", "decoder layers"]),
     ("prune: a layer index out of range", [*PRUNE[:3], "--keep", "0,1,99", *PRUNE[5:]], ["99", "prune.keep"]),
     ("prune: zero layers", [*PRUNE[:3], "--layers", "0", *PRUNE[5:]], ["prune.layers"]),
+    (
+        "prune: --layers and --keep that disagree",
+        [*PRUNE, "--keep", "0,1"],
+        ["prune.layers=1 and prune.keep=[0, 1] (2 layers) disagree", "--layers N or --keep"],
+    ),
+    ("prune: a layer kept twice", [*PRUNE[:3], "--keep", "0,0", *PRUNE[5:]], ["prune.keep must not repeat"]),
     ("prune: onto a user's folder", [*PRUNE[:5], "--out", "notes", *PRUNE[7:]], ["notes", "--overwrite"]),
     ("eval: into a user's folder", [*EVAL, "--out", "notes"], ["evaluation folder notes", "srd did not write"]),
     ("eval: into a run's own folder", [*EVAL, "--out", "runs/done"], ["srd's run folder, not an evaluation folder"]),
@@ -238,6 +244,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("store: a folder that does not exist", ["store", "--store", "nowhere"], ["nowhere", "no such folder"]),
     ("store: --set-aside without --verify", ["store", "--set-aside"], ["--set-aside", "--verify"]),
     ("store: a folder that is not a store", ["store", "--store", "notes"], ["notes", "not a teacher store"]),
+    (
+        "a teacher top-k as large as the vocabulary",
+        _run("loss.teacher_top_k=100000", "loss.teacher_store=newstore"),
+        ["loss.teacher_top_k=100000 must be smaller than the vocabulary"],
+    ),
     (
         "a teacher store that is a file",
         _run("loss.teacher_top_k=4", "loss.teacher_store=train.jsonl"),

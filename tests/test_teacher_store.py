@@ -363,6 +363,18 @@ def test_a_store_keeps_the_precision_its_teacher_ran_in(tiny_models, tokenizer):
     assert {k: v for k, v in b.items() if k != "teacher_dtype"} == a and entry_name(a) != entry_name(b)
 
 
+def test_a_k_the_vocabulary_cannot_hold_is_refused(tiny_models, tokenizer):
+    """k must leave a rest bucket: top-k of all the logits (or more) failed deep inside torch.topk,
+    after the teacher had loaded (TRL's use_teacher_store reaches entry_meta directly)."""
+    from srd.train.teacher_store import entry_meta
+
+    teacher = _teacher(tiny_models)
+    assert entry_meta(teacher, len(tokenizer), len(tokenizer) - 1)["top_k"] == len(tokenizer) - 1
+    for k in (0, len(tokenizer), 100_000):
+        with pytest.raises(ValueError, match=f"top_k={k}: .* k must be between 1 and {len(tokenizer) - 1}"):
+            entry_meta(teacher, len(tokenizer), k)
+
+
 def test_a_row_key_changes_with_any_token_or_label():
     from srd.data.tokenize import Encoded
     from srd.train.teacher_store import row_key

@@ -124,7 +124,19 @@ def check_inputs(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[l
             raise ConfigError(f"model.teacher_adapter: {m.teacher_adapter} does not exist (a PEFT adapter folder)")
     if need_teacher and cfg.loss.teacher_top_k:
         check_store_root(store_root(cfg.loss.teacher_store))
+        student = Path(m.student).expanduser()
+        if student.is_dir():  # a folder's tokenizer loads in a moment: checked before any run folder is made
+            check_top_k(cfg, load_tokenizer(str(student), trust_remote_code=m.trust_remote_code))
     return data
+
+
+def check_top_k(cfg: RunConfig, tokenizer: Any) -> None:
+    """loss.teacher_top_k below the vocabulary: the store keeps k logits and a bucket for the rest."""
+    if cfg.loss.teacher_top_k >= len(tokenizer):
+        raise ConfigError(
+            f"loss.teacher_top_k={cfg.loss.teacher_top_k} must be smaller than the vocabulary ({len(tokenizer)} "
+            "tokens): the store keeps the k largest logits and one bucket for the rest (0: the dense teacher)"
+        )
 
 
 def load_models(
@@ -147,6 +159,8 @@ def load_models(
     teacher = None
     if need_teacher is None:
         need_teacher = cfg.loss.alpha < 1.0
+    if need_teacher:
+        check_top_k(cfg, tokenizer)  # before any weights are read (a Hub or GGUF student's tokenizer is known here)
     if need_teacher and m.teacher is None:
         raise ConfigError("this run has a KD term (alpha < 1) but model.teacher is null; name a teacher")
     if need_teacher:

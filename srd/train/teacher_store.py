@@ -146,6 +146,11 @@ def entry_meta(teacher: Any, vocab: int, top_k: int) -> dict[str, Any]:
     the teacher's weights and the precision they ran in, k, the vocabulary size. A bf16 teacher
     whose weights are bf16 values has a float32 twin of the same fingerprint, so the precision is
     part of the key (float32 adds nothing)."""
+    if not 0 < int(top_k) < int(vocab):
+        raise ValueError(
+            f"top_k={top_k}: the teacher store keeps the k largest of the {vocab} logits and one bucket for the "
+            f"rest, so k must be between 1 and {int(vocab) - 1}"
+        )
     return {
         **precision_entry("teacher_dtype", next(teacher.parameters()).dtype),
         "teacher": model_fingerprint(teacher),
