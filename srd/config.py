@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A configuration problem, with the key path and a suggested fix in the message."""
 
 
+def _check_seeds(key: str, seeds: list[int]) -> None:
+    """Seeds are what numpy and torch both take: integers from 0 to 2**32 - 1."""
+    bad = [s for s in seeds if not (isinstance(s, int) and 0 <= s < 2**32)]
+    _check(not bad, f"{key}: a seed is an integer from 0 to {2**32 - 1}, got {bad[0] if bad else None}")
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -244,6 +250,7 @@ class DevEvalConfig:
         _check(self.num_examples >= 0, "dev_eval.num_examples must be >= 0")
         _check(self.max_new_tokens > 0, "dev_eval.max_new_tokens must be > 0")
         _check(len(set(self.seeds)) == len(self.seeds), "dev_eval.seeds must not repeat a seed")
+        _check_seeds("dev_eval.seeds", self.seeds)
 
 
 @dataclass(kw_only=True)
@@ -441,6 +448,7 @@ class EvalConfig:
         _check(self.limit is None or self.limit > 0, "eval.limit must be a positive integer or null")
         _check(len(self.seeds) > 0, "eval.seeds must list at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds must not repeat a seed (each is one sampling pass)")
+        _check_seeds("eval.seeds", self.seeds)
         _check(self.max_new_tokens is None or self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
 
@@ -478,6 +486,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
+        _check_seeds("seed", [self.seed])
         _check(
             bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"),
             f"name must be one plain folder name (no '/', '\\', '.' or '..'), so that the run folder lies inside "

@@ -170,6 +170,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("scheduled_kd with re_reflect", _run("method=scheduled_kd", "curriculum.re_reflect=true"), ["re_reflect"]),
     ("repeated dev seeds", _run("dev_eval.seeds=[1, 1]"), ["dev_eval.seeds"]),
+    ("a negative seed", _run("seed=-1"), ["seed: a seed is an integer from 0 to 4294967295, got -1", "seed=-1)"]),
     (
         "teacher scorer without a teacher",
         _run("reflect.scorers=[teacher_ce]", "model.teacher=null", "loss.alpha=1.0"),
@@ -238,6 +239,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("config: a folder", ["config", "folder"], ["folder", "is a folder"]),
     ("prune: an output folder that cannot be made", [*PRUNE[:5], "--out", "afile/sub", *PRUNE[7:]], ["afile/sub"]),
     ("eval: a repeated seed", ["eval", "student", "--benchmarks", "train.jsonl", "--seeds", "1", "1"], ["eval.seeds"]),
+    (
+        "eval: a negative seed",
+        ["eval", "student", "--benchmarks", "train.jsonl", "--seeds", "10", "-1"],
+        ["eval.seeds: a seed is an integer from 0 to 4294967295, got -1"],
+    ),
     ("a Hub id, offline and not cached", _run("model.student=someone/nope"), ["someone/nope", "cannot be reached"]),
     ("eval: a Hub id, offline", ["eval", "someone/nope", "--benchmarks", "train.jsonl"], ["someone/nope", "Hub"]),
     ("compare: a run that does not exist", ["compare", "runs/none", "runs/fake"], ["runs/none", "not a folder"]),
