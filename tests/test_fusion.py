@@ -71,6 +71,8 @@ def test_rrf_exact_values():
     assert np.argsort(-reciprocal_rank_fusion([r1])).tolist() == [0, 1, 2]
     with pytest.raises(ValueError):
         reciprocal_rank_fusion([])
+    with pytest.raises(ValueError, match=r"rankings of the same examples, got rankings of \[3, 2\] examples"):
+        reciprocal_rank_fusion([r1, r2[:2]])
 
 
 def test_n_kept_and_partition():

@@ -53,6 +53,9 @@ def reciprocal_rank_fusion(rank_lists: Sequence[np.ndarray], k: float = 60.0) ->
     """f_i = sum over rankings of 1 / (k + rank_i); higher = easier."""
     if not rank_lists:
         raise ValueError("fusion needs at least one ranking")
+    sizes = [len(r) for r in rank_lists]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"fusion needs rankings of the same examples, got rankings of {sizes} examples")
     return np.sum([1.0 / (k + np.asarray(r, dtype=np.float64)) for r in rank_lists], axis=0)
 
 
