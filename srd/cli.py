@@ -575,6 +575,7 @@ def _eval(args: argparse.Namespace) -> int:
     from srd.config import load_config
     from srd.eval.evaluate import (
         check_benchmarks,
+        check_run_eval_folder,
         default_eval_name,
         evaluate_model,
         resolve_eval_target,
@@ -599,6 +600,7 @@ def _eval(args: argparse.Namespace) -> int:
     mode = "greedy" if cfg.eval.greedy else "sampled"
     if args.out:
         out = Path(args.out)
+        check_run_eval_folder(out, run_dir, model_spec)  # another model's scores are not reported as the run's
     elif run_dir is not None:
         out = RunDir(run_dir).eval(mode)
     else:

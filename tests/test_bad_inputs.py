@@ -215,6 +215,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("eval: into a user's folder", [*EVAL, "--out", "notes"], ["evaluation folder notes", "srd did not write"]),
     ("eval: into a run's own folder", [*EVAL, "--out", "runs/done"], ["srd's run folder, not an evaluation folder"]),
     (
+        "eval: another model into a run's evaluation folder",
+        [*EVAL, "--out", "runs/done/eval/greedy"],
+        ["runs/done/eval/greedy is where run runs/done keeps its own scores", "srd eval runs/done"],
+    ),
+    (
         "prune: onto a run's folder",
         [*PRUNE[:5], "--out", "runs/done", *PRUNE[7:]],
         ["runs/done", "srd's run folder, not a student folder", "--overwrite"],

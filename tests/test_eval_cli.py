@@ -62,6 +62,15 @@ def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F81
     mtime = (srd / "eval" / "sampled" / "dev" / "seed-10.jsonl").stat().st_mtime
     assert main(args) == 0
     assert (srd / "eval" / "sampled" / "dev" / "seed-10.jsonl").stat().st_mtime == mtime
+    # a run's own evaluation folder takes the run's model (named as --out too), and no other model:
+    # srd compare and srd report would read those scores as the run's
+    assert main([*args, "--out", str(srd / "eval" / "sampled")]) == 0
+    kd_args = [str(kd) if a == str(srd) else a for a in args]
+    capsys.readouterr()
+    assert main([*kd_args, "--out", str(srd / "eval" / "sampled")]) == 2
+    assert f"{srd / 'eval' / 'sampled'} is where run {srd} keeps its own scores" in capsys.readouterr().err
+    assert main([*kd_args, "--out", str(srd / "eval" / "greedy")]) == 2 and not (srd / "eval" / "greedy").exists()
+    assert (srd / "eval" / "sampled" / "dev" / "seed-10.jsonl").stat().st_mtime == mtime
     capsys.readouterr()
     assert main(["compare", str(kd), str(srd), "--out", str(tmp_path / "table.md")]) == 0
     table = capsys.readouterr().out

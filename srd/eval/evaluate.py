@@ -66,6 +66,22 @@ def resolve_eval_target(target: str) -> tuple[str, Path | None]:
     return target, None
 
 
+def check_run_eval_folder(out: Path, run_dir: Path | None, model_spec: str) -> None:
+    """A run's own evaluation folder (RUN/eval/<mode>) holds that run's scores: `srd compare` and
+    `srd report` read them as the run's. Only the run's own model (`srd eval RUN`) goes there,
+    not another model, nor another checkpoint of the same run."""
+    out = Path(out)
+    owner = out.parent.parent
+    if out.parent.name != "eval" or not is_run_folder(owner):
+        return
+    if run_dir is not None and Path(run_dir).resolve() == owner.resolve():
+        return
+    raise EvalError(
+        f"{out} is where run {owner} keeps its own scores (srd compare and srd report read them as that run's): "
+        f"evaluate {model_spec} into another folder, or evaluate the run itself (srd eval {owner})"
+    )
+
+
 def _run_checkpoint_setting(run: RunDir) -> str:
     """The run's eval.checkpoint, read with the run's own config."""
 
