@@ -250,13 +250,25 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
             + "; ".join(f"{n}: {d}" for n, d in dtypes.items())
             + "): part of a difference can come from the precision (srd eval --dtype).",
         ]
+    same: dict[str, list[str]] = {}  # weights fingerprint -> the compared names that hold it
+    for name, run in zip(names, runs):
+        fingerprint = _decoding_record(run, eval_name).get("fingerprint")
+        if fingerprint:
+            same.setdefault(fingerprint, []).append(name)
+    for fingerprint, holders in same.items():
+        if len(holders) > 1:  # two rows of the table are one model: say so, not a difference between models
+            lines += ["", f"{' and '.join(holders)} are evaluations of the same weights (fingerprint {fingerprint})."]
     return "\n".join(lines) + "\n"
 
 
 def _decoding_dtype(run: Path, eval_name: str) -> str | None:
     """The weights' precision an evaluation folder decoded with (decoding.json), None if unrecorded."""
+    return _decoding_record(run, eval_name).get("dtype")
+
+
+def _decoding_record(run: Path, eval_name: str) -> dict[str, Any]:
     path = _eval_dir(run, eval_name) / "decoding.json"
-    return _read_json(path).get("dtype") if path.exists() else None
+    return _read_json(path) if path.exists() else {}
 
 
 COMPARISON_MARK = "<!-- written by srd compare -->"

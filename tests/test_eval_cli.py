@@ -535,7 +535,17 @@ def test_compare_takes_srd_eval_output_folders_and_refuses_unlike_decodings(tmp_
     for folder, dtype in ((a, "float32"), (b, "bfloat16")):
         (folder / "decoding.json").write_text(json.dumps({"dtype": dtype, "benchmarks": {"dolly-eval": settings}}))
     assert main(["compare", str(a), str(b)]) == 0
-    assert "different precisions (a/sampled: float32; b/sampled: bfloat16)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "different precisions (a/sampled: float32; b/sampled: bfloat16)" in out and "same weights" not in out
+    # two folders of one model's weights (a copy, or one model evaluated twice): said under the table
+    for folder, fingerprint in ((a, "4db58eb0ebf0990d"), (b, "4db58eb0ebf0990d")):
+        (folder / "decoding.json").write_text(
+            json.dumps({"fingerprint": fingerprint, "benchmarks": {"dolly-eval": settings}})
+        )
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "a/sampled and b/sampled are evaluations of the same weights (fingerprint 4db58eb0ebf0990d)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_compare_names_a_listed_answer_file_that_is_gone_in_one_line(tmp_path, capsys):
