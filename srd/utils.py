@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -60,6 +61,68 @@ def mark_srd_folder(path: Path, kind: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MARKER).exists():
         atomic_write_json(path / MARKER, {"written_by": "srd", "kind": kind})
+
+
+# Folders this process works in (their marker's open file, locked), held until the outermost
+# `folder_locks()` block ends: `srd run` and a second `srd run` of the same run at the same time
+# would mix their checkpoints and logs.
+_HELD: dict[str, Any] = {}
+_DEPTH = [0]
+
+
+def lock_folder(path: Path, what: str = "folder") -> None:
+    """Lock srd's marker in `path` (exclusive, not waiting) for this process; FolderError naming
+    the process that holds it otherwise. Re-entrant within the process; a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        return
+    f = open(Path(path) / MARKER, "rb")  # noqa: SIM115 - held open while the lock is
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            f.close()
+            return  # a file system without locks (some network mounts): work on unlocked, as before
+        holder = _lock_holder(os.fstat(f.fileno()).st_ino)
+        f.close()
+        raise FolderError(
+            f"{what} {path} is in use by another srd process{f' (pid {holder})' if holder else ''}: wait for it to "
+            "finish, or stop it and rerun this command to resume (two processes writing one folder would mix their "
+            "files)"
+        ) from None
+    _HELD[key] = f
+
+
+def _lock_holder(inode: int) -> int | None:
+    """The process holding a flock on the file with this inode (Linux's /proc/locks), if known."""
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class folder_locks(contextlib.ContextDecorator):  # noqa: N801 - a context manager / decorator, like contextlib's
+    """The span of one srd command (`srd run`, `srd train`, ...): the folder locks taken inside
+    it are released when the outermost such block ends. Nested blocks (run_experiment calling
+    run_pipeline) keep them until then."""
+
+    def __enter__(self) -> None:
+        _DEPTH[0] += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
+            for f in _HELD.values():
+                f.close()  # closing the file releases its lock
+            _HELD.clear()
 
 
 def srd_folder_kind(path: Path) -> str | None:

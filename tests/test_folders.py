@@ -60,6 +60,44 @@ def test_a_run_never_touches_a_folder_srd_did_not_create(tmp_path, tiny_models, 
         assert _tree(tmp_path) == before and not (user / MARKER).exists()
 
 
+def test_a_run_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, srd_data, no_weights, capsys):  # noqa: F811
+    """Two `srd run` of one run at once (a command started again in another terminal) would mix
+    their checkpoints and logs, and the second would remove the first's temporaries as stale:
+    the second is one line naming the process that holds the folder; its temporary stays."""
+    import os
+    import subprocess
+    import sys
+
+    from srd.utils import folder_locks, lock_folder, mark_srd_folder
+
+    run = tmp_path / "out" / "x"
+    mark_srd_folder(run, "run")  # the run the other process started
+    (run / ".stage.srd-tmp").mkdir()  # the other process's work in progress
+    holder = subprocess.Popen(  # another process holds the folder, as a running srd command does
+        [sys.executable, "-c", f"import fcntl, time; f = open({str(run / MARKER)!r}, 'rb'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        capsys.readouterr()
+        for cmd in ("run", "train", "reflect"):
+            assert main(_args(cmd, tiny_models, srd_data, tmp_path / "out")) == 2, cmd
+            err = capsys.readouterr().err
+            assert f"run folder {run} is in use by another srd process (pid {holder.pid})" in err, err
+            assert (run / ".stage.srd-tmp").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    # once it has ended, the folder is free; a command's locks end with it, not with the process
+    with folder_locks():
+        lock_folder(run)
+        lock_folder(run)  # again in the same command: re-entrant
+    lock = f"import fcntl; fcntl.flock(open({str(run / MARKER)!r}, 'rb'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    probe = subprocess.run([sys.executable, "-c", lock])
+    assert probe.returncode == 0 and os.getpid() != holder.pid
+
+
 def test_overwrite_writes_into_it_and_deletes_nothing_of_the_users(tmp_path, tiny_models, srd_data):  # noqa: F811
     user = _users_folder(tmp_path / "out" / "x")
     before = _tree(user)

@@ -34,7 +34,16 @@ from srd.metrics.sandbox import CodeExecutionRefused, require_code_execution
 from srd.models.features import model_fingerprint
 from srd.models.load import ModelError, dtype_from_name, dtype_name, load_model, load_tokenizer
 from srd.rundir import RunDir
-from srd.utils import MARKER, atomic_write_json, atomic_write_text, claim_folder, drop_torn_tail, read_json
+from srd.utils import (
+    MARKER,
+    atomic_write_json,
+    atomic_write_text,
+    claim_folder,
+    drop_torn_tail,
+    folder_locks,
+    lock_folder,
+    read_json,
+)
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -261,6 +270,7 @@ def _check_folder(out_dir: Path, dtype: str, key: str | None, write: bool, finge
         raise EvalError(f"{out_dir} is a file, not a folder: evaluate into another folder (srd eval --out)")
     if write:  # the process that writes probes (another one's probe folders could vanish under it)
         claim_eval_folder(out_dir)
+        lock_folder(out_dir, "evaluation folder")  # a second srd eval into it now would mix the two's answers
     path = out_dir / "decoding.json"
     record = read_json(path) if path.exists() else {}
     earlier = record.get("dtype")
@@ -417,6 +427,7 @@ def check_benchmarks(
         check_prompt_format(load_examples(bench.data, data_dir=data_dir, limit=limit), fmt, f"benchmark {spec}")
 
 
+@folder_locks()  # the evaluation folder is this process's until it returns
 def evaluate(
     model: Any,
     tokenizer: Any,

@@ -25,7 +25,7 @@ from srd.recipes.pipeline import run_pipeline
 from srd.report import compare_runs, method_label, speed_caveat, write_report
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
-from srd.utils import atomic_write_json, atomic_write_text
+from srd.utils import atomic_write_json, atomic_write_text, folder_locks
 
 LABELS = {"teacher": "teacher", "initial": "student before KD"}
 
@@ -85,6 +85,7 @@ def _evaluated(cfg: RunConfig, results: dict[str, Any], what: str) -> str:
     return best
 
 
+@folder_locks()  # the run folder is this process's until it returns
 def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """`srd run`: the method, then (when configured) the baseline, evaluation and report."""
 

@@ -25,7 +25,7 @@ from srd.recipes.train import load_models, prepare_run_dir
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import train_stage
-from srd.utils import TMP_TAG, replace_dir
+from srd.utils import TMP_TAG, folder_locks, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def heal_config(
     )
 
 
+@folder_locks()  # the run folder is this process's until it returns
 def heal_student(
     teacher: str,
     pruned: Path,

@@ -27,7 +27,7 @@ from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.checkpoint import load_weights
 from srd.train.loop import StagePlan, StageSummary, train_stage
-from srd.utils import atomic_write_json, read_json
+from srd.utils import atomic_write_json, folder_locks, read_json
 
 
 class StageResult(TypedDict):
@@ -139,6 +139,7 @@ def _reflection_needs_teacher(cfg: RunConfig) -> bool:
     )
 
 
+@folder_locks()  # the run folder is this process's until it returns
 def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """`srd reflect`: only the reflection step, into runs/<name>/reflection/."""
     acc, run_dir, student, teacher, tokenizer, train, _ = _setup(cfg, need_teacher=_reflection_needs_teacher(cfg))
@@ -154,6 +155,7 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
     return manifest
 
 
+@folder_locks()  # the run folder is this process's until it returns
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
     """`srd run`: the whole method (or the baseline) from one config, resumable."""
     acc, run_dir, student, teacher, tokenizer, train, dev = _setup(

@@ -21,7 +21,14 @@ from srd.rundir import RunDir
 from srd.runtime import make_accelerator
 from srd.train.loop import encode_stage_rows, teacher_source_key, train_stage
 from srd.train.teacher_store import StoredTeacher, check_store_root, find_source, store_root
-from srd.utils import DamagedFileError, atomic_write_text, claim_folder, remove_stale_temporaries
+from srd.utils import (
+    DamagedFileError,
+    atomic_write_text,
+    claim_folder,
+    folder_locks,
+    lock_folder,
+    remove_stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     # srd writes only into a folder it created (or one an older srd wrote: its config.yaml),
     # and removes only its own temporaries there: what a killed run left half-written
     claim_folder(run_dir, "run", overwrite=cfg.overwrite, legacy=is_run_folder(run_dir))
+    lock_folder(run_dir, "run folder")  # before its temporaries go: they may be a running process's
     remove_stale_temporaries(run_dir)
     diffs = config_differences(saved, cfg) if saved.exists() else []
     if diffs:
@@ -250,6 +258,7 @@ def merge_adapter(model: Any, adapter: str) -> Any:
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
+@folder_locks()  # the run folder is this process's until it returns
 def run_train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     train, dev = check_inputs(cfg)  # data and model paths first: no weights read before they pass
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
