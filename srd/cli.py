@@ -584,6 +584,7 @@ def _eval(args: argparse.Namespace) -> int:
     from srd.models.load import check_model_spec
     from srd.rundir import RunDir
     from srd.runtime import make_accelerator
+    from srd.utils import lock_folder, srd_folder_kind
 
     cfg = load_config(args.config, [*_flag_overrides(args, EVAL_FLAGS), *args.overrides])
     benchmarks = cfg.eval.benchmarks or DEFAULT_EVAL_BENCHMARKS
@@ -605,6 +606,8 @@ def _eval(args: argparse.Namespace) -> int:
         out = RunDir(run_dir).eval(mode)
     else:
         out = Path("runs") / "eval" / f"{default_eval_name(model_spec)}-{mode}"
+    if acc.is_main_process and srd_folder_kind(out) == "evaluation":
+        lock_folder(out, "evaluation folder")  # another srd eval writing there now: said before the model loads
     summary = evaluate_model(
         model_spec, cfg, out, accelerator=acc, progress=not args.no_progress, benchmarks=benchmarks
     )

@@ -60,7 +60,7 @@ def test_a_run_never_touches_a_folder_srd_did_not_create(tmp_path, tiny_models, 
         assert _tree(tmp_path) == before and not (user / MARKER).exists()
 
 
-def test_a_run_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, srd_data, no_weights, capsys):  # noqa: F811
+def test_a_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, srd_data, no_weights, capsys, monkeypatch):  # noqa: F811
     """Two `srd run` of one run at once (a command started again in another terminal) would mix
     their checkpoints and logs, and the second would remove the first's temporaries as stale:
     the second is one line naming the process that holds the folder; its temporary stays."""
@@ -86,6 +86,27 @@ def test_a_run_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, sr
             err = capsys.readouterr().err
             assert f"run folder {run} is in use by another srd process (pid {holder.pid})" in err, err
             assert (run / ".stage.srd-tmp").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    # an evaluation folder another srd eval writes into: refused too, before the model loads
+    import srd.eval.evaluate
+
+    monkeypatch.setattr(srd.eval.evaluate, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+    evals = tmp_path / "evals"
+    mark_srd_folder(evals, "evaluation")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, time; f = open({str(evals / MARKER)!r}, 'rb'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = ["eval", str(tiny_models["llama-student"]), "--benchmarks", str(srd_data["dev"]), "--out", str(evals)]
+        assert main([*args, "--greedy", "--no-progress"]) == 2
+        assert f"evaluation folder {evals} is in use by another srd process (pid {holder.pid})" in (
+            capsys.readouterr().err
+        )
     finally:
         holder.kill()
         holder.wait()
