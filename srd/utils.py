@@ -80,7 +80,10 @@ def lock_folder(path: Path, what: str = "folder") -> None:
     key = str(Path(path).resolve())
     if key in _HELD:
         return
-    f = open(Path(path) / MARKER, "rb")  # noqa: SIM115 - held open while the lock is
+    try:
+        f = open(Path(path) / MARKER, "rb")  # noqa: SIM115 - held open while the lock is
+    except OSError:  # no marker to lock (a folder srd has not marked): nothing to hold
+        return
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
