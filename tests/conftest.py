@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -273,3 +274,24 @@ def teacher_store(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("teacher-store")
     monkeypatch.setenv("SRD_TEACHER_STORE", str(root))
     return root
+
+
+@contextlib.contextmanager
+def held_elsewhere(folder: Path):
+    """Another process holding `folder`'s marker lock, as a running srd command does; yields it."""
+    import subprocess
+    import sys
+
+    from srd.utils import MARKER
+
+    code = (
+        f"import fcntl, time; f = open({str(folder / MARKER)!r}, 'rb'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +16,7 @@ import srd.recipes.prune
 import srd.recipes.train
 from srd.cli import main
 from srd.utils import MARKER, is_srd_folder
+from tests.conftest import held_elsewhere
 from tests.test_srd_run import _args, srd_data  # noqa: F401 (a fixture)
 
 
@@ -61,25 +61,6 @@ def test_a_run_never_touches_a_folder_srd_did_not_create(tmp_path, tiny_models, 
         assert _tree(tmp_path) == before and not (user / MARKER).exists()
 
 
-@contextlib.contextmanager
-def _held_elsewhere(folder: Path):
-    """Another process holding `folder`'s marker lock, as a running srd command does; yields it."""
-    import subprocess
-    import sys
-
-    code = (
-        f"import fcntl, time; f = open({str(folder / MARKER)!r}, 'rb'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "print('held', flush=True); time.sleep(60)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield holder
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 def test_a_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, srd_data, no_weights, capsys, monkeypatch):  # noqa: F811
     """Two `srd run` of one run at once (a command started again in another terminal) would mix
     their checkpoints and logs, and the second would remove the first's temporaries as stale:
@@ -93,7 +74,7 @@ def test_a_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, srd_da
     run = tmp_path / "out" / "x"
     mark_srd_folder(run, "run")  # the run the other process started
     (run / ".stage.srd-tmp").mkdir()  # the other process's work in progress
-    with _held_elsewhere(run) as holder:  # another process holds the folder, as a running srd command does
+    with held_elsewhere(run) as holder:  # another process holds the folder, as a running srd command does
         capsys.readouterr()
         for cmd in ("run", "train", "reflect"):
             assert main(_args(cmd, tiny_models, srd_data, tmp_path / "out")) == 2, cmd
@@ -106,7 +87,7 @@ def test_a_folder_in_use_is_refused_and_left_alone(tmp_path, tiny_models, srd_da
     monkeypatch.setattr(srd.eval.evaluate, "load_model", lambda *a, **k: pytest.fail("weights were read"))
     evals = tmp_path / "evals"
     mark_srd_folder(evals, "evaluation")
-    with _held_elsewhere(evals) as holder:
+    with held_elsewhere(evals) as holder:
         args = ["eval", str(tiny_models["llama-student"]), "--benchmarks", str(srd_data["dev"]), "--out", str(evals)]
         assert main([*args, "--greedy", "--no-progress"]) == 2
         assert f"evaluation folder {evals} is in use by another srd process (pid {holder.pid})" in (

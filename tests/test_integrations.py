@@ -13,7 +13,7 @@ import torch
 from srd.config import CurriculumConfig
 from srd.data.example import DataError
 from srd.integrations.hf import Curriculum, examples_from_dataset, reflect_dataset
-from tests.conftest import ROWS, with_chat_template
+from tests.conftest import ROWS, held_elsewhere, with_chat_template
 
 datasets = pytest.importorskip("datasets")
 
@@ -133,7 +133,7 @@ def test_a_prompt_only_dataset_takes_the_teachers_answers_as_references(tmp_path
         reflect_dataset(prompts, teacher=other, **kw)
 
 
-def test_reflect_dataset_writes_only_into_a_folder_of_its_own(tmp_path, tiny_models):
+def test_reflect_dataset_writes_only_into_a_folder_of_its_own(tmp_path, tiny_models, monkeypatch):
     """A user's folder with their own files is refused before anything is written into it; srd's
     own reflection folder (marked) is reused."""
     from srd.models import load_model, load_tokenizer
@@ -152,6 +152,19 @@ def test_reflect_dataset_writes_only_into_a_folder_of_its_own(tmp_path, tiny_mod
         reflect_dataset(_prompt_completion(6), out_dir=mine / "draft.txt", **kw)
     first = reflect_dataset(_prompt_completion(6), out_dir=tmp_path / "refl", **kw)
     assert reflect_dataset(_prompt_completion(6), out_dir=tmp_path / "refl", **kw)["srd_fused"] == first["srd_fused"]
+    # another process reflecting into it now (the same script started twice) would mix the two's rows
+    manifest = (tmp_path / "refl" / "manifest.jsonl").read_bytes()
+    with held_elsewhere(tmp_path / "refl") as holder:
+        with pytest.raises(
+            FolderError, match=rf"reflection folder .*refl is in use by another srd process \(pid {holder.pid}\)"
+        ):
+            reflect_dataset(_prompt_completion(6), out_dir=tmp_path / "refl", **kw)
+    assert (tmp_path / "refl" / "manifest.jsonl").read_bytes() == manifest
+    # its other processes (RANK > 0) of one job write in it beside the first, which holds the lock
+    monkeypatch.setenv("RANK", "1")
+    with held_elsewhere(tmp_path / "refl"):
+        again = reflect_dataset(_prompt_completion(6), out_dir=tmp_path / "refl", **kw)
+    assert again["srd_fused"] == first["srd_fused"]
 
 
 def test_a_streaming_dataset_is_one_clear_error():

@@ -225,10 +225,35 @@ def reflect_dataset(
     `config`: a YAML recipe or RunConfig for the reflect/curriculum/generation settings
     (default: srd's defaults with `data.prompt_format=plain` for prompt/completion data);
     `overrides`: `key=value` strings on top."""
+    import os
+
+    from srd.utils import folder_locks, lock_folder
+
+    _claim_reflection_folder(Path(out_dir))
+    with folder_locks():  # the folder is this call's until it returns
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per job: its other processes write in it too
+            lock_folder(Path(out_dir), "reflection folder")
+        return _reflect_dataset(
+            dataset, student=student, tokenizer=tokenizer, out_dir=out_dir, config=config, overrides=overrides,
+            id_column=id_column, progress=progress, teacher=teacher,
+        )  # fmt: skip
+
+
+def _reflect_dataset(
+    dataset: Any,
+    *,
+    student: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    config: str | Path | RunConfig | None,
+    overrides: Sequence[str],
+    id_column: str | None,
+    progress: bool,
+    teacher: Any,
+) -> Any:
     from srd.reflect.reflect import reflect
     from srd.runtime import make_accelerator
 
-    _claim_reflection_folder(Path(out_dir))
     prompt_only = is_prompt_only(dataset) and teacher is not None  # the teacher's answers become the references
     if not prompt_only:
         examples = examples_from_dataset(dataset, tokenizer, id_column=id_column)  # first: a bad dataset is one line
