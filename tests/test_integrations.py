@@ -222,7 +222,9 @@ def _encoded_rows(tokenizer, ds):
     ]
 
 
-def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, seen=None, attach=None, **extra):
+def _gkd_trainer(
+    tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, seen=None, attach=None, data=None, **extra
+):
     from trl.experimental.gkd import GKDConfig
 
     from srd.data.tokenize import collate
@@ -264,7 +266,7 @@ def _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, *, max_steps=None, 
         model=load_model(str(tiny_models["llama-student"])),
         teacher_model=load_model(str(tiny_models["llama-teacher"])),
         args=args,
-        train_dataset=cur.dataset(rows),
+        train_dataset=(data or cur.dataset)(rows),
         data_collator=collator,
         processing_class=tok,
     )
@@ -486,6 +488,13 @@ def test_attach_refuses_what_would_silently_break_the_plan(tmp_path, tiny_models
         _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, attach=short)
     with pytest.raises(ValueError, match="args=...|batch_size=..."):
         Curriculum.from_reflected(reflected, curriculum=_CURRICULUM)
+    # the plan's rows, in another order: the same length, so only the rows' srd_position tells
+    for reorder in (lambda d: cur.dataset(d).shuffle(seed=1), lambda d: cur.dataset(d).sort("srd_position")):
+        with pytest.raises(ValueError, match=r"not in the curriculum's order: its row \d+ is the reflection's row at"):
+            _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, data=reorder)
+    other = Curriculum.from_reflected(reflected, batch_size=2, curriculum=_CURRICULUM, seed=1)  # another plan's order
+    with pytest.raises(ValueError, match="from the reflection the curriculum was planned on"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, data=other.dataset)
     trainer = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)  # a second curriculum on it
     with pytest.raises(ValueError, match="already has a curriculum attached"):
         cur.attach(trainer)

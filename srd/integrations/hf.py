@@ -435,13 +435,16 @@ class Curriculum:
     """The Baby-Step order of a reflected dataset's rows and each stage's tau and alpha.
 
     order: dataset row indices, in training order; stage_steps: optimizer steps of each stage
-    (its rows / batch_size); taus, alphas: per stage."""
+    (its rows / batch_size); taus, alphas: per stage; positions: each dataset row's
+    srd_position (the reflection's easy -> hard rank), with which a trainer's dataset is checked
+    to hold the rows in this order (empty: not checked)."""
 
     order: tuple[int, ...]
     stage_steps: tuple[int, ...]
     taus: tuple[float, ...]
     alphas: tuple[float, ...]
     batch_size: int
+    positions: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_reflected(
@@ -501,7 +504,8 @@ class Curriculum:
                 )
             order += rows[:n]
             steps.append(n // batch_size)
-        return cls(tuple(order), tuple(steps), tuple(stage_taus(c)), tuple(stage_alphas(c)), batch_size)
+        known = tuple(int(p) for p in positions)
+        return cls(tuple(order), tuple(steps), tuple(stage_taus(c)), tuple(stage_alphas(c)), batch_size, known)
 
     def dataset(self, reflected: Any) -> Any:
         """The rows in training order (train it for one epoch, read sequentially)."""
@@ -695,6 +699,7 @@ def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
                 "preparation dropped or added rows (a length filter, packing), which moves every stage boundary; "
                 "give it curriculum.dataset(reflected) with rows that fit its max_length"
             )
+        _check_order(curriculum, data)
     honoured = _honours(trainer)
     if len(set(curriculum.taus)) > 1 or curriculum.taus[0] != 1.0:
         if "tau" not in honoured:
@@ -707,6 +712,24 @@ def check_trainer(curriculum: Curriculum, trainer: Any) -> None:
         raise ValueError(
             f"{name}'s loss does not read the stage's alpha {list(curriculum.alphas)}: use "
             "srd.integrations.trl.SRDGKDTrainer, or alpha_start=alpha_end=0"
+        )
+
+
+def _check_order(curriculum: Curriculum, data: Any) -> None:
+    """The trainer's rows in the plan's order, where both carry the reflection's srd_position: a
+    dataset shuffled, sorted or filtered after `curriculum.dataset(reflected)`, or made from
+    another reflection, has the plan's length and would train in silence on another order."""
+    if not curriculum.positions or "srd_position" not in (getattr(data, "column_names", None) or ()):
+        return
+    seen = [int(p) for p in data["srd_position"]]
+    want = [curriculum.positions[i] for i in curriculum.order]
+    if seen != want:
+        k = next(i for i, (a, b) in enumerate(zip(seen, want, strict=True)) if a != b)
+        raise ValueError(
+            f"the trainer's dataset is not in the curriculum's order: its row {k} is the reflection's row at "
+            f"srd_position {seen[k]}, and the plan reads the one at {want[k]} there (stage "
+            f"{curriculum.stage_at(k // curriculum.batch_size)}): give the trainer curriculum.dataset(reflected) as "
+            "it comes, from the reflection the curriculum was planned on (no shuffle, sort or filter after it)"
         )
 
 
