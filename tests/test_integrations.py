@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -452,19 +453,66 @@ def test_gradient_accumulation_resumed_in_the_middle_of_a_stage_ends_where_an_un
 
 
 def test_a_resume_on_another_plan_is_refused(tmp_path, tiny_models, reflected_tiny):
-    """Each checkpoint carries the plan's fingerprint; resuming it with another plan (here the
-    same reflection shuffled with another seed) stops with the fix instead of training on."""
+    """Each checkpoint carries the plan's fingerprint in its trainer_state.json; resuming it with
+    another plan (here the same reflection shuffled with another seed), from wherever it lies,
+    or resuming a checkpoint trained without a curriculum, stops with the fix instead of
+    training on."""
     tok, reflected, cur = reflected_tiny
     part = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
     part.add_callback(_StopAt(2))
     part.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert json.loads((checkpoint / "srd-plan.json").read_text())["fingerprint"] == cur.fingerprint
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["SRDPlanRecord"]["args"]["fingerprint"] == cur.fingerprint
     other = Curriculum.from_reflected(reflected, batch_size=2, curriculum=_CURRICULUM, seed=1)
     assert other.fingerprint != cur.fingerprint
     with pytest.raises(ValueError, match="another curriculum plan"):
         _gkd_trainer(tmp_path, tiny_models, tok, reflected, other).train(resume_from_checkpoint=str(checkpoint))
-    _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur).train(resume_from_checkpoint=str(checkpoint))
+
+    def copy(name, *, record=True, logged_stage=True):
+        """The checkpoint copied out of the trainer's output_dir, less what it is told to drop."""
+        folder = tmp_path / name / "checkpoint-2"
+        shutil.copytree(checkpoint, folder)
+        (folder / "srd-plan.json").unlink()
+        saved = json.loads((folder / "trainer_state.json").read_text())
+        if not record:
+            del saved["stateful_callbacks"]["SRDPlanRecord"]
+        if not logged_stage:
+            saved["log_history"] = [
+                {k: v for k, v in r.items() if not k.startswith("srd_")} for r in saved["log_history"]
+            ]
+        (folder / "trainer_state.json").write_text(json.dumps(saved))
+        return str(folder)
+
+    # moved elsewhere (no srd-plan.json under the trainer's output_dir to read): the record goes with it
+    moved = copy("moved")
+    with pytest.raises(ValueError, match="another curriculum plan"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, other, output_dir=str(tmp_path / "o2")).train(
+            resume_from_checkpoint=moved
+        )
+    # the same trainer's checkpoint without a curriculum (no record, no srd_stage in its log):
+    # resumed under one, its steps would count as the plan's first ones
+    plain = copy("plain", record=False, logged_stage=False)
+    with pytest.raises(ValueError, match="trained without a curriculum"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, output_dir=str(tmp_path / "o3")).train(
+            resume_from_checkpoint=plain
+        )
+    # one an older srd wrote (srd-plan.json beside it, no record): its plan file is read
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    del saved["stateful_callbacks"]["SRDPlanRecord"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="another curriculum plan"):
+        _gkd_trainer(tmp_path, tiny_models, tok, reflected, other).train(resume_from_checkpoint=str(checkpoint))
+    done = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur)
+    done.train(resume_from_checkpoint=str(checkpoint))
+    assert done.state.global_step == cur.total_steps
+    # transformers restoring its stateful callbacks restores the record, and changes nothing else
+    again = _gkd_trainer(tmp_path, tiny_models, tok, reflected, cur, restore_callback_states_from_checkpoint=True)
+    again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert [r["srd_stage"] for r in again.state.log_history if "loss" in r][-1] == len(cur.stage_steps)
+    final = json.loads((tmp_path / "out" / f"checkpoint-{cur.total_steps}" / "trainer_state.json").read_text())
+    assert final["stateful_callbacks"]["SRDPlanRecord"]["args"]["fingerprint"] == cur.fingerprint
 
 
 def test_attach_refuses_what_would_silently_break_the_plan(tmp_path, tiny_models, reflected_tiny):

@@ -570,6 +570,7 @@ class Curriculum:
         check_trainer(self, trainer)
         cb = CurriculumCallback(self, trainer)
         trainer.add_callback(cb)
+        trainer.add_callback(SRDPlanRecord(self.fingerprint))  # the plan, in every checkpoint's trainer_state.json
         cb.apply(trainer.state.global_step)
         return cb
 
@@ -756,6 +757,25 @@ def _trainer_callback_base() -> type:
     return TrainerCallback
 
 
+def _exportable_state() -> type:
+    from transformers.trainer_callback import ExportableState
+
+    return ExportableState
+
+
+class SRDPlanRecord(_trainer_callback_base(), _exportable_state()):  # type: ignore[misc]
+    """The fingerprint of the plan a trainer trains on, kept in every checkpoint's
+    trainer_state.json (transformers' stateful callbacks), so a resume reads the plan of the
+    very checkpoint it loads, written with it in one file. No hooks: restored by transformers
+    (`restore_callback_states_from_checkpoint`), it changes nothing."""
+
+    def __init__(self, fingerprint: str = "") -> None:
+        self.fingerprint = fingerprint
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"fingerprint": self.fingerprint}, "attributes": {}}
+
+
 class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
     """Keeps a trainer at its curriculum stage: tau and alpha before every optimizer step, and
     stage / tau / alpha in every row the trainer logs."""
@@ -795,18 +815,42 @@ class CurriculumCallback(_trainer_callback_base()):  # type: ignore[misc]
                 "after the trainer's last change"
             )
         if state.global_step > 0:  # resumed: the checkpoint must have been trained on this very plan
+            self._check_resumed(args, state)
+        record = SRDPlanRecord.__name__
+        if not isinstance(state.stateful_callbacks, dict):
+            state.stateful_callbacks = {}
+        # what the next checkpoint records (a resumed checkpoint of an older srd has no entry to update)
+        state.stateful_callbacks[record] = SRDPlanRecord(self.curriculum.fingerprint).state()
+        self.apply(state.global_step)  # a resumed run starts in the stage of its checkpoint
+
+    def _check_resumed(self, args: Any, state: Any) -> None:
+        """The resumed checkpoint's plan: its trainer_state.json's record (already loaded into
+        `state`), else the srd-plan.json an older srd wrote beside it, else its log."""
+        mine = self.curriculum.fingerprint
+        recorded = (state.stateful_callbacks or {}).get(SRDPlanRecord.__name__)
+        if isinstance(recorded, list):
+            recorded = recorded[-1] if recorded else None
+        earlier, where = None, f"the checkpoint at step {state.global_step}"
+        if isinstance(recorded, dict):
+            earlier = recorded.get("args", {}).get("fingerprint")
+        else:
             from srd.utils import read_json
 
             saved = self._checkpoint(args, state.global_step) / self.PLAN
             if saved.exists():
-                earlier = read_json(saved).get("fingerprint")
-                if earlier != self.curriculum.fingerprint:
-                    raise ValueError(
-                        f"{saved.parent} was trained on another curriculum plan ({earlier}; this one is "
-                        f"{self.curriculum.fingerprint}): resume with the same reflection, curriculum, seed and "
-                        "rows per step, or start a new output_dir"
-                    )
-        self.apply(state.global_step)  # a resumed run starts in the stage of its checkpoint
+                earlier, where = read_json(saved).get("fingerprint"), str(saved.parent)
+        if earlier is not None and earlier != mine:
+            raise ValueError(
+                f"{where} was trained on another curriculum plan ({earlier}; this one is {mine}): resume with the "
+                "same reflection, curriculum, seed and rows per step, or start a new output_dir"
+            )
+        logged = [r for r in state.log_history if "loss" in r]
+        if earlier is None and logged and not any("srd_stage" in r for r in logged):
+            raise ValueError(
+                f"{where} was trained without a curriculum (none of its logged steps has an srd_stage): resumed "
+                "under one, its steps would count as the plan's first ones; start a new output_dir, or resume it "
+                "without the curriculum"
+            )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = self._checkpoint(args, state.global_step)
