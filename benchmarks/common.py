@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.metadata
-import os
-import platform
 import signal
 import sys
 from collections.abc import Iterator
@@ -38,46 +35,15 @@ def sigterm_stops() -> Iterator[None]:
 
 
 def machine() -> dict[str, Any]:
-    """CPU / GPU, core count, library versions: what a recorded number depends on."""
-    import accelerate
-    import torch
-    import transformers
+    """CPU / GPU, core count, library versions: what a recorded number depends on
+    (srd.runtime.environment, in the keys and order records have always used, so a folder's
+    machines.jsonl groups old and new lines alike)."""
+    from srd.runtime import environment
 
-    from srd.models.load import native_bf16
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    for optional in ("peft", "trl", "deepspeed"):  # named in a record only where installed
-        try:
-            info[optional] = importlib.metadata.version(optional)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    # what the CPU's matmuls can use: recorded CPU numbers differ by several times between an
-    # AVX2 machine and one with AVX-512 and native bf16 (both were seen as "2-core AMD EPYC")
-    info["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
-    info["cpu_native_bf16"] = native_bf16("cpu")
-    # large CPU tensors reuse freed pages (srd.utils.tune_cpu_allocator, as the srd CLI does) or
-    # page-fault every allocation afresh (glibc's default): a 16-26% difference in a KD step here
-    from srd.utils import cpu_allocator_tuned
-
-    info["cpu_malloc"] = "tuned" if cpu_allocator_tuned() else "default"
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    env = environment()
+    keys = ("python", "torch", "transformers", "accelerate", "cpu_cores", "torch_threads", "cpu", "peft", "trl")
+    keys += ("deepspeed", "cpu_isa", "cpu_native_bf16", "cpu_malloc", "gpu")
+    return {k: env[k] for k in keys if k in env}
 
 
 def command_line(argv: list[str], elide: tuple[str, ...] = ("--note",)) -> str:

@@ -163,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version=f"srd {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_training_commands(sub)
@@ -170,7 +171,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_store_command(sub)
     sub.add_parser("divergences", help="list the registered divergences")
+    sub.add_parser(
+        "env",
+        help="print srd's version, the libraries and the machine (for a bug report)",
+        description="What a run's numbers depend on beside its config: srd and its git commit, Python, the "
+        "libraries, the CPU (its matmul instructions, native bf16), the GPUs. Every run folder keeps the same, "
+        "one line per command started there, in environment.jsonl.",
+    )
     return p
+
+
+def _version() -> str:
+    from srd import __version__
+
+    return __version__
 
 
 def _add_training_commands(sub: Any) -> None:
@@ -401,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         tune_cpu_allocator()  # vocabulary-sized tensors reuse freed pages (SRD_CPU_MALLOC=0: off)
+    from srd.runtime import command_started
+
+    command_started(["srd", *(sys.argv[1:] if argv is None else argv)])  # what a run folder records
     try:
         return _dispatch(args)
     except (
@@ -535,6 +552,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             f"perplexity on {report['measured_on']}: teacher {report['teacher_perplexity']:.2f}, "
             f"student {report['student_perplexity']:.2f}{pruned}"
         )
+        return 0
+    if args.command == "env":
+        from srd.runtime import environment
+
+        for key, value in environment().items():
+            print(f"{key}: {value}")
         return 0
     if args.command == "divergences":
         from srd.losses import DIVERGENCES

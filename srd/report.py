@@ -12,6 +12,7 @@ from srd.config import is_run_folder
 from srd.eval.evaluate import load_example_scores
 from srd.reflect.reflect import time_split
 from srd.rundir import RunDir, StageDir
+from srd.runtime import environments
 from srd.utils import atomic_write_text, read_json, read_jsonl
 
 
@@ -758,6 +759,21 @@ def _experiment_section(run: Path, plots: Path) -> tuple[list[str], list[str]]:
     return md, names
 
 
+def environment_section(log_file: Path) -> list[str]:
+    """Where the run's commands ran (environment.jsonl), one line per distinct environment: its
+    wall times are that machine's, and a run resumed elsewhere mixes two."""
+    found = environments(log_file)
+    if not found:
+        return []
+    md = ["## Where it ran", ""]
+    for first, last, n, env in found:
+        when = first if n == 1 else f"{first} to {last} ({n} commands)"
+        md.append(f"- {when}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    if len(found) > 1:
+        md += ["", f"Its commands ran in {len(found)} different environments: its wall times mix them."]
+    return [*md, ""]
+
+
 def write_report(run: Path) -> Path:
     """Write run/report.md and run/report/*.png; returns the markdown path."""
     import matplotlib
@@ -835,6 +851,7 @@ def write_report(run: Path) -> Path:
         for pair, rho in rs.get("spearman_rank_correlation", {}).items():
             md += ["", f"Spearman rank correlation {pair}: {rho:.3f}."]
         md.append("")
+    md += environment_section(rd.environment_log)
     exp_md, exp_images = _experiment_section(run, plots)
     md += exp_md
     images = exp_images + _plot_reflection(run, plots) + _plot_training(run, plots)

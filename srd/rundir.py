@@ -2,6 +2,7 @@
 
     runs/<name>/                      RunDir
       config.yaml                     the resolved config
+      environment.jsonl               one line per command started here: srd, libraries, machine
       reflection/                     manifest.jsonl, summary.json (srd run / srd reflect)
       reflection-stage-<i>/           curriculum.re_reflect: the ranking before stage i
       teacher-store.json              rows taken from the teacher store (loss.teacher_top_k)
@@ -79,6 +80,12 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / "config.yaml"
+
+    @property
+    def environment_log(self) -> Path:
+        """One JSON line per command started in the run: when, the command, srd and library
+        versions, the machine (srd.runtime.environment)."""
+        return self.path / "environment.jsonl"
 
     @property
     def reflection(self) -> Path:

@@ -67,3 +67,127 @@ def _deepspeed_accelerator(stage: int | None, mixed: str, cuda: bool) -> Any:
     return Accelerator(
         mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)]
     )
+
+
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on, beside its config: srd (and the git commit it was imported
+    from, where it is a checkout), Python and the libraries, the CPU (its matmul instructions and
+    native bf16: recorded times differ several-fold between an AVX2 CPU and an AVX-512-BF16 one),
+    the allocator, and the GPUs. `srd env` prints it; every run folder keeps one line of it per
+    command started there (environment.jsonl)."""
+    import importlib.metadata
+    import platform
+    from pathlib import Path
+
+    import accelerate
+    import transformers
+
+    import srd
+    from srd.utils import cpu_allocator_tuned
+
+    info: dict[str, Any] = {"srd": srd.__version__}
+    commit = _git_commit(Path(srd.__file__).resolve().parent.parent)
+    if commit:
+        info["srd_commit"] = commit
+    info.update(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        accelerate=accelerate.__version__,
+    )
+    for optional in ("peft", "trl", "datasets", "deepspeed", "vllm"):  # named only where installed
+        try:
+            info[optional] = importlib.metadata.version(optional)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info.update(cpu=platform.processor() or platform.machine(), cpu_cores=os.cpu_count())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info.update(
+        torch_threads=torch.get_num_threads(),
+        cpu_isa=torch.backends.cpu.get_cpu_capability(),
+        cpu_native_bf16=native_bf16("cpu"),
+        cpu_malloc="tuned" if cpu_allocator_tuned() else "default",  # freed pages reused, or faulted afresh
+    )
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info.update(gpu=names[0], gpus=len(names), cuda=torch.version.cuda)
+    return info
+
+
+def _git_commit(root: Any) -> str | None:
+    """The commit of the git checkout srd was imported from (+ '-dirty' with uncommitted changes
+    to tracked files), or None where it was installed from a wheel or git is missing."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"], capture_output=True, timeout=10
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty == 1 else "")
+
+
+_COMMAND: list[list[str]] = []  # the srd command this process runs (set by the CLI), else sys.argv
+
+
+def command_started(argv: list[str]) -> None:
+    """The command line a run folder records for the command now running (`srd train ...`)."""
+    _COMMAND[:] = [list(argv)]
+
+
+def record_environment(log_file: Any) -> None:
+    """Append one line to `log_file` (a run folder's environment.jsonl): when, the command line
+    (the srd command, or the Python process's own for the API), and `environment()`. One short
+    line written whole, so a resumed run on another machine or with other libraries says so; a
+    line a kill tore is skipped by `environments`."""
+    import datetime as dt
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    entry = {
+        "at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "argv": shlex.join(_COMMAND[0] if _COMMAND else sys.argv),
+        **environment(),
+    }
+    with Path(log_file).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def environments(log_file: Any) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """The distinct environments in `log_file`, in order of first use: (first, last, commands
+    started, environment). Unreadable lines are skipped."""
+    import json
+    from pathlib import Path
+
+    seen: dict[str, tuple[str, str, int, dict[str, Any]]] = {}
+    try:
+        lines = Path(log_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            at = str(entry.pop("at"))
+            entry.pop("argv", None)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            continue
+        key = json.dumps(entry, sort_keys=True)
+        first, _, n, _ = seen.get(key, (at, at, 0, entry))
+        seen[key] = (first, at, n + 1, entry)
+    return list(seen.values())

@@ -89,3 +89,35 @@ def test_scores_by_benchmark_reads_finished_answers_only(tmp_path):
         json.dumps({"benchmarks": {"b": {"per_seed": {"greedy": 20.0}}, "c": {"per_seed": {"greedy": 5.0}}}})
     )
     assert scores_by_benchmark(ev) == {"b": {"x": 10.0, "y": 30.0}, "c": {"x": 5.0}}
+
+
+def test_a_run_keeps_where_each_of_its_commands_ran(tmp_path, tiny_models, tiny_data, capsys):
+    """environment.jsonl: one line per command started in the run (srd, libraries, machine); the
+    report says where it ran, and that its wall times mix two environments when a resume ran
+    elsewhere. A line a kill tore is skipped. `srd env` prints the same for a bug report."""
+    from srd.cli import main
+    from srd.runtime import environment
+    from tests.test_train import _args as _train_args
+
+    args = _train_args(tiny_models, tiny_data, tmp_path, "llama", "train.save_every=1")
+    assert main([*args, "train.stop_after_steps=1"]) == 0
+    assert main(args) == 0  # resumed
+    log = tmp_path / "t" / "environment.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    here = environment()
+    assert len(lines) == 2 and all({k: v for k, v in r.items() if k not in ("at", "argv")} == here for r in lines)
+    assert "train.stop_after_steps=1" in lines[0]["argv"] and "train.stop_after_steps" not in lines[1]["argv"]
+    assert main(["report", str(tmp_path / "t")]) == 0
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "## Where it ran" in report and f"(2 commands): srd {here['srd']}, " in report
+    assert f"torch {here['torch']}" in report and "different environments" not in report
+    # resumed on another machine (another torch), and a line cut short by a kill
+    elsewhere = {**lines[1], "torch": "0.0-other", "cpu_isa": "AVX512"}
+    log.write_text(log.read_text() + json.dumps(elsewhere) + "\n" + '{"at": "2026-')
+    assert main(["report", str(tmp_path / "t")]) == 0
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "torch 0.0-other" in report and "Its commands ran in 2 different environments" in report
+    capsys.readouterr()
+    assert main(["env"]) == 0
+    printed = capsys.readouterr().out
+    assert f"torch: {here['torch']}\n" in printed and f"srd: {here['srd']}\n" in printed and "cpu_isa: " in printed

@@ -18,7 +18,7 @@ from srd.data.sources import load_examples, load_mixture, with_instruction_suffi
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
 from srd.models.load import check_model_spec, inference_dtype_of, is_seq2seq
 from srd.rundir import RunDir
-from srd.runtime import make_accelerator
+from srd.runtime import make_accelerator, record_environment
 from srd.train.loop import encode_stage_rows, teacher_source_key, train_stage
 from srd.train.teacher_store import StoredTeacher, check_store_root, find_source, store_root
 from srd.utils import (
@@ -102,6 +102,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, dump_config(cfg))
+    record_environment(RunDir(run_dir).environment_log)  # a resume on another machine or library says so
     return run_dir
 
 
