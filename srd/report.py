@@ -251,6 +251,16 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
             + "; ".join(f"{n}: {d}" for n, d in dtypes.items())
             + "): part of a difference can come from the precision (srd eval --dtype).",
         ]
+    machines = {n: run_machines(r) for n, r in zip(names, runs)}
+    if len({repr(m) for found in machines.values() for m in found}) > 1:  # times of two machines side by side
+        lines += [
+            "",
+            "The train times come from more than one machine ("
+            + "; ".join(
+                f"{n}: {' then '.join(machine_text(m) for m in found)}" for n, found in machines.items() if found
+            )
+            + "): they do not compare; rerun the runs on one machine to compare their times.",
+        ]
     same: dict[str, list[str]] = {}  # weights fingerprint -> the compared names that hold it
     for name, run in zip(names, runs):
         fingerprint = _decoding_record(run, eval_name).get("fingerprint")
@@ -260,6 +270,26 @@ def compare_runs(runs: list[Path], *, eval_name: str = "sampled", labels: list[s
         if len(holders) > 1:  # two rows of the table are one model: say so, not a difference between models
             lines += ["", f"{' and '.join(holders)} are evaluations of the same weights (fingerprint {fingerprint})."]
     return "\n".join(lines) + "\n"
+
+
+# what a run's speed depends on, of what environment.jsonl records (srd.runtime.environment)
+MACHINE_KEYS = ("cpu", "cpu_cores", "cpu_isa", "cpu_native_bf16", "cpu_malloc", "torch_threads", "torch", "gpu", "gpus")
+
+
+def run_machines(run: Path) -> list[dict[str, Any]]:
+    """The distinct machines a run's commands ran on (its environment.jsonl and its KD
+    baseline's), in order; empty for a run from before srd recorded them."""
+    found: list[dict[str, Any]] = []
+    for log_file in (RunDir(run).environment_log, RunDir(run).baseline.environment_log):
+        for *_, env in environments(log_file):
+            machine = {k: env[k] for k in MACHINE_KEYS if k in env}
+            if machine not in found:
+                found.append(machine)
+    return found
+
+
+def machine_text(machine: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in machine.items())
 
 
 def _decoding_dtype(run: Path, eval_name: str) -> str | None:

@@ -76,6 +76,15 @@ def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F81
     table = capsys.readouterr().out
     assert "| run | dev | gsm8k | average |" in table and "Wilcoxon" in table and "p = " in table
     assert (tmp_path / "table.md").read_text() == "<!-- written by srd compare -->\n" + table
+    assert "more than one machine" not in table  # both trained here
+    # the KD run resumed on another machine: its train time is not this one's
+    log = kd / "environment.jsonl"
+    first = json.loads(log.read_text().splitlines()[0])
+    log.write_text(log.read_text() + json.dumps({**first, "cpu_isa": "AVX512", "cpu_native_bf16": True}) + "\n")
+    assert main(["compare", str(kd), str(srd)]) == 0
+    table = capsys.readouterr().out
+    assert f"The train times come from more than one machine (kd/x: cpu {first['cpu']}" in table
+    assert "cpu_isa AVX512, cpu_native_bf16 True" in table and "they do not compare" in table
     assert main(["report", str(srd)]) == 0
     report = (srd / "report.md").read_text()
     for png in ("reflection_scores.png", "stage_sizes.png", "training.png", "schedule.png", "eval_sampled.png"):
