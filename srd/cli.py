@@ -595,7 +595,7 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from srd.config import load_config
+    from srd.config import ConfigError, load_config
     from srd.eval.evaluate import (
         check_benchmarks,
         check_run_eval_folder,
@@ -609,7 +609,14 @@ def _eval(args: argparse.Namespace) -> int:
     from srd.runtime import make_accelerator
     from srd.utils import lock_folder, srd_folder_kind
 
-    cfg = load_config(args.config, [*_flag_overrides(args, EVAL_FLAGS), *args.overrides])
+    overrides = [*_flag_overrides(args, EVAL_FLAGS), *args.overrides]
+    cfg = load_config(args.config, overrides)
+    seeds = [o.split("=", 1)[1] for o in overrides if o.startswith("eval.seeds=")]
+    if cfg.eval.greedy and seeds:
+        raise ConfigError(
+            f"--greedy (eval.greedy) decodes every benchmark once, without seeds, so the seeds {seeds[-1]} given "
+            "would be ignored: give --greedy or --seeds, not both"
+        )
     benchmarks = cfg.eval.benchmarks or DEFAULT_EVAL_BENCHMARKS
     model_spec, run_dir = resolve_eval_target(args.target)
     check_model_spec(model_spec)  # the model and every benchmark's rows before any weights are read

@@ -232,7 +232,17 @@ class GenerationConfig:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")
         _check(self.temperature > 0, "generation.temperature must be > 0")
         _check(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
+        _check(self.top_k >= 0, f"generation.top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        _check(
+            self.no_repeat_ngram_size >= 0,
+            f"generation.no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}",
+        )
         _check(self.batch_size > 0, "generation.batch_size must be > 0")
+        _check(
+            all(isinstance(s, str) and s for s in self.stop_strings),
+            f"generation.stop_strings must be non-empty strings (an empty one ends every answer at once), got "
+            f"{self.stop_strings!r}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -338,6 +348,7 @@ class OnPolicyConfig:
         _check(self.max_new_tokens > 0, "on_policy.max_new_tokens must be > 0")
         _check(self.temperature > 0, "on_policy.temperature must be > 0")
         _check(0 < self.top_p <= 1, "on_policy.top_p must be in (0, 1]")
+        _check(self.top_k >= 0, f"on_policy.top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
 
 
 @dataclass(kw_only=True)

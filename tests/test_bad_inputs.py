@@ -170,6 +170,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("scheduled_kd with re_reflect", _run("method=scheduled_kd", "curriculum.re_reflect=true"), ["re_reflect"]),
     ("repeated dev seeds", _run("dev_eval.seeds=[1, 1]"), ["dev_eval.seeds"]),
+    ("a negative top-k", _run("generation.top_k=-1"), ["generation.top_k must be >= 0", "generation.top_k=-1)"]),
+    ("an empty stop string", _run('generation.stop_strings=[""]'), ["generation.stop_strings", "ends every answer"]),
+    ("eval: --greedy with --seeds", [*EVAL, "--seeds", "1", "2"], ["--greedy or --seeds, not both", "[1, 2]"]),
     ("a negative seed", _run("seed=-1"), ["seed: a seed is an integer from 0 to 4294967295, got -1", "seed=-1)"]),
     (
         "teacher scorer without a teacher",

@@ -416,3 +416,39 @@ def test_instruction_suffix_is_appended_on_a_new_line():
     (out,) = with_instruction_suffix([ex], "Please reason step by step.")
     assert out.instruction == "What is 2 + 3?\nPlease reason step by step." and out.meta == {"k": 1}
     assert with_instruction_suffix([ex], None) == [ex]
+
+
+def test_rows_shared_with_the_training_rows_are_found_and_said(tmp_path, caplog):
+    """A dev or benchmark row that is a training row too (prompt and reference, whitespace and
+    case aside) is logged with its id; the same question with another answer is not."""
+    from srd.config import load_config
+    from srd.data.example import Example, shared_rows
+    from srd.eval.evaluate import check_benchmarks
+    from srd.recipes.train import load_data
+
+    def ex(i, instruction, output, **kw):
+        return Example(id=i, instruction=instruction, output=output, **kw)
+
+    train = [ex("t1", "What is  Python?", "A language."), ex("t2", "Name a bird.", "Robin")]
+    rows = [
+        ex("d1", "what is python?", "a  language."),  # the same row
+        ex("d2", "What is Python?", "A snake."),  # another answer: a common question, not a copy
+        ex("d3", "Name a bird.", "Robin", input="in Europe"),  # another input
+    ]
+    assert shared_rows(rows, train) == ["d1"]
+    chat = ex("c", "What is Python?", "A language.", meta={"messages": [{"role": "user", "content": "Hi"}]})
+    assert shared_rows([chat], train) == []  # a conversation is keyed on its messages
+    rows = [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x", "output": "y"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"instruction": "say  hi.", "output": "Hi"}) + "\n")
+    cfg = load_config(None, [f"data.train={tmp_path / 'train.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}"])
+    with caplog.at_level("WARNING"):
+        load_data(cfg)
+    assert "data.dev" in caplog.text and "1 of its 1 rows are training rows too" in caplog.text
+    assert "dev-1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train_rows = load_data(cfg, warn=False)[0]
+        check_benchmarks([str(tmp_path / "dev.jsonl")], train=train_rows)
+    assert caplog.text.count("training rows too") == 1
+    assert "their scores measure rows the student trained on" in caplog.text

@@ -349,3 +349,22 @@ def read_examples(
     if not examples:
         raise DataError(f"{path}: no examples found")
     return examples
+
+
+def _row_key(e: Example) -> str:
+    """A row's prompt and first reference, whitespace and case aside (conversations: every message)."""
+
+    def norm(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    messages = e.meta.get("messages") or ()
+    prompt = [norm(str(m.get("content", ""))) for m in messages] if messages else [norm(e.instruction), norm(e.input)]
+    return json.dumps([*prompt, norm(e.target)])
+
+
+def shared_rows(rows: Iterable[Example], train: Iterable[Example]) -> list[str]:
+    """The ids of `rows` whose prompt and reference are also one of `train`'s rows: a dev or test
+    row the student trains on, so its score measures a row it has seen (the same prompt with
+    another answer, a common question asked twice, is not counted)."""
+    seen = {_row_key(e) for e in train}
+    return [e.id for e in rows if _row_key(e) in seen]

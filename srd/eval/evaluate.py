@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import statistics
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import RunConfig, is_run_folder, load_config
+from srd.data.example import shared_rows
 from srd.data.prompts import check_prompt_format, encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
@@ -44,6 +46,8 @@ from srd.utils import (
     lock_folder,
     read_json,
 )
+
+log = logging.getLogger(__name__)
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -413,10 +417,12 @@ def check_benchmarks(
     limit: int | None = None,
     allow_code_execution: bool = False,
     fmt: str = "alpaca",
+    train: Sequence[Any] = (),
 ) -> None:
     """Resolve every benchmark and parse its rows now, before a model is loaded to answer them;
     a benchmark scored by running code (mbpp) only when code execution is allowed; conversations
-    only with the chat prompt format (`fmt`)."""
+    only with the chat prompt format (`fmt`). `train`: the model's training rows, whose copies in
+    a benchmark are logged (their scores measure rows it trained on)."""
     for spec in benchmarks:
         bench = resolve_benchmark(spec)
         if bench.metric == "pass_at_1":
@@ -424,7 +430,15 @@ def check_benchmarks(
                 require_code_execution(allow_code_execution, f"benchmark {bench.name}")
             except CodeExecutionRefused as e:
                 raise EvalError(str(e)) from None
-        check_prompt_format(load_examples(bench.data, data_dir=data_dir, limit=limit), fmt, f"benchmark {spec}")
+        rows = load_examples(bench.data, data_dir=data_dir, limit=limit)
+        check_prompt_format(rows, fmt, f"benchmark {spec}")
+        shared = shared_rows(rows, train) if train else []
+        if shared:
+            log.warning(
+                "benchmark %s: %d of its %d rows are training rows too (prompt and reference): their scores measure "
+                "rows the student trained on (%s)",
+                spec, len(shared), len(rows), ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else ""),
+            )  # fmt: skip
 
 
 @folder_locks()  # the evaluation folder is this process's until it returns

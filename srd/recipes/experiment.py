@@ -22,6 +22,7 @@ from srd.config import ConfigError, RunConfig, from_dict, to_dict
 from srd.eval.benchmarks import resolve_benchmark
 from srd.eval.evaluate import check_benchmarks, evaluate_model
 from srd.recipes.pipeline import run_pipeline
+from srd.recipes.train import load_data
 from srd.report import compare_runs, method_label, speed_caveat, write_report
 from srd.rundir import RunDir
 from srd.runtime import make_accelerator
@@ -103,6 +104,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             limit=cfg.eval.limit,
             allow_code_execution=cfg.allow_code_execution,
             fmt=cfg.data.prompt_format,
+            train=load_data(cfg, warn=False)[0],  # a benchmark row that is a training row too is said now
         )
     results = run_pipeline(cfg, progress=progress)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
