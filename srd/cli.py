@@ -594,6 +594,28 @@ def _prune(args: argparse.Namespace) -> tuple[dict, str]:
     return report, m.student
 
 
+def _run_training_rows(run_dir: Path | None) -> list[Any]:
+    """The training rows of the run `srd eval` evaluates, as its config.yaml names them; none
+    where the run or its data cannot be read any more (the evaluation does not need them)."""
+    if run_dir is None:
+        return []
+    from srd.config import ConfigError, load_config
+    from srd.data.example import DataError
+    from srd.data.sources import is_local
+    from srd.recipes.train import load_data
+    from srd.rundir import RunDir
+
+    try:
+        cfg = load_config(str(RunDir(run_dir).config))
+        specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
+        if not all(is_local(s, data_dir=cfg.data.data_dir) for s in specs):  # never a wait on the Hub for this
+            return []
+        return load_data(cfg, warn=False)[0]
+    except (ConfigError, DataError, OSError, ValueError) as e:
+        logging.getLogger(__name__).debug("the training rows of %s were not read: %s", run_dir, e)
+        return []
+
+
 def _eval(args: argparse.Namespace) -> int:
     from srd.config import ConfigError, load_config
     from srd.eval.evaluate import (
@@ -626,6 +648,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=cfg.eval.limit,
         allow_code_execution=cfg.allow_code_execution,
         fmt=cfg.data.prompt_format,
+        train=_run_training_rows(run_dir),  # a run's own training rows in a benchmark are said
     )
     acc = make_accelerator("auto")
     mode = "greedy" if cfg.eval.greedy else "sampled"

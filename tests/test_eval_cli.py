@@ -22,8 +22,9 @@ def two_runs(tmp_path, tiny_models, srd_data):  # noqa: F811
     return tmp_path / "kd" / "x", tmp_path / "srd" / "x"
 
 
-def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F811
+def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys, caplog):  # noqa: F811
     kd, srd = two_runs
+    caplog.set_level("WARNING")
     for run in (kd, srd):
         args = [
             "eval",
@@ -58,6 +59,9 @@ def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys):  # noqa: F81
         rows = [json.loads(x) for x in (out / "dev" / "seed-10.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all({"id", "prediction", "score"} <= set(r) for r in rows)
         assert (out / "summary.md").read_text().startswith("| benchmark |")
+    # the dev rows are the runs' first training rows: said for each run's evaluation
+    said = f"benchmark {srd_data['dev']}: 3 of its 3 rows are training rows too (prompt and reference)"
+    assert caplog.text.count(said) == 2, caplog.text
     # rerunning reuses the finished files
     mtime = (srd / "eval" / "sampled" / "dev" / "seed-10.jsonl").stat().st_mtime
     assert main(args) == 0

@@ -306,6 +306,16 @@ def load_examples(
     )
 
 
+def is_local(spec: str, *, data_dir: str | None = None) -> bool:
+    """Whether `spec` reads from this machine alone: a file that exists, or a named set with a
+    local copy (not the Hub)."""
+    if spec.startswith("hf:"):
+        return False
+    if spec in NAMED_SETS:
+        return any((d / NAMED_SETS[spec].local).exists() for d in data_dirs(data_dir))
+    return Path(spec).expanduser().is_file()
+
+
 def load_mixture(
     specs: str | list[str],
     *,
