@@ -344,6 +344,13 @@ def _add_store_command(sub: Any) -> None:
     )
     st.add_argument("--verify", action="store_true", help="check every shard file; exit 1 if one is damaged")
     st.add_argument(
+        "--remove",
+        nargs="+",
+        metavar="ENTRY",
+        default=None,
+        help="remove these entries (names as listed) to free their disk; refused while a run uses one",
+    )
+    st.add_argument(
         "--set-aside",
         action="store_true",
         help="with --verify: move damaged shards into <entry>/damaged/ and forget their rows "
@@ -458,9 +465,18 @@ def _store(args: argparse.Namespace) -> int:
 
     if args.set_aside and not args.verify:
         raise ConfigError("--set-aside works with --verify (srd store --verify --set-aside)")
+    if args.remove and args.verify:
+        raise ConfigError("--remove and --verify are two commands: run one, then the other")
     root = Path(args.store).expanduser() if args.store else default_store()
     if args.store and not root.is_dir():
         raise ConfigError(f"--store {root}: no such folder")
+    if args.remove:
+        from srd.train.teacher_store import remove_entry
+
+        for name in dict.fromkeys(args.remove):  # each is checked, then removed, in turn
+            size = remove_entry(root, name)
+            print(f"removed teacher store entry {root / name} ({size / 2**20:.1f} MiB)")
+        return 0
     found = entries(root)
     if not found and root.is_dir() and srd_folder_kind(root) != "teacher-store" and any(root.iterdir()):
         inner = root / "teacher-store"
@@ -472,17 +488,25 @@ def _store(args: argparse.Namespace) -> int:
         store = TeacherStore.open(folder)
         s = store.summary()
         taus = ", ".join(f"{t:g}" for t in s["taus"]) or "-"
+        used = store.used()
         print(
             f"  {s['entry']}: teacher {s['teacher']} ({s['teacher_dtype']}), k {s['top_k']}, vocabulary {s['vocab']}, "
             f"temperatures {taus}: {s['rows']} rows, {s['positions']} target positions, "
             f"{s['bytes'] / 2**20:.1f} MiB ({s['bytes_per_position']:.0f} bytes per position; "
             f"{s['bytes_on_disk'] / 2**20:.1f} MiB on disk), built in {s['build_seconds']:.0f} s"
+            + (
+                "; used with "
+                + ", ".join(f"{name} (last {at})" for name, at in sorted(used.items(), key=lambda x: x[1]))
+                if used
+                else ""
+            )
         )
         if args.verify:
             bad = store.verify(set_aside=args.set_aside)
             damaged += bad
             for line in bad:
                 print(f"    damaged: {line}{' (set aside)' if args.set_aside else ''}")
+        store.close()  # listed: not held while the next entry is read
     if args.verify:
         if damaged and not args.set_aside:
             print(f"{len(damaged)} damaged file(s); srd store --verify --set-aside moves their shards aside")

@@ -295,3 +295,4 @@ def held_elsewhere(folder: Path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()

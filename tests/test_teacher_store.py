@@ -524,3 +524,63 @@ def test_srd_store_on_a_folder_that_is_not_a_store_says_so(tmp_path, capsys):
     assert "is not a teacher store" in err and f"did you mean {cache / 'teacher-store'}?" in err
     assert main(["store", "--store", str(cache / "teacher-store")]) == 0
     assert "0 entries" in capsys.readouterr().out
+
+
+def test_srd_store_names_who_used_an_entry_and_removes_it_only_when_no_run_holds_it(
+    tmp_path, tiny_models, tokenizer, capsys
+):
+    """`srd store` lists the teachers (as runs named them) that used each entry, and when;
+    `--remove` frees an entry, but not while a run holds it open (reading or building it), and
+    never a name that is not one of the store's entries. A run that opens the entry while it is
+    being removed waits, then starts a new one."""
+    import os
+    import threading
+
+    from srd.train.teacher_store import USERS, TeacherStore, remove_entry
+
+    root = tmp_path / "store"
+    teacher, enc = _teacher(tiny_models), _rows(tokenizer)
+    store = TeacherStore(root, _meta(tokenizer))
+    store.build(teacher, tokenizer, enc, (1.0,), batch_size=5)
+    store.note_use("my-teacher")
+    name = store.folder.name
+    (root / "sources.json").write_text(json.dumps({"files-key": name, "other-key": "elsewhere"}))
+    capsys.readouterr()
+    assert main(["store", "--store", str(root)]) == 0
+    assert f"{name}: teacher tiny" in (out := capsys.readouterr().out) and "used with my-teacher (last 20" in out
+    # held by a run (this object): refused, named, left whole
+    assert main(["store", "--store", str(root), "--remove", name]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher store entry {root / name} is in use by a run (pid {os.getpid()})" in err
+    assert TeacherStore(root, _meta(tokenizer)).missing(enc, (1.0,)) == []
+    for bad, said in (("nope", f"has no entry nope (its entries: {name})"), ("../store", "is not an entry name")):
+        assert main(["store", "--store", str(root), "--remove", bad]) == 2 and said in capsys.readouterr().err
+    store.close()
+    assert main(["store", "--store", str(root), "--remove", name]) == 0
+    assert f"removed teacher store entry {root / name} (" in capsys.readouterr().out
+    assert not (root / name).exists() and json.loads((root / "sources.json").read_text()) == {"other-key": "elsewhere"}
+    assert [p.name for p in root.iterdir() if p.name.startswith(".removed-")] == []
+    # a run opening the entry while a removal holds it waits, then makes the entry again
+    import fcntl
+
+    TeacherStore(root, _meta(tokenizer)).close()
+    users = open(root / name / USERS, "a+")  # noqa: SIM115 - what remove_entry holds
+    fcntl.flock(users, fcntl.LOCK_EX)
+    opened = []
+    waiter = threading.Thread(target=lambda: opened.append(TeacherStore(root, _meta(tokenizer))))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # waiting for the removal
+    (root / name).rename(root / f".removed-{name}.srd-tmp")
+    users.close()
+    waiter.join(10)
+    assert opened and (root / name / "meta.json").is_file() and opened[0].missing(enc, (1.0,)) == enc
+    opened[0].close()
+    assert remove_entry(root, name) > 0  # the leftover of the interrupted removal is cleared too
+    assert sorted(p.name for p in root.iterdir()) == [".srd-folder.json", "lock", "sources.json"]
+    # a folder that is not a store srd made: nothing removed
+    mine = tmp_path / "mine"
+    (mine / "abc").mkdir(parents=True)
+    (mine / "abc" / "meta.json").write_text("{}")
+    assert main(["store", "--store", str(mine), "--remove", "abc"]) == 2
+    assert "is not a teacher store" in capsys.readouterr().err and (mine / "abc" / "meta.json").exists()

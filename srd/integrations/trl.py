@@ -172,6 +172,7 @@ def use_teacher_store(
     was_training = teacher.training
     teacher.eval()
     entry.build(teacher, tokenizer, rows, wanted, batch_size=size)
+    entry.note_use(getattr(getattr(teacher, "config", None), "_name_or_path", None))
     teacher.train(was_training)
     trainer.srd_teacher_store = entry
     return entry

@@ -220,6 +220,8 @@ def stored_teacher(
     if store.missing([*enc, *dev_enc], [cfg.loss.tau, *taus]):
         return None
     log.info("teacher store %s holds every row of this run: the teacher's weights are not loaded", store.folder)
+    if acc.is_main_process:
+        store.note_use(cfg.model.teacher)
     return StoredTeacher(store)
 
 

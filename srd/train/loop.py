@@ -347,6 +347,7 @@ def _teacher_store(
         source = teacher_source_key(cfg, next(teacher.parameters()).dtype)
         if source is not None:
             record_source(root, source, store.folder.name)
+        store.note_use(cfg.model.teacher)
     acc.wait_for_everyone()
     return TeacherStore(root, meta), seconds
 

@@ -34,6 +34,9 @@ Layout of an entry folder <store>/<entry>/:
                             temperature of the shard, all minus the position's largest logit
   lock                      held while a build writes (two runs never write at once; the second
                             waits, then finds the rows the first built)
+  users                     a shared lock every open entry holds (a run reading or building it):
+                            `srd store --remove` removes an entry only while nobody holds it
+  used.json                 the teachers (as runs named them) that used the entry, and when last
   damaged/                  shards set aside by `srd store --verify --set-aside`
 
 A shard serves the temperatures it was built for. A run that needs another temperature for rows
@@ -48,6 +51,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -186,6 +190,34 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+USERS = "users"  # the file every open entry holds a shared lock on (see remove_entry)
+
+
+def _hold_shared(folder: Path) -> Any:
+    """A shared lock on `folder`'s users file, held while the returned file stays open; taken
+    again on a new folder where the entry was removed while this waited. None without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            f = open(folder / USERS, "a+")  # noqa: SIM115 - held open while the entry is in use
+        except OSError:  # a store on a read-only file system: read it without holding it
+            try:
+                f = open(folder / USERS)  # noqa: SIM115
+            except OSError:
+                return None
+        fcntl.flock(f, fcntl.LOCK_SH)
+        try:
+            if os.stat(folder / USERS).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:  # removed (renamed away) while this waited: make it again
+            pass
+        f.close()
+
+
 class TeacherStore:
     """One entry of a teacher store: rows of one teacher (fingerprint, precision), k and vocabulary."""
 
@@ -194,6 +226,9 @@ class TeacherStore:
         self.meta = {**meta, "format": FORMAT}
         self.folder = self.root / entry_name(meta)
         meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            _claim_root(self.root)
+        self._users = _hold_shared(self.folder)  # in use: not removed under this object
         if meta_path.exists():
             try:
                 found = read_json(meta_path)
@@ -205,14 +240,44 @@ class TeacherStore:
                     f"what its name stands for); move it away and rerun: the rows are computed again"
                 )
         else:
-            _claim_root(self.root)
-            self.folder.mkdir(parents=True, exist_ok=True)
             # under the lock: a build holding it removes the temporaries it finds in the folder, and
             # the atomic writer's temporary for meta.json must not be one of them
             with _locked(self.folder / "lock"):
                 if not meta_path.exists():
                     atomic_write_json(meta_path, self.meta)
         self._reload()
+
+    def close(self) -> None:
+        """Let go of the entry (it may be removed from then on); the object reads no more rows."""
+        if self._users is not None:
+            self._users.close()
+            self._users = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def note_use(self, teacher: str | None) -> None:
+        """Record in used.json that a run with the teacher `teacher` (as the run named it) used
+        this entry now: what `srd store` lists, so that an entry is known by more than a hash."""
+        if not teacher:
+            return
+        path = self.folder / "used.json"
+        with _locked(self.folder / "used.lock"):  # not the build's lock: a build may hold that for minutes
+            try:
+                used = read_json(path) if path.exists() else {}
+            except DamagedFileError:  # a listing aid only: start it again
+                used = {}
+            used[str(teacher)] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            atomic_write_json(path, used)
+
+    def used(self) -> dict[str, str]:
+        """Teacher name -> when a run last used this entry with it (used.json; empty if none)."""
+        try:
+            found = read_json(self.folder / "used.json") if (self.folder / "used.json").exists() else {}
+        except DamagedFileError:
+            return {}
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
     @classmethod
     def open(cls, folder: Path) -> TeacherStore:
@@ -519,4 +584,52 @@ def _claim_root(root: Path, create: bool = True) -> None:
 def entries(root: Path) -> list[Path]:
     """The entry folders of a store (each with a meta.json), by name."""
     root = Path(root)
-    return sorted(p.parent for p in root.glob("*/meta.json")) if root.is_dir() else []
+    found = root.glob("*/meta.json") if root.is_dir() else []
+    return sorted(p.parent for p in found if not is_srd_temporary(p.parent))  # not one being removed
+
+
+def remove_entry(root: Path, name: str) -> int:
+    """Remove the entry `name` of the store `root` (srd store --remove): only an entry of a store
+    srd made, and only while no run holds it (reading or building its rows), else FolderError
+    naming the process. The folder is renamed away first, so a run starting meanwhile makes a
+    new one; the teacher files that pointed to it are forgotten (sources.json). Returns the
+    bytes freed."""
+    import fcntl
+
+    from srd.utils import FolderError, _lock_holder, srd_folder_kind
+
+    root = Path(root)
+    folder = root / name
+    if srd_folder_kind(root) != "teacher-store":
+        raise FolderError(f"{root} is not a teacher store (srd did not make it as one): nothing removed")
+    if name in ("", ".", "..") or Path(name).name != name or is_srd_temporary(folder):
+        raise FolderError(f"{name!r} is not an entry name: `srd store` lists the entries of {root}")
+    if not (folder / "meta.json").is_file():
+        known = ", ".join(p.name for p in entries(root)) or "none"
+        raise FolderError(f"{root} has no entry {name} (its entries: {known})")
+    for leftover in root.iterdir():  # what a removal killed midway left
+        if leftover.is_dir() and is_srd_temporary(leftover) and leftover.name.startswith(".removed-"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    gone = root / f".removed-{name}{TMP_TAG}"
+    with open(folder / USERS, "a+") as users:
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(os.fstat(users.fileno()).st_ino)
+            raise FolderError(
+                f"teacher store entry {folder} is in use by a run{f' (pid {holder})' if holder else ''}: remove it "
+                "once that run has ended"
+            ) from None
+        folder.rename(gone)  # under the lock: a run opening the entry now waits, then makes a new folder
+    size = sum(p.stat().st_size for p in gone.rglob("*") if p.is_file())
+    shutil.rmtree(gone)
+    path = root / "sources.json"
+    with _locked(root / "lock"):
+        try:
+            known = read_json(path) if path.exists() else {}
+        except DamagedFileError:
+            known = {}
+        kept = {k: v for k, v in known.items() if v != name}
+        if kept != known:
+            atomic_write_json(path, kept)
+    return size
