@@ -259,6 +259,12 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("store: --set-aside without --verify", ["store", "--set-aside"], ["--set-aside", "--verify"]),
     ("store: a folder that is not a store", ["store", "--store", "notes"], ["notes", "not a teacher store"]),
     (
+        "store: --remove in a folder that is not a store",
+        ["store", "--store", "notes", "--remove", "mine.txt"],
+        ["notes is not a teacher store", "nothing removed"],
+    ),
+    ("store: --remove with --verify", ["store", "--remove", "x", "--verify"], ["--remove and --verify"]),
+    (
         "a teacher top-k as large as the vocabulary",
         _run("loss.teacher_top_k=100000", "loss.teacher_store=newstore"),
         ["loss.teacher_top_k=100000 must be smaller than the vocabulary"],
