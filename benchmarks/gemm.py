@@ -4,8 +4,9 @@
 
 Two questions it answers with measurements:
   * decoding: how a layer's time grows with the rows in a decode step (why the decode loop
-    keeps its batch full), and the LM head of a 16-row step as F.linear against
-    weight @ hidden.T (what srd.generation.decode.step_logits uses);
+    keeps its batch full), the same with the weights packed once for oneDNN (what
+    srd.generation.packed decodes with on a CPU in float32), and the LM head of a 16-row step
+    as F.linear, weight @ hidden.T (step_logits without packing) and packed;
   * training: the rate of the KD step's GEMM shapes (SmolLM2 20/30-layer bodies over 8 x 256
     tokens, the 49,152 x 576 head at 1,536 target positions), to compare with the step's
     measured time.
@@ -55,24 +56,41 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Decode-step layers: time against rows",
         "",
-        "| layer (in x out) | rows | ms | GFLOP/s |",
-        "|---|---|---|---|",
+        "| layer (in x out) | rows | ms | GFLOP/s | packed for oneDNN: ms | speed-up |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def packed(w):  # the weights packed once, as srd.generation.packed does; None without oneDNN's linear
+        from srd.generation.packed import _ops_available
+
+        if not _ops_available():
+            return None
+        pw = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [], "")
+
     for i, o in DECODE_LAYERS:
         w = torch.randn(o, i)
+        fast = packed(w)
         for m in DECODE_ROWS:
             x = torch.randn(m, i)
             secs = _time(lambda x=x, w=w: F.linear(x, w), args.repeats)
-            lines.append(f"| {i} x {o} | {m} | {secs * 1e3:.3f} | {2 * m * i * o / secs / 1e9:.1f} |")
+            cells = "- | -"
+            if fast is not None:
+                p_secs = _time(lambda x=x, fast=fast: fast(x), args.repeats)
+                cells = f"{p_secs * 1e3:.3f} | {secs / p_secs:.2f}x"
+            lines.append(f"| {i} x {o} | {m} | {secs * 1e3:.3f} | {2 * m * i * o / secs / 1e9:.1f} | {cells} |")
     h, v = HEAD
     w = torch.randn(v, h)
     x = torch.randn(16, h)
     lin = _time(lambda: F.linear(x, w), max(3, args.repeats // 4))
     wt = _time(lambda: (w @ x.T).T, max(3, args.repeats // 4))
+    fast = packed(w)
+    pk = _time(lambda: fast(x), max(3, args.repeats // 4)) if fast is not None else None
     lines += [
         "",
         f"LM head {v} x {h}, 16 rows: F.linear {lin * 1e3:.1f} ms, weight @ hidden.T {wt * 1e3:.1f} ms "
-        f"({lin / wt:.2f}x).",
+        f"({lin / wt:.2f}x)"
+        + (f", packed for oneDNN {pk * 1e3:.1f} ms ({wt / pk:.2f}x weight @ hidden.T)." if pk else "."),
         "",
         "## KD-step shapes",
         "",

@@ -8,7 +8,9 @@ finished rows leave the batch and waiting prompts join it), `static` (`generate`
 static KV cache size and batch size for the whole call, compiled by transformers on a GPU;
 pass --backends hf loop static), `static-compiled` (the same, compiled on a CPU too:
 transformers' CompileConfig told to compile on every device, torch.compile's inductor; the
-compilation happens in the warm-up call and is reported apart). All take the same length-sorted,
+compilation happens in the warm-up call and is reported apart), `loop-unpacked` (the decode loop
+with the weights as they are: on a CPU in float32 every backend otherwise decodes through
+linear layers packed once for oneDNN, srd.generation.packed). All take the same length-sorted,
 left-padded prompts (at most `batch` decoding together) and the same rules (stop at EOS and `###`, no-repeat n-grams,
 greedy or sampling). Reported: wall time, generated
 tokens per second, the speed-up, and for greedy decoding how many answers are identical
@@ -188,6 +190,25 @@ def step_weight_bytes(model, dtype) -> int:
 
 
 @contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """The environment variable `name` set to `value` for the block (None: left as it is)."""
+    import os
+
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
 def _compiled_everywhere(model, on: bool):
     """transformers compiles `generate`'s static-cache forward on GPUs only; `on`: on any device."""
     if not on:
@@ -213,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument(
-        "--backends", nargs="+", default=["hf", "loop"], choices=["hf", "loop", "static", "static-compiled", "vllm"]
+        "--backends",
+        nargs="+",
+        default=["hf", "loop"],
+        choices=["hf", "loop", "loop-unpacked", "static", "static-compiled", "vllm"],
     )
     p.add_argument(
         "--answer-tokens",
@@ -286,9 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     def measure(bs: int, name: str, backend: str) -> None:
         """One backend at one batch size and precision: its row (and profile / phase lines)."""
         label = backend if len(dtypes) == 1 else f"{backend} {name}"
-        compiled = backend == "static-compiled"
-        backend = "static" if compiled else backend
-        with cast_for_inference(model, dtype_from_name(name)), _compiled_everywhere(model, compiled):
+        compiled, unpacked = backend == "static-compiled", backend == "loop-unpacked"
+        key = backend
+        backend = "static" if compiled else "loop" if unpacked else backend
+        with (
+            cast_for_inference(model, dtype_from_name(name)),
+            _compiled_everywhere(model, compiled),
+            _env("SRD_CPU_PACKED", "0" if unpacked else None),  # the weights as they are (srd.generation.packed)
+        ):
             # warm-up (allocator, kernels) on one small batch; static: on the longest prompts with the full
             # length, so the warm-up compiles the graph (cache size, batch size) that the timed run uses
             if backend == "static":
@@ -363,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{100 * bound / max(ds, 1e-9):.0f}% of that limit ({bound:.1f} s of {ds:.1f} s)."
                 )
             n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-            answers[(bs, "static-compiled" if compiled else backend, name)] = texts
+            answers[(bs, key, name)] = texts
             score = sum(rouge_l(t, ex.references) for t, ex in zip(texts, examples)) / len(texts)  # x100 already
             rows.append((bs, label, backend == "hf" and name == dtypes[0], wall, n_tokens, score))
             print(f"batch {bs} {label}: {wall:.1f} s, {n_tokens} answer tokens, {n_tokens / wall:.1f} tok/s")
@@ -412,6 +441,14 @@ def main(argv: list[str] | None = None) -> int:
                     same = sum(x == y for x, y in zip(a, b))
                     at = "" if len(dtypes) == 1 else f" ({name})"
                     lines += ["", f"Batch {bs}: {same}/{len(a)} greedy answers identical between hf and {other}{at}."]
+            a, b = answers.get((bs, "loop", name)), answers.get((bs, "loop-unpacked", name))
+            if a and b:
+                same = sum(x == y for x, y in zip(a, b))
+                at = "" if len(dtypes) == 1 else f" ({name})"
+                lines += [
+                    "",
+                    f"Batch {bs}: {same}/{len(a)} greedy answers identical between loop and loop-unpacked{at}.",
+                ]
         for bs, backend in ((bs, b) for bs in cfg["batch_sizes"] for b in args.backends):
             a, *others = (answers.get((bs, backend, name)) for name in dtypes)
             for name, b in zip(dtypes[1:], others):

@@ -159,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         "  SRD_TEACHER_STORE    the teacher store (default $SRD_CACHE_DIR/teacher-store; loss.teacher_store)\n"
         "  SRD_CPU_BF16=0       train.precision=auto stays fp32 on CPUs with native bf16\n"
         "  SRD_CPU_MALLOC=0     keep glibc's default allocator on CPUs (less resident memory, slower)\n"
+        "  SRD_CPU_PACKED=0     decode float32 models on CPUs without packed weight copies (less memory, slower)\n"
         "  SRD_VLLM_GPU_MEMORY  share of GPU memory for the vLLM backend (default 0.5)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -100,10 +100,12 @@ def test_loss_only_times_forward_kl_and_the_fused_ce(tmp_path):
 def test_generation_script_compares_backends(tmp_path, tiny_models):
     record = tmp_path / "generation.md"
     args = ["--preset", "cpu", "--model", str(tiny_models["llama-student"]), "--limit", "4", "--batch-sizes", "2"]
-    args += ["--max-new-tokens", "4", "--record", str(record), "--backends", "hf", "loop", "static", "--phases"]
+    args += ["--max-new-tokens", "4", "--record", str(record), "--backends", "hf", "loop", "static", "loop-unpacked"]
+    args += ["--phases"]
     assert _module("generation").main(args) == 0
     text = record.read_text()
     assert "## Profile" not in text
+    assert "| 2 | loop-unpacked |" in text and "greedy answers identical between loop and loop-unpacked" in text
     assert _module("generation").main([*args, "--profile"]) == 0
     profiled = record.read_text()
     for backend in ("hf", "loop", "static"):
@@ -175,6 +177,10 @@ def test_gemm_script_records_decode_rows_head_and_step_shapes(tmp_path):
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| 576 x 1536 |")]
     assert [int(r[2]) for r in rows] == [1, 4, 16, 64] and all(float(r[3]) > 0 for r in rows)
     assert "LM head 49152 x 576, 16 rows: F.linear" in text and "| 1536 x 576 x 49152 |" in text
+    from srd.generation.packed import _ops_available
+
+    if _ops_available():  # the same products with the weights packed for oneDNN
+        assert all(float(r[5]) > 0 and r[6].strip().endswith("x") for r in rows) and "packed for oneDNN" in text
 
 
 def test_sampling_script_records_the_three_samplers(tmp_path):

@@ -365,3 +365,70 @@ def test_the_decode_cache_selects_rows_as_a_dynamic_cache_does(order):
         got, want = roomy.update(k, v), plain.update(k, v)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+packed_ops = pytest.mark.skipif(
+    not __import__("srd.generation.packed", fromlist=["_ops_available"])._ops_available(),
+    reason="this torch has no oneDNN linear",
+)
+
+
+@packed_ops
+def test_packed_layers_serve_only_decoding_passes_and_give_the_plain_products(tokenizer, monkeypatch):
+    """Inside packed_linears, a decode_pass without gradients runs every plain nn.Linear through
+    its packed weights (the same product within float32 rounding); any other forward, or one with
+    gradients, runs the layer as it is, bit for bit; the layers are themselves again after."""
+    from srd.generation.packed import decode_pass, is_packed, packed_linears
+
+    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    x = torch.randn(3, 5, 64)
+    q = layers[0]
+    with torch.no_grad():
+        plain = q(x)
+        with packed_linears(model) as on:
+            assert on and all(is_packed(m) for m in layers)
+            assert torch.equal(q(x), plain)  # not a decoding pass
+            with decode_pass():
+                fast = q(x)
+                head = model.lm_head(x)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head, model.lm_head(x), rtol=1e-5, atol=1e-5)
+    with packed_linears(model), decode_pass():  # gradients: the plain layer, which autograd can follow
+        y = q(x.requires_grad_())
+        assert y.grad_fn is not None and torch.equal(y.detach(), plain)
+    assert not any("forward" in vars(m) for m in layers)
+    # where it does not apply: another precision, switched off, or too little memory for the copies
+    import srd.generation.packed as packed
+
+    with packed_linears(make_llama(len(tokenizer), layers=1).to(torch.bfloat16)) as on:
+        assert not on
+    monkeypatch.setenv("SRD_CPU_PACKED", "0")
+    with packed_linears(model) as on:
+        assert not on
+    monkeypatch.delenv("SRD_CPU_PACKED")
+    monkeypatch.setattr(packed, "_available_bytes", lambda: 4 * 1024)
+    with packed_linears(model) as on:
+        assert not on and not any("forward" in vars(m) for m in layers)
+
+
+@packed_ops
+@pytest.mark.parametrize("backend", ["loop", "hf"])
+def test_greedy_answers_with_packed_layers_are_the_plain_layers_answers(tokenizer, monkeypatch, backend):
+    import contextlib
+
+    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    kwargs = dict(max_new_tokens=12, batch_size=3, no_repeat_ngram_size=3, stop_strings=["###"], backend=backend)
+    used, real = [], gen.packed_linears
+
+    @contextlib.contextmanager
+    def spy(model, rows=16):
+        with real(model, rows) as on:
+            used.append(on)
+            yield on
+
+    monkeypatch.setattr(gen, "packed_linears", spy)
+    packed_answers = generate_responses(model, tokenizer, _prompts(tokenizer), **kwargs)
+    monkeypatch.setenv("SRD_CPU_PACKED", "0")
+    plain_answers = generate_responses(model, tokenizer, _prompts(tokenizer), **kwargs)
+    assert used == [True, False] and any(packed_answers) and packed_answers == plain_answers

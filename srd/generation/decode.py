@@ -31,6 +31,7 @@ their samples depend on how prompts were batched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections import deque
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 from srd.data.tokenize import pad_id
 from srd.generation import vllm
 from srd.generation.decoding import Decoding
+from srd.generation.packed import decode_pass, is_packed, packed_linears
 from srd.generation.stops import StopOnStrings, cut_at_stop, stop_candidates
 from srd.models.load import is_seq2seq, splittable
 
@@ -236,14 +238,17 @@ def step_logits(model: Any, **inputs: Any) -> torch.Tensor:
     weight @ hidden.T: for the few rows of a decode step that GEMM was measured faster on a
     CPU than F.linear's (benchmarks/gemm.py)."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model
-    if not splittable(base):
-        return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
-    hidden = base.base_model(**inputs, use_cache=True).last_hidden_state[:, -1, :]
-    head = base.get_output_embeddings()
-    logits = (head.weight @ hidden.T).T
-    if head.bias is not None:
-        logits = logits + head.bias
-    return logits.float()
+    with decode_pass():  # packed layers (packed_linears) may serve these forwards
+        if not splittable(base):
+            return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        hidden = base.base_model(**inputs, use_cache=True).last_hidden_state[:, -1, :]
+        head = base.get_output_embeddings()
+        if is_packed(head):
+            return head(hidden).float()
+        logits = (head.weight @ hidden.T).T
+        if head.bias is not None:
+            logits = logits + head.bias
+        return logits.float()
 
 
 _M32 = 0xFFFFFFFF
@@ -523,7 +528,9 @@ def iter_responses(
     if is_seq2seq(model):  # the decode loop and static caches are for decoder-only models
         d = dataclasses.replace(d, backend="hf")
     try:
-        yield from BACKENDS[d.backend](model, tokenizer, prompts, d, seeds, seed, progress, desc)
+        # on a CPU in float32: each linear layer's weights packed once for this call (srd.generation.packed)
+        with packed_linears(model, rows=d.batch_size) if d.backend != "vllm" else contextlib.nullcontext():
+            yield from BACKENDS[d.backend](model, tokenizer, prompts, d, seeds, seed, progress, desc)
     finally:
         model.train(was_training)
 
@@ -597,9 +604,10 @@ def _generate_backend(
             # an encoder-decoder's generated ids start with its decoder start token, not the prompt
             start = 1 if seq2seq else ids.shape[1]
             criteria = StoppingCriteriaList([StopOnStrings(tokenizer, d.stop_strings, start)])
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
-        )
+        with decode_pass():
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), stopping_criteria=criteria, **kwargs
+            )
         new = gen[:, 1:] if seq2seq else gen[:, ids.shape[1] :]
         for row, i in enumerate(idx):
             yield i, cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), d.stop_strings)
