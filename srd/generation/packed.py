@@ -73,25 +73,29 @@ def packed_linears(model: Any, rows: int = 16) -> Iterator[bool]:
     """Pack every plain linear layer's weights of a float32 CPU model (`rows`: the batch the
     layout is tuned for) and route `decode_pass()` forwards through them until the block
     ends; yields whether it did. The weights must not change inside the block."""
-    layers = _packable(model)
-    if not layers:
-        yield False
-        return
-    for m in layers:
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        bias = None if m.bias is None else m.bias.detach()
-        m.forward = _packed_forward(m.forward, packed, bias, m.out_features)
+    layers, patched = _packable(model), []
     try:
-        yield True
-    finally:
         for m in layers:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+            bias = None if m.bias is None else m.bias.detach()
+            m.forward = _packed_forward(m.forward, packed, bias, m.out_features)
+            patched.append(m)
+    except RuntimeError:  # a oneDNN build that cannot pack these: decode with the layers as they are
+        for m in patched:
+            del m.forward
+        patched = []
+    try:
+        yield bool(patched)
+    finally:
+        for m in patched:
             if "forward" in vars(m):
                 del m.forward  # the class's own forward again
 
 
 def _packed_forward(plain: Any, packed: torch.Tensor, bias: torch.Tensor | None, width: int) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if getattr(_STATE, "depth", 0) and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        decoding = getattr(_STATE, "depth", 0) and not torch.is_grad_enabled()
+        if decoding and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
             flat = x.reshape(-1, x.shape[-1]).contiguous()
             return torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "").reshape(*x.shape[:-1], width)
         return plain(x)
