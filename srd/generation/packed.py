@@ -97,7 +97,11 @@ def _packed_forward(plain: Any, packed: torch.Tensor, bias: torch.Tensor | None,
         decoding = getattr(_STATE, "depth", 0) and not torch.is_grad_enabled()
         if decoding and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
             flat = x.reshape(-1, x.shape[-1]).contiguous()
-            return torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "").reshape(*x.shape[:-1], width)
+            try:
+                y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+            except RuntimeError:  # a shape this oneDNN build will not take: the plain product
+                return plain(x)
+            return y.reshape(*x.shape[:-1], width)
         return plain(x)
 
     forward.srd_packed = True  # type: ignore[attr-defined]
