@@ -799,8 +799,11 @@ def environment_section(log_file: Path) -> list[str]:
     for first, last, n, env in found:
         when = first if n == 1 else f"{first} to {last} ({n} commands)"
         md.append(f"- {when}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    if len(found) > 1:
-        md += ["", f"Its commands ran in {len(found)} different environments: its wall times mix them."]
+    machines = {repr({k: env[k] for k in MACHINE_KEYS if k in env}) for *_, env in found}
+    if len(machines) > 1:
+        md += ["", f"Its commands ran on {len(machines)} different machines: its wall times mix them."]
+    elif len(found) > 1:
+        md += ["", "One machine throughout; the lines differ in srd's commit or the libraries."]
     return [*md, ""]
 
 

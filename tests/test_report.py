@@ -110,13 +110,20 @@ def test_a_run_keeps_where_each_of_its_commands_ran(tmp_path, tiny_models, tiny_
     assert main(["report", str(tmp_path / "t")]) == 0
     report = (tmp_path / "t" / "report.md").read_text()
     assert "## Where it ran" in report and f"(2 commands): srd {here['srd']}, " in report
-    assert f"torch {here['torch']}" in report and "different environments" not in report
+    assert f"torch {here['torch']}" in report and "different machines" not in report and "One machine" not in report
     # resumed on another machine (another torch), and a line cut short by a kill
     elsewhere = {**lines[1], "torch": "0.0-other", "cpu_isa": "AVX512"}
     log.write_text(log.read_text() + json.dumps(elsewhere) + "\n" + '{"at": "2026-')
     assert main(["report", str(tmp_path / "t")]) == 0
     report = (tmp_path / "t" / "report.md").read_text()
-    assert "torch 0.0-other" in report and "Its commands ran in 2 different environments" in report
+    assert "torch 0.0-other" in report and "Its commands ran on 2 different machines: its wall times mix them" in report
+    # the same machine, another srd commit: listed, but no mixing of machines said
+    log.write_text(
+        "\n".join(log.read_text().splitlines()[:2]) + "\n" + json.dumps({**lines[1], "srd_commit": "x"}) + "\n"
+    )
+    assert main(["report", str(tmp_path / "t")]) == 0
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "srd_commit x" in report and "One machine throughout" in report and "different machines" not in report
     capsys.readouterr()
     assert main(["env"]) == 0
     printed = capsys.readouterr().out
