@@ -105,25 +105,15 @@ def log_machine(folder: Path) -> None:
 
 def logged_machines(folder: Path) -> list[str]:
     """One line per machine in `<folder>/machines.jsonl`, in order of first use: when it started
-    a run there (first and last start, how many) and what it was. Unreadable lines are skipped."""
-    import json
+    a run there (first and last start, how many) and what it was. Unreadable lines are skipped
+    (srd.runtime.environments reads them, as it reads a run folder's environment.jsonl)."""
+    from srd.runtime import environments
 
-    seen: dict[str, list[str]] = {}
-    try:
-        text = (folder / MACHINES_LOG).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-            at = str(entry.pop("at"))
-            entry.pop("command", None)
-        except (ValueError, KeyError, AttributeError):
-            continue
-        seen.setdefault(", ".join(f"{k} {v}" for k, v in entry.items()), []).append(at)
     return [
-        f"{ats[0]}{f' to {ats[-1]}' if len(ats) > 1 else ''} ({len(ats)} start{'s' if len(ats) > 1 else ''}): {desc}."
-        for desc, ats in seen.items()
+        f"{first}{f' to {last}' if n > 1 else ''} ({n} start{'s' if n > 1 else ''}): "
+        + ", ".join(f"{k} {v}" for k, v in entry.items())
+        + "."
+        for first, last, n, entry in environments(folder / MACHINES_LOG)
     ]
 
 

@@ -171,7 +171,8 @@ def record_environment(log_file: Any) -> None:
 
 def environments(log_file: Any) -> list[tuple[str, str, int, dict[str, Any]]]:
     """The distinct environments in `log_file`, in order of first use: (first, last, commands
-    started, environment). Unreadable lines are skipped."""
+    started, environment), each line's time and command line aside. Unreadable lines are
+    skipped."""
     import json
     from pathlib import Path
 
@@ -185,6 +186,7 @@ def environments(log_file: Any) -> list[tuple[str, str, int, dict[str, Any]]]:
             entry = json.loads(line)
             at = str(entry.pop("at"))
             entry.pop("argv", None)
+            entry.pop("command", None)  # what a benchmark folder's machines.jsonl calls it
         except (ValueError, KeyError, AttributeError, TypeError):
             continue
         key = json.dumps(entry, sort_keys=True)

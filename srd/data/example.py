@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from srd.utils import read_user_text
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -368,3 +371,14 @@ def shared_rows(rows: Iterable[Example], train: Iterable[Example]) -> list[str]:
     another answer, a common question asked twice, is not counted)."""
     seen = {_row_key(e) for e in train}
     return [e.id for e in rows if _row_key(e) in seen]
+
+
+def warn_shared_rows(what: str, rows: Sequence[Example], train: Iterable[Example], consequence: str) -> None:
+    """Log `rows` (the set `what` names) that are training rows too (shared_rows), with
+    `consequence` (what their scores then measure) and the first ids."""
+    shared = shared_rows(rows, train)
+    if shared:
+        log.warning(
+            "%s: %d of its %d rows are training rows too (prompt and reference): %s (%s)",
+            what, len(shared), len(rows), consequence, ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else ""),
+        )  # fmt: skip

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import statistics
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.config import RunConfig, is_run_folder, load_config
-from srd.data.example import shared_rows
+from srd.data.example import warn_shared_rows
 from srd.data.prompts import check_prompt_format, encode_prompt
 from srd.data.sources import load_examples
 from srd.eval.benchmarks import Benchmark, aggregate, describe, prepare_example, resolve_benchmark, score_examples
@@ -46,8 +45,6 @@ from srd.utils import (
     lock_folder,
     read_json,
 )
-
-log = logging.getLogger(__name__)
 
 
 def resolve_eval_target(target: str) -> tuple[str, Path | None]:
@@ -432,13 +429,8 @@ def check_benchmarks(
                 raise EvalError(str(e)) from None
         rows = load_examples(bench.data, data_dir=data_dir, limit=limit)
         check_prompt_format(rows, fmt, f"benchmark {spec}")
-        shared = shared_rows(rows, train) if train else []
-        if shared:
-            log.warning(
-                "benchmark %s: %d of its %d rows are training rows too (prompt and reference): their scores measure "
-                "rows the student trained on (%s)",
-                spec, len(shared), len(rows), ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else ""),
-            )  # fmt: skip
+        if train:
+            warn_shared_rows(f"benchmark {spec}", rows, train, "their scores measure rows the student trained on")
 
 
 @folder_locks()  # the evaluation folder is this process's until it returns

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from srd.config import ConfigError, RunConfig, dump_config, is_run_folder, to_dict
-from srd.data.example import shared_rows
+from srd.data.example import warn_shared_rows
 from srd.data.prompts import check_prompt_format
 from srd.data.sources import load_examples, load_mixture, with_instruction_suffix
 from srd.models import aligned_vocab_size, check_tokenizers, load_model, load_tokenizer
@@ -115,13 +115,9 @@ def load_data(cfg: RunConfig, *, warn: bool = True) -> tuple[list[Any], list[Any
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir, mapping=columns) if cfg.data.dev else []
     check_prompt_format(train, cfg.data.prompt_format, f"data.train ({cfg.data.train})")
     check_prompt_format(dev, cfg.data.prompt_format, f"data.dev ({cfg.data.dev})")
-    shared = shared_rows(dev, train) if warn else []
-    if shared:
-        log.warning(
-            "data.dev (%s): %d of its %d rows are training rows too (prompt and reference): the dev scores that "
-            "pick checkpoints count rows the student trained on (%s)",
-            cfg.data.dev, len(shared), len(dev), ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else ""),
-        )  # fmt: skip
+    if warn:
+        consequence = "the dev scores that pick checkpoints count rows the student trained on"
+        warn_shared_rows(f"data.dev ({cfg.data.dev})", dev, train, consequence)
     return with_instruction_suffix(train, cfg.data.instruction_suffix), with_instruction_suffix(
         dev, cfg.data.instruction_suffix
     )

@@ -262,14 +262,9 @@ class TeacherStore:
         this entry now: what `srd store` lists, so that an entry is known by more than a hash."""
         if not teacher:
             return
-        path = self.folder / "used.json"
-        with _locked(self.folder / "used.lock"):  # not the build's lock: a build may hold that for minutes
-            try:
-                used = read_json(path) if path.exists() else {}
-            except DamagedFileError:  # a listing aid only: start it again
-                used = {}
-            used[str(teacher)] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            atomic_write_json(path, used)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        # under its own lock, not the build's: a build may hold that one for minutes
+        _update_json(self.folder / "used.json", self.folder / "used.lock", lambda used: {**used, str(teacher): now})
 
     def used(self) -> dict[str, str]:
         """Teacher name -> when a run last used this entry with it (used.json; empty if none)."""
@@ -533,17 +528,23 @@ class StoredTeacher:
         return f"StoredTeacher({self.store.folder})"
 
 
+def _update_json(path: Path, lock: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Rewrite the JSON object at `path` as `change` makes it, under `lock` (written only if it
+    changed). A lookup or listing aid only: a damaged one starts again from {}."""
+    with _locked(lock):
+        try:
+            known = read_json(path) if path.exists() else {}
+        except DamagedFileError:
+            known = {}
+        new = change(dict(known))
+        if new != known:
+            atomic_write_json(path, new)
+
+
 def record_source(root: Path, source: str, entry: str) -> None:
     """Remember that the teacher files `source` (models.load.model_files_key) are the entry
     `entry`: a later run with the same files finds its rows without loading the teacher."""
-    path = Path(root) / "sources.json"
-    with _locked(Path(root) / "lock"):
-        try:
-            known = read_json(path) if path.exists() else {}
-        except DamagedFileError:  # a lookup aid only: start it again
-            known = {}
-        if known.get(source) != entry:
-            atomic_write_json(path, {**known, source: entry})
+    _update_json(Path(root) / "sources.json", Path(root) / "lock", lambda known: {**known, source: entry})
 
 
 def find_source(root: Path, source: str) -> TeacherStore | None:
@@ -623,13 +624,5 @@ def remove_entry(root: Path, name: str) -> int:
         folder.rename(gone)  # under the lock: a run opening the entry now waits, then makes a new folder
     size = sum(p.stat().st_size for p in gone.rglob("*") if p.is_file())
     shutil.rmtree(gone)
-    path = root / "sources.json"
-    with _locked(root / "lock"):
-        try:
-            known = read_json(path) if path.exists() else {}
-        except DamagedFileError:
-            known = {}
-        kept = {k: v for k, v in known.items() if v != name}
-        if kept != known:
-            atomic_write_json(path, kept)
+    _update_json(root / "sources.json", root / "lock", lambda known: {k: v for k, v in known.items() if v != name})
     return size
