@@ -90,7 +90,7 @@ def lock_folder(path: Path, what: str = "folder") -> None:
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             f.close()
             return  # a file system without locks (some network mounts): work on unlocked, as before
-        holder = _lock_holder(os.fstat(f.fileno()).st_ino)
+        holder = lock_holder(os.fstat(f.fileno()).st_ino)
         f.close()
         raise FolderError(
             f"{what} {path} is in use by another srd process{f' (pid {holder})' if holder else ''}: wait for it to "
@@ -100,7 +100,7 @@ def lock_folder(path: Path, what: str = "folder") -> None:
     _HELD[key] = f
 
 
-def _lock_holder(inode: int) -> int | None:
+def lock_holder(inode: int) -> int | None:
     """The process holding a flock on the file with this inode (Linux's /proc/locks), if known."""
     try:
         for line in Path("/proc/locks").read_text().splitlines():

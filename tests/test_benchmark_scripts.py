@@ -170,17 +170,25 @@ def test_onpolicy_script_compares_per_micro_batch_and_one_stream(tmp_path, tiny_
     assert "4/4 sampled answers identical" in text
 
 
-def test_gemm_script_records_decode_rows_head_and_step_shapes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemm_script_records_decode_rows_head_and_step_shapes(tmp_path, dtype):
+    import torch
+
     record = tmp_path / "gemm.md"
-    assert _module("gemm").main(["--repeats", "1", "--record", str(record)]) == 0
+    assert _module("gemm").main(["--repeats", "1", "--dtype", dtype, "--record", str(record)]) == 0
     text = record.read_text()
+    assert text.splitlines()[0].startswith(f"# {dtype.capitalize()} GEMM rates")
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| 576 x 1536 |")]
     assert [int(r[2]) for r in rows] == [1, 4, 16, 64] and all(float(r[3]) > 0 for r in rows)
     assert "LM head 49152 x 576, 16 rows: F.linear" in text and "| 1536 x 576 x 49152 |" in text
     from srd.generation.packed import _ops_available
 
-    if _ops_available():  # the same products with the weights packed for oneDNN
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if _ops_available() and (dtype == "float32" or bf16):  # the same products with the weights packed for oneDNN
         assert all(float(r[5]) > 0 and r[6].strip().endswith("x") for r in rows) and "packed for oneDNN" in text
+        assert all(r[7].strip() in ("yes", "no") for r in rows)
+    else:
+        assert all(r[5].strip() == "-" for r in rows) and "packed for oneDNN" not in text
 
 
 def test_sampling_script_records_the_three_samplers(tmp_path):

@@ -401,8 +401,14 @@ def test_packed_layers_serve_only_decoding_passes_and_give_the_plain_products(to
     # where it does not apply: another precision, switched off, or too little memory for the copies
     import srd.generation.packed as packed
 
-    with packed_linears(make_llama(len(tokenizer), layers=1).to(torch.bfloat16)) as on:
+    mixed = make_llama(len(tokenizer), layers=1)
+    mixed.lm_head.to(torch.bfloat16)
+    with packed_linears(mixed) as on:
         assert not on
+    with packed_linears(make_llama(len(tokenizer), layers=1).to(torch.float16)) as on:
+        assert not on
+    with packed_linears(make_llama(len(tokenizer), layers=1).to(torch.bfloat16)) as on:
+        assert on == torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: only in hardware
     monkeypatch.setenv("SRD_CPU_PACKED", "0")
     with packed_linears(model) as on:
         assert not on
@@ -413,11 +419,33 @@ def test_packed_layers_serve_only_decoding_passes_and_give_the_plain_products(to
 
 
 @packed_ops
-@pytest.mark.parametrize("backend", ["loop", "hf"])
-def test_greedy_answers_with_packed_layers_are_the_plain_layers_answers(tokenizer, monkeypatch, backend):
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 in hardware")
+def test_bf16_packed_layers_give_the_plain_products():
+    """On a CPU with bf16 in hardware a bfloat16 model's layers are packed too, and their decoding
+    products are the plain layer's: both are oneDNN's bf16 product."""
+    from srd.generation.packed import decode_pass, is_packed, packed_linears
+
+    model = make_llama(512, layers=1, seed=3).to(torch.bfloat16).eval()
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    inputs = [torch.randn(16, 1, m.in_features, dtype=torch.bfloat16) for m in layers]
+    with torch.no_grad():
+        plain = [m(x) for m, x in zip(layers, inputs)]
+        with packed_linears(model) as on, decode_pass():
+            assert on and all(is_packed(m) for m in layers)
+            fast = [m(x) for m, x in zip(layers, inputs)]
+    for got, want in zip(fast, plain):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)
+
+
+@packed_ops
+@pytest.mark.parametrize("backend, dtype", [("loop", torch.float32), ("hf", torch.float32), ("loop", torch.bfloat16)])
+def test_greedy_answers_with_packed_layers_are_the_plain_layers_answers(tokenizer, monkeypatch, backend, dtype):
     import contextlib
 
-    model = make_llama(len(tokenizer), layers=2, seed=5).eval()
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 in hardware")
+    model = make_llama(len(tokenizer), layers=2, seed=5).to(dtype).eval()
     kwargs = dict(max_new_tokens=12, batch_size=3, no_repeat_ngram_size=3, stop_strings=["###"], backend=backend)
     used, real = [], gen.packed_linears
 

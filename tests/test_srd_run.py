@@ -357,7 +357,12 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
         "dev_eval.num_examples=3",  # dev ROUGE-L, and each dev answer kept
         "dev_eval.max_new_tokens=4",
     ]
+    import srd.recipes.train as recipes_train
+
+    reads, load_mixture = [], recipes_train.load_mixture
+    monkeypatch.setattr(recipes_train, "load_mixture", lambda *a, **k: reads.append(1) or load_mixture(*a, **k))
     assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
+    assert len(reads) == 2  # the training rows read once for SRD (the benchmark check shares them), once for KD
     run = tmp_path / "x"
     srd_res = json.loads((run / "results.json").read_text())
     base_res = json.loads((run / "baseline" / "results.json").read_text())

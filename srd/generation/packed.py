@@ -1,21 +1,24 @@
-"""Decoding on a CPU with each linear layer's float32 weights packed once for oneDNN.
+"""Decoding on a CPU with each linear layer's weights packed once for oneDNN.
 
 A decode step multiplies a few rows (the live answers) by every weight matrix of the model.
 For such shapes PyTorch's CPU matrix product re-lays out (packs) the weight matrix on every
 call; oneDNN's linear with weights packed once in its own blocked layout skips that
 (measured: `benchmarks/results/2026-12-07-cpu-generation-packed.md`).
 
-`packed_linears(model)` packs the weights of every `torch.nn.Linear` of a float32 model on a
-CPU for the span of one generation call (`iter_responses`), and `decode_pass()` marks the
+`packed_linears(model)` packs the weights of every `torch.nn.Linear` of a model on a CPU for
+the span of one generation call (`iter_responses`), and `decode_pass()` marks the
 forward passes that may use them (the decode loop's steps, `generate`). Everything else in that
 span (a loss, a CE scorer, a forward with gradients) runs the layers as they are, so the
 packed copies change only how answers are decoded: the same products in another summation
-order, within float32 rounding (tested against the plain layers).
+order, within float32 rounding (tested against the plain layers). In bfloat16, PyTorch's own
+CPU product is oneDNN's too: at every decode-step shape measured, the packed products were
+F.linear's bit for bit (`benchmarks/results/2026-12-07-cpu-gemm-packed-bf16.md`).
 
 Only where it is safe and pays: float32 weights on a CPU with oneDNN (`torch.backends.mkldnn`),
-plain `nn.Linear` modules (not subclasses such as quantised layers), and only when the packed
-copies (one more copy of those weights while decoding) fit in a quarter of the memory the
-machine has available. `SRD_CPU_PACKED=0` turns it off.
+or bfloat16 weights on a CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX; elsewhere
+bf16 is emulated, and packing it is untried), all of one dtype; plain `nn.Linear` modules (not
+subclasses such as quantised layers), and only when the packed copies (one more copy of those
+weights while decoding) fit in a quarter of the memory the machine has available. `SRD_CPU_PACKED=0` turns it off.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 _STATE = threading.local()  # depth of decode_pass() in this thread
+_PACKABLE = (torch.float32, torch.bfloat16)  # bfloat16 only where the CPU has it in hardware
 
 
 def _ops_available() -> bool:
@@ -57,28 +61,33 @@ def _packable(model: Any) -> list[torch.nn.Linear]:
         return []
     layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
 
-    def plain(w: torch.Tensor) -> bool:  # a whole float32 CPU matrix (not a shard, a DTensor, a placeholder)
-        whole = type(w.data) is torch.Tensor and w.dim() == 2 and w.numel() > 0
-        return whole and w.device.type == "cpu" and w.dtype == torch.float32
+    dtypes = {m.weight.dtype for m in layers}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype not in _PACKABLE or (dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return []
 
-    if not layers or not all(plain(m.weight) for m in layers):
+    def plain(w: torch.Tensor) -> bool:  # a whole CPU matrix (not a shard, a DTensor, a placeholder)
+        whole = type(w.data) is torch.Tensor and w.dim() == 2 and w.numel() > 0
+        return whole and w.device.type == "cpu"
+
+    if not all(plain(m.weight) for m in layers) or not all(m.bias is None or m.bias.dtype == dtype for m in layers):
         return []
     free = _available_bytes()
-    size = sum({id(m.weight): m.weight.numel() * 4 for m in layers}.values())
+    size = sum({id(m.weight): m.weight.numel() * m.weight.element_size() for m in layers}.values())
     return layers if free is not None and size <= free // 4 else []
 
 
 @contextlib.contextmanager
 def packed_linears(model: Any, rows: int = 16) -> Iterator[bool]:
-    """Pack every plain linear layer's weights of a float32 CPU model (`rows`: the batch the
-    layout is tuned for) and route `decode_pass()` forwards through them until the block
-    ends; yields whether it did. The weights must not change inside the block."""
+    """Pack every plain linear layer's weights of a float32 (or, with bf16 in hardware,
+    bfloat16) CPU model (`rows`: the batch the layout is tuned for) and route `decode_pass()`
+    forwards through them until the block ends; yields whether it did. The weights must not change inside the block."""
     layers, patched = _packable(model), []
     try:
         for m in layers:
             packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
             bias = None if m.bias is None else m.bias.detach()
-            m.forward = _packed_forward(m.forward, packed, bias, m.out_features)
+            m.forward = _packed_forward(m.forward, packed, bias, m.out_features, m.weight.dtype)
             patched.append(m)
     except RuntimeError:  # a oneDNN build that cannot pack these: decode with the layers as they are
         for m in patched:
@@ -92,10 +101,10 @@ def packed_linears(model: Any, rows: int = 16) -> Iterator[bool]:
                 del m.forward  # the class's own forward again
 
 
-def _packed_forward(plain: Any, packed: torch.Tensor, bias: torch.Tensor | None, width: int) -> Any:
+def _packed_forward(plain: Any, packed: torch.Tensor, bias: torch.Tensor | None, width: int, dtype: torch.dtype) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
         decoding = getattr(_STATE, "depth", 0) and not torch.is_grad_enabled()
-        if decoding and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        if decoding and x.dtype == dtype and not torch.is_autocast_enabled("cpu"):
             flat = x.reshape(-1, x.shape[-1]).contiguous()
             try:
                 y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")

@@ -97,16 +97,18 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "the comparison; set train.eval_every to evaluate both on the same schedule",
             file=sys.stderr,
         )
+    data = None
     if cfg.eval.benchmarks:  # a typo in a benchmark is found now, not after hours of training
+        data = load_data(cfg)  # read once: the benchmark check and the run share them
         check_benchmarks(
             cfg.eval.benchmarks,
             data_dir=cfg.data.data_dir,
             limit=cfg.eval.limit,
             allow_code_execution=cfg.allow_code_execution,
             fmt=cfg.data.prompt_format,
-            train=load_data(cfg, warn=False)[0],  # a benchmark row that is a training row too is said now
+            train=data[0],  # a benchmark row that is a training row too is said now
         )
-    results = run_pipeline(cfg, progress=progress)
+    results = run_pipeline(cfg, progress=progress, data=data)
     if not results["complete"] or not (cfg.compare.baseline or cfg.eval.benchmarks):
         return results
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)

@@ -79,7 +79,9 @@ def _needs_teacher(cfg: RunConfig) -> bool:
     return min(stage_alphas(cfg.curriculum)) < 1.0
 
 
-def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, Any, list, list]:
+def _setup(
+    cfg: RunConfig, *, need_teacher: bool, data: tuple[list[Any], list[Any]] | None = None
+) -> tuple[Any, Path, Any, Any, Any, list, list]:
     if cfg.method not in ("baseline", "gkd", "scheduled_kd"):
         check_scorers(
             _reflection_args(cfg).get("scorers", cfg.reflect.scorers), allow_code_execution=cfg.allow_code_execution
@@ -89,7 +91,7 @@ def _setup(cfg: RunConfig, *, need_teacher: bool) -> tuple[Any, Path, Any, Any, 
                 f"reflect.scorers {cfg.reflect.scorers} rank rows by the teacher's cross-entropy, but model.teacher "
                 "is null: name a teacher, or use scorers of the student alone (rouge_l, ce)"
             )
-    train, dev = check_inputs(cfg, need_teacher=need_teacher)  # before any weights are read
+    train, dev = check_inputs(cfg, need_teacher=need_teacher, data=data)  # before any weights are read
     acc = make_accelerator(cfg.train.precision, cfg.train.sharding)
     run_dir = prepare_run_dir(cfg) if acc.is_main_process else cfg.run_dir
     acc.wait_for_everyone()
@@ -156,10 +158,13 @@ def run_reflect(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, Any]
 
 
 @folder_locks()  # the run folder is this process's until it returns
-def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResults:
-    """`srd run`: the whole method (or the baseline) from one config, resumable."""
+def run_pipeline(
+    cfg: RunConfig, *, progress: bool = True, data: tuple[list[Any], list[Any]] | None = None
+) -> RunResults:
+    """`srd run`: the whole method (or the baseline) from one config, resumable. `data`: the
+    (training, dev) rows `load_data(cfg)` gave, where the caller has them already."""
     acc, run_dir, student, teacher, tokenizer, train, dev = _setup(
-        cfg, need_teacher=_needs_teacher(cfg) or _reflection_needs_teacher(cfg)
+        cfg, need_teacher=_needs_teacher(cfg) or _reflection_needs_teacher(cfg), data=data
     )
     results: RunResults = {
         "method": cfg.method,

@@ -123,11 +123,13 @@ def load_data(cfg: RunConfig, *, warn: bool = True) -> tuple[list[Any], list[Any
     )
 
 
-def check_inputs(cfg: RunConfig, *, need_teacher: bool | None = None) -> tuple[list[Any], list[Any]]:
+def check_inputs(
+    cfg: RunConfig, *, need_teacher: bool | None = None, data: tuple[list[Any], list[Any]] | None = None
+) -> tuple[list[Any], list[Any]]:
     """Everything a run can check before reading any weights: the data (every row), then that
     each model it will load exists. Returns the data. With a 7B teacher a typo costs seconds,
-    not the minutes of loading it first."""
-    data = load_data(cfg)
+    not the minutes of loading it first. `data`: what load_data(cfg) already gave (not read again)."""
+    data = load_data(cfg) if data is None else data
     m = cfg.model
     if need_teacher is None:
         need_teacher = cfg.loss.alpha < 1.0

@@ -597,7 +597,7 @@ def remove_entry(root: Path, name: str) -> int:
     bytes freed."""
     import fcntl
 
-    from srd.utils import FolderError, _lock_holder, srd_folder_kind
+    from srd.utils import FolderError, lock_holder, srd_folder_kind
 
     root = Path(root)
     folder = root / name
@@ -616,7 +616,7 @@ def remove_entry(root: Path, name: str) -> int:
         try:
             fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _lock_holder(os.fstat(users.fileno()).st_ino)
+            holder = lock_holder(os.fstat(users.fileno()).st_ino)
             raise FolderError(
                 f"teacher store entry {folder} is in use by a run{f' (pid {holder})' if holder else ''}: remove it "
                 "once that run has ended"
