@@ -9,8 +9,9 @@ static KV cache size and batch size for the whole call, compiled by transformers
 pass --backends hf loop static), `static-compiled` (the same, compiled on a CPU too:
 transformers' CompileConfig told to compile on every device, torch.compile's inductor; the
 compilation happens in the warm-up call and is reported apart), `loop-unpacked` (the decode loop
-with the weights as they are: on a CPU in float32 every backend otherwise decodes through
-linear layers packed once for oneDNN, srd.generation.packed). All take the same length-sorted,
+with the weights as they are: on a CPU in float32, or in bfloat16 where the CPU has bf16 in
+hardware, every backend otherwise decodes through linear layers packed once for oneDNN,
+srd.generation.packed). All take the same length-sorted,
 left-padded prompts (at most `batch` decoding together) and the same rules (stop at EOS and `###`, no-repeat n-grams,
 greedy or sampling). Reported: wall time, generated
 tokens per second, the speed-up, and for greedy decoding how many answers are identical
