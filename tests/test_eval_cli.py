@@ -84,11 +84,16 @@ def test_eval_compare_report(tmp_path, two_runs, srd_data, capsys, caplog):  # n
     # the KD run resumed on another machine: its train time is not this one's
     log = kd / "environment.jsonl"
     first = json.loads(log.read_text().splitlines()[0])
-    log.write_text(log.read_text() + json.dumps({**first, "cpu_isa": "AVX512", "cpu_native_bf16": True}) + "\n")
+    other = {
+        "cpu_isa": "AVX2" if first["cpu_isa"] != "AVX2" else "AVX512",
+        "cpu_native_bf16": not first["cpu_native_bf16"],
+    }
+    log.write_text(log.read_text() + json.dumps({**first, **other}) + "\n")
     assert main(["compare", str(kd), str(srd)]) == 0
     table = capsys.readouterr().out
     assert f"The train times come from more than one machine (kd/x: cpu {first['cpu']}" in table
-    assert "cpu_isa AVX512, cpu_native_bf16 True" in table and "they do not compare" in table
+    said = f"cpu_isa {other['cpu_isa']}, cpu_native_bf16 {other['cpu_native_bf16']}"  # not this machine
+    assert said in table and "they do not compare" in table
     assert main(["report", str(srd)]) == 0
     report = (srd / "report.md").read_text()
     for png in ("reflection_scores.png", "stage_sizes.png", "training.png", "schedule.png", "eval_sampled.png"):
