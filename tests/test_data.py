@@ -441,11 +441,31 @@ def test_rows_shared_with_the_training_rows_are_found_and_said(tmp_path, caplog)
     rows = [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x", "output": "y"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dev.jsonl").write_text(json.dumps({"instruction": "say  hi.", "output": "Hi"}) + "\n")
-    cfg = load_config(None, [f"data.train={tmp_path / 'train.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}"])
+    cfg_args = [f"data.train={tmp_path / 'train.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}"]
+    cfg = load_config(None, cfg_args)
     with caplog.at_level("WARNING"):
         load_data(cfg)
     assert "data.dev" in caplog.text and "1 of its 1 rows are training rows too" in caplog.text
     assert "dev-1" in caplog.text
+    # a dev row the run never scores (beyond data.dev_limit and dev_eval.num_examples) is not said
+    (tmp_path / "dev.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"Q{i}?", "output": "A"}) + "\n" for i in range(3))
+        + json.dumps({"instruction": "say  hi.", "output": "Hi"})
+        + "\n"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_data(load_config(None, [*cfg_args, "data.dev_limit=2", "dev_eval.num_examples=3"]))
+    assert "training rows too" not in caplog.text
+    with caplog.at_level("WARNING"):
+        load_data(load_config(None, [*cfg_args, "data.dev_limit=2", "dev_eval.num_examples=4"]))
+    assert "data.dev (" in caplog.text and "1 of its 4 rows are training rows too" in caplog.text
+    caplog.clear()
+    lines = (tmp_path / "dev.jsonl").read_text().splitlines()
+    (tmp_path / "dev.jsonl").write_text("\n".join(lines[-1:] + lines[:-1]) + "\n")  # the shared row first
+    with caplog.at_level("WARNING"):
+        load_data(load_config(None, [*cfg_args, "data.dev_limit=2", "dev_eval.num_examples=1"]))
+    assert "the first 2 rows, which the run scores): 1 of its 2 rows are training rows too" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         train_rows = load_data(cfg, warn=False)[0]

@@ -115,9 +115,13 @@ def load_data(cfg: RunConfig, *, warn: bool = True) -> tuple[list[Any], list[Any
     dev = load_examples(cfg.data.dev, data_dir=cfg.data.data_dir, mapping=columns) if cfg.data.dev else []
     check_prompt_format(train, cfg.data.prompt_format, f"data.train ({cfg.data.train})")
     check_prompt_format(dev, cfg.data.prompt_format, f"data.dev ({cfg.data.dev})")
-    if warn:
+    if warn:  # only the dev rows the run scores: the first dev_limit (dev loss) / num_examples (ROUGE-L)
+        scored = len(dev) if cfg.data.dev_limit is None else max(cfg.data.dev_limit, cfg.dev_eval.num_examples)
+        what = f"data.dev ({cfg.data.dev}" + (
+            f", the first {scored} rows, which the run scores)" if scored < len(dev) else ")"
+        )
         consequence = "the dev scores that pick checkpoints count rows the student trained on"
-        warn_shared_rows(f"data.dev ({cfg.data.dev})", dev, train, consequence)
+        warn_shared_rows(what, dev[:scored], train, consequence)
     return with_instruction_suffix(train, cfg.data.instruction_suffix), with_instruction_suffix(
         dev, cfg.data.instruction_suffix
     )
