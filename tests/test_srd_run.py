@@ -362,7 +362,7 @@ def test_run_as_experiment_baseline_eval_report(tmp_path, tiny_models, srd_data,
     reads, load_mixture = [], recipes_train.load_mixture
     monkeypatch.setattr(recipes_train, "load_mixture", lambda *a, **k: reads.append(1) or load_mixture(*a, **k))
     assert main(_args("run", tiny_models, srd_data, tmp_path, *extra)) == 0
-    assert len(reads) == 2  # the training rows read once for SRD (the benchmark check shares them), once for KD
+    assert len(reads) == 1  # the training rows read once: the benchmark check, SRD and KD share them
     run = tmp_path / "x"
     srd_res = json.loads((run / "results.json").read_text())
     base_res = json.loads((run / "baseline" / "results.json").read_text())

@@ -97,9 +97,9 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "the comparison; set train.eval_every to evaluate both on the same schedule",
             file=sys.stderr,
         )
-    data = None
+    # the rows read once: the benchmark check, the method and the KD baseline (the same data) share them
+    data = load_data(cfg) if cfg.eval.benchmarks or cfg.compare.baseline else None
     if cfg.eval.benchmarks:  # a typo in a benchmark is found now, not after hours of training
-        data = load_data(cfg)  # read once: the benchmark check and the run share them
         check_benchmarks(
             cfg.eval.benchmarks,
             data_dir=cfg.data.data_dir,
@@ -123,7 +123,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.compare.baseline:
         bcfg = baseline_config(cfg, results)
         acc.print(f"KD baseline: {bcfg.train.epochs:g} epochs over all {results['examples']} examples")
-        base = run_pipeline(bcfg, progress=progress)
+        base = run_pipeline(bcfg, progress=progress, data=data)
         if not base["complete"]:
             return {**results, "complete": False}
         timing["baseline_train_s"] = base["train_s"]
