@@ -274,6 +274,9 @@ def overrides_for(
     o["eval.models"] = [*references, "baseline", "final"] if first else ["baseline", "final"]
     if variant:
         o.update({"compare.baseline": False, "eval.models": ["final"]})
+    elif "compare.baseline=false" in [x.replace(" ", "").lower() for x in extra]:
+        # the SRD half of a split pair: its KD half was trained apart (quality_baseline.py)
+        o["eval.models"] = [m for m in o["eval.models"] if m != "baseline"]
     return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in o.items()] + extra
 
 
@@ -396,6 +399,26 @@ def plan_table(commands: list[tuple[str, list[str]]]) -> list[str]:
     return lines
 
 
+# written by quality_baseline.py where a pair's KD baseline was trained in a sitting of its own
+SIDE_FILE = "baseline-side.json"
+
+
+def _side(run: Path) -> dict[str, Any] | None:
+    """The KD baseline's summary where quality_baseline.py trained it apart from SRD."""
+    path = run / SIDE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _without_compare(cfg: Any) -> dict[str, Any]:
+    """A config as a dict without what the two halves of a split pair set apart: the compare
+    section, the models evaluated and the output folder (the KD half may have run elsewhere)."""
+    from srd.config import to_dict
+
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("compare", "output_dir")}
+    d["eval"] = {k: v for k, v in d["eval"].items() if k != "models"}
+    return d
+
+
 def _quality_eval_path(run: Path) -> Path:
     return run / "quality-eval.json"
 
@@ -484,6 +507,15 @@ def _timing(base: Path, run: Path, variant: str, preset: dict[str, Any]) -> dict
     t = {**base_exp["timing"]}
     t.update({k: v for k, v in run_exp["timing"].items() if v is not None})
     t["dev_eval_s"] = run_exp["timing"].get("dev_eval_s")  # the row's own, never its base run's
+    side = _side(base)
+    if "baseline_train_s" not in t and side:  # the KD half ran apart (quality_baseline.py)
+        t.update(
+            baseline_train_s=side["train_s"],
+            baseline_teacher_cache_s=side.get("teacher_cache_s") or 0.0,
+            baseline_dev_eval_s=side.get("dev_eval_s"),
+            baseline_sample_passes=side["sample_passes"],
+            split=True,
+        )
     t.setdefault("teacher_cache_s", 0.0)
     if variant and variant not in preset.get("own_reflection", []):
         # the answers were the base run's: count its generation time, plus the variant's own
@@ -571,6 +603,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
         base_exp = json.loads((base / "experiment.json").read_text())
         run_exp = json.loads((run / "experiment.json").read_text())
         kd_model, srd_model = base_exp["models"].get("baseline"), run_exp["models"].get("final")
+        kd_model = kd_model or (_side(base) or {}).get("evaluated")
         evaluated.append(
             f"| {run_label} | `{kd_model}` | `{srd_model}` | {_chosen(base / 'baseline', kd_model)} | "
             f"{_chosen(run, srd_model)} |"
@@ -592,7 +625,7 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             f"{'-' if srd_dev is None else f'{srd_dev:.0f}'} | {t['srd_total_s']:.0f} | "
             f"{t.get('baseline_teacher_cache_s', 0.0):.0f} | {t['baseline_train_s']:.0f} | "
             f"{'-' if kd_dev is None else f'{kd_dev:.0f}'} | "
-            f"{t['kd_total_s']:.0f} | {100 * t['srd_time_fraction']:.0f}% | "
+            f"{t['kd_total_s']:.0f} | {100 * t['srd_time_fraction']:.0f}%{' (split)' if t.get('split') else ''} | "
             f"{t['srd_sample_passes']:.0f} / {t['baseline_sample_passes']:.0f} | "
             + ", ".join(f"{m} {s:.0f}" for m, s in t["eval_s"].items())
             + " |"
@@ -629,6 +662,13 @@ def write_record(args: argparse.Namespace, runs: list[tuple[str, str, int]], out
             "stages.",
             "",
         ]
+        if any("(split)" in x for x in times):
+            lines += [
+                "(split): KD's half was trained and evaluated in a sitting of its own (quality_baseline.py), "
+                "perhaps on a machine of another speed: that ratio, and the step-time ratio below, compare two "
+                "sittings, not two methods on one machine.",
+                "",
+            ]
     if evaluated:  # final weights, or with eval.checkpoint=best each method's best dev ROUGE-L checkpoint
         lines += [
             "Models evaluated:",
@@ -1016,6 +1056,14 @@ def main(argv: list[str] | None = None) -> int:
             notice = bf16_notice(load_config(None, commands[0][1]), native_bf16("cpu"))
             if notice:
                 print(notice, file=sys.stderr, flush=True)
+        for name, o in commands:
+            if _side(out / name) and load_config(None, o).compare.baseline:
+                print(
+                    f"error: {out / name} holds a KD half trained apart ({SIDE_FILE}, from quality_baseline.py): "
+                    "add compare.baseline=false to train only the SRD half there",
+                    file=sys.stderr,
+                )
+                return 2
         claim_out(out, "quality benchmark", own=("dev-rows",))  # only into a folder of its own (dev_choice.py's cache)
         log_machine(out)  # the record, even one rewritten elsewhere, names the machines of its runs
 
@@ -1055,6 +1103,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"error: {out / name} was trained with another config than this command gives it "
                     f"({'; '.join(diffs[:4])}): rewrite the record with the preset, --variants and overrides "
                     "that made the runs",
+                    file=sys.stderr,
+                )
+                return 2
+            side = _side(out / name)
+            if side and _without_compare(load_config(None, side["overrides"])) != _without_compare(
+                load_config(None, o)
+            ):
+                print(
+                    f"error: the KD half in {out / name} ({SIDE_FILE}) was trained with other overrides than this "
+                    "command gives its run: rewrite the record with the quality_baseline.py command's overrides "
+                    "(and compare.baseline=false)",
                     file=sys.stderr,
                 )
                 return 2

@@ -539,3 +539,94 @@ def test_bf16_notice_names_the_float32_switch_only_where_bf16_is_pinned_on_a_cpu
     assert "pins eval.dtype=bfloat16," in half
     # the cpu preset leaves precision to auto: nothing to say
     assert quality.bf16_notice(cfg(quality.PRESETS["cpu"], []), native=False) is None
+
+
+def _baseline_module():
+    spec = importlib.util.spec_from_file_location("quality_baseline_bench", ROOT / "benchmarks" / "quality_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_pair_split_over_two_sittings_records_the_same_kd_as_one(tmp_path, tiny_models, capsys):
+    """quality_baseline.py trains and evaluates only the KD half (the config srd run would give
+    it after SRD), packs it without weights, and a fresh folder takes it in: quality.py then trains
+    only SRD there (compare.baseline=false) and records the pair, its time ratio marked as split.
+    What would break the plan is refused: a second unpack, SRD with the baseline switched on, a
+    record whose KD half had other overrides."""
+    import tarfile
+
+    quality, half = _quality_module(), _baseline_module()
+    rows = [dict(r, id=f"r{i:02d}") for i, r in enumerate(ROWS + ROWS[::-1])]
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
+    overrides = [
+        f"model.teacher={tiny_models['llama-teacher']}",
+        f"model.student={tiny_models['llama-student']}",
+        f"data.train={train}",
+        f"data.dev={dev}",
+        f"data.train_limit={len(rows)}",
+        "data.dev_limit=4",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "loss.teacher_top_k=8",
+        "curriculum.epochs_per_stage=1",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.eval_every=3",
+        "train.precision=fp32",
+        "generation.max_new_tokens=4",
+        "generation.batch_size=2",
+        "dev_eval.num_examples=4",
+        "dev_eval.max_new_tokens=4",
+        f"eval.benchmarks=[{dev}]",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+        "eval.dtype=float32",
+    ]
+    first, second, archive = tmp_path / "first", tmp_path / "second", tmp_path / "kd-half.tar.gz"
+    side_args = ["--preset", "paper-cpu", "--no-progress", *overrides]
+    assert half.main([*side_args, "--out", str(first)]) == 0
+    kd = first / "paper-cpu-fkl-s42" / "baseline"
+    assert not (first / "paper-cpu-fkl-s42" / "stages").exists()  # no SRD trained
+    for mode in ("greedy", "sampled"):
+        assert (kd / "eval" / mode / "summary.json").exists()
+    side = json.loads((first / "paper-cpu-fkl-s42" / "baseline-side.json").read_text())
+    plan = quality.plan(quality.overrides_for(quality.PRESETS["paper-cpu"], "fkl", 42, "x", first, True, overrides))
+    assert (
+        side["baseline_epochs"] == plan["baseline"]["epochs"]
+        and side["sample_passes"] == len(rows) * side["baseline_epochs"]
+    )
+    assert half.main([*side_args, "--out", str(first), "--pack", str(archive)]) == 0
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "baseline-side.json" in names and not [n for n in names if n.endswith(".safetensors")]
+    with pytest.raises(SystemExit, match="exists; choose a new file name"):  # never over a file
+        half.main([*side_args, "--out", str(first), "--pack", str(archive)])
+
+    assert half.main([*side_args, "--out", str(second), "--unpack", str(archive)]) == 0
+    with pytest.raises(SystemExit, match="holds a KD baseline already"):
+        half.main([*side_args, "--out", str(second), "--unpack", str(archive)])
+    q_args = ["--preset", "paper-cpu", "--variants", "none", "--references", "--no-progress", "--out", str(second)]
+    assert quality.main([*q_args, *overrides]) == 2  # SRD would train the baseline over the restored one
+    assert "add compare.baseline=false" in capsys.readouterr().err
+    split = [*overrides, "compare.baseline=false"]
+    assert quality.main([*q_args, *split, "--record", str(tmp_path / "r1.md")]) == 0
+    run = second / "paper-cpu-fkl-s42"
+    assert (run / "stages").exists() and not list((run / "baseline").rglob("*.safetensors"))  # KD not retrained
+    record = tmp_path / "record.md"
+    assert quality.main([*q_args, *split, "--report-only", "--record", str(record)]) == 0
+    text = record.read_text()
+    assert "KD+SRD minus KD, greedy" in text and "KD+SRD minus KD, sampled" in text
+    assert "Run `" not in text and "% (split) |" in text and "KD's half was trained" in text
+    for mode in ("greedy", "sampled"):
+        mean = json.loads((kd / "eval" / mode / "summary.json").read_text())["benchmarks"]["dev"]["mean"]
+        assert f"| KD (fkl, seed 42) | {mean:.2f} |" in text
+    assert "quality_baseline.py" in text  # the machines of both sittings are listed
+    # the KD half's overrides must be the record's
+    side_path = run / "baseline-side.json"
+    side = json.loads(side_path.read_text())
+    side_path.write_text(json.dumps({**side, "overrides": [*side["overrides"], "loss.tau=2.0"]}))
+    assert quality.main([*q_args, *split, "--report-only", "--record", str(tmp_path / "r2.md")]) == 2
+    assert "KD half" in capsys.readouterr().err
