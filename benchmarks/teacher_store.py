@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--rows-per-forward", type=int, default=1, help="rows per teacher forward pass in the store build (runs: 1)"
+    )
     p.add_argument("--steps", type=int, default=3, help="KD steps per process in part 5 (the median is reported)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the teacher's precision")
     p.add_argument("--record", default=None)
@@ -171,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = TeacherStore(work / "store", meta)
         t0 = time.perf_counter()
-        first = store.build(teacher, tokenizer, enc, TAUS, batch_size=args.batch)
+        first = store.build(teacher, tokenizer, enc, TAUS, rows_per_forward=args.rows_per_forward)
         first_wall = time.perf_counter() - t0
         shuffled = list(enc)
         random.Random(7).shuffle(shuffled)
         t0 = time.perf_counter()
-        second = TeacherStore(work / "store", meta).build(teacher, tokenizer, shuffled, TAUS, batch_size=args.batch)
+        second = TeacherStore(work / "store", meta).build(
+            teacher, tokenizer, shuffled, TAUS, rows_per_forward=args.rows_per_forward
+        )
         second_wall = time.perf_counter() - t0
         summary = store.summary()
         fid = fidelity(teacher, student, tokenizer, enc, store, args.batch)
@@ -198,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"{args.rows} Dolly training rows, {fid['positions']} target positions; teacher {args.teacher} in "
         f"{args.dtype}, student `{args.student}`; k = {args.k}, temperatures {', '.join(f'{t:g}' for t in TAUS)}; "
-        f"torch threads {torch.get_num_threads()}.",
+        f"torch threads {torch.get_num_threads()}; rows per teacher forward pass in the build: "
+        f"{args.rows_per_forward}.",
         "",
         "## Size and reuse",
         "",

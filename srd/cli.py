@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _store(args: argparse.Namespace) -> int:
     from srd.config import ConfigError
-    from srd.train.teacher_store import TeacherStore, default_store, entries
+    from srd.train.teacher_store import OldEntryError, TeacherStore, default_store, entries
     from srd.utils import srd_folder_kind
 
     if args.set_aside and not args.verify:
@@ -486,7 +486,15 @@ def _store(args: argparse.Namespace) -> int:
     print(f"teacher store {root}: {len(found)} {'entry' if len(found) == 1 else 'entries'}")
     damaged: list[str] = []
     for folder in found:
-        store = TeacherStore.open(folder)
+        try:
+            store = TeacherStore.open(folder)
+        except OldEntryError:
+            size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+            print(
+                f"  {folder.name}: written by an older srd, not read by this one; `srd store --remove {folder.name}` "
+                f"frees {size / 2**20:.1f} MiB"
+            )
+            continue
         s = store.summary()
         taus = ", ".join(f"{t:g}" for t in s["taus"]) or "-"
         used = store.used()

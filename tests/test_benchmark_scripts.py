@@ -436,3 +436,16 @@ def test_logged_machines_group_starts_per_machine_and_skip_broken_lines(tmp_path
     head = "\n".join(common.header("T", runs=tmp_path, wrote_only=True))
     assert "Machine that wrote this record: " in head and head.count("\n- ") == 2
     assert "predate the log" in "\n".join(common.header("T", runs=tmp_path / "nowhere", wrote_only=True))
+
+
+@needs_shared
+def test_teacher_store_rows_script_records_neighbours_and_the_bf16_cast(tmp_path, tiny_models):
+    """benchmarks/teacher_store_rows.py on a tiny teacher: both builds timed and compared, and
+    rows built one at a time are the same in both stores (0 of the shared rows differ)."""
+    record = tmp_path / "rows.md"
+    args = ["--teacher", str(tiny_models["llama-teacher"]), "--rows", "9", "--k", "8", "--record", str(record)]
+    assert _module("teacher_store_rows").main(args) == 0
+    text = record.read_text()
+    (alone,) = [line for line in text.splitlines() if line.startswith("| 1 | ")]
+    assert alone.endswith(" | 0 of 3 | 0 | 0.0000 |") and any(line.startswith("| 4 | ") for line in text.splitlines())
+    assert "teacher CE, bf16 by `model.to` (rotary frequencies rounded) |" in text

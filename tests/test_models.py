@@ -265,3 +265,24 @@ def _hub_error(cls):
     error = cls.__new__(cls)
     Exception.__init__(error, cls.__name__)
     return error
+
+
+def test_a_model_cast_to_bf16_keeps_its_rotary_frequencies_in_float32(tiny_models):
+    """How a bf16 teacher is made from float32 weights: its parameters are cast, its buffers are
+    left as from_pretrained(dtype=bf16) leaves them, so the two compute the same logits bit for
+    bit. `model.to(bfloat16)` would round the rotary frequencies (inv_freq) too."""
+    from transformers import AutoModelForCausalLM
+
+    from srd.models.load import cast_parameters
+
+    path = tiny_models["llama-teacher"]
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    cast = cast_parameters(AutoModelForCausalLM.from_pretrained(path), torch.bfloat16, "cpu").eval()
+    rounded = AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).eval()
+    freq = dict(cast.named_buffers())["model.rotary_emb.inv_freq"]
+    assert freq.dtype == torch.float32 and torch.equal(freq, dict(loaded.named_buffers())["model.rotary_emb.inv_freq"])
+    assert dict(rounded.named_buffers())["model.rotary_emb.inv_freq"].dtype == torch.bfloat16  # what is avoided
+    assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
+    ids = torch.randint(5, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(cast(input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -178,7 +178,7 @@ def test_stored_rows_equal_the_teachers_buckets_to_float16_precision(tmp_path, t
 
     teacher, enc = _teacher(tiny_models), _rows(tokenizer)
     store = TeacherStore(tmp_path, _meta(tokenizer))
-    assert store.build(teacher, tokenizer, enc, (1.0, 2.0), batch_size=3).rows == 10
+    assert store.build(teacher, tokenizer, enc, (1.0, 2.0)).rows == 10
     for e in reversed(enc):
         batch = collate([e], pad_id(tokenizer))
         feats, _, _, head = target_features(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -198,10 +198,10 @@ def test_another_temperature_rebuilds_only_those_rows_and_keeps_serving_the_old(
 
     teacher, enc = _teacher(tiny_models), _rows(tokenizer)
     store = TeacherStore(tmp_path, _meta(tokenizer))
-    store.build(teacher, tokenizer, enc[:6], (1.0,), batch_size=4)
+    store.build(teacher, tokenizer, enc[:6], (1.0,))
     assert store.missing(enc, (1.0,)) == enc[6:]
     assert store.missing(enc, (3.0,)) == enc
-    assert store.build(teacher, tokenizer, enc[:8], (3.0,), batch_size=4).rows == 8
+    assert store.build(teacher, tokenizer, enc[:8], (3.0,)).rows == 8
     assert store.missing(enc, (1.0, 3.0)) == enc[8:]  # rebuilt for the old temperature too
     assert store.shard_taus(1) == [1.0, 3.0]
     assert store.rows(enc[:8], "cpu", 1.0).ids.shape[0] == sum(e.n_loss_targets for e in enc[:8])
@@ -215,31 +215,31 @@ def test_an_interrupted_build_keeps_its_finished_shards(tmp_path, tiny_models, t
 
     teacher, enc = _teacher(tiny_models), _rows(tokenizer)
     whole = TeacherStore(tmp_path / "whole", _meta(tokenizer))
-    assert whole.build(teacher, tokenizer, enc, (1.0,), batch_size=2).rows == 10
+    assert whole.build(teacher, tokenizer, enc, (1.0,)).rows == 10
     assert len(whole.shards) == 1
 
     real, calls, seconds = step.target_features, {"n": 0}, []
 
-    def dies_on_the_fourth_batch(*a, **k):
+    def dies_on_the_fourth_row(*a, **k):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(step, "target_features", dies_on_the_fourth_batch)
+    monkeypatch.setattr(step, "target_features", dies_on_the_fourth_row)
     parts = TeacherStore(tmp_path / "parts", _meta(tokenizer))
     with pytest.raises(KeyboardInterrupt):
-        parts.build(teacher, tokenizer, enc, (1.0,), batch_size=2, shard_positions=1, on_shard=seconds.append)
-    assert len(seconds) == 3 and all(s > 0 for s in seconds)  # the three batches before the failure
+        parts.build(teacher, tokenizer, enc, (1.0,), shard_positions=1, on_shard=seconds.append)
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)  # the three rows before the failure
     (parts.folder / ".shard-00003.ids.srd-tmp.npy").write_bytes(b"half")  # what a kill leaves
     monkeypatch.setattr(step, "target_features", real)
     parts = TeacherStore(tmp_path / "parts", _meta(tokenizer))  # a new process
     longest_first = sorted(enc, key=lambda e: -len(e.input_ids))
-    assert parts.missing(enc, (1.0,)) == [e for e in enc if e in longest_first[6:]]
-    assert parts.build(teacher, tokenizer, enc, (1.0,), batch_size=2, shard_positions=1).rows == 4
-    assert not list(parts.folder.glob(".*srd-tmp*")) and len(parts.shards) == 5
+    assert parts.missing(enc, (1.0,)) == [e for e in enc if e in longest_first[3:]]
+    assert parts.build(teacher, tokenizer, enc, (1.0,), shard_positions=1).rows == 7
+    assert not list(parts.folder.glob(".*srd-tmp*")) and len(parts.shards) == 10
     a, b = whole.rows(enc, "cpu"), parts.rows(enc, "cpu")
-    assert torch.equal(a.ids, b.ids) and torch.allclose(a.buckets, b.buckets, atol=1e-3)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.buckets, b.buckets)  # each row computed alone either way
 
 
 def test_two_builders_never_compute_a_row_twice(tmp_path, tiny_models, tokenizer):
@@ -287,7 +287,7 @@ def _build_in_a_process(root: str, teacher_path: str, _: int) -> int:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     store = TeacherStore(Path(root), _meta(tokenizer))
-    return store.build(teacher, tokenizer, _rows(tokenizer), (1.0,), batch_size=2).rows
+    return store.build(teacher, tokenizer, _rows(tokenizer), (1.0,)).rows
 
 
 def test_a_flipped_byte_is_found_and_set_aside_by_srd_store(tmp_path, tiny_models, tokenizer, capsys):
@@ -298,8 +298,8 @@ def test_a_flipped_byte_is_found_and_set_aside_by_srd_store(tmp_path, tiny_model
 
     teacher, enc = _teacher(tiny_models), _rows(tokenizer)
     store = TeacherStore(tmp_path, _meta(tokenizer))
-    store.build(teacher, tokenizer, enc[:5], (1.0,), batch_size=5)
-    store.build(teacher, tokenizer, enc[5:], (1.0,), batch_size=5)
+    store.build(teacher, tokenizer, enc[:5], (1.0,))
+    store.build(teacher, tokenizer, enc[5:], (1.0,))
     assert main(["store", "--store", str(tmp_path), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "10 rows" in out and "every shard matches" in out and "bytes per position" in out
@@ -315,7 +315,7 @@ def test_a_flipped_byte_is_found_and_set_aside_by_srd_store(tmp_path, tiny_model
     assert (store.folder / "damaged" / shard.name).exists()
     again = TeacherStore(tmp_path, _meta(tokenizer))
     assert again.missing(enc, (1.0,)) == enc[5:]
-    assert again.build(teacher, tokenizer, enc, (1.0,), batch_size=5).rows == 5
+    assert again.build(teacher, tokenizer, enc, (1.0,)).rows == 5
     assert "shard-00002.ids.npy" in again.shards["2"]["files"]  # a new number, not the set-aside one
     assert main(["store", "--store", str(tmp_path), "--verify"]) == 0
 
@@ -541,7 +541,7 @@ def test_srd_store_names_who_used_an_entry_and_removes_it_only_when_no_run_holds
     root = tmp_path / "store"
     teacher, enc = _teacher(tiny_models), _rows(tokenizer)
     store = TeacherStore(root, _meta(tokenizer))
-    store.build(teacher, tokenizer, enc, (1.0,), batch_size=5)
+    store.build(teacher, tokenizer, enc, (1.0,))
     store.note_use("my-teacher")
     name = store.folder.name
     (root / "sources.json").write_text(json.dumps({"files-key": name, "other-key": "elsewhere"}))
@@ -584,3 +584,72 @@ def test_srd_store_names_who_used_an_entry_and_removes_it_only_when_no_run_holds
     (mine / "abc" / "meta.json").write_text("{}")
     assert main(["store", "--store", str(mine), "--remove", "abc"]) == 2
     assert "is not a teacher store" in capsys.readouterr().err and (mine / "abc" / "meta.json").exists()
+
+
+def test_a_stored_row_is_the_same_whichever_rows_were_built_beside_it(tmp_path, wide_models, tokenizer, monkeypatch):
+    """Two runs that build different sets of rows (a KD baseline on all rows, SRD on the kept
+    ones, in another order) store the same values for the rows they share, to the bit, in bf16:
+    every row goes through the teacher alone. Batched, a bf16 row's logits depend on the rows
+    padded beside it, and a run's numbers then depend on which run filled the store first."""
+    from transformers import AutoModelForCausalLM
+
+    import srd.train.teacher_store as step
+    from srd.train.teacher_store import TeacherStore
+
+    teacher = AutoModelForCausalLM.from_pretrained(wide_models["llama-teacher"], dtype=torch.bfloat16).eval()
+    enc = _rows(tokenizer, n=12, seed=3)
+    real, rows_seen = step.target_features, []
+
+    def counting(model, input_ids, *a, **k):
+        rows_seen.append(input_ids.shape[0])
+        return real(model, input_ids, *a, **k)
+
+    monkeypatch.setattr(step, "target_features", counting)
+    meta = {**_meta(tokenizer), "teacher_dtype": "bfloat16"}
+    everything = TeacherStore(tmp_path / "a", meta)
+    assert everything.build(teacher, tokenizer, enc, (1.0, 2.0)).rows == 12
+    assert rows_seen == [1] * 12
+    kept = list(reversed(enc[::3]))
+    some = TeacherStore(tmp_path / "b", meta)
+    assert some.build(teacher, tokenizer, kept, (1.0, 2.0)).rows == 4
+    for tau in (1.0, 2.0):
+        a, b = everything.rows(kept, "cpu", tau), some.rows(kept, "cpu", tau)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.buckets, b.buckets)
+    with pytest.raises(ValueError, match="at least 1 row"):
+        some.build(teacher, tokenizer, enc, (1.0,), rows_per_forward=0)
+
+
+def test_an_entry_an_older_srd_wrote_is_never_read_and_is_listed_for_removal(tmp_path, tiny_models, tokenizer, capsys):
+    """Store format 2 computed rows in padded batches and rounded a bf16 teacher's rotary
+    frequencies: its entries are not read (a run computes its rows into a new entry, and the
+    teacher files that pointed there are not served from it); `srd store` lists them with the
+    command that frees their disk, and that command removes them."""
+    import srd.train.teacher_store as ts
+    from srd.train.teacher_store import TeacherStore, find_source, record_source
+
+    root = tmp_path / "store"
+    teacher, enc = _teacher(tiny_models), _rows(tokenizer)
+    old_format = ts.FORMAT
+    ts.FORMAT = 2
+    try:
+        old = TeacherStore(root, _meta(tokenizer))
+        old.build(teacher, tokenizer, enc[:4], (1.0,))
+        old.close()
+    finally:
+        ts.FORMAT = old_format
+    record_source(root, "files-key", old.folder.name)
+    assert find_source(root, "files-key") is None  # the teacher is loaded instead
+    new = TeacherStore(root, _meta(tokenizer))
+    assert new.folder != old.folder and new.missing(enc, (1.0,)) == enc
+    assert new.build(teacher, tokenizer, enc, (1.0,)).rows == 10
+    new.close()
+    capsys.readouterr()
+    assert main(["store", "--store", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries" in out and f"{new.folder.name}: teacher tiny" in out
+    assert (
+        f"{old.folder.name}: written by an older srd, not read by this one; `srd store --remove {old.folder.name}`"
+        in out
+    )
+    assert main(["store", "--store", str(root), "--remove", old.folder.name]) == 0
+    assert not old.folder.exists() and new.folder.exists()

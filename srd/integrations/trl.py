@@ -171,7 +171,7 @@ def use_teacher_store(
         rows += batch_rows(collate([dataset[i] for i in range(start, min(start + size, len(dataset)))]))
     was_training = teacher.training
     teacher.eval()
-    entry.build(teacher, tokenizer, rows, wanted, batch_size=size)
+    entry.build(teacher, tokenizer, rows, wanted)
     entry.note_use(getattr(getattr(teacher, "config", None), "_name_or_path", None))
     teacher.train(was_training)
     trainer.srd_teacher_store = entry

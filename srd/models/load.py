@@ -425,6 +425,19 @@ def inference_dtype_of(setting: str, *, bf16_training: bool) -> torch.dtype:
     return dtype_from_name(setting, default=torch.bfloat16 if bf16_training else torch.float32)
 
 
+def cast_parameters(model: Any, dtype: torch.dtype, device: Any = None) -> Any:
+    """`model` on `device` with its floating-point parameters in `dtype` for good; its buffers keep
+    their dtype, as from_pretrained(dtype=...) leaves them. `model.to(torch.bfloat16)` would also
+    round the rotary frequencies (inv_freq: SmolLM2's 0.69783 becomes 0.69922), and every
+    position's angle with them, so a model cast that way is not the one loaded in bf16."""
+    if device is not None:
+        model.to(device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 @contextmanager
 def cast_for_inference(model: Any, dtype: torch.dtype) -> Iterator[Any]:
     """`model` with its floating-point parameters in `dtype` for the duration (buffers such as

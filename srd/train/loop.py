@@ -43,7 +43,7 @@ from srd.losses.divergences import tau_scale
 from srd.losses.kd import LossSums, combine
 from srd.metrics.text import mean, rouge_l
 from srd.models.features import compile_blocks, teacher_features
-from srd.models.load import cast_for_inference, inference_dtype_of, is_seq2seq, model_files_key
+from srd.models.load import cast_for_inference, cast_parameters, inference_dtype_of, is_seq2seq, model_files_key
 from srd.models.save import save_model_dir
 from srd.rundir import RunDir, StageDir
 from srd.runtime import make_accelerator
@@ -336,9 +336,7 @@ def _teacher_store(
             record["built_s"] = round(record["built_s"] + s, 3)
             atomic_write_json(record_path, record)
 
-        done = store.build(
-            teacher, tokenizer, rows, sorted({*taus, *STORE_TAUS}), batch_size=cfg.train.batch_size, on_shard=on_shard
-        )
+        done = store.build(teacher, tokenizer, rows, sorted({*taus, *STORE_TAUS}), on_shard=on_shard)
         seconds = done.seconds
         if done.rows:
             log.info("teacher store: %d rows added in %.0f s (%s)", done.rows, seconds, store.folder)
@@ -607,7 +605,7 @@ class _StageRun:
         self.module, self.optimizer = module, optimizer
         if self.uses_teacher and not isinstance(teacher, StoredTeacher):
             teacher_dtype = inference_dtype_of(cfg.model.teacher_dtype, bf16_training=acc.mixed_precision == "bf16")
-            teacher.to(device=acc.device, dtype=teacher_dtype).eval().requires_grad_(False)
+            cast_parameters(teacher, teacher_dtype, acc.device).eval().requires_grad_(False)
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         """A checkpoint resumes only with the same micro-batches per step, precision and ZeRO layout."""

@@ -81,7 +81,10 @@ from srd.utils import (
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 1 was the per-run float32 cache (<run>/teacher-cache) before the store; not read any more
+# 1 was the per-run float32 cache (<run>/teacher-cache) before the store; 2 computed rows in padded
+# batches (a bf16 row's values then depended on the rows beside it) and rounded a bf16 teacher's
+# rotary frequencies; neither is read any more (`srd store` lists them for removal)
+FORMAT = 3
 
 
 def default_store() -> Path:
@@ -166,6 +169,10 @@ def entry_meta(teacher: Any, vocab: int, top_k: int) -> dict[str, Any]:
 def entry_name(meta: dict[str, Any]) -> str:
     blob = json.dumps({**meta, "format": FORMAT}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class OldEntryError(CheckpointError):
+    """An entry folder of another store format: never read, removable with `srd store --remove`."""
 
 
 @dataclass
@@ -283,6 +290,12 @@ class TeacherStore:
         except (DamagedFileError, FileNotFoundError) as e:
             why = getattr(e, "why", "missing")
             raise CheckpointError(f"{folder} is not a teacher store entry ({folder / 'meta.json'}: {why})") from None
+        if meta.get("format") != FORMAT:
+            raise OldEntryError(
+                f"{folder} holds teacher rows an older srd wrote (format {meta.get('format')}; this version reads "
+                f"{FORMAT}): runs compute their rows again into a new entry; `srd store --remove {folder.name}` frees "
+                "its disk"
+            )
         meta = {k: v for k, v in meta.items() if k != "format"}
         store = cls(folder.parent, meta)
         if store.folder != folder:
@@ -381,12 +394,19 @@ class TeacherStore:
         encoded: Sequence[Encoded],
         taus: Sequence[float],
         *,
-        batch_size: int,
+        rows_per_forward: int = 1,
         chunk: int = 1024,
         shard_positions: int = 1 << 18,
         on_shard: Callable[[float], None] | None = None,
     ) -> BuildResult:
         """Compute and store every row of `encoded` the entry cannot serve at `taus`.
+
+        Each row is computed alone (`rows_per_forward` 1), so what is stored for a row
+        depends on the row and the teacher only, not on which rows a run happened to build beside
+        it: in bf16 a padded batch changes a row's logits (up to 0.6 for the bundled teacher), and
+        then a run's numbers would depend on which run filled the store first. More rows per
+        forward batch them longest first (for speed where that is measured to matter; such rows
+        are not reproducible across runs that build different sets).
 
         Under the entry's lock: another run building the same entry finishes first, and its rows
         are then found here. A shard (and the index naming its rows) is written whenever
@@ -402,14 +422,16 @@ class TeacherStore:
                 return BuildResult(0, 0.0)
             earlier = {float(t) for s in self.shards.values() for t in s["taus"]}
             taus_all = tuple(sorted({round(float(t), 9) for t in (*taus, *earlier)}))
-            # longest first, so each batch pads little; the index maps every row to its positions
+            # longest first (batched: each batch pads little); the index maps every row to its positions
             todo = sorted(unique.items(), key=lambda kv: -len(kv[1].input_ids))
+            if rows_per_forward < 1:
+                raise ValueError(f"rows_per_forward={rows_per_forward}: at least 1 row per forward pass")
             k, vocab = int(self.meta["top_k"]), int(self.meta["vocab"])
             device = next(teacher.parameters()).device
             pending: tuple[list[np.ndarray], list[np.ndarray], dict[str, list[int]]] = ([], [], {})
             positions, since, spent = 0, time.perf_counter(), 0.0
-            for start in range(0, len(todo), batch_size):
-                part = todo[start : start + batch_size]
+            for start in range(0, len(todo), rows_per_forward):
+                part = todo[start : start + rows_per_forward]
                 batch = {kk: v.to(device) for kk, v in collate([e for _, e in part], pad_id(tokenizer)).items()}
                 feats, _, mask, head = target_features(
                     teacher, batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -556,7 +578,10 @@ def find_source(root: Path, source: str) -> TeacherStore | None:
         return None
     if entry is None or not (Path(root) / entry / "meta.json").exists():
         return None
-    return TeacherStore.open(Path(root) / entry)
+    try:
+        return TeacherStore.open(Path(root) / entry)
+    except OldEntryError:  # the teacher is loaded and its rows computed into this format's entry
+        return None
 
 
 def store_root(setting: str | None) -> Path:
