@@ -228,6 +228,34 @@ def test_paper_cpu_plan_steps_and_equal_evaluation_schedules():
     assert """eval.models=["baseline", "final"]""" in commands[""]
 
 
+def _paper_cpu_tiny(tiny_models, train: Path, dev: Path, n_rows: int, *, epochs_per_stage: int) -> list[str]:
+    """The paper-cpu preset's overrides for tiny models on tiny data (float32, 4-token answers)."""
+    return [
+        f"model.teacher={tiny_models['llama-teacher']}",
+        f"model.student={tiny_models['llama-student']}",
+        f"data.train={train}",
+        f"data.dev={dev}",
+        f"data.train_limit={n_rows}",
+        "data.dev_limit=4",
+        "data.max_prompt_len=64",
+        "data.max_len=96",
+        "loss.teacher_top_k=8",
+        f"curriculum.epochs_per_stage={epochs_per_stage}",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.eval_every=3",
+        "train.precision=fp32",
+        "generation.max_new_tokens=4",
+        "generation.batch_size=2",
+        "dev_eval.num_examples=4",
+        "dev_eval.max_new_tokens=4",
+        f"eval.benchmarks=[{dev}]",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+        "eval.dtype=float32",
+    ]
+
+
 def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models):
     """The preset end to end on tiny models: a paused run resumes, every trained model is
     evaluated greedy and sampled, the references come last, a rerun retrains nothing."""
@@ -247,29 +275,8 @@ def test_paper_cpu_runs_ablation_rows_resumes_and_records(tmp_path, tiny_models)
         "--no-progress",
         "--variants",
         "lambda1,tcl,kdrise",
-        f"model.teacher={tiny_models['llama-teacher']}",
-        f"model.student={tiny_models['llama-student']}",
-        f"data.train={train}",
-        f"data.dev={dev}",
-        f"data.train_limit={len(rows)}",
-        "data.dev_limit=4",
-        "data.max_prompt_len=64",
-        "data.max_len=96",
-        "loss.teacher_top_k=8",
-        "curriculum.epochs_per_stage=2",
-        "train.batch_size=2",
-        "train.grad_accum=1",
-        "train.eval_every=3",
+        *_paper_cpu_tiny(tiny_models, train, dev, len(rows), epochs_per_stage=2),
         "train.save_every=2",
-        "train.precision=fp32",
-        "generation.max_new_tokens=4",
-        "generation.batch_size=2",
-        "dev_eval.num_examples=4",
-        "dev_eval.max_new_tokens=4",
-        f"eval.benchmarks=[{dev}]",
-        "eval.max_new_tokens=4",
-        "eval.batch_size=2",
-        "eval.dtype=float32",
     ]
     assert quality.main([*args, "train.stop_after_steps=2"]) == 1  # paused in stage 1
     assert not (out / "paper-cpu-fkl-s42" / "experiment.json").exists()
@@ -561,30 +568,7 @@ def test_a_pair_split_over_two_sittings_records_the_same_kd_as_one(tmp_path, tin
     train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dev.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
-    overrides = [
-        f"model.teacher={tiny_models['llama-teacher']}",
-        f"model.student={tiny_models['llama-student']}",
-        f"data.train={train}",
-        f"data.dev={dev}",
-        f"data.train_limit={len(rows)}",
-        "data.dev_limit=4",
-        "data.max_prompt_len=64",
-        "data.max_len=96",
-        "loss.teacher_top_k=8",
-        "curriculum.epochs_per_stage=1",
-        "train.batch_size=2",
-        "train.grad_accum=1",
-        "train.eval_every=3",
-        "train.precision=fp32",
-        "generation.max_new_tokens=4",
-        "generation.batch_size=2",
-        "dev_eval.num_examples=4",
-        "dev_eval.max_new_tokens=4",
-        f"eval.benchmarks=[{dev}]",
-        "eval.max_new_tokens=4",
-        "eval.batch_size=2",
-        "eval.dtype=float32",
-    ]
+    overrides = _paper_cpu_tiny(tiny_models, train, dev, len(rows), epochs_per_stage=1)
     first, second, archive = tmp_path / "first", tmp_path / "second", tmp_path / "kd-half.tar.gz"
     side_args = ["--preset", "paper-cpu", "--no-progress", *overrides]
     assert half.main([*side_args, "--out", str(first)]) == 0
