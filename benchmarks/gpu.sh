@@ -22,9 +22,13 @@
 #      device time; the loop's decode steps against the weight-reading limit)
 #   5. benchmarks/onpolicy.py --preset gpu: GKD sampling, one batch per micro-batch vs one stream per step;
 #      benchmarks/sampling.py: one token per row, counter-based sample_rows vs torch.multinomial
+#   6. benchmarks/teacher_store_rows.py --device cuda: the teacher store's build with each row alone
+#      (how runs build) against batches of 4 (time, and whether shared rows differ), on the random-init
+#      1.5B teacher (GPT-2 has no rotary frequencies: its two bf16 casts store the same rows)
 # Environment: SRD_GPU_SMOKE=1 shrinks everything to seconds (to check the script on a CPU);
-# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,120 s, more than one
-# 600-second device call: split the run over two calls, "1 2" (540 s) then "3 4 5" (580 s)). A
+# SRD_GPU_STEPS="1 2" runs only those steps (the limits below add up to 1,240 s, more than one
+# 600-second device call: split the run over two calls, "1 2" (540 s) then "3 4 5 6" (700 s: drop
+# 4 if the call's limit is 600 s)). A
 # benchmark stopped by its limit (SIGTERM) still writes the record of what it finished.
 set -u
 cd "$(dirname "$0")/.."
@@ -60,7 +64,7 @@ if [ "${SRD_GPU_SMOKE:-0}" = 1 ]; then
     GPROF_ARGS=(--limit 4 --batch-sizes 2 --max-new-tokens 4)
     OP_ARGS=(--micro-batches 2 --batch 2 --max-new-tokens 4 --repeats 1)
     SAMPLE_ARGS=(--rows 2 --vocab 300 --repeats 1)
-    REFLECT_ROWS=4 GEN_BS=2 NEW=4
+    REFLECT_ROWS=4 GEN_BS=2 NEW=4 STORE_ROWS=6 STORE_K=8
 else
     T="random:gpt2-xl:$TOK" S="random:gpt2:$TOK"
     TP_ARGS=(--timeout 80 --impls naive srd srd-keep srd-compile srd-keep-compile srd-keep-compile-lp32 srd-keep-cache trl)
@@ -69,9 +73,9 @@ else
     GPROF_ARGS=(--limit 256 --batch-sizes 256 --max-new-tokens 64)
     OP_ARGS=()
     SAMPLE_ARGS=(--device cuda --rows 16 64 256)
-    REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256
+    REFLECT_ROWS=${REFLECT_ROWS:-1024} GEN_BS=256 NEW=256 STORE_ROWS=96 STORE_K=64
 fi
-STEPS=" ${SRD_GPU_STEPS:-1 2 3 4 5} "
+STEPS=" ${SRD_GPU_STEPS:-1 2 3 4 5 6} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 echo "== $(date -u) gpu.sh into $OUT"
@@ -144,5 +148,12 @@ echo "== 5. on-policy sampling"
 timeout -k 10 90 $PY benchmarks/onpolicy.py --preset gpu --model "$S" ${OP_ARGS[@]+"${OP_ARGS[@]}"} \
     --record "$OUT/onpolicy.md" || echo "onpolicy: exit $?"
 timeout -k 10 40 $PY benchmarks/sampling.py "${SAMPLE_ARGS[@]}" --record "$OUT/sampling.md" || echo "sampling: exit $?"
+fi
+if want 6; then
+echo "== 6. teacher store rows: each alone against batches"
+DEV=cuda
+[ "${SRD_GPU_SMOKE:-0}" = 1 ] && DEV=cpu
+timeout -k 10 120 $PY benchmarks/teacher_store_rows.py --teacher "$T" --device "$DEV" --rows "$STORE_ROWS" --k "$STORE_K" \
+    --record "$OUT/teacher-store-rows.md" || echo "teacher store rows: exit $?"
 fi
 echo "== $(date -u) done"

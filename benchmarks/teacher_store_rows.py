@@ -1,7 +1,7 @@
 """What a stored teacher row depends on besides the row: the rows built beside it, and how the
 bf16 teacher was made from float32 weights.
 
-    python benchmarks/teacher_store_rows.py [--rows 96] [--batch 4]
+    python benchmarks/teacher_store_rows.py [--rows 96] [--batch 4] [--device cuda]
 
 The bundled teacher (SmolLM2-135M-Instruct) in bf16 over the first --rows Dolly training rows (the
 quality presets' alpaca template, prompts of up to 256 tokens, rows of up to 384), top-k = 64,
@@ -70,9 +70,10 @@ def teacher_ce(model: Any, tokenizer: Any, rows: list[Any]) -> float:
     from srd.models.features import target_features
 
     total, n = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for e in rows:
-            b = collate([e], pad_id(tokenizer))
+            b = {k: v.to(device) for k, v in collate([e], pad_id(tokenizer)).items()}
             feats, y, _, head = target_features(model, b["input_ids"], b["attention_mask"], b["labels"])
             total += float(F.cross_entropy(head(feats).float(), y, reduction="sum"))
             n += len(y)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=96)
     p.add_argument("--batch", type=int, default=4, help="rows per forward pass of the batched build")
     p.add_argument("--k", type=int, default=64, help="top-k logits stored per position")
+    p.add_argument("--device", default="cpu", help="where the teacher runs (cpu, cuda)")
     p.add_argument("--record", default=None)
     p.add_argument("--note", action="append", default=[])
     args = p.parse_args(argv)
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples("dolly", limit=args.rows)
     enc = encode_examples(tokenizer, examples, fmt="alpaca", max_prompt_len=256, max_len=384)
     subset = list(reversed(enc[::3]))
-    fp32 = load_model(args.teacher).eval()
-    made = cast_parameters(load_model(args.teacher), torch.bfloat16).eval()
-    rounded = load_model(args.teacher).to(torch.bfloat16).eval()
+    fp32 = load_model(args.teacher).to(args.device).eval()
+    made = cast_parameters(load_model(args.teacher), torch.bfloat16, args.device).eval()
+    rounded = load_model(args.teacher).to(device=args.device, dtype=torch.bfloat16).eval()
     meta = entry_meta(made, len(tokenizer), args.k)
     positions = sum(e.n_loss_targets for e in enc)
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"{args.rows} Dolly training rows ({positions:,} target positions), teacher {args.teacher} in bf16, "
         f"k = {args.k}, temperatures {', '.join(f'{t:g}' for t in TAUS)}; the subset is every third row in reverse "
-        f"order ({len(subset)} rows); torch threads {torch.get_num_threads()}.",
+        f"order ({len(subset)} rows); device {args.device}, torch threads {torch.get_num_threads()}.",
         "",
         "## Rows per teacher forward pass",
         "",
