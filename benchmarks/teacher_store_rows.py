@@ -19,7 +19,7 @@ temperatures 1, 1.5 and 2:
    stored rows, and the teacher's cross-entropy on the reference answers under each and in
    float32.
 
-The record goes to benchmarks/results/DATE-cpu-teacher-store-rows.md.
+The record goes to benchmarks/results/DATE-cpu-teacher-store-rows.md (DATE-gpu-... with --device cuda).
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.note:
         lines += ["", "## Notes", "", *args.note]
-    save_record("\n".join(lines) + "\n", args.record, "cpu", "teacher-store-rows")
+    where = "cpu" if args.device == "cpu" else "gpu"
+    save_record("\n".join(lines) + "\n", args.record, where, "teacher-store-rows")
     return 0
 
 
