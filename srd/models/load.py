@@ -425,16 +425,21 @@ def inference_dtype_of(setting: str, *, bf16_training: bool) -> torch.dtype:
     return dtype_from_name(setting, default=torch.bfloat16 if bf16_training else torch.float32)
 
 
+def _parameters_to_cast(model: Any, dtype: torch.dtype) -> list[tuple[Any, torch.Tensor]]:
+    """`model`'s floating-point parameters not yet in `dtype` (shared ones once), each with the
+    tensor it holds now; buffers are never among them."""
+    return [(p, p.data) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+
+
 def cast_parameters(model: Any, dtype: torch.dtype, device: Any = None) -> Any:
     """`model` on `device` with its floating-point parameters in `dtype` for good; its buffers keep
     their dtype, as from_pretrained(dtype=...) leaves them. `model.to(torch.bfloat16)` would also
-    round the rotary frequencies (inv_freq: SmolLM2's 0.69783 becomes 0.69922), and every
-    position's angle with them, so a model cast that way is not the one loaded in bf16."""
+    round the rotary frequencies (inv_freq), and every position's angle with them, so a model cast
+    that way is not the one loaded in bf16."""
     if device is not None:
         model.to(device)
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+    for p, data in _parameters_to_cast(model, dtype):
+        p.data = data.to(dtype)
     return model
 
 
@@ -444,14 +449,13 @@ def cast_for_inference(model: Any, dtype: torch.dtype) -> Iterator[Any]:
     rotary frequencies stay as they are), and its own parameter tensors put back afterwards:
     a float32 model that goes on training comes back bit for bit. Shared (tied) parameters are
     cast once. For generation and scoring only (no gradients)."""
-    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
-    saved = [p.data for p in params]
+    saved = _parameters_to_cast(model, dtype)
     try:
-        for p in params:
-            p.data = p.data.to(dtype)
+        for p, data in saved:
+            p.data = data.to(dtype)
         yield model
     finally:
-        for p, data in zip(params, saved):
+        for p, data in saved:
             p.data = data
 
 

@@ -403,7 +403,7 @@ class TeacherStore:
 
         Each row is computed alone (`rows_per_forward` 1), so what is stored for a row
         depends on the row and the teacher only, not on which rows a run happened to build beside
-        it: in bf16 a padded batch changes a row's logits (up to 0.6 for the bundled teacher), and
+        it: in bf16 a padded batch changes a row's logits (benchmarks/teacher_store_rows.py), and
         then a run's numbers would depend on which run filled the store first. More rows per
         forward batch them longest first (for speed where that is measured to matter; such rows
         are not reproducible across runs that build different sets).
@@ -414,6 +414,8 @@ class TeacherStore:
         finished and the next call computes only the rest. `on_shard(seconds)` is called after each
         shard is written, with the seconds it took (a run records its own share of the time)."""
 
+        if rows_per_forward < 1:
+            raise ValueError(f"rows_per_forward={rows_per_forward}: at least 1 row per forward pass")
         with _locked(self.folder / "lock"):
             self._reload()  # what other runs added while this one waited
             self._remove_stale_temporaries()  # a killed build's: nobody else writes while the lock is held
@@ -424,8 +426,6 @@ class TeacherStore:
             taus_all = tuple(sorted({round(float(t), 9) for t in (*taus, *earlier)}))
             # longest first (batched: each batch pads little); the index maps every row to its positions
             todo = sorted(unique.items(), key=lambda kv: -len(kv[1].input_ids))
-            if rows_per_forward < 1:
-                raise ValueError(f"rows_per_forward={rows_per_forward}: at least 1 row per forward pass")
             k, vocab = int(self.meta["top_k"]), int(self.meta["vocab"])
             device = next(teacher.parameters()).device
             pending: tuple[list[np.ndarray], list[np.ndarray], dict[str, list[int]]] = ([], [], {})
